@@ -1,0 +1,136 @@
+//! Command-line interface: argument definitions and one module per command.
+
+mod bench;
+mod chat;
+mod generate;
+
+use std::ops::Range;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use sollol::head::sampling::SamplingParams;
+use sollol::head::tokenizer::Tokenizer;
+use sollol::model::source::{self, ResolvedModel};
+use sollol::model::{ModelFile, ModelSlice};
+
+#[derive(Parser)]
+#[command(name = "sollol", version, about = "LLM inference with built-in layer sharding")]
+pub struct Cli {
+    /// CPU threads for tensor work (default: all cores).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt; only the generated text goes to stdout.
+    Generate(generate::GenerateArgs),
+    /// Interactive chat using the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Fetch a model into the local cache and print its path.
+    Pull {
+        /// Model: .gguf path, HF directory, Ollama tag, hub repo id, or catalog name.
+        #[arg(default_value = "smollm2")]
+        model: String,
+    },
+    /// Measure load memory, prefill and decode speed.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: .gguf path, HF directory, Ollama tag, hub repo id, or catalog name.
+    #[arg(short, long, default_value = "smollm2", env = "SOLLOL_MODEL")]
+    model: String,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Seed of the random draws (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Maximum tokens to generate.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
+    max_tokens: usize,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context length to reserve (default: prompt + max tokens, within the model's).
+    #[arg(long, default_value_t = 0)]
+    ctx: usize,
+}
+
+impl SamplingArgs {
+    fn params(&self, default_temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(default_temperature),
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed.unwrap_or_else(|| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            }),
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    sollol::sys::set_threads(cli.threads);
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Pull { model } => {
+            let resolved = source::resolve(&model)?;
+            println!("{}", resolved.path.display());
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// A model opened with its tokenizer, before any layer is loaded.
+pub struct Opened {
+    pub resolved: ResolvedModel,
+    pub file: ModelFile,
+    pub tokenizer: Tokenizer,
+}
+
+pub fn open_model(spec: &str) -> Result<Opened> {
+    let resolved = source::resolve(spec)?;
+    let file = ModelFile::open(&resolved.path)?;
+    let tokenizer = Tokenizer::for_model(&file)?;
+    Ok(Opened { resolved, file, tokenizer })
+}
+
+pub fn load_slice(file: &mut ModelFile, layers: Option<Range<usize>>) -> Result<ModelSlice> {
+    let n = file.config()?.n_layers;
+    let layers = layers.unwrap_or(0..n);
+    Ok(ModelSlice::load(file, layers, &candle_core::Device::Cpu)?)
+}
+
+/// `a..b` or `a-b` (inclusive end, the design doc's notation).
+pub fn parse_layers(s: &str) -> Result<Range<usize>> {
+    let parse = |v: &str| v.trim().parse::<usize>().with_context(|| format!("bad layer number '{v}'"));
+    if let Some((a, b)) = s.split_once("..") {
+        Ok(parse(a)?..parse(b)?)
+    } else if let Some((a, b)) = s.split_once('-') {
+        Ok(parse(a)?..parse(b)? + 1)
+    } else {
+        anyhow::bail!("layers must be written a..b (end excluded) or a-b (end included), got '{s}'")
+    }
+}

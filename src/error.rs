@@ -1,0 +1,61 @@
+//! The library's error type.
+//!
+//! One enum for the whole library: callers (the CLI, later the node and the
+//! HTTP API) match on the variant to pick an exit code or a status code, and
+//! the message is always one line a user can act on.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside candle.
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The model file exists but cannot be used as it is.
+    #[error("invalid model file {path}: {reason}")]
+    BadModel { path: PathBuf, reason: String },
+
+    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2)")]
+    UnsupportedArchitecture(String),
+
+    /// A model source that no resolver recognised.
+    #[error("unknown model '{0}': not a .gguf file, not a model directory, not an Ollama tag in the local store, not a hub repository, and not in the catalog")]
+    UnknownModel(String),
+
+    /// Fetching a model failed (network, pip, checksum).
+    #[error("could not fetch model '{model}': {reason}")]
+    Fetch { model: String, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    /// A request that cannot be served as asked.
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    #[error("prompt is {prompt} tokens, but the context holds {context} (prompt + max tokens must fit)")]
+    ContextOverflow { prompt: usize, context: usize },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    pub fn bad_model(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::BadModel { path: path.into(), reason: reason.into() }
+    }
+}

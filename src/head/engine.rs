@@ -1,0 +1,97 @@
+//! What the generation loop drives: something that keeps sessions, runs a
+//! model on new tokens, and samples. A local whole-model slice is one
+//! implementation; the QUIC pipeline of stages is another.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use candle_core::Tensor;
+
+use super::sampling::{sample, SamplingParams};
+use crate::error::{Error, Result};
+use crate::model::{KvCache, ModelSlice, SliceOutput};
+
+/// How to pick the token after a step, and what it needs to do so.
+#[derive(Debug, Clone)]
+pub struct SampleSpec<'a> {
+    pub params: &'a SamplingParams,
+    /// Tokens so far in the session (prompt + generated), for the repeat penalty.
+    pub history: &'a [u32],
+    /// Tokens sampled before in this session (keys the random draw).
+    pub step: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    /// The sampled token, when sampling was asked for.
+    pub token: Option<u32>,
+    /// The last position's logits, when asked for (tests, logprobs).
+    pub logits: Option<Vec<f32>>,
+    /// Compute time per stage, in chain order.
+    pub stage_times: Vec<Duration>,
+}
+
+pub trait Engine {
+    /// Opens a session with room for `capacity` positions.
+    fn open(&mut self, session: u64, capacity: usize) -> Result<()>;
+    /// Runs `tokens` at the session's position; samples when `sample` is given.
+    fn step(&mut self, session: u64, tokens: &[u32], sample: Option<SampleSpec<'_>>, want_logits: bool) -> Result<StepOutput>;
+    /// Frees the session everywhere. Never fails: a missing session is already closed.
+    fn close(&mut self, session: u64);
+    /// The longest context the model supports.
+    fn context_length(&self) -> usize;
+}
+
+/// The whole model in this process.
+pub struct LocalEngine {
+    slice: ModelSlice,
+    sessions: HashMap<u64, KvCache>,
+}
+
+impl LocalEngine {
+    pub fn new(slice: ModelSlice) -> Result<Self> {
+        if !slice.is_first() || !slice.is_last() {
+            return Err(Error::InvalidRequest("a local engine needs the whole model".into()));
+        }
+        Ok(Self { slice, sessions: HashMap::new() })
+    }
+
+    pub fn slice(&self) -> &ModelSlice {
+        &self.slice
+    }
+
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+impl Engine for LocalEngine {
+    fn open(&mut self, session: u64, capacity: usize) -> Result<()> {
+        let cache = self.slice.new_cache(capacity)?;
+        self.sessions.insert(session, cache);
+        Ok(())
+    }
+
+    fn step(&mut self, session: u64, tokens: &[u32], sample_spec: Option<SampleSpec<'_>>, want_logits: bool) -> Result<StepOutput> {
+        let cache = self
+            .sessions
+            .get_mut(&session)
+            .ok_or_else(|| Error::InvalidRequest(format!("no session {session}")))?;
+        let start = std::time::Instant::now();
+        let input = Tensor::new(tokens, self.slice.device())?.unsqueeze(0)?;
+        let logits = match self.slice.forward(&input, cache)? {
+            SliceOutput::Logits(l) => l.squeeze(0)?.to_vec1::<f32>()?,
+            SliceOutput::Hidden(_) => unreachable!("a whole-model slice ends in logits"),
+        };
+        let token = sample_spec.map(|s| sample(&logits, s.params, s.history, s.step));
+        Ok(StepOutput { token, logits: want_logits.then_some(logits), stage_times: vec![start.elapsed()] })
+    }
+
+    fn close(&mut self, session: u64) {
+        self.sessions.remove(&session);
+    }
+
+    fn context_length(&self) -> usize {
+        self.slice.config().context_length
+    }
+}

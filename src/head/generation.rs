@@ -1,0 +1,291 @@
+//! The generation loop: prefill the prompt in chunks, then sample token by
+//! token until EOS, a stop string, the token limit or the context end, while
+//! streaming text as soon as it is unambiguous.
+
+use std::time::{Duration, Instant};
+
+use super::engine::{Engine, SampleSpec};
+use super::sampling::SamplingParams;
+use super::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+
+/// Prompt tokens per forward pass; bounds the activation buffer every stage holds.
+pub const PREFILL_CHUNK: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Context to reserve; 0 means the model's.
+    pub context: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS token or a stop string.
+    Stop,
+    /// `max_tokens` reached or the context is full.
+    Length,
+    /// The caller stopped listening.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill: Duration,
+    /// Time of the decode steps (after the first token).
+    pub decode: Duration,
+    pub time_to_first_token: Duration,
+    /// Summed compute time per stage.
+    pub stage_times: Vec<Duration>,
+}
+
+impl Stats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+
+    /// Decode rate over the tokens after the first (the first comes from prefill).
+    pub fn decode_tok_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+
+    /// One line for stderr.
+    pub fn summary(&self) -> String {
+        format!(
+            "prompt {} tok, prefill {:.1} tok/s, decode {} tok/s ({} tok), ttft {:.0} ms",
+            self.prompt_tokens,
+            self.prefill_tok_s(),
+            format_args!("{:.1}", self.decode_tok_s()),
+            self.generated_tokens,
+            self.time_to_first_token.as_secs_f64() * 1e3
+        )
+    }
+
+    fn add_stage_times(&mut self, times: &[std::time::Duration]) {
+        if self.stage_times.len() < times.len() {
+            self.stage_times.resize(times.len(), Duration::ZERO);
+        }
+        for (acc, t) in self.stage_times.iter_mut().zip(times) {
+            *acc += *t;
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateResult {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub stats: Stats,
+}
+
+/// Turns a growing token list into text pieces: decodes a window of tokens and
+/// emits only what the newest token added, holding back a trailing partial
+/// UTF-8 character until the next token completes it.
+struct TextStream {
+    prefix: usize,
+    read: usize,
+}
+
+impl TextStream {
+    fn new() -> Self {
+        Self { prefix: 0, read: 0 }
+    }
+
+    fn next(&mut self, tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
+        let before = tok.decode(&tokens[self.prefix..self.read])?;
+        let now = tok.decode(&tokens[self.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            let piece = now[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = tokens.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+}
+
+/// Holds back text that could be the start of a stop string.
+struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+enum StopOutcome {
+    /// Safe to show.
+    Emit(String),
+    /// A stop string matched; the text before it is final.
+    Stopped(String),
+}
+
+impl StopMatcher {
+    fn push(&mut self, piece: &str) -> StopOutcome {
+        self.pending.push_str(piece);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let before = self.pending[..at].to_string();
+            self.pending.clear();
+            return StopOutcome::Stopped(before);
+        }
+        // Keep the longest suffix that is a prefix of some stop string.
+        let hold = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .filter(|p| self.pending.ends_with(p))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        StopOutcome::Emit(out)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// Runs one request. `on_text` receives each new piece of text and returns
+/// false to cancel. The session is closed on every path out.
+pub fn generate(
+    engine: &mut dyn Engine,
+    tokenizer: &Tokenizer,
+    session: u64,
+    req: &GenerateRequest,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenerateResult> {
+    req.params.validate()?;
+    if req.prompt.is_empty() {
+        return Err(Error::InvalidRequest("the prompt is empty".into()));
+    }
+    let model_ctx = engine.context_length();
+    let context = if req.context == 0 { model_ctx } else { req.context.min(model_ctx) };
+    if req.prompt.len() >= context {
+        return Err(Error::ContextOverflow { prompt: req.prompt.len(), context });
+    }
+    let capacity = context.min(req.prompt.len() + req.max_tokens);
+    engine.open(session, capacity)?;
+    let result = run(engine, tokenizer, session, req, capacity, on_text);
+    engine.close(session);
+    result
+}
+
+fn run(
+    engine: &mut dyn Engine,
+    tokenizer: &Tokenizer,
+    session: u64,
+    req: &GenerateRequest,
+    capacity: usize,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenerateResult> {
+    let mut stats = Stats { prompt_tokens: req.prompt.len(), ..Default::default() };
+    let mut history = req.prompt.clone();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let mut stream = TextStream::new();
+    let mut stops = StopMatcher { stops: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() };
+    let start = Instant::now();
+    if req.max_tokens == 0 {
+        return Ok(GenerateResult { tokens: generated, text, finish: FinishReason::Length, stats });
+    }
+
+    // Prefill: every chunk but the last only fills the caches.
+    let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
+    let mut next = None;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        let spec = last.then_some(SampleSpec { params: &req.params, history: &history, step: 0 });
+        let out = engine.step(session, chunk, spec, false)?;
+        stats.add_stage_times(&out.stage_times);
+        next = out.token;
+    }
+    stats.prefill = start.elapsed();
+    stats.time_to_first_token = stats.prefill;
+    let mut token = next.ok_or_else(|| Error::InvalidRequest("the engine returned no token".into()))?;
+    let decode_start = Instant::now();
+    let finish = loop {
+        if tokenizer.is_eos(token) {
+            break FinishReason::Stop;
+        }
+        generated.push(token);
+        history.push(token);
+        let mut stopped = false;
+        let piece = stream.next(tokenizer, &generated)?;
+        let emit = match stops.push(&piece) {
+            StopOutcome::Emit(s) => s,
+            StopOutcome::Stopped(s) => {
+                stopped = true;
+                s
+            }
+        };
+        if !emit.is_empty() {
+            text.push_str(&emit);
+            if !on_text(&emit) {
+                break FinishReason::Cancelled;
+            }
+        }
+        if stopped {
+            break FinishReason::Stop;
+        }
+        if generated.len() >= req.max_tokens || history.len() >= capacity {
+            break FinishReason::Length;
+        }
+        let spec = SampleSpec { params: &req.params, history: &history, step: generated.len() as u64 };
+        let out = engine.step(session, &[token], Some(spec), false)?;
+        stats.add_stage_times(&out.stage_times);
+        token = out.token.ok_or_else(|| Error::InvalidRequest("the engine returned no token".into()))?;
+    };
+    if finish != FinishReason::Cancelled {
+        // Text held back for a stop string that never completed is final now.
+        let rest = stops.flush();
+        if !rest.is_empty() {
+            text.push_str(&rest);
+            on_text(&rest);
+        }
+    }
+    stats.generated_tokens = generated.len();
+    stats.decode = decode_start.elapsed();
+    Ok(GenerateResult { tokens: generated, text, finish, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(stops: &[&str]) -> StopMatcher {
+        StopMatcher { stops: stops.iter().map(|s| s.to_string()).collect(), pending: String::new() }
+    }
+
+    #[test]
+    fn stop_strings_hold_back_partial_matches() {
+        let mut m = matcher(&["\n\n", "END"]);
+        assert!(matches!(m.push("Hello E"), StopOutcome::Emit(s) if s == "Hello "));
+        assert!(matches!(m.push("N"), StopOutcome::Emit(s) if s.is_empty()));
+        assert!(matches!(m.push("X"), StopOutcome::Emit(s) if s == "ENX"));
+        assert!(matches!(m.push("a\n"), StopOutcome::Emit(s) if s == "a"));
+        assert!(matches!(m.push("\nrest"), StopOutcome::Stopped(s) if s.is_empty()));
+    }
+
+    #[test]
+    fn stop_string_inside_one_piece_cuts_it() {
+        let mut m = matcher(&["END"]);
+        assert!(matches!(m.push("abcENDdef"), StopOutcome::Stopped(s) if s == "abc"));
+    }
+}

@@ -1,0 +1,10 @@
+//! The head: tokenizer, chat template, sampling and the generation loop.
+//!
+//! Architecture invariant: the head never touches weights or activations; it
+//! talks to an [`engine::Engine`] in token ids and sampling parameters.
+
+pub mod chat;
+pub mod engine;
+pub mod generation;
+pub mod sampling;
+pub mod tokenizer;

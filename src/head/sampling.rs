@@ -1,0 +1,197 @@
+//! Choosing the next token from logits.
+//!
+//! Sampling is a pure function of (logits, parameters, the tokens so far, the
+//! step number): the random draw comes from a counter-based generator keyed by
+//! `(seed, step)`, so there is no RNG state to carry. Whoever holds the token
+//! history can replay a session exactly — on another node, after a failover.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p; 1.0 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of recent tokens; 1.0 is off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidRequest(m.to_string()));
+        if !self.temperature.is_finite() || self.temperature < 0.0 || self.temperature > 100.0 {
+            return bad("temperature must be between 0 and 100");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 || self.repeat_penalty > 100.0 {
+            return bad("repeat_penalty must be in (0, 100]");
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// splitmix64: a full-period mixer; `(seed, step)` → a uniform draw in [0, 1).
+fn uniform(seed: u64, step: u64) -> f64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Index of the largest value; the lowest index wins a tie.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The next token for `logits`, given the tokens so far (`history`) and the
+/// number of tokens sampled before in this session (`step`).
+pub fn sample(logits: &[f32], params: &SamplingParams, history: &[u32], step: u64) -> u32 {
+    let mut logits = logits.to_vec();
+    if params.repeat_penalty != 1.0 {
+        let start = history.len().saturating_sub(params.repeat_last_n);
+        let mut seen = history[start..].to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for &t in &seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l >= 0.0 { *l / params.repeat_penalty } else { *l * params.repeat_penalty };
+            }
+        }
+    }
+    if params.is_greedy() {
+        return argmax(&logits);
+    }
+    // Candidates sorted by logit, best first (stable: ties keep the lower id first).
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if params.top_k > 0 && params.top_k < cand.len() {
+        cand.truncate(params.top_k);
+    }
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| (((l - max) / params.temperature) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    let mut keep = probs.len();
+    if params.top_p < 1.0 {
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= params.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    if params.min_p > 0.0 {
+        let floor = probs[0] * params.min_p as f64;
+        keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+    }
+    let probs = &probs[..keep];
+    let total: f64 = probs.iter().sum();
+    let mut r = uniform(params.seed, step) * total;
+    for (i, p) in probs.iter().enumerate() {
+        if r < *p {
+            return cand[i].0;
+        }
+        r -= p;
+    }
+    cand[keep - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() }
+    }
+
+    #[test]
+    fn greedy_takes_the_lowest_index_of_the_max() {
+        assert_eq!(sample(&[0.0, 3.0, 3.0, 1.0], &params(0.0), &[], 0), 1);
+    }
+
+    #[test]
+    fn repeat_penalty_changes_the_greedy_choice() {
+        let p = SamplingParams { repeat_penalty: 2.0, ..params(0.0) };
+        assert_eq!(sample(&[0.0, 3.0, 2.0], &p, &[1], 0), 2);
+        assert_eq!(sample(&[0.0, 3.0, 2.0], &p, &[], 0), 1);
+    }
+
+    #[test]
+    fn same_seed_and_step_give_the_same_token() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams { seed: 42, ..params(1.0) };
+        let a: Vec<u32> = (0..50).map(|s| sample(&logits, &p, &[], s)).collect();
+        let b: Vec<u32> = (0..50).map(|s| sample(&logits, &p, &[], s)).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 5, "draws should vary across steps");
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let p = SamplingParams { top_k: 1, seed: 7, ..params(1.0) };
+        for step in 0..20 {
+            assert_eq!(sample(&[0.1, 0.5, 0.4], &p, &[], step), 1);
+        }
+    }
+
+    #[test]
+    fn min_p_and_top_p_cut_the_tail() {
+        // Token 2 has probability ~1e-4 of token 0's: min_p 0.01 must never pick it.
+        let logits = [5.0, 4.9, -4.3];
+        let p = SamplingParams { min_p: 0.01, seed: 3, ..params(1.0) };
+        assert!((0..500).all(|s| sample(&logits, &p, &[], s) != 2));
+        let p = SamplingParams { top_p: 0.5, seed: 3, ..params(1.0) };
+        assert!((0..500).all(|s| sample(&logits, &p, &[], s) == 0));
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        // p = softmax([0, ln 3]) = [0.25, 0.75]
+        let logits = [0.0, 3f32.ln()];
+        let p = SamplingParams { seed: 11, ..params(1.0) };
+        let ones = (0..4000).filter(|&s| sample(&logits, &p, &[], s) == 1).count();
+        assert!((2850..3150).contains(&ones), "got {ones} of 4000");
+    }
+
+    #[test]
+    fn invalid_params_are_refused() {
+        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { repeat_penalty: f32::NAN, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

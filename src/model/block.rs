@@ -1,0 +1,154 @@
+//! One transformer block of the llama family: pre-norm attention with
+//! grouped-query heads and rotary positions, then a pre-norm SwiGLU MLP.
+//!
+//! The operation order follows llama.cpp / candle's `quantized_llama` exactly,
+//! which is what lets the golden test demand bit-identical logits.
+
+use candle_core::{Device, Tensor};
+
+use super::config::Config;
+use super::kv_cache::KvCache;
+use super::rope::Rope;
+use super::weights::{Linear, RawWeight, RmsNorm, Role};
+use super::ModelFile;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Block {
+    pub fn load(file: &mut ModelFile, cfg: &Config, layer: usize, device: &Device) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let q_dim = cfg.n_heads * cfg.head_dim;
+        let kv_dim = cfg.n_kv_heads * cfg.head_dim;
+        let ffn = cfg.intermediate_size;
+        let mut weight = |role: Role, shape: &[usize]| -> Result<RawWeight> {
+            let w = file.read(role, Some(layer), device)?;
+            check_shape(file, role, layer, &w, shape)?;
+            Ok(w)
+        };
+        let attn_norm = weight(Role::AttnNorm, &[h])?;
+        let (wq, wk, wv, wo) = (
+            weight(Role::Q, &[q_dim, h])?,
+            weight(Role::K, &[kv_dim, h])?,
+            weight(Role::V, &[kv_dim, h])?,
+            weight(Role::O, &[h, q_dim])?,
+        );
+        let ffn_norm = weight(Role::FfnNorm, &[h])?;
+        let (gate, up, down) = (weight(Role::Gate, &[ffn, h])?, weight(Role::Up, &[ffn, h])?, weight(Role::Down, &[h, ffn])?);
+        let (bq, bk, bv) = if cfg.arch.qkv_bias {
+            (
+                Some(weight(Role::QBias, &[q_dim])?.to_f32()?),
+                Some(weight(Role::KBias, &[kv_dim])?.to_f32()?),
+                Some(weight(Role::VBias, &[kv_dim])?.to_f32()?),
+            )
+        } else {
+            (None, None, None)
+        };
+        Ok(Self {
+            attn_norm: RmsNorm::new(&attn_norm, cfg.rms_norm_eps)?,
+            q: Linear::new(wq, bq)?,
+            k: Linear::new(wk, bk)?,
+            v: Linear::new(wv, bv)?,
+            o: Linear::new(wo, None)?,
+            ffn_norm: RmsNorm::new(&ffn_norm, cfg.rms_norm_eps)?,
+            gate: Linear::new(gate, None)?,
+            up: Linear::new(up, None)?,
+            down: Linear::new(down, None)?,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// x `[b, seq, hidden]` → `[b, seq, hidden]`; `mask` `[seq, pos + seq]` (1 = hidden) when seq > 1.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let residual = x;
+        let x = self.attn_norm.forward(x)?;
+        let x = (self.attention(&x, mask, rope, cache, layer)? + residual)?;
+        let residual = &x;
+        let h = self.ffn_norm.forward(&x)?;
+        let h = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
+        Ok((self.down.forward(&h)? + residual)?)
+    }
+
+    fn attention(&self, x: &Tensor, mask: Option<&Tensor>, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let (b, seq, _hidden) = x.dims3()?;
+        let pos = cache.len();
+        let q = self.q.forward(x)?.reshape((b, seq, self.n_heads, self.head_dim))?.transpose(1, 2)?;
+        let k = self.k.forward(x)?.reshape((b, seq, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        // contiguous: a no-op for one token, a copy for a prompt chunk; the cache write needs it.
+        let v = self.v.forward(x)?.reshape((b, seq, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, pos)?;
+        let k = rope.apply(&k, pos)?;
+        // k, v: [b, n_kv, pos + seq, hd]
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        // att: [b, heads, seq, pos + seq]
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = match mask {
+            Some(mask) => {
+                let neg_inf = Tensor::new(f32::NEG_INFINITY, att.device())?.broadcast_as(att.shape())?;
+                mask.broadcast_as(att.shape())?.where_cond(&neg_inf, &att)?
+            }
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, seq, self.n_heads * self.head_dim))?;
+        self.o.forward(&y)
+    }
+}
+
+/// `[b, n_kv, s, d]` → `[b, n_kv * n_rep, s, d]`; concatenating along `s` then
+/// reshaping is a plain copy, faster than a strided broadcast.
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, n_kv, s, d) = x.dims4()?;
+    Ok(Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, n_kv * n_rep, s, d))?)
+}
+
+/// The causal mask for `seq` new positions after `pos` cached ones: `[seq, pos + seq]`, 1 = hidden.
+pub fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let kv = pos + seq;
+    let mask: Vec<u8> = (0..seq).flat_map(|i| (0..kv).map(move |j| u8::from(j > pos + i))).collect();
+    Ok(Tensor::from_slice(&mask, (seq, kv), device)?)
+}
+
+fn check_shape(file: &ModelFile, role: Role, layer: usize, w: &RawWeight, expected: &[usize]) -> Result<()> {
+    let dims = match w {
+        RawWeight::Quantized(q) => q.shape().dims().to_vec(),
+        RawWeight::Dense(t) => t.dims().to_vec(),
+    };
+    if dims != expected {
+        return Err(Error::bad_model(
+            file.path(),
+            format!("block {layer} {role:?} weight has shape {dims:?}, the config implies {expected:?}"),
+        ));
+    }
+    Ok(())
+}

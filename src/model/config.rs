@@ -1,0 +1,71 @@
+//! The hyper-parameters every block needs, with no `Option`s left.
+//!
+//! Each format (GGUF metadata, HF `config.json`) is parsed into this one
+//! plain struct, so compute code never handles "maybe".
+
+use super::arch::ArchSpec;
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): GGUF llama files, whose q/k rows llama.cpp's converter permuted.
+    Interleaved,
+    /// Pairs (i, i + d/2): HF checkpoints (`rotate_half`) and GGUF qwen2.
+    Half,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: &'static ArchSpec,
+    pub n_layers: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    /// Per-frequency divisors (Llama 3.1+ "llama3" rope scaling), one per rotated pair.
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// The longest sequence the model was trained for.
+    pub context_length: usize,
+}
+
+impl Config {
+    /// Query heads that share one key/value head (grouped-query attention).
+    pub fn n_rep(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("n_layers", self.n_layers),
+            ("hidden_size", self.hidden_size),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("intermediate_size", self.intermediate_size),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(format!(
+                "{} attention heads cannot be grouped over {} key/value heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head dimension {} is odd; rotary embeddings need pairs", self.head_dim));
+        }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != self.head_dim / 2 {
+                return Err(format!("rope_freqs has {} entries, expected {}", f.len(), self.head_dim / 2));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! GGUF files: the header, the tensor table, and reading one tensor at a time.
+//!
+//! Only the header and tensor table are read up front; a slice then reads the
+//! tensors it owns and nothing else, so a node holding layers 10..20 never
+//! touches the bytes of the other blocks.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+
+use super::arch;
+use super::config::Config;
+use super::weights::{RawWeight, Role};
+use crate::error::{Error, Result};
+
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+}
+
+/// GGUF tensor names by role; `blk.{layer}.` prefixes the per-block ones.
+fn tensor_name(role: Role, layer: Option<usize>) -> String {
+    let base = match role {
+        Role::Embed => "token_embd.weight",
+        Role::AttnNorm => "attn_norm.weight",
+        Role::Q => "attn_q.weight",
+        Role::K => "attn_k.weight",
+        Role::V => "attn_v.weight",
+        Role::O => "attn_output.weight",
+        Role::QBias => "attn_q.bias",
+        Role::KBias => "attn_k.bias",
+        Role::VBias => "attn_v.bias",
+        Role::FfnNorm => "ffn_norm.weight",
+        Role::Gate => "ffn_gate.weight",
+        Role::Up => "ffn_up.weight",
+        Role::Down => "ffn_down.weight",
+        Role::OutputNorm => "output_norm.weight",
+        Role::Output => "output.weight",
+    };
+    match layer {
+        Some(i) => format!("blk.{i}.{base}"),
+        None => base.to_string(),
+    }
+}
+
+/// Bytes a tensor occupies in the file (and in memory, since it stays quantized).
+pub fn tensor_bytes(info: &TensorInfo) -> u64 {
+    let dtype = info.ggml_dtype;
+    (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
+}
+
+impl GgufFile {
+    /// Reads and checks the header: every tensor must lie inside the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
+            .len();
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| {
+            let msg = e.to_string();
+            let reason = if msg.contains("unknown dtype") {
+                format!("{msg} (a quantization type this build cannot run)")
+            } else if msg.contains("magic") {
+                format!("not a GGUF file ({msg})")
+            } else if msg.contains("failed to fill whole buffer") || msg.contains("UnexpectedEof") {
+                "truncated GGUF: the file ends inside its header".to_string()
+            } else {
+                msg
+            };
+            Error::bad_model(path, reason)
+        })?;
+        for (name, info) in content.tensor_infos.iter() {
+            let block = info.ggml_dtype.block_size();
+            if info.shape.elem_count() % block != 0 {
+                return Err(Error::bad_model(
+                    path,
+                    format!("tensor '{name}' has {} elements, not a multiple of its {:?} block size {block}", info.shape.elem_count(), info.ggml_dtype),
+                ));
+            }
+            let end = content.tensor_data_offset + info.offset + tensor_bytes(info);
+            if end > file_len {
+                return Err(Error::bad_model(
+                    path,
+                    format!("truncated GGUF: tensor '{name}' ends at byte {end} but the file has {file_len} bytes"),
+                ));
+            }
+        }
+        Ok(Self { path: path.to_path_buf(), content, reader })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn tensor_infos(&self) -> &HashMap<String, TensorInfo> {
+        &self.content.tensor_infos
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let bad = |reason: String| Error::bad_model(&self.path, reason);
+        let arch_name = self
+            .metadata_str("general.architecture")
+            .ok_or_else(|| bad("missing general.architecture".into()))?;
+        let arch = arch::by_gguf_name(arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let required = |k: &str| -> Result<usize> {
+            self.metadata_u64(&key(k))
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("missing metadata {}", key(k))))
+        };
+        let n_heads = required("attention.head_count")?;
+        let hidden_size = required("embedding_length")?;
+        let n_kv_heads = self.metadata_u64(&key("attention.head_count_kv")).map_or(n_heads, |v| v as usize);
+        let head_dim = self
+            .metadata_u64(&key("attention.key_length"))
+            .map_or(hidden_size / n_heads.max(1), |v| v as usize);
+        let embed = self
+            .content
+            .tensor_infos
+            .get(&tensor_name(Role::Embed, None))
+            .ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+        let vocab_size = embed.shape.dims()[0];
+        let rope_freq_factors = match self.content.tensor_infos.get("rope_freqs.weight") {
+            Some(_) => Some(self.read_dense_f32("rope_freqs.weight")?),
+            None => None,
+        };
+        let cfg = Config {
+            arch,
+            n_layers: required("block_count")?,
+            hidden_size,
+            intermediate_size: required("feed_forward_length")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: self.metadata_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rope_theta: self.metadata_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rope_style: arch.gguf_rope,
+            rope_freq_factors,
+            context_length: self.metadata_u64(&key("context_length")).map_or(2048, |v| v as usize),
+        };
+        if let Some(rope_dim) = self.metadata_u64(&key("rope.dimension_count")) {
+            if rope_dim as usize != head_dim {
+                return Err(bad(format!("partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")));
+            }
+        }
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    pub fn has(&self, role: Role, layer: Option<usize>) -> bool {
+        self.content.tensor_infos.contains_key(&tensor_name(role, layer))
+    }
+
+    /// Reads one tensor, kept in its stored (possibly quantized) type.
+    pub fn read(&mut self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+        let name = tensor_name(role, layer);
+        if !self.content.tensor_infos.contains_key(&name) {
+            return Err(Error::bad_model(&self.path, format!("missing tensor '{name}'")));
+        }
+        let q = self
+            .content
+            .tensor(&mut self.reader, &name, device)
+            .map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {e}")))?;
+        Ok(RawWeight::Quantized(Arc::new(q)))
+    }
+
+    fn read_dense_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let mut reader = BufReader::new(
+            File::open(&self.path).map_err(|e| Error::io(format!("cannot open {}", self.path.display()), e))?,
+        );
+        let q = self
+            .content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {e}")))?;
+        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Bytes of each block's tensors, in block order, plus the embedding and the
+    /// output head (norm + LM head; an untied head is counted on its own).
+    pub fn layer_bytes(&self, n_layers: usize) -> LayerBytes {
+        let mut blocks = vec![0u64; n_layers];
+        let mut embed = 0;
+        let mut head = 0;
+        for (name, info) in self.content.tensor_infos.iter() {
+            let bytes = tensor_bytes(info);
+            if let Some(rest) = name.strip_prefix("blk.") {
+                if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
+                    if i < n_layers {
+                        blocks[i] += bytes;
+                    }
+                }
+            } else if name == "token_embd.weight" {
+                embed += bytes;
+            } else if name.starts_with("output") {
+                head += bytes;
+            }
+        }
+        if !self.content.tensor_infos.contains_key("output.weight") {
+            // Tied embeddings: the last stage holds the table again as its LM head.
+            head += embed;
+        }
+        LayerBytes { blocks, embed, head }
+    }
+
+    /// A digest of the header and tensor table: two nodes that report the same
+    /// digest loaded the same model (the tensor data is covered by the offsets
+    /// and shapes, and by the file's own checksum where the source has one).
+    pub fn header_digest(&self) -> Result<String> {
+        let mut f = File::open(&self.path).map_err(|e| Error::io(format!("cannot open {}", self.path.display()), e))?;
+        f.seek(SeekFrom::Start(0)).map_err(|e| Error::io("seek", e))?;
+        let mut header = vec![0u8; self.content.tensor_data_offset as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io("cannot read GGUF header", e))?;
+        Ok(format!("{:x}", Sha256::digest(&header)))
+    }
+
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        match self.content.metadata.get(key) {
+            Some(Value::String(s)) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    pub fn metadata_u64(&self, key: &str) -> Option<u64> {
+        self.content.metadata.get(key).and_then(value_u64)
+    }
+
+    pub fn metadata_f64(&self, key: &str) -> Option<f64> {
+        match self.content.metadata.get(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            v => value_u64(v).map(|v| v as f64),
+        }
+    }
+
+    pub fn metadata_bool(&self, key: &str) -> Option<bool> {
+        match self.content.metadata.get(key)? {
+            Value::Bool(b) => Some(*b),
+            v => value_u64(v).map(|v| v != 0),
+        }
+    }
+}
+
+/// Integer metadata of any width (files in the wild use u32, i32 and u64 for the same keys).
+pub fn value_u64(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(x) => Some(x as u64),
+        Value::U16(x) => Some(x as u64),
+        Value::U32(x) => Some(x as u64),
+        Value::U64(x) => Some(x),
+        Value::I8(x) if x >= 0 => Some(x as u64),
+        Value::I16(x) if x >= 0 => Some(x as u64),
+        Value::I32(x) if x >= 0 => Some(x as u64),
+        Value::I64(x) if x >= 0 => Some(x as u64),
+        _ => None,
+    }
+}
+
+/// Exact byte counts of a model's parts, the input of every partitioning strategy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBytes {
+    pub blocks: Vec<u64>,
+    pub embed: u64,
+    pub head: u64,
+}

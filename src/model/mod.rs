@@ -1,0 +1,88 @@
+//! Weights, layer slices and KV caches: everything that runs on a node's device.
+//!
+//! Architecture invariant: `model` does no network I/O and knows nothing of
+//! sessions or requests; it maps (input, cache) to output.
+
+pub mod arch;
+pub mod block;
+pub mod catalog;
+pub mod config;
+pub mod gguf;
+pub mod kv_cache;
+pub mod rope;
+pub mod safetensors;
+pub mod slice;
+pub mod source;
+pub mod weights;
+
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::Device;
+
+pub use config::Config;
+pub use gguf::LayerBytes;
+pub use kv_cache::{KvCache, KvState};
+pub use slice::{ModelSlice, SliceOutput};
+use weights::{RawWeight, Role};
+
+use crate::error::Result;
+
+/// An opened model in either supported format.
+pub enum ModelFile {
+    Gguf(gguf::GgufFile),
+    Safetensors(safetensors::SafetensorsDir),
+}
+
+impl ModelFile {
+    /// A directory is read as an HF safetensors model, a file as GGUF.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Ok(ModelFile::Safetensors(safetensors::SafetensorsDir::open(path)?))
+        } else {
+            Ok(ModelFile::Gguf(gguf::GgufFile::open(path)?))
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelFile::Gguf(f) => f.path(),
+            ModelFile::Safetensors(d) => d.path(),
+        }
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        match self {
+            ModelFile::Gguf(f) => f.config(),
+            ModelFile::Safetensors(d) => d.config(),
+        }
+    }
+
+    pub fn has(&self, role: Role, layer: Option<usize>) -> bool {
+        match self {
+            ModelFile::Gguf(f) => f.has(role, layer),
+            // A tied HF model may still ship lm_head; config.json decides.
+            ModelFile::Safetensors(d) => !(role == Role::Output && d.tied_embeddings()) && d.has(role, layer),
+        }
+    }
+
+    pub fn read(&mut self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+        match self {
+            ModelFile::Gguf(f) => f.read(role, layer, device),
+            ModelFile::Safetensors(d) => d.read(role, layer, device),
+        }
+    }
+
+    pub fn layer_bytes(&self) -> Result<LayerBytes> {
+        let n = self.config()?.n_layers;
+        Ok(match self {
+            ModelFile::Gguf(f) => f.layer_bytes(n),
+            ModelFile::Safetensors(d) => d.layer_bytes(n),
+        })
+    }
+
+    /// Bytes of the blocks in `layers`, as stored.
+    pub fn bytes_of_blocks(&self, layers: Range<usize>) -> usize {
+        self.layer_bytes().map_or(0, |b| b.blocks[layers].iter().sum::<u64>() as usize)
+    }
+}

@@ -1,0 +1,233 @@
+//! HF model directories: `config.json` plus one or more `*.safetensors` files
+//! (sharded ones listed in `model.safetensors.index.json`).
+//!
+//! Files are memory-mapped; a slice copies out only the tensors it owns, so the
+//! other blocks' pages are never read.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use serde::Deserialize;
+
+use super::arch;
+use super::config::{Config, RopeStyle};
+use super::weights::{RawWeight, Role};
+use crate::error::{Error, Result};
+
+/// The subset of HF `config.json` that llama-family models use.
+#[derive(Debug, Deserialize)]
+pub struct HfConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f32 {
+    10_000.0
+}
+fn default_ctx() -> usize {
+    2048
+}
+
+/// Llama 3.1's frequency-dependent rope scaling.
+#[derive(Debug, Deserialize)]
+pub struct RopeScaling {
+    pub rope_type: Option<String>,
+    pub factor: Option<f32>,
+    pub low_freq_factor: Option<f32>,
+    pub high_freq_factor: Option<f32>,
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// llama3 scaling as per-pair divisors of the inverse frequency
+/// (the same form GGUF files store in `rope_freqs.weight`).
+fn llama3_freq_factors(s: &RopeScaling, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
+    if s.rope_type.as_deref() != Some("llama3") {
+        return None;
+    }
+    let factor = s.factor?;
+    let low = s.low_freq_factor.unwrap_or(1.0);
+    let high = s.high_freq_factor.unwrap_or(4.0);
+    let old_ctx = s.original_max_position_embeddings.unwrap_or(8192) as f32;
+    let low_wavelen = old_ctx / low;
+    let high_wavelen = old_ctx / high;
+    let factors = (0..head_dim)
+        .step_by(2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf(i as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect();
+    Some(factors)
+}
+
+pub struct SafetensorsDir {
+    path: PathBuf,
+    hf: HfConfig,
+    tensors: MmapedSafetensors,
+}
+
+fn tensor_name(role: Role, layer: Option<usize>) -> String {
+    let base = match role {
+        Role::Embed => "model.embed_tokens.weight",
+        Role::AttnNorm => "input_layernorm.weight",
+        Role::Q => "self_attn.q_proj.weight",
+        Role::K => "self_attn.k_proj.weight",
+        Role::V => "self_attn.v_proj.weight",
+        Role::O => "self_attn.o_proj.weight",
+        Role::QBias => "self_attn.q_proj.bias",
+        Role::KBias => "self_attn.k_proj.bias",
+        Role::VBias => "self_attn.v_proj.bias",
+        Role::FfnNorm => "post_attention_layernorm.weight",
+        Role::Gate => "mlp.gate_proj.weight",
+        Role::Up => "mlp.up_proj.weight",
+        Role::Down => "mlp.down_proj.weight",
+        Role::OutputNorm => "model.norm.weight",
+        Role::Output => "lm_head.weight",
+    };
+    match layer {
+        Some(i) => format!("model.layers.{i}.{base}"),
+        None => base.to_string(),
+    }
+}
+
+impl SafetensorsDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::bad_model(dir, reason);
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad(format!("config.json: {e}")))?;
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index)
+                .map_err(|e| Error::io(format!("cannot read {}", index.display()), e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(format!("model.safetensors.index.json: {e}")))?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| bad("model.safetensors.index.json has no weight_map".into()))?;
+            let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            files.sort();
+            files
+        };
+        if files.is_empty() {
+            return Err(bad("no *.safetensors files".into()));
+        }
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(bad(format!("missing shard {}", missing.display())));
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader we
+        // rely on nobody truncating them while the model is being loaded.
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| bad(format!("safetensors: {e}")))?;
+        Ok(Self { path: dir.to_path_buf(), hf, tensors })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let hf = &self.hf;
+        let arch = arch::by_hf_model_type(&hf.model_type)?;
+        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+        let cfg = Config {
+            arch,
+            n_layers: hf.num_hidden_layers,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            n_heads: hf.num_attention_heads,
+            n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            head_dim,
+            vocab_size: hf.vocab_size,
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta,
+            rope_style: RopeStyle::Half,
+            rope_freq_factors: hf.rope_scaling.as_ref().and_then(|s| llama3_freq_factors(s, head_dim, hf.rope_theta)),
+            context_length: hf.max_position_embeddings,
+        };
+        cfg.validate().map_err(|r| Error::bad_model(&self.path, format!("config.json: {r}")))?;
+        Ok(cfg)
+    }
+
+    pub fn tied_embeddings(&self) -> bool {
+        self.hf.tie_word_embeddings
+    }
+
+    pub fn has(&self, role: Role, layer: Option<usize>) -> bool {
+        self.tensors.get(&tensor_name(role, layer)).is_ok()
+    }
+
+    pub fn read(&self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+        let name = tensor_name(role, layer);
+        let t = self
+            .tensors
+            .load(&name, device)
+            .map_err(|_| Error::bad_model(&self.path, format!("missing tensor '{name}'")))?;
+        let t = match t.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 => t,
+            other => return Err(Error::bad_model(&self.path, format!("tensor '{name}' has dtype {other:?}; f32, f16 and bf16 are supported"))),
+        };
+        Ok(RawWeight::Dense(t))
+    }
+
+    /// Bytes per block, embedding and head, from the safetensors headers.
+    pub fn layer_bytes(&self, n_layers: usize) -> super::gguf::LayerBytes {
+        let mut blocks = vec![0u64; n_layers];
+        let mut embed = 0;
+        let mut head = 0;
+        for (name, view) in self.tensors.tensors() {
+            let bytes = view.data().len() as u64;
+            if let Some(rest) = name.strip_prefix("model.layers.") {
+                if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
+                    if i < n_layers {
+                        blocks[i] += bytes;
+                    }
+                }
+            } else if name == "model.embed_tokens.weight" {
+                embed += bytes;
+            } else if name == "model.norm.weight" || name == "lm_head.weight" {
+                head += bytes;
+            }
+        }
+        if self.tensors.get("lm_head.weight").is_err() {
+            head += embed;
+        }
+        super::gguf::LayerBytes { blocks, embed, head }
+    }
+}

@@ -1,0 +1,181 @@
+//! A contiguous range of blocks `[start, end)` of a model, the unit a node
+//! loads and runs. It owns the token embedding only when `start == 0` and the
+//! final norm + LM head only when `end == n_layers`; the whole model is the
+//! slice `[0, n_layers)`.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::block::{causal_mask, Block};
+use super::config::Config;
+use super::kv_cache::KvCache;
+use super::rope::Rope;
+use super::weights::{Embedding, Linear, RmsNorm, Role};
+use super::ModelFile;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct ModelSlice {
+    config: Config,
+    layers: Range<usize>,
+    embed: Option<Embedding>,
+    blocks: Vec<Block>,
+    head: Option<(RmsNorm, Linear)>,
+    rope: Rope,
+    device: Device,
+    weight_bytes: usize,
+}
+
+/// What a slice hands on: hidden states for the next stage, or the last
+/// position's logits from the final stage.
+#[derive(Debug)]
+pub enum SliceOutput {
+    /// `[b, seq, hidden]` f32
+    Hidden(Tensor),
+    /// `[b, vocab]` f32
+    Logits(Tensor),
+}
+
+impl ModelSlice {
+    pub fn load(file: &mut ModelFile, layers: Range<usize>, device: &Device) -> Result<Self> {
+        let config = file.config()?;
+        if layers.start >= layers.end || layers.end > config.n_layers {
+            return Err(Error::InvalidRequest(format!(
+                "layers {}..{} are not a non-empty range inside the model's {} blocks",
+                layers.start, layers.end, config.n_layers
+            )));
+        }
+        let is_first = layers.start == 0;
+        let is_last = layers.end == config.n_layers;
+        let progress = ProgressBar::new(layers.len() as u64 + 1).with_message(format!(
+            "loading blocks {}..{} of {}",
+            layers.start,
+            layers.end,
+            file.path().display()
+        ));
+        progress.set_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let mut weight_bytes = 0;
+        let embed_table = if is_first || (is_last && !file.has(Role::Output, None)) {
+            let table = file.read(Role::Embed, None, device)?;
+            weight_bytes += table.size_in_bytes();
+            Some(table)
+        } else {
+            None
+        };
+        let embed = if is_first { embed_table.clone().map(Embedding::new) } else { None };
+        let mut blocks = Vec::with_capacity(layers.len());
+        for layer in layers.clone() {
+            blocks.push(Block::load(file, &config, layer, device)?);
+            progress.inc(1);
+        }
+        weight_bytes += file.bytes_of_blocks(layers.clone());
+        let head = if is_last {
+            let norm = file.read(Role::OutputNorm, None, device)?;
+            let output = if file.has(Role::Output, None) {
+                let w = file.read(Role::Output, None, device)?;
+                weight_bytes += w.size_in_bytes();
+                w
+            } else {
+                // Tied embeddings: the LM head is the embedding table.
+                embed_table.clone().ok_or_else(|| Error::bad_model(file.path(), "no LM head and no embedding table"))?
+            };
+            Some((RmsNorm::new(&norm, config.rms_norm_eps)?, Linear::new(output, None)?))
+        } else {
+            None
+        };
+        progress.inc(1);
+        progress.finish_and_clear();
+        let rope = Rope::new(&config, device)?;
+        Ok(Self { config, layers, embed, blocks, head, rope, device: device.clone(), weight_bytes })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.head.is_some()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights this slice holds.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// A KV cache for one session of this slice, room for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let cfg = &self.config;
+        KvCache::new(self.blocks.len(), 1, cfg.n_kv_heads, cfg.head_dim, capacity.min(cfg.context_length), &self.device)
+    }
+
+    /// Runs the slice on `x` — token ids `[b, seq]` (u32) on the first slice,
+    /// hidden states `[b, seq, hidden]` (f32) otherwise — at the cache's position.
+    pub fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<SliceOutput> {
+        let seq = x.dim(1)?;
+        if seq == 0 {
+            return Err(Error::InvalidRequest("empty input".into()));
+        }
+        if cache.n_layers() != self.blocks.len() {
+            return Err(Error::InvalidRequest("KV cache belongs to a different slice".into()));
+        }
+        cache.reserve(seq)?;
+        let pos = cache.len();
+        let mut h = match &self.embed {
+            Some(embed) => {
+                if x.dtype() != DType::U32 || x.rank() != 2 {
+                    return Err(Error::InvalidRequest("the first slice takes token ids [batch, seq] u32".into()));
+                }
+                embed.forward(x)?
+            }
+            None => {
+                if x.dtype() != DType::F32 || x.rank() != 3 || x.dim(2)? != self.config.hidden_size {
+                    return Err(Error::InvalidRequest(format!(
+                        "slice {}..{} takes hidden states [batch, seq, {}] f32, got {:?} {:?}",
+                        self.layers.start,
+                        self.layers.end,
+                        self.config.hidden_size,
+                        x.dims(),
+                        x.dtype()
+                    )));
+                }
+                x.clone()
+            }
+        };
+        let mask = if seq > 1 { Some(causal_mask(seq, pos, &self.device)?) } else { None };
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward(&h, mask.as_ref(), &self.rope, cache, i)?;
+        }
+        cache.advance(seq);
+        match &self.head {
+            Some((norm, output)) => {
+                let last = h.narrow(1, seq - 1, 1)?.squeeze(1)?;
+                Ok(SliceOutput::Logits(output.forward(&norm.forward(&last)?)?))
+            }
+            None => Ok(SliceOutput::Hidden(h)),
+        }
+    }
+}
+
+impl SliceOutput {
+    pub fn into_tensor(self) -> Tensor {
+        match self {
+            SliceOutput::Hidden(t) | SliceOutput::Logits(t) => t,
+        }
+    }
+}
