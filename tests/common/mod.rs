@@ -12,3 +12,5 @@ pub fn smollm2() -> PathBuf {
 pub fn sollol_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sollol"))
 }
+
+pub mod tiny;

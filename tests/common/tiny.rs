@@ -1,0 +1,169 @@
+//! Tiny random models written by the tests themselves: GGUF (llama or qwen2,
+//! any quantization candle can write) and HF safetensors directories.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+#[derive(Clone, Copy)]
+pub struct TinySpec {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context: usize,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self { layers: 3, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, vocab: 96, context: 64, seed: 1 }
+    }
+}
+
+/// A deterministic generator, so a failing case can be reproduced from its seed.
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    pub fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.next_f32() * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+}
+
+/// Tensors by their HF role name (without the `model.layers.{i}.` prefix), f32.
+pub fn random_weights(spec: &TinySpec, qkv_bias: bool) -> Vec<(String, Tensor)> {
+    let mut rng = Lcg(spec.seed);
+    let hd = spec.hidden / spec.heads;
+    let (h, q, kv, f) = (spec.hidden, spec.heads * hd, spec.kv_heads * hd, spec.ffn);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), rng.tensor(&[spec.vocab, h], 1.0))];
+    for i in 0..spec.layers {
+        let p = format!("model.layers.{i}.");
+        let norm = |rng: &mut Lcg| (rng.tensor(&[h], 0.2) + 1.0).unwrap();
+        out.push((format!("{p}input_layernorm.weight"), norm(&mut rng)));
+        out.push((format!("{p}self_attn.q_proj.weight"), rng.tensor(&[q, h], 0.3)));
+        out.push((format!("{p}self_attn.k_proj.weight"), rng.tensor(&[kv, h], 0.3)));
+        out.push((format!("{p}self_attn.v_proj.weight"), rng.tensor(&[kv, h], 0.3)));
+        if qkv_bias {
+            out.push((format!("{p}self_attn.q_proj.bias"), rng.tensor(&[q], 0.5)));
+            out.push((format!("{p}self_attn.k_proj.bias"), rng.tensor(&[kv], 0.5)));
+            out.push((format!("{p}self_attn.v_proj.bias"), rng.tensor(&[kv], 0.5)));
+        }
+        out.push((format!("{p}self_attn.o_proj.weight"), rng.tensor(&[h, q], 0.2)));
+        out.push((format!("{p}post_attention_layernorm.weight"), norm(&mut rng)));
+        out.push((format!("{p}mlp.gate_proj.weight"), rng.tensor(&[f, h], 0.3)));
+        out.push((format!("{p}mlp.up_proj.weight"), rng.tensor(&[f, h], 0.3)));
+        out.push((format!("{p}mlp.down_proj.weight"), rng.tensor(&[h, f], 0.2)));
+    }
+    out.push(("model.norm.weight".to_string(), (rng.tensor(&[h], 0.2) + 1.0).unwrap()));
+    out.push(("lm_head.weight".to_string(), rng.tensor(&[spec.vocab, h], 0.5)));
+    out
+}
+
+fn gguf_name(hf: &str) -> String {
+    let map = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (i, role) = rest.split_once('.').unwrap();
+    let role = role
+        .replace("input_layernorm", "attn_norm")
+        .replace("self_attn.q_proj", "attn_q")
+        .replace("self_attn.k_proj", "attn_k")
+        .replace("self_attn.v_proj", "attn_v")
+        .replace("self_attn.o_proj", "attn_output")
+        .replace("post_attention_layernorm", "ffn_norm")
+        .replace("mlp.gate_proj", "ffn_gate")
+        .replace("mlp.up_proj", "ffn_up")
+        .replace("mlp.down_proj", "ffn_down");
+    format!("blk.{i}.{role}")
+}
+
+/// A byte-level vocabulary of the printable ASCII characters, so prompts in
+/// plain English tokenize (one token per character).
+pub fn tiny_vocab(vocab: usize) -> Vec<String> {
+    let mut tokens = vec!["<|endoftext|>".to_string(), "\u{120}".to_string()]; // "Ġ" is the byte-level space
+    tokens.extend((b'!'..=b'~').map(|c| (c as char).to_string()));
+    tokens.resize_with(vocab, || "<unused>".to_string());
+    for (i, t) in tokens.iter_mut().enumerate().skip(96) {
+        *t = format!("<unused{i}>");
+    }
+    tokens
+}
+
+/// Writes a GGUF file; `dtype` applies to the 2-D weights, norms and biases stay f32.
+/// `skip` leaves tensors out (to test missing-tensor errors).
+pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, skip: &[&str]) {
+    let qkv_bias = arch == "qwen2";
+    let weights = random_weights(spec, qkv_bias);
+    let mut qtensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in weights {
+        let g = gguf_name(&name);
+        if skip.contains(&g.as_str()) {
+            continue;
+        }
+        let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+        qtensors.push((g, QTensor::quantize(&t, dt).unwrap()));
+    }
+    let tokens = tiny_vocab(spec.vocab);
+    let md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.block_count"), Value::U32(spec.layers as u32)),
+        (format!("{arch}.embedding_length"), Value::U32(spec.hidden as u32)),
+        (format!("{arch}.feed_forward_length"), Value::U32(spec.ffn as u32)),
+        (format!("{arch}.attention.head_count"), Value::U32(spec.heads as u32)),
+        (format!("{arch}.attention.head_count_kv"), Value::U32(spec.kv_heads as u32)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+        (format!("{arch}.context_length"), Value::U32(spec.context as u32)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
+    ];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+}
+
+/// Writes an HF directory (config.json + model.safetensors) of `dtype` weights.
+pub fn write_hf_dir(dir: &Path, spec: &TinySpec, model_type: &str, dtype: DType) {
+    std::fs::create_dir_all(dir).unwrap();
+    let weights: HashMap<String, Tensor> = random_weights(spec, model_type == "qwen2")
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "model_type": model_type,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.ffn,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "vocab_size": spec.vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": spec.context,
+        "tie_word_embeddings": false,
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+}

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""An independent reference forward pass for llama-family models, in numpy.
+
+It reads the model file itself (its own GGUF and safetensors parsers, its own
+dequantization of F32/F16/Q8_0/Q4_0/Q4_1 blocks) and runs a plain causal
+forward over the whole token sequence, no KV cache, written from the papers
+and HF's modeling_llama / modeling_qwen2 rather than from sollol's code.
+
+usage: reference.py MODEL TOKENS_CSV  ->  JSON list of logits, one per position
+"""
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+GGUF_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+
+
+def read_gguf(path):
+    data = Path(path).read_bytes()
+    off = 0
+
+    def take(fmt):
+        nonlocal off
+        vals = struct.unpack_from("<" + fmt, data, off)
+        off += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string():
+        nonlocal off
+        n = take("Q")
+        s = data[off:off + n].decode("utf-8")
+        off += n
+        return s
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(t):
+        if t in scalar:
+            return take(scalar[t])
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        raise ValueError(f"metadata type {t}")
+
+    assert data[:4] == b"GGUF", "not a GGUF file"
+    off = 4
+    version = take("I")
+    assert version in (2, 3), f"GGUF version {version}"
+    n_tensors, n_kv = take("Q"), take("Q")
+    meta = {}
+    for _ in range(n_kv):
+        k = string()
+        meta[k] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        nd = take("I")
+        dims = [take("Q") for _ in range(nd)]
+        t = take("I")
+        o = take("Q")
+        infos.append((name, dims, t, o))
+    align = meta.get("general.alignment", 32)
+    base = (off + align - 1) // align * align
+    tensors, kinds, mins = {}, {}, {}
+    for name, dims, t, o in infos:
+        shape = list(reversed(dims))  # GGUF lists the fastest dimension first
+        n = int(np.prod(shape))
+        values, m = dequant(data, base + o, GGUF_TYPES[t], n)
+        tensors[name] = values.reshape(shape)
+        kinds[name] = GGUF_TYPES[t]
+        if m is not None:
+            mins[name] = m.reshape(shape[:-1] + [shape[-1] // 32])
+    return meta, tensors, kinds, mins
+
+
+def dequant(data, start, kind, n):
+    """-> (values, per-block offsets for Q4_1 else None)"""
+    if kind == "F32":
+        return np.frombuffer(data, np.float32, n, start).astype(np.float64), None
+    if kind == "F16":
+        return np.frombuffer(data, np.float16, n, start).astype(np.float64), None
+    nb = n // 32
+    if kind == "Q8_0":  # f16 scale, 32 int8
+        blk = np.frombuffer(data, np.uint8, nb * 34, start).reshape(nb, 34)
+        d = blk[:, :2].copy().view(np.float16).astype(np.float64)
+        q = blk[:, 2:].copy().view(np.int8).astype(np.float64)
+        return (d * q).reshape(n), None
+    if kind in ("Q4_0", "Q4_1"):
+        size = 18 if kind == "Q4_0" else 20
+        blk = np.frombuffer(data, np.uint8, nb * size, start).reshape(nb, size)
+        d = blk[:, :2].copy().view(np.float16).astype(np.float64)
+        qs = blk[:, size - 16:]
+        # element j < 16 is the low nibble of byte j, element j + 16 its high nibble
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float64)
+        if kind == "Q4_0":
+            return (d * (q - 8)).reshape(n), None
+        m = blk[:, 2:4].copy().view(np.float16).astype(np.float64)
+        return (d * q + m).reshape(n), m.reshape(nb)
+    raise ValueError(kind)
+
+
+def read_safetensors_dir(path):
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        data = f.read_bytes()
+        (hlen,) = struct.unpack_from("<Q", data, 0)
+        header = json.loads(data[8:8 + hlen])
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            raw = data[8 + hlen + a:8 + hlen + b]
+            if info["dtype"] == "BF16":
+                arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                arr = np.frombuffer(raw, {"F32": np.float32, "F16": np.float16}[info["dtype"]])
+            tensors[name] = arr.astype(np.float64).reshape(info["shape"])
+    return cfg, tensors
+
+
+def load(path):
+    """-> (hparams, per-layer weights dict, embed, norm, lm_head)"""
+    if Path(path).is_dir():
+        cfg, t = read_safetensors_dir(path)
+        hp = dict(arch=cfg["model_type"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                  n_kv=cfg.get("num_key_value_heads", cfg["num_attention_heads"]), eps=cfg.get("rms_norm_eps", 1e-6),
+                  theta=cfg.get("rope_theta", 10000.0), interleaved=False)
+        names = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+                     gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                     attn_norm="input_layernorm", ffn_norm="post_attention_layernorm")
+        layers = [{k: {s: t.get(f"model.layers.{i}.{v}.{s}") for s in ("weight", "bias")} for k, v in names.items()}
+                  for i in range(hp["n_layers"])]
+        embed = t["model.embed_tokens.weight"]
+        head = embed if cfg.get("tie_word_embeddings") or "lm_head.weight" not in t else t["lm_head.weight"]
+        return hp, layers, embed, t["model.norm.weight"], {"weight": head, "bias": None}
+    meta, t, kinds, mins = read_gguf(path)
+    arch = meta["general.architecture"]
+    hp = dict(arch=arch, n_layers=meta[f"{arch}.block_count"], n_heads=meta[f"{arch}.attention.head_count"],
+              n_kv=meta.get(f"{arch}.attention.head_count_kv", meta[f"{arch}.attention.head_count"]),
+              eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+              theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
+              # llama.cpp permutes llama q/k rows so that pairs are adjacent; qwen2 keeps HF's halves.
+              interleaved=arch in ("llama", "mistral"))
+    names = dict(q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn_gate", up="ffn_up", down="ffn_down",
+                 attn_norm="attn_norm", ffn_norm="ffn_norm")
+    layers = [{k: gguf_linear(t, kinds, mins, f"blk.{i}.{v}") for k, v in names.items()} for i in range(hp["n_layers"])]
+    embed = t["token_embd.weight"]
+    head = gguf_linear(t, kinds, mins, "output" if "output.weight" in t else "token_embd")
+    return hp, layers, embed, t["output_norm.weight"], head
+
+
+def gguf_linear(t, kinds, mins, prefix):
+    w = f"{prefix}.weight"
+    return {"weight": t[w], "bias": t.get(f"{prefix}.bias"), "kind": kinds[w], "m": mins.get(w)}
+
+
+def rms_norm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def quantize_activations(x, kind):
+    """ggml's integer dot products first quantize the activation row into 32-wide
+    blocks of int8 with an f16 scale (Q8_0 for Q8_0/Q4_0 weights, Q8_1 for Q4_1):
+    q = round(x / d) with d = max|x| / 127 in f32, then the stored scale is f16(d).
+    Q8_1 also stores s = d * sum(q) in f16, which multiplies the weight block's
+    offset m; mathematically that is the dot with the dequantized row."""
+    shape = x.shape
+    b = x.reshape(-1, 32).astype(np.float32)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    v = b * inv
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5)  # C roundf: half away from zero
+    return (q * d.astype(np.float16).astype(np.float64)).reshape(shape), q.reshape(-1, 32), d
+
+
+def linear(x, p):
+    if p.get("kind") in ("Q8_0", "Q4_0"):
+        x, _, _ = quantize_activations(x, p["kind"])
+    elif p.get("kind") == "Q4_1":
+        # w = dw * qw + m per block: dot = sum(dw*dx*qw*qx) + m * f16(dx * sum(qx))
+        xq, q, d = quantize_activations(x, p["kind"])
+        m = p["m"]  # [out, in / 32]
+        y = xq @ (p["weight"] - np.repeat(m, 32, axis=1)).T
+        # candle computes s in f16 arithmetic: f16(f16(sum(q)) * f16(d))
+        s16 = q.sum(axis=1).astype(np.float16).astype(np.float32) * d[:, 0].astype(np.float16).astype(np.float32)
+        s = s16.astype(np.float16).astype(np.float64)
+        y = y + s.reshape(*x.shape[:-1], m.shape[1]) @ m.T
+        return y if p["bias"] is None else y + p["bias"]
+    y = x @ p["weight"].T
+    return y if p["bias"] is None else y + p["bias"]
+
+
+def rope(x, theta, interleaved):
+    """x: [heads, seq, d]; rotate pairs by position * theta^(-2i/d)."""
+    _, seq, d = x.shape
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    ang = np.arange(seq)[:, None] * inv[None, :]  # [seq, d/2]
+    cos, sin = np.cos(ang), np.sin(ang)
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+        return out
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+def forward(path, tokens):
+    hp, layers, embed, norm, head = load(path)
+    h = embed[tokens]  # [seq, hidden]
+    seq = len(tokens)
+    nh, nkv = hp["n_heads"], hp["n_kv"]
+    causal = np.triu(np.full((seq, seq), -np.inf), 1)
+    for L in layers:
+        x = rms_norm(h, L["attn_norm"]["weight"], hp["eps"])
+        q, k, v = linear(x, L["q"]), linear(x, L["k"]), linear(x, L["v"])
+        d = q.shape[-1] // nh
+        q = rope(q.reshape(seq, nh, d).transpose(1, 0, 2), hp["theta"], hp["interleaved"])
+        k = rope(k.reshape(seq, nkv, d).transpose(1, 0, 2), hp["theta"], hp["interleaved"])
+        v = v.reshape(seq, nkv, d).transpose(1, 0, 2)
+        k, v = np.repeat(k, nh // nkv, axis=0), np.repeat(v, nh // nkv, axis=0)
+        att = q @ k.transpose(0, 2, 1) / np.sqrt(d) + causal
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = (att @ v).transpose(1, 0, 2).reshape(seq, nh * d)
+        h = h + linear(y, L["o"])
+        x = rms_norm(h, L["ffn_norm"]["weight"], hp["eps"])
+        g = linear(x, L["gate"])
+        h = h + linear(g / (1 + np.exp(-g)) * linear(x, L["up"]), L["down"])
+    return linear(rms_norm(h, norm, hp["eps"]), head)
+
+
+if __name__ == "__main__":
+    toks = [int(t) for t in sys.argv[2].split(",")]
+    print(json.dumps(forward(sys.argv[1], toks).tolist()))
