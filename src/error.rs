@@ -8,9 +8,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A tensor operation failed inside candle.
+    /// A tensor operation failed inside candle (its message, without the backtrace
+    /// candle appends when `RUST_BACKTRACE` is set).
     #[error("{0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(String),
 
     #[error("{context}: {source}")]
     Io {
@@ -44,11 +45,22 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
 
-    #[error("prompt is {prompt} tokens, but the context holds {context} (prompt + max tokens must fit)")]
+    #[error("a prompt of {prompt} tokens does not fit the context of {context} tokens")]
     ContextOverflow { prompt: usize, context: usize },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(first_line(&e))
+    }
+}
+
+/// The first line of an error's message: candle appends a backtrace after it.
+pub fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {

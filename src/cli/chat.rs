@@ -23,6 +23,7 @@ pub struct ChatArgs {
 
 pub fn run(args: ChatArgs) -> Result<()> {
     let mut opened = open_model(&args.model.model)?;
+    let tokenizer = opened.tokenizer()?;
     let fallback = ChatTemplate::new(CHATML, "", "")?;
     let slice = load_slice(&mut opened.file, None)?;
     let mut engine = LocalEngine::new(slice)?;
@@ -45,8 +46,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
             continue;
         }
         messages.push(Message::new("user", line));
-        let template = opened.tokenizer.chat_template().unwrap_or(&fallback);
-        let prompt = opened.tokenizer.encode(&template.render(&messages, true)?)?;
+        let template = tokenizer.chat_template().unwrap_or(&fallback);
+        let prompt = tokenizer.encode(&template.render(&messages, true)?)?;
         let mut params = args.sampling.params(0.7);
         params.seed = params.seed.wrapping_add(turn);
         let req = GenerateRequest {
@@ -57,7 +58,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             context: args.sampling.ctx,
         };
         let mut stdout = std::io::stdout().lock();
-        let result = generate(&mut engine, &opened.tokenizer, turn, &req, &mut |piece| {
+        let result = generate(&mut engine, &tokenizer, turn, &req, &mut |piece| {
             stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
         });
         let _ = writeln!(stdout);

@@ -26,9 +26,10 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut opened = open_model(&args.model.model)?;
+    let tokenizer = opened.tokenizer()?;
     let text = if args.chat {
         let fallback;
-        let template = match opened.tokenizer.chat_template() {
+        let template = match tokenizer.chat_template() {
             Some(t) => t,
             None => {
                 fallback = ChatTemplate::new(CHATML, "", "")?;
@@ -39,7 +40,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         args.prompt.clone()
     };
-    let prompt = opened.tokenizer.encode(&text)?;
+    let prompt = tokenizer.encode(&text)?;
     let slice = load_slice(&mut opened.file, None)?;
     let mut engine = LocalEngine::new(slice)?;
     let req = GenerateRequest {
@@ -50,7 +51,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         context: args.sampling.ctx,
     };
     let mut stdout = std::io::stdout().lock();
-    let result = generate(&mut engine, &opened.tokenizer, 1, &req, &mut |piece| {
+    let result = generate(&mut engine, &tokenizer, 1, &req, &mut |piece| {
         // A closed pipe (`| head`) cancels the generation instead of failing it.
         stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
     })?;

@@ -103,18 +103,22 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// A model opened with its tokenizer, before any layer is loaded.
+/// A model opened, before any layer is loaded.
 pub struct Opened {
     pub resolved: ResolvedModel,
     pub file: ModelFile,
-    pub tokenizer: Tokenizer,
+}
+
+impl Opened {
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Ok(Tokenizer::for_model(&self.file)?)
+    }
 }
 
 pub fn open_model(spec: &str) -> Result<Opened> {
     let resolved = source::resolve(spec)?;
     let file = ModelFile::open(&resolved.path)?;
-    let tokenizer = Tokenizer::for_model(&file)?;
-    Ok(Opened { resolved, file, tokenizer })
+    Ok(Opened { resolved, file })
 }
 
 pub fn load_slice(file: &mut ModelFile, layers: Option<Range<usize>>) -> Result<ModelSlice> {

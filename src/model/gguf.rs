@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::arch;
 use super::config::Config;
 use super::weights::{RawWeight, Role};
-use crate::error::{Error, Result};
+use crate::error::{first_line, Error, Result};
 
 pub struct GgufFile {
     path: PathBuf,
@@ -50,6 +50,31 @@ fn tensor_name(role: Role, layer: Option<usize>) -> String {
     }
 }
 
+/// ggml's names of the tensor types candle cannot read, for error messages.
+fn ggml_type_name(id: u32) -> Option<&'static str> {
+    Some(match id {
+        4 | 5 => "Q4_2/Q4_3 (removed from ggml)",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
+}
+
 /// Bytes a tensor occupies in the file (and in memory, since it stays quantized).
 pub fn tensor_bytes(info: &TensorInfo) -> u64 {
     let dtype = info.ggml_dtype;
@@ -66,9 +91,10 @@ impl GgufFile {
             .len();
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
-            let msg = e.to_string();
-            let reason = if msg.contains("unknown dtype") {
-                format!("{msg} (a quantization type this build cannot run)")
+            let msg = first_line(&e);
+            let reason = if let Some(id) = msg.strip_prefix("unknown dtype for tensor ") {
+                let name = id.trim().parse().ok().and_then(ggml_type_name).unwrap_or("unknown");
+                format!("tensor type {} ({name}) is not supported; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K", id.trim())
             } else if msg.contains("magic") {
                 format!("not a GGUF file ({msg})")
             } else if msg.contains("failed to fill whole buffer") || msg.contains("UnexpectedEof") {
@@ -174,7 +200,7 @@ impl GgufFile {
         let q = self
             .content
             .tensor(&mut self.reader, &name, device)
-            .map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {e}")))?;
+            .map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {}", first_line(&e))))?;
         Ok(RawWeight::Quantized(Arc::new(q)))
     }
 
@@ -185,7 +211,7 @@ impl GgufFile {
         let q = self
             .content
             .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {e}")))?;
+            .map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {}", first_line(&e))))?;
         Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
     }
 

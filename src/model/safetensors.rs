@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::arch;
 use super::config::{Config, RopeStyle};
 use super::weights::{RawWeight, Role};
-use crate::error::{Error, Result};
+use crate::error::{first_line, Error, Result};
 
 /// The subset of HF `config.json` that llama-family models use.
 #[derive(Debug, Deserialize)]
@@ -154,7 +154,7 @@ impl SafetensorsDir {
         }
         // SAFETY: the files are mapped read-only; like every mmap-based loader we
         // rely on nobody truncating them while the model is being loaded.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| bad(format!("safetensors: {e}")))?;
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| bad(format!("safetensors: {}", first_line(&e))))?;
         Ok(Self { path: dir.to_path_buf(), hf, tensors })
     }
 

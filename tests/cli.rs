@@ -1,0 +1,155 @@
+//! The `sollol` binary as a user runs it: text on stdout, one summary line on
+//! stderr, and for bad input a single-line error and a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::DType;
+use common::tiny::{write_gguf, write_hf_dir, TinySpec};
+
+fn sollol(args: &[&str], home: &Path) -> Output {
+    Command::new(common::sollol_bin())
+        .args(args)
+        .env("HOME", home)
+        .env("SOLLOL_NO_HUB", "1")
+        .env_remove("SOLLOL_MODEL")
+        .env("SOLLOL_CACHE", std::env::var("SOLLOL_CACHE").unwrap_or_else(|_| default_cache()))
+        .output()
+        .expect("run sollol")
+}
+
+/// The real user cache, so the default model is not fetched again per test.
+fn default_cache() -> String {
+    let home = std::env::var("HOME").unwrap_or_default();
+    std::env::var("XDG_CACHE_HOME").map(|c| format!("{c}/sollol")).unwrap_or(format!("{home}/.cache/sollol"))
+}
+
+/// Asserts a clean failure whose one-line message contains `needle`.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "got: {stderr}");
+    assert!(lines[0].contains(needle), "expected '{needle}' in: {stderr}");
+}
+
+fn tiny_gguf(dir: &Path, skip: &[&str]) -> std::path::PathBuf {
+    let path = dir.join("tiny.gguf");
+    write_gguf(&path, &TinySpec::default(), "llama", GgmlDType::Q8_0, skip);
+    path
+}
+
+#[test]
+fn generate_on_the_default_model_says_paris() {
+    let home = tempfile::tempdir().unwrap();
+    common::smollm2();
+    let out = sollol(&["generate", "--temperature", "0", "-n", "8", "The capital of France is"], home.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "stdout: {stdout}");
+    assert!(!stdout.contains("The capital of France is"), "the prompt must not be echoed: {stdout}");
+    let summary = stderr.lines().last().unwrap();
+    for part in ["prompt 5 tok", "prefill", "decode", "tok/s", "ttft"] {
+        assert!(summary.contains(part), "summary '{summary}' lacks '{part}'");
+    }
+}
+
+#[test]
+fn generate_runs_a_tiny_model_and_stops_at_max_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path(), &[]);
+    let out = sollol(&["generate", "--model", model.to_str().unwrap(), "-n", "5", "--seed", "3", "--temperature", "0.8", "hello"], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(5 tok)"));
+}
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path(), &[]);
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() - 1000]).unwrap();
+    assert_clean_error(&sollol(&["generate", "--model", model.to_str().unwrap(), "hi"], dir.path()), "truncated GGUF");
+    // Cut inside the header too.
+    std::fs::write(&model, &bytes[..200]).unwrap();
+    assert_clean_error(&sollol(&["generate", "--model", model.to_str().unwrap(), "hi"], dir.path()), "invalid model file");
+}
+
+#[test]
+fn unsupported_quant_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path(), &[]);
+    let mut bytes = std::fs::read(&model).unwrap();
+    // Rewrite the type of the first tensor (Q8_0 = 8) to IQ2_XXS (16): the u32
+    // after the name and dimensions of "token_embd.weight".
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let type_at = at + 4 + 2 * 8;
+    assert_eq!(u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()), 8);
+    bytes[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    std::fs::write(&model, bytes).unwrap();
+    assert_clean_error(&sollol(&["generate", "--model", model.to_str().unwrap(), "hi"], dir.path()), "IQ2_XXS");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path(), &["blk.1.ffn_up.weight"]);
+    assert_clean_error(&sollol(&["generate", "--model", model.to_str().unwrap(), "hi"], dir.path()), "blk.1.ffn_up.weight");
+}
+
+#[test]
+fn safetensors_that_contradict_config_json_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    write_hf_dir(&hf, &TinySpec::default(), "llama", DType::F32);
+    let cfg = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    std::fs::write(hf.join("config.json"), cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96")).unwrap();
+    // No tokenizer.json in this directory: load the weights through bench, which needs none.
+    let out = sollol(&["bench", "--model", hf.to_str().unwrap(), "--load-only"], dir.path());
+    assert_clean_error(&out, "the config implies [96, 64]");
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    write_hf_dir(&hf, &TinySpec::default(), "llama", DType::F32);
+    let cfg = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    std::fs::write(hf.join("config.json"), cfg.replace("\"llama\"", "\"mamba\"")).unwrap();
+    assert_clean_error(&sollol(&["bench", "--model", hf.to_str().unwrap(), "--load-only"], dir.path()), "unsupported architecture 'mamba'");
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path(), &[]);
+    let prompt = "x".repeat(100); // one token per character, context 64
+    assert_clean_error(
+        &sollol(&["generate", "--model", model.to_str().unwrap(), &prompt], dir.path()),
+        "a prompt of 100 tokens does not fit the context of 64 tokens",
+    );
+}
+
+#[test]
+fn unknown_model_tag_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_clean_error(&sollol(&["generate", "--model", "no-such-model:7b", "hi"], dir.path()), "unknown model 'no-such-model:7b'");
+    assert_clean_error(&sollol(&["generate", "--model", "./missing.gguf", "hi"], dir.path()), "missing.gguf");
+}
+
+#[test]
+fn layers_beyond_the_model_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path(), &[]);
+    assert_clean_error(
+        &sollol(&["bench", "--model", model.to_str().unwrap(), "--layers", "2..5", "--load-only"], dir.path()),
+        "inside the model's 3 blocks",
+    );
+}
