@@ -45,6 +45,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
 
+    /// The wire or a remote node.
+    #[error("{0}")]
+    Net(#[from] crate::net::NetError),
+
     #[error("a prompt of {prompt} tokens does not fit the context of {context} tokens")]
     ContextOverflow { prompt: usize, context: usize },
 }

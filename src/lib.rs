@@ -1,12 +1,17 @@
 //! sollol: a native LLM inference engine with built-in layer sharding.
 //!
 //! The module tree follows the data path: [`model`] (weights, layer slices,
-//! KV caches) → [`head`] (tokenizer, sampling, generation). See
+//! KV caches) → [`node`] (the stage server) → [`net`] (wire protocol, QUIC)
+//! → [`head`] (tokenizer, sampling, generation, the pipeline client) → [`cluster`]
+//! (partitioning, local nodes). See
 //! `ARCHITECTURE.md` for the map and the invariants.
 
+pub mod cluster;
 pub mod error;
 pub mod head;
 pub mod model;
+pub mod net;
+pub mod node;
 pub mod paths;
 pub mod sys;
 

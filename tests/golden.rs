@@ -10,7 +10,7 @@ use std::io::BufReader;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use sollol::head::sampling::argmax;
+use sollol::model::sampling::argmax;
 use sollol::model::{KvCache, ModelFile, ModelSlice, SliceOutput};
 
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314]; // "The capital of France is"

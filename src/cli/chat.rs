@@ -5,10 +5,10 @@ use std::io::{BufRead, Write};
 use anyhow::Result;
 use clap::Args;
 use sollol::head::chat::{ChatTemplate, Message, CHATML};
-use sollol::head::engine::LocalEngine;
 use sollol::head::generation::{generate, GenerateRequest};
 
-use super::{load_slice, open_model, ModelArgs, SamplingArgs};
+use super::generate::{print_summary, start_engine, PipelineArgs};
+use super::{open_model, ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -16,17 +16,18 @@ pub struct ChatArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
     /// A system prompt to start the conversation with.
     #[arg(long)]
     system: Option<String>,
 }
 
-pub fn run(args: ChatArgs) -> Result<()> {
+pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
     let mut opened = open_model(&args.model.model)?;
     let tokenizer = opened.tokenizer()?;
     let fallback = ChatTemplate::new(CHATML, "", "")?;
-    let slice = load_slice(&mut opened.file, None)?;
-    let mut engine = LocalEngine::new(slice)?;
+    let mut running = start_engine(&mut opened, &args.pipeline, threads)?;
     let mut messages: Vec<Message> = args.system.iter().map(|s| Message::new("system", s)).collect();
     eprintln!("chatting with {} — empty line or Ctrl-D to quit, /reset to start over", opened.resolved.name);
     let stdin = std::io::stdin();
@@ -58,13 +59,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
             context: args.sampling.ctx,
         };
         let mut stdout = std::io::stdout().lock();
-        let result = generate(&mut engine, &tokenizer, turn, &req, &mut |piece| {
+        let result = generate(running.engine.as_mut(), &tokenizer, rand::random(), &req, &mut |piece| {
             stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
         });
         let _ = writeln!(stdout);
         match result {
             Ok(r) => {
-                eprintln!("[{}]", r.stats.summary());
+                print_summary(&r);
                 messages.push(Message::new("assistant", &r.text));
             }
             Err(e) => {

@@ -1,15 +1,23 @@
 //! `sollol generate`: one prompt in, generated text streamed to stdout, a
-//! one-line summary on stderr.
+//! one-line summary on stderr — on this process, or through a pipeline of
+//! nodes (`--nodes`, or `--local-nodes N` started here on loopback).
 
 use std::io::Write;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+use sollol::cluster::local::LocalNodes;
+use sollol::cluster::partition;
 use sollol::head::chat::{ChatTemplate, Message, CHATML};
-use sollol::head::engine::LocalEngine;
-use sollol::head::generation::{generate, GenerateRequest};
+use sollol::head::engine::{Engine, LocalEngine};
+use sollol::head::generation::{generate, GenerateRequest, GenerateResult};
+use sollol::head::pipeline::{Pipeline, PipelineEngine};
+use sollol::head::tokenizer::Tokenizer;
+use sollol::net::auth::ClusterKey;
+use sollol::net::tensor::WireDType;
+use sollol::sys::human_bytes;
 
-use super::{load_slice, open_model, ModelArgs, SamplingArgs};
+use super::{load_slice, open_model, ModelArgs, Opened, SamplingArgs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -17,6 +25,8 @@ pub struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
@@ -24,25 +34,106 @@ pub struct GenerateArgs {
     prompt: String,
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+#[derive(Args, Clone)]
+pub struct PipelineArgs {
+    /// Nodes of the pipeline in chain order: HOST:PORT,HOST:PORT,...
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Start N node processes on loopback and run the pipeline over them.
+    #[arg(long, default_value_t = 0)]
+    pub local_nodes: usize,
+    /// Shared secret of the cluster.
+    #[arg(long, env = "SOLLOL_CLUSTER_KEY", hide_env_values = true)]
+    pub cluster_key: Option<String>,
+    /// Activation dtype between stages: f16 (default), bf16, or f32 (exact).
+    #[arg(long, default_value = "f16")]
+    pub wire: WireDType,
+}
+
+/// The engine a command runs on, and what keeps local nodes alive while it does.
+pub struct Running {
+    pub engine: Box<dyn Engine>,
+    _local: Option<LocalNodes>,
+}
+
+/// Builds the local engine, or connects, plans, loads and links a pipeline
+/// (printing the plan to stderr).
+pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) -> Result<Running> {
+    if args.nodes.is_empty() && args.local_nodes == 0 {
+        let slice = load_slice(&mut opened.file, None)?;
+        return Ok(Running { engine: Box::new(LocalEngine::new(slice)?), _local: None });
+    }
+    let (addrs, key, local) = if args.local_nodes > 0 {
+        let bin = std::env::current_exe().context("cannot find this executable")?;
+        let total = if threads == 0 { sollol::sys::cpu_cores() } else { threads };
+        let local = LocalNodes::spawn(&bin, args.local_nodes, total)?;
+        eprintln!("started {} local nodes, {} threads each", local.addrs.len(), local.threads_each);
+        (local.addrs.clone(), ClusterKey::new(Some(&local.key)), Some(local))
+    } else {
+        (args.nodes.clone(), ClusterKey::new(args.cluster_key.as_deref()), None)
+    };
+    let cfg = opened.file.config()?;
+    let digest = opened.file.digest()?;
+    // Nodes resolve the model themselves: a local path must be absolute for them.
+    let spec = match std::fs::canonicalize(&opened.resolved.name) {
+        Ok(p) => p.display().to_string(),
+        Err(_) => opened.resolved.name.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let mut pipeline = rt.block_on(Pipeline::connect(&addrs, &key))?;
+    let plan = partition::even(cfg.n_layers, addrs.len())?;
+    rt.block_on(pipeline.load(&spec, Some(digest), &plan, args.wire))?;
+    eprintln!("plan: {} over {} stages, wire {}", opened.resolved.name, plan.len(), args.wire);
+    for (i, (addr, l)) in pipeline.addrs().iter().zip(pipeline.loaded()).enumerate() {
+        eprintln!(
+            "  stage {}  {addr}  blocks {}..{}  ({} blocks, {})",
+            i + 1,
+            l.start,
+            l.end,
+            l.end - l.start,
+            human_bytes(l.weight_bytes)
+        );
+    }
+    Ok(Running { engine: Box::new(PipelineEngine::new(rt, pipeline, cfg.context_length)), _local: local })
+}
+
+/// The stderr lines after a generation.
+pub fn print_summary(result: &GenerateResult) {
+    let s = &result.stats;
+    eprintln!("{}", s.summary());
+    if s.stage_times.len() > 1 {
+        let stages: Vec<String> =
+            s.stage_times.iter().enumerate().map(|(i, t)| format!("{}: {:.2} s", i + 1, t.as_secs_f64())).collect();
+        let mut line = format!("stages compute {}", stages.join(", "));
+        if let (Some(p50), Some(p99)) = (s.hop_latency_percentile(50.0), s.hop_latency_percentile(99.0)) {
+            line += &format!("; hop latency p50 {:.3} ms, p99 {:.3} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
+        }
+        if let Some(b) = s.hop_bytes_per_token.first() {
+            line += &format!("; {b} B/token/hop");
+        }
+        line += &format!("; f16 overflow fallbacks {}", s.f16_fallbacks);
+        eprintln!("{line}");
+    }
+}
+
+pub fn chat_prompt(tokenizer: &Tokenizer, user: &str) -> Result<String> {
+    let fallback;
+    let template = match tokenizer.chat_template() {
+        Some(t) => t,
+        None => {
+            fallback = ChatTemplate::new(CHATML, "", "")?;
+            &fallback
+        }
+    };
+    Ok(template.render(&[Message::new("user", user)], true)?)
+}
+
+pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
     let mut opened = open_model(&args.model.model)?;
     let tokenizer = opened.tokenizer()?;
-    let text = if args.chat {
-        let fallback;
-        let template = match tokenizer.chat_template() {
-            Some(t) => t,
-            None => {
-                fallback = ChatTemplate::new(CHATML, "", "")?;
-                &fallback
-            }
-        };
-        template.render(&[Message::new("user", &args.prompt)], true)?
-    } else {
-        args.prompt.clone()
-    };
+    let text = if args.chat { chat_prompt(&tokenizer, &args.prompt)? } else { args.prompt.clone() };
     let prompt = tokenizer.encode(&text)?;
-    let slice = load_slice(&mut opened.file, None)?;
-    let mut engine = LocalEngine::new(slice)?;
+    let mut running = start_engine(&mut opened, &args.pipeline, threads)?;
     let req = GenerateRequest {
         prompt,
         params: args.sampling.params(0.0),
@@ -50,12 +141,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop: args.sampling.stop.clone(),
         context: args.sampling.ctx,
     };
+    let session = rand::random::<u64>();
     let mut stdout = std::io::stdout().lock();
-    let result = generate(&mut engine, &tokenizer, 1, &req, &mut |piece| {
+    let result = generate(running.engine.as_mut(), &tokenizer, session, &req, &mut |piece| {
         // A closed pipe (`| head`) cancels the generation instead of failing it.
         stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
     })?;
     let _ = writeln!(stdout);
-    eprintln!("{}", result.stats.summary());
+    print_summary(&result);
     Ok(())
 }

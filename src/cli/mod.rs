@@ -3,12 +3,13 @@
 mod bench;
 mod chat;
 mod generate;
+mod node;
 
 use std::ops::Range;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sollol::head::sampling::SamplingParams;
+use sollol::model::sampling::SamplingParams;
 use sollol::head::tokenizer::Tokenizer;
 use sollol::model::source::{self, ResolvedModel};
 use sollol::model::{ModelFile, ModelSlice};
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Measure load memory, prefill and decode speed.
     Bench(bench::BenchArgs),
+    /// Serve layer slices to heads over QUIC (run one on every machine).
+    Node(node::NodeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -92,8 +95,9 @@ impl SamplingArgs {
 pub fn run(cli: Cli) -> Result<()> {
     sollol::sys::set_threads(cli.threads);
     match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Chat(args) => chat::run(args),
+        Command::Generate(args) => generate::run(args, cli.threads),
+        Command::Chat(args) => chat::run(args, cli.threads),
+        Command::Node(args) => node::run(args, cli.threads),
         Command::Pull { model } => {
             let resolved = source::resolve(&model)?;
             println!("{}", resolved.path.display());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 
-use super::sampling::{sample, SamplingParams};
+use crate::model::sampling::{sample, SamplingParams};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, ModelSlice, SliceOutput};
 
@@ -29,6 +29,13 @@ pub struct StepOutput {
     pub logits: Option<Vec<f32>>,
     /// Compute time per stage, in chain order.
     pub stage_times: Vec<Duration>,
+    /// Mean one-way latency of a hop in this step (pipelines only): the step's
+    /// wall time less all compute, over the hops head → stages → head.
+    pub hop_latency: Option<Duration>,
+    /// Payload bytes on each stage-to-stage hop.
+    pub hop_bytes: Vec<u64>,
+    /// Hops that sent f32 because f16 would have overflowed.
+    pub f16_fallbacks: u32,
 }
 
 pub trait Engine {
@@ -84,7 +91,7 @@ impl Engine for LocalEngine {
             SliceOutput::Hidden(_) => unreachable!("a whole-model slice ends in logits"),
         };
         let token = sample_spec.map(|s| sample(&logits, s.params, s.history, s.step));
-        Ok(StepOutput { token, logits: want_logits.then_some(logits), stage_times: vec![start.elapsed()] })
+        Ok(StepOutput { token, logits: want_logits.then_some(logits), stage_times: vec![start.elapsed()], ..Default::default() })
     }
 
     fn close(&mut self, session: u64) {

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::engine::{Engine, SampleSpec};
-use super::sampling::SamplingParams;
+use super::engine::{Engine, SampleSpec, StepOutput};
+use crate::model::sampling::SamplingParams;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 
@@ -52,6 +52,12 @@ pub struct Stats {
     pub time_to_first_token: Duration,
     /// Summed compute time per stage.
     pub stage_times: Vec<Duration>,
+    /// One-way hop latency of each decode step (pipelines only).
+    pub hop_latencies: Vec<Duration>,
+    /// Payload bytes per stage-to-stage hop of the last decode step (one token).
+    pub hop_bytes_per_token: Vec<u64>,
+    /// Hops sent as f32 because f16 would have overflowed.
+    pub f16_fallbacks: u64,
 }
 
 impl Stats {
@@ -76,13 +82,29 @@ impl Stats {
         )
     }
 
-    fn add_stage_times(&mut self, times: &[std::time::Duration]) {
-        if self.stage_times.len() < times.len() {
-            self.stage_times.resize(times.len(), Duration::ZERO);
+    fn record(&mut self, out: &StepOutput, decode: bool) {
+        if self.stage_times.len() < out.stage_times.len() {
+            self.stage_times.resize(out.stage_times.len(), Duration::ZERO);
         }
-        for (acc, t) in self.stage_times.iter_mut().zip(times) {
+        for (acc, t) in self.stage_times.iter_mut().zip(&out.stage_times) {
             *acc += *t;
         }
+        self.f16_fallbacks += out.f16_fallbacks as u64;
+        if decode {
+            self.hop_latencies.extend(out.hop_latency);
+            self.hop_bytes_per_token.clone_from(&out.hop_bytes);
+        }
+    }
+
+    /// The p-th percentile (0..=100) of the hop latencies.
+    pub fn hop_latency_percentile(&self, p: f64) -> Option<Duration> {
+        let mut v = self.hop_latencies.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort();
+        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        Some(v[i.min(v.len() - 1)])
     }
 }
 
@@ -213,7 +235,7 @@ fn run(
         let last = i + 1 == chunks.len();
         let spec = last.then_some(SampleSpec { params: &req.params, history: &history, step: 0 });
         let out = engine.step(session, chunk, spec, false)?;
-        stats.add_stage_times(&out.stage_times);
+        stats.record(&out, false);
         next = out.token;
     }
     stats.prefill = start.elapsed();
@@ -249,7 +271,7 @@ fn run(
         }
         let spec = SampleSpec { params: &req.params, history: &history, step: generated.len() as u64 };
         let out = engine.step(session, &[token], Some(spec), false)?;
-        stats.add_stage_times(&out.stage_times);
+        stats.record(&out, true);
         token = out.token.ok_or_else(|| Error::InvalidRequest("the engine returned no token".into()))?;
     };
     if finish != FinishReason::Cancelled {

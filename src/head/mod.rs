@@ -6,5 +6,5 @@
 pub mod chat;
 pub mod engine;
 pub mod generation;
-pub mod sampling;
+pub mod pipeline;
 pub mod tokenizer;

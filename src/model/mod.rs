@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod rope;
 pub mod safetensors;
+pub mod sampling;
 pub mod slice;
 pub mod source;
 pub mod weights;
@@ -79,6 +80,30 @@ impl ModelFile {
             ModelFile::Gguf(f) => f.layer_bytes(n),
             ModelFile::Safetensors(d) => d.layer_bytes(n),
         })
+    }
+
+    /// Bytes a slice of `layers` holds: its blocks, plus the embedding on the
+    /// first slice and the norm + LM head on the last.
+    pub fn slice_bytes(&self, layers: Range<usize>) -> Result<u64> {
+        let b = self.layer_bytes()?;
+        let n = b.blocks.len();
+        let mut total: u64 = b.blocks[layers.start.min(n)..layers.end.min(n)].iter().sum();
+        if layers.start == 0 {
+            total += b.embed;
+        }
+        if layers.end == n {
+            total += b.head;
+        }
+        Ok(total)
+    }
+
+    /// Identifies the model: SHA-256 of the GGUF header and tensor table, or of
+    /// `config.json` and the safetensors headers.
+    pub fn digest(&self) -> Result<String> {
+        match self {
+            ModelFile::Gguf(f) => f.header_digest(),
+            ModelFile::Safetensors(d) => d.header_digest(),
+        }
     }
 
     /// Bytes of the blocks in `layers`, as stored.

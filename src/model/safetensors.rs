@@ -90,6 +90,7 @@ fn llama3_freq_factors(s: &RopeScaling, head_dim: usize, theta: f32) -> Option<V
 pub struct SafetensorsDir {
     path: PathBuf,
     hf: HfConfig,
+    hf_raw: serde_json::Value,
     tensors: MmapedSafetensors,
 }
 
@@ -124,6 +125,7 @@ impl SafetensorsDir {
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
         let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad(format!("config.json: {e}")))?;
+        let hf_raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index)
@@ -155,7 +157,7 @@ impl SafetensorsDir {
         // SAFETY: the files are mapped read-only; like every mmap-based loader we
         // rely on nobody truncating them while the model is being loaded.
         let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| bad(format!("safetensors: {}", first_line(&e))))?;
-        Ok(Self { path: dir.to_path_buf(), hf, tensors })
+        Ok(Self { path: dir.to_path_buf(), hf, hf_raw, tensors })
     }
 
     pub fn path(&self) -> &Path {
@@ -204,6 +206,19 @@ impl SafetensorsDir {
             other => return Err(Error::bad_model(&self.path, format!("tensor '{name}' has dtype {other:?}; f32, f16 and bf16 are supported"))),
         };
         Ok(RawWeight::Dense(t))
+    }
+
+    pub fn header_digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&self.hf_raw).unwrap_or_default());
+        let mut names: Vec<(String, Vec<usize>, String)> =
+            self.tensors.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), format!("{:?}", v.dtype()))).collect();
+        names.sort();
+        for (n, shape, dtype) in names {
+            h.update(format!("{n}:{shape:?}:{dtype};").as_bytes());
+        }
+        Ok(format!("{:x}", h.finalize()))
     }
 
     /// Bytes per block, embedding and head, from the safetensors headers.

@@ -14,3 +14,44 @@ pub fn sollol_bin() -> PathBuf {
 }
 
 pub mod tiny;
+
+/// A `sollol node` process on 127.0.0.1 with a free port; killed on drop.
+pub struct NodeProc {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl NodeProc {
+    pub fn spawn(key: Option<&str>, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let state = std::env::temp_dir().join("sollol-test-node");
+        let mut cmd = std::process::Command::new(sollol_bin());
+        cmd.args(["--threads", "1", "node", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .args(extra)
+            .env_remove("SOLLOL_CLUSTER_KEY")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        if let Some(k) = key {
+            cmd.env("SOLLOL_CLUSTER_KEY", k);
+        }
+        let mut child = cmd.spawn().expect("spawn sollol node");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = lines.next().expect("node output").expect("node line");
+        std::thread::spawn(move || for _ in lines {});
+        let addr = line.strip_prefix("sollol node listening on ").expect("listen line").to_string();
+        Self { child, addr }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,155 @@
+//! The frame: a bincode-encoded control header plus an optional raw payload
+//! (activations, KV state) — data with no I/O, so it is unit-testable.
+//!
+//! Layout, all little-endian:
+//!
+//! ```text
+//! u8 version | u8 reserved | u32 header_len | u32 payload_len | header | payload
+//! ```
+//!
+//! The fixed prefix is checked before anything is allocated: a wrong version
+//! or a length over the limit is refused with only 10 bytes read.
+
+use super::message::Message;
+use super::NetError;
+
+pub const PROTOCOL_VERSION: u8 = 1;
+pub const PREFIX_LEN: usize = 10;
+/// Control headers are small; anything larger is an attack or a bug.
+pub const MAX_HEADER: usize = 1 << 20;
+/// Default bound on a payload: a 4096-token prefill chunk of an 8192-wide f32
+/// hidden state is 128 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 256 << 20;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub message: Message,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(message: Message) -> Self {
+        Self { message, payload: Vec::new() }
+    }
+
+    pub fn with_payload(message: Message, payload: Vec<u8>) -> Self {
+        Self { message, payload }
+    }
+}
+
+/// Lengths announced by a frame's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    // The limit stops a crafted length inside the header from allocating more
+    // than the header itself could hold.
+    bincode::config::standard().with_limit::<MAX_HEADER>()
+}
+
+pub fn encode(frame: &Frame) -> Result<Vec<u8>, NetError> {
+    let header = bincode::serde::encode_to_vec(&frame.message, bincode_config())
+        .map_err(|e| NetError::Decode(format!("cannot encode {}: {e}", frame.message.kind())))?;
+    if header.len() > MAX_HEADER {
+        return Err(NetError::TooLarge { what: "header", len: header.len() as u64, max: MAX_HEADER as u64 });
+    }
+    let mut out = Vec::with_capacity(PREFIX_LEN + header.len() + frame.payload.len());
+    out.push(PROTOCOL_VERSION);
+    out.push(0);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(frame.payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&frame.payload);
+    Ok(out)
+}
+
+/// Phase one: validates the prefix.
+pub fn check_prefix(prefix: &[u8; PREFIX_LEN], max_payload: usize) -> Result<Prefix, NetError> {
+    if prefix[0] != PROTOCOL_VERSION {
+        return Err(NetError::Version { got: prefix[0], want: PROTOCOL_VERSION });
+    }
+    let header_len = u32::from_le_bytes(prefix[2..6].try_into().unwrap()) as usize;
+    let payload_len = u32::from_le_bytes(prefix[6..10].try_into().unwrap()) as usize;
+    if header_len > MAX_HEADER {
+        return Err(NetError::TooLarge { what: "header", len: header_len as u64, max: MAX_HEADER as u64 });
+    }
+    if payload_len > max_payload {
+        return Err(NetError::TooLarge { what: "payload", len: payload_len as u64, max: max_payload as u64 });
+    }
+    Ok(Prefix { header_len, payload_len })
+}
+
+/// Phase two: decodes the header bytes.
+pub fn parse_header(header: &[u8]) -> Result<Message, NetError> {
+    let (message, used) = bincode::serde::decode_from_slice::<Message, _>(header, bincode_config())
+        .map_err(|e| NetError::Decode(format!("malformed header: {e}")))?;
+    if used != header.len() {
+        return Err(NetError::Decode(format!("header has {} trailing bytes", header.len() - used)));
+    }
+    Ok(message)
+}
+
+/// Decodes one whole frame from a buffer: `Ok(None)` when more bytes are needed.
+pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usize)>, NetError> {
+    if buf.len() < PREFIX_LEN {
+        return Ok(None);
+    }
+    let prefix = check_prefix(buf[..PREFIX_LEN].try_into().unwrap(), max_payload)?;
+    let total = PREFIX_LEN + prefix.header_len + prefix.payload_len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let message = parse_header(&buf[PREFIX_LEN..PREFIX_LEN + prefix.header_len])?;
+    let payload = buf[PREFIX_LEN + prefix.header_len..total].to_vec();
+    Ok(Some((Frame { message, payload }, total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(frame: Frame) {
+        let bytes = encode(&frame).unwrap();
+        for cut in [0, 5, PREFIX_LEN, bytes.len() - 1] {
+            assert!(decode(&bytes[..cut], DEFAULT_MAX_PAYLOAD).unwrap().is_none(), "cut at {cut}");
+        }
+        let (back, used) = decode(&bytes, DEFAULT_MAX_PAYLOAD).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(back, frame);
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        check(Frame::new(Message::Ping { nonce: 7 }));
+        check(Frame::with_payload(Message::Close { session: 3 }, vec![1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn wrong_version_is_refused_from_the_prefix() {
+        let mut bytes = encode(&Frame::new(Message::Ping { nonce: 1 })).unwrap();
+        bytes[0] = 99;
+        assert!(matches!(decode(&bytes, DEFAULT_MAX_PAYLOAD), Err(NetError::Version { got: 99, .. })));
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused_before_allocation() {
+        let mut prefix = [PROTOCOL_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        prefix[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(check_prefix(&prefix, 1024), Err(NetError::TooLarge { what: "payload", .. })));
+        let mut prefix = [PROTOCOL_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        prefix[2..6].copy_from_slice(&(MAX_HEADER as u32 + 1).to_le_bytes());
+        assert!(matches!(check_prefix(&prefix, 1024), Err(NetError::TooLarge { what: "header", .. })));
+    }
+
+    #[test]
+    fn garbage_header_is_a_decode_error() {
+        let mut bytes = vec![PROTOCOL_VERSION, 0];
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert!(matches!(decode(&bytes, 1024), Err(NetError::Decode(_))));
+    }
+}

@@ -1,0 +1,196 @@
+//! Control messages: what a frame's header says. Encoded with bincode; bulk
+//! numbers (activations, KV state) travel as the frame's raw payload.
+
+use serde::{Deserialize, Serialize};
+
+use super::tensor::{TensorHeader, WireDType};
+use crate::model::sampling::SamplingParams;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRole {
+    /// The head: plans, routes, tokenizes, streams to users.
+    Head,
+    /// A stage sending activations to the next stage.
+    Stage,
+}
+
+/// What a later stream of an authenticated connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamPurpose {
+    /// Forward and Close frames into this stage, in order.
+    Data,
+    /// Results and errors out of this stage, to the head.
+    Events,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// First frame of a connection: who is calling, and proof of the cluster key.
+    Hello { protocol: u8, build: String, role: PeerRole, proof: Vec<u8> },
+    /// The node's answer to a valid Hello: its capabilities and its own proof.
+    Welcome { capabilities: Capabilities, proof: Vec<u8> },
+    /// First frame of every later stream.
+    Attach { purpose: StreamPurpose },
+
+    // Control requests, answered on the same stream.
+    GetCapabilities,
+    Capabilities(Capabilities),
+    Load(LoadRequest),
+    Loaded(LoadedSlice),
+    Unload,
+    /// Connect to the next stage (None: this is the last stage).
+    Link { next: Option<String>, wire: WireDType },
+    ExportKv { session: u64, dtype: WireDType },
+    /// KV state of a session; the payload holds it (see [`KvStateHeader`]).
+    KvState(KvStateHeader),
+    /// Import a session's KV state (payload as in [`Message::KvState`]).
+    ImportKv(KvStateHeader),
+    Ping { nonce: u64 },
+    Pong { nonce: u64, sessions: u32, busy_nanos: u64 },
+    Ok,
+
+    // The data path.
+    /// Run a step; a Hidden input's bytes are the payload.
+    Forward(ForwardHeader),
+    /// Free a session on this stage and every stage after it.
+    Close { session: u64 },
+
+    // Events, to the head.
+    Result(StepResult),
+    Error(RemoteError),
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Attach { .. } => "Attach",
+            Message::GetCapabilities => "GetCapabilities",
+            Message::Capabilities(_) => "Capabilities",
+            Message::Load(_) => "Load",
+            Message::Loaded(_) => "Loaded",
+            Message::Unload => "Unload",
+            Message::Link { .. } => "Link",
+            Message::ExportKv { .. } => "ExportKv",
+            Message::KvState(_) => "KvState",
+            Message::ImportKv(_) => "ImportKv",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+            Message::Ok => "Ok",
+            Message::Forward(_) => "Forward",
+            Message::Close { .. } => "Close",
+            Message::Result(_) => "Result",
+            Message::Error(_) => "Error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub protocol: u8,
+    pub build: String,
+    /// "cpu", "cuda:0", "metal".
+    pub device: String,
+    pub cores: u32,
+    pub threads: u32,
+    pub total_memory: u64,
+    /// Memory the node offers for weights and KV: the smaller of what is
+    /// available and its `--memory-limit`, less what it already holds.
+    pub free_memory: u64,
+    pub memory_limit: Option<u64>,
+    pub loaded: Option<LoadedSlice>,
+    pub sessions: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadRequest {
+    /// A model source the node resolves itself (path, tag, hub id, catalog name).
+    pub model: String,
+    pub start: u32,
+    pub end: u32,
+    /// The digest the head computed; the node refuses a model that differs.
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadedSlice {
+    pub model: String,
+    pub digest: String,
+    pub start: u32,
+    pub end: u32,
+    pub n_layers: u32,
+    pub hidden: u32,
+    pub weight_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ForwardInput {
+    /// Token ids, to the first stage.
+    Tokens(Vec<u32>),
+    /// Hidden states `[1, seq, hidden]`; the bytes are the frame's payload.
+    Hidden(TensorHeader),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRequest {
+    pub params: SamplingParams,
+    /// The last `repeat_last_n` tokens of the session (empty without a repeat penalty).
+    pub recent: Vec<u32>,
+    /// Tokens sampled before in this session: keys the random draw.
+    pub draw: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardHeader {
+    pub session: u64,
+    /// Identifies this step's result.
+    pub step: u64,
+    /// Open the session with room for this many positions (first step only).
+    pub open: Option<u32>,
+    pub input: ForwardInput,
+    /// Sample on the last stage (else only fill the caches).
+    pub sample: Option<SampleRequest>,
+    pub want_logits: bool,
+    /// Compute time of each stage so far.
+    pub stage_nanos: Vec<u64>,
+    /// Hops so far that sent f32 because f16 would have overflowed.
+    pub f16_fallbacks: u32,
+    /// Payload bytes sent on each hop so far.
+    pub hop_bytes: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub session: u64,
+    pub step: u64,
+    pub token: Option<u32>,
+    pub logits: Option<Vec<f32>>,
+    pub stage_nanos: Vec<u64>,
+    pub f16_fallbacks: u32,
+    pub hop_bytes: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    pub session: Option<u64>,
+    pub step: Option<u64>,
+    /// Which node said it (its listen address).
+    pub node: String,
+    pub message: String,
+}
+
+/// A session's KV cache: the payload holds, for each block in order, K then V,
+/// each `[1, n_kv_heads, len, head_dim]` in `dtype`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvStateHeader {
+    pub session: u64,
+    pub len: u32,
+    /// Positions the session may grow to.
+    pub capacity: u32,
+    pub n_layers: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub dtype: WireDType,
+}

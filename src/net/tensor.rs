@@ -1,0 +1,132 @@
+//! Activations on the wire: raw little-endian numbers with a dtype tag and a
+//! shape, never through a generic serializer.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::NetError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl WireDType {
+    pub fn size(self) -> usize {
+        match self {
+            WireDType::F32 => 4,
+            WireDType::F16 | WireDType::BF16 => 2,
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            WireDType::F32 => DType::F32,
+            WireDType::F16 => DType::F16,
+            WireDType::BF16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for WireDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(WireDType::F32),
+            "f16" => Ok(WireDType::F16),
+            "bf16" => Ok(WireDType::BF16),
+            other => Err(format!("wire dtype must be f16, bf16 or f32, not '{other}'")),
+        }
+    }
+}
+
+impl std::fmt::Display for WireDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WireDType::F32 => "f32",
+            WireDType::F16 => "f16",
+            WireDType::BF16 => "bf16",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorHeader {
+    pub dtype: WireDType,
+    pub shape: Vec<u32>,
+}
+
+/// The largest finite f16.
+const F16_MAX: f32 = 65504.0;
+
+/// Encodes `t` (f32) as `wire`. Values beyond f16's range would become inf, so
+/// an f16 request for such a tensor is sent as f32; the flag says it happened.
+pub fn encode(t: &Tensor, wire: WireDType) -> Result<(TensorHeader, Vec<u8>, bool), NetError> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let overflow = wire == WireDType::F16 && values.iter().any(|v| v.abs() > F16_MAX);
+    let dtype = if overflow { WireDType::F32 } else { wire };
+    let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+    match dtype {
+        WireDType::F32 => values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes())),
+        WireDType::F16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        WireDType::BF16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+    }
+    let shape = t.dims().iter().map(|&d| d as u32).collect();
+    Ok((TensorHeader { dtype, shape }, bytes, overflow))
+}
+
+/// Decodes a payload into an f32 tensor on `device`, checking its size first.
+pub fn decode(h: &TensorHeader, bytes: &[u8], device: &Device) -> Result<Tensor, NetError> {
+    let elems = h.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    let expected = elems.and_then(|e| e.checked_mul(h.dtype.size() as u64));
+    if expected != Some(bytes.len() as u64) {
+        return Err(NetError::Decode(format!(
+            "tensor of shape {:?} {} needs {:?} bytes, the payload has {}",
+            h.shape,
+            h.dtype,
+            expected,
+            bytes.len()
+        )));
+    }
+    let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
+    let t = Tensor::from_raw_buffer(bytes, h.dtype.dtype(), &shape, device)?;
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trips_exactly_and_f16_within_rounding() {
+        let t = Tensor::new(&[[1.5f32, -2.25, 1e-3, 300.0]], &Device::Cpu).unwrap();
+        for wire in [WireDType::F32, WireDType::F16, WireDType::BF16] {
+            let (h, bytes, overflow) = encode(&t, wire).unwrap();
+            assert!(!overflow);
+            assert_eq!(bytes.len(), 4 * wire.size());
+            let back = decode(&h, &bytes, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if wire == WireDType::F32 {
+                assert_eq!(back, vec![1.5, -2.25, 1e-3, 300.0]);
+            } else {
+                assert!((back[2] - 1e-3).abs() < 1e-5 && back[3] == 300.0);
+            }
+        }
+    }
+
+    #[test]
+    fn f16_overflow_falls_back_to_f32() {
+        let t = Tensor::new(&[25_000f32, -70_000.0], &Device::Cpu).unwrap();
+        let (h, _, overflow) = encode(&t, WireDType::F16).unwrap();
+        assert!(overflow);
+        assert_eq!(h.dtype, WireDType::F32);
+    }
+
+    #[test]
+    fn size_mismatch_is_refused() {
+        let h = TensorHeader { dtype: WireDType::F32, shape: vec![1, 2, u32::MAX] };
+        assert!(decode(&h, &[0u8; 8], &Device::Cpu).is_err());
+    }
+}

@@ -1,0 +1,340 @@
+//! The node's network side: accept connections, authenticate them, and serve
+//! three kinds of streams — control (request/response), data (Forward/Close
+//! frames in), events (results/errors out to a head).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::stage::{spawn_worker, LoadedModel, Outputs, Work};
+use crate::model::source;
+use crate::model::{ModelFile, ModelSlice};
+use crate::net::auth::{client_handshake, server_handshake, ClusterKey};
+use crate::net::connection::{split, FrameReader, FrameWriter};
+use crate::net::frame::{Frame, PROTOCOL_VERSION};
+use crate::net::message::{Capabilities, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose};
+use crate::net::tensor::WireDType;
+use crate::net::{tls, NetError};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub key: ClusterKey,
+    /// Memory the node offers (weights + KV); default: what the OS reports available.
+    pub memory_limit: Option<u64>,
+    /// Where the node keeps its certificate.
+    pub state_dir: PathBuf,
+    pub threads: usize,
+}
+
+struct Node {
+    cfg: NodeConfig,
+    endpoint: quinn::Endpoint,
+    work: Mutex<std::sync::mpsc::Sender<Work>>,
+    outputs: Arc<Outputs>,
+    loaded: Mutex<Option<LoadedSlice>>,
+    /// The link to the next stage, kept alive while linked.
+    next_link: tokio::sync::Mutex<Option<NextLink>>,
+}
+
+struct NextLink {
+    conn: quinn::Connection,
+    _control: (FrameReader, FrameWriter),
+}
+
+/// Serves until the process is stopped. Prints `sollol node listening on ADDR`
+/// on stdout once the socket is bound (the port is chosen when ADDR ends in :0).
+pub async fn run(cfg: NodeConfig) -> crate::Result<()> {
+    if !cfg.listen.ip().is_loopback() && !cfg.key.is_set() {
+        return Err(crate::Error::InvalidRequest(format!(
+            "refusing to listen on {} without a cluster key: pass --cluster-key or set SOLLOL_CLUSTER_KEY (only loopback addresses may run open)",
+            cfg.listen
+        )));
+    }
+    let endpoint = tls::server_endpoint(cfg.listen, &cfg.state_dir)?;
+    let local = endpoint.local_addr().map_err(|e| crate::Error::io("listen address", e))?;
+    let outputs = Arc::new(Outputs::new(local.to_string()));
+    let node = Arc::new(Node {
+        work: Mutex::new(spawn_worker(outputs.clone())),
+        cfg,
+        endpoint: endpoint.clone(),
+        outputs,
+        loaded: Mutex::new(None),
+        next_link: tokio::sync::Mutex::new(None),
+    });
+    println!("sollol node listening on {local}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    while let Some(incoming) = endpoint.accept().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = node.handle_connection(incoming).await {
+                tracing::info!(%remote, "connection ended: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn error_frame(node: &str, message: String) -> Frame {
+    Frame::new(Message::Error(RemoteError { session: None, step: None, node: node.to_string(), message }))
+}
+
+impl Node {
+    fn send_work(&self, w: Work) -> Result<(), NetError> {
+        self.work.lock().expect("work lock").send(w).map_err(|_| NetError::Remote("the stage worker stopped".into()))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let (total, available) = crate::sys::memory_bytes().unwrap_or((0, 0));
+        let held = self.loaded.lock().expect("loaded lock").as_ref().map_or(0, |l| l.weight_bytes);
+        let offered = self.cfg.memory_limit.map_or(available, |l| l.min(available));
+        Capabilities {
+            protocol: PROTOCOL_VERSION,
+            build: env!("CARGO_PKG_VERSION").to_string(),
+            device: "cpu".to_string(),
+            cores: crate::sys::cpu_cores() as u32,
+            threads: if self.cfg.threads == 0 { crate::sys::cpu_cores() as u32 } else { self.cfg.threads as u32 },
+            total_memory: self.cfg.memory_limit.unwrap_or(total),
+            free_memory: offered.saturating_sub(held),
+            memory_limit: self.cfg.memory_limit,
+            loaded: self.loaded.lock().expect("loaded lock").clone(),
+            sessions: self.outputs.sessions.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn handle_connection(self: Arc<Self>, incoming: quinn::Incoming) -> Result<(), NetError> {
+        let conn = incoming.await?;
+        let (reader, writer, role) = match server_handshake(&conn, &self.cfg.key, || self.capabilities()).await {
+            Ok(v) => v,
+            Err(e) => {
+                conn.close(1u32.into(), e.to_string().as_bytes());
+                return Err(e);
+            }
+        };
+        tracing::info!(remote = %conn.remote_address(), ?role, "authenticated");
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.control_loop(reader, writer).await {
+                tracing::info!("control stream ended: {e}");
+            }
+        });
+        loop {
+            let stream = conn.accept_bi().await?;
+            let node = self.clone();
+            tokio::spawn(async move {
+                let (reader, writer) = split(stream);
+                if let Err(e) = node.attached_stream(reader, writer).await {
+                    tracing::info!("stream ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn attached_stream(self: Arc<Self>, mut reader: FrameReader, mut writer: FrameWriter) -> Result<(), NetError> {
+        match reader.expect().await?.message {
+            Message::Attach { purpose: StreamPurpose::Data } => self.data_loop(reader, writer).await,
+            Message::Attach { purpose: StreamPurpose::Events } => {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                self.outputs.heads.lock().expect("heads lock").push(tx);
+                while let Some(frame) = rx.recv().await {
+                    writer.write(&frame).await?;
+                }
+                Ok(())
+            }
+            other => {
+                let e = NetError::Unexpected { got: other.kind(), expected: "Attach" };
+                writer.write(&error_frame(&self.outputs.node, e.to_string())).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forward and Close frames, in order, into the worker. A bad frame is
+    /// reported to the sender and to the heads; the stream cannot be trusted
+    /// after it, so it ends, and the node goes on serving everyone else.
+    async fn data_loop(&self, mut reader: FrameReader, mut writer: FrameWriter) -> Result<(), NetError> {
+        loop {
+            let frame = match reader.read().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                // The sender went away (a head that finished, a stage that died):
+                // its own connection tells its side; nothing to refuse here.
+                Err(e @ NetError::Connection(_)) => return Err(e),
+                Err(e) => {
+                    let message = format!("refused a frame on a data stream: {e}");
+                    self.outputs.error(None, None, message.clone());
+                    let _ = writer.write(&error_frame(&self.outputs.node, message)).await;
+                    writer.finish_and_flush().await;
+                    return Err(e);
+                }
+            };
+            match frame.message {
+                Message::Forward(header) => self.send_work(Work::Forward { header, payload: frame.payload })?,
+                Message::Close { session } => self.send_work(Work::Close { session })?,
+                other => {
+                    let e = NetError::Unexpected { got: other.kind(), expected: "Forward or Close" };
+                    writer.write(&error_frame(&self.outputs.node, e.to_string())).await?;
+                }
+            }
+        }
+    }
+
+    async fn control_loop(&self, mut reader: FrameReader, mut writer: FrameWriter) -> Result<(), NetError> {
+        while let Some(frame) = reader.read().await? {
+            let reply = match self.control(frame).await {
+                Ok(reply) => reply,
+                Err(e) => error_frame(&self.outputs.node, e.to_string()),
+            };
+            writer.write(&reply).await?;
+        }
+        Ok(())
+    }
+
+    async fn control(&self, frame: Frame) -> Result<Frame, NetError> {
+        Ok(match frame.message {
+            Message::GetCapabilities => Frame::new(Message::Capabilities(self.capabilities())),
+            Message::Ping { nonce } => Frame::new(Message::Pong {
+                nonce,
+                sessions: self.outputs.sessions.load(Ordering::Relaxed),
+                busy_nanos: self.outputs.busy_nanos.load(Ordering::Relaxed),
+            }),
+            Message::Load(req) => Frame::new(Message::Loaded(self.load(req).await?)),
+            Message::Unload => {
+                self.install(None).await?;
+                *self.loaded.lock().expect("loaded lock") = None;
+                Frame::new(Message::Ok)
+            }
+            Message::Link { next, wire } => {
+                self.link(next, wire).await?;
+                Frame::new(Message::Ok)
+            }
+            Message::ExportKv { session, dtype } => {
+                let (reply, rx) = oneshot::channel();
+                self.send_work(Work::ExportKv { session, dtype, reply })?;
+                rx.await.map_err(|_| NetError::Remote("worker stopped".into()))?.map_err(NetError::Remote)?
+            }
+            Message::ImportKv(header) => {
+                let (reply, rx) = oneshot::channel();
+                self.send_work(Work::ImportKv { header, payload: frame.payload, reply })?;
+                rx.await.map_err(|_| NetError::Remote("worker stopped".into()))?.map_err(NetError::Remote)?;
+                Frame::new(Message::Ok)
+            }
+            other => return Err(NetError::Unexpected { got: other.kind(), expected: "a control request" }),
+        })
+    }
+
+    async fn install(&self, model: Option<Box<LoadedModel>>) -> Result<(), NetError> {
+        let (done, rx) = oneshot::channel();
+        self.send_work(Work::Install { model, done })?;
+        rx.await.map_err(|_| NetError::Remote("worker stopped".into()))
+    }
+
+    /// Resolves the model here (the node fetches it if needed), checks the
+    /// digest and the memory, and loads only the slice's tensors.
+    async fn load(&self, req: LoadRequest) -> Result<LoadedSlice, NetError> {
+        let offered = {
+            let caps = self.capabilities();
+            caps.free_memory + self.loaded.lock().expect("loaded lock").as_ref().map_or(0, |l| l.weight_bytes)
+        };
+        let node = self.outputs.node.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<Box<LoadedModel>, String> {
+            let resolved = source::resolve(&req.model).map_err(|e| e.to_string())?;
+            let mut file = ModelFile::open(&resolved.path).map_err(|e| e.to_string())?;
+            let digest = file.digest().map_err(|e| e.to_string())?;
+            if let Some(want) = &req.digest {
+                if *want != digest {
+                    return Err(format!("model '{}' on {node} has digest {digest}, the head expects {want}: not the same model", req.model));
+                }
+            }
+            let cfg = file.config().map_err(|e| e.to_string())?;
+            let (start, end) = (req.start as usize, req.end as usize);
+            if start >= end || end > cfg.n_layers {
+                return Err(format!("layers {start}..{end} are not a non-empty range inside the model's {} blocks", cfg.n_layers));
+            }
+            let need = file.slice_bytes(start..end).map_err(|e| e.to_string())?;
+            if need > offered {
+                return Err(format!(
+                    "blocks {start}..{end} need {} but {node} offers {}",
+                    crate::sys::human_bytes(need),
+                    crate::sys::human_bytes(offered)
+                ));
+            }
+            let slice = ModelSlice::load(&mut file, start..end, &candle_core::Device::Cpu).map_err(|e| e.to_string())?;
+            let info = LoadedSlice {
+                model: req.model.clone(),
+                digest,
+                start: req.start,
+                end: req.end,
+                n_layers: cfg.n_layers as u32,
+                hidden: cfg.hidden_size as u32,
+                weight_bytes: slice.weight_bytes() as u64,
+            };
+            Ok(Box::new(LoadedModel { slice, info }))
+        })
+        .await
+        .map_err(|e| NetError::Remote(format!("loading panicked: {e}")))?
+        .map_err(NetError::Remote)?;
+        let info = loaded.info.clone();
+        self.install(Some(loaded)).await?;
+        *self.loaded.lock().expect("loaded lock") = Some(info.clone());
+        tracing::info!(model = %info.model, start = info.start, end = info.end, "loaded");
+        Ok(info)
+    }
+
+    /// Connects to the next stage and routes this stage's output there.
+    async fn link(&self, next: Option<String>, wire: WireDType) -> Result<(), NetError> {
+        *self.outputs.wire.lock().expect("wire lock") = wire;
+        let mut link = self.next_link.lock().await;
+        if let Some(old) = link.take() {
+            old.conn.close(0u32.into(), b"relinked");
+        }
+        *self.outputs.next.lock().expect("next lock") = None;
+        let Some(next) = next else { return Ok(()) };
+        let addr = resolve_addr(&next).await?;
+        let conn = self
+            .endpoint
+            .connect(addr, tls::SERVER_NAME)
+            .map_err(|e| NetError::Connection(format!("cannot connect to next stage {next}: {e}")))?
+            .await
+            .map_err(|e| NetError::Connection(format!("cannot reach next stage {next}: {e}")))?;
+        let (reader, writer, _) = client_handshake(&conn, &self.cfg.key, PeerRole::Stage).await?;
+        let (mut back, mut data) = split(conn.open_bi().await?);
+        data.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Data })).await?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let outputs = self.outputs.clone();
+        let next_name = next.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if let Err(e) = data.write(&frame).await {
+                    outputs.error(None, None, format!("lost the link to the next stage {next_name}: {e}"));
+                    break;
+                }
+            }
+        });
+        let outputs = self.outputs.clone();
+        tokio::spawn(async move {
+            // The next stage answers on this stream only to refuse a frame.
+            while let Ok(Some(frame)) = back.read().await {
+                if let Message::Error(e) = frame.message {
+                    outputs.to_heads(Frame::new(Message::Error(e)));
+                }
+            }
+        });
+        *self.outputs.next.lock().expect("next lock") = Some(tx);
+        *link = Some(NextLink { conn, _control: (reader, writer) });
+        Ok(())
+    }
+}
+
+pub async fn resolve_addr(addr: &str) -> Result<SocketAddr, NetError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| NetError::Connection(format!("cannot resolve {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| NetError::Connection(format!("{addr} resolves to no address")))
+}
