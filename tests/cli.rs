@@ -153,3 +153,15 @@ fn layers_beyond_the_model_are_refused() {
         "inside the model's 3 blocks",
     );
 }
+
+#[test]
+fn generate_through_a_local_two_node_pipeline_says_paris() {
+    let home = tempfile::tempdir().unwrap();
+    common::smollm2();
+    let out = sollol(&["generate", "--local-nodes", "2", "-n", "6", "The capital of France is"], home.path());
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "stdout: {stdout}");
+    assert!(stderr.contains("stage 1") && stderr.contains("blocks 0..15") && stderr.contains("blocks 15..30"), "{stderr}");
+    assert!(stderr.contains("hop latency p50"), "{stderr}");
+}

@@ -266,3 +266,23 @@ async fn a_stage_that_dies_fails_the_request_quickly_and_the_others_keep_serving
     let r = solo.step(6, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();
     assert_eq!(r.token, Some(7042));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_interleave_without_mixing_state() {
+    let reference: Vec<u32> = single_node(10).into_iter().map(|(t, _)| t).collect();
+    let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
+    let p = loaded_pipeline(&[&a, &b], WireDType::F32).await;
+    // Four sessions in flight at once, their steps interleaved on every stage.
+    let runs = futures_util::future::join_all((0..4).map(|s| pipeline_run(&p, 1000 + s, 10))).await;
+    for (s, run) in runs.iter().enumerate() {
+        let tokens: Vec<u32> = run.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tokens, reference, "session {s} differs from the single-node run");
+    }
+    // Every session was closed: the nodes hold none.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..2 {
+        let caps = p.request(i, Frame::new(Message::GetCapabilities), Duration::from_secs(5)).await.unwrap();
+        let Message::Capabilities(c) = caps.message else { panic!("capabilities") };
+        assert_eq!(c.sessions, 0, "stage {i} still holds sessions");
+    }
+}

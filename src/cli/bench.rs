@@ -1,86 +1,218 @@
-//! `sollol bench`: load memory, prefill and decode speed of one slice or the
-//! whole model, on a real model file.
+//! `sollol bench`: load memory of a slice, or prefill/decode speed of the
+//! single-node engine against 2- and 3-stage loopback pipelines, measured in
+//! one run with the same total threads, rounds interleaved.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use candle_core::Tensor;
 use clap::Args;
+use sollol::head::engine::{Engine, SampleSpec};
+use sollol::head::generation::PREFILL_CHUNK;
+use sollol::model::sampling::SamplingParams;
+use sollol::net::tensor::WireDType;
 use sollol::sys::{human_bytes, peak_rss_bytes};
 
-use super::{load_slice, open_model, parse_layers, ModelArgs};
+use super::generate::{start_engine, PipelineArgs, Running};
+use super::{load_slice, open_model, parse_layers, ModelArgs, Opened};
 
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Only these blocks (`a..b`, end excluded); default: the whole model.
+    /// Load only these blocks (`a..b`, end excluded) and report memory.
     #[arg(long)]
     layers: Option<String>,
+    /// Load, report memory, and stop.
+    #[arg(long)]
+    load_only: bool,
+    /// Pipeline lengths to compare: 0 is the in-process engine, N ≥ 1 is N
+    /// local node processes sharing the threads.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    stages: Vec<usize>,
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
     /// Tokens for the decode measurement.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
-    /// Load, report memory, and stop.
+    /// Interleaved rounds; the best of each configuration is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Activation dtype between stages.
+    #[arg(long, default_value = "f16")]
+    wire: WireDType,
+    /// Local nodes split the cores instead of sharing them in time.
     #[arg(long)]
-    load_only: bool,
+    local_split_cores: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+#[derive(Default, Clone)]
+struct Measure {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    ttft: Duration,
+    hop_latencies: Vec<Duration>,
+    hop_bytes: Vec<u64>,
+    stage_busy: Vec<Duration>,
+    decode_wall: Duration,
+}
+
+pub fn run(args: BenchArgs, threads: usize) -> Result<()> {
+    if args.load_only || args.layers.is_some() {
+        return load_report(&args);
+    }
+    let mut opened = open_model(&args.model.model)?;
+    let vocab = opened.file.config()?.vocab_size as u32;
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut engines: Vec<(usize, Running)> = Vec::new();
+    for &n in &args.stages {
+        let pipeline = PipelineArgs {
+            nodes: vec![],
+            local_nodes: n,
+            cluster_key: None,
+            wire: args.wire,
+            local_split_cores: args.local_split_cores,
+        };
+        engines.push((n, start_engine(&mut opened, &pipeline, threads)?));
+    }
+    let mut best: Vec<Measure> = vec![Measure::default(); engines.len()];
+    for round in 0..args.rounds {
+        for (i, (_, running)) in engines.iter_mut().enumerate() {
+            let m = measure(running.engine.as_mut(), &prompt, args.tokens, round as u64)?;
+            if m.decode_tok_s > best[i].decode_tok_s {
+                best[i].decode_tok_s = m.decode_tok_s;
+                best[i].hop_latencies = m.hop_latencies.clone();
+                best[i].hop_bytes = m.hop_bytes.clone();
+                best[i].stage_busy = m.stage_busy.clone();
+                best[i].decode_wall = m.decode_wall;
+            }
+            if m.prefill_tok_s > best[i].prefill_tok_s {
+                best[i].prefill_tok_s = m.prefill_tok_s;
+                best[i].ttft = m.ttft;
+            }
+        }
+    }
+    report(&args, threads, &opened, &engines, &best);
+    Ok(())
+}
+
+/// Prefill of `prompt`, then `tokens` greedy decode steps (EOS ignored).
+fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -> Result<Measure> {
+    let session = 0xbe7c_0000 + round;
+    let params = SamplingParams { temperature: 0.0, ..Default::default() };
+    engine.open(session, prompt.len() + tokens + 1)?;
+    let mut m = Measure::default();
+    let t = Instant::now();
+    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
+    let mut token = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let spec = (i + 1 == chunks.len()).then_some(SampleSpec { params: &params, history: prompt, step: 0 });
+        token = engine.step(session, chunk, spec, false)?.token.unwrap_or(0);
+    }
+    m.ttft = t.elapsed();
+    m.prefill_tok_s = prompt.len() as f64 / m.ttft.as_secs_f64();
+    let t = Instant::now();
+    for step in 0..tokens {
+        let out = engine.step(session, &[token], Some(SampleSpec { params: &params, history: &[], step: step as u64 + 1 }), false)?;
+        token = out.token.unwrap_or(0);
+        m.hop_latencies.extend(out.hop_latency);
+        m.hop_bytes = out.hop_bytes;
+        if m.stage_busy.len() < out.stage_times.len() {
+            m.stage_busy.resize(out.stage_times.len(), Duration::ZERO);
+        }
+        m.stage_busy.iter_mut().zip(&out.stage_times).for_each(|(a, b)| *a += *b);
+    }
+    m.decode_wall = t.elapsed();
+    m.decode_tok_s = tokens as f64 / m.decode_wall.as_secs_f64();
+    engine.close(session);
+    Ok(m)
+}
+
+fn percentile(v: &[Duration], p: f64) -> Duration {
+    let mut v = v.to_vec();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
+}
+
+fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, Running)], best: &[Measure]) {
+    let base = best.first().map_or(1.0, |m| m.decode_tok_s);
+    let base_prefill = best.first().map_or(1.0, |m| m.prefill_tok_s);
+    let rows: Vec<serde_json::Value> = engines
+        .iter()
+        .zip(best)
+        .map(|((n, _), m)| {
+            let util: Vec<f64> = m.stage_busy.iter().map(|b| b.as_secs_f64() / m.decode_wall.as_secs_f64()).collect();
+            serde_json::json!({
+                "stages": n,
+                "prefill_tok_s": m.prefill_tok_s,
+                "decode_tok_s": m.decode_tok_s,
+                "decode_ratio": m.decode_tok_s / base,
+                "prefill_ratio": m.prefill_tok_s / base_prefill,
+                "ttft_ms": m.ttft.as_secs_f64() * 1e3,
+                "hop_latency_p50_ms": percentile(&m.hop_latencies, 50.0).as_secs_f64() * 1e3,
+                "hop_latency_p99_ms": percentile(&m.hop_latencies, 99.0).as_secs_f64() * 1e3,
+                "bytes_per_token_per_hop": m.hop_bytes.first().copied().unwrap_or(0),
+                "stage_utilization": util,
+            })
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::json!({"model": opened.resolved.name, "threads": threads, "wire": args.wire.to_string(), "results": rows}));
+        return;
+    }
+    let threads = if threads == 0 { sollol::sys::cpu_cores() } else { threads };
+    println!(
+        "model {}, {threads} threads in all, prompt {} tok, decode {} tok, wire {}, best of {} interleaved rounds",
+        opened.resolved.name, args.prompt_tokens, args.tokens, args.wire, args.rounds
+    );
+    println!("{:<10} {:>12} {:>8} {:>12} {:>8} {:>9} {:>14} {:>10} {}", "stages", "prefill t/s", "ratio", "decode t/s", "ratio", "ttft ms", "hop p50/p99 ms", "B/tok/hop", "stage busy");
+    for r in rows {
+        let stages = match r["stages"].as_u64().unwrap_or(0) {
+            0 => "in-process".to_string(),
+            n => n.to_string(),
+        };
+        let util: Vec<String> = r["stage_utilization"].as_array().map_or(vec![], |a| a.iter().map(|u| format!("{:.0}%", u.as_f64().unwrap_or(0.0) * 100.0)).collect());
+        println!(
+            "{:<10} {:>12.1} {:>8.2} {:>12.1} {:>8.2} {:>9.0} {:>14} {:>10} {}",
+            stages,
+            r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+            r["prefill_ratio"].as_f64().unwrap_or(0.0),
+            r["decode_tok_s"].as_f64().unwrap_or(0.0),
+            r["decode_ratio"].as_f64().unwrap_or(0.0),
+            r["ttft_ms"].as_f64().unwrap_or(0.0),
+            format!("{:.3}/{:.3}", r["hop_latency_p50_ms"].as_f64().unwrap_or(0.0), r["hop_latency_p99_ms"].as_f64().unwrap_or(0.0)),
+            r["bytes_per_token_per_hop"],
+            util.join(" "),
+        );
+    }
+}
+
+fn load_report(args: &BenchArgs) -> Result<()> {
     let mut opened = open_model(&args.model.model)?;
     let layers = args.layers.as_deref().map(parse_layers).transpose()?;
     let start = Instant::now();
     let slice = load_slice(&mut opened.file, layers)?;
     let load_s = start.elapsed().as_secs_f64();
-    let peak_after_load = peak_rss_bytes().unwrap_or(0);
-    let mut report = serde_json::json!({
-        "model": opened.resolved.name,
-        "layers": format!("{}..{}", slice.layers().start, slice.layers().end),
-        "weight_bytes": slice.weight_bytes(),
-        "load_s": load_s,
-        "peak_rss_bytes": peak_after_load,
-    });
-    if !args.load_only {
-        let cfg = slice.config().clone();
-        let vocab = cfg.vocab_size as u32;
-        let ids: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-        let input = |ids: &[u32]| -> Result<Tensor> {
-            Ok(if slice.is_first() {
-                Tensor::new(ids, slice.device())?.unsqueeze(0)?
-            } else {
-                Tensor::ones((1, ids.len(), cfg.hidden_size), candle_core::DType::F32, slice.device())?
-            })
-        };
-        let mut cache = slice.new_cache(args.prompt_tokens + args.tokens + 1)?;
-        let t = Instant::now();
-        slice.forward(&input(&ids)?, &mut cache)?;
-        let prefill = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for i in 0..args.tokens {
-            slice.forward(&input(&[(i as u32 * 31) % vocab])?, &mut cache)?;
-        }
-        let decode = t.elapsed().as_secs_f64();
-        report["prefill_tok_s"] = serde_json::json!(args.prompt_tokens as f64 / prefill);
-        report["decode_tok_s"] = serde_json::json!(args.tokens as f64 / decode);
-        report["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes().unwrap_or(0));
-    }
+    let peak = peak_rss_bytes().unwrap_or(0);
+    let layers = format!("{}..{}", slice.layers().start, slice.layers().end);
     if args.json {
-        println!("{report}");
+        let v = serde_json::json!({
+            "model": opened.resolved.name, "layers": layers, "weight_bytes": slice.weight_bytes(),
+            "load_s": load_s, "peak_rss_bytes": peak,
+        });
+        println!("{v}");
     } else {
-        println!("model        {}", report["model"].as_str().unwrap_or(""));
-        println!("layers       {}", report["layers"].as_str().unwrap_or(""));
+        println!("model        {}", opened.resolved.name);
+        println!("layers       {layers}");
         println!("weights      {}", human_bytes(slice.weight_bytes() as u64));
         println!("load         {load_s:.2} s");
-        println!("peak RSS     {} after load", human_bytes(peak_after_load));
-        if let (Some(p), Some(d)) = (report["prefill_tok_s"].as_f64(), report["decode_tok_s"].as_f64()) {
-            println!("prefill      {p:.1} tok/s ({} tokens)", args.prompt_tokens);
-            println!("decode       {d:.1} tok/s ({} tokens)", args.tokens);
-        }
+        println!("peak RSS     {}", human_bytes(peak));
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use sollol::sys::human_bytes;
 
 use super::{load_slice, open_model, ModelArgs, Opened, SamplingArgs};
 
+
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -48,6 +49,10 @@ pub struct PipelineArgs {
     /// Activation dtype between stages: f16 (default), bf16, or f32 (exact).
     #[arg(long, default_value = "f16")]
     pub wire: WireDType,
+    /// Give each local node threads / N instead of all threads plus a shared
+    /// compute lock (see ARCHITECTURE.md).
+    #[arg(long)]
+    pub local_split_cores: bool,
 }
 
 /// The engine a command runs on, and what keeps local nodes alive while it does.
@@ -66,7 +71,7 @@ pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) ->
     let (addrs, key, local) = if args.local_nodes > 0 {
         let bin = std::env::current_exe().context("cannot find this executable")?;
         let total = if threads == 0 { sollol::sys::cpu_cores() } else { threads };
-        let local = LocalNodes::spawn(&bin, args.local_nodes, total)?;
+        let local = LocalNodes::spawn(&bin, args.local_nodes, total, args.local_split_cores)?;
         eprintln!("started {} local nodes, {} threads each", local.addrs.len(), local.threads_each);
         (local.addrs.clone(), ClusterKey::new(Some(&local.key)), Some(local))
     } else {

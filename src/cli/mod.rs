@@ -103,7 +103,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", resolved.path.display());
             Ok(())
         }
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args, cli.threads),
     }
 }
 

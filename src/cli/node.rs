@@ -22,6 +22,10 @@ pub struct NodeArgs {
     /// Where the node keeps its certificate (default: ~/.config/sollol/node).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// A file that co-located nodes lock around each forward pass, so their
+    /// passes take turns on the cores (set by --local-nodes).
+    #[arg(long)]
+    compute_lock: Option<PathBuf>,
 }
 
 pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
@@ -35,6 +39,7 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
         memory_limit: args.memory_limit,
         state_dir,
         threads,
+        compute_lock: args.compute_lock,
     };
     // Networking needs little: the compute runs on the stage worker's thread pool.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

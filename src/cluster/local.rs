@@ -1,6 +1,15 @@
-//! `--local-nodes N`: node processes of this same binary on loopback, each
-//! given a share of the cores so they do not fight over them (candle's thread
-//! pool collapses when processes oversubscribe the machine).
+//! `--local-nodes N`: node processes of this same binary on loopback.
+//!
+//! Co-located stages must not fight over the cores: candle's thread pool
+//! collapses when processes oversubscribe the machine (2 threads on a busy
+//! 2-core machine ran 6× slower than 1). Two ways to share:
+//! - time (default): every node gets all the threads, and a machine-wide
+//!   compute lock (a file lock) lets one forward pass run at a time. A single
+//!   session's stages run one after another anyway, so each runs at full
+//!   speed; concurrent sessions take turns instead of thrashing.
+//! - space (`split_cores`): each node gets threads / N and runs unlocked.
+//!   Measured on 2 cores, one session: 0.60× the single-node decode speed for 2
+//!   stages, against 1.04× when sharing time (BENCHMARKS.md).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -14,18 +23,29 @@ pub struct LocalNodes {
     pub addrs: Vec<String>,
     pub key: String,
     pub threads_each: usize,
+    /// The lock file and its directory, removed with the nodes.
+    _lock_dir: Option<tempfile::TempDir>,
 }
 
 impl LocalNodes {
     /// Starts `n` nodes of the binary `bin` on 127.0.0.1 with free ports and
-    /// a fresh cluster key, splitting `threads` between them.
-    pub fn spawn(bin: &Path, n: usize, threads: usize) -> Result<Self> {
+    /// a fresh cluster key, sharing `threads` in time (default) or space.
+    pub fn spawn(bin: &Path, n: usize, threads: usize, split_cores: bool) -> Result<Self> {
         let key = crate::net::auth::ClusterKey::random_hex();
-        let threads_each = (threads / n.max(1)).max(1);
-        let mut nodes = Self { children: Vec::new(), addrs: Vec::new(), key, threads_each };
+        let threads_each = if split_cores { (threads / n.max(1)).max(1) } else { threads.max(1) };
+        let lock_dir = if split_cores {
+            None
+        } else {
+            Some(tempfile::Builder::new().prefix("sollol-local").tempdir().map_err(|e| Error::io("cannot create a lock file", e))?)
+        };
+        let mut nodes = Self { children: Vec::new(), addrs: Vec::new(), key, threads_each, _lock_dir: None };
         for _ in 0..n {
-            let mut child = Command::new(bin)
-                .args(["--threads", &threads_each.to_string(), "node", "--listen", "127.0.0.1:0"])
+            let mut cmd = Command::new(bin);
+            cmd.args(["--threads", &threads_each.to_string(), "node", "--listen", "127.0.0.1:0"]);
+            if let Some(dir) = &lock_dir {
+                cmd.arg("--compute-lock").arg(dir.path().join("compute.lock"));
+            }
+            let mut child = cmd
                 .env("SOLLOL_CLUSTER_KEY", &nodes.key)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -36,6 +56,7 @@ impl LocalNodes {
             nodes.children.push(child);
             nodes.addrs.push(read_listen_line(stdout)?);
         }
+        nodes._lock_dir = lock_dir;
         Ok(nodes)
     }
 }

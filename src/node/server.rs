@@ -28,6 +28,9 @@ pub struct NodeConfig {
     /// Where the node keeps its certificate.
     pub state_dir: PathBuf,
     pub threads: usize,
+    /// A file locked around every forward pass, shared by nodes on one machine
+    /// so that their passes take turns on the cores instead of thrashing.
+    pub compute_lock: Option<PathBuf>,
 }
 
 struct Node {
@@ -58,7 +61,7 @@ pub async fn run(cfg: NodeConfig) -> crate::Result<()> {
     let local = endpoint.local_addr().map_err(|e| crate::Error::io("listen address", e))?;
     let outputs = Arc::new(Outputs::new(local.to_string()));
     let node = Arc::new(Node {
-        work: Mutex::new(spawn_worker(outputs.clone())),
+        work: Mutex::new(spawn_worker(outputs.clone(), open_lock(cfg.compute_lock.as_deref())?)),
         cfg,
         endpoint: endpoint.clone(),
         outputs,
@@ -78,6 +81,18 @@ pub async fn run(cfg: NodeConfig) -> crate::Result<()> {
         });
     }
     Ok(())
+}
+
+fn open_lock(path: Option<&std::path::Path>) -> crate::Result<Option<std::fs::File>> {
+    path.map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(p)
+            .map_err(|e| crate::Error::io(format!("cannot open the compute lock {}", p.display()), e))
+    })
+    .transpose()
 }
 
 fn error_frame(node: &str, message: String) -> Frame {

@@ -84,11 +84,11 @@ impl Outputs {
     }
 }
 
-pub fn spawn_worker(outputs: Arc<Outputs>) -> Sender<Work> {
+pub fn spawn_worker(outputs: Arc<Outputs>, compute_lock: Option<std::fs::File>) -> Sender<Work> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("sollol-stage".into())
-        .spawn(move || Worker { model: None, sessions: HashMap::new(), out: outputs }.run(rx))
+        .spawn(move || Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock }.run(rx))
         .expect("spawn the stage worker");
     tx
 }
@@ -97,6 +97,7 @@ struct Worker {
     model: Option<Box<LoadedModel>>,
     sessions: HashMap<u64, (KvCache, Instant)>,
     out: Arc<Outputs>,
+    compute_lock: Option<std::fs::File>,
 }
 
 impl Worker {
@@ -139,9 +140,16 @@ impl Worker {
     }
 
     fn forward(&mut self, mut h: ForwardHeader, payload: Vec<u8>) {
+        if let Some(lock) = &self.compute_lock {
+            // A failed lock only costs speed: compute anyway.
+            let _ = lock.lock();
+        }
         let started = Instant::now();
         let result = self.compute(&h, &payload);
         let nanos = started.elapsed().as_nanos() as u64;
+        if let Some(lock) = &self.compute_lock {
+            let _ = lock.unlock();
+        }
         self.out.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
         h.stage_nanos.push(nanos);
         let sent = match result {

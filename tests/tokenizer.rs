@@ -1,0 +1,103 @@
+//! Tokenizers rebuilt from GGUF metadata: SmolLM2's byte-level BPE (`pre =
+//! smollm`, which candle's own GGUF tokenizer gets wrong) and a SentencePiece
+//! vocabulary written by the test.
+
+mod common;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use sollol::head::tokenizer::Tokenizer;
+use sollol::model::gguf::GgufFile;
+
+fn smollm2() -> Tokenizer {
+    Tokenizer::from_gguf(&GgufFile::open(&common::smollm2()).unwrap()).unwrap()
+}
+
+#[test]
+fn smollm2_round_trips_text_of_every_kind() {
+    let tok = smollm2();
+    for text in [
+        "The capital of France is",
+        "  leading spaces, trailing  \n\n\tand tabs",
+        "numbers 1234567 and 3.14159",
+        "café naïve 日本語 한국어 emoji 🤖🚀",
+        "fn main() { println!(\"{}\", x.map(|v| v * 2)); }",
+        "<|im_start|>user\nhi<|im_end|>",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        let back = tok.decode(&ids).unwrap();
+        let expected = text.replace("<|im_start|>", "").replace("<|im_end|>", "");
+        assert_eq!(back, expected, "round trip of {text:?} via {ids:?}");
+    }
+}
+
+#[test]
+fn smollm2_known_ids_specials_and_digit_splitting() {
+    let tok = smollm2();
+    assert_eq!(tok.encode("The capital of France is").unwrap(), vec![504, 3575, 282, 4649, 314]);
+    // Special tokens are single ids, not spelled out.
+    assert_eq!(tok.encode("<|im_start|>").unwrap(), vec![1]);
+    assert_eq!(tok.encode("<|im_end|>").unwrap(), vec![2]);
+    assert!(tok.is_eos(2));
+    // `pre = smollm` splits digits one by one.
+    assert_eq!(tok.encode("12345").unwrap().len(), 5);
+    // SmolLM2 does not add BOS to raw prompts.
+    assert_ne!(tok.encode("Hello").unwrap()[0], 1);
+}
+
+#[test]
+fn smollm2_chat_template_renders_chatml() {
+    let tok = smollm2();
+    let text = tok
+        .chat_template()
+        .unwrap()
+        .render(&[sollol::head::chat::Message::new("user", "What is 2+2?")], true)
+        .unwrap();
+    assert!(text.starts_with("<|im_start|>system\n"), "{text}");
+    assert!(text.ends_with("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+}
+
+/// A SentencePiece (llama) vocabulary: scores decide merges, unknown
+/// characters fall back to byte tokens, "▁" marks spaces.
+#[test]
+fn sentencepiece_vocabulary_segments_by_score_with_byte_fallback() {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types: Vec<i32> = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let pieces = [("▁", -1.0), ("h", -2.0), ("e", -2.0), ("l", -2.0), ("o", -2.0), ("▁h", -3.0), ("he", -3.0), ("ll", -3.0), ("llo", -4.0), ("hello", -5.0), ("▁hello", -6.0), ("▁he", -7.0)];
+    let mut scores: Vec<f32> = vec![0.0; tokens.len()];
+    for (p, s) in pieces {
+        tokens.push(p.into());
+        types.push(1);
+        scores.push(s);
+    }
+    let id = |t: &str| tokens.iter().position(|x| x == t).unwrap() as u32;
+    let md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().cloned().map(Value::String).collect())),
+        ("tokenizer.ggml.scores", Value::Array(scores.iter().map(|s| Value::F32(*s)).collect())),
+        ("tokenizer.ggml.token_type", Value::Array(types.iter().map(|t| Value::I32(*t)).collect())),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spm.gguf");
+    let t = QTensor::quantize(&Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &md_refs, &[("dummy", &t)]).unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+
+    let ids = tok.encode("hello hello").unwrap();
+    assert_eq!(ids, vec![1, id("▁hello"), id("▁hello")], "BOS, then the highest-scoring pieces");
+    assert_eq!(tok.decode(&ids).unwrap(), "hello hello");
+    // 'é' is not in the vocabulary: its UTF-8 bytes come out as byte tokens, and decode back.
+    let ids = tok.encode("hé").unwrap();
+    assert_eq!(ids, vec![1, id("▁h"), id("<0xC3>"), id("<0xA9>")]);
+    assert_eq!(tok.decode(&ids).unwrap(), "hé");
+}
