@@ -1,8 +1,156 @@
 //! Partitioning strategies: which contiguous blocks each node holds.
+//!
+//! Inputs are exact byte counts read from the model's header
+//! ([`LayerBytes`]: every block, the embedding — held by the first stage —
+//! and the norm + LM head — held by the last), and each node's offered
+//! memory. Outputs are contiguous, non-empty ranges covering every block once,
+//! in chain order. Memory counts weights only; KV caches grow per session and
+//! are bounded by the node's session limits, not by the plan.
 
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
+use crate::model::LayerBytes;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Equal block counts (the design doc's default).
+    #[default]
+    Even,
+    /// Blocks in proportion to each node's free memory, never beyond it.
+    MemoryAware,
+    /// The lowest per-token latency: fastest nodes first, fewest hops.
+    LatencyAware,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.replace('-', "_").as_str() {
+            "even" => Ok(Strategy::Even),
+            "memory_aware" | "memory" => Ok(Strategy::MemoryAware),
+            "latency_aware" | "latency" => Ok(Strategy::LatencyAware),
+            other => Err(format!("unknown strategy '{other}' (even, memory_aware, latency_aware)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::Even => "even",
+            Strategy::MemoryAware => "memory_aware",
+            Strategy::LatencyAware => "latency_aware",
+        })
+    }
+}
+
+/// What a strategy knows of a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Bytes the node offers for weights.
+    pub memory: u64,
+    /// Measured decode speed: weight bytes the node streams through its
+    /// kernels per second (0 when unknown).
+    pub bytes_per_sec: f64,
+    /// Round trip from the head to the node.
+    pub rtt_secs: f64,
+}
+
+/// One stage of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub node: String,
+    pub start: usize,
+    pub end: usize,
+    /// Weight bytes the stage holds (blocks + embedding/head where it has them).
+    pub bytes: u64,
+}
+
+impl Assignment {
+    pub fn layers(&self) -> Range<usize> {
+        self.start..self.end
+    }
+}
+
+/// Bytes of a stage holding `r`, with the embedding on the first and the head on the last.
+pub fn stage_bytes(model: &LayerBytes, r: &Range<usize>) -> u64 {
+    let n = model.blocks.len();
+    let mut b: u64 = model.blocks[r.clone()].iter().sum();
+    if r.start == 0 {
+        b += model.embed;
+    }
+    if r.end == n {
+        b += model.head;
+    }
+    b
+}
+
+fn total_bytes(model: &LayerBytes) -> u64 {
+    model.blocks.iter().sum::<u64>() + model.embed + model.head
+}
+
+fn assignments(model: &LayerBytes, nodes: &[&NodeSpec], ranges: Vec<Range<usize>>) -> Vec<Assignment> {
+    nodes
+        .iter()
+        .zip(ranges)
+        .map(|(n, r)| Assignment { node: n.name.clone(), bytes: stage_bytes(model, &r), start: r.start, end: r.end })
+        .collect()
+}
+
+/// Fails with the memory a plan misses, naming the stage.
+fn check_fits(plan: &[Assignment], nodes: &[&NodeSpec]) -> Result<()> {
+    for (a, n) in plan.iter().zip(nodes) {
+        if a.bytes > n.memory {
+            return Err(Error::InvalidRequest(format!(
+                "node {} would hold blocks {}..{} ({}) but offers {}: {} missing",
+                n.name,
+                a.start,
+                a.end,
+                crate::sys::human_bytes(a.bytes),
+                crate::sys::human_bytes(n.memory),
+                crate::sys::human_bytes(a.bytes - n.memory)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn not_enough(model: &LayerBytes, nodes: &[&NodeSpec]) -> Error {
+    let need = total_bytes(model);
+    let have: u64 = nodes.iter().map(|n| n.memory).sum();
+    Error::InvalidRequest(format!(
+        "the model needs {} of weights but the {} nodes offer {} in all: {} missing",
+        crate::sys::human_bytes(need),
+        nodes.len(),
+        crate::sys::human_bytes(have),
+        crate::sys::human_bytes(need.saturating_sub(have))
+    ))
+}
+
+pub fn plan(strategy: Strategy, model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignment>> {
+    let n_layers = model.blocks.len();
+    if nodes.is_empty() {
+        return Err(Error::InvalidRequest("a plan needs at least one node".into()));
+    }
+    let refs: Vec<&NodeSpec> = nodes.iter().collect();
+    if total_bytes(model) > nodes.iter().map(|n| n.memory).sum() {
+        return Err(not_enough(model, &refs));
+    }
+    match strategy {
+        Strategy::Even => {
+            let plan = assignments(model, &refs, even(n_layers, nodes.len())?);
+            check_fits(&plan, &refs)?;
+            Ok(plan)
+        }
+        Strategy::MemoryAware => memory_aware(model, &refs),
+        Strategy::LatencyAware => latency_aware(model, nodes),
+    }
+}
 
 /// The design doc's `even` strategy: blocks split as evenly as possible, the
 /// first nodes taking one more when it does not divide (80 over 3 nodes:
@@ -26,31 +174,231 @@ pub fn even(n_layers: usize, n_nodes: usize) -> Result<Vec<Range<usize>>> {
         .collect())
 }
 
+/// Blocks in proportion to free memory: the k-th boundary sits where the
+/// model's cumulative bytes come nearest to the nodes' cumulative share of the
+/// total; then boundaries move until every stage fits its node. With uniform
+/// blocks this is the doc's example: 80 blocks over 48 GB + 24 GB → 53 + 27.
+fn memory_aware(model: &LayerBytes, nodes: &[&NodeSpec]) -> Result<Vec<Assignment>> {
+    let n_layers = model.blocks.len();
+    let k = nodes.len();
+    if k > n_layers {
+        return Err(Error::InvalidRequest(format!("{k} nodes cannot share {n_layers} blocks: each needs at least one")));
+    }
+    let total_mem: f64 = nodes.iter().map(|n| n.memory as f64).sum();
+    // Cumulative bytes after block i (embedding counted before block 0).
+    let mut cum = vec![model.embed as f64];
+    for b in &model.blocks {
+        cum.push(cum.last().unwrap() + *b as f64);
+    }
+    let total = total_bytes(model) as f64;
+    let mut bounds = vec![0usize];
+    let mut share = 0.0;
+    for (i, n) in nodes.iter().enumerate().take(k - 1) {
+        share += n.memory as f64 / total_mem;
+        let target = share * total;
+        let lo = bounds[i] + 1;
+        let hi = n_layers - (k - 1 - i);
+        let best = (lo..=hi)
+            .min_by(|&a, &b| (cum[a] - target).abs().total_cmp(&(cum[b] - target).abs()).then(b.cmp(&a)))
+            .unwrap_or(lo);
+        bounds.push(best);
+    }
+    bounds.push(n_layers);
+    // Repair: move a boundary while a stage exceeds its node and its neighbour has room.
+    for _ in 0..n_layers * k {
+        let ranges: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
+        let plan = assignments(model, nodes, ranges);
+        let Some(i) = plan.iter().zip(nodes).position(|(a, n)| a.bytes > n.memory) else { return Ok(plan) };
+        let moved = if i + 1 < k && bounds[i + 1] - bounds[i] > 1 && plan[i + 1].bytes < nodes[i + 1].memory {
+            bounds[i + 1] -= 1;
+            true
+        } else if i > 0 && bounds[i + 1] - bounds[i] > 1 && plan[i - 1].bytes < nodes[i - 1].memory {
+            bounds[i] += 1;
+            true
+        } else {
+            false
+        };
+        if !moved {
+            check_fits(&plan, nodes)?;
+        }
+    }
+    let plan = assignments(model, nodes, bounds.windows(2).map(|w| w[0]..w[1]).collect());
+    check_fits(&plan, nodes)?;
+    Ok(plan)
+}
+
+/// Minimises the latency of one token, which for a chain is the sum of every
+/// stage's compute plus one link round trip per stage:
+/// `Σ_stages (bytes_s / speed_s) + Σ_stages rtt_s`. Compute is sequential,
+/// so spreading a model over more nodes never shortens a token: the best plan
+/// puts as many blocks as fit on the fastest node, then the next fastest, and
+/// stops as soon as the model is placed — slow or far nodes are left out
+/// (the usual complaint about exo is that adding devices makes it slower).
+/// Nodes with no measured speed count as the slowest; ties go to the lower round trip.
+fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignment>> {
+    let n_layers = model.blocks.len();
+    let mut order: Vec<&NodeSpec> = nodes.iter().collect();
+    order.sort_by(|a, b| b.bytes_per_sec.total_cmp(&a.bytes_per_sec).then(a.rtt_secs.total_cmp(&b.rtt_secs)));
+    let mut plan = Vec::new();
+    let mut start = 0;
+    for node in &order {
+        if start == n_layers {
+            break;
+        }
+        // The longest run of blocks from `start` that fits this node.
+        let mut end = start;
+        while end < n_layers && stage_bytes(model, &(start..end + 1)) <= node.memory {
+            end += 1;
+        }
+        if end == start {
+            continue;
+        }
+        plan.push(Assignment { node: node.name.clone(), start, end, bytes: stage_bytes(model, &(start..end)) });
+        start = end;
+    }
+    if start < n_layers {
+        return Err(not_enough(model, &order));
+    }
+    Ok(plan)
+}
+
+/// Estimated seconds per token of a plan (the latency-aware objective).
+pub fn token_latency(plan: &[Assignment], nodes: &[NodeSpec]) -> f64 {
+    plan.iter()
+        .map(|a| {
+            let n = nodes.iter().find(|n| n.name == a.node);
+            let speed = n.map_or(0.0, |n| n.bytes_per_sec);
+            let compute = if speed > 0.0 { a.bytes as f64 / speed } else { f64::INFINITY };
+            compute + n.map_or(0.0, |n| n.rtt_secs)
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GB: u64 = 1_000_000_000;
+
+    fn uniform(n: usize, per_layer: u64) -> LayerBytes {
+        LayerBytes { blocks: vec![per_layer; n], embed: 0, head: 0 }
+    }
+
+    fn node(name: &str, memory: u64) -> NodeSpec {
+        NodeSpec { name: name.into(), memory, bytes_per_sec: 0.0, rtt_secs: 0.0 }
+    }
+
+    fn ranges(plan: &[Assignment]) -> Vec<Range<usize>> {
+        plan.iter().map(Assignment::layers).collect()
+    }
 
     #[test]
     fn even_matches_the_design_doc() {
         assert_eq!(even(80, 2).unwrap(), vec![0..40, 40..80]);
         assert_eq!(even(80, 3).unwrap(), vec![0..27, 27..54, 54..80]);
         assert_eq!(even(30, 1).unwrap(), vec![0..30]);
+        let llama70b = uniform(80, 450_000_000);
+        let plan = plan_of(Strategy::Even, &llama70b, &[node("a", 24 * GB), node("b", 24 * GB)]);
+        assert_eq!(ranges(&plan), vec![0..40, 40..80]);
+    }
+
+    fn plan_of(s: Strategy, m: &LayerBytes, nodes: &[NodeSpec]) -> Vec<Assignment> {
+        plan(s, m, nodes).unwrap()
     }
 
     #[test]
-    fn even_covers_every_layer_once() {
-        for layers in 1..40 {
-            for nodes in 1..=layers {
-                let plan = even(layers, nodes).unwrap();
-                assert_eq!(plan.len(), nodes);
-                assert_eq!(plan[0].start, 0);
-                assert_eq!(plan.last().unwrap().end, layers);
-                assert!(plan.windows(2).all(|w| w[0].end == w[1].start && !w[0].is_empty()));
-                let (min, max) = (plan.iter().map(|r| r.len()).min().unwrap(), plan.iter().map(|r| r.len()).max().unwrap());
-                assert!(max - min <= 1);
+    fn memory_aware_matches_the_design_doc() {
+        // 80 layers of ~450 MB on 48 GB + 24 GB → 53 + 27 (0-52, 53-79).
+        let llama70b = uniform(80, 450_000_000);
+        let plan = plan_of(Strategy::MemoryAware, &llama70b, &[node("big", 48 * GB), node("small", 24 * GB)]);
+        assert_eq!(ranges(&plan), vec![0..53, 53..80]);
+    }
+
+    #[test]
+    fn memory_aware_never_exceeds_a_node() {
+        // Proportional shares would put 50 blocks on a node that holds 40.
+        let m = uniform(80, GB);
+        let plan = plan_of(Strategy::MemoryAware, &m, &[node("a", 40 * GB), node("b", 100 * GB)]);
+        assert!(plan[0].bytes <= 40 * GB, "{plan:?}");
+        assert_eq!(plan.iter().map(|a| a.end - a.start).sum::<usize>(), 80);
+    }
+
+    #[test]
+    fn a_plan_that_cannot_fit_says_how_much_is_missing() {
+        let m = uniform(80, GB);
+        let err = plan(Strategy::MemoryAware, &m, &[node("a", 30 * GB), node("b", 30 * GB)]).unwrap_err().to_string();
+        assert!(err.contains("needs 74.5 GiB") && err.contains("18.6 GiB missing"), "{err}");
+        // Even fails per node when the total would fit but a half does not.
+        let err = plan(Strategy::Even, &m, &[node("a", 20 * GB), node("b", 70 * GB)]).unwrap_err().to_string();
+        assert!(err.contains("node a would hold blocks 0..40"), "{err}");
+    }
+
+    #[test]
+    fn embedding_and_head_count_on_the_end_stages() {
+        let m = LayerBytes { blocks: vec![10; 4], embed: 100, head: 50 };
+        let plan = plan_of(Strategy::Even, &m, &[node("a", 1000), node("b", 1000)]);
+        assert_eq!(plan[0].bytes, 120);
+        assert_eq!(plan[1].bytes, 70);
+    }
+
+    #[test]
+    fn latency_aware_prefers_one_fast_node_and_leaves_slow_ones_out() {
+        let m = uniform(10, 100);
+        let fast = NodeSpec { name: "fast".into(), memory: 2000, bytes_per_sec: 1e6, rtt_secs: 1e-3 };
+        let slow = NodeSpec { name: "slow".into(), memory: 2000, bytes_per_sec: 1e5, rtt_secs: 1e-3 };
+        let nodes = vec![slow.clone(), fast.clone()];
+        let plan = plan_of(Strategy::LatencyAware, &m, &nodes);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].node, "fast");
+        // It beats the even split on its own objective.
+        let even_plan = plan_of(Strategy::Even, &m, &nodes);
+        assert!(token_latency(&plan, &nodes) < token_latency(&even_plan, &nodes));
+        // When the fast node cannot hold it all, the rest goes to the next fastest.
+        let small_fast = NodeSpec { memory: 600, ..fast };
+        let plan = plan_of(Strategy::LatencyAware, &m, &[slow, small_fast]);
+        assert_eq!(ranges(&plan), vec![0..6, 6..10]);
+        assert_eq!(plan[0].node, "fast");
+    }
+
+    /// Deterministic pseudo-random cases: every strategy assigns every block
+    /// exactly once, contiguously, in order, within each node's memory.
+    #[test]
+    fn property_every_block_once_contiguous_within_memory() {
+        let mut seed = 0x1234_5678_u64;
+        let mut next = |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        for _ in 0..500 {
+            let n_layers = 1 + next(60) as usize;
+            let blocks: Vec<u64> = (0..n_layers).map(|_| 1 + next(1000)).collect();
+            let m = LayerBytes { blocks, embed: next(500), head: next(500) };
+            let k = 1 + next(5) as usize;
+            let nodes: Vec<NodeSpec> = (0..k)
+                .map(|i| NodeSpec {
+                    name: format!("n{i}"),
+                    memory: 1 + next(40_000),
+                    bytes_per_sec: next(100) as f64,
+                    rtt_secs: next(10) as f64 * 1e-3,
+                })
+                .collect();
+            for s in [Strategy::Even, Strategy::MemoryAware, Strategy::LatencyAware] {
+                let Ok(plan) = plan(s, &m, &nodes) else { continue };
+                assert!(!plan.is_empty());
+                assert_eq!(plan[0].start, 0, "{s}");
+                assert_eq!(plan.last().unwrap().end, n_layers, "{s}");
+                for w in plan.windows(2) {
+                    assert_eq!(w[0].end, w[1].start, "{s}: not contiguous");
+                }
+                for a in &plan {
+                    assert!(a.start < a.end, "{s}: empty stage");
+                    let node = nodes.iter().find(|n| n.name == a.node).unwrap();
+                    assert!(a.bytes <= node.memory, "{s}: {} over {}", a.bytes, node.memory);
+                    assert_eq!(a.bytes, stage_bytes(&m, &a.layers()));
+                }
+                let names: std::collections::HashSet<_> = plan.iter().map(|a| &a.node).collect();
+                assert_eq!(names.len(), plan.len(), "{s}: a node used twice");
             }
         }
-        assert!(even(2, 3).is_err());
-        assert!(even(2, 0).is_err());
     }
 }

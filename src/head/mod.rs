@@ -4,6 +4,7 @@
 //! talks to an [`engine::Engine`] in token ids and sampling parameters.
 
 pub mod chat;
+pub mod client;
 pub mod engine;
 pub mod generation;
 pub mod pipeline;

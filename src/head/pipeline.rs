@@ -14,16 +14,14 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
+use super::client::{NodeClient, Pending};
 use super::engine::{Engine, SampleSpec, StepOutput};
-use crate::net::auth::{client_handshake, ClusterKey};
-use crate::net::connection::{split, FrameReader, FrameWriter};
+use crate::net::auth::ClusterKey;
+use crate::net::connection::FrameWriter;
 use crate::net::frame::Frame;
-use crate::net::message::{
-    Capabilities, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, PeerRole, SampleRequest,
-    StepResult, StreamPurpose,
-};
+use crate::net::message::{Capabilities, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, SampleRequest, StepResult};
 use crate::net::tensor::WireDType;
-use crate::net::{timeout, tls, NetError};
+use crate::net::{tls, NetError};
 use crate::node::server::resolve_addr;
 
 /// How long a step may take before the head gives up on it. Dead peers are
@@ -31,49 +29,12 @@ use crate::node::server::resolve_addr;
 /// but stuck.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
-struct Stage {
-    addr: String,
-    conn: quinn::Connection,
-    control: tokio::sync::Mutex<(FrameReader, FrameWriter)>,
-    caps: Capabilities,
-}
-
-type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Result<StepResult, NetError>>)>>>;
-
 pub struct Pipeline {
-    _endpoint: quinn::Endpoint,
-    stages: Vec<Stage>,
+    stages: Vec<Arc<NodeClient>>,
     data: tokio::sync::Mutex<FrameWriter>,
     pending: Pending,
     next_step: AtomicU64,
     loaded: Vec<LoadedSlice>,
-}
-
-/// Fails the waiting steps: the one named, else all of a session, else all.
-fn fail(pending: &Pending, session: Option<u64>, step: Option<u64>, message: &str) {
-    let mut p = pending.lock().expect("pending lock");
-    let steps: Vec<u64> = match (step, session) {
-        (Some(s), _) => vec![s],
-        (None, Some(sess)) => p.iter().filter(|(_, (s, _))| *s == sess).map(|(k, _)| *k).collect(),
-        (None, None) => p.keys().copied().collect(),
-    };
-    for s in steps {
-        if let Some((_, tx)) = p.remove(&s) {
-            let _ = tx.send(Err(NetError::Remote(message.to_string())));
-        }
-    }
-}
-
-fn dispatch(pending: &Pending, frame: Frame) {
-    match frame.message {
-        Message::Result(r) => {
-            if let Some((_, tx)) = pending.lock().expect("pending lock").remove(&r.step) {
-                let _ = tx.send(Ok(r));
-            }
-        }
-        Message::Error(e) => fail(pending, e.session, e.step, &format!("node {}: {}", e.node, e.message)),
-        _ => {}
-    }
 }
 
 impl Pipeline {
@@ -82,58 +43,34 @@ impl Pipeline {
         if addrs.is_empty() {
             return Err(NetError::Connection("no nodes given".into()));
         }
-        let first = resolve_addr(&addrs[0]).await?;
-        let endpoint = tls::client_endpoint(first)?;
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        let mut stages = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let sock = resolve_addr(addr).await?;
-            let conn = timeout(Duration::from_secs(10), &format!("a connection to {addr}"), async {
-                endpoint
-                    .connect(sock, tls::SERVER_NAME)
-                    .map_err(|e| NetError::Connection(format!("{addr}: {e}")))?
-                    .await
-                    .map_err(|e| NetError::Connection(format!("cannot reach {addr}: {e}")))
-            })
-            .await?;
-            let (reader, writer, caps) = client_handshake(&conn, key, PeerRole::Head)
-                .await
-                .map_err(|e| NetError::Connection(format!("{addr}: {e}")))?;
-            let (mut events, mut attach) = split(conn.open_bi().await?);
-            attach.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Events })).await?;
-            let (p, name) = (pending.clone(), addr.clone());
-            tokio::spawn(async move {
-                let _keep_open = attach;
-                loop {
-                    match events.read().await {
-                        Ok(Some(frame)) => dispatch(&p, frame),
-                        Ok(None) => {
-                            fail(&p, None, None, &format!("stage {} ({name}) closed its event stream", i + 1));
-                            break;
-                        }
-                        Err(e) => {
-                            fail(&p, None, None, &format!("stage {} ({name}) disconnected: {e}", i + 1));
-                            break;
-                        }
-                    }
-                }
-            });
-            stages.push(Stage { addr: addr.clone(), conn, control: tokio::sync::Mutex::new((reader, writer)), caps });
+        let endpoint = tls::client_endpoint(resolve_addr(&addrs[0]).await?)?;
+        let mut clients = Vec::new();
+        for addr in addrs {
+            clients.push(NodeClient::connect(&endpoint, addr, key).await?);
         }
-        let (mut back, mut data) = split(stages[0].conn.open_bi().await?);
-        data.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Data })).await?;
-        let p = pending.clone();
-        tokio::spawn(async move {
-            // Stage 1 writes here only to refuse a frame.
-            while let Ok(Some(frame)) = back.read().await {
-                dispatch(&p, frame);
-            }
-        });
-        Ok(Self { _endpoint: endpoint, stages, data: tokio::sync::Mutex::new(data), pending, next_step: AtomicU64::new(1), loaded: Vec::new() })
+        Self::from_clients(clients).await
+    }
+
+    /// A pipeline over connected nodes: their events now complete this
+    /// pipeline's steps, and a data stream into the first one is opened.
+    pub async fn from_clients(stages: Vec<Arc<NodeClient>>) -> Result<Self, NetError> {
+        let first = stages.first().ok_or_else(|| NetError::Connection("no nodes given".into()))?;
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        for (i, s) in stages.iter().enumerate() {
+            s.attach(pending.clone(), i + 1);
+        }
+        let data = first.open_data_stream().await?;
+        let loaded: Vec<LoadedSlice> = stages.iter().filter_map(|s| s.capabilities().loaded).collect();
+        let loaded = if loaded.len() == stages.len() { loaded } else { Vec::new() };
+        Ok(Self { stages, data: tokio::sync::Mutex::new(data), pending, next_step: AtomicU64::new(1), loaded })
     }
 
     pub fn capabilities(&self) -> Vec<(String, Capabilities)> {
-        self.stages.iter().map(|s| (s.addr.clone(), s.caps.clone())).collect()
+        self.stages.iter().map(|s| (s.addr.clone(), s.capabilities())).collect()
+    }
+
+    pub fn clients(&self) -> &[Arc<NodeClient>] {
+        &self.stages
     }
 
     pub fn loaded(&self) -> &[LoadedSlice] {
@@ -146,18 +83,7 @@ impl Pipeline {
 
     /// One control request to stage `i`; a node's error becomes `Remote`.
     pub async fn request(&self, i: usize, frame: Frame, wait: Duration) -> Result<Frame, NetError> {
-        let stage = &self.stages[i];
-        let mut control = stage.control.lock().await;
-        let (reader, writer) = &mut *control;
-        timeout(wait, &format!("{} from {}", frame.message.kind(), stage.addr), async {
-            writer.write(&frame).await?;
-            let reply = reader.expect().await?;
-            match reply.message {
-                Message::Error(e) => Err(NetError::Remote(format!("node {}: {}", stage.addr, e.message))),
-                _ => Ok(reply),
-            }
-        })
-        .await
+        self.stages[i].request(frame, wait).await
     }
 
     /// Loads `plan[i]` of `model` on stage `i` (all at once), then links the chain.

@@ -1,0 +1,188 @@
+//! The head's connection to one node: the authenticated QUIC connection, its
+//! control stream (request/response), and its event stream (results and
+//! errors), which completes whatever pipeline the node currently serves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::net::auth::{client_handshake, ClusterKey};
+use crate::net::connection::{split, FrameReader, FrameWriter};
+use crate::net::frame::Frame;
+use crate::net::message::{Capabilities, Message, PeerRole, StepResult, StreamPurpose};
+use crate::net::{timeout, tls, NetError};
+use crate::node::server::resolve_addr;
+
+/// Steps waiting for their result, by step id, with their session.
+pub type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Result<StepResult, NetError>>)>>>;
+
+/// Fails waiting steps: the one named, else all of a session, else all.
+pub fn fail(pending: &Pending, session: Option<u64>, step: Option<u64>, message: &str) {
+    let mut p = pending.lock().expect("pending lock");
+    let steps: Vec<u64> = match (step, session) {
+        (Some(s), _) => vec![s],
+        (None, Some(sess)) => p.iter().filter(|(_, (s, _))| *s == sess).map(|(k, _)| *k).collect(),
+        (None, None) => p.keys().copied().collect(),
+    };
+    for s in steps {
+        if let Some((_, tx)) = p.remove(&s) {
+            let _ = tx.send(Err(NetError::Remote(message.to_string())));
+        }
+    }
+}
+
+fn dispatch(pending: &Pending, frame: Frame) {
+    match frame.message {
+        Message::Result(r) => {
+            if let Some((_, tx)) = pending.lock().expect("pending lock").remove(&r.step) {
+                let _ = tx.send(Ok(r));
+            }
+        }
+        Message::Error(e) => fail(pending, e.session, e.step, &format!("node {}: {}", e.node, e.message)),
+        _ => {}
+    }
+}
+
+/// Where a node's events go: the pipeline it serves, and its place in the chain.
+#[derive(Default)]
+struct Sink {
+    pending: Option<Pending>,
+    stage: usize,
+}
+
+pub struct NodeClient {
+    pub addr: String,
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    control: tokio::sync::Mutex<(FrameReader, FrameWriter)>,
+    caps: Mutex<Capabilities>,
+    sink: Arc<Mutex<Sink>>,
+}
+
+impl NodeClient {
+    /// Connects, authenticates, and subscribes to the node's events.
+    pub async fn connect(endpoint: &quinn::Endpoint, addr: &str, key: &ClusterKey) -> Result<Arc<Self>, NetError> {
+        let sock = resolve_addr(addr).await?;
+        let conn = timeout(Duration::from_secs(10), &format!("a connection to {addr}"), async {
+            endpoint
+                .connect(sock, tls::SERVER_NAME)
+                .map_err(|e| NetError::Connection(format!("{addr}: {e}")))?
+                .await
+                .map_err(|e| NetError::Connection(format!("cannot reach {addr}: {e}")))
+        })
+        .await?;
+        let (reader, writer, caps) =
+            client_handshake(&conn, key, PeerRole::Head).await.map_err(|e| NetError::Connection(format!("{addr}: {e}")))?;
+        let (mut events, mut attach) = split(conn.open_bi().await?);
+        attach.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Events })).await?;
+        let sink: Arc<Mutex<Sink>> = Arc::default();
+        let (events_sink, name) = (sink.clone(), addr.to_string());
+        tokio::spawn(async move {
+            let _keep_open = attach;
+            let reason = loop {
+                match events.read().await {
+                    Ok(Some(frame)) => {
+                        let pending = events_sink.lock().expect("sink lock").pending.clone();
+                        if let Some(p) = pending {
+                            dispatch(&p, frame);
+                        }
+                    }
+                    Ok(None) => break "closed its event stream".to_string(),
+                    Err(e) => break format!("disconnected: {e}"),
+                }
+            };
+            let sink = events_sink.lock().expect("sink lock");
+            if let Some(p) = &sink.pending {
+                fail(p, None, None, &format!("stage {} ({name}) {reason}", sink.stage));
+            }
+        });
+        Ok(Arc::new(Self {
+            addr: addr.to_string(),
+            _endpoint: endpoint.clone(),
+            conn,
+            control: tokio::sync::Mutex::new((reader, writer)),
+            caps: Mutex::new(caps),
+            sink,
+        }))
+    }
+
+    /// Routes this node's events to `pending`; `stage` names it in errors.
+    pub fn attach(&self, pending: Pending, stage: usize) {
+        *self.sink.lock().expect("sink lock") = Sink { pending: Some(pending), stage };
+    }
+
+    /// A data stream into this node; its back direction carries refusals,
+    /// which fail the attached pipeline's steps.
+    pub async fn open_data_stream(&self) -> Result<FrameWriter, NetError> {
+        let (mut back, mut data) = split(self.conn.open_bi().await?);
+        data.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Data })).await?;
+        let sink = self.sink.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(frame)) = back.read().await {
+                let pending = sink.lock().expect("sink lock").pending.clone();
+                if let Some(p) = pending {
+                    dispatch(&p, frame);
+                }
+            }
+        });
+        Ok(data)
+    }
+
+    /// One control request; a node's error becomes `Remote`.
+    pub async fn request(&self, frame: Frame, wait: Duration) -> Result<Frame, NetError> {
+        let mut control = self.control.lock().await;
+        let (reader, writer) = &mut *control;
+        timeout(wait, &format!("{} from {}", frame.message.kind(), self.addr), async {
+            writer.write(&frame).await?;
+            let reply = reader.expect().await?;
+            match reply.message {
+                Message::Error(e) => Err(NetError::Remote(format!("node {}: {}", self.addr, e.message))),
+                _ => Ok(reply),
+            }
+        })
+        .await
+    }
+
+    /// The capabilities from the handshake or the last refresh.
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps.lock().expect("caps lock").clone()
+    }
+
+    pub async fn refresh_capabilities(&self) -> Result<Capabilities, NetError> {
+        match self.request(Frame::new(Message::GetCapabilities), Duration::from_secs(5)).await?.message {
+            Message::Capabilities(c) => {
+                *self.caps.lock().expect("caps lock") = c.clone();
+                Ok(c)
+            }
+            other => Err(NetError::Unexpected { got: other.kind(), expected: "Capabilities" }),
+        }
+    }
+
+    /// Round trip of a Ping on the control stream, and the node's load.
+    pub async fn ping(&self, wait: Duration) -> Result<Ping, NetError> {
+        let t = Instant::now();
+        match self.request(Frame::new(Message::Ping { nonce: 1 }), wait).await?.message {
+            Message::Pong { sessions, busy_nanos, .. } => Ok(Ping { rtt: t.elapsed(), sessions, busy: Duration::from_nanos(busy_nanos) }),
+            other => Err(NetError::Unexpected { got: other.kind(), expected: "Pong" }),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    /// QUIC's own smoothed round-trip estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Ping {
+    pub rtt: Duration,
+    pub sessions: u32,
+    /// Total compute time of the node so far.
+    pub busy: Duration,
+}
