@@ -75,6 +75,8 @@ pub fn run(args: BenchArgs, threads: usize) -> Result<()> {
             cluster_key: None,
             wire: args.wire,
             local_split_cores: args.local_split_cores,
+            cluster: None,
+            route: false,
         };
         engines.push((n, start_engine(&mut opened, &pipeline, threads)?));
     }

@@ -6,7 +6,10 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use sollol::cluster::health::HealthPolicy;
 use sollol::cluster::local::LocalNodes;
+use sollol::cluster::manager::ClusterManager;
+use sollol::cluster::registry::Registry;
 use sollol::cluster::partition;
 use sollol::head::chat::{ChatTemplate, Message, CHATML};
 use sollol::head::engine::{Engine, LocalEngine};
@@ -53,6 +56,13 @@ pub struct PipelineArgs {
     /// compute lock (see ARCHITECTURE.md).
     #[arg(long)]
     pub local_split_cores: bool,
+    /// Run on a registered cluster (sollol cluster create).
+    #[arg(long, conflicts_with_all = ["nodes", "local_nodes"])]
+    pub cluster: Option<String>,
+    /// Route through the registry: a single node when one can hold the model,
+    /// else a cluster (created on demand).
+    #[arg(long, conflicts_with_all = ["nodes", "local_nodes", "cluster"])]
+    pub route: bool,
 }
 
 /// The engine a command runs on, and what keeps local nodes alive while it does.
@@ -64,6 +74,9 @@ pub struct Running {
 /// Builds the local engine, or connects, plans, loads and links a pipeline
 /// (printing the plan to stderr).
 pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) -> Result<Running> {
+    if args.cluster.is_some() || args.route {
+        return start_routed(opened, args);
+    }
     if args.nodes.is_empty() && args.local_nodes == 0 {
         let slice = load_slice(&mut opened.file, None)?;
         return Ok(Running { engine: Box::new(LocalEngine::new(slice)?), _local: None });
@@ -100,6 +113,31 @@ pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) ->
         );
     }
     Ok(Running { engine: Box::new(PipelineEngine::new(rt, pipeline, cfg.context_length)), _local: local })
+}
+
+/// A registered cluster, or the registry's routing decision.
+fn start_routed(opened: &mut Opened, args: &PipelineArgs) -> Result<Running> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let guard = rt.enter();
+    let key = ClusterKey::new(args.cluster_key.as_deref());
+    let manager = ClusterManager::new(Registry::load_default()?, key, HealthPolicy::default())?;
+    let entry = match &args.cluster {
+        Some(name) => {
+            let entry = manager.registry().cluster(name).cloned().with_context(|| format!("no cluster named '{name}'"))?;
+            let digest = opened.file.digest()?;
+            anyhow::ensure!(entry.digest.is_empty() || entry.digest == digest, "cluster '{name}' serves {}, not {}", entry.model, opened.resolved.name);
+            let health = rt.block_on(manager.cluster_health(name))?;
+            anyhow::ensure!(health.healthy, "cluster '{name}' is unhealthy - nodes down: {}", health.down.join(", "));
+            entry
+        }
+        None => rt.block_on(manager.route(&opened.resolved.name))?,
+    };
+    let pipeline = rt.block_on(manager.pipeline(&entry, args.wire))?;
+    let info = manager.route_info(&entry);
+    eprintln!("route: {}", serde_json::to_string(&info)?);
+    let context = opened.file.config()?.context_length;
+    drop(guard);
+    Ok(Running { engine: Box::new(PipelineEngine::new(rt, pipeline, context)), _local: None })
 }
 
 /// The stderr lines after a generation.

@@ -2,8 +2,10 @@
 
 mod bench;
 mod chat;
+mod cluster;
 mod generate;
 mod node;
+mod nodes;
 
 use std::ops::Range;
 
@@ -40,6 +42,18 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve layer slices to heads over QUIC (run one on every machine).
     Node(node::NodeArgs),
+    /// The node registry.
+    #[command(subcommand)]
+    Nodes(nodes::NodesCommand),
+    /// Find nodes by probing an address range or listening for announcements.
+    Discover(nodes::DiscoverArgs),
+    /// Clusters: create (plan + load), list, health, rm.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Print the partition plan of a model over nodes (a dry run).
+    Plan(cluster::PlanArgs),
+    /// Where a model would run: a single node or a cluster (get_worker_for_model).
+    Route(cluster::RouteArgs),
 }
 
 #[derive(Args, Clone)]
@@ -98,6 +112,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args, cli.threads),
         Command::Chat(args) => chat::run(args, cli.threads),
         Command::Node(args) => node::run(args, cli.threads),
+        Command::Nodes(cmd) => nodes::run(cmd),
+        Command::Discover(args) => nodes::discover(args),
+        Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Plan(args) => cluster::plan(args),
+        Command::Route(args) => cluster::route(args),
         Command::Pull { model } => {
             let resolved = source::resolve(&model)?;
             println!("{}", resolved.path.display());

@@ -26,6 +26,12 @@ pub struct NodeArgs {
     /// passes take turns on the cores (set by --local-nodes).
     #[arg(long)]
     compute_lock: Option<PathBuf>,
+    /// Announce this node by multicast for `sollol discover --multicast`.
+    #[arg(long)]
+    announce: bool,
+    /// The multicast group of announcements.
+    #[arg(long, default_value = sollol::cluster::discovery::DEFAULT_GROUP)]
+    announce_group: std::net::SocketAddrV4,
 }
 
 pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
@@ -40,6 +46,7 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
         state_dir,
         threads,
         compute_lock: args.compute_lock,
+        announce: args.announce.then_some(args.announce_group),
     };
     // Networking needs little: the compute runs on the stage worker's thread pool.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -1,4 +1,10 @@
-//! Cluster management: partitioning layers over nodes, starting local nodes.
+//! Cluster management from the design doc: the node registry, discovery,
+//! partitioning strategies, health, routing, and local nodes.
 
+pub mod discovery;
+pub mod health;
 pub mod local;
+pub mod manager;
+pub mod models;
 pub mod partition;
+pub mod registry;

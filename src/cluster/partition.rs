@@ -80,18 +80,23 @@ impl Assignment {
 /// Bytes of a stage holding `r`, with the embedding on the first and the head on the last.
 pub fn stage_bytes(model: &LayerBytes, r: &Range<usize>) -> u64 {
     let n = model.blocks.len();
-    let mut b: u64 = model.blocks[r.clone()].iter().sum();
+    let mut b: u64 = model.blocks[r.start.min(n)..r.end.min(n)].iter().sum();
     if r.start == 0 {
         b += model.embed;
     }
     if r.end == n {
         b += model.head;
+        if model.tied && r.start == 0 {
+            // One stage holds the tied table once.
+            b -= model.embed;
+        }
     }
     b
 }
 
-fn total_bytes(model: &LayerBytes) -> u64 {
-    model.blocks.iter().sum::<u64>() + model.embed + model.head
+/// Bytes of the whole model on one node.
+pub fn total_bytes(model: &LayerBytes) -> u64 {
+    stage_bytes(model, &(0..model.blocks.len()))
 }
 
 fn assignments(model: &LayerBytes, nodes: &[&NodeSpec], ranges: Vec<Range<usize>>) -> Vec<Assignment> {
@@ -190,7 +195,8 @@ fn memory_aware(model: &LayerBytes, nodes: &[&NodeSpec]) -> Result<Vec<Assignmen
     for b in &model.blocks {
         cum.push(cum.last().unwrap() + *b as f64);
     }
-    let total = total_bytes(model) as f64;
+    // Over several stages a tied table is held twice (embedding and head).
+    let total = cum[n_layers] + model.head as f64;
     let mut bounds = vec![0usize];
     let mut share = 0.0;
     for (i, n) in nodes.iter().enumerate().take(k - 1) {
@@ -281,7 +287,7 @@ mod tests {
     const GB: u64 = 1_000_000_000;
 
     fn uniform(n: usize, per_layer: u64) -> LayerBytes {
-        LayerBytes { blocks: vec![per_layer; n], embed: 0, head: 0 }
+        LayerBytes { blocks: vec![per_layer; n], embed: 0, head: 0, tied: false }
     }
 
     fn node(name: &str, memory: u64) -> NodeSpec {
@@ -335,7 +341,7 @@ mod tests {
 
     #[test]
     fn embedding_and_head_count_on_the_end_stages() {
-        let m = LayerBytes { blocks: vec![10; 4], embed: 100, head: 50 };
+        let m = LayerBytes { blocks: vec![10; 4], embed: 100, head: 50, tied: false };
         let plan = plan_of(Strategy::Even, &m, &[node("a", 1000), node("b", 1000)]);
         assert_eq!(plan[0].bytes, 120);
         assert_eq!(plan[1].bytes, 70);
@@ -372,7 +378,9 @@ mod tests {
         for _ in 0..500 {
             let n_layers = 1 + next(60) as usize;
             let blocks: Vec<u64> = (0..n_layers).map(|_| 1 + next(1000)).collect();
-            let m = LayerBytes { blocks, embed: next(500), head: next(500) };
+            let embed = next(500);
+            let tied = next(2) == 0;
+            let m = LayerBytes { blocks, embed, head: next(500) + if tied { embed } else { 0 }, tied };
             let k = 1 + next(5) as usize;
             let nodes: Vec<NodeSpec> = (0..k)
                 .map(|i| NodeSpec {

@@ -25,6 +25,9 @@ pub struct CatalogEntry {
     pub total_layers: usize,
     pub memory_per_layer_mb: f64,
     pub min_memory_mb: f64,
+    /// How a user gets the model when sollol cannot fetch it (e.g. "ollama pull llama2:70b").
+    #[serde(default)]
+    pub get: Option<String>,
     pub fetch: Option<Fetch>,
 }
 

@@ -235,11 +235,12 @@ impl GgufFile {
                 head += bytes;
             }
         }
-        if !self.content.tensor_infos.contains_key("output.weight") {
+        let tied = !self.content.tensor_infos.contains_key("output.weight");
+        if tied {
             // Tied embeddings: the last stage holds the table again as its LM head.
             head += embed;
         }
-        LayerBytes { blocks, embed, head }
+        LayerBytes { blocks, embed, head, tied }
     }
 
     /// A digest of the header and tensor table: two nodes that report the same
@@ -296,9 +297,12 @@ pub fn value_u64(v: &Value) -> Option<u64> {
 }
 
 /// Exact byte counts of a model's parts, the input of every partitioning strategy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LayerBytes {
     pub blocks: Vec<u64>,
     pub embed: u64,
+    /// Norm + LM head; with tied embeddings this includes the table.
     pub head: u64,
+    /// The LM head is the embedding table: a stage holding both holds it once.
+    pub tied: bool,
 }

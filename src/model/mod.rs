@@ -85,16 +85,7 @@ impl ModelFile {
     /// Bytes a slice of `layers` holds: its blocks, plus the embedding on the
     /// first slice and the norm + LM head on the last.
     pub fn slice_bytes(&self, layers: Range<usize>) -> Result<u64> {
-        let b = self.layer_bytes()?;
-        let n = b.blocks.len();
-        let mut total: u64 = b.blocks[layers.start.min(n)..layers.end.min(n)].iter().sum();
-        if layers.start == 0 {
-            total += b.embed;
-        }
-        if layers.end == n {
-            total += b.head;
-        }
-        Ok(total)
+        Ok(crate::cluster::partition::stage_bytes(&self.layer_bytes()?, &layers))
     }
 
     /// Identifies the model: SHA-256 of the GGUF header and tensor table, or of

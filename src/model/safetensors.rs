@@ -240,9 +240,10 @@ impl SafetensorsDir {
                 head += bytes;
             }
         }
-        if self.tensors.get("lm_head.weight").is_err() {
+        let tied = self.hf.tie_word_embeddings || self.tensors.get("lm_head.weight").is_err();
+        if tied {
             head += embed;
         }
-        super::gguf::LayerBytes { blocks, embed, head }
+        super::gguf::LayerBytes { blocks, embed, head, tied }
     }
 }

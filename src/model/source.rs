@@ -42,7 +42,11 @@ pub fn resolve(spec: &str) -> Result<ResolvedModel> {
     if let Some(entry) = catalog.find(spec) {
         return Err(Error::Fetch {
             model: spec.to_string(),
-            reason: format!("the catalog knows {} but not where to get it; pass a path or pull it with Ollama", entry.name),
+            reason: format!(
+                "the catalog knows {} but sollol cannot fetch it: {}",
+                entry.name,
+                entry.get.as_deref().unwrap_or("pass a .gguf path or pull it with Ollama")
+            ),
         });
     }
     if looks_like_repo_id(spec) {

@@ -31,6 +31,8 @@ pub struct NodeConfig {
     /// A file locked around every forward pass, shared by nodes on one machine
     /// so that their passes take turns on the cores instead of thrashing.
     pub compute_lock: Option<PathBuf>,
+    /// Multicast group to announce this node on (LAN discovery, opt-in).
+    pub announce: Option<std::net::SocketAddrV4>,
 }
 
 struct Node {
@@ -68,6 +70,17 @@ pub async fn run(cfg: NodeConfig) -> crate::Result<()> {
         loaded: Mutex::new(None),
         next_link: tokio::sync::Mutex::new(None),
     });
+    if let Some(group) = node.cfg.announce {
+        let iface = match local.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+            _ => std::net::Ipv4Addr::UNSPECIFIED,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = crate::cluster::discovery::announce(group, iface, local.to_string(), std::time::Duration::from_secs(1)).await {
+                tracing::warn!("announcements stopped: {e}");
+            }
+        });
+    }
     println!("sollol node listening on {local}");
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -23,10 +23,14 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn spawn(key: Option<&str>, extra: &[&str]) -> Self {
+        Self::spawn_on("127.0.0.1:0", key, extra)
+    }
+
+    pub fn spawn_on(listen: &str, key: Option<&str>, extra: &[&str]) -> Self {
         use std::io::BufRead;
         let state = std::env::temp_dir().join("sollol-test-node");
         let mut cmd = std::process::Command::new(sollol_bin());
-        cmd.args(["--threads", "1", "node", "--listen", "127.0.0.1:0", "--state-dir"])
+        cmd.args(["--threads", "1", "node", "--listen", listen, "--state-dir"])
             .arg(&state)
             .args(extra)
             .env_remove("SOLLOL_CLUSTER_KEY")

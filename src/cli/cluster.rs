@@ -1,0 +1,175 @@
+//! `sollol cluster create|list|health|rm`, `sollol plan` and `sollol route`.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use sollol::cluster::manager::describe;
+use sollol::cluster::models::model_info;
+use sollol::cluster::partition::{self, NodeSpec, Strategy};
+use sollol::cluster::registry::Registry;
+use sollol::sys::human_bytes;
+
+use super::nodes::{manager, print_nodes, runtime, KeyArgs};
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Plan, load the slices on the nodes, and register the cluster.
+    Create {
+        name: String,
+        #[arg(long)]
+        model: String,
+        /// Registered node names (or addresses), in chain order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        #[arg(long, default_value = "even")]
+        strategy: Strategy,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    List,
+    /// Healthy only when every node answers and still holds its slice.
+    Health {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[arg(long)]
+    model: String,
+    /// Registered nodes (names or addresses), asked for their free memory.
+    #[arg(long, value_delimiter = ',', conflicts_with = "node")]
+    nodes: Vec<String>,
+    /// A hypothetical node: NAME=MEMORY (e.g. a=48GB); repeat for each.
+    #[arg(long)]
+    node: Vec<String>,
+    #[arg(long, default_value = "even")]
+    strategy: Strategy,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    key: KeyArgs,
+}
+
+#[derive(Args)]
+pub struct RouteArgs {
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[command(flatten)]
+    key: KeyArgs,
+}
+
+pub fn run(cmd: ClusterCommand) -> Result<()> {
+    let rt = runtime()?;
+    let _guard = rt.enter();
+    match cmd {
+        ClusterCommand::Create { name, model, nodes, strategy, key } => {
+            let m = manager(&key)?;
+            let names: Vec<String> = nodes
+                .iter()
+                .map(|n| m.registry().node(n).map(|e| e.name.clone()).with_context(|| format!("node '{n}' is not registered (sollol nodes add)")))
+                .collect::<Result<_>>()?;
+            let entry = rt.block_on(m.create_cluster(&name, &names, &model, strategy))?;
+            print!("{}", describe(&entry));
+        }
+        ClusterCommand::List => {
+            let reg = Registry::load_default()?;
+            if reg.clusters.is_empty() {
+                println!("no clusters (sollol cluster create NAME --model M --nodes a,b)");
+            }
+            for c in &reg.clusters {
+                let stages: Vec<String> = c.stages.iter().map(|s| format!("{} {}-{}", s.node, s.start, s.end - 1)).collect();
+                println!("{}  {}  {}  [{}]", c.name, c.model, c.strategy, stages.join(", "));
+            }
+        }
+        ClusterCommand::Health { name, json, key } => {
+            let m = manager(&key)?;
+            let h = rt.block_on(m.cluster_health(&name))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                if h.healthy {
+                    println!("cluster '{name}' is healthy");
+                } else {
+                    println!("cluster '{name}' is unhealthy - nodes down: {}", h.down.join(", "));
+                }
+                print_nodes(&h.nodes);
+            }
+        }
+        ClusterCommand::Rm { name } => {
+            let mut reg = Registry::load_default()?;
+            reg.remove_cluster(&name)?;
+            reg.save()?;
+            println!("removed cluster {name}");
+        }
+    }
+    Ok(())
+}
+
+/// A dry run: the plan only, nothing is loaded.
+pub fn plan(args: PlanArgs) -> Result<()> {
+    let (info, plan) = if args.nodes.is_empty() {
+        let specs: Vec<NodeSpec> = args
+            .node
+            .iter()
+            .map(|n| {
+                let (name, mem) = n.split_once('=').with_context(|| format!("--node takes NAME=MEMORY, got '{n}'"))?;
+                let memory = sollol::sys::parse_size(mem).map_err(anyhow::Error::msg)?;
+                Ok(NodeSpec { name: name.to_string(), memory, bytes_per_sec: 0.0, rtt_secs: 0.0 })
+            })
+            .collect::<Result<_>>()?;
+        anyhow::ensure!(!specs.is_empty(), "give --nodes a,b (registered) or --node a=48GB --node b=24GB (hypothetical)");
+        let info = model_info(&args.model)?;
+        let plan = partition::plan(args.strategy, &info.layer_bytes, &specs)?;
+        (info, plan)
+    } else {
+        let rt = runtime()?;
+        let _guard = rt.enter();
+        let m = manager(&args.key)?;
+        let names: Vec<String> = args
+            .nodes
+            .iter()
+            .map(|n| m.registry().node(n).map(|e| e.name.clone()).with_context(|| format!("node '{n}' is not registered")))
+            .collect::<Result<_>>()?;
+        rt.block_on(m.plan(&args.model, &names, args.strategy))?
+    };
+    if args.json {
+        println!("{}", serde_json::json!({"model": info.name, "from": info.from, "strategy": args.strategy.to_string(), "stages": plan}));
+        return Ok(());
+    }
+    println!(
+        "Plan for {} ({} layers, {} of weights, from the {}) with strategy {}:",
+        info.name,
+        info.n_layers(),
+        human_bytes(info.total_bytes()),
+        info.from,
+        args.strategy
+    );
+    for (i, s) in plan.iter().enumerate() {
+        println!("   Node {}: layers {}-{} ({} layers, {}) on {}", i + 1, s.start, s.end - 1, s.end - s.start, human_bytes(s.bytes), s.node);
+    }
+    let used: HashMap<&str, ()> = plan.iter().map(|s| (s.node.as_str(), ())).collect();
+    let unused: Vec<&String> = args.nodes.iter().chain(args.node.iter()).filter(|n| !used.contains_key(n.split('=').next().unwrap_or(n))).collect();
+    if !unused.is_empty() {
+        println!("   (not used: {})", unused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
+    }
+    Ok(())
+}
+
+/// `get_worker_for_model`: prints where a model would run (loading it there if needed).
+pub fn route(args: RouteArgs) -> Result<()> {
+    let rt = runtime()?;
+    let _guard = rt.enter();
+    let m = manager(&args.key)?;
+    let entry = rt.block_on(m.route(&args.model))?;
+    println!("{}", serde_json::to_string_pretty(&m.route_info(&entry))?);
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Cluster management on real node processes over loopback: the registry,
+//! a memory-aware cluster, generation through it, health after a node dies,
+//! routing, and discovery.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::NodeProc;
+
+const KEY: &str = "cluster-test-key";
+
+fn sollol(args: &[&str], config: &Path) -> Output {
+    eprintln!("$ sollol {}", args.join(" "));
+    Command::new(common::sollol_bin())
+        .args(args)
+        .env("SOLLOL_REGISTRY", config.join("registry.toml"))
+        .env("SOLLOL_CLUSTER_KEY", KEY)
+        .env("SOLLOL_NO_HUB", "1")
+        .output()
+        .expect("run sollol")
+}
+
+fn ok(out: Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[test]
+fn memory_aware_cluster_generates_reports_a_dead_node_and_routing_moves_on() {
+    common::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path();
+    // SmolLM2 holds 92 MiB of weights: no node below can take it whole.
+    let a = NodeProc::spawn(Some(KEY), &["--memory-limit", "70MB"]);
+    let b = NodeProc::spawn(Some(KEY), &["--memory-limit", "50MB"]);
+    let mut c = NodeProc::spawn(Some(KEY), &["--memory-limit", "50MB"]);
+    for (name, n) in [("a", &a), ("b", &b), ("c", &c)] {
+        let out = ok(sollol(&["nodes", "add", &n.addr, "--name", name], cfg));
+        assert!(out.contains(&format!("added node {name}")), "{out}");
+    }
+    let list = ok(sollol(&["nodes", "list"], cfg));
+    assert_eq!(list.matches("healthy").count(), 3, "{list}");
+    assert!(list.contains("66.8 MiB"), "a's advertised memory: {list}");
+
+    let created = ok(sollol(&["cluster", "create", "smol", "--model", "smollm2", "--nodes", "a,b,c", "--strategy", "memory_aware"], cfg));
+    assert!(created.contains("Created cluster 'smol' with 3 nodes for smollm2"), "{created}");
+    assert!(created.contains("Node 1: layers 0-9 (10 layers"), "{created}");
+    assert!(ok(sollol(&["cluster", "list"], cfg)).contains("smol"));
+
+    let out = sollol(&["generate", "--cluster", "smol", "-n", "6", "The capital of France is"], cfg);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "{stdout}");
+    assert!(stderr.contains(r#""cluster":"smol""#) && stderr.contains(r#""layers":[0,9]"#), "the routing facts: {stderr}");
+
+    assert!(ok(sollol(&["cluster", "health", "smol"], cfg)).contains("cluster 'smol' is healthy"));
+    let route = ok(sollol(&["route", "--model", "smollm2"], cfg));
+    assert!(route.contains(r#""cluster": "smol""#), "{route}");
+
+    c.kill();
+    let health = ok(sollol(&["cluster", "health", "smol"], cfg));
+    assert!(health.contains("cluster 'smol' is unhealthy - nodes down: c"), "{health}");
+    // a and b alone cannot hold the model: routing says so instead of picking smol.
+    let out = sollol(&["route", "--model", "smollm2"], cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("missing"), "a cluster with a dead node must not be picked: {stderr}");
+
+    // A node that holds the whole model takes it alone.
+    let d = NodeProc::spawn(Some(KEY), &["--memory-limit", "300MB"]);
+    ok(sollol(&["nodes", "add", &d.addr, "--name", "d"], cfg));
+    let route = ok(sollol(&["route", "--model", "smollm2"], cfg));
+    assert!(route.contains(r#""single_node": true"#) && route.contains(r#""cluster": "d""#), "{route}");
+    let out = sollol(&["generate", "--route", "-n", "4", "The capital of France is"], cfg);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    ok(sollol(&["nodes", "rm", "c"], cfg));
+    assert!(!ok(sollol(&["cluster", "list"], cfg)).contains("smol"), "removing a node removes its clusters");
+}
+
+/// A port that is free on 127.0.0.2 and 127.0.0.3 right now.
+fn free_port() -> u16 {
+    loop {
+        let s = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        drop(s);
+        if std::net::UdpSocket::bind(("127.0.0.3", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+#[test]
+fn probing_a_loopback_range_finds_exactly_the_nodes_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _n2 = NodeProc::spawn_on(&format!("127.0.0.2:{port}"), Some(KEY), &[]);
+    let _n3 = NodeProc::spawn_on(&format!("127.0.0.3:{port}"), Some(KEY), &[]);
+    let out = ok(sollol(&["discover", "--cidr", "127.0.0.0/29", "--port", &port.to_string(), "--add"], dir.path()));
+    assert!(out.contains(&format!("127.0.0.2:{port}")) && out.contains(&format!("127.0.0.3:{port}")), "{out}");
+    assert!(out.contains("2 node(s) found"), "{out}");
+    let list = ok(sollol(&["nodes", "list"], dir.path()));
+    assert_eq!(list.matches("healthy").count(), 2, "{list}");
+    // With another key the nodes are still found, as nodes that refuse it.
+    let out = Command::new(common::sollol_bin())
+        .args(["discover", "--cidr", "127.0.0.0/29", "--port", &port.to_string()])
+        .env("SOLLOL_CLUSTER_KEY", "another-key")
+        .env("SOLLOL_REGISTRY", dir.path().join("other.toml"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("2 node(s) found") && out.contains("refused this cluster key"), "{out}");
+}
+
+#[test]
+fn multicast_announcements_on_loopback_are_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = format!("239.255.70.70:{}", free_port());
+    let node = NodeProc::spawn(Some(KEY), &["--announce", "--announce-group", &group]);
+    let out = ok(sollol(&["discover", "--multicast", "--group", &group, "--interface", "127.0.0.1", "--seconds", "3"], dir.path()));
+    assert!(out.contains(&node.addr), "{out}");
+}
