@@ -3,9 +3,11 @@
 //! The module tree follows the data path: [`model`] (weights, layer slices,
 //! KV caches) → [`node`] (the stage server) → [`net`] (wire protocol, QUIC)
 //! → [`head`] (tokenizer, sampling, generation, the pipeline client) → [`cluster`]
-//! (partitioning, local nodes). See
+//! (registry, partitioning, health, routing) → [`api`] (Ollama and OpenAI
+//! HTTP APIs, metrics, dashboard). See
 //! `ARCHITECTURE.md` for the map and the invariants.
 
+pub mod api;
 pub mod cluster;
 pub mod error;
 pub mod head;

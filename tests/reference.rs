@@ -49,32 +49,6 @@ fn sollol_logits(model: &Path, bounds: &[usize]) -> Vec<Vec<f32>> {
     out
 }
 
-/// A PYTHONPATH under which numpy imports: the system's, or a private copy
-/// pip installs into the sollol cache the first time (a fresh machine has none).
-fn numpy_path() -> String {
-    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let has_numpy = |pp: &str| {
-            Command::new("python3").args(["-c", "import numpy"]).env("PYTHONPATH", pp).status().is_ok_and(|s| s.success())
-        };
-        let system = std::env::var("PYTHONPATH").unwrap_or_default();
-        if has_numpy(&system) {
-            return system;
-        }
-        let private = sollol::paths::cache_dir().expect("a cache dir").join("python");
-        let private = private.to_string_lossy().to_string();
-        if !has_numpy(&private) {
-            let ok = Command::new("python3")
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", &private, "numpy"])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "numpy is missing and pip could not install it into {private}");
-        }
-        private
-    })
-    .clone()
-}
-
 fn reference_logits(model: &Path) -> Vec<Vec<f64>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference.py");
     let csv: Vec<String> = TOKENS.iter().map(|t| t.to_string()).collect();
@@ -82,7 +56,7 @@ fn reference_logits(model: &Path) -> Vec<Vec<f64>> {
         .arg(script)
         .arg(model)
         .arg(csv.join(","))
-        .env("PYTHONPATH", numpy_path())
+        .env("PYTHONPATH", common::python_path(&["numpy"]))
         .output()
         .expect("python3 runs");
     assert!(out.status.success(), "reference.py failed: {}", String::from_utf8_lossy(&out.stderr));

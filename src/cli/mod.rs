@@ -6,6 +6,7 @@ mod cluster;
 mod generate;
 mod node;
 mod nodes;
+mod serve;
 
 use std::ops::Range;
 
@@ -54,6 +55,8 @@ enum Command {
     Plan(cluster::PlanArgs),
     /// Where a model would run: a single node or a cluster (get_worker_for_model).
     Route(cluster::RouteArgs),
+    /// The head's HTTP server: Ollama's and OpenAI's APIs, /metrics, /dashboard.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -117,6 +120,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Plan(args) => cluster::plan(args),
         Command::Route(args) => cluster::route(args),
+        Command::Serve(args) => serve::run(args, cli.threads),
         Command::Pull { model } => {
             let resolved = source::resolve(&model)?;
             println!("{}", resolved.path.display());

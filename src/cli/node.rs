@@ -26,6 +26,9 @@ pub struct NodeArgs {
     /// passes take turns on the cores (set by --local-nodes).
     #[arg(long)]
     compute_lock: Option<PathBuf>,
+    /// Exit when standard input closes (set by a parent that started this node).
+    #[arg(long, hide = true)]
+    exit_with_stdin: bool,
     /// Announce this node by multicast for `sollol discover --multicast`.
     #[arg(long)]
     announce: bool,
@@ -48,6 +51,12 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
         compute_lock: args.compute_lock,
         announce: args.announce.then_some(args.announce_group),
     };
+    if args.exit_with_stdin {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
     // Networking needs little: the compute runs on the stage worker's thread pool.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {

@@ -41,13 +41,14 @@ impl LocalNodes {
         let mut nodes = Self { children: Vec::new(), addrs: Vec::new(), key, threads_each, _lock_dir: None };
         for _ in 0..n {
             let mut cmd = Command::new(bin);
-            cmd.args(["--threads", &threads_each.to_string(), "node", "--listen", "127.0.0.1:0"]);
+            // --exit-with-stdin: the node goes when this process goes, even killed.
+            cmd.args(["--threads", &threads_each.to_string(), "node", "--listen", "127.0.0.1:0", "--exit-with-stdin"]);
             if let Some(dir) = &lock_dir {
                 cmd.arg("--compute-lock").arg(dir.path().join("compute.lock"));
             }
             let mut child = cmd
                 .env("SOLLOL_CLUSTER_KEY", &nodes.key)
-                .stdin(Stdio::null())
+                .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()

@@ -8,4 +8,5 @@ pub mod client;
 pub mod engine;
 pub mod generation;
 pub mod pipeline;
+pub mod queue;
 pub mod tokenizer;

@@ -184,18 +184,28 @@ impl Pipeline {
     }
 }
 
-/// The pipeline as a synchronous [`Engine`] for the generation loop.
+/// The pipeline as a synchronous [`Engine`] for the generation loop. Steps
+/// block on the runtime through `handle`, so the loop runs on a plain or a
+/// blocking thread; many engines may share one pipeline.
 pub struct PipelineEngine {
-    rt: tokio::runtime::Runtime,
-    pipeline: Pipeline,
+    handle: tokio::runtime::Handle,
+    pipeline: Arc<Pipeline>,
     context_length: usize,
     /// Capacity to send with each open session's first step.
     opening: HashMap<u64, u32>,
+    /// The runtime, when this engine owns it (the CLI).
+    _rt: Option<tokio::runtime::Runtime>,
 }
 
 impl PipelineEngine {
+    /// An engine owning its runtime.
     pub fn new(rt: tokio::runtime::Runtime, pipeline: Pipeline, context_length: usize) -> Self {
-        Self { rt, pipeline, context_length, opening: HashMap::new() }
+        Self { handle: rt.handle().clone(), pipeline: Arc::new(pipeline), context_length, opening: HashMap::new(), _rt: Some(rt) }
+    }
+
+    /// An engine over a shared pipeline, for one request on a blocking thread.
+    pub fn shared(handle: tokio::runtime::Handle, pipeline: Arc<Pipeline>, context_length: usize) -> Self {
+        Self { handle, pipeline, context_length, opening: HashMap::new(), _rt: None }
     }
 
     pub fn pipeline(&self) -> &Pipeline {
@@ -203,7 +213,7 @@ impl PipelineEngine {
     }
 
     pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.rt.block_on(f)
+        self.handle.block_on(f)
     }
 }
 
@@ -224,7 +234,7 @@ impl Engine for PipelineEngine {
             SampleRequest { params: s.params.clone(), recent, draw: s.step }
         });
         let t = Instant::now();
-        let r = self.rt.block_on(self.pipeline.step(session, tokens, open, sample, want_logits))?;
+        let r = self.handle.block_on(self.pipeline.step(session, tokens, open, sample, want_logits))?;
         let wall = t.elapsed();
         let stage_times: Vec<Duration> = r.stage_nanos.iter().map(|&n| Duration::from_nanos(n)).collect();
         let compute: Duration = stage_times.iter().sum();
@@ -242,7 +252,7 @@ impl Engine for PipelineEngine {
 
     fn close(&mut self, session: u64) {
         self.opening.remove(&session);
-        self.rt.block_on(self.pipeline.close(session));
+        self.handle.block_on(self.pipeline.close(session));
     }
 
     fn context_length(&self) -> usize {

@@ -59,3 +59,77 @@ impl Drop for NodeProc {
         self.kill();
     }
 }
+
+pub mod http;
+
+/// A `sollol serve` process on a free port; killed (with its nodes) on drop.
+pub struct ServeProc {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl ServeProc {
+    pub fn spawn(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(sollol_bin())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("SOLLOL_REGISTRY", std::env::temp_dir().join(format!("sollol-serve-test-{}.toml", std::process::id())))
+            .env("SOLLOL_NO_HUB", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn sollol serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = lines.next().expect("serve output").expect("serve line");
+        std::thread::spawn(move || for _ in lines {});
+        let addr = line.strip_prefix("sollol serving on http://").expect("serving line").to_string();
+        Self { child, addr }
+    }
+}
+
+impl Drop for ServeProc {
+    fn drop(&mut self) {
+        // SIGTERM lets the server stop its local nodes.
+        unsafe_kill_term(self.child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill_term(pid: u32) {
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+}
+
+/// A PYTHONPATH under which `modules` import: the system's, or a private
+/// directory in the sollol cache that pip fills the first time (a fresh
+/// machine has none of them).
+pub fn python_path(modules: &[&str]) -> String {
+    use std::process::Command;
+    let imports = |pp: &str| {
+        let code = modules.iter().map(|m| format!("import {m}")).collect::<Vec<_>>().join("; ");
+        Command::new("python3").args(["-c", &code]).env("PYTHONPATH", pp).status().is_ok_and(|s| s.success())
+    };
+    let system = std::env::var("PYTHONPATH").unwrap_or_default();
+    if imports(&system) {
+        return system;
+    }
+    let private = sollol::paths::cache_dir().expect("a cache dir").join("python").to_string_lossy().to_string();
+    if !imports(&private) {
+        let ok = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", &private])
+            .args(modules)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "{modules:?} missing and pip could not install them into {private}");
+    }
+    private
+}

@@ -1,0 +1,338 @@
+//! Ollama's REST API, following its published reference: NDJSON streaming by
+//! default, durations in nanoseconds, `done`/`done_reason`, `context`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, Dialect};
+use super::service::{Event, Finished, GenRequest, Prompt, Service};
+use super::{parse_json, priority};
+use crate::head::chat::Message;
+use crate::model::sampling::SamplingParams;
+
+/// Ollama's `options`; unknown keys are ignored, as Ollama does.
+#[derive(Debug, Default, Deserialize)]
+pub struct Options {
+    pub temperature: Option<f32>,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i64>,
+    pub seed: Option<i64>,
+    pub num_predict: Option<i64>,
+    pub num_ctx: Option<i64>,
+    pub stop: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GenerateBody {
+    pub model: String,
+    #[serde(default)]
+    pub prompt: String,
+    pub system: Option<String>,
+    #[serde(default)]
+    pub raw: bool,
+    pub stream: Option<bool>,
+    pub format: Option<Value>,
+    #[serde(default)]
+    pub options: Options,
+    #[serde(default)]
+    pub context: Vec<u32>,
+    pub priority: Option<i32>,
+    #[allow(dead_code)]
+    pub keep_alive: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    pub model: String,
+    #[serde(default)]
+    pub messages: Vec<Message>,
+    pub stream: Option<bool>,
+    pub format: Option<Value>,
+    #[serde(default)]
+    pub options: Options,
+    pub priority: Option<i32>,
+    #[allow(dead_code)]
+    pub keep_alive: Option<Value>,
+}
+
+/// Sampling from Ollama options, with Ollama's defaults; absurd values are refused.
+pub fn sampling(o: &Options) -> Result<(SamplingParams, usize, usize, Vec<String>), ApiError> {
+    let bad = |m: String| ApiError::bad_request(m);
+    let top_k = match o.top_k {
+        Some(k) if k < 0 => return Err(bad(format!("top_k must be >= 0, got {k}"))),
+        Some(k) => k as usize,
+        None => 40,
+    };
+    let num_predict = match o.num_predict {
+        Some(n) if n < -2 => return Err(bad(format!("num_predict must be >= -2, got {n}"))),
+        // -1: until the context is full; -2: fill the context.
+        Some(n) if n < 0 => usize::MAX,
+        Some(n) => n as usize,
+        None => 128,
+    };
+    let num_ctx = match o.num_ctx {
+        Some(n) if n <= 0 => return Err(bad(format!("num_ctx must be positive, got {n}"))),
+        Some(n) => n as usize,
+        None => 0,
+    };
+    let params = SamplingParams {
+        temperature: o.temperature.unwrap_or(0.8),
+        top_k,
+        top_p: o.top_p.unwrap_or(0.9),
+        min_p: o.min_p.unwrap_or(0.0),
+        repeat_penalty: o.repeat_penalty.unwrap_or(1.1),
+        repeat_last_n: o.repeat_last_n.map_or(64, |n| n.clamp(0, 4096) as usize),
+        seed: o.seed.map_or_else(rand::random, |s| s as u64),
+    };
+    params.validate()?;
+    Ok((params, num_predict, num_ctx, o.stop.clone().unwrap_or_default()))
+}
+
+fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::bad_request("format (JSON mode / structured outputs) is not supported by sollol yet")),
+    }
+}
+
+fn now() -> String {
+    crate::api::rfc3339(std::time::SystemTime::now())
+}
+
+fn final_fields(f: &Finished) -> Value {
+    let s = &f.result.stats;
+    json!({
+        "done": true,
+        "done_reason": f.result.finish.as_str(),
+        "total_duration": f.total.as_nanos() as u64,
+        "load_duration": f.load.as_nanos() as u64,
+        "prompt_eval_count": s.prompt_tokens,
+        "prompt_eval_duration": s.prefill.as_nanos() as u64,
+        "eval_count": s.generated_tokens,
+        "eval_duration": s.decode.as_nanos() as u64,
+        "_cluster": f.route,
+    })
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// Streams NDJSON lines, or collects them into one object when `stream` is false.
+async fn respond(
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    stream: bool,
+    line: impl Fn(Option<&str>, Option<&Finished>) -> Value + Send + Sync + 'static,
+) -> Response {
+    let line = Arc::new(line);
+    if stream {
+        let body = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+            let line = line.clone();
+            let out = async move {
+                if done {
+                    return None;
+                }
+                let (value, done) = match rx.recv().await? {
+                    Event::Text(t) => (line(Some(&t), None), false),
+                    Event::Done(f) => (line(None, Some(&f)), true),
+                    Event::Failed(e) => (e.in_dialect(Dialect::Ollama).body(), true),
+                };
+                Some((Ok::<_, std::convert::Infallible>(format!("{value}\n")), (rx, done)))
+            };
+            out
+        });
+        return Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(Body::from_stream(body))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(f) => {
+                let mut v = line(None, Some(&f));
+                let body = line(Some(&text), None);
+                // The full text where the streamed lines carry pieces.
+                for k in ["response", "message"] {
+                    if let Some(x) = body.get(k) {
+                        v[k] = x.clone();
+                    }
+                }
+                return Json(v).into_response();
+            }
+            Event::Failed(e) => return e.in_dialect(Dialect::Ollama).into_response(),
+        }
+    }
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended without a result").into_response()
+}
+
+pub async fn generate(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let req: GenerateBody = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match generate_inner(&svc, &headers, req).await {
+        Ok(r) => r,
+        Err(e) => e.in_dialect(Dialect::Ollama).into_response(),
+    }
+}
+
+async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, req: GenerateBody) -> Result<Response, ApiError> {
+    check_format(&req.format)?;
+    let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
+    let model = req.model.clone();
+    if req.prompt.is_empty() && req.system.is_none() {
+        // Ollama's way to load a model: an empty prompt.
+        let w = svc.worker(&model).await?;
+        return Ok(Json(json!({"model": model, "created_at": now(), "response": "", "done": true, "done_reason": "load",
+            "load_duration": w.load_duration.as_nanos() as u64})).into_response());
+    }
+    let prompt = if req.raw {
+        Prompt::Raw(req.prompt.clone())
+    } else {
+        let mut m: Vec<Message> = req.system.iter().map(|s| Message::new("system", s)).collect();
+        m.push(Message::new("user", &req.prompt));
+        Prompt::Chat(m)
+    };
+    let gen = GenRequest { model: model.clone(), prompt, context: req.context.clone(), params, max_tokens, stop, num_ctx, priority: priority(headers, req.priority) };
+    let rx = svc.generate(gen).await?;
+    Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
+        None => json!({"model": model, "created_at": now(), "response": piece.unwrap_or(""), "done": false}),
+        Some(f) => {
+            let mut context = f.prompt_ids.clone();
+            context.extend(&f.result.tokens);
+            merge(json!({"model": model, "created_at": now(), "response": "", "context": context}), final_fields(f))
+        }
+    })
+    .await)
+}
+
+pub async fn chat(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let req: ChatBody = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match chat_inner(&svc, &headers, req).await {
+        Ok(r) => r,
+        Err(e) => e.in_dialect(Dialect::Ollama).into_response(),
+    }
+}
+
+async fn chat_inner(svc: &Arc<Service>, headers: &HeaderMap, req: ChatBody) -> Result<Response, ApiError> {
+    check_format(&req.format)?;
+    let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
+    let model = req.model.clone();
+    if req.messages.is_empty() {
+        let w = svc.worker(&model).await?;
+        return Ok(Json(json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""},
+            "done": true, "done_reason": "load", "load_duration": w.load_duration.as_nanos() as u64})).into_response());
+    }
+    for m in &req.messages {
+        if !["system", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+            return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
+        }
+    }
+    let gen = GenRequest { model: model.clone(), prompt: Prompt::Chat(req.messages), context: vec![], params, max_tokens, stop, num_ctx, priority: priority(headers, req.priority) };
+    let rx = svc.generate(gen).await?;
+    Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
+        None => json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": piece.unwrap_or("")}, "done": false}),
+        Some(f) => merge(json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""}}), final_fields(f)),
+    })
+    .await)
+}
+
+fn details(family: &str, quantization: &str, params: Option<u64>) -> Value {
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": family,
+        "families": [family],
+        "parameter_size": params.map_or(String::new(), |p| if p >= 1_000_000_000 { format!("{:.1}B", p as f64 / 1e9) } else { format!("{}M", p / 1_000_000) }),
+        "quantization_level": quantization,
+    })
+}
+
+/// Models this head can serve: the loaded ones, plus catalog models whose file is cached.
+pub async fn tags(State(svc): State<Arc<Service>>) -> Json<Value> {
+    Json(json!({ "models": super::model_list(&svc).await.into_iter().map(|m| json!({
+        "name": m.name, "model": m.name, "modified_at": crate::api::rfc3339(m.modified), "size": m.size,
+        "digest": m.digest, "details": details(&m.family, &m.quantization, None),
+    })).collect::<Vec<_>>() }))
+}
+
+pub async fn ps(State(svc): State<Arc<Service>>) -> Json<Value> {
+    let models: Vec<Value> = svc
+        .loaded()
+        .await
+        .iter()
+        .map(|w| {
+            json!({
+                "name": w.name, "model": w.name, "size": w.size, "digest": w.digest,
+                "details": details(w.config.arch.name, &w.quantization, None),
+                "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0, "_cluster": w.route,
+            })
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+#[derive(Deserialize)]
+pub struct ShowBody {
+    #[serde(alias = "name")]
+    model: String,
+}
+
+pub async fn show(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> Response {
+    let req: ShowBody = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let w = match svc.worker(&req.model).await {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    let c = &w.config;
+    let arch = c.arch.name;
+    Json(json!({
+        "modelfile": format!("FROM {}\n", w.name),
+        "parameters": "",
+        "template": w.tokenizer.chat_template().map_or("", |_| "{{ chat_template }}"),
+        "details": details(arch, &w.quantization, None),
+        "model_info": {
+            "general.architecture": arch,
+            format!("{arch}.block_count"): c.n_layers,
+            format!("{arch}.embedding_length"): c.hidden_size,
+            format!("{arch}.context_length"): c.context_length,
+            format!("{arch}.attention.head_count"): c.n_heads,
+            format!("{arch}.attention.head_count_kv"): c.n_kv_heads,
+            format!("{arch}.feed_forward_length"): c.intermediate_size,
+            format!("{arch}.vocab_size"): c.vocab_size,
+        },
+        "capabilities": ["completion"],
+        "_cluster": w.route,
+    }))
+    .into_response()
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+pub async fn root() -> &'static str {
+    "Ollama is running"
+}

@@ -1,0 +1,279 @@
+//! OpenAI's API: chat and text completions (SSE streaming ending in
+//! `data: [DONE]`, or one JSON object), model listing, OpenAI's error shape.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, Dialect};
+use super::service::{Event, Finished, GenRequest, Prompt, Service};
+use super::{parse_json, priority};
+use crate::head::chat::Message;
+use crate::model::sampling::SamplingParams;
+
+/// `stop` may be a string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CommonParams {
+    pub model: String,
+    #[serde(default)]
+    pub stream: bool,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub n: Option<u32>,
+    pub frequency_penalty: Option<f32>,
+    pub priority: Option<i32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    pub messages: Vec<ChatMessage>,
+}
+
+/// Content may be a string or a list of parts; only text parts are supported.
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionBody {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    pub prompt: Value,
+}
+
+fn sampling(c: &CommonParams) -> Result<(SamplingParams, usize, Vec<String>), ApiError> {
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_request("only n = 1 is supported"));
+    }
+    let max = c.max_completion_tokens.or(c.max_tokens);
+    let max_tokens = match max {
+        Some(m) if m <= 0 => return Err(ApiError::bad_request(format!("max_tokens must be positive, got {m}"))),
+        Some(m) => m as usize,
+        None => 256,
+    };
+    if c.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(ApiError::bad_request("temperature must be between 0 and 2"));
+    }
+    let params = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k: 0,
+        top_p: c.top_p.unwrap_or(1.0),
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed: c.seed.map_or_else(rand::random, |s| s as u64),
+    };
+    params.validate()?;
+    let stop = match &c.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() > 4 => return Err(ApiError::bad_request("at most 4 stop sequences")),
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    Ok((params, max_tokens, stop))
+}
+
+fn text_of(content: &Value) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match (p["type"].as_str(), p["text"].as_str()) {
+                (Some("text"), Some(t)) => Ok(t.to_string()),
+                _ => Err(ApiError::bad_request("only text content parts are supported")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.join("")),
+        _ => Err(ApiError::bad_request("message content must be a string or a list of text parts")),
+    }
+}
+
+fn usage(f: &Finished) -> Value {
+    let s = &f.result.stats;
+    json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens, "total_tokens": s.prompt_tokens + s.generated_tokens})
+}
+
+fn finish_reason(f: &Finished) -> &'static str {
+    match f.result.finish {
+        crate::head::generation::FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn created() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What differs between chat and text completions.
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+async fn respond(mut rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: String, kind: Kind) -> Response {
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
+        Kind::Text => format!("cmpl-{:016x}", rand::random::<u64>()),
+    };
+    let object = match kind {
+        Kind::Chat => "chat.completion",
+        Kind::Text => "text_completion",
+    };
+    if stream {
+        let chunk_object = match kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        };
+        let chunk = move |text: Option<&str>, finish: Option<&str>, first: bool| -> Value {
+            let choice = match kind {
+                Kind::Chat => {
+                    let mut delta = json!({});
+                    if first {
+                        delta["role"] = json!("assistant");
+                    }
+                    if let Some(t) = text {
+                        delta["content"] = json!(t);
+                    }
+                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                }
+                Kind::Text => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            };
+            json!({"id": id, "object": chunk_object, "created": created(), "model": model, "choices": [choice]})
+        };
+        let body = futures_util::stream::unfold((rx, 0u8, true), move |(mut rx, state, first)| {
+            let chunk = chunk.clone();
+            async move {
+                match state {
+                    2 => None,
+                    1 => Some((Ok::<_, std::convert::Infallible>("data: [DONE]\n\n".to_string()), (rx, 2, false))),
+                    _ => match rx.recv().await {
+                        Some(Event::Text(t)) => Some((Ok(format!("data: {}\n\n", chunk(Some(&t), None, first))), (rx, 0, false))),
+                        Some(Event::Done(f)) => {
+                            let mut last = chunk(None, Some(finish_reason(&f)), first);
+                            last["usage"] = usage(&f);
+                            last["_cluster"] = json!(f.route);
+                            Some((Ok(format!("data: {last}\n\n")), (rx, 1, false)))
+                        }
+                        Some(Event::Failed(e)) => Some((Ok(format!("data: {}\n\n", e.in_dialect(Dialect::OpenAi).body())), (rx, 1, false))),
+                        None => None,
+                    },
+                }
+            }
+        });
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-cache")
+            .body(Body::from_stream(body))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(f) => {
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason(&f)}),
+                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(&f)}),
+                };
+                return Json(json!({"id": id, "object": object, "created": created(), "model": model, "choices": [choice], "usage": usage(&f), "_cluster": f.route}))
+                    .into_response();
+            }
+            Event::Failed(e) => return e.in_dialect(Dialect::OpenAi).into_response(),
+        }
+    }
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended without a result").in_dialect(Dialect::OpenAi).into_response()
+}
+
+pub async fn chat_completions(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let result = async {
+        let req: ChatBody = parse_json(&body)?;
+        let (params, max_tokens, stop) = sampling(&req.common)?;
+        if req.messages.is_empty() {
+            return Err(ApiError::bad_request("messages must not be empty"));
+        }
+        let mut messages = Vec::new();
+        for m in &req.messages {
+            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+            if !["system", "user", "assistant", "tool"].contains(&role) {
+                return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
+            }
+            messages.push(Message::new(role, &text_of(&m.content)?));
+        }
+        let gen = GenRequest {
+            model: req.common.model.clone(),
+            prompt: Prompt::Chat(messages),
+            context: vec![],
+            params,
+            max_tokens,
+            stop,
+            num_ctx: 0,
+            priority: priority(&headers, req.common.priority),
+        };
+        let rx = svc.generate(gen).await?;
+        Ok(respond(rx, req.common.stream, req.common.model, Kind::Chat).await)
+    }
+    .await;
+    result.unwrap_or_else(|e| e.in_dialect(Dialect::OpenAi).into_response())
+}
+
+pub async fn completions(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let result = async {
+        let req: CompletionBody = parse_json(&body)?;
+        let (params, max_tokens, stop) = sampling(&req.common)?;
+        let prompt = match &req.prompt {
+            Value::String(s) => s.clone(),
+            Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+            _ => return Err(ApiError::bad_request("prompt must be a string (batches are not supported)")),
+        };
+        let gen = GenRequest {
+            model: req.common.model.clone(),
+            prompt: Prompt::Raw(prompt),
+            context: vec![],
+            params,
+            max_tokens,
+            stop,
+            num_ctx: 0,
+            priority: priority(&headers, req.common.priority),
+        };
+        let rx = svc.generate(gen).await?;
+        Ok(respond(rx, req.common.stream, req.common.model, Kind::Text).await)
+    }
+    .await;
+    result.unwrap_or_else(|e| e.in_dialect(Dialect::OpenAi).into_response())
+}
+
+pub async fn models(State(svc): State<Arc<Service>>) -> Json<Value> {
+    let data: Vec<Value> = super::model_list(&svc)
+        .await
+        .into_iter()
+        .map(|m| {
+            let created = m.modified.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            json!({"id": m.name, "object": "model", "created": created, "owned_by": "sollol"})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}

@@ -1,0 +1,368 @@
+//! The head server's core: which models are loaded where (workers), the
+//! admission queue, and one generation as a stream of events — shared by the
+//! Ollama and OpenAI front ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::StatusCode;
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use crate::cluster::health::{HealthPolicy, NodeHealth};
+use crate::cluster::local::LocalNodes;
+use crate::cluster::manager::{ClusterManager, RouteInfo, RouteStage};
+use crate::cluster::partition;
+use crate::cluster::registry::Registry;
+use crate::head::chat::{ChatTemplate, Message, CHATML};
+use crate::head::engine::Engine;
+use crate::head::generation::{generate, GenerateRequest, GenerateResult};
+use crate::head::pipeline::{Pipeline, PipelineEngine};
+use crate::head::queue::Queue;
+use crate::head::tokenizer::Tokenizer;
+use crate::model::catalog::Catalog;
+use crate::model::sampling::SamplingParams;
+use crate::model::{source, Config, ModelFile};
+use crate::net::auth::ClusterKey;
+use crate::net::tensor::WireDType;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: std::net::SocketAddr,
+    /// Node processes to start on loopback when the registry has no nodes.
+    pub local_nodes: usize,
+    pub threads: usize,
+    pub wire: WireDType,
+    /// Generations running at once.
+    pub parallel: usize,
+    /// Requests that may wait for a slot before new ones are refused.
+    pub max_queue: usize,
+    pub key: Option<String>,
+    pub default_model: String,
+}
+
+/// A model ready to serve: its tokenizer here, its slices on the nodes.
+pub struct Worker {
+    pub name: String,
+    pub digest: String,
+    pub size: u64,
+    pub config: Config,
+    pub tokenizer: Tokenizer,
+    pub pipeline: Arc<Pipeline>,
+    pub route: RouteInfo,
+    pub loaded_at: SystemTime,
+    pub load_duration: Duration,
+    pub quantization: String,
+}
+
+pub enum Prompt {
+    /// Raw text, tokenized as is.
+    Raw(String),
+    /// Messages rendered with the model's chat template.
+    Chat(Vec<Message>),
+}
+
+pub struct GenRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    /// Token ids to put before the prompt (Ollama's `context`).
+    pub context: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub num_ctx: usize,
+    pub priority: i32,
+}
+
+pub enum Event {
+    Text(String),
+    Done(Box<Finished>),
+    Failed(ApiError),
+}
+
+pub struct Finished {
+    pub result: GenerateResult,
+    pub prompt_ids: Vec<u32>,
+    pub total: Duration,
+    pub load: Duration,
+    pub route: RouteInfo,
+}
+
+pub struct Service {
+    pub cfg: ServeConfig,
+    pub metrics: Metrics,
+    pub queue: Queue,
+    pub started: SystemTime,
+    workers: tokio::sync::Mutex<HashMap<String, Arc<Worker>>>,
+    manager: Option<Arc<ClusterManager>>,
+    local: Option<LocalNodes>,
+    /// (when, tokens generated so far): the dashboard's live tok/s.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Service {
+    /// Registry mode when the registry lists nodes, else local nodes on loopback.
+    pub async fn start(cfg: ServeConfig) -> crate::Result<Arc<Self>> {
+        let registry = Registry::load_default()?;
+        let key = ClusterKey::new(cfg.key.as_deref());
+        let (manager, local) = if registry.nodes.is_empty() {
+            let bin = std::env::current_exe().map_err(|e| crate::Error::io("cannot find this executable", e))?;
+            let threads = if cfg.threads == 0 { crate::sys::cpu_cores() } else { cfg.threads };
+            let n = cfg.local_nodes.max(1);
+            let local = tokio::task::spawn_blocking(move || LocalNodes::spawn(&bin, n, threads, false))
+                .await
+                .map_err(|e| crate::Error::InvalidRequest(e.to_string()))??;
+            (None, Some(local))
+        } else {
+            let m = ClusterManager::new(registry, key, HealthPolicy::default())?;
+            m.spawn_monitor();
+            (Some(m), None)
+        };
+        let parallel = cfg.parallel;
+        let max_queue = cfg.max_queue;
+        Ok(Arc::new(Self {
+            cfg,
+            metrics: Metrics::default(),
+            queue: Queue::new(parallel, max_queue),
+            started: SystemTime::now(),
+            workers: tokio::sync::Mutex::new(HashMap::new()),
+            manager,
+            local,
+            samples: Mutex::new(VecDeque::new()),
+            handle: tokio::runtime::Handle::current(),
+        }))
+    }
+
+    /// The catalog's name for an alias (`smollm2:135m` → `smollm2`), else the name as given.
+    pub fn canonical(name: &str) -> String {
+        let name = name.trim();
+        Catalog::load().ok().and_then(|c| c.find(name).map(|e| e.name.clone())).unwrap_or_else(|| name.to_string())
+    }
+
+    pub async fn loaded(&self) -> Vec<Arc<Worker>> {
+        self.workers.lock().await.values().cloned().collect()
+    }
+
+    /// The worker for `model`, loading it (on the local nodes, or wherever
+    /// routing sends it) when it is not loaded yet.
+    pub async fn worker(&self, model: &str) -> Result<Arc<Worker>, ApiError> {
+        if model.trim().is_empty() {
+            return Err(ApiError::bad_request("model is required"));
+        }
+        let name = Self::canonical(model);
+        let mut workers = self.workers.lock().await;
+        if let Some(w) = workers.get(&name) {
+            return Ok(w.clone());
+        }
+        let started = Instant::now();
+        let spec = name.clone();
+        let opened = tokio::task::spawn_blocking(move || -> crate::Result<_> {
+            let resolved = source::resolve(&spec)?;
+            let file = ModelFile::open(&resolved.path)?;
+            let tokenizer = Tokenizer::for_model(&file)?;
+            let config = file.config()?;
+            let digest = file.digest()?;
+            let size = std::fs::metadata(&resolved.path).map(|m| m.len()).unwrap_or(0);
+            let quantization = quantization_of(&file);
+            Ok((resolved, tokenizer, config, digest, size, quantization))
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| match e {
+            crate::Error::UnknownModel(_) | crate::Error::Fetch { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, format!("model '{model}' not found: {e}"))
+            }
+            e => ApiError::from(e),
+        })?;
+        let (resolved, tokenizer, config, digest, size, quantization) = opened;
+        let spec = std::fs::canonicalize(&name).map(|p| p.display().to_string()).unwrap_or_else(|_| name.clone());
+        let (pipeline, route) = match (&self.manager, &self.local) {
+            (Some(m), _) => {
+                let entry = m.route(&spec).await?;
+                let pipeline = m.pipeline(&entry, self.cfg.wire).await?;
+                (pipeline, m.route_info(&entry))
+            }
+            (None, Some(local)) => {
+                // Local nodes hold one model at a time: a new model replaces the old.
+                workers.clear();
+                let key = ClusterKey::new(Some(&local.key));
+                let mut pipeline = Pipeline::connect(&local.addrs, &key).await.map_err(crate::Error::from)?;
+                let plan = partition::even(config.n_layers, local.addrs.len().min(config.n_layers))?;
+                let stages = plan.len();
+                if stages < local.addrs.len() {
+                    pipeline = Pipeline::connect(&local.addrs[..stages], &key).await.map_err(crate::Error::from)?;
+                }
+                pipeline.load(&spec, Some(digest.clone()), &plan, self.cfg.wire).await.map_err(crate::Error::from)?;
+                let route = RouteInfo {
+                    cluster: "local".into(),
+                    single_node: stages == 1,
+                    model: name.clone(),
+                    nodes: plan
+                        .iter()
+                        .zip(&local.addrs)
+                        .enumerate()
+                        .map(|(i, (r, a))| RouteStage { name: format!("local-{}", i + 1), addr: a.clone(), layers: [r.start, r.end - 1] })
+                        .collect(),
+                };
+                (pipeline, route)
+            }
+            (None, None) => unreachable!("the service starts with a registry or local nodes"),
+        };
+        let worker = Arc::new(Worker {
+            name: name.clone(),
+            digest,
+            size,
+            config,
+            tokenizer,
+            pipeline: Arc::new(pipeline),
+            route,
+            loaded_at: SystemTime::now(),
+            load_duration: started.elapsed(),
+            quantization,
+        });
+        tracing::info!(model = %name, path = %resolved.path.display(), "loaded in {:?}", started.elapsed());
+        workers.insert(name, worker.clone());
+        Ok(worker)
+    }
+
+    /// Starts a generation: loads the model if needed, checks the prompt,
+    /// waits for a slot, and streams events until `Done` or `Failed`. A
+    /// receiver that is dropped cancels the generation, which frees the
+    /// session on every stage.
+    pub async fn generate(self: &Arc<Self>, req: GenRequest) -> Result<mpsc::Receiver<Event>, ApiError> {
+        let started = Instant::now();
+        let had = self.workers.lock().await.contains_key(&Self::canonical(&req.model));
+        let worker = self.worker(&req.model).await?;
+        let load = if had { Duration::ZERO } else { worker.load_duration };
+        req.params.validate()?;
+        let text = match &req.prompt {
+            Prompt::Raw(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                let fallback;
+                let template = match worker.tokenizer.chat_template() {
+                    Some(t) => t,
+                    None => {
+                        fallback = ChatTemplate::new(CHATML, "", "")?;
+                        &fallback
+                    }
+                };
+                template.render(messages, true)?
+            }
+        };
+        let mut prompt_ids = req.context.clone();
+        prompt_ids.extend(worker.tokenizer.encode(&text)?);
+        let context = if req.num_ctx == 0 { worker.config.context_length } else { req.num_ctx.min(worker.config.context_length) };
+        if prompt_ids.len() >= context {
+            return Err(crate::Error::ContextOverflow { prompt: prompt_ids.len(), context }.into());
+        }
+        let permit = match self.queue.acquire(req.priority).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.rejected();
+                return Err(e.into());
+            }
+        };
+        let (running, waiting) = self.queue.depth();
+        self.metrics.queue(running, waiting);
+        let (tx, rx) = mpsc::channel(64);
+        let service = self.clone();
+        let gen = GenerateRequest { prompt: prompt_ids.clone(), params: req.params, max_tokens: req.max_tokens, stop: req.stop, context };
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut engine = PipelineEngine::shared(service.handle.clone(), worker.pipeline.clone(), worker.config.context_length);
+            let session = rand::random::<u64>();
+            let mut cancelled = false;
+            let result = generate(&mut engine as &mut dyn Engine, &worker.tokenizer, session, &gen, &mut |piece| {
+                let sent = tx.blocking_send(Event::Text(piece.to_string())).is_ok();
+                cancelled |= !sent;
+                sent
+            });
+            if cancelled {
+                service.metrics.cancelled();
+            }
+            let event = match result {
+                Ok(result) => {
+                    let stage_names: Vec<String> = worker.route.nodes.iter().map(|n| n.name.clone()).collect();
+                    service.metrics.generation(&result.stats, &stage_names);
+                    service.sample_tokens();
+                    Event::Done(Box::new(Finished { result, prompt_ids, total: started.elapsed(), load, route: worker.route.clone() }))
+                }
+                Err(e) => Event::Failed(e.into()),
+            };
+            let _ = tx.blocking_send(event);
+            drop(_permit);
+            let (running, waiting) = service.queue.depth();
+            service.metrics.queue(running, waiting);
+        });
+        Ok(rx)
+    }
+
+    fn sample_tokens(&self) {
+        let mut s = self.samples.lock().expect("samples lock");
+        s.push_back((Instant::now(), self.metrics.tokens_generated()));
+        while s.len() > 2 && s.front().is_some_and(|(t, _)| t.elapsed() > Duration::from_secs(30)) {
+            s.pop_front();
+        }
+    }
+
+    /// Tokens per second over the last 30 s of finished generations.
+    pub fn recent_tok_s(&self) -> f64 {
+        let s = self.samples.lock().expect("samples lock");
+        match (s.front(), s.back()) {
+            (Some((t0, n0)), Some((_, n1))) if t0.elapsed() > Duration::from_millis(100) => {
+                (n1 - n0) as f64 / t0.elapsed().as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Health of every node serving this head.
+    pub async fn node_health(&self) -> Vec<NodeHealth> {
+        let health = match (&self.manager, &self.local) {
+            (Some(m), _) => m.health(),
+            (None, Some(local)) => {
+                let clients: Vec<_> = self.workers.lock().await.values().flat_map(|w| w.pipeline.clients().to_vec()).collect();
+                let mut out = Vec::new();
+                for (i, addr) in local.addrs.iter().enumerate() {
+                    let mut h = NodeHealth::unknown(&format!("local-{}", i + 1), addr);
+                    match clients.iter().find(|c| &c.addr == addr) {
+                        Some(c) => match c.ping(Duration::from_secs(1)).await {
+                            Ok(p) => h.answered(p.rtt, p.sessions, c.refresh_capabilities().await.unwrap_or_else(|_| c.capabilities())),
+                            Err(e) => h.missed(&HealthPolicy::default(), e.to_string()),
+                        },
+                        None => {
+                            h.healthy = true;
+                            h.last_error = Some("idle: no model loaded".into());
+                        }
+                    }
+                    out.push(h);
+                }
+                out
+            }
+            (None, None) => Vec::new(),
+        };
+        for h in &health {
+            self.metrics.node_health(&h.name, h.healthy);
+        }
+        health
+    }
+}
+
+/// "Q4_1" etc.: the most common quantization among the model's block weights.
+fn quantization_of(file: &ModelFile) -> String {
+    match file {
+        ModelFile::Gguf(g) => {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for (name, info) in g.tensor_infos() {
+                if name.ends_with("ffn_down.weight") {
+                    *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+                }
+            }
+            counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k.to_uppercase()).unwrap_or_default()
+        }
+        ModelFile::Safetensors(_) => "F16".into(),
+    }
+}

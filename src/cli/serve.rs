@@ -1,0 +1,52 @@
+//! `sollol serve`: the head's HTTP server (Ollama and OpenAI APIs).
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use clap::Args;
+use sollol::api::service::ServeConfig;
+use sollol::net::tensor::WireDType;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:11434")]
+    listen: SocketAddr,
+    /// Node processes to start on loopback when the registry lists no nodes.
+    #[arg(long, default_value_t = 1)]
+    local_nodes: usize,
+    /// Activation dtype between stages.
+    #[arg(long, default_value = "f16")]
+    wire: WireDType,
+    /// Generations running at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Requests that may wait for a slot; more are refused (503 / 429).
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Shared secret of the registered nodes' cluster.
+    #[arg(long, env = "SOLLOL_CLUSTER_KEY", hide_env_values = true)]
+    cluster_key: Option<String>,
+    /// The model a fresh install serves.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Load the default model before accepting requests.
+    #[arg(long)]
+    preload: bool,
+}
+
+pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
+    let cfg = ServeConfig {
+        listen: args.listen,
+        local_nodes: args.local_nodes,
+        threads,
+        wire: args.wire,
+        parallel: args.parallel,
+        max_queue: args.max_queue,
+        key: args.cluster_key,
+        default_model: args.model,
+    };
+    let _ = args.preload;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(256).enable_all().build()?;
+    rt.block_on(sollol::api::serve(cfg))?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""The official Python clients, unmodified, against a running `sollol serve`.
+
+usage: clients.py http://127.0.0.1:PORT
+Prints one line per check and a closing 'N passed, N failed' line.
+"""
+import sys
+import traceback
+
+import ollama
+import openai
+
+BASE = sys.argv[1]
+MODEL = "smollm2"
+passed, failed = 0, 0
+
+
+def check(name, fn):
+    global passed, failed
+    try:
+        fn()
+        print(f"ok   {name}")
+        passed += 1
+    except Exception:
+        print(f"FAIL {name}")
+        traceback.print_exc()
+        failed += 1
+
+
+o = ollama.Client(host=BASE)
+
+
+def ollama_generate():
+    r = o.generate(model=MODEL, prompt="The capital of France is", raw=True, options={"temperature": 0, "num_predict": 6})
+    assert "Paris" in r.response, r.response
+    assert r.done and r.eval_count > 0 and r.prompt_eval_count == 5, r
+
+
+def ollama_generate_stream():
+    parts = list(o.generate(model=MODEL, prompt="Count: 1, 2, 3,", stream=True, options={"num_predict": 6, "seed": 1}))
+    assert len(parts) >= 2 and parts[-1].done and not parts[0].done, parts
+
+
+def ollama_chat():
+    r = o.chat(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], options={"temperature": 0, "num_predict": 16})
+    assert r.message.role == "assistant" and "Paris" in r.message.content, r.message
+
+
+def ollama_chat_stream():
+    parts = list(o.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True, options={"num_predict": 5}))
+    assert parts[-1].done and "".join(p.message.content for p in parts), parts
+
+
+def ollama_list():
+    names = [m.model for m in o.list().models]
+    assert MODEL in names, names
+
+
+def ollama_show_and_ps():
+    s = o.show(MODEL)
+    assert s.modelinfo["general.architecture"] == "llama", s
+    assert any(m.model == MODEL for m in o.ps().models)
+
+
+c = openai.OpenAI(base_url=BASE + "/v1", api_key="unused")
+
+
+def openai_chat():
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=16)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content, r
+    assert r.choices[0].finish_reason in ("stop", "length"), r
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def openai_chat_stream():
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, stream=True, seed=3))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text and chunks[-1].choices[0].finish_reason in ("stop", "length"), chunks
+
+
+def openai_completion():
+    r = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert "Paris" in r.choices[0].text, r
+
+
+def openai_completion_stream():
+    chunks = list(c.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks), chunks
+
+
+def openai_models():
+    assert MODEL in [m.id for m in c.models.list().data]
+
+
+def openai_error_shape():
+    try:
+        c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    except openai.NotFoundError as e:
+        assert "not found" in str(e)
+        return
+    raise AssertionError("expected a 404")
+
+
+for name, fn in list(globals().items()):
+    if callable(fn) and (name.startswith("ollama_") or name.startswith("openai_")) and fn.__module__ == "__main__":
+        check(name, fn)
+print(f"clients: {passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)

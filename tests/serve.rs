@@ -1,0 +1,221 @@
+//! `sollol serve` as clients see it: every Ollama and OpenAI endpoint,
+//! streaming and not, over a 2-stage local pipeline on the default model;
+//! bad input; overload; cancellation; metrics and the dashboard.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http::{get, post, request};
+use common::ServeProc;
+
+fn server() -> ServeProc {
+    common::smollm2();
+    ServeProc::spawn(&["--local-nodes", "2"])
+}
+
+fn ndjson(body: &str) -> Vec<serde_json::Value> {
+    body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn sse(body: &str) -> (Vec<serde_json::Value>, bool) {
+    let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let done = data.last() == Some(&"[DONE]");
+    (data.iter().filter(|d| **d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect(), done)
+}
+
+#[test]
+fn every_endpoint_streaming_and_not() {
+    let s = server();
+    let a = s.addr.as_str();
+    assert_eq!(get(a, "/").body, "Ollama is running");
+    assert!(get(a, "/api/version").json()["version"].is_string());
+
+    // /api/generate, not streaming: the full response and Ollama's counters.
+    let r = post(a, "/api/generate", r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":6}}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert!(v["response"].as_str().unwrap().contains("Paris"), "{v}");
+    assert_eq!(v["done"], true);
+    assert_eq!(v["prompt_eval_count"], 5);
+    assert_eq!(v["eval_count"], 6);
+    assert_eq!(v["done_reason"], "length");
+    for k in ["total_duration", "load_duration", "prompt_eval_duration", "eval_duration"] {
+        assert!(v[k].as_u64().is_some(), "{k} in {v}");
+    }
+    assert_eq!(v["context"].as_array().unwrap().len(), 11);
+    assert_eq!(v["_cluster"]["nodes"].as_array().unwrap().len(), 2, "routing facts: {v}");
+    assert!(r.header("x-request-id").is_some());
+
+    // /api/generate, streaming by default: NDJSON, the last line done.
+    let lines = ndjson(&post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","options":{"num_predict":4,"seed":2}}"#).body);
+    assert!(lines.len() >= 2 && lines.last().unwrap()["done"] == true && lines[0]["done"] == false, "{lines:?}");
+
+    // /api/chat both ways.
+    let v = post(a, "/api/chat", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hello"}],"stream":false,"options":{"num_predict":5}}"#).json();
+    assert_eq!(v["message"]["role"], "assistant");
+    assert!(!v["message"]["content"].as_str().unwrap().is_empty(), "{v}");
+    let lines = ndjson(&post(a, "/api/chat", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hello"}],"options":{"num_predict":4}}"#).body);
+    assert!(lines.last().unwrap()["done"] == true && lines[0]["message"]["content"].is_string(), "{lines:?}");
+
+    assert_eq!(get(a, "/api/tags").json()["models"][0]["name"], "smollm2");
+    assert_eq!(get(a, "/api/ps").json()["models"][0]["name"], "smollm2");
+    let show = post(a, "/api/show", r#"{"model":"smollm2"}"#).json();
+    assert_eq!(show["model_info"]["llama.block_count"], 30, "{show}");
+
+    // OpenAI chat both ways.
+    let v = post(a, "/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":5}"#).json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"].as_u64().unwrap() + 5);
+    let (chunks, done) = sse(&post(a, "/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true}"#).body);
+    assert!(done, "ends with data: [DONE]");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+
+    // OpenAI completions both ways.
+    let v = post(a, "/v1/completions", r#"{"model":"smollm2","prompt":"The capital of France is","max_tokens":3,"temperature":0}"#).json();
+    assert!(v["choices"][0]["text"].as_str().unwrap().contains("Paris"), "{v}");
+    let (chunks, done) = sse(&post(a, "/v1/completions", r#"{"model":"smollm2","prompt":"1, 2,","max_tokens":3,"stream":true}"#).body);
+    assert!(done && chunks.iter().all(|c| c["object"] == "text_completion"));
+    assert_eq!(get(a, "/v1/models").json()["data"][0]["id"], "smollm2");
+
+    let metrics = get(a, "/metrics").body;
+    assert!(metrics.contains("sollol_requests_total{route=\"/api/generate\",status=\"200\"}"), "{metrics}");
+    assert!(metrics.contains("sollol_time_to_first_token_seconds_count"), "{metrics}");
+    assert!(metrics.contains("sollol_hop_latency_seconds_count"), "{metrics}");
+    assert!(metrics.contains("sollol_node_healthy{node=\"local-1\"} 1"), "{metrics}");
+    assert!(get(a, "/dashboard").body.contains("<title>sollol dashboard</title>"));
+    let status = get(a, "/api/sollol/status").json();
+    assert_eq!(status["models"][0]["route"]["nodes"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn bad_input_gets_proper_status_codes_and_messages() {
+    let s = server();
+    let a = s.addr.as_str();
+    let r = post(a, "/api/generate", "{not json");
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("invalid request body"));
+    let r = post(a, "/v1/chat/completions", "{\"model\": 3}");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error", "OpenAI's error shape");
+
+    let r = post(a, "/api/generate", r#"{"model":"no-such-model","prompt":"x"}"#);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("not found"));
+    let r = post(a, "/v1/chat/completions", r#"{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}"#);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["type"], "not_found_error");
+
+    for (path, body, needle) in [
+        ("/api/generate", r#"{"model":"smollm2","prompt":"x","options":{"top_k":-1}}"#, "top_k"),
+        ("/api/generate", r#"{"model":"smollm2","prompt":"x","options":{"temperature":-3}}"#, "temperature"),
+        ("/api/generate", r#"{"model":"smollm2","prompt":"x","options":{"num_ctx":0}}"#, "num_ctx"),
+        ("/api/chat", r#"{"model":"smollm2","messages":[{"role":"wizard","content":"x"}]}"#, "role"),
+        ("/api/generate", r#"{"model":"smollm2","prompt":"x","format":"json"}"#, "not supported"),
+        ("/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"temperature":9}"#, "temperature"),
+        ("/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#, "max_tokens"),
+        ("/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"n":3}"#, "n = 1"),
+    ] {
+        let r = post(a, path, body);
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.body);
+        assert!(r.body.contains(needle), "{path} {body}: {}", r.body);
+    }
+
+    // A 1 MB prompt is read, tokenized, and refused for the context.
+    let big = format!(r#"{{"model":"smollm2","prompt":"{}","raw":true}}"#, "word ".repeat(200_000));
+    let t = Instant::now();
+    let r = post(a, "/api/generate", &big);
+    assert_eq!(r.status, 400, "{}", &r.body[..r.body.len().min(300)]);
+    assert!(r.body.contains("does not fit the context of 8192 tokens"), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(60));
+    // Beyond the body limit: refused before parsing.
+    let huge = "x".repeat(9 << 20);
+    assert_eq!(post(a, "/api/generate", &huge).status, 413);
+
+    // The server still serves.
+    assert_eq!(post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":2}}"#).status, 200);
+}
+
+fn node_sessions(addr: &str) -> u64 {
+    get(addr, "/api/sollol/status").json()["nodes"].as_array().unwrap().iter().map(|n| n["sessions"].as_u64().unwrap_or(0)).sum()
+}
+
+#[test]
+fn overload_is_refused_and_no_session_leaks() {
+    common::smollm2();
+    let s = ServeProc::spawn(&["--local-nodes", "2", "--parallel", "2", "--max-queue", "64"]);
+    let a = s.addr.clone();
+    // Load the model first so all 200 requests meet the queue, not the loader.
+    assert_eq!(post(&a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":1}}"#).status, 200);
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let body = format!(r#"{{"model":"smollm2","prompt":"{i}","raw":true,"stream":false,"options":{{"num_predict":1}}}}"#);
+                post(&a, "/api/generate", &body).status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let busy = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(ok + busy, 200, "only 200 and 503: {statuses:?}");
+    assert!(ok >= 66, "at least the slots and the queue were served: {ok}");
+    assert!(busy > 0, "200 at once must overflow a queue of 64");
+    let metrics = get(&a, "/metrics").body;
+    assert!(common::http::request(&a, "GET", "/metrics", None, &[]).status == 200);
+    assert!(metrics.contains(&format!("sollol_queue_rejected_total {busy}")), "{metrics}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(node_sessions(&a), 0, "every session freed on every stage");
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = server();
+    let a = s.addr.as_str();
+    let mut conn = std::net::TcpStream::connect(a).unwrap();
+    let body = r#"{"model":"smollm2","prompt":"Tell me a long story","options":{"num_predict":500}}"#;
+    write!(conn, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    // Read until the first generated token arrives, then hang up.
+    while !line.contains("\"done\":false") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    drop(reader);
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = get(a, "/metrics").body;
+        if m.contains("sollol_cancelled_total 1") && node_sessions(a) == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not cancelled: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A priority header is accepted.
+    let r = request(a, "POST", "/api/generate", Some(r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":1}}"#), &[("x-priority", "5")]);
+    assert_eq!(r.status, 200);
+}
+
+/// The official Python clients, unmodified, against the server (tests/clients.py).
+#[test]
+fn official_ollama_and_openai_python_clients_work() {
+    let s = server();
+    let pp = common::python_path(&["ollama", "openai"]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}", s.addr))
+        .env("PYTHONPATH", pp)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("12 passed, 0 failed"), "{stdout}");
+}
