@@ -6,6 +6,7 @@
 
 pub mod dashboard;
 pub mod error;
+pub mod http_client;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;

@@ -44,6 +44,15 @@ pub struct BenchArgs {
     /// Local nodes split the cores instead of sharing them in time.
     #[arg(long)]
     local_split_cores: bool,
+    /// Measure a running server at this URL instead (requests/s, TTFT).
+    #[arg(long)]
+    url: Option<String>,
+    /// Concurrent clients to measure the server with.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    clients: Vec<usize>,
+    /// Requests per client count (spread over the clients).
+    #[arg(long, default_value_t = 16)]
+    requests: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -61,6 +70,9 @@ struct Measure {
 }
 
 pub fn run(args: BenchArgs, threads: usize) -> Result<()> {
+    if let Some(url) = &args.url {
+        return http(url, &args.model.model, &args.clients, args.requests, args.tokens, args.json);
+    }
     if args.load_only || args.layers.is_some() {
         return load_report(&args);
     }
@@ -215,6 +227,68 @@ fn load_report(args: &BenchArgs) -> Result<()> {
         println!("weights      {}", human_bytes(slice.weight_bytes() as u64));
         println!("load         {load_s:.2} s");
         println!("peak RSS     {}", human_bytes(peak));
+    }
+    Ok(())
+}
+
+/// `sollol bench --url`: requests/s and time to first token of a running
+/// server at several numbers of concurrent clients (streaming /api/generate).
+pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: usize, json: bool) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let body = format!(r#"{{"model":"{model}","prompt":"The capital of France is","raw":true,"options":{{"temperature":0,"num_predict":{tokens}}}}}"#);
+    // Warm up: load the model.
+    sollol::api::http_client::post(&addr, "/api/generate", &body.replace(r#""raw":true"#, r#""raw":true,"stream":false"#));
+    let mut rows = Vec::new();
+    for &c in clients {
+        let per_client = requests.div_ceil(c);
+        let start = Instant::now();
+        let handles: Vec<_> = (0..c)
+            .map(|_| {
+                let (addr, body) = (addr.clone(), body.clone());
+                std::thread::spawn(move || {
+                    let mut ttfts = Vec::new();
+                    for _ in 0..per_client {
+                        let t = Instant::now();
+                        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+                        sollol::api::http_client::send_head(&mut s, &addr, "POST", "/api/generate", Some(&body), &[]);
+                        let mut first = None;
+                        for line in BufReader::new(s).lines().map_while(|l| l.ok()) {
+                            if first.is_none() && line.contains("\"done\":false") {
+                                first = Some(t.elapsed());
+                            }
+                            if line.contains("\"done\":true") {
+                                break;
+                            }
+                        }
+                        ttfts.push(first.unwrap_or_else(|| t.elapsed()));
+                    }
+                    ttfts
+                })
+            })
+            .collect();
+        let ttfts: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+        let wall = start.elapsed().as_secs_f64();
+        rows.push(serde_json::json!({
+            "clients": c,
+            "requests": ttfts.len(),
+            "requests_per_s": ttfts.len() as f64 / wall,
+            "ttft_p50_ms": percentile(&ttfts, 50.0).as_secs_f64() * 1e3,
+            "ttft_p99_ms": percentile(&ttfts, 99.0).as_secs_f64() * 1e3,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::json!({"url": url, "model": model, "tokens": tokens, "results": rows}));
+    } else {
+        println!("{url}, model {model}, {tokens} tokens per request, streaming /api/generate");
+        println!("{:>8} {:>9} {:>12} {:>14} {:>14}", "clients", "requests", "requests/s", "ttft p50 ms", "ttft p99 ms");
+        for r in rows {
+            println!(
+                "{:>8} {:>9} {:>12.2} {:>14.0} {:>14.0}",
+                r["clients"].as_u64().unwrap_or(0), r["requests"].as_u64().unwrap_or(0), r["requests_per_s"].as_f64().unwrap_or(0.0),
+                r["ttft_p50_ms"].as_f64().unwrap_or(0.0), r["ttft_p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

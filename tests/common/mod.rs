@@ -60,7 +60,7 @@ impl Drop for NodeProc {
     }
 }
 
-pub mod http;
+pub use sollol::api::http_client as http;
 
 /// A `sollol serve` process on a free port; killed (with its nodes) on drop.
 pub struct ServeProc {

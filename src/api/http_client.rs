@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 client for the server tests: one request per
-//! connection, chunked bodies decoded.
+//! A minimal HTTP/1.1 client over a plain TCP stream: one request per
+//! connection, chunked bodies decoded. Used by `sollol bench --url` and the
+//! server tests; not a general client (no TLS, no keep-alive).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -21,9 +22,19 @@ impl Reply {
     }
 }
 
+/// Sends a request and reads the whole response. Panics on I/O errors: for
+/// tests and benchmarks against a server that must be there.
 pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> Reply {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    send_head(&mut s, addr, method, path, body, extra);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse(&raw)
+}
+
+/// Writes a request; the caller reads the response as it arrives.
+pub fn send_head(s: &mut TcpStream, addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) {
     let body = body.unwrap_or("");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in extra {
@@ -32,9 +43,6 @@ pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>, extra: 
     req += "\r\n";
     s.write_all(req.as_bytes()).unwrap();
     s.write_all(body.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    parse(&raw)
 }
 
 pub fn get(addr: &str, path: &str) -> Reply {
