@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Dialect};
-use super::service::{Event, Finished, GenRequest, Prompt, Service};
+use super::service::{collect, event_body, Event, Finished, GenRequest, Prompt, Service};
 use super::{parse_json, priority};
 use crate::head::chat::Message;
 use crate::model::sampling::SamplingParams;
@@ -134,51 +133,38 @@ fn merge(mut a: Value, b: Value) -> Value {
 
 /// Streams NDJSON lines, or collects them into one object when `stream` is false.
 async fn respond(
-    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    rx: tokio::sync::mpsc::Receiver<Event>,
     stream: bool,
     line: impl Fn(Option<&str>, Option<&Finished>) -> Value + Send + Sync + 'static,
 ) -> Response {
-    let line = Arc::new(line);
     if stream {
-        let body = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
-            let line = line.clone();
-            let out = async move {
-                if done {
-                    return None;
-                }
-                let (value, done) = match rx.recv().await? {
-                    Event::Text(t) => (line(Some(&t), None), false),
-                    Event::Done(f) => (line(None, Some(&f)), true),
-                    Event::Failed(e) => (e.in_dialect(Dialect::Ollama).body(), true),
-                };
-                Some((Ok::<_, std::convert::Infallible>(format!("{value}\n")), (rx, done)))
+        let body = event_body(rx, move |event| {
+            let value = match event {
+                Event::Text(t) => line(Some(&t), None),
+                Event::Done(f) => line(None, Some(&f)),
+                Event::Failed(e) => e.in_dialect(Dialect::Ollama).body(),
             };
-            out
+            vec![format!("{value}\n")]
         });
         return Response::builder()
             .header("content-type", "application/x-ndjson")
-            .body(Body::from_stream(body))
+            .body(body)
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
     }
-    let mut text = String::new();
-    while let Some(event) = rx.recv().await {
-        match event {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done(f) => {
-                let mut v = line(None, Some(&f));
-                let body = line(Some(&text), None);
-                // The full text where the streamed lines carry pieces.
-                for k in ["response", "message"] {
-                    if let Some(x) = body.get(k) {
-                        v[k] = x.clone();
-                    }
+    match collect(rx).await {
+        Ok((text, f)) => {
+            let mut v = line(None, Some(&f));
+            let body = line(Some(&text), None);
+            // The full text where the streamed lines carry pieces.
+            for k in ["response", "message"] {
+                if let Some(x) = body.get(k) {
+                    v[k] = x.clone();
                 }
-                return Json(v).into_response();
             }
-            Event::Failed(e) => return e.in_dialect(Dialect::Ollama).into_response(),
+            Json(v).into_response()
         }
+        Err(e) => e.in_dialect(Dialect::Ollama).into_response(),
     }
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended without a result").into_response()
 }
 
 pub async fn generate(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Dialect};
-use super::service::{Event, Finished, GenRequest, Prompt, Service};
+use super::service::{collect, event_body, Event, Finished, GenRequest, Prompt, Service};
 use super::{parse_json, priority};
 use crate::head::chat::Message;
 use crate::model::sampling::SamplingParams;
@@ -134,25 +133,22 @@ enum Kind {
     Text,
 }
 
-async fn respond(mut rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: String, kind: Kind) -> Response {
+async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: String, kind: Kind) -> Response {
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
         Kind::Text => format!("cmpl-{:016x}", rand::random::<u64>()),
-    };
-    let object = match kind {
-        Kind::Chat => "chat.completion",
-        Kind::Text => "text_completion",
     };
     if stream {
         let chunk_object = match kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Text => "text_completion",
         };
-        let chunk = move |text: Option<&str>, finish: Option<&str>, first: bool| -> Value {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let chunk = move |text: Option<&str>, finish: Option<&str>| -> Value {
             let choice = match kind {
                 Kind::Chat => {
                     let mut delta = json!({});
-                    if first {
+                    if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
                         delta["role"] = json!("assistant");
                     }
                     if let Some(t) = text {
@@ -164,54 +160,55 @@ async fn respond(mut rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model
             };
             json!({"id": id, "object": chunk_object, "created": created(), "model": model, "choices": [choice]})
         };
-        let body = futures_util::stream::unfold((rx, 0u8, true), move |(mut rx, state, first)| {
-            let chunk = chunk.clone();
-            async move {
-                match state {
-                    2 => None,
-                    1 => Some((Ok::<_, std::convert::Infallible>("data: [DONE]\n\n".to_string()), (rx, 2, false))),
-                    _ => match rx.recv().await {
-                        Some(Event::Text(t)) => Some((Ok(format!("data: {}\n\n", chunk(Some(&t), None, first))), (rx, 0, false))),
-                        Some(Event::Done(f)) => {
-                            let mut last = chunk(None, Some(finish_reason(&f)), first);
-                            last["usage"] = usage(&f);
-                            last["_cluster"] = json!(f.route);
-                            Some((Ok(format!("data: {last}\n\n")), (rx, 1, false)))
-                        }
-                        Some(Event::Failed(e)) => Some((Ok(format!("data: {}\n\n", e.in_dialect(Dialect::OpenAi).body())), (rx, 1, false))),
-                        None => None,
-                    },
-                }
+        let body = event_body(rx, move |event| match event {
+            Event::Text(t) => vec![format!("data: {}\n\n", chunk(Some(&t), None))],
+            Event::Done(f) => {
+                let mut last = chunk(None, Some(finish_reason(&f)));
+                last["usage"] = usage(&f);
+                last["_cluster"] = json!(f.route);
+                vec![format!("data: {last}\n\n"), "data: [DONE]\n\n".to_string()]
             }
+            Event::Failed(e) => vec![format!("data: {}\n\n", e.in_dialect(Dialect::OpenAi).body()), "data: [DONE]\n\n".to_string()],
         });
         return Response::builder()
             .header("content-type", "text/event-stream")
             .header("cache-control", "no-cache")
-            .body(Body::from_stream(body))
+            .body(body)
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
     }
-    let mut text = String::new();
-    while let Some(event) = rx.recv().await {
-        match event {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done(f) => {
-                let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason(&f)}),
-                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(&f)}),
-                };
-                return Json(json!({"id": id, "object": object, "created": created(), "model": model, "choices": [choice], "usage": usage(&f), "_cluster": f.route}))
-                    .into_response();
-            }
-            Event::Failed(e) => return e.in_dialect(Dialect::OpenAi).into_response(),
+    match collect(rx).await {
+        Ok((text, f)) => {
+            let (object, choice) = match kind {
+                Kind::Chat => ("chat.completion", json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason(&f)})),
+                Kind::Text => ("text_completion", json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(&f)})),
+            };
+            Json(json!({"id": id, "object": object, "created": created(), "model": model, "choices": [choice], "usage": usage(&f), "_cluster": f.route}))
+                .into_response()
         }
+        Err(e) => e.in_dialect(Dialect::OpenAi).into_response(),
     }
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended without a result").in_dialect(Dialect::OpenAi).into_response()
+}
+
+/// Validates, admits and answers one request of either kind.
+async fn complete(svc: &Arc<Service>, headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) -> Result<Response, ApiError> {
+    let (params, max_tokens, stop) = sampling(&common)?;
+    let gen = GenRequest {
+        model: common.model.clone(),
+        prompt,
+        context: vec![],
+        params,
+        max_tokens,
+        stop,
+        num_ctx: 0,
+        priority: priority(headers, common.priority),
+    };
+    let rx = svc.generate(gen).await?;
+    Ok(respond(rx, common.stream, common.model, kind).await)
 }
 
 pub async fn chat_completions(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let result = async {
         let req: ChatBody = parse_json(&body)?;
-        let (params, max_tokens, stop) = sampling(&req.common)?;
         if req.messages.is_empty() {
             return Err(ApiError::bad_request("messages must not be empty"));
         }
@@ -223,18 +220,7 @@ pub async fn chat_completions(State(svc): State<Arc<Service>>, headers: HeaderMa
             }
             messages.push(Message::new(role, &text_of(&m.content)?));
         }
-        let gen = GenRequest {
-            model: req.common.model.clone(),
-            prompt: Prompt::Chat(messages),
-            context: vec![],
-            params,
-            max_tokens,
-            stop,
-            num_ctx: 0,
-            priority: priority(&headers, req.common.priority),
-        };
-        let rx = svc.generate(gen).await?;
-        Ok(respond(rx, req.common.stream, req.common.model, Kind::Chat).await)
+        complete(&svc, &headers, req.common, Prompt::Chat(messages), Kind::Chat).await
     }
     .await;
     result.unwrap_or_else(|e| e.in_dialect(Dialect::OpenAi).into_response())
@@ -243,24 +229,12 @@ pub async fn chat_completions(State(svc): State<Arc<Service>>, headers: HeaderMa
 pub async fn completions(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let result = async {
         let req: CompletionBody = parse_json(&body)?;
-        let (params, max_tokens, stop) = sampling(&req.common)?;
         let prompt = match &req.prompt {
             Value::String(s) => s.clone(),
             Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
             _ => return Err(ApiError::bad_request("prompt must be a string (batches are not supported)")),
         };
-        let gen = GenRequest {
-            model: req.common.model.clone(),
-            prompt: Prompt::Raw(prompt),
-            context: vec![],
-            params,
-            max_tokens,
-            stop,
-            num_ctx: 0,
-            priority: priority(&headers, req.common.priority),
-        };
-        let rx = svc.generate(gen).await?;
-        Ok(respond(rx, req.common.stream, req.common.model, Kind::Text).await)
+        complete(&svc, &headers, req.common, Prompt::Raw(prompt), Kind::Text).await
     }
     .await;
     result.unwrap_or_else(|e| e.in_dialect(Dialect::OpenAi).into_response())

@@ -90,6 +90,37 @@ pub struct Finished {
     pub route: RouteInfo,
 }
 
+/// Waits for the whole generation: its text and final stats, or its error.
+pub async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<(String, Box<Finished>), ApiError> {
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(f) => return Ok((text, f)),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended without a result"))
+}
+
+/// A streaming HTTP body from a generation's events, one `render`ed chunk per
+/// event; the stream ends after the final event.
+pub fn event_body(rx: mpsc::Receiver<Event>, render: impl Fn(Event) -> Vec<String> + Send + Sync + 'static) -> axum::body::Body {
+    let render = Arc::new(render);
+    let chunks = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+        let render = render.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let event = rx.recv().await?;
+            let last = !matches!(event, Event::Text(_));
+            Some((Ok::<_, std::convert::Infallible>(render(event).concat()), (rx, last)))
+        }
+    });
+    axum::body::Body::from_stream(chunks)
+}
+
 pub struct Service {
     pub cfg: ServeConfig,
     pub metrics: Metrics,
