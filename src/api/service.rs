@@ -318,6 +318,12 @@ impl Service {
                 Ok(result) => {
                     let stage_names: Vec<String> = worker.route.nodes.iter().map(|n| n.name.clone()).collect();
                     service.metrics.generation(&result.stats, &stage_names);
+                    if let (Some(m), true) = (&service.manager, result.stats.generated_tokens > 1) {
+                        // Measured speed feeds the health score and latency-aware plans.
+                        for n in &worker.route.nodes {
+                            m.record_speed(&n.name, result.stats.decode_tok_s());
+                        }
+                    }
                     service.sample_tokens();
                     Event::Done(Box::new(Finished { result, prompt_ids, total: started.elapsed(), load, route: worker.route.clone() }))
                 }

@@ -89,6 +89,7 @@ pub fn run(args: BenchArgs, threads: usize) -> Result<()> {
             local_split_cores: args.local_split_cores,
             cluster: None,
             route: false,
+            standby: vec![],
         };
         engines.push((n, start_engine(&mut opened, &pipeline, threads)?));
     }

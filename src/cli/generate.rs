@@ -6,15 +6,16 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use sollol::cluster::failover::{ChainSpec, FailoverEngine};
 use sollol::cluster::health::HealthPolicy;
 use sollol::cluster::local::LocalNodes;
 use sollol::cluster::manager::ClusterManager;
 use sollol::cluster::registry::Registry;
-use sollol::cluster::partition;
+use sollol::cluster::partition::Strategy;
 use sollol::head::chat::{ChatTemplate, Message, CHATML};
 use sollol::head::engine::{Engine, LocalEngine};
 use sollol::head::generation::{generate, GenerateRequest, GenerateResult};
-use sollol::head::pipeline::{Pipeline, PipelineEngine};
+use sollol::head::pipeline::PipelineEngine;
 use sollol::head::tokenizer::Tokenizer;
 use sollol::net::auth::ClusterKey;
 use sollol::net::tensor::WireDType;
@@ -59,6 +60,9 @@ pub struct PipelineArgs {
     /// Run on a registered cluster (sollol cluster create).
     #[arg(long, conflicts_with_all = ["nodes", "local_nodes"])]
     pub cluster: Option<String>,
+    /// Nodes that take over the blocks of a stage that dies mid-generation.
+    #[arg(long, value_delimiter = ',')]
+    pub standby: Vec<String>,
     /// Route through the registry: a single node when one can hold the model,
     /// else a cluster (created on demand).
     #[arg(long, conflicts_with_all = ["nodes", "local_nodes", "cluster"])]
@@ -98,10 +102,18 @@ pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) ->
         Err(_) => opened.resolved.name.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let mut pipeline = rt.block_on(Pipeline::connect(&addrs, &key))?;
-    let plan = partition::even(cfg.n_layers, addrs.len())?;
-    rt.block_on(pipeline.load(&spec, Some(digest), &plan, args.wire))?;
-    eprintln!("plan: {} over {} stages, wire {}", opened.resolved.name, plan.len(), args.wire);
+    let chain = ChainSpec {
+        model: spec,
+        digest: Some(digest),
+        layer_bytes: opened.file.layer_bytes()?,
+        context_length: cfg.context_length,
+        key,
+        wire: args.wire,
+        strategy: Strategy::Even,
+    };
+    let engine = FailoverEngine::start(rt, chain, addrs, args.standby.clone())?;
+    let pipeline = engine.pipeline();
+    eprintln!("plan: {} over {} stages, wire {}", opened.resolved.name, pipeline.n_stages(), args.wire);
     for (i, (addr, l)) in pipeline.addrs().iter().zip(pipeline.loaded()).enumerate() {
         eprintln!(
             "  stage {}  {addr}  blocks {}..{}  ({} blocks, {})",
@@ -112,7 +124,10 @@ pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) ->
             human_bytes(l.weight_bytes)
         );
     }
-    Ok(Running { engine: Box::new(PipelineEngine::new(rt, pipeline, cfg.context_length)), _local: local })
+    if !args.standby.is_empty() {
+        eprintln!("  standby {}", args.standby.join(", "));
+    }
+    Ok(Running { engine: Box::new(engine), _local: local })
 }
 
 /// A registered cluster, or the registry's routing decision.

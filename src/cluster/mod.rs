@@ -2,6 +2,7 @@
 //! partitioning strategies, health, routing, and local nodes.
 
 pub mod discovery;
+pub mod failover;
 pub mod health;
 pub mod local;
 pub mod manager;

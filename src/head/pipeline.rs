@@ -86,21 +86,32 @@ impl Pipeline {
         self.stages[i].request(frame, wait).await
     }
 
-    /// Loads `plan[i]` of `model` on stage `i` (all at once), then links the chain.
+    /// Loads `plan[i]` of `model` on stage `i` (all at once), then links the
+    /// chain. A stage already holding exactly that slice of that model keeps it
+    /// (and its sessions).
     pub async fn load(&mut self, model: &str, digest: Option<String>, plan: &[Range<usize>], wire: WireDType) -> Result<(), NetError> {
         if plan.len() != self.stages.len() {
             return Err(NetError::Remote(format!("a plan of {} slices for {} stages", plan.len(), self.stages.len())));
         }
+        let this = &*self;
         let loads = plan.iter().enumerate().map(|(i, r)| {
+            let held = this.stages[i].capabilities().loaded.filter(|l| {
+                l.start as usize == r.start && l.end as usize == r.end && digest.as_ref().is_some_and(|d| *d == l.digest)
+            });
             let req = LoadRequest { model: model.to_string(), start: r.start as u32, end: r.end as u32, digest: digest.clone() };
-            self.request(i, Frame::new(Message::Load(req)), Duration::from_secs(600))
+            async move {
+                match held {
+                    Some(info) => Ok(info),
+                    None => match this.request(i, Frame::new(Message::Load(req)), Duration::from_secs(600)).await?.message {
+                        Message::Loaded(info) => Ok(info),
+                        other => Err(NetError::Unexpected { got: other.kind(), expected: "Loaded" }),
+                    },
+                }
+            }
         });
         let mut loaded = Vec::new();
-        for reply in join_all(loads).await {
-            match reply?.message {
-                Message::Loaded(info) => loaded.push(info),
-                other => return Err(NetError::Unexpected { got: other.kind(), expected: "Loaded" }),
-            }
+        for info in join_all(loads).await {
+            loaded.push(info?);
         }
         self.loaded = loaded;
         self.link(wire).await

@@ -1,0 +1,121 @@
+//! Generation that survives `kill -9` of a stage: 3 real node processes, a
+//! greedy generation of 64 tokens over the f32 wire, one stage killed at a
+//! token chosen per case; the tokens must equal a fault-free run's.
+
+mod common;
+
+use std::time::Duration;
+
+use candle_core::Device;
+use common::NodeProc;
+use sollol::cluster::failover::{ChainSpec, FailoverEngine};
+use sollol::cluster::partition::Strategy;
+use sollol::head::engine::LocalEngine;
+use sollol::head::generation::{generate, GenerateRequest};
+use sollol::head::tokenizer::Tokenizer;
+use sollol::model::sampling::SamplingParams;
+use sollol::model::{ModelFile, ModelSlice};
+use sollol::net::auth::ClusterKey;
+use sollol::net::tensor::WireDType;
+
+const KEY: &str = "failover-test-key";
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: vec![504, 3575, 282, 4649, 314],
+        params: SamplingParams { temperature: 0.0, ..Default::default() },
+        max_tokens: 64,
+        stop: vec![],
+        context: 0,
+    }
+}
+
+fn setup() -> (ChainSpec, Tokenizer, Vec<u32>) {
+    let path = common::smollm2();
+    let mut file = ModelFile::open(&path).unwrap();
+    let tokenizer = Tokenizer::for_model(&file).unwrap();
+    let spec = ChainSpec {
+        model: path.display().to_string(),
+        digest: Some(file.digest().unwrap()),
+        layer_bytes: file.layer_bytes().unwrap(),
+        context_length: file.config().unwrap().context_length,
+        key: ClusterKey::new(Some(KEY)),
+        wire: WireDType::F32,
+        strategy: Strategy::Even,
+    };
+    let slice = ModelSlice::load(&mut file, 0..30, &Device::Cpu).unwrap();
+    let mut local = LocalEngine::new(slice).unwrap();
+    let reference = generate(&mut local, &tokenizer, 1, &request(), &mut |_| true).unwrap().tokens;
+    (spec, tokenizer, reference)
+}
+
+/// Kills stage `stage` after `at` streamed pieces; returns the tokens and the recoveries.
+fn run_with_kill(stage: usize, at: usize, with_standby: bool) {
+    let (spec, tokenizer, reference) = setup();
+    let mut nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    let standby = with_standby.then(|| NodeProc::spawn(Some(KEY), &[]));
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut engine = FailoverEngine::start(rt, spec, addrs, standby.iter().map(|s| s.addr.clone()).collect()).unwrap();
+    let mut pieces = 0;
+    let mut text = String::new();
+    let result = generate(&mut engine, &tokenizer, 77, &request(), &mut |piece| {
+        pieces += 1;
+        text.push_str(piece);
+        if pieces == at {
+            nodes[stage].kill();
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(result.tokens, reference, "stage {stage} killed at piece {at}: tokens differ");
+    assert_eq!(text, tokenizer.decode(&reference).unwrap(), "the stream has no duplicate and no gap");
+    assert_eq!(engine.recoveries.len(), 1, "one recovery");
+    let took = engine.recoveries[0];
+    eprintln!("stage {stage} killed at piece {at}: recovered in {took:?}, chain now {:?}", engine.chain());
+    assert!(took < Duration::from_secs(60));
+    if with_standby {
+        assert!(engine.chain().iter().any(|(a, _)| Some(a) == standby.as_ref().map(|s| &s.addr)), "the standby took over");
+        assert_eq!(engine.chain().len(), 3);
+    } else {
+        assert_eq!(engine.chain().len(), 2, "re-planned over the two survivors");
+    }
+}
+
+#[test]
+fn first_stage_killed_mid_generation() {
+    run_with_kill(0, 11, false);
+}
+
+#[test]
+fn middle_stage_killed_mid_generation() {
+    run_with_kill(1, 29, false);
+}
+
+#[test]
+fn last_stage_killed_mid_generation_with_a_standby() {
+    run_with_kill(2, 43, true);
+}
+
+#[test]
+fn all_nodes_down_is_a_clear_error_in_bounded_time() {
+    let (spec, tokenizer, _) = setup();
+    let mut nodes: Vec<NodeProc> = (0..2).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut engine = FailoverEngine::start(rt, spec, addrs, vec![]).unwrap();
+    let started = std::time::Instant::now();
+    let mut pieces = 0;
+    let err = generate(&mut engine, &tokenizer, 5, &request(), &mut |_| {
+        pieces += 1;
+        if pieces == 3 {
+            nodes.iter_mut().for_each(|n| n.kill());
+        }
+        true
+    })
+    .err()
+    .expect("no node left: the request must fail");
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    let msg = err.to_string();
+    assert!(msg.contains("down") || msg.contains("disconnected") || msg.contains("reach"), "{msg}");
+}
