@@ -67,16 +67,14 @@ fn parse(raw: &[u8]) -> Reply {
     Reply { status, headers, body: String::from_utf8_lossy(&body).to_string() }
 }
 
+/// Chunked transfer decoding; a body cut short keeps what arrived whole.
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
-        b = &b[eol + 2 + size + 2..];
+        let Some(chunk) = b.get(eol + 2..eol + 2 + size).filter(|_| size > 0) else { break };
+        out.extend_from_slice(chunk);
+        b = b.get(eol + 2 + size + 2..).unwrap_or_default();
     }
     out
 }

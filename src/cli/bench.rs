@@ -186,7 +186,10 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
         "model {}, {threads} threads in all, prompt {} tok, decode {} tok, wire {}, best of {} interleaved rounds",
         opened.resolved.name, args.prompt_tokens, args.tokens, args.wire, args.rounds
     );
-    println!("{:<10} {:>12} {:>8} {:>12} {:>8} {:>9} {:>14} {:>10} {}", "stages", "prefill t/s", "ratio", "decode t/s", "ratio", "ttft ms", "hop p50/p99 ms", "B/tok/hop", "stage busy");
+    println!(
+        "{:<10} {:>12} {:>8} {:>12} {:>8} {:>9} {:>14} {:>10} stage busy",
+        "stages", "prefill t/s", "ratio", "decode t/s", "ratio", "ttft ms", "hop p50/p99 ms", "B/tok/hop"
+    );
     for r in rows {
         let stages = match r["stages"].as_u64().unwrap_or(0) {
             0 => "in-process".to_string(),

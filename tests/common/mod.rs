@@ -60,6 +60,7 @@ impl Drop for NodeProc {
     }
 }
 
+#[allow(unused_imports)]
 pub use sollol::api::http_client as http;
 
 /// A `sollol serve` process on a free port; killed (with its nodes) on drop.
