@@ -27,6 +27,8 @@ fn request() -> GenerateRequest {
         max_tokens: 64,
         stop: vec![],
         context: 0,
+        resume: None,
+        keep_session: false,
     }
 }
 

@@ -222,3 +222,33 @@ fn official_ollama_and_openai_python_clients_work() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("12 passed, 0 failed"), "{stdout}");
 }
+
+/// A chat's second turn reuses the KV state of the first on every stage:
+/// only the new tokens are evaluated. With no KV budget nothing is kept and
+/// the second turn recomputes (eviction is always safe).
+#[test]
+fn a_second_chat_turn_evaluates_only_its_new_tokens() {
+    common::smollm2();
+    for (budget, reuse) in [("256", true), ("0", false)] {
+        let s = ServeProc::spawn(&["--local-nodes", "2", "--kv-cache-mb", budget]);
+        let a = s.addr.as_str();
+        let q1 = r#"{"role":"user","content":"What is the capital of France?"}"#;
+        let t1 = post(a, "/v1/chat/completions", &format!(r#"{{"model":"smollm2","messages":[{q1}],"max_tokens":8,"temperature":0}}"#)).json();
+        let p1 = t1["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(t1["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        let answer = serde_json::to_string(&t1["choices"][0]["message"]["content"]).unwrap();
+        let messages = format!(r#"[{q1},{{"role":"assistant","content":{answer}}},{{"role":"user","content":"And of Germany?"}}]"#);
+        let t2 = post(a, "/v1/chat/completions", &format!(r#"{{"model":"smollm2","messages":{messages},"max_tokens":8,"temperature":0}}"#)).json();
+        let total = t2["usage"]["prompt_tokens"].as_u64().unwrap();
+        let cached = t2["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        assert!(!t2["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{t2}");
+        if reuse {
+            assert!(cached >= p1 && cached < total, "turn 2 reused {cached} of {total} tokens; turn 1's prompt was {p1}");
+            // Ollama's counter says the same: only the new tokens were evaluated.
+            let o2 = post(a, "/api/chat", &format!(r#"{{"model":"smollm2","messages":{messages},"stream":false,"options":{{"num_predict":4,"temperature":0}}}}"#)).json();
+            assert!(o2["prompt_eval_count"].as_u64().unwrap() < total - p1 + 1, "{o2}");
+        } else {
+            assert_eq!(cached, 0, "no budget, no reuse");
+        }
+    }
+}

@@ -195,7 +195,7 @@ async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, req: GenerateBo
         m.push(Message::new("user", &req.prompt));
         Prompt::Chat(m)
     };
-    let gen = GenRequest { model: model.clone(), prompt, context: req.context.clone(), params, max_tokens, stop, num_ctx, priority: priority(headers, req.priority) };
+    let gen = GenRequest { model: model.clone(), prompt, context: req.context.clone(), params, max_tokens, stop, num_ctx, priority: priority(headers, req.priority), keep: false };
     let rx = svc.generate(gen).await?;
     Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
         None => json!({"model": model, "created_at": now(), "response": piece.unwrap_or(""), "done": false}),
@@ -233,7 +233,17 @@ async fn chat_inner(svc: &Arc<Service>, headers: &HeaderMap, req: ChatBody) -> R
             return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
         }
     }
-    let gen = GenRequest { model: model.clone(), prompt: Prompt::Chat(req.messages), context: vec![], params, max_tokens, stop, num_ctx, priority: priority(headers, req.priority) };
+    let gen = GenRequest {
+        model: model.clone(),
+        prompt: Prompt::Chat(req.messages),
+        context: vec![],
+        params,
+        max_tokens,
+        stop,
+        num_ctx,
+        priority: priority(headers, req.priority),
+        keep: true,
+    };
     let rx = svc.generate(gen).await?;
     Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
         None => json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": piece.unwrap_or("")}, "done": false}),

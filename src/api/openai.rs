@@ -112,7 +112,13 @@ fn text_of(content: &Value) -> Result<String, ApiError> {
 
 fn usage(f: &Finished) -> Value {
     let s = &f.result.stats;
-    json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens, "total_tokens": s.prompt_tokens + s.generated_tokens})
+    let prompt = s.prompt_tokens + s.cached_tokens;
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": s.generated_tokens,
+        "total_tokens": prompt + s.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
+    })
 }
 
 fn finish_reason(f: &Finished) -> &'static str {
@@ -201,6 +207,8 @@ async fn complete(svc: &Arc<Service>, headers: &HeaderMap, common: CommonParams,
         stop,
         num_ctx: 0,
         priority: priority(headers, common.priority),
+        // Chat turns keep their session for the next turn.
+        keep: matches!(kind, Kind::Chat),
     };
     let rx = svc.generate(gen).await?;
     Ok(respond(rx, common.stream, common.model, kind).await)

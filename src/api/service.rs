@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub max_queue: usize,
     pub key: Option<String>,
     pub default_model: String,
+    /// KV memory (all stages together) that idle conversations may keep for
+    /// reuse by their next turn; the least recently used go first.
+    pub kv_cache_mb: usize,
 }
 
 /// A model ready to serve: its tokenizer here, its slices on the nodes.
@@ -74,7 +77,26 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     pub num_ctx: usize,
     pub priority: i32,
+    /// A conversation turn: keep the session for the next turn to reuse.
+    pub keep: bool,
 }
+
+/// A finished conversation turn whose KV state stays on the stages.
+struct Cached {
+    model: String,
+    session: u64,
+    /// The tokens the session's caches hold.
+    fed: Vec<u32>,
+    capacity: usize,
+    used: Instant,
+    pipeline: Arc<Pipeline>,
+    bytes_per_token: usize,
+}
+
+/// Idle conversations are dropped by the head well before nodes free them (10 min).
+const CONVERSATION_TTL: Duration = Duration::from_secs(300);
+/// Fewer shared tokens than this are not worth a lookup.
+const MIN_REUSE: usize = 8;
 
 pub enum Event {
     Text(String),
@@ -131,6 +153,7 @@ pub struct Service {
     local: Option<LocalNodes>,
     /// (when, tokens generated so far): the dashboard's live tok/s.
     samples: Mutex<VecDeque<(Instant, u64)>>,
+    conversations: Mutex<Vec<Cached>>,
     handle: tokio::runtime::Handle,
 }
 
@@ -163,6 +186,7 @@ impl Service {
             manager,
             local,
             samples: Mutex::new(VecDeque::new()),
+            conversations: Mutex::new(Vec::new()),
             handle: tokio::runtime::Handle::current(),
         }))
     }
@@ -300,18 +324,39 @@ impl Service {
         self.metrics.queue(running, waiting);
         let (tx, rx) = mpsc::channel(64);
         let service = self.clone();
-        let gen = GenerateRequest { prompt: prompt_ids.clone(), params: req.params, max_tokens: req.max_tokens, stop: req.stop, context };
+        let reused = if req.keep { self.take_conversation(&worker.name, &prompt_ids) } else { None };
+        let mut gen = GenerateRequest {
+            prompt: prompt_ids.clone(),
+            params: req.params,
+            max_tokens: req.max_tokens,
+            stop: req.stop,
+            context,
+            resume: reused.as_ref().map(|(_, r)| *r),
+            keep_session: req.keep,
+        };
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut engine = PipelineEngine::shared(service.handle.clone(), worker.pipeline.clone(), worker.config.context_length);
-            let session = rand::random::<u64>();
-            let mut cancelled = false;
-            let result = generate(&mut engine as &mut dyn Engine, &worker.tokenizer, session, &gen, &mut |piece| {
+            let mut session = reused.as_ref().map_or_else(rand::random::<u64>, |(s, _)| *s);
+            let (cancelled, sent_any) = (std::cell::Cell::new(false), std::cell::Cell::new(false));
+            let mut on_text = |piece: &str| {
                 let sent = tx.blocking_send(Event::Text(piece.to_string())).is_ok();
-                cancelled |= !sent;
+                cancelled.set(cancelled.get() || !sent);
+                sent_any.set(true);
                 sent
-            });
-            if cancelled {
+            };
+            let mut result = generate(&mut engine as &mut dyn Engine, &worker.tokenizer, session, &gen, &mut on_text);
+            if result.is_err() && gen.resume.is_some() && !sent_any.get() {
+                // The cached state is gone (node restarted, evicted): recompute.
+                session = rand::random();
+                gen.resume = None;
+                result = generate(&mut engine as &mut dyn Engine, &worker.tokenizer, session, &gen, &mut on_text);
+            }
+            if let (Ok(r), true) = (&result, gen.keep_session) {
+                let capacity = gen.resume.map_or(gen.context, |r| r.capacity);
+                service.keep_conversation(&worker, session, r.fed.clone(), capacity);
+            }
+            if cancelled.get() {
                 service.metrics.cancelled();
             }
             let event = match result {
@@ -335,6 +380,58 @@ impl Service {
             service.metrics.queue(running, waiting);
         });
         Ok(rx)
+    }
+
+    /// The idle conversation of `model` sharing the longest prefix with
+    /// `prompt`, taken out of the cache (a session serves one turn at a time).
+    fn take_conversation(&self, model: &str, prompt: &[u32]) -> Option<(u64, crate::head::generation::Resume)> {
+        let mut c = self.conversations.lock().expect("conversations lock");
+        c.retain(|e| e.used.elapsed() < CONVERSATION_TTL);
+        let common = |e: &Cached| e.fed.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let (i, keep) = c
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.model == model && e.capacity > prompt.len())
+            .map(|(i, e)| (i, common(e)))
+            .max_by_key(|(_, n)| *n)?;
+        if keep < MIN_REUSE.min(prompt.len().saturating_sub(1)).max(1) {
+            return None;
+        }
+        let e = c.remove(i);
+        Some((e.session, crate::head::generation::Resume { keep, capacity: e.capacity }))
+    }
+
+    /// Keeps a finished turn's session for the next turn; evicts the least
+    /// recently used beyond the KV budget (eviction is safe: a later turn
+    /// just recomputes).
+    fn keep_conversation(&self, worker: &Worker, session: u64, fed: Vec<u32>, capacity: usize) {
+        let c = &worker.config;
+        let bytes_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4;
+        let mut list = self.conversations.lock().expect("conversations lock");
+        list.push(Cached {
+            model: worker.name.clone(),
+            session,
+            fed,
+            capacity,
+            used: Instant::now(),
+            pipeline: worker.pipeline.clone(),
+            bytes_per_token,
+        });
+        let budget = self.cfg.kv_cache_mb << 20;
+        let mut evicted = Vec::new();
+        while list.iter().map(|e| e.fed.len() * e.bytes_per_token).sum::<usize>() > budget && !list.is_empty() {
+            let oldest = list.iter().enumerate().min_by_key(|(_, e)| e.used).map(|(i, _)| i).expect("not empty");
+            evicted.push(list.remove(oldest));
+        }
+        drop(list);
+        for e in evicted {
+            self.handle.block_on(e.pipeline.close(e.session));
+        }
+    }
+
+    /// Conversations held for reuse (dashboard, tests).
+    pub fn conversations(&self) -> usize {
+        self.conversations.lock().expect("conversations lock").len()
     }
 
     fn sample_tokens(&self) {

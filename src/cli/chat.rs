@@ -57,6 +57,8 @@ pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
             max_tokens: args.sampling.max_tokens,
             stop: args.sampling.stop.clone(),
             context: args.sampling.ctx,
+            resume: None,
+            keep_session: false,
         };
         let mut stdout = std::io::stdout().lock();
         let result = generate(running.engine.as_mut(), &tokenizer, rand::random(), &req, &mut |piece| {

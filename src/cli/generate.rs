@@ -198,6 +198,8 @@ pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
         max_tokens: args.sampling.max_tokens,
         stop: args.sampling.stop.clone(),
         context: args.sampling.ctx,
+        resume: None,
+        keep_session: false,
     };
     let session = rand::random::<u64>();
     let mut stdout = std::io::stdout().lock();

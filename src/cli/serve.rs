@@ -29,9 +29,9 @@ pub struct ServeArgs {
     /// The model a fresh install serves.
     #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Load the default model before accepting requests.
-    #[arg(long)]
-    preload: bool,
+    /// KV memory idle conversations may keep for their next turn (MiB, all stages).
+    #[arg(long, default_value_t = 256)]
+    kv_cache_mb: usize,
 }
 
 pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
@@ -44,8 +44,8 @@ pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
         max_queue: args.max_queue,
         key: args.cluster_key,
         default_model: args.model,
+        kv_cache_mb: args.kv_cache_mb,
     };
-    let _ = args.preload;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(256).enable_all().build()?;
     rt.block_on(sollol::api::serve(cfg))?;
     Ok(())

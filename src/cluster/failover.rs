@@ -181,6 +181,13 @@ impl Engine for FailoverEngine {
         }
     }
 
+    fn rewind(&mut self, session: u64, keep: usize) -> Result<()> {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.fed.truncate(keep);
+        }
+        self.inner.rewind(session, keep)
+    }
+
     fn close(&mut self, session: u64) {
         self.sessions.remove(&session);
         self.inner.close(session);

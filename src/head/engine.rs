@@ -43,6 +43,9 @@ pub trait Engine {
     fn open(&mut self, session: u64, capacity: usize) -> Result<()>;
     /// Runs `tokens` at the session's position; samples when `sample` is given.
     fn step(&mut self, session: u64, tokens: &[u32], sample: Option<SampleSpec<'_>>, want_logits: bool) -> Result<StepOutput>;
+    /// Keeps the first `keep` positions of an open session and forgets the
+    /// rest, so a prompt sharing that prefix continues from the cached state.
+    fn rewind(&mut self, session: u64, keep: usize) -> Result<()>;
     /// Frees the session everywhere. Never fails: a missing session is already closed.
     fn close(&mut self, session: u64);
     /// The longest context the model supports.
@@ -92,6 +95,12 @@ impl Engine for LocalEngine {
         };
         let token = sample_spec.map(|s| sample(&logits, s.params, s.history, s.step));
         Ok(StepOutput { token, logits: want_logits.then_some(logits), stage_times: vec![start.elapsed()], ..Default::default() })
+    }
+
+    fn rewind(&mut self, session: u64, keep: usize) -> Result<()> {
+        let cache = self.sessions.get_mut(&session).ok_or_else(|| Error::InvalidRequest(format!("no session {session}")))?;
+        cache.truncate(keep);
+        Ok(())
     }
 
     fn close(&mut self, session: u64) {

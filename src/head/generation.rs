@@ -20,6 +20,19 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Context to reserve; 0 means the model's.
     pub context: usize,
+    /// Continue an open session whose first `keep` positions hold this
+    /// prompt's prefix (a conversation's next turn), instead of opening one.
+    pub resume: Option<Resume>,
+    /// Leave the session open at the end, for a later `resume`.
+    pub keep_session: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Resume {
+    /// Cached positions that equal the start of the prompt.
+    pub keep: usize,
+    /// The open session's capacity.
+    pub capacity: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +71,8 @@ pub struct Stats {
     pub hop_bytes_per_token: Vec<u64>,
     /// Hops sent as f32 because f16 would have overflowed.
     pub f16_fallbacks: u64,
+    /// Prompt tokens whose KV state was reused instead of computed.
+    pub cached_tokens: usize,
 }
 
 impl Stats {
@@ -111,6 +126,8 @@ impl Stats {
 #[derive(Debug, Clone)]
 pub struct GenerateResult {
     pub tokens: Vec<u32>,
+    /// Every token the session's caches now hold, in order.
+    pub fed: Vec<u32>,
     pub text: String,
     pub finish: FinishReason,
     pub stats: Stats,
@@ -202,10 +219,31 @@ pub fn generate(
     if req.prompt.len() >= context {
         return Err(Error::ContextOverflow { prompt: req.prompt.len(), context });
     }
-    let capacity = context.min(req.prompt.len() + req.max_tokens);
-    engine.open(session, capacity)?;
-    let result = run(engine, tokenizer, session, req, capacity, on_text);
-    engine.close(session);
+    let capacity = match (req.resume, req.keep_session) {
+        (Some(r), _) => r.capacity,
+        // A kept session may grow over later turns: reserve the whole context
+        // (the cache's pages are only touched as positions are written).
+        (None, true) => context,
+        (None, false) => context.min(req.prompt.len() + req.max_tokens),
+    };
+    if req.prompt.len() >= capacity {
+        return Err(Error::ContextOverflow { prompt: req.prompt.len(), context: capacity });
+    }
+    let skip = match req.resume {
+        Some(r) => {
+            let keep = r.keep.min(req.prompt.len() - 1);
+            engine.rewind(session, keep)?;
+            keep
+        }
+        None => {
+            engine.open(session, capacity)?;
+            0
+        }
+    };
+    let result = run(engine, tokenizer, session, req, capacity, skip, on_text);
+    if result.is_err() || !req.keep_session {
+        engine.close(session);
+    }
     result
 }
 
@@ -215,9 +253,10 @@ fn run(
     session: u64,
     req: &GenerateRequest,
     capacity: usize,
+    skip: usize,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerateResult> {
-    let mut stats = Stats { prompt_tokens: req.prompt.len(), ..Default::default() };
+    let mut stats = Stats { prompt_tokens: req.prompt.len() - skip, cached_tokens: skip, ..Default::default() };
     let mut history = req.prompt.clone();
     let mut generated: Vec<u32> = Vec::new();
     let mut text = String::new();
@@ -225,11 +264,11 @@ fn run(
     let mut stops = StopMatcher { stops: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() };
     let start = Instant::now();
     if req.max_tokens == 0 {
-        return Ok(GenerateResult { tokens: generated, text, finish: FinishReason::Length, stats });
+        return Ok(GenerateResult { tokens: generated, fed: req.prompt[..skip].to_vec(), text, finish: FinishReason::Length, stats });
     }
 
     // Prefill: every chunk but the last only fills the caches.
-    let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
+    let chunks: Vec<&[u32]> = req.prompt[skip..].chunks(PREFILL_CHUNK).collect();
     let mut next = None;
     for (i, chunk) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
@@ -242,6 +281,7 @@ fn run(
     stats.time_to_first_token = stats.prefill;
     let mut token = next.ok_or_else(|| Error::InvalidRequest("the engine returned no token".into()))?;
     let decode_start = Instant::now();
+    let mut fed_generated = 0;
     let finish = loop {
         if tokenizer.is_eos(token) {
             break FinishReason::Stop;
@@ -271,6 +311,7 @@ fn run(
         }
         let spec = SampleSpec { params: &req.params, history: &history, step: generated.len() as u64 };
         let out = engine.step(session, &[token], Some(spec), false)?;
+        fed_generated += 1;
         stats.record(&out, true);
         token = out.token.ok_or_else(|| Error::InvalidRequest("the engine returned no token".into()))?;
     };
@@ -284,7 +325,11 @@ fn run(
     }
     stats.generated_tokens = generated.len();
     stats.decode = decode_start.elapsed();
-    Ok(GenerateResult { tokens: generated, text, finish, stats })
+    // The prompt, then every generated token that was fed back (all but a
+    // last one the loop stopped on).
+    let mut fed = req.prompt.clone();
+    fed.extend_from_slice(&generated[..fed_generated]);
+    Ok(GenerateResult { tokens: generated, fed, text, finish, stats })
 }
 
 #[cfg(test)]

@@ -139,6 +139,19 @@ impl Pipeline {
         sample: Option<SampleRequest>,
         want_logits: bool,
     ) -> Result<StepResult, NetError> {
+        self.step_with(session, tokens, open, None, sample, want_logits).await
+    }
+
+    /// A step that first rewinds the session to `truncate` positions on every stage.
+    pub async fn step_with(
+        &self,
+        session: u64,
+        tokens: &[u32],
+        open: Option<u32>,
+        truncate: Option<u32>,
+        sample: Option<SampleRequest>,
+        want_logits: bool,
+    ) -> Result<StepResult, NetError> {
         let step = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(step, (session, tx));
@@ -146,6 +159,7 @@ impl Pipeline {
             session,
             step,
             open,
+            truncate,
             input: ForwardInput::Tokens(tokens.to_vec()),
             sample,
             want_logits,
@@ -204,6 +218,8 @@ pub struct PipelineEngine {
     context_length: usize,
     /// Capacity to send with each open session's first step.
     opening: HashMap<u64, u32>,
+    /// Rewinds to send with a session's next step.
+    rewinding: HashMap<u64, u32>,
     /// The runtime, when this engine owns it (the CLI).
     _rt: Option<tokio::runtime::Runtime>,
 }
@@ -211,12 +227,12 @@ pub struct PipelineEngine {
 impl PipelineEngine {
     /// An engine owning its runtime.
     pub fn new(rt: tokio::runtime::Runtime, pipeline: Pipeline, context_length: usize) -> Self {
-        Self { handle: rt.handle().clone(), pipeline: Arc::new(pipeline), context_length, opening: HashMap::new(), _rt: Some(rt) }
+        Self { handle: rt.handle().clone(), pipeline: Arc::new(pipeline), context_length, opening: HashMap::new(), rewinding: HashMap::new(), _rt: Some(rt) }
     }
 
     /// An engine over a shared pipeline, for one request on a blocking thread.
     pub fn shared(handle: tokio::runtime::Handle, pipeline: Arc<Pipeline>, context_length: usize) -> Self {
-        Self { handle, pipeline, context_length, opening: HashMap::new(), _rt: None }
+        Self { handle, pipeline, context_length, opening: HashMap::new(), rewinding: HashMap::new(), _rt: None }
     }
 
     pub fn pipeline(&self) -> &Pipeline {
@@ -236,6 +252,7 @@ impl Engine for PipelineEngine {
 
     fn step(&mut self, session: u64, tokens: &[u32], spec: Option<SampleSpec<'_>>, want_logits: bool) -> crate::Result<StepOutput> {
         let open = self.opening.remove(&session);
+        let truncate = self.rewinding.remove(&session);
         let sample = spec.map(|s| {
             let recent = if s.params.repeat_penalty != 1.0 {
                 s.history[s.history.len().saturating_sub(s.params.repeat_last_n)..].to_vec()
@@ -245,7 +262,7 @@ impl Engine for PipelineEngine {
             SampleRequest { params: s.params.clone(), recent, draw: s.step }
         });
         let t = Instant::now();
-        let r = self.handle.block_on(self.pipeline.step(session, tokens, open, sample, want_logits))?;
+        let r = self.handle.block_on(self.pipeline.step_with(session, tokens, open, truncate, sample, want_logits))?;
         let wall = t.elapsed();
         let stage_times: Vec<Duration> = r.stage_nanos.iter().map(|&n| Duration::from_nanos(n)).collect();
         let compute: Duration = stage_times.iter().sum();
@@ -261,8 +278,14 @@ impl Engine for PipelineEngine {
         })
     }
 
+    fn rewind(&mut self, session: u64, keep: usize) -> crate::Result<()> {
+        self.rewinding.insert(session, keep as u32);
+        Ok(())
+    }
+
     fn close(&mut self, session: u64) {
         self.opening.remove(&session);
+        self.rewinding.remove(&session);
         self.handle.block_on(self.pipeline.close(session));
     }
 

@@ -149,6 +149,9 @@ pub struct ForwardHeader {
     pub step: u64,
     /// Open the session with room for this many positions (first step only).
     pub open: Option<u32>,
+    /// Before this step, keep only the first N cached positions (a new turn
+    /// of a conversation reusing its prefix).
+    pub truncate: Option<u32>,
     pub input: ForwardInput,
     /// Sample on the last stage (else only fill the caches).
     pub sample: Option<SampleRequest>,

@@ -203,6 +203,9 @@ impl Worker {
             .get_mut(&h.session)
             .ok_or_else(|| format!("unknown session {} (expired, closed, or opened on another node)", h.session))?;
         *used = Instant::now();
+        if let Some(keep) = h.truncate {
+            cache.truncate(keep as usize);
+        }
         let input = match &h.input {
             ForwardInput::Tokens(ids) => {
                 if !slice.is_first() {
