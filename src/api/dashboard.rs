@@ -29,6 +29,7 @@ pub async fn status(State(svc): State<Arc<Service>>) -> Json<Value> {
         "models": workers,
         "queue": {"running": running, "waiting": waiting, "slots": svc.cfg.parallel, "max_waiting": svc.cfg.max_queue},
         "tok_s": svc.recent_tok_s(),
+        "conversations": svc.conversations(),
         "tokens_generated": svc.metrics.tokens_generated(),
     }))
 }

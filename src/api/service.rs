@@ -429,7 +429,7 @@ impl Service {
         }
     }
 
-    /// Conversations held for reuse (dashboard, tests).
+    /// Conversations held for their next turn (shown on the dashboard).
     pub fn conversations(&self) -> usize {
         self.conversations.lock().expect("conversations lock").len()
     }

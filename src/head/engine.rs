@@ -65,14 +65,6 @@ impl LocalEngine {
         }
         Ok(Self { slice, sessions: HashMap::new() })
     }
-
-    pub fn slice(&self) -> &ModelSlice {
-        &self.slice
-    }
-
-    pub fn open_sessions(&self) -> usize {
-        self.sessions.len()
-    }
 }
 
 impl Engine for LocalEngine {

@@ -238,10 +238,6 @@ impl PipelineEngine {
     pub fn pipeline(&self) -> &Pipeline {
         &self.pipeline
     }
-
-    pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.handle.block_on(f)
-    }
 }
 
 impl Engine for PipelineEngine {
