@@ -11,6 +11,7 @@ pub mod api;
 pub mod cluster;
 pub mod error;
 pub mod head;
+pub mod kernels;
 pub mod model;
 pub mod net;
 pub mod node;

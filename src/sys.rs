@@ -30,8 +30,10 @@ pub fn cpu_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Sets the size of candle's CPU thread pool; call before any tensor work.
+/// Sets the size of candle's CPU thread pool and of our kernels' pool; call
+/// before any tensor work.
 pub fn set_threads(n: usize) {
+    crate::kernels::set_threads(n);
     if n > 0 {
         // Safe in edition 2021: called once at start-up, before any thread exists.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -1,0 +1,462 @@
+//! The project's own CPU compute kernels.
+//!
+//! candle stays the tensor framework (loading, devices, the GPU path); the
+//! CPU hot path of a slice runs here: quantized matrix products over the
+//! weights exactly as GGUF stores them ([`QMatrix`]), activations quantized
+//! once per row and shared by every matrix that reads them ([`QActs`]), a
+//! parked thread pool ([`pool`]) and the fused f32 operations of a block
+//! ([`ops`]).
+//!
+//! Dispatch happens once, when a matrix is built: AVX2+FMA+F16C kernels for
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 where the CPU has them, the scalar
+//! reference otherwise; other GGUF types (the K-quants, F16, F32) use
+//! candle's per-type dot products inside the same row-parallel driver.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod blocks;
+pub mod ops;
+pub mod pool;
+
+use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+
+use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8, BlockQ8_0, QK};
+pub use pool::{pool, set_threads};
+
+/// Weight types with our own kernels. The discriminant selects the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WeightType {
+    Q4_0 = 0,
+    Q4_1 = 1,
+    Q5_0 = 2,
+    Q5_1 = 3,
+    Q8_0 = 4,
+}
+
+impl WeightType {
+    fn from_ggml(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            _ => return None,
+        })
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => size_of::<BlockQ4_0>(),
+            Self::Q4_1 => size_of::<BlockQ4_1>(),
+            Self::Q5_0 => size_of::<BlockQ5_0>(),
+            Self::Q5_1 => size_of::<BlockQ5_1>(),
+            Self::Q8_0 => size_of::<BlockQ8_0>(),
+        }
+    }
+}
+
+/// Bytes with 8-byte alignment, so block structs can be viewed in place.
+#[derive(Debug, Clone, Default)]
+struct Aligned {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeroed(len: usize) -> Self {
+        Self { words: vec![0; len.div_ceil(8)], len }
+    }
+
+    fn resize(&mut self, len: usize) {
+        if self.words.len() * 8 < len {
+            self.words.resize(len.div_ceil(8), 0);
+        }
+        self.len = len;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: u64 storage viewed as its bytes, within its length.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len) }
+    }
+}
+
+/// Views bytes as blocks. Every block type here is plain old data whose
+/// alignment (≤ 8) the buffers and row strides respect.
+fn cast<T>(bytes: &[u8]) -> &[T] {
+    assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len() % size_of::<T>() == 0);
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size_of::<T>()) }
+}
+
+fn cast_mut<T>(bytes: &mut [u8]) -> &mut [T] {
+    assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len() % size_of::<T>() == 0);
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len() / size_of::<T>()) }
+}
+
+/// The per-row functions of a matrix's weight type, chosen once per matrix.
+#[derive(Clone, Copy)]
+enum Kernel {
+    /// Our kernels; activations are [`BlockQ8`] rows.
+    Own { t: WeightType, simd: bool },
+    /// candle's dot products for the other GGUF types.
+    Ggml(GgmlFns),
+}
+
+#[derive(Clone, Copy)]
+struct GgmlFns {
+    /// The activation type of the dot product.
+    act: GgmlDType,
+    act_row_bytes: fn(usize) -> usize,
+    quantize: fn(&[f32], &mut [u8]),
+    dot: fn(usize, &[u8], &[u8]) -> f32,
+    dequantize: fn(&[u8], &mut [f32]),
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kernel::Own { t, simd } => write!(f, "Own({t:?}, simd: {simd})"),
+            Kernel::Ggml(g) => write!(f, "Ggml(acts {:?})", g.act),
+        }
+    }
+}
+
+/// What activation rows a kernel reads; matrices with the same kind share them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActKind {
+    Q8,
+    Ggml(GgmlDType),
+}
+
+fn q8_row_bytes(cols: usize) -> usize {
+    cols / QK * size_of::<BlockQ8>()
+}
+
+fn q8_quantize(x: &[f32], out: &mut [u8]) {
+    blocks::quantize_q8(x, cast_mut(out))
+}
+
+fn own_dot_scalar(t: WeightType, w: &[u8], a: &[u8]) -> f32 {
+    let a = cast::<BlockQ8>(a);
+    match t {
+        WeightType::Q4_0 => blocks::scalar::q4_0(cast(w), a),
+        WeightType::Q4_1 => blocks::scalar::q4_1(cast(w), a),
+        WeightType::Q5_0 => blocks::scalar::q5_0(cast(w), a),
+        WeightType::Q5_1 => blocks::scalar::q5_1(cast(w), a),
+        WeightType::Q8_0 => blocks::scalar::q8_0(cast(w), a),
+    }
+}
+
+fn own_dequantize(t: WeightType, w: &[u8], out: &mut [f32]) {
+    match t {
+        WeightType::Q4_0 => blocks::dequantize_q4_0(cast(w), out),
+        WeightType::Q4_1 => blocks::dequantize_q4_1(cast(w), out),
+        WeightType::Q5_0 => blocks::dequantize_q5_0(cast(w), out),
+        WeightType::Q5_1 => blocks::dequantize_q5_1(cast(w), out),
+        WeightType::Q8_0 => blocks::dequantize_q8_0(cast(w), out),
+    }
+}
+
+fn ggml_row_bytes<T: GgmlType>(cols: usize) -> usize {
+    cols / T::VecDotType::BLCK_SIZE * size_of::<T::VecDotType>()
+}
+
+fn ggml_quantize<T: GgmlType>(x: &[f32], out: &mut [u8]) {
+    T::VecDotType::from_float(x, cast_mut(out))
+}
+
+fn ggml_dot<T: GgmlType>(cols: usize, w: &[u8], a: &[u8]) -> f32 {
+    T::vec_dot(cols, cast(w), cast(a))
+}
+
+fn ggml_dequantize<T: GgmlType>(w: &[u8], out: &mut [f32]) {
+    T::to_float(cast(w), out)
+}
+
+fn ggml_kernel<T: GgmlType>() -> Kernel {
+    Kernel::Ggml(GgmlFns {
+        act: T::VecDotType::DTYPE,
+        act_row_bytes: ggml_row_bytes::<T>,
+        quantize: ggml_quantize::<T>,
+        dot: ggml_dot::<T>,
+        dequantize: ggml_dequantize::<T>,
+    })
+}
+
+impl Kernel {
+    fn for_type(t: GgmlDType, allow_simd: bool) -> Option<Self> {
+        if let Some(own) = WeightType::from_ggml(t) {
+            return Some(Kernel::Own { t: own, simd: allow_simd && simd_available() });
+        }
+        Some(match t {
+            GgmlDType::Q2K => ggml_kernel::<BlockQ2K>(),
+            GgmlDType::Q3K => ggml_kernel::<BlockQ3K>(),
+            GgmlDType::Q4K => ggml_kernel::<BlockQ4K>(),
+            GgmlDType::Q5K => ggml_kernel::<BlockQ5K>(),
+            GgmlDType::Q6K => ggml_kernel::<BlockQ6K>(),
+            GgmlDType::F16 => ggml_kernel::<f16>(),
+            GgmlDType::F32 => ggml_kernel::<f32>(),
+            _ => return None,
+        })
+    }
+
+    fn acts(&self) -> ActKind {
+        match self {
+            Kernel::Own { .. } => ActKind::Q8,
+            Kernel::Ggml(g) => ActKind::Ggml(g.act),
+        }
+    }
+
+    fn act_row_bytes(&self, cols: usize) -> usize {
+        match self {
+            Kernel::Own { .. } => q8_row_bytes(cols),
+            Kernel::Ggml(g) => (g.act_row_bytes)(cols),
+        }
+    }
+
+    fn quantize(&self, x: &[f32], out: &mut [u8]) {
+        match self {
+            Kernel::Own { .. } => q8_quantize(x, out),
+            Kernel::Ggml(g) => (g.quantize)(x, out),
+        }
+    }
+
+    fn dequantize(&self, w: &[u8], out: &mut [f32]) {
+        match self {
+            Kernel::Own { t, .. } => own_dequantize(*t, w, out),
+            Kernel::Ggml(g) => (g.dequantize)(w, out),
+        }
+    }
+
+    /// `out[r] = w · acts[r]` for up to four activation rows.
+    fn dot_rows(&self, cols: usize, w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
+        let (own, simd) = match *self {
+            Kernel::Own { t, simd } => (t, simd),
+            Kernel::Ggml(g) => {
+                for (o, a) in out.iter_mut().zip(acts) {
+                    *o = (g.dot)(cols, w, a);
+                }
+                return;
+            }
+        };
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only set when the CPU has AVX2, FMA and F16C;
+            // rows hold `cols / 32` blocks of the matrix's type / of BlockQ8.
+            unsafe { avx2_dot_rows(own, cols / QK, w, acts, out) };
+            return;
+        }
+        for (o, a) in out.iter_mut().zip(acts) {
+            *o = own_dot_scalar(own, w, a);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx2_dot_rows(t: WeightType, nb: usize, w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
+    unsafe fn go<const T: u8>(bsize: usize, nb: usize, w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
+        let p = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
+        let w = w.as_ptr();
+        match acts.len() {
+            1 => out[..1].copy_from_slice(&avx2::dot_rows::<T, 1>(w, bsize, nb, [p(0)])),
+            2 => out[..2].copy_from_slice(&avx2::dot_rows::<T, 2>(w, bsize, nb, [p(0), p(1)])),
+            3 => out[..3].copy_from_slice(&avx2::dot_rows::<T, 3>(w, bsize, nb, [p(0), p(1), p(2)])),
+            _ => out[..4].copy_from_slice(&avx2::dot_rows::<T, 4>(w, bsize, nb, [p(0), p(1), p(2), p(3)])),
+        }
+    }
+    let b = t.block_bytes();
+    match t {
+        WeightType::Q4_0 => go::<{ WeightType::Q4_0 as u8 }>(b, nb, w, acts, out),
+        WeightType::Q4_1 => go::<{ WeightType::Q4_1 as u8 }>(b, nb, w, acts, out),
+        WeightType::Q5_0 => go::<{ WeightType::Q5_0 as u8 }>(b, nb, w, acts, out),
+        WeightType::Q5_1 => go::<{ WeightType::Q5_1 as u8 }>(b, nb, w, acts, out),
+        WeightType::Q8_0 => go::<{ WeightType::Q8_0 as u8 }>(b, nb, w, acts, out),
+    }
+}
+
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(avx2::available)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The name of the instruction set the own kernels use on this CPU.
+pub fn isa() -> &'static str {
+    if simd_available() {
+        "avx2"
+    } else {
+        "scalar"
+    }
+}
+
+/// A 2-D weight `[rows, cols]` in its GGUF type, `y = x Wᵀ`.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Aligned,
+    kernel: Kernel,
+}
+
+impl QMatrix {
+    /// Copies a 2-D CPU `QTensor`'s blocks; `None` for a type no kernel here handles.
+    pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<Self>> {
+        let (rows, cols) = q.shape().dims2()?;
+        let data = q.data()?;
+        Ok(Self::from_bytes(q.dtype(), rows, cols, &data, true))
+    }
+
+    /// `bytes` are `rows` rows of `cols` values of type `dtype`, as in GGUF.
+    /// `simd: false` forces the scalar reference (for tests).
+    pub fn from_bytes(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8], simd: bool) -> Option<Self> {
+        let kernel = Kernel::for_type(dtype, simd)?;
+        if cols % dtype.block_size() != 0 {
+            return None;
+        }
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        if bytes.len() != rows * row_bytes {
+            return None;
+        }
+        let mut data = Aligned::zeroed(bytes.len());
+        data.bytes_mut().copy_from_slice(bytes);
+        Some(Self { dtype, rows, cols, row_bytes, data, kernel })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Row `r` as f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.kernel.dequantize(self.row(r), out)
+    }
+
+    /// Whether this CPU runs the matrix on SIMD kernels of ours.
+    pub fn is_simd(&self) -> bool {
+        matches!(self.kernel, Kernel::Own { simd: true, .. })
+    }
+}
+
+/// Activation rows quantized for a kind of matrix; the buffer is reused
+/// from step to step.
+#[derive(Debug, Default)]
+pub struct QActs {
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Aligned,
+    kind: Option<ActKind>,
+}
+
+impl QActs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Quantizes `x` (`rows × w.cols()`, row-major) the way `w` needs it.
+    pub fn quantize_for(&mut self, w: &QMatrix, x: &[f32]) {
+        let cols = w.cols;
+        assert_eq!(x.len() % cols, 0, "activations are not whole rows of {cols}");
+        let rows = x.len() / cols;
+        let row_bytes = w.kernel.act_row_bytes(cols);
+        self.data.resize(rows * row_bytes);
+        let data = self.data.bytes_mut();
+        for (xr, out) in x.chunks_exact(cols).zip(data.chunks_exact_mut(row_bytes.max(1))) {
+            w.kernel.quantize(xr, out);
+        }
+        self.rows = rows;
+        self.cols = cols;
+        self.row_bytes = row_bytes;
+        self.kind = Some(w.kernel.acts());
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
+
+/// A raw output pointer shared by the pool's threads, which write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `outs[i] = acts · matsᵢᵀ` (`[acts.rows, matsᵢ.rows]` row-major) for
+/// matrices that read the same activations, in one parallel region: the
+/// weight rows of all of them are split evenly over the pool's threads, and
+/// each weight row is read once for all activation rows.
+pub fn matmul(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
+    assert_eq!(mats.len(), outs.len());
+    for (m, o) in mats.iter().zip(outs.iter()) {
+        assert_eq!(acts.kind, Some(m.kernel.acts()), "activations quantized for another kind of matrix");
+        assert_eq!(m.cols, acts.cols);
+        assert_eq!(o.len(), acts.rows * m.rows, "output is not [rows, out_features]");
+    }
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    let pool = pool();
+    let threads = pool.threads();
+    let per_thread = total.div_ceil(threads);
+    let n = acts.rows;
+    pool.run(&|t| {
+        let (lo, hi) = (t * per_thread, ((t + 1) * per_thread).min(total));
+        let mut base = 0;
+        for (m, out) in mats.iter().zip(&ptrs) {
+            let (start, end) = (lo.max(base), hi.min(base + m.rows));
+            for r in start..end {
+                let row = m.row(r - base);
+                let mut i = 0;
+                while i < n {
+                    let k = (n - i).min(4);
+                    let rows: [&[u8]; 4] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
+                    let mut res = [0f32; 4];
+                    m.kernel.dot_rows(m.cols, row, &rows[..k], &mut res[..k]);
+                    for (j, v) in res[..k].iter().enumerate() {
+                        // SAFETY: column `r - base` of row `i + j` is written by this thread only.
+                        unsafe { *out.0.add((i + j) * m.rows + r - base) = *v };
+                    }
+                    i += k;
+                }
+            }
+            base += m.rows;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,115 @@
+//! Randomized comparisons: SIMD kernels against the scalar reference and both
+//! against an f64 product of the dequantized weights; results independent of
+//! how rows are batched; candle-backed types against candle's own matmul.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+fn random_matrix(rng: &mut impl Rng, t: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
+    // Random bytes are valid blocks except for the f16 scales: set those to
+    // small finite values so products stay meaningful.
+    let bsize = t.type_size();
+    let mut bytes: Vec<u8> = (0..rows * cols / QK * bsize).map(|_| rng.random()).collect();
+    let scales = match t {
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => 2,
+        _ => 1,
+    };
+    for block in bytes.chunks_exact_mut(bsize) {
+        for s in 0..scales {
+            let v = f16::from_f32(rng.random_range(-0.05..0.05));
+            block[2 * s..2 * s + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+fn random_acts(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-3.0..3.0)).collect()
+}
+
+fn run(w: &QMatrix, x: &[f32]) -> Vec<f32> {
+    let mut acts = QActs::new();
+    acts.quantize_for(w, x);
+    let mut out = vec![0f32; acts.rows() * w.rows()];
+    matmul(&[w], &acts, &mut [&mut out]);
+    out
+}
+
+#[test]
+fn own_kernels_agree_with_scalar_and_f64_reference() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for t in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0] {
+        // 7 activation rows: one group of 4 and one of 3; 5 blocks per row: an odd tail.
+        let (rows, cols, n) = (37, 160, 7);
+        let bytes = random_matrix(&mut rng, t, rows, cols);
+        let x = random_acts(&mut rng, n * cols);
+        let simd = QMatrix::from_bytes(t, rows, cols, &bytes, true).unwrap();
+        let scalar = QMatrix::from_bytes(t, rows, cols, &bytes, false).unwrap();
+        let (got, want) = (run(&simd, &x), run(&scalar, &x));
+        let mut w = vec![0f32; cols];
+        for r in 0..rows {
+            simd.dequantize_row(r, &mut w);
+            for i in 0..n {
+                let xr = &x[i * cols..(i + 1) * cols];
+                let exact: f64 = w.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mag: f64 = w.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                let (g, s) = (got[i * rows + r] as f64, want[i * rows + r] as f64);
+                // SIMD and scalar differ only in float summation order.
+                assert!((g - s).abs() <= 1e-5 * mag + 1e-6, "{t:?} row {r} act {i}: simd {g} scalar {s}");
+                // Against unquantized activations: 8-bit activation error, ≤ ½ step of 1/127 of each block's max.
+                assert!((g - exact).abs() <= 0.02 * mag + 1e-5, "{t:?} row {r} act {i}: {g} vs exact {exact}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rows_result_does_not_depend_on_its_batch() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0] {
+        let (rows, cols) = (19, 96);
+        let w = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap();
+        let x = random_acts(&mut rng, 6 * cols);
+        let batched = run(&w, &x);
+        for i in 0..6 {
+            let alone = run(&w, &x[i * cols..(i + 1) * cols]);
+            assert_eq!(alone, batched[i * rows..(i + 1) * rows], "{t:?} row {i}");
+        }
+    }
+}
+
+#[test]
+fn candle_backed_types_match_candles_matmul() {
+    let dev = Device::Cpu;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for t in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
+        let (rows, cols) = (8, 512);
+        let wf = Tensor::new(random_acts(&mut rng, rows * cols), &dev).unwrap().reshape((rows, cols)).unwrap();
+        let q = QTensor::quantize(&wf, t).unwrap();
+        let x = random_acts(&mut rng, 3 * cols);
+        let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
+        let ours = run(&m, &x);
+        let xt = Tensor::new(x.as_slice(), &dev).unwrap().reshape((3, cols)).unwrap();
+        let theirs = QMatMul::from_qtensor(q).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // candle multiplies F16 weights with f32 activations; the dot product
+        // path rounds activations to f16 (2⁻¹¹ relative) first.
+        let tol = if t == GgmlDType::F16 { 1e-3 } else { 1e-5 };
+        let mut w = vec![0f32; cols];
+        for (idx, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            let (i, r) = (idx / rows, idx % rows);
+            m.dequantize_row(r, &mut w);
+            let mag: f32 = w.iter().zip(&x[i * cols..(i + 1) * cols]).map(|(a, b)| (a * b).abs()).sum();
+            assert!((a - b).abs() <= tol * mag, "{t:?}: {a} vs {b} (magnitude {mag})");
+        }
+    }
+}
+
+#[test]
+fn unsupported_shapes_and_types_are_refused() {
+    assert!(QMatrix::from_bytes(GgmlDType::Q4_1, 2, 48, &[0; 60], true).is_none(), "cols not a block multiple");
+    assert!(QMatrix::from_bytes(GgmlDType::Q4_1, 2, 64, &[0; 79], true).is_none(), "wrong byte count");
+    assert!(QMatrix::from_bytes(GgmlDType::Q8_1, 1, 32, &[0; 36], true).is_none());
+}
