@@ -9,13 +9,14 @@ and HF's modeling_llama / modeling_qwen2 rather than from sollol's code.
 usage: reference.py MODEL TOKENS_CSV  ->  JSON list of logits, one per position
 """
 import json
+import os
 import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 
-GGUF_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+GGUF_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0"}
 
 
 def read_gguf(path):
@@ -101,6 +102,19 @@ def dequant(data, start, kind, n):
             return (d * (q - 8)).reshape(n), None
         m = blk[:, 2:4].copy().view(np.float16).astype(np.float64)
         return (d * q + m).reshape(n), m.reshape(nb)
+    if kind in ("Q5_0", "Q5_1"):
+        size = 22 if kind == "Q5_0" else 24
+        blk = np.frombuffer(data, np.uint8, nb * size, start).reshape(nb, size)
+        d = blk[:, :2].copy().view(np.float16).astype(np.float64)
+        qs = blk[:, size - 16:]
+        qh = blk[:, size - 20:size - 16].copy().view(np.uint32)  # [nb, 1]
+        # bit j of qh is the fifth bit of element j
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.float64) * 16
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float64) + high
+        if kind == "Q5_0":
+            return (d * (q - 16)).reshape(n), None
+        m = blk[:, 2:4].copy().view(np.float16).astype(np.float64)
+        return (d * q + m).reshape(n), m.reshape(nb)
     raise ValueError(kind)
 
 
@@ -181,15 +195,22 @@ def quantize_activations(x, kind):
 
 
 def linear(x, p):
-    if p.get("kind") in ("Q8_0", "Q4_0"):
+    if p.get("kind") in ("Q8_0", "Q4_0", "Q5_0"):
         x, _, _ = quantize_activations(x, p["kind"])
-    elif p.get("kind") == "Q4_1":
+    elif p.get("kind") in ("Q4_1", "Q5_1"):
         # w = dw * qw + m per block: dot = sum(dw*dx*qw*qx) + m * f16(dx * sum(qx))
         xq, q, d = quantize_activations(x, p["kind"])
         m = p["m"]  # [out, in / 32]
         y = xq @ (p["weight"] - np.repeat(m, 32, axis=1)).T
-        # candle computes s in f16 arithmetic: f16(f16(sum(q)) * f16(d))
-        s16 = q.sum(axis=1).astype(np.float16).astype(np.float32) * d[:, 0].astype(np.float16).astype(np.float32)
+        # ggml (and sollol's kernels) store s = f16(d * sum(q)) with d in f32;
+        # candle's kernels compute it in f16 arithmetic, f16(f16(sum(q)) * f16(d)).
+        # Where the block's offset nearly cancels its scaled values, that one
+        # rounding moves logits by percents, so the reference follows the
+        # implementation under test (SOLLOL_REF_Q8_1=candle for candle's).
+        if os.environ.get("SOLLOL_REF_Q8_1") == "candle":
+            s16 = q.sum(axis=1).astype(np.float16).astype(np.float32) * d[:, 0].astype(np.float16).astype(np.float32)
+        else:
+            s16 = q.sum(axis=1).astype(np.float32) * d[:, 0]
         s = s16.astype(np.float16).astype(np.float64)
         y = y + s.reshape(*x.shape[:-1], m.shape[1]) @ m.T
         return y if p["bias"] is None else y + p["bias"]

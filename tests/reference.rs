@@ -7,7 +7,7 @@
 //! Tolerances, relative to the largest |logit| of the sequence:
 //! - f32 weights: 1e-4 (f32 vs f64 accumulation over a few hundred terms);
 //! - f16 weights: 1e-2 (sollol multiplies in f16, the reference in f64);
-//! - Q8_0 / Q4_1 weights: 5e-3. The weights are identical on both sides (numpy
+//! - Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights: 5e-3. The weights are identical on both sides (numpy
 //!   dequantizes the same blocks) and the reference models the 8-bit activation
 //!   quantization that precedes each integer dot product (Q8_0 / Q8_1 blocks);
 //!   measured error is ~1e-7, the margin covers a q value flipping at a
@@ -21,16 +21,19 @@ use std::process::Command;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use common::tiny::{write_gguf, write_hf_dir, TinySpec};
-use sollol::model::{ModelFile, ModelSlice, SliceOutput};
+use sollol::model::{Backend, ModelFile, ModelSlice, SliceOutput};
 
 const TOKENS: [u32; 9] = [5, 17, 42, 3, 88, 60, 1, 33, 70];
 const PROMPT_LEN: usize = 5;
 
 /// Logits at positions PROMPT_LEN-1.. from sollol, through `bounds` slices.
-fn sollol_logits(model: &Path, bounds: &[usize]) -> Vec<Vec<f32>> {
+fn sollol_logits(model: &Path, bounds: &[usize], backend: Backend) -> Vec<Vec<f32>> {
     let mut file = ModelFile::open(model).unwrap();
-    let slices: Vec<ModelSlice> =
-        bounds.windows(2).map(|w| ModelSlice::load(&mut file, w[0]..w[1], &Device::Cpu).unwrap()).collect();
+    let slices: Vec<ModelSlice> = bounds
+        .windows(2)
+        .map(|w| ModelSlice::load_with(&mut file, w[0]..w[1], &Device::Cpu, backend).unwrap())
+        .collect();
+    assert!(slices.iter().all(|s| s.backend() == backend), "{backend:?} could not run {}", model.display());
     let mut caches: Vec<_> = slices.iter().map(|s| s.new_cache(32).unwrap()).collect();
     let mut out = Vec::new();
     let mut feed = |tokens: &[u32]| {
@@ -49,7 +52,7 @@ fn sollol_logits(model: &Path, bounds: &[usize]) -> Vec<Vec<f32>> {
     out
 }
 
-fn reference_logits(model: &Path) -> Vec<Vec<f64>> {
+fn reference_logits(model: &Path, backend: Backend) -> Vec<Vec<f64>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference.py");
     let csv: Vec<String> = TOKENS.iter().map(|t| t.to_string()).collect();
     let out = Command::new("python3")
@@ -57,6 +60,7 @@ fn reference_logits(model: &Path) -> Vec<Vec<f64>> {
         .arg(model)
         .arg(csv.join(","))
         .env("PYTHONPATH", common::python_path(&["numpy"]))
+        .env("SOLLOL_REF_Q8_1", if backend == Backend::Candle { "candle" } else { "ggml" })
         .output()
         .expect("python3 runs");
     assert!(out.status.success(), "reference.py failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -64,21 +68,26 @@ fn reference_logits(model: &Path) -> Vec<Vec<f64>> {
     all[PROMPT_LEN - 1..].to_vec()
 }
 
-/// Asserts max |sollol - reference| / max |reference| <= tol; returns the ratio.
-fn check(model: &Path, bounds: &[usize], tol: f64) -> f64 {
-    let ours = sollol_logits(model, bounds);
-    let reference = reference_logits(model);
+/// Asserts max |sollol - reference| / max |reference| <= tol for both
+/// backends (our kernels and candle's ops).
+fn check(model: &Path, bounds: &[usize], tol: f64) {
+    for backend in [Backend::Host, Backend::Candle] {
+        check_backend(model, bounds, tol, backend, &reference_logits(model, backend));
+    }
+}
+
+fn check_backend(model: &Path, bounds: &[usize], tol: f64, backend: Backend, reference: &[Vec<f64>]) {
+    let ours = sollol_logits(model, bounds, backend);
     assert_eq!(ours.len(), reference.len());
     let scale = reference.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
     let err = ours
         .iter()
-        .zip(&reference)
+        .zip(reference)
         .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()))
         .fold(0f64, f64::max);
     let rel = err / scale;
-    eprintln!("{}: max error {err:.3e} of |logit| {scale:.2} = {rel:.2e} (tolerance {tol:.0e})", model.display());
-    assert!(rel <= tol, "{}: relative error {rel:.3e} above {tol:.0e}", model.display());
-    rel
+    eprintln!("{} {backend:?}: max error {err:.3e} of |logit| {scale:.2} = {rel:.2e} (tolerance {tol:.0e})", model.display());
+    assert!(rel <= tol, "{} {backend:?}: relative error {rel:.3e} above {tol:.0e}", model.display());
 }
 
 fn gguf_case(arch: &str, dtype: GgmlDType, tol: f64) {
@@ -102,6 +111,21 @@ fn gguf_llama_q8_0_matches_numpy() {
 #[test]
 fn gguf_llama_q4_1_matches_numpy() {
     gguf_case("llama", GgmlDType::Q4_1, 5e-3);
+}
+
+#[test]
+fn gguf_llama_q4_0_matches_numpy() {
+    gguf_case("llama", GgmlDType::Q4_0, 5e-3);
+}
+
+#[test]
+fn gguf_llama_q5_0_matches_numpy() {
+    gguf_case("llama", GgmlDType::Q5_0, 5e-3);
+}
+
+#[test]
+fn gguf_llama_q5_1_matches_numpy() {
+    gguf_case("llama", GgmlDType::Q5_1, 5e-3);
 }
 
 #[test]

@@ -362,6 +362,11 @@ impl QMatrix {
         self.kernel.dequantize(self.row(r), out)
     }
 
+    /// Whether activations quantized for `other` serve this matrix too.
+    pub fn shares_acts(&self, other: &QMatrix) -> bool {
+        self.cols == other.cols && self.kernel.acts() == other.kernel.acts()
+    }
+
     /// Whether this CPU runs the matrix on SIMD kernels of ours.
     pub fn is_simd(&self) -> bool {
         matches!(self.kernel, Kernel::Own { simd: true, .. })

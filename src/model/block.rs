@@ -9,28 +9,28 @@ use candle_core::{Device, Tensor};
 use super::config::Config;
 use super::kv_cache::KvCache;
 use super::rope::Rope;
-use super::weights::{Linear, RawWeight, RmsNorm, Role};
+use super::weights::{Backend, Linear, RawWeight, RmsNorm, Role};
 use super::ModelFile;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Block {
-    attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    pub(super) attn_norm: RmsNorm,
+    pub(super) q: Linear,
+    pub(super) k: Linear,
+    pub(super) v: Linear,
+    pub(super) o: Linear,
+    pub(super) ffn_norm: RmsNorm,
+    pub(super) gate: Linear,
+    pub(super) up: Linear,
+    pub(super) down: Linear,
+    pub(super) n_heads: usize,
+    pub(super) n_kv_heads: usize,
+    pub(super) head_dim: usize,
 }
 
 impl Block {
-    pub fn load(file: &mut ModelFile, cfg: &Config, layer: usize, device: &Device) -> Result<Self> {
+    pub fn load(file: &mut ModelFile, cfg: &Config, layer: usize, device: &Device, backend: Backend) -> Result<Self> {
         let h = cfg.hidden_size;
         let q_dim = cfg.n_heads * cfg.head_dim;
         let kv_dim = cfg.n_kv_heads * cfg.head_dim;
@@ -60,14 +60,14 @@ impl Block {
         };
         Ok(Self {
             attn_norm: RmsNorm::new(&attn_norm, cfg.rms_norm_eps)?,
-            q: Linear::new(wq, bq)?,
-            k: Linear::new(wk, bk)?,
-            v: Linear::new(wv, bv)?,
-            o: Linear::new(wo, None)?,
+            q: Linear::new(wq, bq, backend)?,
+            k: Linear::new(wk, bk, backend)?,
+            v: Linear::new(wv, bv, backend)?,
+            o: Linear::new(wo, None, backend)?,
             ffn_norm: RmsNorm::new(&ffn_norm, cfg.rms_norm_eps)?,
-            gate: Linear::new(gate, None)?,
-            up: Linear::new(up, None)?,
-            down: Linear::new(down, None)?,
+            gate: Linear::new(gate, None, backend)?,
+            up: Linear::new(up, None, backend)?,
+            down: Linear::new(down, None, backend)?,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,

@@ -17,9 +17,23 @@ struct LayerKv {
     v: Tensor,
 }
 
+/// The same for the host path, batch 1, as plain vectors our attention
+/// reads in place: `[n_kv_heads, capacity, head_dim]`.
+#[derive(Debug)]
+pub struct HostKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+#[derive(Debug)]
+enum Store {
+    Device(Vec<LayerKv>),
+    Host { layers: Vec<HostKv>, n_kv_heads: usize, head_dim: usize },
+}
+
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    store: Store,
     len: usize,
     capacity: usize,
 }
@@ -47,7 +61,35 @@ impl KvCache {
                 Ok(LayerKv { k: Tensor::zeros(shape, DType::F32, device)?, v: Tensor::zeros(shape, DType::F32, device)? })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: 0, capacity })
+        Ok(Self { store: Store::Device(layers), len: 0, capacity })
+    }
+
+    /// A cache for the host path (batch 1). Zeroed pages are only touched as
+    /// positions are written, so a long capacity costs what is used.
+    pub fn new_host(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        let n = n_kv_heads * capacity * head_dim;
+        let layers = (0..n_layers).map(|_| HostKv { k: vec![0.0; n], v: vec![0.0; n] }).collect();
+        Self { store: Store::Host { layers, n_kv_heads, head_dim }, len: 0, capacity }
+    }
+
+    pub fn is_host(&self) -> bool {
+        matches!(self.store, Store::Host { .. })
+    }
+
+    /// Block `layer`'s host buffers (None for a device cache).
+    pub fn host_layer(&self, layer: usize) -> Option<&HostKv> {
+        match &self.store {
+            Store::Host { layers, .. } => layers.get(layer),
+            Store::Device(_) => None,
+        }
+    }
+
+    /// Block `layer`'s host buffers, to write (None for a device cache).
+    pub fn host_layer_mut(&mut self, layer: usize) -> Option<&mut HostKv> {
+        match &mut self.store {
+            Store::Host { layers, .. } => layers.get_mut(layer),
+            Store::Device(_) => None,
+        }
     }
 
     /// Positions already cached (the position of the next token).
@@ -64,7 +106,10 @@ impl KvCache {
     }
 
     pub fn n_layers(&self) -> usize {
-        self.layers.len()
+        match &self.store {
+            Store::Device(l) => l.len(),
+            Store::Host { layers, .. } => layers.len(),
+        }
     }
 
     /// Fails before any block runs if `seq` more positions do not fit.
@@ -79,7 +124,10 @@ impl KvCache {
     /// the current position and returns all valid rows including them.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
-        let entry = &self.layers[layer];
+        let Store::Device(layers) = &self.store else {
+            return Err(Error::InvalidRequest("a host KV cache used by the candle path".into()));
+        };
+        let entry = &layers[layer];
         entry.k.slice_set(k, 2, self.len)?;
         entry.v.slice_set(v, 2, self.len)?;
         let total = self.len + seq;
@@ -101,36 +149,66 @@ impl KvCache {
     }
 
     pub fn export(&self) -> Result<KvState> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| Ok((l.k.narrow(2, 0, self.len)?.contiguous()?, l.v.narrow(2, 0, self.len)?.contiguous()?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KvState { len: self.len, layers })
+        let len = self.len;
+        let layers = match &self.store {
+            Store::Device(layers) => layers
+                .iter()
+                .map(|l| Ok((l.k.narrow(2, 0, len)?.contiguous()?, l.v.narrow(2, 0, len)?.contiguous()?)))
+                .collect::<Result<Vec<_>>>()?,
+            Store::Host { layers, n_kv_heads, head_dim } => {
+                let (h, d, cap) = (*n_kv_heads, *head_dim, self.capacity);
+                let valid = |buf: &[f32]| -> Result<Tensor> {
+                    let rows: Vec<f32> = (0..h).flat_map(|j| buf[j * cap * d..(j * cap + len) * d].iter().copied()).collect();
+                    Ok(Tensor::from_vec(rows, (1, h, len, d), &Device::Cpu)?)
+                };
+                layers.iter().map(|l| Ok((valid(&l.k)?, valid(&l.v)?))).collect::<Result<Vec<_>>>()?
+            }
+        };
+        Ok(KvState { len, layers })
     }
 
     /// Replaces the cache content with `state`, which must match this cache's
     /// block count and head shape and fit its capacity.
     pub fn import(&mut self, state: &KvState) -> Result<()> {
-        if state.layers.len() != self.layers.len() {
+        if state.layers.len() != self.n_layers() {
             return Err(Error::InvalidRequest(format!(
                 "KV state has {} blocks, this cache holds {}",
                 state.layers.len(),
-                self.layers.len()
+                self.n_layers()
             )));
         }
         if state.len > self.capacity {
             return Err(Error::ContextOverflow { prompt: state.len, context: self.capacity });
         }
-        for (entry, (k, v)) in self.layers.iter().zip(state.layers.iter()) {
+        let mismatch = |got: &[usize], expected: &[usize]| {
+            Error::InvalidRequest(format!("KV state shape {got:?} does not match this cache {expected:?}"))
+        };
+        let cap = self.capacity;
+        let layers = match &mut self.store {
+            Store::Device(layers) => layers,
+            Store::Host { layers, n_kv_heads, head_dim } => {
+                let (h, d, len) = (*n_kv_heads, *head_dim, state.len);
+                let expected = [1, h, len, d];
+                for (entry, (k, v)) in layers.iter_mut().zip(state.layers.iter()) {
+                    for (buf, t) in [(&mut entry.k, k), (&mut entry.v, v)] {
+                        if t.dims() != expected {
+                            return Err(mismatch(t.dims(), &expected));
+                        }
+                        let rows = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        for j in 0..h {
+                            buf[j * cap * d..(j * cap + len) * d].copy_from_slice(&rows[j * len * d..(j + 1) * len * d]);
+                        }
+                    }
+                }
+                self.len = state.len;
+                return Ok(());
+            }
+        };
+        for (entry, (k, v)) in layers.iter().zip(state.layers.iter()) {
             let (b, h, _, d) = entry.k.dims4()?;
             let expected = [b, h, state.len, d];
             if k.dims() != expected || v.dims() != expected {
-                return Err(Error::InvalidRequest(format!(
-                    "KV state shape {:?} does not match this cache {:?}",
-                    k.dims(),
-                    expected
-                )));
+                return Err(mismatch(k.dims(), &expected));
             }
             entry.k.slice_set(&k.to_dtype(DType::F32)?.contiguous()?, 2, 0)?;
             entry.v.slice_set(&v.to_dtype(DType::F32)?.contiguous()?, 2, 0)?;
@@ -165,6 +243,32 @@ mod tests {
         assert_eq!(again.layers[1].0.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?);
         assert!(cache.reserve(6).is_ok());
         assert!(matches!(cache.reserve(7), Err(Error::ContextOverflow { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn host_and_device_caches_exchange_state() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut host = KvCache::new_host(2, 2, 4, 8);
+        for layer in 0..2 {
+            let l = host.host_layer_mut(layer).unwrap();
+            for (i, x) in l.k.iter_mut().enumerate() {
+                *x = (i + layer) as f32;
+            }
+            for (i, x) in l.v.iter_mut().enumerate() {
+                *x = -(i as f32);
+            }
+        }
+        host.advance(3);
+        let state = host.export()?;
+        assert_eq!(state.layers[0].0.dims(), [1, 2, 3, 4]);
+        // Head 1 starts at row `capacity` of the host buffer.
+        assert_eq!(state.layers[0].0.get(0)?.get(1)?.get(0)?.to_vec1::<f32>()?, vec![32., 33., 34., 35.]);
+        let mut device = KvCache::new(2, 1, 2, 4, 8, &dev)?;
+        device.import(&state)?;
+        let mut back = KvCache::new_host(2, 2, 4, 8);
+        back.import(&device.export()?)?;
+        assert_eq!(back.export()?.layers[1].1.flatten_all()?.to_vec1::<f32>()?, state.layers[1].1.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
 

@@ -8,6 +8,7 @@ pub mod block;
 pub mod catalog;
 pub mod config;
 pub mod gguf;
+pub mod host;
 pub mod kv_cache;
 pub mod rope;
 pub mod safetensors;
@@ -24,7 +25,9 @@ use candle_core::Device;
 pub use config::Config;
 pub use gguf::LayerBytes;
 pub use kv_cache::{KvCache, KvState};
+pub use host::{BatchItem, HostInput};
 pub use slice::{ModelSlice, SliceOutput};
+pub use weights::Backend;
 use weights::{RawWeight, Role};
 
 use crate::error::Result;

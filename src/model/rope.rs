@@ -10,6 +10,9 @@ pub struct Rope {
     /// `[context, head_dim / 2]`
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain vectors for the host path.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
     style: RopeStyle,
 }
 
@@ -33,7 +36,15 @@ impl Rope {
         let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
         let positions = Tensor::arange(0, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
         let angles = positions.matmul(&inv_freq.reshape((1, d / 2))?)?;
-        Ok(Self { cos: angles.cos()?, sin: angles.sin()?, style: cfg.rope_style })
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let (cos_host, sin_host) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
+        Ok(Self { cos, sin, cos_host, sin_host, style: cfg.rope_style })
+    }
+
+    /// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq`.
+    pub fn apply_host(&self, x: &mut [f32], heads: usize, head_dim: usize, pos: usize) {
+        let interleaved = self.style == RopeStyle::Interleaved;
+        crate::kernels::ops::rope(x, heads, head_dim, pos, &self.cos_host, &self.sin_host, interleaved)
     }
 
     /// Rotates `x` `[b, heads, seq, head_dim]` for positions `pos..pos+seq`.

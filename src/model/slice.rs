@@ -4,15 +4,17 @@
 //! slice `[0, n_layers)`.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::block::{causal_mask, Block};
 use super::config::Config;
+use super::host::{BatchItem, HostInput, Scratch};
 use super::kv_cache::KvCache;
 use super::rope::Rope;
-use super::weights::{Embedding, Linear, RmsNorm, Role};
+use super::weights::{host_matrix, Backend, Embedding, Linear, RmsNorm, Role};
 use super::ModelFile;
 use crate::error::{Error, Result};
 
@@ -26,6 +28,9 @@ pub struct ModelSlice {
     rope: Rope,
     device: Device,
     weight_bytes: usize,
+    backend: Backend,
+    /// The host path's buffers (shared by clones, which then take turns).
+    scratch: Arc<Mutex<Scratch>>,
 }
 
 /// What a slice hands on: hidden states for the next stage, or the last
@@ -39,7 +44,14 @@ pub enum SliceOutput {
 }
 
 impl ModelSlice {
+    /// Loads on `device` with the backend it calls for (ours on the CPU).
     pub fn load(file: &mut ModelFile, layers: Range<usize>, device: &Device) -> Result<Self> {
+        Self::load_with(file, layers, device, Backend::for_device(device))
+    }
+
+    /// Loads with an explicit backend. A host slice whose file has a weight
+    /// type our kernels lack is loaded for candle instead.
+    pub fn load_with(file: &mut ModelFile, layers: Range<usize>, device: &Device, backend: Backend) -> Result<Self> {
         let config = file.config()?;
         if layers.start >= layers.end || layers.end > config.n_layers {
             return Err(Error::InvalidRequest(format!(
@@ -66,11 +78,28 @@ impl ModelSlice {
         } else {
             None
         };
-        let embed = if is_first { embed_table.clone().map(Embedding::new) } else { None };
+        // On the host path the table becomes one matrix, shared by the
+        // embedding and a tied LM head.
+        let host_table = match (&embed_table, backend) {
+            (Some(t), Backend::Host) => match host_matrix(t)? {
+                Some(m) => Some(Arc::new(m)),
+                None => return Self::load_with(file, layers, device, Backend::Candle),
+            },
+            _ => None,
+        };
+        let embed = match (&host_table, &embed_table) {
+            _ if !is_first => None,
+            (Some(m), _) => Some(Embedding::Host(m.clone())),
+            (None, t) => t.clone().map(Embedding::Candle),
+        };
         let mut blocks = Vec::with_capacity(layers.len());
         for layer in layers.clone() {
-            blocks.push(Block::load(file, &config, layer, device)?);
+            blocks.push(Block::load(file, &config, layer, device, backend)?);
             progress.inc(1);
+        }
+        if backend == Backend::Host && !blocks.iter().all(Block::is_host) {
+            progress.finish_and_clear();
+            return Self::load_with(file, layers, device, Backend::Candle);
         }
         weight_bytes += file.bytes_of_blocks(layers.clone());
         let head = if is_last {
@@ -78,19 +107,55 @@ impl ModelSlice {
             let output = if file.has(Role::Output, None) {
                 let w = file.read(Role::Output, None, device)?;
                 weight_bytes += w.size_in_bytes();
-                w
+                Linear::new(w, None, backend)?
+            } else if let Some(m) = &host_table {
+                Linear::from_matrix(m.clone())
             } else {
                 // Tied embeddings: the LM head is the embedding table.
-                embed_table.clone().ok_or_else(|| Error::bad_model(file.path(), "no LM head and no embedding table"))?
+                let table = embed_table.clone().ok_or_else(|| Error::bad_model(file.path(), "no LM head and no embedding table"))?;
+                Linear::new(table, None, backend)?
             };
-            Some((RmsNorm::new(&norm, config.rms_norm_eps)?, Linear::new(output, None)?))
+            if backend == Backend::Host && output.host().is_none() {
+                progress.finish_and_clear();
+                return Self::load_with(file, layers, device, Backend::Candle);
+            }
+            Some((RmsNorm::new(&norm, config.rms_norm_eps)?, output))
         } else {
             None
         };
         progress.inc(1);
         progress.finish_and_clear();
         let rope = Rope::new(&config, device)?;
-        Ok(Self { config, layers, embed, blocks, head, rope, device: device.clone(), weight_bytes })
+        let scratch = Arc::new(Mutex::new(Scratch::default()));
+        Ok(Self { config, layers, embed, blocks, head, rope, device: device.clone(), weight_bytes, backend, scratch })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub(super) fn embed(&self) -> Option<&Embedding> {
+        self.embed.as_ref()
+    }
+
+    pub(super) fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    pub(super) fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub(super) fn head(&self) -> Option<&(RmsNorm, Linear)> {
+        self.head.as_ref()
+    }
+
+    pub(super) fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    pub(super) fn scratch(&self) -> &Mutex<Scratch> {
+        &self.scratch
     }
 
     pub fn config(&self) -> &Config {
@@ -121,7 +186,11 @@ impl ModelSlice {
     /// A KV cache for one session of this slice, room for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let cfg = &self.config;
-        KvCache::new(self.blocks.len(), 1, cfg.n_kv_heads, cfg.head_dim, capacity.min(cfg.context_length), &self.device)
+        let capacity = capacity.min(cfg.context_length);
+        match self.backend {
+            Backend::Host => Ok(KvCache::new_host(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity)),
+            Backend::Candle => KvCache::new(self.blocks.len(), 1, cfg.n_kv_heads, cfg.head_dim, capacity, &self.device),
+        }
     }
 
     /// Runs the slice on `x` — token ids `[b, seq]` (u32) on the first slice,
@@ -131,8 +200,11 @@ impl ModelSlice {
         if seq == 0 {
             return Err(Error::InvalidRequest("empty input".into()));
         }
-        if cache.n_layers() != self.blocks.len() {
+        if cache.n_layers() != self.blocks.len() || cache.is_host() != (self.backend == Backend::Host) {
             return Err(Error::InvalidRequest("KV cache belongs to a different slice".into()));
+        }
+        if self.backend == Backend::Host {
+            return self.forward_host_tensor(x, cache);
         }
         cache.reserve(seq)?;
         let pos = cache.len();
@@ -169,6 +241,38 @@ impl ModelSlice {
             }
             None => Ok(SliceOutput::Hidden(h)),
         }
+    }
+}
+
+impl ModelSlice {
+    /// [`ModelSlice::forward`] on the host path: a batch of one.
+    fn forward_host_tensor(&self, x: &Tensor, cache: &mut KvCache) -> Result<SliceOutput> {
+        if x.dim(0)? != 1 {
+            return Err(Error::InvalidRequest("the host path runs one sequence per batch item".into()));
+        }
+        let (tokens, hidden);
+        let input = if self.is_first() {
+            if x.dtype() != DType::U32 || x.rank() != 2 {
+                return Err(Error::InvalidRequest("the first slice takes token ids [batch, seq] u32".into()));
+            }
+            tokens = x.flatten_all()?.to_vec1::<u32>()?;
+            HostInput::Tokens(&tokens)
+        } else {
+            if x.dtype() != DType::F32 || x.rank() != 3 || x.dim(2)? != self.config.hidden_size {
+                return Err(Error::InvalidRequest(format!(
+                    "slice {}..{} takes hidden states [batch, seq, {}] f32, got {:?} {:?}",
+                    self.layers.start,
+                    self.layers.end,
+                    self.config.hidden_size,
+                    x.dims(),
+                    x.dtype()
+                )));
+            }
+            hidden = x.flatten_all()?.to_vec1::<f32>()?;
+            HostInput::Hidden(&hidden)
+        };
+        let mut out = self.forward_batch(&mut [BatchItem { input, cache }])?;
+        Ok(out.pop().expect("one output per item"))
     }
 }
 

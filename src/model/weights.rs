@@ -4,10 +4,52 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kernels::{self, QActs, QMatrix};
+
+/// Which code runs a slice: our kernels on the CPU (`Host`), or candle's
+/// tensor ops (`Candle`: any device, and the bit-exact twin of candle's
+/// reference llama used by the golden tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Host,
+    Candle,
+}
+
+impl Backend {
+    /// Our kernels on the CPU, candle elsewhere.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Backend::Host
+        } else {
+            Backend::Candle
+        }
+    }
+}
+
+/// A 2-D weight as a [`QMatrix`] for our kernels: quantized blocks as stored,
+/// dense f32/f16 rows as they are (bf16 widened to f32). `None` for a type
+/// the kernels do not know.
+pub fn host_matrix(w: &RawWeight) -> Result<Option<QMatrix>> {
+    match w {
+        RawWeight::Quantized(q) => Ok(QMatrix::from_qtensor(q)?),
+        RawWeight::Dense(t) => {
+            let (rows, cols) = t.dims2()?;
+            let (dtype, t) = match t.dtype() {
+                DType::F16 => (GgmlDType::F16, t.clone()),
+                _ => (GgmlDType::F32, t.to_dtype(DType::F32)?),
+            };
+            let bytes: Vec<u8> = match dtype {
+                GgmlDType::F16 => t.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                _ => t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            };
+            Ok(QMatrix::from_bytes(dtype, rows, cols, &bytes, true))
+        }
+    }
+}
 
 /// A tensor as a format hands it over: quantized GGUF blocks or a dense tensor.
 #[derive(Debug, Clone)]
@@ -59,6 +101,8 @@ pub enum Role {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// The bias as a plain vector, for the host path.
+    bias_host: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,19 +112,53 @@ enum LinearWeight {
     Quantized(QMatMul),
     /// Dense weights keep their stored dtype; activations are cast to it.
     Dense(Tensor),
+    /// Our kernels (shared: a tied LM head is the embedding's matrix).
+    Host(Arc<QMatrix>),
 }
 
 impl Linear {
-    pub fn new(weight: RawWeight, bias: Option<Tensor>) -> Result<Self> {
-        let weight = match weight {
-            RawWeight::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
-            RawWeight::Dense(t) => LinearWeight::Dense(t),
+    pub fn new(weight: RawWeight, bias: Option<Tensor>, backend: Backend) -> Result<Self> {
+        let weight = match (backend, weight) {
+            (Backend::Host, w) => match host_matrix(&w)? {
+                Some(m) => LinearWeight::Host(Arc::new(m)),
+                None => return Self::new(w, bias, Backend::Candle),
+            },
+            (Backend::Candle, RawWeight::Quantized(q)) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            (Backend::Candle, RawWeight::Dense(t)) => LinearWeight::Dense(t),
         };
-        Ok(Self { weight, bias })
+        let bias_host = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Self { weight, bias, bias_host })
+    }
+
+    pub fn from_matrix(m: Arc<QMatrix>) -> Self {
+        Self { weight: LinearWeight::Host(m), bias: None, bias_host: None }
+    }
+
+    /// The weight as our kernels' matrix, when this layer runs on them.
+    pub fn host(&self) -> Option<&QMatrix> {
+        match &self.weight {
+            LinearWeight::Host(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn bias_host(&self) -> Option<&[f32]> {
+        self.bias_host.as_deref()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
+            LinearWeight::Host(m) => {
+                let dims = x.dims().to_vec();
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut acts = QActs::new();
+                acts.quantize_for(m, &xs);
+                let mut y = vec![0f32; acts.rows() * m.rows()];
+                kernels::matmul(&[m], &acts, &mut [&mut y]);
+                let mut shape = dims;
+                *shape.last_mut().expect("a linear input has a feature dimension") = m.rows();
+                Tensor::from_vec(y, shape, x.device())?
+            }
             LinearWeight::Quantized(q) => q.forward(x)?,
             LinearWeight::Dense(w) => {
                 let y = x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?;
@@ -97,21 +175,50 @@ impl Linear {
 /// Token embedding; quantized tables stay quantized and only the rows looked
 /// up are dequantized.
 #[derive(Debug, Clone)]
-pub struct Embedding {
-    table: RawWeight,
+pub enum Embedding {
+    Candle(RawWeight),
+    Host(Arc<QMatrix>),
 }
 
 impl Embedding {
-    pub fn new(table: RawWeight) -> Self {
-        Self { table }
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Embedding::Candle(RawWeight::Quantized(q)) => q.shape().dims()[0],
+            Embedding::Candle(RawWeight::Dense(t)) => t.dims()[0],
+            Embedding::Host(m) => m.rows(),
+        }
+    }
+
+    /// Rows of `ids` into `out` (`[ids.len(), hidden]`).
+    pub fn lookup_host(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let Embedding::Host(m) = self else {
+            return Err(Error::InvalidRequest("this embedding runs on candle".into()));
+        };
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(m.cols())) {
+            if id as usize >= m.rows() {
+                return Err(Error::InvalidRequest(format!("token id {id} is outside the vocabulary of {}", m.rows())));
+            }
+            m.dequantize_row(id as usize, row);
+        }
+        Ok(())
     }
 
     /// ids `[b, seq]` u32 → `[b, seq, hidden]` f32.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(match &self.table {
-            RawWeight::Quantized(q) => q.embedding(ids)?,
-            RawWeight::Dense(t) => {
-                let (b, seq) = ids.dims2()?;
+        let (b, seq) = ids.dims2()?;
+        let vocab = self.vocab_size() as u32;
+        if let Some(bad) = ids.flatten_all()?.to_vec1::<u32>()?.into_iter().find(|&id| id >= vocab) {
+            return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        Ok(match self {
+            Embedding::Host(m) => {
+                let ids_v = ids.flatten_all()?.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids_v.len() * m.cols()];
+                self.lookup_host(&ids_v, &mut out)?;
+                Tensor::from_vec(out, (b, seq, m.cols()), ids.device())?
+            }
+            Embedding::Candle(RawWeight::Quantized(q)) => q.embedding(ids)?,
+            Embedding::Candle(RawWeight::Dense(t)) => {
                 let rows = t.index_select(&ids.flatten_all()?, 0)?;
                 rows.to_dtype(DType::F32)?.reshape((b, seq, t.dim(1)?))?
             }
@@ -122,12 +229,20 @@ impl Embedding {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
+    weight_host: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn new(weight: &RawWeight, eps: f64) -> Result<Self> {
-        Ok(Self { weight: weight.to_f32()?, eps: eps as f32 })
+        let weight = weight.to_f32()?;
+        let weight_host = weight.to_vec1::<f32>()?;
+        Ok(Self { weight, weight_host, eps: eps as f32 })
+    }
+
+    /// Every row of `x` into `out`, on the host.
+    pub fn forward_host(&self, x: &[f32], out: &mut [f32]) {
+        kernels::ops::rms_norm(x, &self.weight_host, self.eps, out)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -1,0 +1,273 @@
+//! The CPU path of a slice: the same block math as `block.rs`, over plain f32
+//! buffers with the project's kernels (`crate::kernels`).
+//!
+//! One call runs a batch: the rows of every item (a decode token of one
+//! session, a prefill chunk of another) are stacked into one activation
+//! matrix, so each weight row is read once per step for all of them; only
+//! attention is per item, against that item's own KV cache. Buffers live in
+//! a [`Scratch`] reused from call to call: after the first steps, a decode
+//! step allocates nothing but its output.
+//!
+//! A row's result does not depend on the rows batched with it (the matrix
+//! kernels guarantee it per row, attention is per item), so a session gets
+//! the same tokens alone or batched.
+
+use candle_core::{Device, Tensor};
+
+use super::block::Block;
+use super::kv_cache::KvCache;
+use super::rope::Rope;
+use super::slice::{ModelSlice, SliceOutput};
+use super::weights::Linear;
+use crate::error::{Error, Result};
+use crate::kernels::ops::{self, AttnShape};
+use crate::kernels::{self, QActs, QMatrix};
+
+/// The input of one batch item: token ids on the first slice, hidden states
+/// (`[seq, hidden]` row-major) on the others.
+#[derive(Debug, Clone, Copy)]
+pub enum HostInput<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+pub struct BatchItem<'a> {
+    pub input: HostInput<'a>,
+    pub cache: &'a mut KvCache,
+}
+
+/// Activation buffers of one batch, grown to the largest batch seen.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    h: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    tmp: Vec<f32>,
+    acts: QActs,
+}
+
+/// Where an item's rows sit in the batch and where its cache stands.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    start: usize,
+    len: usize,
+    pos: usize,
+}
+
+fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    buf.resize(n, 0.0);
+    &mut buf[..n]
+}
+
+fn host(l: &Linear) -> &QMatrix {
+    l.host().expect("a host slice holds only host linears (checked at load)")
+}
+
+/// `outs[i] = x · Wᵢᵀ (+ bᵢ)`, quantizing `x` once per kind of activation the
+/// matrices need (once in all for the usual file whose blocks share a type).
+fn project(acts: &mut QActs, x: &[f32], layers: &[&Linear], outs: &mut [&mut [f32]]) {
+    let mut done = vec![false; layers.len()];
+    for first in 0..layers.len() {
+        if done[first] {
+            continue;
+        }
+        let lead = host(layers[first]);
+        acts.quantize_for(lead, x);
+        let group: Vec<usize> = (first..layers.len()).filter(|&i| !done[i] && host(layers[i]).shares_acts(lead)).collect();
+        let mats: Vec<&QMatrix> = group.iter().map(|&i| host(layers[i])).collect();
+        let mut group_outs: Vec<&mut [f32]> = Vec::with_capacity(group.len());
+        for (i, o) in outs.iter_mut().enumerate() {
+            if group.contains(&i) {
+                group_outs.push(o);
+            }
+        }
+        kernels::matmul(&mats, acts, &mut group_outs);
+        for &i in &group {
+            done[i] = true;
+        }
+    }
+    for (l, o) in layers.iter().zip(outs.iter_mut()) {
+        if let Some(b) = l.bias_host() {
+            ops::add_rows(o, b);
+        }
+    }
+}
+
+/// An output pointer shared by the attention tasks, which write disjoint heads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// `len` values from offset `at`. SAFETY: the caller writes a range no other task touches.
+    unsafe fn slice(self, at: usize, len: usize) -> &'static mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}
+
+impl Block {
+    /// The block over every row in `s.h` (`[rows, hidden]`), in place.
+    fn forward_host(&self, s: &mut Scratch, segs: &[Seg], caches: &mut [&mut KvCache], layer: usize, rope: &Rope) {
+        let rows: usize = segs.iter().map(|g| g.len).sum();
+        let hidden = s.h.len() / rows;
+        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let xn = sized(&mut s.xn, rows * hidden);
+        self.attn_norm.forward_host(&s.h, xn);
+        let (q, k, v) = (sized(&mut s.q, rows * q_dim), sized(&mut s.k, rows * kv_dim), sized(&mut s.v, rows * kv_dim));
+        project(&mut s.acts, xn, &[&self.q, &self.k, &self.v], &mut [q, k, v]);
+
+        for (g, cache) in segs.iter().zip(caches.iter_mut()) {
+            let (q, k) = (&mut s.q[g.start * q_dim..(g.start + g.len) * q_dim], &mut s.k[g.start * kv_dim..(g.start + g.len) * kv_dim]);
+            rope.apply_host(q, nh, hd, g.pos);
+            rope.apply_host(k, nkv, hd, g.pos);
+            let cap = cache.capacity();
+            let kv = cache.host_layer_mut(layer).expect("host caches only (checked by the caller)");
+            for i in 0..g.len {
+                for j in 0..nkv {
+                    let src = (g.start + i) * kv_dim + j * hd;
+                    let dst = (j * cap + g.pos + i) * hd;
+                    kv.k[dst..dst + hd].copy_from_slice(&s.k[src..src + hd]);
+                    kv.v[dst..dst + hd].copy_from_slice(&s.v[src..src + hd]);
+                }
+            }
+        }
+
+        let att = OutPtr(sized(&mut s.att, rows * q_dim).as_mut_ptr());
+        let views: Vec<(&[f32], &[f32], AttnShape)> = caches
+            .iter()
+            .map(|c| {
+                let kv = c.host_layer(layer).expect("host caches only");
+                (&kv.k[..], &kv.v[..], AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity() })
+            })
+            .collect();
+        let q = &s.q;
+        let tasks = rows * nh;
+        let pool = kernels::pool();
+        let threads = pool.threads();
+        pool.run(&|t| {
+            let mut task = t;
+            let mut seg = 0;
+            let mut seg_first_task = 0;
+            while task < tasks {
+                while task >= seg_first_task + segs[seg].len * nh {
+                    seg_first_task += segs[seg].len * nh;
+                    seg += 1;
+                }
+                let g = segs[seg];
+                let (i, h) = ((task - seg_first_task) / nh, (task - seg_first_task) % nh);
+                let (k, v, shape) = views[seg];
+                let row = g.start + i;
+                let qh = &q[row * q_dim + h * hd..][..hd];
+                // SAFETY: head h of row `row` is written by this task only.
+                let out = unsafe { att.slice(row * q_dim + h * hd, hd) };
+                ops::attend(shape, qh, k, v, g.pos + i, h, out);
+                task += threads;
+            }
+        });
+
+        let tmp = sized(&mut s.tmp, rows * hidden);
+        project(&mut s.acts, &s.att[..rows * q_dim], &[&self.o], &mut [tmp]);
+        ops::add(&mut s.h, &s.tmp[..rows * hidden]);
+
+        self.ffn_norm.forward_host(&s.h, &mut s.xn[..rows * hidden]);
+        let ffn = host(&self.gate).rows();
+        let (gate, up) = (sized(&mut s.gate, rows * ffn), sized(&mut s.up, rows * ffn));
+        project(&mut s.acts, &s.xn[..rows * hidden], &[&self.gate, &self.up], &mut [gate, up]);
+        ops::silu_mul(&mut s.gate[..rows * ffn], &s.up[..rows * ffn]);
+        project(&mut s.acts, &s.gate[..rows * ffn], &[&self.down], &mut [&mut s.tmp[..rows * hidden]]);
+        ops::add(&mut s.h, &s.tmp[..rows * hidden]);
+    }
+
+    /// Whether every weight of the block runs on our kernels.
+    pub(super) fn is_host(&self) -> bool {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down].iter().all(|l| l.host().is_some())
+    }
+}
+
+impl ModelSlice {
+    /// Runs several sessions' inputs as one batch; one output per item, in order.
+    /// Every item is checked before any runs, so a bad one leaves all caches untouched.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<SliceOutput>> {
+        let cfg = self.config();
+        let hidden = cfg.hidden_size;
+        let mut segs = Vec::with_capacity(items.len());
+        let mut rows = 0;
+        for (n, item) in items.iter().enumerate() {
+            let len = match (item.input, self.embed()) {
+                (HostInput::Tokens(t), Some(_)) => t.len(),
+                (HostInput::Hidden(h), None) if h.len() % hidden == 0 => h.len() / hidden,
+                (HostInput::Tokens(_), None) | (HostInput::Hidden(_), _) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "batch item {n}: slice {}..{} takes {}",
+                        self.layers().start,
+                        self.layers().end,
+                        if self.is_first() { "token ids".to_string() } else { format!("hidden states of width {hidden}") }
+                    )))
+                }
+            };
+            if len == 0 {
+                return Err(Error::InvalidRequest(format!("batch item {n}: empty input")));
+            }
+            if !item.cache.is_host() || item.cache.n_layers() != self.n_blocks() {
+                return Err(Error::InvalidRequest(format!("batch item {n}: KV cache belongs to a different slice")));
+            }
+            item.cache.reserve(len)?;
+            if let (HostInput::Tokens(t), Some(e)) = (item.input, self.embed()) {
+                if let Some(bad) = t.iter().find(|&&id| id as usize >= e.vocab_size()) {
+                    return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary of {}", e.vocab_size())));
+                }
+            }
+            segs.push(Seg { start: rows, len, pos: item.cache.len() });
+            rows += len;
+        }
+
+        let mut guard = self.scratch().lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        let h = sized(&mut s.h, rows * hidden);
+        for (item, g) in items.iter().zip(&segs) {
+            let dst = &mut h[g.start * hidden..(g.start + g.len) * hidden];
+            match item.input {
+                HostInput::Tokens(t) => self.embed().expect("checked above").lookup_host(t, dst)?,
+                HostInput::Hidden(x) => dst.copy_from_slice(x),
+            }
+        }
+        let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|i| &mut *i.cache).collect();
+        for (layer, block) in self.blocks().iter().enumerate() {
+            block.forward_host(s, &segs, &mut caches, layer, self.rope());
+        }
+        for (c, g) in caches.iter_mut().zip(&segs) {
+            c.advance(g.len);
+        }
+
+        match self.head() {
+            Some((norm, output)) => {
+                // Only each item's last position is sampled.
+                let last: Vec<f32> =
+                    segs.iter().flat_map(|g| s.h[(g.start + g.len - 1) * hidden..(g.start + g.len) * hidden].iter().copied()).collect();
+                let normed = sized(&mut s.xn, segs.len() * hidden);
+                norm.forward_host(&last, normed);
+                let vocab = host(output).rows();
+                let mut logits = vec![0f32; segs.len() * vocab];
+                project(&mut s.acts, &s.xn[..segs.len() * hidden], &[output], &mut [&mut logits]);
+                logits
+                    .chunks_exact(vocab)
+                    .map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?)))
+                    .collect()
+            }
+            None => segs
+                .iter()
+                .map(|g| {
+                    let rows = &s.h[g.start * hidden..(g.start + g.len) * hidden];
+                    Ok(SliceOutput::Hidden(Tensor::from_slice(rows, (1, g.len, hidden), &Device::Cpu)?))
+                })
+                .collect(),
+        }
+    }
+}
