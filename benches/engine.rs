@@ -1,8 +1,10 @@
 //! sollol's slice forward against candle-transformers' `quantized_llama` on the
 //! default model, same process, same threads, interleaved: prefill of a
-//! 128-token prompt and greedy-style decode steps. A summary with tok/s and
-//! the ratio is printed at the end, plus the peak RSS of loading a third of
-//! the blocks against the whole model (measured in child processes).
+//! 128-token prompt and greedy-style decode steps. The summary at the end
+//! repeats the comparison on the model re-quantized to Q4_0 and Q8_0
+//! (`sollol quantize`, written to a temporary directory), measures batched
+//! decoding (8 sessions per step against 1), and the peak RSS of loading a
+//! third of the blocks against the whole model (in child processes).
 //!
 //! Run: `cargo bench --bench engine` (RAYON_NUM_THREADS sets the threads).
 
@@ -14,7 +16,10 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use criterion::{criterion_group, Criterion};
-use sollol::model::{ModelFile, ModelSlice};
+use std::path::Path;
+
+use candle_core::quantized::GgmlDType;
+use sollol::model::{BatchItem, HostInput, ModelFile, ModelSlice};
 
 const PROMPT: usize = 128;
 const DECODE: usize = 32;
@@ -28,12 +33,19 @@ struct Sides {
     ours: ModelSlice,
 }
 
+fn default_model() -> std::path::PathBuf {
+    sollol::model::source::resolve("smollm2").expect("default model").path
+}
+
 fn load() -> Sides {
-    let path = sollol::model::source::resolve("smollm2").expect("default model").path;
+    load_from(&default_model())
+}
+
+fn load_from(path: &Path) -> Sides {
     let mut reader = BufReader::new(File::open(&path).unwrap());
     let content = gguf_file::Content::read(&mut reader).unwrap();
     let reference = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
-    let mut file = ModelFile::open(&path).unwrap();
+    let mut file = ModelFile::open(path).unwrap();
     let n = file.config().unwrap().n_layers;
     let ours = ModelSlice::load(&mut file, 0..n, &Device::Cpu).unwrap();
     Sides { reference, ours }
@@ -97,8 +109,40 @@ fn bench(c: &mut Criterion) {
     summary(&mut sides);
 }
 
+/// Aggregate decode tok/s of `sessions` sessions stepped together, one batch per step.
+fn sollol_batched_decode(s: &ModelSlice, sessions: usize) -> f64 {
+    let mut caches: Vec<_> = (0..sessions).map(|_| s.new_cache(PROMPT + DECODE + 1).unwrap()).collect();
+    for c in caches.iter_mut() {
+        s.forward(&ids(&prompt_ids()[..16]), c).unwrap();
+    }
+    let t = Instant::now();
+    for i in 0..DECODE as u32 {
+        let tokens: Vec<[u32; 1]> = (0..sessions as u32).map(|j| [(i * 31 + j * 101 + 7) % 49152]).collect();
+        let mut items: Vec<BatchItem> =
+            tokens.iter().zip(caches.iter_mut()).map(|(t, cache)| BatchItem { input: HostInput::Tokens(t), cache }).collect();
+        s.forward_batch(&mut items).unwrap();
+    }
+    (sessions * DECODE) as f64 / t.elapsed().as_secs_f64()
+}
+
 /// Interleaved A/B rounds, best of each, so machine noise hits both sides alike.
 fn summary(sides: &mut Sides) {
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| sollol::sys::cpu_cores().to_string());
+    println!("\nSUMMARY {threads} threads, best of 5 interleaved rounds");
+    compare("Q4_1 (as shipped)", sides);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, dtype) in [("Q4_0", GgmlDType::Q4_0), ("Q8_0", GgmlDType::Q8_0)] {
+        let path = dir.path().join(format!("smollm2-{name}.gguf"));
+        sollol::model::gguf::requantize(&default_model(), &path, dtype).unwrap();
+        compare(&format!("{name} (re-quantized)"), &mut load_from(&path));
+    }
+    let best = |n: usize| (0..5).map(|_| sollol_batched_decode(&sides.ours, n)).fold(0f64, f64::max);
+    let (one, eight) = (best(1), best(8));
+    println!("batched decode (Q4_1): 1 session {one:.1} tok/s, 8 sessions {eight:.1} tok/s aggregate, ratio {:.2}", eight / one);
+    rss_summary();
+}
+
+fn compare(label: &str, sides: &mut Sides) {
     let rounds = 5;
     let best = |v: Vec<Duration>| v.into_iter().min().unwrap().as_secs_f64();
     let (mut sp, mut rp, mut sd, mut rd) = (vec![], vec![], vec![], vec![]);
@@ -108,13 +152,11 @@ fn summary(sides: &mut Sides) {
         sd.push(sollol_decode(&sides.ours));
         rd.push(reference_decode(&mut sides.reference));
     }
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| sollol::sys::cpu_cores().to_string());
     let (sp, rp) = (PROMPT as f64 / best(sp), PROMPT as f64 / best(rp));
     let (sd, rd) = (DECODE as f64 / best(sd), DECODE as f64 / best(rd));
-    println!("\nSUMMARY smollm2 Q4_1, {threads} threads, best of {rounds} interleaved rounds");
-    println!("prefill {PROMPT} tok: sollol {sp:.1} tok/s, quantized_llama {rp:.1} tok/s, ratio {:.2}", sp / rp);
-    println!("decode {DECODE} tok:  sollol {sd:.1} tok/s, quantized_llama {rd:.1} tok/s, ratio {:.2}", sd / rd);
-    rss_summary();
+    println!("smollm2 {label}:");
+    println!("  prefill {PROMPT} tok: sollol {sp:.1} tok/s, quantized_llama {rp:.1} tok/s, ratio {:.2}", sp / rp);
+    println!("  decode {DECODE} tok:  sollol {sd:.1} tok/s, quantized_llama {rd:.1} tok/s, ratio {:.2}", sd / rd);
 }
 
 /// Peak RSS of `sollol bench --load-only` for the whole model and blocks 10..20.

@@ -165,3 +165,31 @@ fn generate_through_a_local_two_node_pipeline_says_paris() {
     assert!(stderr.contains("stage 1") && stderr.contains("blocks 0..15") && stderr.contains("blocks 15..30"), "{stderr}");
     assert!(stderr.contains("hop latency p50"), "{stderr}");
 }
+
+#[test]
+fn bench_measures_a_synthetic_model_and_generate_refuses_it_clearly() {
+    let home = tempfile::tempdir().unwrap();
+    let args = ["bench", "--synthetic", "smollm2-135m", "--quant", "q8_0", "--prompt-tokens", "8", "--tokens", "4", "--rounds", "1", "--json"];
+    let out = sollol(&args, home.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"], "synthetic:smollm2-135m:q8_0");
+    assert!(v["results"][0]["decode_tok_s"].as_f64().unwrap() > 0.0);
+    let out = sollol(&["generate", "--model", "synthetic:smollm2-135m:q4_0", "hi"], home.path());
+    assert_clean_error(&out, "no tokenizer");
+    let out = sollol(&["bench", "--synthetic", "llama-3b"], home.path());
+    assert_clean_error(&out, "unknown synthetic shape");
+}
+
+#[test]
+fn quantize_rewrites_the_weights_and_the_result_still_runs() {
+    let home = tempfile::tempdir().unwrap();
+    let src = tiny_gguf(home.path(), &[]);
+    let dst = home.path().join("tiny-q4_0.gguf");
+    let out = sollol(&["quantize", "--model", src.to_str().unwrap(), "--to", "q4_0", dst.to_str().unwrap()], home.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sollol(&["generate", "--model", dst.to_str().unwrap(), "-n", "3", "hello"], home.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sollol(&["quantize", "--model", src.to_str().unwrap(), "--to", "q9_9", dst.to_str().unwrap()], home.path());
+    assert_clean_error(&out, "unknown weight type");
+}

@@ -498,5 +498,6 @@ fn quantization_of(file: &ModelFile) -> String {
             counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k.to_uppercase()).unwrap_or_default()
         }
         ModelFile::Safetensors(_) => "F16".into(),
+        ModelFile::Synthetic(m) => m.name().rsplit(':').next().unwrap_or_default().to_uppercase(),
     }
 }

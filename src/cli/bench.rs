@@ -56,6 +56,18 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Measure a synthetic model of this shape instead (random weights made in
+    /// memory: smollm2-135m, llama-1b, llama-8b, llama-70b); same as
+    /// `--model synthetic:SHAPE:QUANT`.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Weight type of the synthetic model.
+    #[arg(long, default_value = "q4_0")]
+    quant: String,
+    /// Also measure aggregate decode of this many sessions stepped together
+    /// (one batch per step, in process), e.g. `1,8`.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
 }
 
 #[derive(Default, Clone)]
@@ -69,7 +81,10 @@ struct Measure {
     decode_wall: Duration,
 }
 
-pub fn run(args: BenchArgs, threads: usize) -> Result<()> {
+pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
+    if let Some(shape) = &args.synthetic {
+        args.model.model = format!("{}{shape}:{}", sollol::model::synthetic::PREFIX, args.quant.to_ascii_lowercase());
+    }
     if let Some(url) = &args.url {
         return http(url, &args.model.model, &args.clients, args.requests, args.tokens, args.json);
     }
@@ -111,7 +126,47 @@ pub fn run(args: BenchArgs, threads: usize) -> Result<()> {
         }
     }
     report(&args, threads, &opened, &engines, &best);
+    drop(engines);
+    if !args.concurrency.is_empty() {
+        let slice = load_slice(&mut opened.file, None)?;
+        let mut rows = Vec::new();
+        for &n in &args.concurrency {
+            let best = (0..args.rounds.max(1)).map(|_| batched_decode(&slice, &prompt, args.tokens, n)).collect::<Result<Vec<f64>>>()?;
+            rows.push((n, best.into_iter().fold(0f64, f64::max)));
+        }
+        let base = rows.first().map_or(1.0, |r| r.1);
+        for (n, tok_s) in &rows {
+            if args.json {
+                println!("{}", serde_json::json!({"sessions": n, "aggregate_decode_tok_s": tok_s, "ratio": tok_s / base}));
+            } else {
+                println!("{n:>3} sessions batched in process: {tok_s:>8.1} tok/s aggregate decode, ratio {:.2}", tok_s / base);
+            }
+        }
+    }
+    if !args.json {
+        println!("peak RSS {}", human_bytes(peak_rss_bytes().unwrap_or(0)));
+    }
     Ok(())
+}
+
+/// Aggregate decode tok/s of `n` sessions after a prefill each, all sessions
+/// stepped in one batch per step (what a node's worker does with waiting steps).
+fn batched_decode(slice: &sollol::model::ModelSlice, prompt: &[u32], tokens: usize, n: usize) -> Result<f64> {
+    use candle_core::{Device, Tensor};
+    use sollol::model::{BatchItem, HostInput};
+    let vocab = slice.config().vocab_size as u32;
+    let mut caches = (0..n).map(|_| slice.new_cache(prompt.len() + tokens + 1)).collect::<sollol::Result<Vec<_>>>()?;
+    for cache in caches.iter_mut() {
+        slice.forward(&Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?, cache)?;
+    }
+    let t = Instant::now();
+    for step in 0..tokens as u32 {
+        let ids: Vec<[u32; 1]> = (0..n as u32).map(|j| [(step * 7919 + j * 104_729 + 1) % vocab]).collect();
+        let mut items: Vec<BatchItem> =
+            ids.iter().zip(caches.iter_mut()).map(|(x, cache)| BatchItem { input: HostInput::Tokens(x), cache }).collect();
+        slice.forward_batch(&mut items)?;
+    }
+    Ok((n * tokens) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Prefill of `prompt`, then `tokens` greedy decode steps (EOS ignored).
@@ -257,26 +312,32 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
                         let mut s = std::net::TcpStream::connect(&addr).expect("connect");
                         sollol::api::http_client::send_head(&mut s, &addr, "POST", "/api/generate", Some(&body), &[]);
                         let mut first = None;
+                        let mut generated = 0;
                         for line in BufReader::new(s).lines().map_while(|l| l.ok()) {
                             if first.is_none() && line.contains("\"done\":false") {
                                 first = Some(t.elapsed());
                             }
                             if line.contains("\"done\":true") {
+                                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                                generated = v["eval_count"].as_u64().unwrap_or(0);
                                 break;
                             }
                         }
-                        ttfts.push(first.unwrap_or_else(|| t.elapsed()));
+                        ttfts.push((first.unwrap_or_else(|| t.elapsed()), generated));
                     }
                     ttfts
                 })
             })
             .collect();
-        let ttfts: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+        let done: Vec<(Duration, u64)> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
         let wall = start.elapsed().as_secs_f64();
+        let ttfts: Vec<Duration> = done.iter().map(|d| d.0).collect();
+        let generated: u64 = done.iter().map(|d| d.1).sum();
         rows.push(serde_json::json!({
             "clients": c,
             "requests": ttfts.len(),
             "requests_per_s": ttfts.len() as f64 / wall,
+            "tokens_per_s": generated as f64 / wall,
             "ttft_p50_ms": percentile(&ttfts, 50.0).as_secs_f64() * 1e3,
             "ttft_p99_ms": percentile(&ttfts, 99.0).as_secs_f64() * 1e3,
         }));
@@ -285,11 +346,12 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
         println!("{}", serde_json::json!({"url": url, "model": model, "tokens": tokens, "results": rows}));
     } else {
         println!("{url}, model {model}, {tokens} tokens per request, streaming /api/generate");
-        println!("{:>8} {:>9} {:>12} {:>14} {:>14}", "clients", "requests", "requests/s", "ttft p50 ms", "ttft p99 ms");
+        println!("{:>8} {:>9} {:>12} {:>12} {:>14} {:>14}", "clients", "requests", "requests/s", "tokens/s", "ttft p50 ms", "ttft p99 ms");
         for r in rows {
             println!(
-                "{:>8} {:>9} {:>12.2} {:>14.0} {:>14.0}",
+                "{:>8} {:>9} {:>12.2} {:>12.1} {:>14.0} {:>14.0}",
                 r["clients"].as_u64().unwrap_or(0), r["requests"].as_u64().unwrap_or(0), r["requests_per_s"].as_f64().unwrap_or(0.0),
+                r["tokens_per_s"].as_f64().unwrap_or(0.0),
                 r["ttft_p50_ms"].as_f64().unwrap_or(0.0), r["ttft_p99_ms"].as_f64().unwrap_or(0.0)
             );
         }

@@ -6,6 +6,7 @@ mod cluster;
 mod generate;
 mod node;
 mod nodes;
+mod quantize;
 mod serve;
 
 use std::ops::Range;
@@ -57,6 +58,8 @@ enum Command {
     Route(cluster::RouteArgs),
     /// The head's HTTP server: Ollama's and OpenAI's APIs, /metrics, /dashboard.
     Serve(serve::ServeArgs),
+    /// Write a GGUF model with its weights in another quantized type.
+    Quantize(quantize::QuantizeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -127,6 +130,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args, cli.threads),
+        Command::Quantize(args) => quantize::run(args),
     }
 }
 

@@ -71,6 +71,9 @@ impl Tokenizer {
         match file {
             ModelFile::Gguf(g) => Self::from_gguf(g),
             ModelFile::Safetensors(d) => Self::from_hf_dir(d.path()),
+            ModelFile::Synthetic(m) => {
+                Err(Error::Tokenizer(format!("{} has random weights and no tokenizer; it serves `sollol bench`, which feeds token ids", m.name())))
+            }
         }
     }
 

@@ -128,7 +128,8 @@ unsafe fn block_product(u: &Unpacked, a: &BlockQ8, acc: __m256) -> __m256 {
 /// `w` points at `nb` blocks of type `T`, each `a[r]` at `nb` blocks, and the
 /// CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_rows<const T: u8, const R: usize>(w: *const u8, bsize: usize, nb: usize, a: [*const BlockQ8; R]) -> [f32; R] {
+#[inline]
+unsafe fn dot_rows<const T: u8, const R: usize>(w: *const u8, bsize: usize, nb: usize, a: [*const BlockQ8; R]) -> [f32; R] {
     let mut even = [_mm256_setzero_ps(); R];
     let mut odd = [_mm256_setzero_ps(); R];
     let mut mins = [0f32; R];
@@ -157,4 +158,48 @@ pub unsafe fn dot_rows<const T: u8, const R: usize>(w: *const u8, bsize: usize, 
         }
     }
     std::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])) + mins[r])
+}
+
+/// `out[r][j] = W[j] · a[r]` for `nrows` consecutive weight rows of
+/// `row_bytes` bytes each: one call per tile, so the per-row cost is the
+/// kernel's alone.
+///
+/// # Safety
+/// As [`dot_rows`], for every row; each `out[r]` has room for `nrows` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm<const T: u8, const R: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    nrows: usize,
+    bsize: usize,
+    a: [*const BlockQ8; R],
+    out: [*mut f32; R],
+) {
+    let nb = row_bytes / bsize;
+    for j in 0..nrows {
+        let res = dot_rows::<T, R>(w.add(j * row_bytes), bsize, nb, a);
+        for r in 0..R {
+            *out[r].add(j) = res[r];
+        }
+    }
+}
+
+/// `y += p · x`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy(y: &mut [f32], p: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    let pv = _mm256_set1_ps(p);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
+        _mm256_storeu_ps(y.as_mut_ptr().add(i), v);
+        i += 8;
+    }
+    while i < n {
+        y[i] += p * x[i];
+        i += 1;
+    }
 }

@@ -71,7 +71,10 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
+            // Half away from zero, as C's roundf, without the libm call:
+            // the cast truncates.
+            let r = v * id;
+            *q = (r + 0.5f32.copysign(r)) as i8;
             sum += *q as i32;
         }
         b.d = f16::from_f32(d).to_f32();

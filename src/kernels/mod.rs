@@ -235,13 +235,18 @@ impl Kernel {
         }
     }
 
-    /// `out[r] = w · acts[r]` for up to four activation rows.
-    fn dot_rows(&self, cols: usize, w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
+    /// `outs[r][j] = W[j] · acts[r]` for the `w.len() / row_bytes` weight
+    /// rows in `w` and up to four activation rows.
+    fn gemm(&self, cols: usize, w: &[u8], row_bytes: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+        let nrows = w.len() / row_bytes;
         let (own, simd) = match *self {
             Kernel::Own { t, simd } => (t, simd),
             Kernel::Ggml(g) => {
-                for (o, a) in out.iter_mut().zip(acts) {
-                    *o = (g.dot)(cols, w, a);
+                for (a, o) in acts.iter().zip(outs) {
+                    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+                        // SAFETY: see `OutPtr`.
+                        unsafe { *o.0.add(j) = (g.dot)(cols, row, a) };
+                    }
                 }
                 return;
             }
@@ -249,35 +254,52 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` is only set when the CPU has AVX2, FMA and F16C;
-            // rows hold `cols / 32` blocks of the matrix's type / of BlockQ8.
-            unsafe { avx2_dot_rows(own, cols / QK, w, acts, out) };
+            // rows hold `cols / 32` blocks of the matrix's type / of BlockQ8;
+            // every output has room for `nrows` values.
+            unsafe { avx2_gemm(own, w, row_bytes, nrows, acts, outs) };
             return;
         }
-        for (o, a) in out.iter_mut().zip(acts) {
-            *o = own_dot_scalar(own, w, a);
+        let _ = (simd, cols);
+        for (a, o) in acts.iter().zip(outs) {
+            for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+                unsafe { *o.0.add(j) = own_dot_scalar(own, row, a) };
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-unsafe fn avx2_dot_rows(t: WeightType, nb: usize, w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
-    unsafe fn go<const T: u8>(bsize: usize, nb: usize, w: &[u8], acts: &[&[u8]], out: &mut [f32]) {
-        let p = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
+unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+    unsafe fn go<const T: u8>(w: &[u8], row_bytes: usize, nrows: usize, bsize: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+        let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
+        let o = |i: usize| outs[i].0;
         let w = w.as_ptr();
         match acts.len() {
-            1 => out[..1].copy_from_slice(&avx2::dot_rows::<T, 1>(w, bsize, nb, [p(0)])),
-            2 => out[..2].copy_from_slice(&avx2::dot_rows::<T, 2>(w, bsize, nb, [p(0), p(1)])),
-            3 => out[..3].copy_from_slice(&avx2::dot_rows::<T, 3>(w, bsize, nb, [p(0), p(1), p(2)])),
-            _ => out[..4].copy_from_slice(&avx2::dot_rows::<T, 4>(w, bsize, nb, [p(0), p(1), p(2), p(3)])),
+            1 => avx2::gemm::<T, 1>(w, row_bytes, nrows, bsize, [a(0)], [o(0)]),
+            2 => avx2::gemm::<T, 2>(w, row_bytes, nrows, bsize, [a(0), a(1)], [o(0), o(1)]),
+            3 => avx2::gemm::<T, 3>(w, row_bytes, nrows, bsize, [a(0), a(1), a(2)], [o(0), o(1), o(2)]),
+            _ => avx2::gemm::<T, 4>(w, row_bytes, nrows, bsize, [a(0), a(1), a(2), a(3)], [o(0), o(1), o(2), o(3)]),
         }
     }
     let b = t.block_bytes();
     match t {
-        WeightType::Q4_0 => go::<{ WeightType::Q4_0 as u8 }>(b, nb, w, acts, out),
-        WeightType::Q4_1 => go::<{ WeightType::Q4_1 as u8 }>(b, nb, w, acts, out),
-        WeightType::Q5_0 => go::<{ WeightType::Q5_0 as u8 }>(b, nb, w, acts, out),
-        WeightType::Q5_1 => go::<{ WeightType::Q5_1 as u8 }>(b, nb, w, acts, out),
-        WeightType::Q8_0 => go::<{ WeightType::Q8_0 as u8 }>(b, nb, w, acts, out),
+        WeightType::Q4_0 => go::<{ WeightType::Q4_0 as u8 }>(w, row_bytes, nrows, b, acts, outs),
+        WeightType::Q4_1 => go::<{ WeightType::Q4_1 as u8 }>(w, row_bytes, nrows, b, acts, outs),
+        WeightType::Q5_0 => go::<{ WeightType::Q5_0 as u8 }>(w, row_bytes, nrows, b, acts, outs),
+        WeightType::Q5_1 => go::<{ WeightType::Q5_1 as u8 }>(w, row_bytes, nrows, b, acts, outs),
+        WeightType::Q8_0 => go::<{ WeightType::Q8_0 as u8 }>(w, row_bytes, nrows, b, acts, outs),
+    }
+}
+
+/// `y += p · x` on this CPU's fastest path (attention's weighted sum of values).
+pub(crate) fn axpy(y: &mut [f32], p: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: checked above.
+        return unsafe { avx2::axpy(y, p, x) };
+    }
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += p * v;
     }
 }
 
@@ -421,6 +443,11 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Weight rows per tile: small enough to stay in L1 while every group of
+/// activation rows passes over them, so prefill reads activations from
+/// cache 16× less often than row by row.
+const TILE_ROWS: usize = 16;
+
 /// `outs[i] = acts · matsᵢᵀ` (`[acts.rows, matsᵢ.rows]` row-major) for
 /// matrices that read the same activations, in one parallel region: the
 /// weight rows of all of them are split evenly over the pool's threads, and
@@ -436,29 +463,30 @@ pub fn matmul(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
     let total: usize = mats.iter().map(|m| m.rows).sum();
     let pool = pool();
     let threads = pool.threads();
-    let per_thread = total.div_ceil(threads);
+    // Whole tiles per thread where possible.
+    let per_thread = total.div_ceil(threads).next_multiple_of(TILE_ROWS).min(total);
     let n = acts.rows;
     pool.run(&|t| {
-        let (lo, hi) = (t * per_thread, ((t + 1) * per_thread).min(total));
+        let (lo, hi) = ((t * per_thread).min(total), ((t + 1) * per_thread).min(total));
         let mut base = 0;
         for (m, out) in mats.iter().zip(&ptrs) {
-            let (start, end) = (lo.max(base), hi.min(base + m.rows));
-            for r in start..end {
-                let row = m.row(r - base);
+            let (start, end) = (lo.max(base) - base, hi.min(base + m.rows).saturating_sub(base));
+            base += m.rows;
+            let mut tile = start;
+            while tile < end {
+                let rows = (end - tile).min(TILE_ROWS);
+                let w = &m.data.bytes()[tile * m.row_bytes..(tile + rows) * m.row_bytes];
                 let mut i = 0;
                 while i < n {
                     let k = (n - i).min(4);
-                    let rows: [&[u8]; 4] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
-                    let mut res = [0f32; 4];
-                    m.kernel.dot_rows(m.cols, row, &rows[..k], &mut res[..k]);
-                    for (j, v) in res[..k].iter().enumerate() {
-                        // SAFETY: column `r - base` of row `i + j` is written by this thread only.
-                        unsafe { *out.0.add((i + j) * m.rows + r - base) = *v };
-                    }
+                    let a: [&[u8]; 4] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
+                    // SAFETY: row i + j, columns tile..tile + rows are this thread's alone.
+                    let o: [OutPtr; 4] = std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + tile) }));
+                    m.kernel.gemm(m.cols, w, m.row_bytes, &a[..k], &o[..k]);
                     i += k;
                 }
+                tile += rows;
             }
-            base += m.rows;
         }
     });
 }

@@ -133,10 +133,7 @@ pub fn attend(shape: AttnShape, q: &[f32], k: &[f32], v: &[f32], pos: usize, h: 
         let inv = 1.0 / scores.iter().sum::<f32>();
         out.fill(0.0);
         for (&p, vr) in scores.iter().zip(v.chunks_exact(d)) {
-            let p = p * inv;
-            for (o, &x) in out.iter_mut().zip(vr) {
-                *o += p * x;
-            }
+            super::axpy(out, p * inv, vr);
         }
     });
 }

@@ -306,3 +306,39 @@ pub struct LayerBytes {
     /// The LM head is the embedding table: a stage holding both holds it once.
     pub tied: bool,
 }
+
+/// Writes `src` to `dst` with every 2-D weight whose rows fit the type's
+/// blocks converted to `dtype` (through f32); norms, biases and anything else
+/// are copied as they are. Returns (converted, kept) tensor counts.
+pub fn requantize(src: &Path, dst: &Path, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let io = |what: &str, p: &Path| {
+        let what = format!("{what} {}", p.display());
+        move |source| Error::Io { context: what, source }
+    };
+    let mut reader = BufReader::new(File::open(src).map_err(io("opening", src))?);
+    let content = Content::read(&mut reader).map_err(|e| Error::bad_model(src, first_line(&e)))?;
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(content.tensor_infos.len());
+    let (mut converted, mut kept) = (0, 0);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort_by_key(|n| content.tensor_infos[*n].offset);
+    for name in names {
+        let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| Error::bad_model(src, first_line(&e)))?;
+        let dims = q.shape().dims().to_vec();
+        let fits = dims.len() == 2 && dims[1] % dtype.block_size() == 0;
+        if fits && q.dtype() != dtype {
+            let f = q.dequantize(&Device::Cpu)?;
+            tensors.push((name.clone(), QTensor::quantize(&f, dtype)?));
+            converted += 1;
+        } else {
+            tensors.push((name.clone(), q));
+            kept += 1;
+        }
+    }
+    let mut out = std::io::BufWriter::new(File::create(dst).map_err(io("creating", dst))?);
+    let metadata: Vec<(&str, &Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut out, &metadata, &refs)?;
+    std::io::Write::flush(&mut out).map_err(io("writing", dst))?;
+    Ok((converted, kept))
+}

@@ -15,6 +15,7 @@ pub mod safetensors;
 pub mod sampling;
 pub mod slice;
 pub mod source;
+pub mod synthetic;
 pub mod weights;
 
 use std::ops::Range;
@@ -36,11 +37,16 @@ use crate::error::Result;
 pub enum ModelFile {
     Gguf(gguf::GgufFile),
     Safetensors(safetensors::SafetensorsDir),
+    /// Random weights of a named shape (`synthetic:llama-8b:q4_0`).
+    Synthetic(synthetic::SyntheticModel),
 }
 
 impl ModelFile {
     /// A directory is read as an HF safetensors model, a file as GGUF.
     pub fn open(path: &Path) -> Result<Self> {
+        if let Some(spec) = path.to_str().filter(|p| synthetic::is_synthetic(p)) {
+            return Ok(ModelFile::Synthetic(synthetic::SyntheticModel::parse(spec)?));
+        }
         if path.is_dir() {
             Ok(ModelFile::Safetensors(safetensors::SafetensorsDir::open(path)?))
         } else {
@@ -52,6 +58,7 @@ impl ModelFile {
         match self {
             ModelFile::Gguf(f) => f.path(),
             ModelFile::Safetensors(d) => d.path(),
+            ModelFile::Synthetic(m) => m.path(),
         }
     }
 
@@ -59,6 +66,7 @@ impl ModelFile {
         match self {
             ModelFile::Gguf(f) => f.config(),
             ModelFile::Safetensors(d) => d.config(),
+            ModelFile::Synthetic(m) => Ok(m.config()),
         }
     }
 
@@ -67,6 +75,7 @@ impl ModelFile {
             ModelFile::Gguf(f) => f.has(role, layer),
             // A tied HF model may still ship lm_head; config.json decides.
             ModelFile::Safetensors(d) => !(role == Role::Output && d.tied_embeddings()) && d.has(role, layer),
+            ModelFile::Synthetic(m) => m.has(role, layer),
         }
     }
 
@@ -74,6 +83,7 @@ impl ModelFile {
         match self {
             ModelFile::Gguf(f) => f.read(role, layer, device),
             ModelFile::Safetensors(d) => d.read(role, layer, device),
+            ModelFile::Synthetic(m) => m.read(role, layer, device),
         }
     }
 
@@ -82,6 +92,7 @@ impl ModelFile {
         Ok(match self {
             ModelFile::Gguf(f) => f.layer_bytes(n),
             ModelFile::Safetensors(d) => d.layer_bytes(n),
+            ModelFile::Synthetic(m) => m.layer_bytes(),
         })
     }
 
@@ -97,6 +108,7 @@ impl ModelFile {
         match self {
             ModelFile::Gguf(f) => f.header_digest(),
             ModelFile::Safetensors(d) => d.header_digest(),
+            ModelFile::Synthetic(m) => Ok(m.digest()),
         }
     }
 

@@ -23,6 +23,9 @@ pub struct ResolvedModel {
 
 pub fn resolve(spec: &str) -> Result<ResolvedModel> {
     let spec = spec.trim();
+    if super::synthetic::is_synthetic(spec) {
+        return Ok(ResolvedModel { name: spec.to_string(), path: super::synthetic::path_of(spec)? });
+    }
     let as_path = Path::new(spec);
     if as_path.exists() {
         return Ok(ResolvedModel { name: spec.to_string(), path: as_path.to_path_buf() });

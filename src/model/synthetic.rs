@@ -1,0 +1,180 @@
+//! Synthetic models: random weights of a named shape, made in memory, so
+//! speed can be measured where no model file can be fetched or carried (a
+//! lent GPU machine, CI). Named `synthetic:SHAPE:TYPE`, e.g.
+//! `synthetic:llama-8b:q4_0`; every node generates the same weights for its
+//! own slice from the name, so pipelines work too.
+//!
+//! The weights are random, so the text is noise: these models measure speed
+//! and memory, never quality.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use super::arch;
+use super::config::{Config, RopeStyle};
+use super::gguf::LayerBytes;
+use super::weights::{RawWeight, Role};
+use crate::error::{Error, Result};
+
+pub const PREFIX: &str = "synthetic:";
+
+/// (name, hidden, ffn, layers, heads, kv heads, vocab, context, rope theta)
+const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize, usize, f32)] = &[
+    ("smollm2-135m", 576, 1536, 30, 9, 3, 49152, 8192, 100_000.0),
+    ("llama-1b", 2048, 8192, 16, 32, 8, 128_256, 8192, 500_000.0),
+    ("llama-8b", 4096, 14336, 32, 32, 8, 128_256, 8192, 500_000.0),
+    ("llama-70b", 8192, 28672, 80, 64, 8, 128_256, 8192, 500_000.0),
+];
+
+/// Rows of random values quantized once per weight shape and then repeated:
+/// generating every weight would cost minutes for an 8B model, and speed
+/// does not depend on the rows differing.
+const TILE_ROWS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct SyntheticModel {
+    name: String,
+    config: Config,
+    dtype: GgmlDType,
+}
+
+pub fn is_synthetic(spec: &str) -> bool {
+    spec.starts_with(PREFIX)
+}
+
+fn parse_dtype(s: &str) -> Option<GgmlDType> {
+    Some(match s {
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q5_1" => GgmlDType::Q5_1,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_k" => GgmlDType::Q4K,
+        "q6_k" => GgmlDType::Q6K,
+        "f16" => GgmlDType::F16,
+        "f32" => GgmlDType::F32,
+        _ => return None,
+    })
+}
+
+impl SyntheticModel {
+    /// `synthetic:SHAPE:TYPE` (TYPE defaults to q4_0).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let rest = spec.strip_prefix(PREFIX).ok_or_else(|| Error::UnknownModel(spec.to_string()))?;
+        let (shape, quant) = rest.split_once(':').unwrap_or((rest, "q4_0"));
+        let shapes: Vec<&str> = SHAPES.iter().map(|s| s.0).collect();
+        let &(_, hidden, ffn, layers, heads, kv, vocab, ctx, theta) =
+            SHAPES.iter().find(|s| s.0 == shape).ok_or_else(|| {
+                Error::InvalidRequest(format!("unknown synthetic shape '{shape}' (known: {})", shapes.join(", ")))
+            })?;
+        let dtype = parse_dtype(quant).ok_or_else(|| {
+            Error::InvalidRequest(format!("unknown synthetic weight type '{quant}' (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k, f16, f32)"))
+        })?;
+        let config = Config {
+            arch: arch::by_gguf_name("llama")?,
+            n_layers: layers,
+            hidden_size: hidden,
+            intermediate_size: ffn,
+            n_heads: heads,
+            n_kv_heads: kv,
+            head_dim: hidden / heads,
+            vocab_size: vocab,
+            rms_norm_eps: 1e-5,
+            rope_theta: theta,
+            rope_style: RopeStyle::Interleaved,
+            rope_freq_factors: None,
+            context_length: ctx,
+        };
+        Ok(Self { name: format!("{PREFIX}{shape}:{quant}"), config, dtype })
+    }
+
+    pub fn path(&self) -> &Path {
+        Path::new(&self.name)
+    }
+
+    pub fn config(&self) -> Config {
+        self.config.clone()
+    }
+
+    /// Untied LM head, no biases: the llama 3 layout.
+    pub fn has(&self, role: Role, _layer: Option<usize>) -> bool {
+        !matches!(role, Role::QBias | Role::KBias | Role::VBias)
+    }
+
+    fn shape(&self, role: Role) -> Vec<usize> {
+        let c = &self.config;
+        let (h, q, kv, f) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
+        match role {
+            Role::Embed | Role::Output => vec![c.vocab_size, h],
+            Role::Q => vec![q, h],
+            Role::K | Role::V => vec![kv, h],
+            Role::O => vec![h, q],
+            Role::Gate | Role::Up => vec![f, h],
+            Role::Down => vec![h, f],
+            Role::AttnNorm | Role::FfnNorm | Role::OutputNorm => vec![h],
+            Role::QBias => vec![q],
+            Role::KBias | Role::VBias => vec![kv],
+        }
+    }
+
+    pub fn read(&mut self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+        let shape = self.shape(role);
+        if shape.len() == 1 {
+            return Ok(RawWeight::Dense(Tensor::ones(shape[0], candle_core::DType::F32, device)?));
+        }
+        let (rows, cols) = (shape[0], shape[1]);
+        // Seeded by role and shape only: layers share a tile, but each gets its own copy in memory.
+        let seed = (role as u64) << 32 ^ (rows * 31 + cols) as u64 ^ u64::from(layer.is_some());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let tile_rows = rows.min(TILE_ROWS);
+        let scale = 1.0 / (cols as f32).sqrt();
+        let values: Vec<f32> = (0..tile_rows * cols).map(|_| rng.random_range(-scale..scale)).collect();
+        let tile = QTensor::quantize(&Tensor::from_vec(values, (tile_rows, cols), &Device::Cpu)?, self.dtype)?;
+        let tile = tile.data()?;
+        let mut bytes = Vec::with_capacity(tile.len() * rows.div_ceil(tile_rows));
+        while bytes.len() < tile.len() / tile_rows * rows {
+            let need = tile.len() / tile_rows * rows - bytes.len();
+            bytes.extend_from_slice(&tile[..need.min(tile.len())]);
+        }
+        Ok(RawWeight::Quantized(std::sync::Arc::new(qtensor_from_ggml(self.dtype, &bytes, vec![rows, cols], device)?)))
+    }
+
+    fn bytes_of(&self, role: Role) -> u64 {
+        let shape = self.shape(role);
+        if shape.len() == 1 {
+            return shape[0] as u64 * 4;
+        }
+        (shape[0] * shape[1] / self.dtype.block_size() * self.dtype.type_size()) as u64
+    }
+
+    pub fn layer_bytes(&self) -> LayerBytes {
+        let block: u64 = [Role::AttnNorm, Role::Q, Role::K, Role::V, Role::O, Role::FfnNorm, Role::Gate, Role::Up, Role::Down]
+            .iter()
+            .map(|&r| self.bytes_of(r))
+            .sum();
+        LayerBytes {
+            blocks: vec![block; self.config.n_layers],
+            embed: self.bytes_of(Role::Embed),
+            head: self.bytes_of(Role::OutputNorm) + self.bytes_of(Role::Output),
+            tied: false,
+        }
+    }
+
+    pub fn digest(&self) -> String {
+        format!("{:x}", Sha256::digest(self.name.as_bytes()))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The path a resolved synthetic model carries (its name).
+pub fn path_of(spec: &str) -> Result<PathBuf> {
+    Ok(PathBuf::from(SyntheticModel::parse(spec)?.name))
+}
