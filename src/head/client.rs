@@ -164,7 +164,9 @@ impl NodeClient {
     pub async fn ping(&self, wait: Duration) -> Result<Ping, NetError> {
         let t = Instant::now();
         match self.request(Frame::new(Message::Ping { nonce: 1 }), wait).await?.message {
-            Message::Pong { sessions, busy_nanos, .. } => Ok(Ping { rtt: t.elapsed(), sessions, busy: Duration::from_nanos(busy_nanos) }),
+            Message::Pong { sessions, busy_nanos, tokens, batches, .. } => {
+                Ok(Ping { rtt: t.elapsed(), sessions, busy: Duration::from_nanos(busy_nanos), tokens, batches })
+            }
             other => Err(NetError::Unexpected { got: other.kind(), expected: "Pong" }),
         }
     }
@@ -185,4 +187,7 @@ pub struct Ping {
     pub sessions: u32,
     /// Total compute time of the node so far.
     pub busy: Duration,
+    /// Positions computed so far, and the batches they ran in.
+    pub tokens: u64,
+    pub batches: u64,
 }

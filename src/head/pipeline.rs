@@ -4,11 +4,16 @@
 //! Token ids go to stage 1; hidden states flow stage to stage; the last stage
 //! samples and sends only the token back. Results are matched to waiting
 //! steps by step id, so many sessions can be in flight at once.
+//!
+//! A stage can be replaced while sessions are live ([`Pipeline::replace_stage`]):
+//! the new node loads the slice, steps pause (in-flight ones finish), every
+//! live session's KV state moves from the old node to the new one, the chain
+//! is re-linked, steps resume. Nothing is recomputed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -30,11 +35,28 @@ use crate::node::server::resolve_addr;
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct Pipeline {
-    stages: Vec<Arc<NodeClient>>,
+    stages: RwLock<Vec<Arc<NodeClient>>>,
     data: tokio::sync::Mutex<FrameWriter>,
     pending: Pending,
     next_step: AtomicU64,
-    loaded: Vec<LoadedSlice>,
+    loaded: RwLock<Vec<LoadedSlice>>,
+    /// Sessions opened and not closed by this head: what a stage replacement moves.
+    live: Mutex<HashSet<u64>>,
+    /// Held (shared) by every step from send to result; a stage replacement
+    /// takes it exclusively, so it runs between steps.
+    gate: tokio::sync::RwLock<()>,
+    wire: Mutex<WireDType>,
+}
+
+/// What a stage replacement did.
+#[derive(Debug, Clone)]
+pub struct Replaced {
+    pub old: String,
+    pub new: String,
+    pub sessions_moved: usize,
+    pub kv_bytes: u64,
+    /// How long steps were paused.
+    pub paused: Duration,
 }
 
 impl Pipeline {
@@ -62,40 +84,59 @@ impl Pipeline {
         let data = first.open_data_stream().await?;
         let loaded: Vec<LoadedSlice> = stages.iter().filter_map(|s| s.capabilities().loaded).collect();
         let loaded = if loaded.len() == stages.len() { loaded } else { Vec::new() };
-        Ok(Self { stages, data: tokio::sync::Mutex::new(data), pending, next_step: AtomicU64::new(1), loaded })
+        Ok(Self {
+            stages: RwLock::new(stages),
+            data: tokio::sync::Mutex::new(data),
+            pending,
+            next_step: AtomicU64::new(1),
+            loaded: RwLock::new(loaded),
+            live: Mutex::new(HashSet::new()),
+            gate: tokio::sync::RwLock::new(()),
+            wire: Mutex::new(WireDType::F16),
+        })
     }
 
     pub fn capabilities(&self) -> Vec<(String, Capabilities)> {
-        self.stages.iter().map(|s| (s.addr.clone(), s.capabilities())).collect()
+        self.clients().iter().map(|s| (s.addr.clone(), s.capabilities())).collect()
     }
 
-    pub fn clients(&self) -> &[Arc<NodeClient>] {
-        &self.stages
+    pub fn clients(&self) -> Vec<Arc<NodeClient>> {
+        self.stages.read().expect("stages lock").clone()
     }
 
-    pub fn loaded(&self) -> &[LoadedSlice] {
-        &self.loaded
+    fn client(&self, i: usize) -> Arc<NodeClient> {
+        self.stages.read().expect("stages lock")[i].clone()
+    }
+
+    pub fn loaded(&self) -> Vec<LoadedSlice> {
+        self.loaded.read().expect("loaded lock").clone()
     }
 
     pub fn addrs(&self) -> Vec<String> {
-        self.stages.iter().map(|s| s.addr.clone()).collect()
+        self.clients().iter().map(|s| s.addr.clone()).collect()
+    }
+
+    /// Sessions this head has open on the chain.
+    pub fn live_sessions(&self) -> Vec<u64> {
+        self.live.lock().expect("live lock").iter().copied().collect()
     }
 
     /// One control request to stage `i`; a node's error becomes `Remote`.
     pub async fn request(&self, i: usize, frame: Frame, wait: Duration) -> Result<Frame, NetError> {
-        self.stages[i].request(frame, wait).await
+        self.client(i).request(frame, wait).await
     }
 
     /// Loads `plan[i]` of `model` on stage `i` (all at once), then links the
     /// chain. A stage already holding exactly that slice of that model keeps it
     /// (and its sessions).
     pub async fn load(&mut self, model: &str, digest: Option<String>, plan: &[Range<usize>], wire: WireDType) -> Result<(), NetError> {
-        if plan.len() != self.stages.len() {
-            return Err(NetError::Remote(format!("a plan of {} slices for {} stages", plan.len(), self.stages.len())));
+        let stages = self.clients();
+        if plan.len() != stages.len() {
+            return Err(NetError::Remote(format!("a plan of {} slices for {} stages", plan.len(), stages.len())));
         }
         let this = &*self;
         let loads = plan.iter().enumerate().map(|(i, r)| {
-            let held = this.stages[i].capabilities().loaded.filter(|l| {
+            let held = stages[i].capabilities().loaded.filter(|l| {
                 l.start as usize == r.start && l.end as usize == r.end && digest.as_ref().is_some_and(|d| *d == l.digest)
             });
             let req = LoadRequest { model: model.to_string(), start: r.start as u32, end: r.end as u32, digest: digest.clone() };
@@ -113,21 +154,81 @@ impl Pipeline {
         for info in join_all(loads).await {
             loaded.push(info?);
         }
-        self.loaded = loaded;
+        *self.loaded.write().expect("loaded lock") = loaded;
         self.link(wire).await
     }
 
     /// Tells each stage where its output goes: the next stage, or nowhere (the last).
     pub async fn link(&self, wire: WireDType) -> Result<(), NetError> {
-        for i in (0..self.stages.len()).rev() {
-            let next = self.stages.get(i + 1).map(|s| s.addr.clone());
-            self.request(i, Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
+        *self.wire.lock().expect("wire lock") = wire;
+        let stages = self.clients();
+        for i in (0..stages.len()).rev() {
+            let next = stages.get(i + 1).map(|s| s.addr.clone());
+            stages[i].request(Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
         }
         Ok(())
     }
 
     pub fn n_stages(&self) -> usize {
-        self.stages.len()
+        self.stages.read().expect("stages lock").len()
+    }
+
+    /// Moves stage `i`'s slice and the KV state of every live session to
+    /// `new` (a connected node), then links it into the chain in place of the
+    /// old node, which is told to unload. Steps pause only for the transfer
+    /// and re-link; the load happens before.
+    pub async fn replace_stage(&self, i: usize, new: Arc<NodeClient>) -> Result<Replaced, NetError> {
+        let n = self.n_stages();
+        let old = self.clients().get(i).cloned().ok_or_else(|| NetError::Remote(format!("the pipeline has no stage {}", i + 1)))?;
+        let slice = self.loaded().get(i).cloned().ok_or_else(|| NetError::Remote("the pipeline has no loaded plan".into()))?;
+        if self.addrs().contains(&new.addr) {
+            return Err(NetError::Remote(format!("{} is already a stage of this pipeline", new.addr)));
+        }
+        let req = LoadRequest { model: slice.model.clone(), start: slice.start, end: slice.end, digest: Some(slice.digest.clone()) };
+        let info = match new.request(Frame::new(Message::Load(req)), Duration::from_secs(600)).await?.message {
+            Message::Loaded(info) => info,
+            other => return Err(NetError::Unexpected { got: other.kind(), expected: "Loaded" }),
+        };
+        let wire = *self.wire.lock().expect("wire lock");
+        // The new node's results must complete this pipeline's steps.
+        new.attach(self.pending.clone(), i + 1);
+
+        let _paused = self.gate.write().await;
+        let t = Instant::now();
+        let sessions = self.live_sessions();
+        let mut kv_bytes = 0;
+        let mut moved = 0;
+        for &session in &sessions {
+            let reply = match old.request(Frame::new(Message::ExportKv { session, dtype: WireDType::F32 }), Duration::from_secs(60)).await {
+                Ok(r) => r,
+                // A session the node already dropped (an error, a timeout) has nothing to move.
+                Err(NetError::Remote(e)) if e.contains("unknown session") => continue,
+                Err(e) => return Err(e),
+            };
+            let Message::KvState(header) = reply.message else {
+                return Err(NetError::Unexpected { got: reply.message.kind(), expected: "KvState" });
+            };
+            kv_bytes += reply.payload.len() as u64;
+            new.request(Frame::with_payload(Message::ImportKv(header), reply.payload), Duration::from_secs(60)).await?;
+            moved += 1;
+        }
+        let next = self.clients().get(i + 1).map(|s| s.addr.clone());
+        new.request(Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
+        if i > 0 {
+            self.request(i - 1, Frame::new(Message::Link { next: Some(new.addr.clone()), wire }), Duration::from_secs(15)).await?;
+        } else {
+            *self.data.lock().await = new.open_data_stream().await?;
+        }
+        self.stages.write().expect("stages lock")[i] = new.clone();
+        if let Some(l) = self.loaded.write().expect("loaded lock").get_mut(i) {
+            *l = info;
+        }
+        let paused = t.elapsed();
+        drop(_paused);
+        // The old node is out of the chain; free its memory (best effort: it may be going down).
+        let _ = old.request(Frame::new(Message::Unload), Duration::from_secs(15)).await;
+        tracing::info!(stage = i + 1, of = n, old = %old.addr, new = %new.addr, moved, kv_bytes, ?paused, "stage replaced");
+        Ok(Replaced { old: old.addr.clone(), new: new.addr.clone(), sessions_moved: moved, kv_bytes, paused })
     }
 
     /// Runs one step through the chain and waits for the last stage's result.
@@ -152,6 +253,10 @@ impl Pipeline {
         sample: Option<SampleRequest>,
         want_logits: bool,
     ) -> Result<StepResult, NetError> {
+        let _running = self.gate.read().await;
+        if open.is_some() {
+            self.live.lock().expect("live lock").insert(session);
+        }
         let step = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(step, (session, tx));
@@ -170,7 +275,7 @@ impl Pipeline {
         let sent = self.data.lock().await.write(&Frame::new(Message::Forward(header))).await;
         if let Err(e) = sent {
             self.pending.lock().expect("pending lock").remove(&step);
-            return Err(NetError::Connection(format!("cannot send to stage 1 ({}): {e}", self.stages[0].addr)));
+            return Err(NetError::Connection(format!("cannot send to stage 1 ({}): {e}", self.client(0).addr)));
         }
         match tokio::time::timeout(STEP_TIMEOUT, rx).await {
             Ok(Ok(result)) => result,
@@ -184,6 +289,7 @@ impl Pipeline {
 
     /// Frees the session on every stage (the close travels down the chain).
     pub async fn close(&self, session: u64) {
+        self.live.lock().expect("live lock").remove(&session);
         let _ = self.data.lock().await.write(&Frame::new(Message::Close { session })).await;
     }
 

@@ -46,7 +46,9 @@ pub enum Message {
     /// Import a session's KV state (payload as in [`Message::KvState`]).
     ImportKv(KvStateHeader),
     Ping { nonce: u64 },
-    Pong { nonce: u64, sessions: u32, busy_nanos: u64 },
+    /// `tokens`: positions computed since the node started (prompt and
+    /// decode alike), so a head can prove that nothing was recomputed.
+    Pong { nonce: u64, sessions: u32, busy_nanos: u64, tokens: u64, batches: u64 },
     Ok,
 
     // The data path.

@@ -230,6 +230,8 @@ impl Node {
                 nonce,
                 sessions: self.outputs.sessions.load(Ordering::Relaxed),
                 busy_nanos: self.outputs.busy_nanos.load(Ordering::Relaxed),
+                tokens: self.outputs.tokens.load(Ordering::Relaxed),
+                batches: self.outputs.batches.load(Ordering::Relaxed),
             }),
             Message::Load(req) => Frame::new(Message::Loaded(self.load(req).await?)),
             Message::Unload => {

@@ -61,8 +61,10 @@ pub struct Outputs {
     pub wire: Mutex<WireDType>,
     pub sessions: AtomicU32,
     pub busy_nanos: AtomicU64,
-    /// Forward steps run, and batches they ran in (steps / batches = mean batch size).
+    /// Forward steps run, the positions they computed, and the batches they
+    /// ran in (steps / batches = mean batch size).
     pub steps: AtomicU64,
+    pub tokens: AtomicU64,
     pub batches: AtomicU64,
 }
 
@@ -76,6 +78,7 @@ impl Outputs {
             sessions: AtomicU32::new(0),
             busy_nanos: AtomicU64::new(0),
             steps: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
             batches: AtomicU64::new(0),
         }
     }
@@ -120,6 +123,15 @@ struct Worker {
 enum StepInput {
     Tokens(Vec<u32>),
     Hidden(Tensor),
+}
+
+impl StepInput {
+    fn rows(&self) -> usize {
+        match self {
+            StepInput::Tokens(ids) => ids.len(),
+            StepInput::Hidden(t) => t.dims().get(1).copied().unwrap_or(0),
+        }
+    }
 }
 
 /// Takes the longest run of forward steps at the front of the queue with
@@ -265,6 +277,8 @@ impl Worker {
         }
         self.out.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
         self.out.steps.fetch_add(ready.len() as u64, Ordering::Relaxed);
+        let computed: usize = ready.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|((_, input), _)| input.rows()).sum();
+        self.out.tokens.fetch_add(computed as u64, Ordering::Relaxed);
         self.out.batches.fetch_add(u64::from(!ready.is_empty()), Ordering::Relaxed);
         for ((h, _), result) in ready.into_iter().zip(results) {
             self.emit(h, result, nanos);

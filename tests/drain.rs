@@ -1,0 +1,109 @@
+//! Draining a stage while a session is live (`Pipeline::replace_stage`, what
+//! `sollol cluster drain` runs): real node processes, a greedy generation of
+//! 64 tokens over the f32 wire, the stage moved to a spare node at a token
+//! mid-way. The tokens must equal a single-node run's, and the nodes'
+//! position counters must prove that nothing was recomputed: the old and the
+//! new node together computed exactly the prompt plus one position per decode
+//! step.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::Device;
+use common::NodeProc;
+use sollol::head::client::NodeClient;
+use sollol::head::engine::LocalEngine;
+use sollol::head::generation::{generate, GenerateRequest};
+use sollol::head::pipeline::{Pipeline, PipelineEngine, Replaced};
+use sollol::head::tokenizer::Tokenizer;
+use sollol::model::sampling::SamplingParams;
+use sollol::model::{ModelFile, ModelSlice};
+use sollol::net::auth::ClusterKey;
+use sollol::net::tensor::WireDType;
+use sollol::net::tls;
+use sollol::node::server::resolve_addr;
+
+const KEY: &str = "drain-test-key";
+const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: PROMPT.to_vec(),
+        params: SamplingParams { temperature: 0.0, ..Default::default() },
+        max_tokens: 64,
+        stop: vec![],
+        context: 0,
+        resume: None,
+        keep_session: false,
+    }
+}
+
+fn positions(rt: &tokio::runtime::Runtime, client: &NodeClient) -> u64 {
+    rt.block_on(client.ping(Duration::from_secs(5))).unwrap().tokens
+}
+
+/// Moves stage `stage` of a 2-stage chain to a spare node after `at` pieces.
+fn drain(stage: usize, at: usize) {
+    let path = common::smollm2();
+    let mut file = ModelFile::open(&path).unwrap();
+    let tokenizer = Tokenizer::for_model(&file).unwrap();
+    let digest = file.digest().unwrap();
+    let context = file.config().unwrap().context_length;
+    let mut local = LocalEngine::new(ModelSlice::load(&mut file, 0..30, &Device::Cpu).unwrap()).unwrap();
+    let reference = generate(&mut local, &tokenizer, 1, &request(), &mut |_| true).unwrap();
+
+    let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    let key = ClusterKey::new(Some(KEY));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let chain = [nodes[0].addr.clone(), nodes[1].addr.clone()];
+    let pipeline = rt.block_on(async {
+        let mut p = Pipeline::connect(&chain, &key).await.unwrap();
+        p.load(&path.display().to_string(), Some(digest), &[0..15, 15..30], WireDType::F32).await.unwrap();
+        Arc::new(p)
+    });
+    let spare = rt.block_on(async {
+        let endpoint = tls::client_endpoint(resolve_addr(&nodes[2].addr).await.unwrap()).unwrap();
+        NodeClient::connect(&endpoint, &nodes[2].addr, &key).await.unwrap()
+    });
+    let old = pipeline.clients()[stage].clone();
+    let mut engine = PipelineEngine::shared(rt.handle().clone(), pipeline.clone(), context);
+    let moved: Mutex<Option<(Replaced, u64)>> = Mutex::new(None);
+    let mut pieces = 0;
+    let result = generate(&mut engine, &tokenizer, 9, &request(), &mut |_| {
+        pieces += 1;
+        if pieces == at {
+            let before = positions(&rt, &old);
+            let replaced = rt.block_on(pipeline.replace_stage(stage, spare.clone())).unwrap();
+            *moved.lock().unwrap() = Some((replaced, before));
+        }
+        true
+    })
+    .unwrap();
+    let (replaced, old_positions) = moved.into_inner().unwrap().expect("the drain ran");
+    eprintln!("stage {stage} drained at piece {at}: {replaced:?}");
+    assert_eq!(result.tokens, reference.tokens, "tokens differ after the drain");
+    assert_eq!(replaced.sessions_moved, 1);
+    assert!(replaced.kv_bytes > 0);
+    assert_eq!(pipeline.addrs()[stage], nodes[2].addr);
+    // Every position is computed once by this stage: the prompt, then one per
+    // decode step (the last token is never fed back).
+    let expected = (PROMPT.len() + result.tokens.len() - 1) as u64;
+    let new_positions = positions(&rt, &spare);
+    assert_eq!(old_positions + new_positions, expected, "old {old_positions} + new {new_positions}: something was recomputed");
+    assert!(new_positions < expected - PROMPT.len() as u64, "the new node replayed the prompt");
+    // The old node is out of the chain and unloaded.
+    let caps = rt.block_on(old.refresh_capabilities()).unwrap();
+    assert!(caps.loaded.is_none(), "the drained node still holds its slice");
+}
+
+#[test]
+fn first_stage_drained_mid_generation_without_recompute() {
+    drain(0, 17);
+}
+
+#[test]
+fn last_stage_drained_mid_generation_without_recompute() {
+    drain(1, 33);
+}
