@@ -107,3 +107,66 @@ fn first_stage_drained_mid_generation_without_recompute() {
 fn last_stage_drained_mid_generation_without_recompute() {
     drain(1, 33);
 }
+
+/// `sollol cluster drain` against a serving head in registry mode: the model
+/// runs on one registered node; while a streamed generation is under way the
+/// node is drained to an idle one, and the stream ends with the same text as
+/// an undisturbed request.
+#[test]
+fn cluster_drain_moves_a_live_served_session() {
+    use std::io::{BufRead, BufReader};
+    common::smollm2();
+    let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    let registry = std::env::temp_dir().join(format!("sollol-serve-test-{}.toml", std::process::id()));
+    let _ = std::fs::remove_file(&registry);
+    for (i, n) in nodes.iter().enumerate() {
+        let out = std::process::Command::new(common::sollol_bin())
+            .args(["nodes", "add", &n.addr, "--name", &format!("n{i}")])
+            .env("SOLLOL_REGISTRY", &registry)
+            .env("SOLLOL_CLUSTER_KEY", KEY)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let serve = common::ServeProc::spawn(&["--cluster-key", KEY]);
+    let body = r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":48}}"#;
+    let reference = common::http::post(&serve.addr, "/api/generate", body).json();
+    let on = reference["_cluster"]["nodes"][0]["name"].as_str().unwrap().to_string();
+
+    let mut stream = std::net::TcpStream::connect(&serve.addr).unwrap();
+    let streaming = body.replace(r#""stream":false"#, r#""stream":true"#);
+    sollol::api::http_client::send_head(&mut stream, &serve.addr, "POST", "/api/generate", Some(&streaming), &[]);
+    let mut text = String::new();
+    let mut drained = None;
+    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        text.push_str(v["response"].as_str().unwrap_or_default());
+        if drained.is_none() && !text.is_empty() && text.len() > 20 {
+            let out = std::process::Command::new(common::sollol_bin())
+                .args(["cluster", "drain", &on, "--head", &serve.addr])
+                .env("SOLLOL_REGISTRY", &registry)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "drain failed: {}", String::from_utf8_lossy(&out.stderr));
+            drained = Some(String::from_utf8_lossy(&out.stdout).to_string());
+        }
+        if v["done"] == true {
+            break;
+        }
+    }
+    let drained = drained.expect("the drain ran mid-stream");
+    eprintln!("{drained}");
+    assert!(drained.contains("1 live sessions moved"), "{drained}");
+    assert_eq!(text, reference["response"].as_str().unwrap(), "the drained stream's text differs");
+    // The head now routes to the new node, and a node nobody uses is refused.
+    let status = common::http::get(&serve.addr, "/api/sollol/status").json();
+    assert_ne!(status["models"][0]["route"]["nodes"][0]["name"].as_str(), Some(on.as_str()), "{status}");
+    let out = std::process::Command::new(common::sollol_bin())
+        .args(["cluster", "drain", &on, "--head", &serve.addr])
+        .env("SOLLOL_REGISTRY", &registry)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no loaded model runs on"));
+    let _ = std::fs::remove_file(&registry);
+}

@@ -25,12 +25,20 @@ impl Reply {
 /// Sends a request and reads the whole response. Panics on I/O errors: for
 /// tests and benchmarks against a server that must be there.
 pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> Reply {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    try_request(addr, method, path, body, extra).expect("HTTP request")
+}
+
+/// [`request`] for callers that report a missing server as an error.
+pub fn try_request(addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> std::io::Result<Reply> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
     send_head(&mut s, addr, method, path, body, extra);
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    parse(&raw)
+    s.read_to_end(&mut raw)?;
+    if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"));
+    }
+    Ok(parse(&raw))
 }
 
 /// Writes a request; the caller reads the response as it arrives.

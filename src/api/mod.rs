@@ -4,6 +4,7 @@
 //! Architecture invariant: only `api` knows JSON and HTTP; it converts at the
 //! edge to `service::GenRequest` and back.
 
+pub mod admin;
 pub mod dashboard;
 pub mod error;
 pub mod http_client;
@@ -44,6 +45,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/dashboard", get(dashboard::page))
         .route("/api/sollol/status", get(dashboard::status))
+        .route("/api/sollol/drain", post(admin::drain))
         .layer(middleware::from_fn_with_state(svc.clone(), observe))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(svc)

@@ -280,7 +280,7 @@ pub async fn ps(State(svc): State<Arc<Service>>) -> Json<Value> {
             json!({
                 "name": w.name, "model": w.name, "size": w.size, "digest": w.digest,
                 "details": details(w.config.arch.name, &w.quantization, None),
-                "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0, "_cluster": w.route,
+                "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0, "_cluster": w.route(),
             })
         })
         .collect();
@@ -320,7 +320,7 @@ pub async fn show(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> R
             format!("{arch}.vocab_size"): c.vocab_size,
         },
         "capabilities": ["completion"],
-        "_cluster": w.route,
+        "_cluster": w.route(),
     }))
     .into_response()
 }

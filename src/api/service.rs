@@ -17,6 +17,7 @@ use crate::cluster::manager::{ClusterManager, RouteInfo, RouteStage};
 use crate::cluster::partition;
 use crate::cluster::registry::Registry;
 use crate::head::chat::{ChatTemplate, Message, CHATML};
+use crate::head::client::NodeClient;
 use crate::head::engine::Engine;
 use crate::head::generation::{generate, GenerateRequest, GenerateResult};
 use crate::head::pipeline::{Pipeline, PipelineEngine};
@@ -54,7 +55,8 @@ pub struct Worker {
     pub config: Config,
     pub tokenizer: Tokenizer,
     pub pipeline: Arc<Pipeline>,
-    pub route: RouteInfo,
+    /// Where the model runs; a drain changes it.
+    route: Mutex<RouteInfo>,
     pub loaded_at: SystemTime,
     pub load_duration: Duration,
     pub quantization: String,
@@ -155,6 +157,22 @@ pub struct Service {
     samples: Mutex<VecDeque<(Instant, u64)>>,
     conversations: Mutex<Vec<Cached>>,
     handle: tokio::runtime::Handle,
+}
+
+impl Worker {
+    pub fn route(&self) -> RouteInfo {
+        self.route.lock().expect("route lock").clone()
+    }
+}
+
+/// One stage moved by a drain.
+#[derive(Debug, Clone)]
+pub struct Drained {
+    pub model: String,
+    /// 1-based stage number.
+    pub stage: usize,
+    pub to: String,
+    pub replaced: crate::head::pipeline::Replaced,
 }
 
 impl Service {
@@ -273,7 +291,7 @@ impl Service {
             config,
             tokenizer,
             pipeline: Arc::new(pipeline),
-            route,
+            route: Mutex::new(route),
             loaded_at: SystemTime::now(),
             load_duration: started.elapsed(),
             quantization,
@@ -361,16 +379,17 @@ impl Service {
             }
             let event = match result {
                 Ok(result) => {
-                    let stage_names: Vec<String> = worker.route.nodes.iter().map(|n| n.name.clone()).collect();
+                    let route = worker.route();
+                    let stage_names: Vec<String> = route.nodes.iter().map(|n| n.name.clone()).collect();
                     service.metrics.generation(&result.stats, &stage_names);
                     if let (Some(m), true) = (&service.manager, result.stats.generated_tokens > 1) {
                         // Measured speed feeds the health score and latency-aware plans.
-                        for n in &worker.route.nodes {
+                        for n in &route.nodes {
                             m.record_speed(&n.name, result.stats.decode_tok_s());
                         }
                     }
                     service.sample_tokens();
-                    Event::Done(Box::new(Finished { result, prompt_ids, total: started.elapsed(), load, route: worker.route.clone() }))
+                    Event::Done(Box::new(Finished { result, prompt_ids, total: started.elapsed(), load, route: worker.route() }))
                 }
                 Err(e) => Event::Failed(e.into()),
             };
@@ -454,6 +473,76 @@ impl Service {
     }
 
     /// Health of every node serving this head.
+    /// Moves every loaded model's stage on `node` (a registered name or an
+    /// address) to `to`, or, with a registry, to the healthy registered node
+    /// with the most free memory outside that chain that can hold the slice;
+    /// live sessions keep their KV state (see `Pipeline::replace_stage`).
+    pub async fn drain(&self, node: &str, to: Option<&str>) -> crate::Result<Vec<Drained>> {
+        let addr_of = |name: &str| -> String {
+            self.manager.as_ref().and_then(|m| m.registry().node(name).map(|e| e.addr.clone())).unwrap_or_else(|| name.to_string())
+        };
+        let node_addr = addr_of(node);
+        let mut out = Vec::new();
+        for worker in self.loaded().await {
+            let addrs = worker.pipeline.addrs();
+            let Some(stage) = addrs.iter().position(|a| *a == node_addr) else { continue };
+            let target = match to {
+                Some(t) => t.to_string(),
+                None => self.spare_for(&worker, &addrs, stage).await?,
+            };
+            let client = self.node_client(&target).await?;
+            let replaced = worker.pipeline.replace_stage(stage, client).await?;
+            {
+                let mut route = worker.route.lock().expect("route lock");
+                if let Some(s) = route.nodes.get_mut(stage) {
+                    s.name = target.clone();
+                    s.addr = replaced.new.clone();
+                }
+            }
+            out.push(Drained { model: worker.name.clone(), stage: stage + 1, to: target, replaced });
+        }
+        if out.is_empty() {
+            return Err(crate::Error::InvalidRequest(format!("no loaded model runs on {node}")));
+        }
+        Ok(out)
+    }
+
+    /// The registered node that can best take stage `stage` of `worker`.
+    async fn spare_for(&self, worker: &Worker, chain: &[String], stage: usize) -> crate::Result<String> {
+        let Some(m) = &self.manager else {
+            return Err(crate::Error::InvalidRequest("without a registry, name the node to move to ('to')".into()));
+        };
+        let need = worker.pipeline.loaded().get(stage).map_or(0, |l| l.weight_bytes);
+        let mut best: Option<(u64, String)> = None;
+        for entry in m.registry().nodes.iter().filter(|e| !chain.contains(&e.addr)) {
+            let Ok(client) = m.client(&entry.name).await else { continue };
+            let Ok(caps) = client.refresh_capabilities().await else { continue };
+            if caps.loaded.is_none() && caps.free_memory >= need && best.as_ref().is_none_or(|(free, _)| caps.free_memory > *free) {
+                best = Some((caps.free_memory, entry.name.clone()));
+            }
+        }
+        best.map(|(_, name)| name).ok_or_else(|| {
+            crate::Error::InvalidRequest(format!(
+                "no healthy idle registered node outside the chain has {} free for the slice",
+                crate::sys::human_bytes(need)
+            ))
+        })
+    }
+
+    async fn node_client(&self, name_or_addr: &str) -> crate::Result<Arc<NodeClient>> {
+        if let Some(m) = &self.manager {
+            if m.registry().node(name_or_addr).is_some() {
+                return m.client(name_or_addr).await;
+            }
+        }
+        let key = match &self.local {
+            Some(local) => ClusterKey::new(Some(&local.key)),
+            None => ClusterKey::new(self.cfg.key.as_deref()),
+        };
+        let endpoint = crate::net::tls::client_endpoint(crate::node::server::resolve_addr(name_or_addr).await?)?;
+        Ok(NodeClient::connect(&endpoint, name_or_addr, &key).await?)
+    }
+
     pub async fn node_health(&self) -> Vec<NodeHealth> {
         let health = match (&self.manager, &self.local) {
             (Some(m), _) => m.health(),

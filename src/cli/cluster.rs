@@ -1,4 +1,4 @@
-//! `sollol cluster create|list|health|rm`, `sollol plan` and `sollol route`.
+//! `sollol cluster create|list|health|rm|drain`, `sollol plan` and `sollol route`.
 
 use std::collections::HashMap;
 
@@ -38,6 +38,18 @@ pub enum ClusterCommand {
     },
     Rm {
         name: String,
+    },
+    /// Move a node's layers, and the KV state of every live session on it, to
+    /// another node while generation goes on (asks the serving head).
+    Drain {
+        /// The node to empty: registered name or address.
+        node: String,
+        /// Where its layers go (default: the best idle registered node).
+        #[arg(long)]
+        to: Option<String>,
+        /// The `sollol serve` head whose sessions use the node.
+        #[arg(long, default_value = "127.0.0.1:11434", env = "SOLLOL_HEAD")]
+        head: String,
     },
 }
 
@@ -102,6 +114,30 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                     println!("cluster '{name}' is unhealthy - nodes down: {}", h.down.join(", "));
                 }
                 print_nodes(&h.nodes);
+            }
+        }
+        ClusterCommand::Drain { node, to, head } => {
+            let head = head.trim_start_matches("http://").trim_end_matches('/').to_string();
+            let body = serde_json::json!({ "node": node, "to": to }).to_string();
+            let reply = sollol::api::http_client::try_request(&head, "POST", "/api/sollol/drain", Some(&body), &[])
+                .with_context(|| format!("cannot reach the head at {head} (--head)"))?;
+            let v = reply.json();
+            if reply.status != 200 {
+                let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("the head answered {}", reply.status));
+                anyhow::bail!("drain {node}: {msg}");
+            }
+            for m in v["moved"].as_array().into_iter().flatten() {
+                println!(
+                    "{} stage {}: {} -> {} ({}), {} live sessions moved with {} of KV state, steps paused {:.1} ms",
+                    m["model"].as_str().unwrap_or_default(),
+                    m["stage"],
+                    m["from"].as_str().unwrap_or_default(),
+                    m["to"].as_str().unwrap_or_default(),
+                    m["to_addr"].as_str().unwrap_or_default(),
+                    m["sessions_moved"],
+                    human_bytes(m["kv_bytes"].as_u64().unwrap_or(0)),
+                    m["paused_ms"].as_f64().unwrap_or(0.0)
+                );
             }
         }
         ClusterCommand::Rm { name } => {
