@@ -170,3 +170,61 @@ fn cluster_drain_moves_a_live_served_session() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no loaded model runs on"));
     let _ = std::fs::remove_file(&registry);
 }
+
+/// Dynamic rebalancing: a 2-stage chain over a 1-thread node holding 24
+/// blocks and a 2-thread node holding 6 (and the LM head). The measured stage times of a first generation make
+/// `partition::rebalance` move blocks off the slow node; the move happens in
+/// the middle of a second generation, whose tokens must not change, and each
+/// node still computes every position exactly once.
+#[test]
+fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
+    use sollol::cluster::partition;
+    let path = common::smollm2();
+    let mut file = ModelFile::open(&path).unwrap();
+    let tokenizer = Tokenizer::for_model(&file).unwrap();
+    let digest = file.digest().unwrap();
+    let context = file.config().unwrap().context_length;
+    let mut local = LocalEngine::new(ModelSlice::load(&mut file, 0..30, &Device::Cpu).unwrap()).unwrap();
+    let reference = generate(&mut local, &tokenizer, 1, &request(), &mut |_| true).unwrap();
+
+    let slow = NodeProc::spawn_with("127.0.0.1:0", 1, Some(KEY), &[]);
+    let fast = NodeProc::spawn_with("127.0.0.1:0", 2, Some(KEY), &[]);
+    let key = ClusterKey::new(Some(KEY));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let pipeline = rt.block_on(async {
+        let mut p = Pipeline::connect(&[slow.addr.clone(), fast.addr.clone()], &key).await.unwrap();
+        p.load(&path.display().to_string(), Some(digest), &[0..24, 24..30], WireDType::F32).await.unwrap();
+        Arc::new(p)
+    });
+    let mut engine = PipelineEngine::shared(rt.handle().clone(), pipeline.clone(), context);
+    let first = generate(&mut engine, &tokenizer, 3, &request(), &mut |_| true).unwrap();
+    let ranges: Vec<_> = pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
+    eprintln!("measured {:?} over {ranges:?}", first.stats.stage_times);
+    let plan = partition::rebalance(&first.stats.stage_times, &ranges, 0.25).expect("the 1-thread stage is the bottleneck");
+    eprintln!("stage times {:?} over {ranges:?}: {plan:?}", first.stats.stage_times);
+    assert_eq!((plan.from, plan.to), (0, 1));
+
+    let clients = pipeline.clients();
+    let before: Vec<u64> = clients.iter().map(|c| positions(&rt, c)).collect();
+    let mut pieces = 0;
+    let second = generate(&mut engine, &tokenizer, 4, &request(), &mut |_| {
+        pieces += 1;
+        if pieces == 21 {
+            let paused = rt.block_on(pipeline.move_blocks(plan.from, plan.to, plan.blocks)).unwrap();
+            eprintln!("moved {} blocks, steps paused {paused:?}", plan.blocks);
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(second.tokens, reference.tokens, "tokens differ after the move");
+    let after: Vec<u64> = clients.iter().map(|c| positions(&rt, c)).collect();
+    let expected = (PROMPT.len() + second.tokens.len() - 1) as u64;
+    for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+        assert_eq!(a - b, expected, "stage {i} computed {} positions for {expected}: something was recomputed", a - b);
+    }
+    let moved: Vec<_> = pipeline.loaded().iter().map(|l| l.start..l.end).collect();
+    assert_eq!(moved[0].end as usize, 24 - plan.blocks, "{moved:?}");
+    let third = generate(&mut engine, &tokenizer, 5, &request(), &mut |_| true).unwrap();
+    eprintln!("stage times after: {:?} over {moved:?}", third.stats.stage_times);
+    assert_eq!(third.tokens, reference.tokens);
+}

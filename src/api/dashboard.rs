@@ -20,7 +20,7 @@ pub async fn status(State(svc): State<Arc<Service>>) -> Json<Value> {
         .loaded()
         .await
         .iter()
-        .map(|w| json!({"model": w.name, "n_layers": w.config.n_layers, "route": w.route()}))
+        .map(|w| json!({"model": w.name, "n_layers": w.config.n_layers, "route": w.route(), "rebalances": w.rebalances()}))
         .collect();
     let (running, waiting) = svc.queue.depth();
     Json(json!({

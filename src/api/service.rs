@@ -45,6 +45,22 @@ pub struct ServeConfig {
     /// KV memory (all stages together) that idle conversations may keep for
     /// reuse by their next turn; the least recently used go first.
     pub kv_cache_mb: usize,
+    /// Dynamic rebalancing threshold (0: off), see `partition::rebalance`.
+    pub rebalance_threshold: f64,
+}
+
+/// Decode tokens of measurements a rebalancing decision needs, and the least
+/// time between two moves of one pipeline (a move pauses its steps).
+const REBALANCE_TOKENS: usize = 128;
+const REBALANCE_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// Per-stage compute measured since the last rebalancing decision.
+#[derive(Debug, Default)]
+struct Balance {
+    stage_times: Vec<Duration>,
+    tokens: usize,
+    last_move: Option<Instant>,
+    moves: u64,
 }
 
 /// A model ready to serve: its tokenizer here, its slices on the nodes.
@@ -57,6 +73,7 @@ pub struct Worker {
     pub pipeline: Arc<Pipeline>,
     /// Where the model runs; a drain changes it.
     route: Mutex<RouteInfo>,
+    balance: Mutex<Balance>,
     pub loaded_at: SystemTime,
     pub load_duration: Duration,
     pub quantization: String,
@@ -162,6 +179,11 @@ pub struct Service {
 impl Worker {
     pub fn route(&self) -> RouteInfo {
         self.route.lock().expect("route lock").clone()
+    }
+
+    /// Blocks moved between this model's stages by dynamic rebalancing so far.
+    pub fn rebalances(&self) -> u64 {
+        self.balance.lock().expect("balance lock").moves
     }
 }
 
@@ -292,6 +314,7 @@ impl Service {
             tokenizer,
             pipeline: Arc::new(pipeline),
             route: Mutex::new(route),
+            balance: Mutex::new(Balance::default()),
             loaded_at: SystemTime::now(),
             load_duration: started.elapsed(),
             quantization,
@@ -389,6 +412,7 @@ impl Service {
                         }
                     }
                     service.sample_tokens();
+                    service.maybe_rebalance(&worker, &result.stats);
                     Event::Done(Box::new(Finished { result, prompt_ids, total: started.elapsed(), load, route: worker.route() }))
                 }
                 Err(e) => Event::Failed(e.into()),
@@ -505,6 +529,51 @@ impl Service {
             return Err(crate::Error::InvalidRequest(format!("no loaded model runs on {node}")));
         }
         Ok(out)
+    }
+
+    /// Adds a generation's per-stage compute to the worker's measurements and,
+    /// once enough tokens are measured, moves blocks off a bottleneck stage
+    /// (in the background; the move pauses this pipeline's steps briefly).
+    fn maybe_rebalance(&self, worker: &Arc<Worker>, stats: &crate::head::generation::Stats) {
+        let threshold = self.cfg.rebalance_threshold;
+        if threshold <= 0.0 || stats.stage_times.len() < 2 {
+            return;
+        }
+        let plan = {
+            let mut b = worker.balance.lock().expect("balance lock");
+            if b.stage_times.len() != stats.stage_times.len() {
+                b.stage_times = vec![Duration::ZERO; stats.stage_times.len()];
+            }
+            b.stage_times.iter_mut().zip(&stats.stage_times).for_each(|(a, t)| *a += *t);
+            b.tokens += stats.prompt_tokens + stats.generated_tokens;
+            if b.tokens < REBALANCE_TOKENS || b.last_move.is_some_and(|t| t.elapsed() < REBALANCE_COOLDOWN) {
+                return;
+            }
+            let ranges: Vec<_> = worker.pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
+            let plan = partition::rebalance(&b.stage_times, &ranges, threshold);
+            b.stage_times.clear();
+            b.tokens = 0;
+            if plan.is_some() {
+                b.last_move = Some(Instant::now());
+            }
+            plan
+        };
+        let Some(plan) = plan else { return };
+        let worker = worker.clone();
+        self.handle.spawn(async move {
+            match worker.pipeline.move_blocks(plan.from, plan.to, plan.blocks).await {
+                Ok(paused) => {
+                    worker.balance.lock().expect("balance lock").moves += 1;
+                    let loaded = worker.pipeline.loaded();
+                    let mut route = worker.route.lock().expect("route lock");
+                    for (stage, l) in route.nodes.iter_mut().zip(&loaded) {
+                        stage.layers = [l.start as usize, l.end as usize - 1];
+                    }
+                    tracing::info!(model = %worker.name, ?plan, ?paused, "rebalanced");
+                }
+                Err(e) => tracing::warn!(model = %worker.name, ?plan, "rebalancing failed: {e}"),
+            }
+        });
     }
 
     /// The registered node that can best take stage `stage` of `worker`.

@@ -32,6 +32,11 @@ pub struct ServeArgs {
     /// KV memory idle conversations may keep for their next turn (MiB, all stages).
     #[arg(long, default_value_t = 256)]
     kv_cache_mb: usize,
+    /// Move blocks off a pipeline stage whose measured compute exceeds the
+    /// mean by this fraction (live sessions keep their KV state); 0 turns
+    /// dynamic rebalancing off.
+    #[arg(long, default_value_t = 0.25)]
+    rebalance_threshold: f64,
 }
 
 pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
@@ -45,6 +50,7 @@ pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
         key: args.cluster_key,
         default_model: args.model,
         kv_cache_mb: args.kv_cache_mb,
+        rebalance_threshold: args.rebalance_threshold,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(256).enable_all().build()?;
     rt.block_on(sollol::api::serve(cfg))?;

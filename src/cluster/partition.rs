@@ -280,6 +280,41 @@ pub fn token_latency(plan: &[Assignment], nodes: &[NodeSpec]) -> f64 {
         .sum()
 }
 
+/// A move of blocks between adjacent stages that evens out measured compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebalance {
+    pub from: usize,
+    pub to: usize,
+    pub blocks: usize,
+}
+
+/// Dynamic rebalancing: given each stage's measured compute time (over the
+/// same tokens) and its blocks, when the slowest stage exceeds the mean by
+/// more than `threshold` (0.25 = 25 %), move blocks from it to its faster
+/// neighbour so that both take about the same time at their measured
+/// per-block cost. `None` when balanced enough or nothing can move.
+pub fn rebalance(times: &[std::time::Duration], layers: &[Range<usize>], threshold: f64) -> Option<Rebalance> {
+    if times.len() != layers.len() || times.len() < 2 {
+        return None;
+    }
+    let t: Vec<f64> = times.iter().map(|d| d.as_secs_f64()).collect();
+    let mean = t.iter().sum::<f64>() / t.len() as f64;
+    let slow = (0..t.len()).max_by(|&a, &b| t[a].total_cmp(&t[b]))?;
+    if mean <= 0.0 || t[slow] <= mean * (1.0 + threshold) {
+        return None;
+    }
+    let neighbour = [slow.checked_sub(1), Some(slow + 1).filter(|&j| j < t.len())]
+        .into_iter()
+        .flatten()
+        .min_by(|&a, &b| t[a].total_cmp(&t[b]))?;
+    let (ns, nj) = (layers[slow].len() as f64, layers[neighbour].len() as f64);
+    let (cs, cj) = (t[slow] / ns, t[neighbour] / nj);
+    // Both stages equal: n_s' c_s = (n_s + n_j - n_s') c_j.
+    let keep = ((ns + nj) * cj / (cs + cj)).round().max(1.0);
+    let blocks = (ns - keep) as isize;
+    (blocks >= 1).then_some(Rebalance { from: slow, to: neighbour, blocks: blocks as usize })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,5 +443,21 @@ mod tests {
                 assert_eq!(names.len(), plan.len(), "{s}: a node used twice");
             }
         }
+    }
+
+    #[test]
+    fn rebalance_moves_blocks_off_the_slow_stage_only_past_the_threshold() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let layers = [0..15, 15..30];
+        // Stage 1 takes twice as long per block: 15 blocks at cost 2 vs 15 at cost 1 → keep 10.
+        assert_eq!(rebalance(&[ms(300), ms(150)], &layers, 0.25), Some(Rebalance { from: 0, to: 1, blocks: 5 }));
+        // Within the threshold: nothing moves.
+        assert_eq!(rebalance(&[ms(110), ms(100)], &layers, 0.25), None);
+        // The middle stage gives to its faster neighbour.
+        let three = [0..10, 10..20, 20..30];
+        assert_eq!(rebalance(&[ms(100), ms(300), ms(50)], &three, 0.25).map(|r| (r.from, r.to)), Some((1, 2)));
+        // A one-block stage cannot give its last block.
+        assert_eq!(rebalance(&[ms(100), ms(10)], &[0..1, 1..30], 0.25), None);
     }
 }

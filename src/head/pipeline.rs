@@ -287,6 +287,85 @@ impl Pipeline {
         }
     }
 
+    /// Moves `blocks` blocks from stage `from` to its neighbour `to`, with
+    /// every live session's KV state for them: both nodes load their new
+    /// slices, each session's state is split and joined at the head and
+    /// imported, the chain is re-linked. Steps pause for the whole move
+    /// (slice loads included); nothing is recomputed.
+    pub async fn move_blocks(&self, from: usize, to: usize, blocks: usize) -> Result<Duration, NetError> {
+        let loaded = self.loaded();
+        if to.abs_diff(from) != 1 || from.max(to) >= loaded.len() {
+            return Err(NetError::Remote(format!("stages {} and {} are not neighbours of this chain", from + 1, to + 1)));
+        }
+        let (f, t) = (&loaded[from], &loaded[to]);
+        if blocks == 0 || blocks >= (f.end - f.start) as usize {
+            return Err(NetError::Remote(format!("stage {} cannot give {blocks} of its {} blocks", from + 1, f.end - f.start)));
+        }
+        let k = blocks as u32;
+        // New ranges; `give` are the giver's blocks that move (as indices into its slice).
+        let (new_from, new_to, give) = if to == from + 1 {
+            ((f.start, f.end - k), (f.end - k, t.end), (f.end - f.start - k) as usize..(f.end - f.start) as usize)
+        } else {
+            ((f.start + k, f.end), (t.start, f.start + k), 0..blocks)
+        };
+        let _paused = self.gate.write().await;
+        let started = Instant::now();
+        let (cf, ct) = (self.client(from), self.client(to));
+        let mut states = Vec::new();
+        for session in self.live_sessions() {
+            let export = |c: Arc<NodeClient>| async move {
+                let r = c.request(Frame::new(Message::ExportKv { session, dtype: WireDType::F32 }), Duration::from_secs(60)).await?;
+                match r.message {
+                    Message::KvState(h) => Ok((h, r.payload)),
+                    other => Err(NetError::Unexpected { got: other.kind(), expected: "KvState" }),
+                }
+            };
+            match (export(cf.clone()).await, export(ct.clone()).await) {
+                (Ok(a), Ok(b)) => states.push((a, b)),
+                (Err(NetError::Remote(e)), _) | (_, Err(NetError::Remote(e))) if e.contains("unknown session") => continue,
+                (Err(e), _) | (_, Err(e)) => return Err(e),
+            }
+        }
+        let load = |c: Arc<NodeClient>, (start, end): (u32, u32)| {
+            let req = LoadRequest { model: f.model.clone(), start, end, digest: Some(f.digest.clone()) };
+            async move {
+                match c.request(Frame::new(Message::Load(req)), Duration::from_secs(600)).await?.message {
+                    Message::Loaded(info) => Ok(info),
+                    other => Err(NetError::Unexpected { got: other.kind(), expected: "Loaded" }),
+                }
+            }
+        };
+        let (lf, lt) = tokio::join!(load(cf.clone(), new_from), load(ct.clone(), new_to));
+        let (lf, lt) = (lf?, lt?);
+        for ((hf, pf), (ht, pt)) in states {
+            let layer_bytes = |h: &KvStateHeader| 2 * (h.n_kv_heads * h.len * h.head_dim) as usize * h.dtype.size();
+            let (bf, bt) = (layer_bytes(&hf), layer_bytes(&ht));
+            let giver: Vec<&[u8]> = pf.chunks(bf).collect();
+            let taker: Vec<&[u8]> = pt.chunks(bt).collect();
+            let moving: Vec<&[u8]> = giver[give.clone()].to_vec();
+            let staying: Vec<&[u8]> = giver.iter().enumerate().filter(|(i, _)| !give.contains(i)).map(|(_, c)| *c).collect();
+            let joined: Vec<&[u8]> = if to == from + 1 { [moving, taker].concat() } else { [taker, moving].concat() };
+            for (c, mut h, parts) in [(cf.clone(), hf.clone(), staying), (ct.clone(), ht.clone(), joined)] {
+                h.n_layers = parts.len() as u32;
+                c.request(Frame::with_payload(Message::ImportKv(h), parts.concat()), Duration::from_secs(60)).await?;
+            }
+        }
+        {
+            let mut l = self.loaded.write().expect("loaded lock");
+            l[from] = lf;
+            l[to] = lt;
+        }
+        let wire = *self.wire.lock().expect("wire lock");
+        let stages = self.clients();
+        for i in (0..stages.len()).rev() {
+            let next = stages.get(i + 1).map(|s| s.addr.clone());
+            stages[i].request(Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
+        }
+        let paused = started.elapsed();
+        tracing::info!(from = from + 1, to = to + 1, blocks, ?paused, "blocks moved between stages");
+        Ok(paused)
+    }
+
     /// Frees the session on every stage (the close travels down the chain).
     pub async fn close(&self, session: u64) {
         self.live.lock().expect("live lock").remove(&session);

@@ -27,10 +27,15 @@ impl NodeProc {
     }
 
     pub fn spawn_on(listen: &str, key: Option<&str>, extra: &[&str]) -> Self {
+        Self::spawn_with(listen, 1, key, extra)
+    }
+
+    /// A node with its own thread count (the others get 1).
+    pub fn spawn_with(listen: &str, threads: usize, key: Option<&str>, extra: &[&str]) -> Self {
         use std::io::BufRead;
         let state = std::env::temp_dir().join("sollol-test-node");
         let mut cmd = std::process::Command::new(sollol_bin());
-        cmd.args(["--threads", "1", "node", "--listen", listen, "--state-dir"])
+        cmd.args(["--threads", &threads.to_string(), "node", "--listen", listen, "--state-dir"])
             .arg(&state)
             .args(extra)
             .env_remove("SOLLOL_CLUSTER_KEY")
