@@ -14,13 +14,14 @@ use super::metrics::Metrics;
 use crate::cluster::health::{HealthPolicy, NodeHealth};
 use crate::cluster::local::LocalNodes;
 use crate::cluster::manager::{ClusterManager, RouteInfo, RouteStage};
-use crate::cluster::partition;
+use crate::cluster::failover::{ChainSpec, FailoverEngine, SharedChain};
+use crate::cluster::partition::{self, Strategy};
 use crate::cluster::registry::Registry;
 use crate::head::chat::{ChatTemplate, Message, CHATML};
 use crate::head::client::NodeClient;
 use crate::head::engine::Engine;
 use crate::head::generation::{generate, GenerateRequest, GenerateResult};
-use crate::head::pipeline::{Pipeline, PipelineEngine};
+use crate::head::pipeline::Pipeline;
 use crate::head::queue::Queue;
 use crate::head::tokenizer::Tokenizer;
 use crate::model::catalog::Catalog;
@@ -70,8 +71,9 @@ pub struct Worker {
     pub size: u64,
     pub config: Config,
     pub tokenizer: Tokenizer,
-    pub pipeline: Arc<Pipeline>,
-    /// Where the model runs; a drain changes it.
+    /// The model's chain, shared by its generations and rebuilt when a node dies.
+    chain: Arc<SharedChain>,
+    /// Where the model runs (node names; addresses and blocks come from the chain).
     route: Mutex<RouteInfo>,
     balance: Mutex<Balance>,
     pub loaded_at: SystemTime,
@@ -177,8 +179,27 @@ pub struct Service {
 }
 
 impl Worker {
+    /// The pipeline now (a recovery, a drain or a rebalance may have changed it).
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        self.chain.current().1
+    }
+
+    /// Where the model runs now: the chain's addresses and blocks, named as
+    /// when it was routed (a node that joined later goes by its address).
     pub fn route(&self) -> RouteInfo {
-        self.route.lock().expect("route lock").clone()
+        let mut route = self.route.lock().expect("route lock").clone();
+        let p = self.pipeline();
+        route.nodes = p
+            .addrs()
+            .into_iter()
+            .zip(p.loaded())
+            .map(|(addr, l)| {
+                let name = route.nodes.iter().find(|s| s.addr == addr).map_or_else(|| addr.clone(), |s| s.name.clone());
+                RouteStage { name, addr, layers: [l.start as usize, l.end as usize - 1] }
+            })
+            .collect();
+        route.single_node = route.nodes.len() == 1;
+        route
     }
 
     /// Blocks moved between this model's stages by dynamic rebalancing so far.
@@ -260,9 +281,10 @@ impl Service {
             let tokenizer = Tokenizer::for_model(&file)?;
             let config = file.config()?;
             let digest = file.digest()?;
+            let layer_bytes = file.layer_bytes()?;
             let size = std::fs::metadata(&resolved.path).map(|m| m.len()).unwrap_or(0);
             let quantization = quantization_of(&file);
-            Ok((resolved, tokenizer, config, digest, size, quantization))
+            Ok((resolved, tokenizer, config, digest, layer_bytes, size, quantization))
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -272,13 +294,16 @@ impl Service {
             }
             e => ApiError::from(e),
         })?;
-        let (resolved, tokenizer, config, digest, size, quantization) = opened;
+        let (resolved, tokenizer, config, digest, layer_bytes, size, quantization) = opened;
         let spec = std::fs::canonicalize(&name).map(|p| p.display().to_string()).unwrap_or_else(|_| name.clone());
-        let (pipeline, route) = match (&self.manager, &self.local) {
+        let (pipeline, route, key, standby) = match (&self.manager, &self.local) {
             (Some(m), _) => {
                 let entry = m.route(&spec).await?;
                 let pipeline = m.pipeline(&entry, self.cfg.wire).await?;
-                (pipeline, m.route_info(&entry))
+                let route = m.route_info(&entry);
+                // Every other registered node can take a dead node's blocks.
+                let standby = m.registry().nodes.iter().map(|n| n.addr.clone()).filter(|a| !route.nodes.iter().any(|s| &s.addr == a)).collect();
+                (pipeline, route, ClusterKey::new(self.cfg.key.as_deref()), standby)
             }
             (None, Some(local)) => {
                 // Local nodes hold one model at a time: a new model replaces the old.
@@ -302,17 +327,31 @@ impl Service {
                         .map(|(i, (r, a))| RouteStage { name: format!("local-{}", i + 1), addr: a.clone(), layers: [r.start, r.end - 1] })
                         .collect(),
                 };
-                (pipeline, route)
+                (pipeline, route, key, local.addrs[stages..].to_vec())
             }
             (None, None) => unreachable!("the service starts with a registry or local nodes"),
         };
+        let chain = SharedChain::over(
+            self.handle.clone(),
+            ChainSpec {
+                model: spec.clone(),
+                digest: Some(digest.clone()),
+                layer_bytes,
+                context_length: config.context_length,
+                key,
+                wire: self.cfg.wire,
+                strategy: Strategy::MemoryAware,
+            },
+            Arc::new(pipeline),
+            standby,
+        );
         let worker = Arc::new(Worker {
             name: name.clone(),
             digest,
             size,
             config,
             tokenizer,
-            pipeline: Arc::new(pipeline),
+            chain,
             route: Mutex::new(route),
             balance: Mutex::new(Balance::default()),
             loaded_at: SystemTime::now(),
@@ -377,7 +416,7 @@ impl Service {
         };
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let mut engine = PipelineEngine::shared(service.handle.clone(), worker.pipeline.clone(), worker.config.context_length);
+            let mut engine = FailoverEngine::over(worker.chain.clone());
             let mut session = reused.as_ref().map_or_else(rand::random::<u64>, |(s, _)| *s);
             let (cancelled, sent_any) = (std::cell::Cell::new(false), std::cell::Cell::new(false));
             let mut on_text = |piece: &str| {
@@ -457,7 +496,7 @@ impl Service {
             fed,
             capacity,
             used: Instant::now(),
-            pipeline: worker.pipeline.clone(),
+            pipeline: worker.pipeline().clone(),
             bytes_per_token,
         });
         let budget = self.cfg.kv_cache_mb << 20;
@@ -508,14 +547,14 @@ impl Service {
         let node_addr = addr_of(node);
         let mut out = Vec::new();
         for worker in self.loaded().await {
-            let addrs = worker.pipeline.addrs();
+            let addrs = worker.pipeline().addrs();
             let Some(stage) = addrs.iter().position(|a| *a == node_addr) else { continue };
             let target = match to {
                 Some(t) => t.to_string(),
                 None => self.spare_for(&worker, &addrs, stage).await?,
             };
             let client = self.node_client(&target).await?;
-            let replaced = worker.pipeline.replace_stage(stage, client).await?;
+            let replaced = worker.pipeline().replace_stage(stage, client).await?;
             {
                 let mut route = worker.route.lock().expect("route lock");
                 if let Some(s) = route.nodes.get_mut(stage) {
@@ -549,7 +588,7 @@ impl Service {
             if b.tokens < REBALANCE_TOKENS || b.last_move.is_some_and(|t| t.elapsed() < REBALANCE_COOLDOWN) {
                 return;
             }
-            let ranges: Vec<_> = worker.pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
+            let ranges: Vec<_> = worker.pipeline().loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
             let plan = partition::rebalance(&b.stage_times, &ranges, threshold);
             b.stage_times.clear();
             b.tokens = 0;
@@ -561,14 +600,9 @@ impl Service {
         let Some(plan) = plan else { return };
         let worker = worker.clone();
         self.handle.spawn(async move {
-            match worker.pipeline.move_blocks(plan.from, plan.to, plan.blocks).await {
+            match worker.pipeline().move_blocks(plan.from, plan.to, plan.blocks).await {
                 Ok(paused) => {
                     worker.balance.lock().expect("balance lock").moves += 1;
-                    let loaded = worker.pipeline.loaded();
-                    let mut route = worker.route.lock().expect("route lock");
-                    for (stage, l) in route.nodes.iter_mut().zip(&loaded) {
-                        stage.layers = [l.start as usize, l.end as usize - 1];
-                    }
                     tracing::info!(model = %worker.name, ?plan, ?paused, "rebalanced");
                 }
                 Err(e) => tracing::warn!(model = %worker.name, ?plan, "rebalancing failed: {e}"),
@@ -581,7 +615,7 @@ impl Service {
         let Some(m) = &self.manager else {
             return Err(crate::Error::InvalidRequest("without a registry, name the node to move to ('to')".into()));
         };
-        let need = worker.pipeline.loaded().get(stage).map_or(0, |l| l.weight_bytes);
+        let need = worker.pipeline().loaded().get(stage).map_or(0, |l| l.weight_bytes);
         let mut best: Option<(u64, String)> = None;
         for entry in m.registry().nodes.iter().filter(|e| !chain.contains(&e.addr)) {
             let Ok(client) = m.client(&entry.name).await else { continue };
@@ -616,7 +650,7 @@ impl Service {
         let health = match (&self.manager, &self.local) {
             (Some(m), _) => m.health(),
             (None, Some(local)) => {
-                let clients: Vec<_> = self.workers.lock().await.values().flat_map(|w| w.pipeline.clients().to_vec()).collect();
+                let clients: Vec<_> = self.workers.lock().await.values().flat_map(|w| w.pipeline().clients().to_vec()).collect();
                 let mut out = Vec::new();
                 for (i, addr) in local.addrs.iter().enumerate() {
                     let mut h = NodeHealth::unknown(&format!("local-{}", i + 1), addr);

@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -42,42 +43,69 @@ struct Session {
     fed: Vec<u32>,
 }
 
-pub struct FailoverEngine {
-    rt: tokio::runtime::Runtime,
+/// A chain that many generations share (a server's model): the current
+/// pipeline, and its recovery. When a step fails, the first engine to ask
+/// rebuilds the chain; the others see the new epoch and only replay their
+/// own sessions on it.
+pub struct SharedChain {
     spec: ChainSpec,
-    /// The chain, in order: (address, blocks).
-    chain: Vec<(String, Range<usize>)>,
-    standby: Vec<String>,
-    dead: HashSet<String>,
-    inner: PipelineEngine,
-    sessions: HashMap<u64, Session>,
-    /// How long each recovery took, from the failed step to the retried one.
-    pub recoveries: Vec<Duration>,
+    handle: tokio::runtime::Handle,
+    state: std::sync::Mutex<ChainState>,
 }
 
-impl FailoverEngine {
+struct ChainState {
+    /// Bumped by every rebuild.
+    epoch: u64,
+    pipeline: Arc<Pipeline>,
+    standby: Vec<String>,
+    dead: HashSet<String>,
+}
+
+impl SharedChain {
     /// Connects to `nodes`, loads an even plan over them and links the chain.
-    pub fn start(rt: tokio::runtime::Runtime, spec: ChainSpec, nodes: Vec<String>, standby: Vec<String>) -> Result<Self> {
+    pub fn start(handle: tokio::runtime::Handle, spec: ChainSpec, nodes: Vec<String>, standby: Vec<String>) -> Result<Arc<Self>> {
         let n_layers = spec.layer_bytes.blocks.len();
         let plan = partition::even(n_layers, nodes.len())?;
         let chain: Vec<(String, Range<usize>)> = nodes.into_iter().zip(plan).collect();
-        let pipeline = rt.block_on(build(&spec, &chain))?;
-        let inner = PipelineEngine::shared(rt.handle().clone(), std::sync::Arc::new(pipeline), spec.context_length);
-        Ok(Self { rt, spec, chain, standby, dead: HashSet::new(), inner, sessions: HashMap::new(), recoveries: Vec::new() })
+        let pipeline = handle.block_on(build(&spec, &chain))?;
+        Ok(Self::over(handle, spec, Arc::new(pipeline), standby))
     }
 
-    pub fn chain(&self) -> &[(String, Range<usize>)] {
-        &self.chain
+    /// Shares a chain that is already loaded and linked.
+    pub fn over(handle: tokio::runtime::Handle, spec: ChainSpec, pipeline: Arc<Pipeline>, standby: Vec<String>) -> Arc<Self> {
+        let state = ChainState { epoch: 0, pipeline, standby, dead: HashSet::new() };
+        Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state) })
     }
 
-    pub fn pipeline(&self) -> &Pipeline {
-        self.inner.pipeline()
+    pub fn spec(&self) -> &ChainSpec {
+        &self.spec
     }
 
-    /// Finds the stages that no longer answer; none means the failure was not a node's.
-    fn find_dead(&mut self) -> Vec<String> {
-        let clients = self.inner.pipeline().clients().to_vec();
-        let dead: Vec<String> = self.rt.block_on(async {
+    /// The pipeline now, and its epoch.
+    pub fn current(&self) -> (u64, Arc<Pipeline>) {
+        let s = self.state.lock().expect("chain lock");
+        (s.epoch, s.pipeline.clone())
+    }
+
+    /// The chain now, in order: (address, blocks).
+    pub fn chain(&self) -> Vec<(String, Range<usize>)> {
+        let p = self.current().1;
+        p.addrs().into_iter().zip(p.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect()
+    }
+
+    /// After a failed step on `failed` epoch's pipeline: a chain without the
+    /// dead nodes (a standby takes a dead node's blocks; without one, the
+    /// blocks are planned again over the survivors), unless another engine
+    /// already rebuilt it. `None` when no node is dead (not a node's failure).
+    /// Must not be called from inside the runtime.
+    fn recover(&self, failed: u64) -> Result<Option<(u64, Arc<Pipeline>)>> {
+        // Held through the rebuild: engines that fail meanwhile wait for it.
+        let mut s = self.state.lock().expect("chain lock");
+        if s.epoch != failed {
+            return Ok(Some((s.epoch, s.pipeline.clone())));
+        }
+        let clients = s.pipeline.clients();
+        let dead: Vec<String> = self.handle.block_on(async {
             let mut dead = Vec::new();
             for c in clients {
                 if c.is_closed() || c.ping(Duration::from_millis(1500)).await.is_err() {
@@ -86,34 +114,78 @@ impl FailoverEngine {
             }
             dead
         });
-        self.dead.extend(dead.iter().cloned());
-        dead
-    }
-
-    /// A new chain without the dead nodes: a standby takes a dead node's
-    /// blocks; without one, the blocks are planned again over the survivors.
-    fn recover(&mut self, dead: &[String]) -> Result<()> {
-        let mut chain = self.chain.clone();
+        if dead.is_empty() {
+            return Ok(None);
+        }
+        tracing::warn!("nodes down: {}", dead.join(", "));
+        s.dead.extend(dead.iter().cloned());
+        let mut chain: Vec<(String, Range<usize>)> =
+            s.pipeline.addrs().into_iter().zip(s.pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect();
         for (addr, _) in chain.iter_mut().filter(|(a, _)| dead.contains(a)) {
-            if let Some(s) = self.standby.iter().position(|s| !self.dead.contains(s)).map(|i| self.standby.remove(i)) {
-                tracing::warn!("stage {addr} is down; standby {s} takes its blocks");
-                *addr = s;
+            let ChainState { standby, dead, .. } = &mut *s;
+            if let Some(spare) = standby.iter().position(|a| !dead.contains(a)).map(|i| standby.remove(i)) {
+                tracing::warn!("stage {addr} is down; standby {spare} takes its blocks");
+                *addr = spare;
             }
         }
-        if chain.iter().any(|(a, _)| self.dead.contains(a)) {
-            let alive: Vec<String> = chain.iter().map(|(a, _)| a.clone()).filter(|a| !self.dead.contains(a)).collect();
+        if chain.iter().any(|(a, _)| s.dead.contains(a)) {
+            let alive: Vec<String> = chain.iter().map(|(a, _)| a.clone()).filter(|a| !s.dead.contains(a)).collect();
             if alive.is_empty() {
                 return Err(Error::InvalidRequest("every node of the pipeline is down".into()));
             }
-            let specs = self.rt.block_on(node_specs(&self.spec.key, &alive))?;
+            let specs = self.handle.block_on(node_specs(&self.spec.key, &alive))?;
             let plan = partition::plan(self.spec.strategy, &self.spec.layer_bytes, &specs)?;
             chain = plan.into_iter().map(|a| (a.node.clone(), a.start..a.end)).collect();
             tracing::warn!("replanned over {} surviving nodes", chain.len());
         }
-        let pipeline = self.rt.block_on(build(&self.spec, &chain))?;
-        self.chain = chain;
-        self.inner = PipelineEngine::shared(self.rt.handle().clone(), std::sync::Arc::new(pipeline), self.spec.context_length);
-        // Rebuild every live session's caches from its tokens.
+        let pipeline = Arc::new(self.handle.block_on(build(&self.spec, &chain))?);
+        s.epoch += 1;
+        s.pipeline = pipeline.clone();
+        Ok(Some((s.epoch, pipeline)))
+    }
+}
+
+/// An [`Engine`] over a [`SharedChain`] that keeps its sessions' tokens and
+/// replays them when the chain is rebuilt.
+pub struct FailoverEngine {
+    chain: Arc<SharedChain>,
+    epoch: u64,
+    inner: PipelineEngine,
+    sessions: HashMap<u64, Session>,
+    /// How long each recovery took, from the failed step to the retried one.
+    pub recoveries: Vec<Duration>,
+    /// The runtime, when this engine owns it (the CLI); a server shares its own.
+    _rt: Option<tokio::runtime::Runtime>,
+}
+
+impl FailoverEngine {
+    /// Connects to `nodes`, loads an even plan over them and links the chain.
+    pub fn start(rt: tokio::runtime::Runtime, spec: ChainSpec, nodes: Vec<String>, standby: Vec<String>) -> Result<Self> {
+        let chain = SharedChain::start(rt.handle().clone(), spec, nodes, standby)?;
+        let mut engine = Self::over(chain);
+        engine._rt = Some(rt);
+        Ok(engine)
+    }
+
+    /// An engine on a shared chain (one per generation in a server).
+    pub fn over(chain: Arc<SharedChain>) -> Self {
+        let (epoch, pipeline) = chain.current();
+        let inner = PipelineEngine::shared(chain.handle.clone(), pipeline, chain.spec.context_length);
+        Self { chain, epoch, inner, sessions: HashMap::new(), recoveries: Vec::new(), _rt: None }
+    }
+
+    pub fn chain(&self) -> Vec<(String, Range<usize>)> {
+        self.chain.chain()
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        self.inner.pipeline()
+    }
+
+    /// Moves to the rebuilt chain and rebuilds every session's caches from its tokens.
+    fn replay(&mut self, epoch: u64, pipeline: Arc<Pipeline>) -> Result<()> {
+        self.epoch = epoch;
+        self.inner = PipelineEngine::shared(self.chain.handle.clone(), pipeline, self.chain.spec.context_length);
         let sessions: Vec<(u64, usize, Vec<u32>)> = self.sessions.iter().map(|(id, s)| (*id, s.capacity, s.fed.clone())).collect();
         for (id, capacity, fed) in sessions {
             self.inner.open(id, capacity)?;
@@ -169,12 +241,12 @@ impl Engine for FailoverEngine {
                 }
                 Err(e) => {
                     attempts += 1;
-                    let dead = self.find_dead();
-                    if dead.is_empty() || attempts > 3 {
+                    if attempts > 3 {
                         return Err(e);
                     }
-                    tracing::warn!("step failed ({e}); nodes down: {}", dead.join(", "));
-                    self.recover(&dead)?;
+                    tracing::warn!("step failed: {e}");
+                    let Some((epoch, pipeline)) = self.chain.recover(self.epoch)? else { return Err(e) };
+                    self.replay(epoch, pipeline)?;
                     self.recoveries.push(started.elapsed());
                 }
             }
@@ -194,6 +266,6 @@ impl Engine for FailoverEngine {
     }
 
     fn context_length(&self) -> usize {
-        self.spec.context_length
+        self.chain.spec.context_length
     }
 }
