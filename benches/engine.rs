@@ -42,7 +42,7 @@ fn load() -> Sides {
 }
 
 fn load_from(path: &Path) -> Sides {
-    let mut reader = BufReader::new(File::open(&path).unwrap());
+    let mut reader = BufReader::new(File::open(path).unwrap());
     let content = gguf_file::Content::read(&mut reader).unwrap();
     let reference = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
     let mut file = ModelFile::open(path).unwrap();
@@ -95,16 +95,12 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefill_128");
     g.sample_size(10);
     g.bench_function("sollol", |b| b.iter_custom(|n| (0..n).map(|_| sollol_prefill(&sides.ours)).sum()));
-    g.bench_function("candle_quantized_llama", |b| {
-        b.iter_custom(|n| (0..n).map(|_| reference_prefill(&mut sides.reference)).sum())
-    });
+    g.bench_function("candle_quantized_llama", |b| b.iter_custom(|n| (0..n).map(|_| reference_prefill(&mut sides.reference)).sum()));
     g.finish();
     let mut g = c.benchmark_group("decode_32");
     g.sample_size(10);
     g.bench_function("sollol", |b| b.iter_custom(|n| (0..n).map(|_| sollol_decode(&sides.ours)).sum()));
-    g.bench_function("candle_quantized_llama", |b| {
-        b.iter_custom(|n| (0..n).map(|_| reference_decode(&mut sides.reference)).sum())
-    });
+    g.bench_function("candle_quantized_llama", |b| b.iter_custom(|n| (0..n).map(|_| reference_decode(&mut sides.reference)).sum()));
     g.finish();
     summary(&mut sides);
 }

@@ -11,10 +11,7 @@ pub fn cache_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("SOLLOL_CACHE") {
         return Some(PathBuf::from(d));
     }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| home().map(|h| h.join(".cache")))
-        .map(|d| d.join("sollol"))
+    std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| home().map(|h| h.join(".cache"))).map(|d| d.join("sollol"))
 }
 
 /// Configuration (registry, user catalog, node certificates): `$XDG_CONFIG_HOME/sollol` or `~/.config/sollol`.
@@ -22,8 +19,5 @@ pub fn config_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("SOLLOL_CONFIG") {
         return Some(PathBuf::from(d));
     }
-    std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| home().map(|h| h.join(".config")))
-        .map(|d| d.join("sollol"))
+    std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from).or_else(|| home().map(|h| h.join(".config"))).map(|d| d.join("sollol"))
 }

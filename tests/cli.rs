@@ -64,7 +64,8 @@ fn generate_on_the_default_model_says_paris() {
 fn generate_runs_a_tiny_model_and_stops_at_max_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_gguf(dir.path(), &[]);
-    let out = sollol(&["generate", "--model", model.to_str().unwrap(), "-n", "5", "--seed", "3", "--temperature", "0.8", "hello"], dir.path());
+    let out =
+        sollol(&["generate", "--model", model.to_str().unwrap(), "-n", "5", "--seed", "3", "--temperature", "0.8", "hello"], dir.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("(5 tok)"));
 }
@@ -169,7 +170,8 @@ fn generate_through_a_local_two_node_pipeline_says_paris() {
 #[test]
 fn bench_measures_a_synthetic_model_and_generate_refuses_it_clearly() {
     let home = tempfile::tempdir().unwrap();
-    let args = ["bench", "--synthetic", "smollm2-135m", "--quant", "q8_0", "--prompt-tokens", "8", "--tokens", "4", "--rounds", "1", "--json"];
+    let args =
+        ["bench", "--synthetic", "smollm2-135m", "--quant", "q8_0", "--prompt-tokens", "8", "--tokens", "4", "--rounds", "1", "--json"];
     let out = sollol(&args, home.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -129,7 +129,8 @@ fn cluster_drain_moves_a_live_served_session() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let serve = common::ServeProc::spawn(&["--cluster-key", KEY]);
-    let body = r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":48}}"#;
+    let body =
+        r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":48}}"#;
     let reference = common::http::post(&serve.addr, "/api/generate", body).json();
     let on = reference["_cluster"]["nodes"][0]["name"].as_str().unwrap().to_string();
 
@@ -139,7 +140,9 @@ fn cluster_drain_moves_a_live_served_session() {
     let mut text = String::new();
     let mut drained = None;
     for line in BufReader::new(stream).lines().map_while(Result::ok) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         text.push_str(v["response"].as_str().unwrap_or_default());
         if drained.is_none() && !text.is_empty() && text.len() > 20 {
             let out = std::process::Command::new(common::sollol_bin())
@@ -171,9 +174,11 @@ fn cluster_drain_moves_a_live_served_session() {
     let _ = std::fs::remove_file(&registry);
 }
 
-/// Dynamic rebalancing: a 2-stage chain over a 1-thread node holding 24
-/// blocks and a 2-thread node holding 6 (and the LM head). The measured stage times of a first generation make
-/// `partition::rebalance` move blocks off the slow node; the move happens in
+/// Dynamic rebalancing: a 2-stage chain over a 1-thread node holding 26
+/// blocks and a 2-thread node holding 4 (and the LM head). The measured
+/// stage times of a first generation make `partition::rebalance` (10 %
+/// threshold here; the decision itself is unit-tested) move blocks off the
+/// slow node; the move happens in
 /// the middle of a second generation, whose tokens must not change, and each
 /// node still computes every position exactly once.
 #[test]
@@ -193,14 +198,14 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let pipeline = rt.block_on(async {
         let mut p = Pipeline::connect(&[slow.addr.clone(), fast.addr.clone()], &key).await.unwrap();
-        p.load(&path.display().to_string(), Some(digest), &[0..24, 24..30], WireDType::F32).await.unwrap();
+        p.load(&path.display().to_string(), Some(digest), &[0..26, 26..30], WireDType::F32).await.unwrap();
         Arc::new(p)
     });
     let mut engine = PipelineEngine::shared(rt.handle().clone(), pipeline.clone(), context);
     let first = generate(&mut engine, &tokenizer, 3, &request(), &mut |_| true).unwrap();
     let ranges: Vec<_> = pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
     eprintln!("measured {:?} over {ranges:?}", first.stats.stage_times);
-    let plan = partition::rebalance(&first.stats.stage_times, &ranges, 0.25).expect("the 1-thread stage is the bottleneck");
+    let plan = partition::rebalance(&first.stats.stage_times, &ranges, 0.1).expect("the 1-thread stage is the bottleneck");
     eprintln!("stage times {:?} over {ranges:?}: {plan:?}", first.stats.stage_times);
     assert_eq!((plan.from, plan.to), (0, 1));
 
@@ -223,7 +228,7 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
         assert_eq!(a - b, expected, "stage {i} computed {} positions for {expected}: something was recomputed", a - b);
     }
     let moved: Vec<_> = pipeline.loaded().iter().map(|l| l.start..l.end).collect();
-    assert_eq!(moved[0].end as usize, 24 - plan.blocks, "{moved:?}");
+    assert_eq!(moved[0].end as usize, 26 - plan.blocks, "{moved:?}");
     let third = generate(&mut engine, &tokenizer, 5, &request(), &mut |_| true).unwrap();
     eprintln!("stage times after: {:?} over {moved:?}", third.stats.stage_times);
     assert_eq!(third.tokens, reference.tokens);

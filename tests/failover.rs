@@ -170,7 +170,8 @@ fn a_served_stream_survives_a_killed_node() {
     use std::io::{BufRead, BufReader};
     common::smollm2();
     let serve = common::ServeProc::spawn(&["--local-nodes", "3", "--wire", "f32", "--rebalance-threshold", "0"]);
-    let body = r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":64}}"#;
+    let body =
+        r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":64}}"#;
     let reference = common::http::post(&serve.addr, "/api/generate", body).json();
     let expected = reference["response"].as_str().unwrap().to_string();
     let children = std::process::Command::new("pgrep").args(["-P", &serve.child.id().to_string()]).output().unwrap();
@@ -182,7 +183,9 @@ fn a_served_stream_survives_a_killed_node() {
     sollol::api::http_client::send_head(&mut stream, &serve.addr, "POST", "/api/generate", Some(&streaming), &[]);
     let (mut text, mut lines, mut done) = (String::new(), 0, serde_json::Value::Null);
     for line in BufReader::new(stream).lines().map_while(Result::ok) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         text.push_str(v["response"].as_str().unwrap_or_default());
         lines += 1;
         if lines == 20 {

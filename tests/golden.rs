@@ -56,10 +56,8 @@ fn reference_logits() -> Vec<Vec<f32>> {
 fn chain_logits(bounds: &[usize], backend: Backend, forced: Option<&[u32]>, f16_hops: bool) -> Vec<Vec<f32>> {
     let path = common::smollm2();
     let mut file = ModelFile::open(&path).unwrap();
-    let slices: Vec<ModelSlice> = bounds
-        .windows(2)
-        .map(|w| ModelSlice::load_with(&mut file, w[0]..w[1], &Device::Cpu, backend).unwrap())
-        .collect();
+    let slices: Vec<ModelSlice> =
+        bounds.windows(2).map(|w| ModelSlice::load_with(&mut file, w[0]..w[1], &Device::Cpu, backend).unwrap()).collect();
     assert!(slices.iter().all(|s| s.backend() == backend));
     let mut caches: Vec<KvCache> = slices.iter().map(|s| s.new_cache(64).unwrap()).collect();
     let mut run = |tokens: &[u32]| -> Vec<f32> {

@@ -159,7 +159,7 @@ async fn a_wrong_or_missing_key_is_refused_and_the_node_keeps_serving() {
     assert!(err.contains("wrong cluster key"), "{err}");
     // A node without the key is refused by a head that has one.
     let open_node = NodeProc::spawn(None, &[]);
-    let err = Pipeline::connect(&[open_node.addr.clone()], &ClusterKey::new(Some(KEY))).await.err().unwrap().to_string();
+    let err = Pipeline::connect(std::slice::from_ref(&open_node.addr), &ClusterKey::new(Some(KEY))).await.err().unwrap().to_string();
     assert!(err.contains("does not hold this cluster key"), "{err}");
     assert!(Pipeline::connect(&addrs, &ClusterKey::new(Some(KEY))).await.is_ok());
 }
@@ -240,7 +240,7 @@ async fn a_hello_with_another_protocol_version_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_beyond_the_model_are_refused() {
     let node = NodeProc::spawn(Some(KEY), &[]);
-    let mut p = Pipeline::connect(&[node.addr.clone()], &ClusterKey::new(Some(KEY))).await.unwrap();
+    let mut p = Pipeline::connect(std::slice::from_ref(&node.addr), &ClusterKey::new(Some(KEY))).await.unwrap();
     let model = common::smollm2().display().to_string();
     let err = p.load(&model, None, &[0..40], WireDType::F16).await.err().unwrap().to_string();
     assert!(err.contains("inside the model's 30 blocks"), "{err}");
@@ -260,7 +260,7 @@ async fn a_stage_that_dies_fails_the_request_quickly_and_the_others_keep_serving
     assert!(t.elapsed() < Duration::from_secs(15), "the failure took {:?}", t.elapsed());
     assert!(err.contains("stage 2") || err.contains("next stage"), "{err}");
     // Stage 1's node serves a new pipeline holding the whole model.
-    let mut solo = Pipeline::connect(&[a.addr.clone()], &ClusterKey::new(Some(KEY))).await.unwrap();
+    let mut solo = Pipeline::connect(std::slice::from_ref(&a.addr), &ClusterKey::new(Some(KEY))).await.unwrap();
     let model = common::smollm2().display().to_string();
     solo.load(&model, None, &[0..30], WireDType::F16).await.unwrap();
     let r = solo.step(6, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();

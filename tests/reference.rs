@@ -29,10 +29,8 @@ const PROMPT_LEN: usize = 5;
 /// Logits at positions PROMPT_LEN-1.. from sollol, through `bounds` slices.
 fn sollol_logits(model: &Path, bounds: &[usize], backend: Backend) -> Vec<Vec<f32>> {
     let mut file = ModelFile::open(model).unwrap();
-    let slices: Vec<ModelSlice> = bounds
-        .windows(2)
-        .map(|w| ModelSlice::load_with(&mut file, w[0]..w[1], &Device::Cpu, backend).unwrap())
-        .collect();
+    let slices: Vec<ModelSlice> =
+        bounds.windows(2).map(|w| ModelSlice::load_with(&mut file, w[0]..w[1], &Device::Cpu, backend).unwrap()).collect();
     assert!(slices.iter().all(|s| s.backend() == backend), "{backend:?} could not run {}", model.display());
     let mut caches: Vec<_> = slices.iter().map(|s| s.new_cache(32).unwrap()).collect();
     let mut out = Vec::new();
@@ -80,11 +78,7 @@ fn check_backend(model: &Path, bounds: &[usize], tol: f64, backend: Backend, ref
     let ours = sollol_logits(model, bounds, backend);
     assert_eq!(ours.len(), reference.len());
     let scale = reference.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
-    let err = ours
-        .iter()
-        .zip(reference)
-        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()))
-        .fold(0f64, f64::max);
+    let err = ours.iter().zip(reference).flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs())).fold(0f64, f64::max);
     let rel = err / scale;
     eprintln!("{} {backend:?}: max error {err:.3e} of |logit| {scale:.2} = {rel:.2e} (tolerance {tol:.0e})", model.display());
     assert!(rel <= tol, "{} {backend:?}: relative error {rel:.3e} above {tol:.0e}", model.display());

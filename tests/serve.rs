@@ -32,7 +32,11 @@ fn every_endpoint_streaming_and_not() {
     assert!(get(a, "/api/version").json()["version"].is_string());
 
     // /api/generate, not streaming: the full response and Ollama's counters.
-    let r = post(a, "/api/generate", r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":6}}"#);
+    let r = post(
+        a,
+        "/api/generate",
+        r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":6}}"#,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
     assert!(v["response"].as_str().unwrap().contains("Paris"), "{v}");
@@ -52,10 +56,17 @@ fn every_endpoint_streaming_and_not() {
     assert!(lines.len() >= 2 && lines.last().unwrap()["done"] == true && lines[0]["done"] == false, "{lines:?}");
 
     // /api/chat both ways.
-    let v = post(a, "/api/chat", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hello"}],"stream":false,"options":{"num_predict":5}}"#).json();
+    let v = post(
+        a,
+        "/api/chat",
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Hello"}],"stream":false,"options":{"num_predict":5}}"#,
+    )
+    .json();
     assert_eq!(v["message"]["role"], "assistant");
     assert!(!v["message"]["content"].as_str().unwrap().is_empty(), "{v}");
-    let lines = ndjson(&post(a, "/api/chat", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hello"}],"options":{"num_predict":4}}"#).body);
+    let lines = ndjson(
+        &post(a, "/api/chat", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hello"}],"options":{"num_predict":4}}"#).body,
+    );
     assert!(lines.last().unwrap()["done"] == true && lines[0]["message"]["content"].is_string(), "{lines:?}");
 
     assert_eq!(get(a, "/api/tags").json()["models"][0]["name"], "smollm2");
@@ -68,7 +79,12 @@ fn every_endpoint_streaming_and_not() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["completion_tokens"], 5);
     assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"].as_u64().unwrap() + 5);
-    let (chunks, done) = sse(&post(a, "/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true}"#).body);
+    let (chunks, done) = sse(&post(
+        a,
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true}"#,
+    )
+    .body);
     assert!(done, "ends with data: [DONE]");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
@@ -181,7 +197,12 @@ fn a_client_that_disconnects_cancels_its_generation() {
     let a = s.addr.as_str();
     let mut conn = std::net::TcpStream::connect(a).unwrap();
     let body = r#"{"model":"smollm2","prompt":"Tell me a long story","options":{"num_predict":500}}"#;
-    write!(conn, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        conn,
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
     // Read until the first generated token arrives, then hang up.
@@ -202,7 +223,13 @@ fn a_client_that_disconnects_cancels_its_generation() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // A priority header is accepted.
-    let r = request(a, "POST", "/api/generate", Some(r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":1}}"#), &[("x-priority", "5")]);
+    let r = request(
+        a,
+        "POST",
+        "/api/generate",
+        Some(r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":1}}"#),
+        &[("x-priority", "5")],
+    );
     assert_eq!(r.status, 200);
 }
 
@@ -233,19 +260,26 @@ fn a_second_chat_turn_evaluates_only_its_new_tokens() {
         let s = ServeProc::spawn(&["--local-nodes", "2", "--kv-cache-mb", budget]);
         let a = s.addr.as_str();
         let q1 = r#"{"role":"user","content":"What is the capital of France?"}"#;
-        let t1 = post(a, "/v1/chat/completions", &format!(r#"{{"model":"smollm2","messages":[{q1}],"max_tokens":8,"temperature":0}}"#)).json();
+        let t1 =
+            post(a, "/v1/chat/completions", &format!(r#"{{"model":"smollm2","messages":[{q1}],"max_tokens":8,"temperature":0}}"#)).json();
         let p1 = t1["usage"]["prompt_tokens"].as_u64().unwrap();
         assert_eq!(t1["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
         let answer = serde_json::to_string(&t1["choices"][0]["message"]["content"]).unwrap();
         let messages = format!(r#"[{q1},{{"role":"assistant","content":{answer}}},{{"role":"user","content":"And of Germany?"}}]"#);
-        let t2 = post(a, "/v1/chat/completions", &format!(r#"{{"model":"smollm2","messages":{messages},"max_tokens":8,"temperature":0}}"#)).json();
+        let t2 = post(a, "/v1/chat/completions", &format!(r#"{{"model":"smollm2","messages":{messages},"max_tokens":8,"temperature":0}}"#))
+            .json();
         let total = t2["usage"]["prompt_tokens"].as_u64().unwrap();
         let cached = t2["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
         assert!(!t2["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{t2}");
         if reuse {
             assert!(cached >= p1 && cached < total, "turn 2 reused {cached} of {total} tokens; turn 1's prompt was {p1}");
             // Ollama's counter says the same: only the new tokens were evaluated.
-            let o2 = post(a, "/api/chat", &format!(r#"{{"model":"smollm2","messages":{messages},"stream":false,"options":{{"num_predict":4,"temperature":0}}}}"#)).json();
+            let o2 = post(
+                a,
+                "/api/chat",
+                &format!(r#"{{"model":"smollm2","messages":{messages},"stream":false,"options":{{"num_predict":4,"temperature":0}}}}"#),
+            )
+            .json();
             assert!(o2["prompt_eval_count"].as_u64().unwrap() < total - p1 + 1, "{o2}");
         } else {
             assert_eq!(cached, 0, "no budget, no reuse");

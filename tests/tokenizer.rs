@@ -49,11 +49,7 @@ fn smollm2_known_ids_specials_and_digit_splitting() {
 #[test]
 fn smollm2_chat_template_renders_chatml() {
     let tok = smollm2();
-    let text = tok
-        .chat_template()
-        .unwrap()
-        .render(&[sollol::head::chat::Message::new("user", "What is 2+2?")], true)
-        .unwrap();
+    let text = tok.chat_template().unwrap().render(&[sollol::head::chat::Message::new("user", "What is 2+2?")], true).unwrap();
     assert!(text.starts_with("<|im_start|>system\n"), "{text}");
     assert!(text.ends_with("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"), "{text}");
 }
@@ -68,7 +64,20 @@ fn sentencepiece_vocabulary_segments_by_score_with_byte_fallback() {
         tokens.push(format!("<0x{b:02X}>"));
         types.push(6);
     }
-    let pieces = [("▁", -1.0), ("h", -2.0), ("e", -2.0), ("l", -2.0), ("o", -2.0), ("▁h", -3.0), ("he", -3.0), ("ll", -3.0), ("llo", -4.0), ("hello", -5.0), ("▁hello", -6.0), ("▁he", -7.0)];
+    let pieces = [
+        ("▁", -1.0),
+        ("h", -2.0),
+        ("e", -2.0),
+        ("l", -2.0),
+        ("o", -2.0),
+        ("▁h", -3.0),
+        ("he", -3.0),
+        ("ll", -3.0),
+        ("llo", -4.0),
+        ("hello", -5.0),
+        ("▁hello", -6.0),
+        ("▁he", -7.0),
+    ];
     let mut scores: Vec<f32> = vec![0.0; tokens.len()];
     for (p, s) in pieces {
         tokens.push(p.into());

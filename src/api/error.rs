@@ -52,7 +52,9 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         match self.dialect {
             Dialect::Ollama => json!({ "error": self.message }),
-            Dialect::OpenAi => json!({ "error": { "message": self.message, "type": self.openai_type(), "param": null, "code": null } }),
+            Dialect::OpenAi => {
+                json!({ "error": { "message": self.message, "type": self.openai_type(), "param": null, "code": null } })
+            }
         }
     }
 }

@@ -44,7 +44,10 @@ pub fn try_request(addr: &str, method: &str, path: &str, body: Option<&str>, ext
 /// Writes a request; the caller reads the response as it arrives.
 pub fn send_head(s: &mut TcpStream, addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) {
     let body = body.unwrap_or("");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in extra {
         req += &format!("{k}: {v}\r\n");
     }
@@ -80,7 +83,9 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-        let Some(chunk) = b.get(eol + 2..eol + 2 + size).filter(|_| size > 0) else { break };
+        let Some(chunk) = b.get(eol + 2..eol + 2 + size).filter(|_| size > 0) else {
+            break;
+        };
         out.extend_from_slice(chunk);
         b = b.get(eol + 2 + size + 2..).unwrap_or_default();
     }

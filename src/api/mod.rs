@@ -106,8 +106,19 @@ async fn observe(State(svc): State<Arc<Service>>, req: Request, next: Next) -> R
 }
 
 const KNOWN_ROUTES: &[&str] = &[
-    "/", "/api/generate", "/api/chat", "/api/tags", "/api/ps", "/api/show", "/api/version", "/v1/chat/completions",
-    "/v1/completions", "/v1/models", "/metrics", "/dashboard", "/api/sollol/status",
+    "/",
+    "/api/generate",
+    "/api/chat",
+    "/api/tags",
+    "/api/ps",
+    "/api/show",
+    "/api/version",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/metrics",
+    "/dashboard",
+    "/api/sollol/status",
 ];
 
 async fn metrics_handler(State(svc): State<Arc<Service>>) -> Response {
@@ -115,10 +126,7 @@ async fn metrics_handler(State(svc): State<Arc<Service>>) -> Response {
     svc.node_health().await;
     let (running, waiting) = svc.queue.depth();
     svc.metrics.queue(running, waiting);
-    Response::builder()
-        .header("content-type", "text/plain; version=0.0.4")
-        .body(svc.metrics.render().into())
-        .unwrap_or_default()
+    Response::builder().header("content-type", "text/plain; version=0.0.4").body(svc.metrics.render().into()).unwrap_or_default()
 }
 
 /// JSON bodies parsed by hand, so malformed input gets the API's own error shape.

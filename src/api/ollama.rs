@@ -186,7 +186,8 @@ async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, req: GenerateBo
         // Ollama's way to load a model: an empty prompt.
         let w = svc.worker(&model).await?;
         return Ok(Json(json!({"model": model, "created_at": now(), "response": "", "done": true, "done_reason": "load",
-            "load_duration": w.load_duration.as_nanos() as u64})).into_response());
+            "load_duration": w.load_duration.as_nanos() as u64}))
+        .into_response());
     }
     let prompt = if req.raw {
         Prompt::Raw(req.prompt.clone())
@@ -195,7 +196,17 @@ async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, req: GenerateBo
         m.push(Message::new("user", &req.prompt));
         Prompt::Chat(m)
     };
-    let gen = GenRequest { model: model.clone(), prompt, context: req.context.clone(), params, max_tokens, stop, num_ctx, priority: priority(headers, req.priority), keep: false };
+    let gen = GenRequest {
+        model: model.clone(),
+        prompt,
+        context: req.context.clone(),
+        params,
+        max_tokens,
+        stop,
+        num_ctx,
+        priority: priority(headers, req.priority),
+        keep: false,
+    };
     let rx = svc.generate(gen).await?;
     Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
         None => json!({"model": model, "created_at": now(), "response": piece.unwrap_or(""), "done": false}),
@@ -226,7 +237,8 @@ async fn chat_inner(svc: &Arc<Service>, headers: &HeaderMap, req: ChatBody) -> R
     if req.messages.is_empty() {
         let w = svc.worker(&model).await?;
         return Ok(Json(json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""},
-            "done": true, "done_reason": "load", "load_duration": w.load_duration.as_nanos() as u64})).into_response());
+            "done": true, "done_reason": "load", "load_duration": w.load_duration.as_nanos() as u64}))
+        .into_response());
     }
     for m in &req.messages {
         if !["system", "user", "assistant", "tool"].contains(&m.role.as_str()) {
@@ -246,7 +258,9 @@ async fn chat_inner(svc: &Arc<Service>, headers: &HeaderMap, req: ChatBody) -> R
     };
     let rx = svc.generate(gen).await?;
     Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
-        None => json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": piece.unwrap_or("")}, "done": false}),
+        None => {
+            json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": piece.unwrap_or("")}, "done": false})
+        }
         Some(f) => merge(json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""}}), final_fields(f)),
     })
     .await)

@@ -162,7 +162,9 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
                     }
                     json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
                 }
-                Kind::Text => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+                Kind::Text => {
+                    json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                }
             };
             json!({"id": id, "object": chunk_object, "created": created(), "model": model, "choices": [choice]})
         };
@@ -185,7 +187,10 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
     match collect(rx).await {
         Ok((text, f)) => {
             let (object, choice) = match kind {
-                Kind::Chat => ("chat.completion", json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason(&f)})),
+                Kind::Chat => (
+                    "chat.completion",
+                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason(&f)}),
+                ),
                 Kind::Text => ("text_completion", json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(&f)})),
             };
             Json(json!({"id": id, "object": object, "created": created(), "model": model, "choices": [choice], "usage": usage(&f), "_cluster": f.route}))

@@ -11,10 +11,10 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::metrics::Metrics;
+use crate::cluster::failover::{ChainSpec, FailoverEngine, SharedChain};
 use crate::cluster::health::{HealthPolicy, NodeHealth};
 use crate::cluster::local::LocalNodes;
 use crate::cluster::manager::{ClusterManager, RouteInfo, RouteStage};
-use crate::cluster::failover::{ChainSpec, FailoverEngine, SharedChain};
 use crate::cluster::partition::{self, Strategy};
 use crate::cluster::registry::Registry;
 use crate::head::chat::{ChatTemplate, Message, CHATML};
@@ -302,7 +302,8 @@ impl Service {
                 let pipeline = m.pipeline(&entry, self.cfg.wire).await?;
                 let route = m.route_info(&entry);
                 // Every other registered node can take a dead node's blocks.
-                let standby = m.registry().nodes.iter().map(|n| n.addr.clone()).filter(|a| !route.nodes.iter().any(|s| &s.addr == a)).collect();
+                let standby =
+                    m.registry().nodes.iter().map(|n| n.addr.clone()).filter(|a| !route.nodes.iter().any(|s| &s.addr == a)).collect();
                 (pipeline, route, ClusterKey::new(self.cfg.key.as_deref()), standby)
             }
             (None, Some(local)) => {
@@ -528,9 +529,7 @@ impl Service {
     pub fn recent_tok_s(&self) -> f64 {
         let s = self.samples.lock().expect("samples lock");
         match (s.front(), s.back()) {
-            (Some((t0, n0)), Some((_, n1))) if t0.elapsed() > Duration::from_millis(100) => {
-                (n1 - n0) as f64 / t0.elapsed().as_secs_f64()
-            }
+            (Some((t0, n0)), Some((_, n1))) if t0.elapsed() > Duration::from_millis(100) => (n1 - n0) as f64 / t0.elapsed().as_secs_f64(),
             _ => 0.0,
         }
     }
@@ -548,7 +547,9 @@ impl Service {
         let mut out = Vec::new();
         for worker in self.loaded().await {
             let addrs = worker.pipeline().addrs();
-            let Some(stage) = addrs.iter().position(|a| *a == node_addr) else { continue };
+            let Some(stage) = addrs.iter().position(|a| *a == node_addr) else {
+                continue;
+            };
             let target = match to {
                 Some(t) => t.to_string(),
                 None => self.spare_for(&worker, &addrs, stage).await?,
@@ -618,8 +619,12 @@ impl Service {
         let need = worker.pipeline().loaded().get(stage).map_or(0, |l| l.weight_bytes);
         let mut best: Option<(u64, String)> = None;
         for entry in m.registry().nodes.iter().filter(|e| !chain.contains(&e.addr)) {
-            let Ok(client) = m.client(&entry.name).await else { continue };
-            let Ok(caps) = client.refresh_capabilities().await else { continue };
+            let Ok(client) = m.client(&entry.name).await else {
+                continue;
+            };
+            let Ok(caps) = client.refresh_capabilities().await else {
+                continue;
+            };
             if caps.loaded.is_none() && caps.free_memory >= need && best.as_ref().is_none_or(|(free, _)| caps.free_memory > *free) {
                 best = Some((caps.free_memory, entry.name.clone()));
             }

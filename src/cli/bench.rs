@@ -13,7 +13,7 @@ use sollol::net::tensor::WireDType;
 use sollol::sys::{human_bytes, peak_rss_bytes};
 
 use super::generate::{start_engine, PipelineArgs, Running};
-use super::{load_slice, open_model, parse_layers, ModelArgs, Opened};
+use super::{load_slice, parse_layers, ModelArgs, Opened};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -91,7 +91,7 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
     if args.load_only || args.layers.is_some() {
         return load_report(&args);
     }
-    let mut opened = open_model(&args.model.model)?;
+    let mut opened = args.model.open()?;
     let vocab = opened.file.config()?.vocab_size as u32;
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let mut engines: Vec<(usize, Running)> = Vec::new();
@@ -128,7 +128,7 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
     report(&args, threads, &opened, &engines, &best);
     drop(engines);
     if !args.concurrency.is_empty() {
-        let slice = load_slice(&mut opened.file, None)?;
+        let slice = load_slice(&mut opened.file, None, &opened.device)?;
         let mut rows = Vec::new();
         for &n in &args.concurrency {
             let best = (0..args.rounds.max(1)).map(|_| batched_decode(&slice, &prompt, args.tokens, n)).collect::<Result<Vec<f64>>>()?;
@@ -233,7 +233,10 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
         })
         .collect();
     if args.json {
-        println!("{}", serde_json::json!({"model": opened.resolved.name, "threads": threads, "wire": args.wire.to_string(), "results": rows}));
+        println!(
+            "{}",
+            serde_json::json!({"model": opened.resolved.name, "threads": threads, "wire": args.wire.to_string(), "results": rows})
+        );
         return;
     }
     let threads = if threads == 0 { sollol::sys::cpu_cores() } else { threads };
@@ -250,7 +253,9 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
             0 => "in-process".to_string(),
             n => n.to_string(),
         };
-        let util: Vec<String> = r["stage_utilization"].as_array().map_or(vec![], |a| a.iter().map(|u| format!("{:.0}%", u.as_f64().unwrap_or(0.0) * 100.0)).collect());
+        let util: Vec<String> = r["stage_utilization"]
+            .as_array()
+            .map_or(vec![], |a| a.iter().map(|u| format!("{:.0}%", u.as_f64().unwrap_or(0.0) * 100.0)).collect());
         println!(
             "{:<10} {:>12.1} {:>8.2} {:>12.1} {:>8.2} {:>9.0} {:>14} {:>10} {}",
             stages,
@@ -267,10 +272,10 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
 }
 
 fn load_report(args: &BenchArgs) -> Result<()> {
-    let mut opened = open_model(&args.model.model)?;
+    let mut opened = args.model.open()?;
     let layers = args.layers.as_deref().map(parse_layers).transpose()?;
     let start = Instant::now();
-    let slice = load_slice(&mut opened.file, layers)?;
+    let slice = load_slice(&mut opened.file, layers, &opened.device)?;
     let load_s = start.elapsed().as_secs_f64();
     let peak = peak_rss_bytes().unwrap_or(0);
     let layers = format!("{}..{}", slice.layers().start, slice.layers().end);
@@ -295,7 +300,9 @@ fn load_report(args: &BenchArgs) -> Result<()> {
 pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: usize, json: bool) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
-    let body = format!(r#"{{"model":"{model}","prompt":"The capital of France is","raw":true,"options":{{"temperature":0,"num_predict":{tokens}}}}}"#);
+    let body = format!(
+        r#"{{"model":"{model}","prompt":"The capital of France is","raw":true,"options":{{"temperature":0,"num_predict":{tokens}}}}}"#
+    );
     // Warm up: load the model.
     sollol::api::http_client::post(&addr, "/api/generate", &body.replace(r#""raw":true"#, r#""raw":true,"stream":false"#));
     let mut rows = Vec::new();
@@ -350,9 +357,12 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
         for r in rows {
             println!(
                 "{:>8} {:>9} {:>12.2} {:>12.1} {:>14.0} {:>14.0}",
-                r["clients"].as_u64().unwrap_or(0), r["requests"].as_u64().unwrap_or(0), r["requests_per_s"].as_f64().unwrap_or(0.0),
+                r["clients"].as_u64().unwrap_or(0),
+                r["requests"].as_u64().unwrap_or(0),
+                r["requests_per_s"].as_f64().unwrap_or(0.0),
                 r["tokens_per_s"].as_f64().unwrap_or(0.0),
-                r["ttft_p50_ms"].as_f64().unwrap_or(0.0), r["ttft_p99_ms"].as_f64().unwrap_or(0.0)
+                r["ttft_p50_ms"].as_f64().unwrap_or(0.0),
+                r["ttft_p99_ms"].as_f64().unwrap_or(0.0)
             );
         }
     }

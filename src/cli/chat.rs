@@ -8,7 +8,7 @@ use sollol::head::chat::{ChatTemplate, Message, CHATML};
 use sollol::head::generation::{generate, GenerateRequest};
 
 use super::generate::{print_summary, start_engine, PipelineArgs};
-use super::{open_model, ModelArgs, SamplingArgs};
+use super::{ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -24,7 +24,7 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
-    let mut opened = open_model(&args.model.model)?;
+    let mut opened = args.model.open()?;
     let tokenizer = opened.tokenizer()?;
     let fallback = ChatTemplate::new(CHATML, "", "")?;
     let mut running = start_engine(&mut opened, &args.pipeline, threads)?;

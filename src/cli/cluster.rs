@@ -87,7 +87,9 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
             let m = manager(&key)?;
             let names: Vec<String> = nodes
                 .iter()
-                .map(|n| m.registry().node(n).map(|e| e.name.clone()).with_context(|| format!("node '{n}' is not registered (sollol nodes add)")))
+                .map(|n| {
+                    m.registry().node(n).map(|e| e.name.clone()).with_context(|| format!("node '{n}' is not registered (sollol nodes add)"))
+                })
                 .collect::<Result<_>>()?;
             let entry = rt.block_on(m.create_cluster(&name, &names, &model, strategy))?;
             print!("{}", describe(&entry));
@@ -190,10 +192,19 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         args.strategy
     );
     for (i, s) in plan.iter().enumerate() {
-        println!("   Node {}: layers {}-{} ({} layers, {}) on {}", i + 1, s.start, s.end - 1, s.end - s.start, human_bytes(s.bytes), s.node);
+        println!(
+            "   Node {}: layers {}-{} ({} layers, {}) on {}",
+            i + 1,
+            s.start,
+            s.end - 1,
+            s.end - s.start,
+            human_bytes(s.bytes),
+            s.node
+        );
     }
     let used: HashMap<&str, ()> = plan.iter().map(|s| (s.node.as_str(), ())).collect();
-    let unused: Vec<&String> = args.nodes.iter().chain(args.node.iter()).filter(|n| !used.contains_key(n.split('=').next().unwrap_or(n))).collect();
+    let unused: Vec<&String> =
+        args.nodes.iter().chain(args.node.iter()).filter(|n| !used.contains_key(n.split('=').next().unwrap_or(n))).collect();
     if !unused.is_empty() {
         println!("   (not used: {})", unused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
     }

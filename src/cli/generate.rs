@@ -10,8 +10,8 @@ use sollol::cluster::failover::{ChainSpec, FailoverEngine};
 use sollol::cluster::health::HealthPolicy;
 use sollol::cluster::local::LocalNodes;
 use sollol::cluster::manager::ClusterManager;
-use sollol::cluster::registry::Registry;
 use sollol::cluster::partition::Strategy;
+use sollol::cluster::registry::Registry;
 use sollol::head::chat::{ChatTemplate, Message, CHATML};
 use sollol::head::engine::{Engine, LocalEngine};
 use sollol::head::generation::{generate, GenerateRequest, GenerateResult};
@@ -21,8 +21,7 @@ use sollol::net::auth::ClusterKey;
 use sollol::net::tensor::WireDType;
 use sollol::sys::human_bytes;
 
-use super::{load_slice, open_model, ModelArgs, Opened, SamplingArgs};
-
+use super::{load_slice, ModelArgs, Opened, SamplingArgs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -82,7 +81,7 @@ pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) ->
         return start_routed(opened, args);
     }
     if args.nodes.is_empty() && args.local_nodes == 0 {
-        let slice = load_slice(&mut opened.file, None)?;
+        let slice = load_slice(&mut opened.file, None, &opened.device)?;
         return Ok(Running { engine: Box::new(LocalEngine::new(slice)?), _local: None });
     }
     let (addrs, key, local) = if args.local_nodes > 0 {
@@ -140,7 +139,12 @@ fn start_routed(opened: &mut Opened, args: &PipelineArgs) -> Result<Running> {
         Some(name) => {
             let entry = manager.registry().cluster(name).cloned().with_context(|| format!("no cluster named '{name}'"))?;
             let digest = opened.file.digest()?;
-            anyhow::ensure!(entry.digest.is_empty() || entry.digest == digest, "cluster '{name}' serves {}, not {}", entry.model, opened.resolved.name);
+            anyhow::ensure!(
+                entry.digest.is_empty() || entry.digest == digest,
+                "cluster '{name}' serves {}, not {}",
+                entry.model,
+                opened.resolved.name
+            );
             let health = rt.block_on(manager.cluster_health(name))?;
             anyhow::ensure!(health.healthy, "cluster '{name}' is unhealthy - nodes down: {}", health.down.join(", "));
             entry
@@ -160,8 +164,7 @@ pub fn print_summary(result: &GenerateResult) {
     let s = &result.stats;
     eprintln!("{}", s.summary());
     if s.stage_times.len() > 1 {
-        let stages: Vec<String> =
-            s.stage_times.iter().enumerate().map(|(i, t)| format!("{}: {:.2} s", i + 1, t.as_secs_f64())).collect();
+        let stages: Vec<String> = s.stage_times.iter().enumerate().map(|(i, t)| format!("{}: {:.2} s", i + 1, t.as_secs_f64())).collect();
         let mut line = format!("stages compute {}", stages.join(", "));
         if let (Some(p50), Some(p99)) = (s.hop_latency_percentile(50.0), s.hop_latency_percentile(99.0)) {
             line += &format!("; hop latency p50 {:.3} ms, p99 {:.3} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
@@ -187,7 +190,7 @@ pub fn chat_prompt(tokenizer: &Tokenizer, user: &str) -> Result<String> {
 }
 
 pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
-    let mut opened = open_model(&args.model.model)?;
+    let mut opened = args.model.open()?;
     let tokenizer = opened.tokenizer()?;
     let text = if args.chat { chat_prompt(&tokenizer, &args.prompt)? } else { args.prompt.clone() };
     let prompt = tokenizer.encode(&text)?;

@@ -13,8 +13,8 @@ use std::ops::Range;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sollol::model::sampling::SamplingParams;
 use sollol::head::tokenizer::Tokenizer;
+use sollol::model::sampling::SamplingParams;
 use sollol::model::source::{self, ResolvedModel};
 use sollol::model::{ModelFile, ModelSlice};
 
@@ -67,6 +67,22 @@ pub struct ModelArgs {
     /// Model: .gguf path, HF directory, Ollama tag, hub repo id, or catalog name.
     #[arg(short, long, default_value = "smollm2", env = "SOLLOL_MODEL")]
     model: String,
+    /// Where in-process slices run: cpu, cuda[:N] (built with --features
+    /// cuda), metal. Local nodes started by this command inherit it.
+    #[arg(long, default_value = "cpu", env = "SOLLOL_DEVICE")]
+    device: String,
+}
+
+impl ModelArgs {
+    /// Opens the model and the device (checked now, before any work).
+    pub fn open(&self) -> Result<Opened> {
+        let device = sollol::model::device::parse(&self.device)?;
+        // Node processes this command starts read it from the environment.
+        std::env::set_var("SOLLOL_DEVICE", &self.device);
+        let mut opened = open_model(&self.model)?;
+        opened.device = device;
+        Ok(opened)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -105,9 +121,9 @@ impl SamplingArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: 64,
-            seed: self.seed.unwrap_or_else(|| {
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-            }),
+            seed: self
+                .seed
+                .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)),
         }
     }
 }
@@ -136,6 +152,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// A model opened, before any layer is loaded.
 pub struct Opened {
+    pub device: candle_core::Device,
     pub resolved: ResolvedModel,
     pub file: ModelFile,
 }
@@ -149,13 +166,13 @@ impl Opened {
 pub fn open_model(spec: &str) -> Result<Opened> {
     let resolved = source::resolve(spec)?;
     let file = ModelFile::open(&resolved.path)?;
-    Ok(Opened { resolved, file })
+    Ok(Opened { device: candle_core::Device::Cpu, resolved, file })
 }
 
-pub fn load_slice(file: &mut ModelFile, layers: Option<Range<usize>>) -> Result<ModelSlice> {
+pub fn load_slice(file: &mut ModelFile, layers: Option<Range<usize>>, device: &candle_core::Device) -> Result<ModelSlice> {
     let n = file.config()?.n_layers;
     let layers = layers.unwrap_or(0..n);
-    Ok(ModelSlice::load(file, layers, &candle_core::Device::Cpu)?)
+    Ok(ModelSlice::load(file, layers, device)?)
 }
 
 /// `a..b` or `a-b` (inclusive end, the design doc's notation).

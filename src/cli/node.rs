@@ -35,6 +35,9 @@ pub struct NodeArgs {
     /// The multicast group of announcements.
     #[arg(long, default_value = sollol::cluster::discovery::DEFAULT_GROUP)]
     announce_group: std::net::SocketAddrV4,
+    /// Where slices run: cpu, cuda[:N] (built with --features cuda), metal.
+    #[arg(long, default_value = "cpu", env = "SOLLOL_DEVICE")]
+    device: String,
 }
 
 pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
@@ -50,6 +53,7 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
         threads,
         compute_lock: args.compute_lock,
         announce: args.announce.then_some(args.announce_group),
+        device: sollol::model::device::parse(&args.device)?,
     };
     if args.exit_with_stdin {
         std::thread::spawn(|| {

@@ -115,7 +115,10 @@ pub fn run(cmd: NodesCommand) -> Result<()> {
 }
 
 pub fn print_nodes(health: &[NodeHealth]) {
-    println!("{:<14} {:<22} {:<9} {:>8} {:<7} {:>5} {:>7} {:>10} {:>10} {:<14} {:>6}", "NAME", "ADDRESS", "STATUS", "RTT ms", "DEVICE", "CORES", "THREADS", "MEMORY", "FREE", "LOADED", "SCORE");
+    println!(
+        "{:<14} {:<22} {:<9} {:>8} {:<7} {:>5} {:>7} {:>10} {:>10} {:<14} {:>6}",
+        "NAME", "ADDRESS", "STATUS", "RTT ms", "DEVICE", "CORES", "THREADS", "MEMORY", "FREE", "LOADED", "SCORE"
+    );
     for h in health {
         let c = h.capabilities.as_ref();
         let loaded = c.and_then(|c| c.loaded.as_ref()).map_or("-".to_string(), |l| format!("{}..{}", l.start, l.end));

@@ -110,8 +110,12 @@ pub async fn announce(group: SocketAddrV4, iface: Ipv4Addr, node_addr: String, e
     let socket: std::net::UdpSocket = socket.into();
     socket.set_nonblocking(true).map_err(|e| Error::io("multicast socket", e))?;
     let socket = tokio::net::UdpSocket::from_std(socket).map_err(|e| Error::io("multicast socket", e))?;
-    let msg = serde_json::to_vec(&Announcement { sollol: crate::net::PROTOCOL_VERSION, addr: node_addr, build: env!("CARGO_PKG_VERSION").into() })
-        .expect("announcement serializes");
+    let msg = serde_json::to_vec(&Announcement {
+        sollol: crate::net::PROTOCOL_VERSION,
+        addr: node_addr,
+        build: env!("CARGO_PKG_VERSION").into(),
+    })
+    .expect("announcement serializes");
     loop {
         if let Err(e) = socket.send_to(&msg, group).await {
             tracing::debug!("announcement not sent: {e}");

@@ -245,7 +245,9 @@ impl Engine for FailoverEngine {
                         return Err(e);
                     }
                     tracing::warn!("step failed: {e}");
-                    let Some((epoch, pipeline)) = self.chain.recover(self.epoch)? else { return Err(e) };
+                    let Some((epoch, pipeline)) = self.chain.recover(self.epoch)? else {
+                        return Err(e);
+                    };
                     self.replay(epoch, pipeline)?;
                     self.recoveries.push(started.elapsed());
                 }

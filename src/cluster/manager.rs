@@ -177,7 +177,8 @@ impl ClusterManager {
         names
             .iter()
             .map(|name| {
-                let h = health.get(name).filter(|h| h.healthy).ok_or_else(|| Error::InvalidRequest(format!("node {name} is not healthy")))?;
+                let h =
+                    health.get(name).filter(|h| h.healthy).ok_or_else(|| Error::InvalidRequest(format!("node {name} is not healthy")))?;
                 let caps = h.capabilities.as_ref().ok_or_else(|| Error::InvalidRequest(format!("node {name} has not reported")))?;
                 let held = caps.loaded.as_ref().map_or(0, |l| l.weight_bytes);
                 Ok(NodeSpec {
@@ -241,13 +242,8 @@ impl ClusterManager {
     pub async fn cluster_health(&self, name: &str) -> Result<ClusterHealth> {
         let entry = self.registry().cluster(name).cloned().ok_or_else(|| Error::InvalidRequest(format!("no cluster named '{name}'")))?;
         let nodes = join_all(entry.stages.iter().map(|s| self.check(&s.node))).await;
-        let down: Vec<String> = entry
-            .stages
-            .iter()
-            .zip(&nodes)
-            .filter(|(s, h)| !h.healthy || !holds(h, &entry, s))
-            .map(|(s, _)| s.node.clone())
-            .collect();
+        let down: Vec<String> =
+            entry.stages.iter().zip(&nodes).filter(|(s, h)| !h.healthy || !holds(h, &entry, s)).map(|(s, _)| s.node.clone()).collect();
         Ok(ClusterHealth { name: name.to_string(), healthy: down.is_empty(), down, nodes })
     }
 
@@ -262,12 +258,8 @@ impl ClusterManager {
         let registry = self.registry();
         let n = info.n_layers();
         let need = info.total_bytes();
-        let in_other_clusters: Vec<String> = registry
-            .clusters
-            .iter()
-            .filter(|c| c.model != info.spec)
-            .flat_map(|c| c.stages.iter().map(|s| s.node.clone()))
-            .collect();
+        let in_other_clusters: Vec<String> =
+            registry.clusters.iter().filter(|c| c.model != info.spec).flat_map(|c| c.stages.iter().map(|s| s.node.clone())).collect();
         let single = |h: &&NodeHealth| -> Option<bool> {
             let caps = h.capabilities.as_ref()?;
             let held = caps.loaded.as_ref();
@@ -351,9 +343,10 @@ impl ClusterManager {
 
 /// Whether a node still holds the slice a cluster gave it (a restarted node is up but empty).
 fn holds(h: &NodeHealth, c: &ClusterEntry, s: &Assignment) -> bool {
-    h.capabilities.as_ref().and_then(|caps| caps.loaded.as_ref()).is_some_and(|l| {
-        l.start as usize == s.start && l.end as usize == s.end && (c.digest.is_empty() || l.digest == c.digest)
-    })
+    h.capabilities
+        .as_ref()
+        .and_then(|caps| caps.loaded.as_ref())
+        .is_some_and(|l| l.start as usize == s.start && l.end as usize == s.end && (c.digest.is_empty() || l.digest == c.digest))
 }
 
 /// The design doc's printout of a new cluster.

@@ -204,9 +204,7 @@ fn memory_aware(model: &LayerBytes, nodes: &[&NodeSpec]) -> Result<Vec<Assignmen
         let target = share * total;
         let lo = bounds[i] + 1;
         let hi = n_layers - (k - 1 - i);
-        let best = (lo..=hi)
-            .min_by(|&a, &b| (cum[a] - target).abs().total_cmp(&(cum[b] - target).abs()).then(b.cmp(&a)))
-            .unwrap_or(lo);
+        let best = (lo..=hi).min_by(|&a, &b| (cum[a] - target).abs().total_cmp(&(cum[b] - target).abs()).then(b.cmp(&a))).unwrap_or(lo);
         bounds.push(best);
     }
     bounds.push(n_layers);
@@ -214,7 +212,9 @@ fn memory_aware(model: &LayerBytes, nodes: &[&NodeSpec]) -> Result<Vec<Assignmen
     for _ in 0..n_layers * k {
         let ranges: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
         let plan = assignments(model, nodes, ranges);
-        let Some(i) = plan.iter().zip(nodes).position(|(a, n)| a.bytes > n.memory) else { return Ok(plan) };
+        let Some(i) = plan.iter().zip(nodes).position(|(a, n)| a.bytes > n.memory) else {
+            return Ok(plan);
+        };
         let moved = if i + 1 < k && bounds[i + 1] - bounds[i] > 1 && plan[i + 1].bytes < nodes[i + 1].memory {
             bounds[i + 1] -= 1;
             true
@@ -303,10 +303,8 @@ pub fn rebalance(times: &[std::time::Duration], layers: &[Range<usize>], thresho
     if mean <= 0.0 || t[slow] <= mean * (1.0 + threshold) {
         return None;
     }
-    let neighbour = [slow.checked_sub(1), Some(slow + 1).filter(|&j| j < t.len())]
-        .into_iter()
-        .flatten()
-        .min_by(|&a, &b| t[a].total_cmp(&t[b]))?;
+    let neighbour =
+        [slow.checked_sub(1), Some(slow + 1).filter(|&j| j < t.len())].into_iter().flatten().min_by(|&a, &b| t[a].total_cmp(&t[b]))?;
     let (ns, nj) = (layers[slow].len() as f64, layers[neighbour].len() as f64);
     let (cs, cj) = (t[slow] / ns, t[neighbour] / nj);
     // Both stages equal: n_s' c_s = (n_s + n_j - n_s') c_j.
@@ -426,7 +424,9 @@ mod tests {
                 })
                 .collect();
             for s in [Strategy::Even, Strategy::MemoryAware, Strategy::LatencyAware] {
-                let Ok(plan) = plan(s, &m, &nodes) else { continue };
+                let Ok(plan) = plan(s, &m, &nodes) else {
+                    continue;
+                };
                 assert!(!plan.is_empty());
                 assert_eq!(plan[0].start, 0, "{s}");
                 assert_eq!(plan.last().unwrap().end, n_layers, "{s}");

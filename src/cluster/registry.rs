@@ -71,7 +71,9 @@ impl Registry {
 
     /// Writes the file atomically (a rename), so a crash never leaves half a registry.
     pub fn save(&self) -> Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
@@ -120,11 +122,8 @@ impl Registry {
     }
 
     pub fn remove_cluster(&mut self, name: &str) -> Result<ClusterEntry> {
-        let i = self
-            .clusters
-            .iter()
-            .position(|c| c.name == name)
-            .ok_or_else(|| Error::InvalidRequest(format!("no cluster named '{name}'")))?;
+        let i =
+            self.clusters.iter().position(|c| c.name == name).ok_or_else(|| Error::InvalidRequest(format!("no cluster named '{name}'")))?;
         Ok(self.clusters.remove(i))
     }
 }

@@ -40,6 +40,12 @@ fn dispatch(pending: &Pending, frame: Frame) {
                 let _ = tx.send(Ok(r));
             }
         }
+        // An error tied to no session (a stranger's bad frame on its own
+        // stream) is not about our steps: failing them all would let anyone
+        // who can reach a node break every head's generations.
+        Message::Error(e) if e.session.is_none() && e.step.is_none() => {
+            tracing::warn!(node = %e.node, "{}", e.message);
+        }
         Message::Error(e) => fail(pending, e.session, e.step, &format!("node {}: {}", e.node, e.message)),
         _ => {}
     }

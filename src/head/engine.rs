@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 
-use crate::model::sampling::{sample, SamplingParams};
 use crate::error::{Error, Result};
+use crate::model::sampling::{sample, SamplingParams};
 use crate::model::{KvCache, ModelSlice, SliceOutput};
 
 /// How to pick the token after a step, and what it needs to do so.
@@ -75,10 +75,7 @@ impl Engine for LocalEngine {
     }
 
     fn step(&mut self, session: u64, tokens: &[u32], sample_spec: Option<SampleSpec<'_>>, want_logits: bool) -> Result<StepOutput> {
-        let cache = self
-            .sessions
-            .get_mut(&session)
-            .ok_or_else(|| Error::InvalidRequest(format!("no session {session}")))?;
+        let cache = self.sessions.get_mut(&session).ok_or_else(|| Error::InvalidRequest(format!("no session {session}")))?;
         let start = std::time::Instant::now();
         let input = Tensor::new(tokens, self.slice.device())?.unsqueeze(0)?;
         let logits = match self.slice.forward(&input, cache)? {

@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use super::engine::{Engine, SampleSpec, StepOutput};
-use crate::model::sampling::SamplingParams;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::model::sampling::SamplingParams;
 
 /// Prompt tokens per forward pass; bounds the activation buffer every stage holds.
 pub const PREFILL_CHUNK: usize = 256;

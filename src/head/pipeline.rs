@@ -24,7 +24,9 @@ use super::engine::{Engine, SampleSpec, StepOutput};
 use crate::net::auth::ClusterKey;
 use crate::net::connection::FrameWriter;
 use crate::net::frame::Frame;
-use crate::net::message::{Capabilities, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, SampleRequest, StepResult};
+use crate::net::message::{
+    Capabilities, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, SampleRequest, StepResult,
+};
 use crate::net::tensor::WireDType;
 use crate::net::{tls, NetError};
 use crate::node::server::resolve_addr;
@@ -136,9 +138,10 @@ impl Pipeline {
         }
         let this = &*self;
         let loads = plan.iter().enumerate().map(|(i, r)| {
-            let held = stages[i].capabilities().loaded.filter(|l| {
-                l.start as usize == r.start && l.end as usize == r.end && digest.as_ref().is_some_and(|d| *d == l.digest)
-            });
+            let held = stages[i]
+                .capabilities()
+                .loaded
+                .filter(|l| l.start as usize == r.start && l.end as usize == r.end && digest.as_ref().is_some_and(|d| *d == l.digest));
             let req = LoadRequest { model: model.to_string(), start: r.start as u32, end: r.end as u32, digest: digest.clone() };
             async move {
                 match held {
@@ -412,7 +415,14 @@ pub struct PipelineEngine {
 impl PipelineEngine {
     /// An engine owning its runtime.
     pub fn new(rt: tokio::runtime::Runtime, pipeline: Pipeline, context_length: usize) -> Self {
-        Self { handle: rt.handle().clone(), pipeline: Arc::new(pipeline), context_length, opening: HashMap::new(), rewinding: HashMap::new(), _rt: Some(rt) }
+        Self {
+            handle: rt.handle().clone(),
+            pipeline: Arc::new(pipeline),
+            context_length,
+            opening: HashMap::new(),
+            rewinding: HashMap::new(),
+            _rt: Some(rt),
+        }
     }
 
     /// An engine over a shared pipeline, for one request on a blocking thread.

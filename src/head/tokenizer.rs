@@ -34,7 +34,8 @@ const TOKEN_BYTE: i64 = 6;
 
 /// The split regexes of llama.cpp's `llama_vocab` pre-tokenizer types, as the
 /// HF tokenizers that those GGUF files came from define them.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Json {
@@ -52,10 +53,12 @@ fn split_then_byte_level(pattern: &str) -> Json {
 fn gpt2_pre_tokenizer(pre: &str) -> Json {
     match pre {
         // Digits split one by one, then the GPT-2 regex (SmolLM, StarCoder).
-        "smollm" | "starcoder" | "refact" | "codeshell" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            byte_level(true),
-        ]}),
+        "smollm" | "starcoder" | "refact" | "codeshell" => {
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                byte_level(true),
+            ]})
+        }
         "llama-bpe" | "llama3" | "llama-v3" | "dbrx" | "smaug-bpe" => split_then_byte_level(LLAMA3_SPLIT),
         "qwen2" | "qwen" | "deepseek-r1-qwen" => split_then_byte_level(QWEN2_SPLIT),
         "gpt2" | "default" | "gpt-2" | "olmo" | "phi-2" | "jina-es" | "jina-de" => byte_level(true),
@@ -71,9 +74,10 @@ impl Tokenizer {
         match file {
             ModelFile::Gguf(g) => Self::from_gguf(g),
             ModelFile::Safetensors(d) => Self::from_hf_dir(d.path()),
-            ModelFile::Synthetic(m) => {
-                Err(Error::Tokenizer(format!("{} has random weights and no tokenizer; it serves `sollol bench`, which feeds token ids", m.name())))
-            }
+            ModelFile::Synthetic(m) => Err(Error::Tokenizer(format!(
+                "{} has random weights and no tokenizer; it serves `sollol bench`, which feeds token ids",
+                m.name()
+            ))),
         }
     }
 
@@ -102,8 +106,7 @@ impl Tokenizer {
             .filter_map(|k| id(k))
             .collect();
         eos.dedup();
-        let vocab: serde_json::Map<String, Json> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         let added: Vec<Json> = tokens
             .iter()
             .enumerate()
@@ -180,15 +183,13 @@ impl Tokenizer {
     /// `tokenizer_config.json` and extra EOS ids from `generation_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let read_json = |name: &str| -> Json {
             std::fs::read_to_string(dir.join(name)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Json::Null)
         };
         let cfg = read_json("tokenizer_config.json");
-        let token_str = |v: &Json| -> Option<String> {
-            v.as_str().map(str::to_string).or_else(|| v["content"].as_str().map(str::to_string))
-        };
+        let token_str =
+            |v: &Json| -> Option<String> { v.as_str().map(str::to_string).or_else(|| v["content"].as_str().map(str::to_string)) };
         let bos_text = token_str(&cfg["bos_token"]);
         let eos_text = token_str(&cfg["eos_token"]);
         let bos = bos_text.as_deref().and_then(|t| inner.token_to_id(t));

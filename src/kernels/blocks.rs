@@ -162,17 +162,11 @@ pub mod scalar {
     }
 
     pub fn q5_0(w: &[BlockQ5_0], a: &[BlockQ8]) -> f32 {
-        w.iter()
-            .zip(a)
-            .map(|(w, a)| w.d.to_f32() * a.d * (idot(&q5_values(&w.qs, w.qh), &a.qs) - 16 * a.sum) as f32)
-            .sum()
+        w.iter().zip(a).map(|(w, a)| w.d.to_f32() * a.d * (idot(&q5_values(&w.qs, w.qh), &a.qs) - 16 * a.sum) as f32).sum()
     }
 
     pub fn q5_1(w: &[BlockQ5_1], a: &[BlockQ8]) -> f32 {
-        w.iter()
-            .zip(a)
-            .map(|(w, a)| w.d.to_f32() * a.d * idot(&q5_values(&w.qs, w.qh), &a.qs) as f32 + w.m.to_f32() * a.s)
-            .sum()
+        w.iter().zip(a).map(|(w, a)| w.d.to_f32() * a.d * idot(&q5_values(&w.qs, w.qh), &a.qs) as f32 + w.m.to_f32() * a.s).sum()
     }
 
     pub fn q8_0(w: &[BlockQ8_0], a: &[BlockQ8]) -> f32 {

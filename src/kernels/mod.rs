@@ -91,12 +91,12 @@ impl Aligned {
 /// Views bytes as blocks. Every block type here is plain old data whose
 /// alignment (≤ 8) the buffers and row strides respect.
 fn cast<T>(bytes: &[u8]) -> &[T] {
-    assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len() % size_of::<T>() == 0);
+    assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len().is_multiple_of(size_of::<T>()));
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size_of::<T>()) }
 }
 
 fn cast_mut<T>(bytes: &mut [u8]) -> &mut [T] {
-    assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len() % size_of::<T>() == 0);
+    assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len().is_multiple_of(size_of::<T>()));
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len() / size_of::<T>()) }
 }
 
@@ -347,7 +347,7 @@ impl QMatrix {
     /// `simd: false` forces the scalar reference (for tests).
     pub fn from_bytes(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8], simd: bool) -> Option<Self> {
         let kernel = Kernel::for_type(dtype, simd)?;
-        if cols % dtype.block_size() != 0 {
+        if !cols.is_multiple_of(dtype.block_size()) {
             return None;
         }
         let row_bytes = cols / dtype.block_size() * dtype.type_size();

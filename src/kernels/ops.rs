@@ -68,9 +68,7 @@ fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     let n = (x * LOG2E + MAGIC) - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_452 + r * 0.001_388_523_4)))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_452 + r * 0.001_388_523_4)))));
     f32::from_bits(((n as i32 + 127) << 23) as u32) * p
 }
 
@@ -166,9 +164,8 @@ mod tests {
             let mut out = vec![0f32; 8];
             attend(shape, &q, &k, &v, pos, h, &mut out);
             let kv = h / 2;
-            let s: Vec<f64> = (0..=pos)
-                .map(|j| (0..8).map(|c| q[c] as f64 * k[(kv * 5 + j) * 8 + c] as f64).sum::<f64>() / 8f64.sqrt())
-                .collect();
+            let s: Vec<f64> =
+                (0..=pos).map(|j| (0..8).map(|c| q[c] as f64 * k[(kv * 5 + j) * 8 + c] as f64).sum::<f64>() / 8f64.sqrt()).collect();
             let m = s.iter().cloned().fold(f64::MIN, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             for c in 0..8 {

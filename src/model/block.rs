@@ -41,12 +41,8 @@ impl Block {
             Ok(w)
         };
         let attn_norm = weight(Role::AttnNorm, &[h])?;
-        let (wq, wk, wv, wo) = (
-            weight(Role::Q, &[q_dim, h])?,
-            weight(Role::K, &[kv_dim, h])?,
-            weight(Role::V, &[kv_dim, h])?,
-            weight(Role::O, &[h, q_dim])?,
-        );
+        let (wq, wk, wv, wo) =
+            (weight(Role::Q, &[q_dim, h])?, weight(Role::K, &[kv_dim, h])?, weight(Role::V, &[kv_dim, h])?, weight(Role::O, &[h, q_dim])?);
         let ffn_norm = weight(Role::FfnNorm, &[h])?;
         let (gate, up, down) = (weight(Role::Gate, &[ffn, h])?, weight(Role::Up, &[ffn, h])?, weight(Role::Down, &[h, ffn])?);
         let (bq, bk, bv) = if cfg.arch.qkv_bias {
@@ -75,14 +71,7 @@ impl Block {
     }
 
     /// x `[b, seq, hidden]` → `[b, seq, hidden]`; `mask` `[seq, pos + seq]` (1 = hidden) when seq > 1.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        rope: &Rope,
-        cache: &mut KvCache,
-        layer: usize,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let residual = x;
         let x = self.attn_norm.forward(x)?;
         let x = (self.attention(&x, mask, rope, cache, layer)? + residual)?;

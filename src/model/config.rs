@@ -53,10 +53,7 @@ impl Config {
             return Err(format!("{name} must be positive"));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return Err(format!(
-                "{} attention heads cannot be grouped over {} key/value heads",
-                self.n_heads, self.n_kv_heads
-            ));
+            return Err(format!("{} attention heads cannot be grouped over {} key/value heads", self.n_heads, self.n_kv_heads));
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is odd; rotary embeddings need pairs", self.head_dim));

@@ -85,16 +85,16 @@ impl GgufFile {
     /// Reads and checks the header: every tensor must lie inside the file.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
-            .len();
+        let file_len = file.metadata().map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?.len();
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| {
             let msg = first_line(&e);
             let reason = if let Some(id) = msg.strip_prefix("unknown dtype for tensor ") {
                 let name = id.trim().parse().ok().and_then(ggml_type_name).unwrap_or("unknown");
-                format!("tensor type {} ({name}) is not supported; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K", id.trim())
+                format!(
+                    "tensor type {} ({name}) is not supported; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K",
+                    id.trim()
+                )
             } else if msg.contains("magic") {
                 format!("not a GGUF file ({msg})")
             } else if msg.contains("failed to fill whole buffer") || msg.contains("UnexpectedEof") {
@@ -109,7 +109,11 @@ impl GgufFile {
             if info.shape.elem_count() % block != 0 {
                 return Err(Error::bad_model(
                     path,
-                    format!("tensor '{name}' has {} elements, not a multiple of its {:?} block size {block}", info.shape.elem_count(), info.ggml_dtype),
+                    format!(
+                        "tensor '{name}' has {} elements, not a multiple of its {:?} block size {block}",
+                        info.shape.elem_count(),
+                        info.ggml_dtype
+                    ),
                 ));
             }
             let end = content.tensor_data_offset + info.offset + tensor_bytes(info);
@@ -137,27 +141,18 @@ impl GgufFile {
 
     pub fn config(&self) -> Result<Config> {
         let bad = |reason: String| Error::bad_model(&self.path, reason);
-        let arch_name = self
-            .metadata_str("general.architecture")
-            .ok_or_else(|| bad("missing general.architecture".into()))?;
+        let arch_name = self.metadata_str("general.architecture").ok_or_else(|| bad("missing general.architecture".into()))?;
         let arch = arch::by_gguf_name(arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let required = |k: &str| -> Result<usize> {
-            self.metadata_u64(&key(k))
-                .map(|v| v as usize)
-                .ok_or_else(|| bad(format!("missing metadata {}", key(k))))
+            self.metadata_u64(&key(k)).map(|v| v as usize).ok_or_else(|| bad(format!("missing metadata {}", key(k))))
         };
         let n_heads = required("attention.head_count")?;
         let hidden_size = required("embedding_length")?;
         let n_kv_heads = self.metadata_u64(&key("attention.head_count_kv")).map_or(n_heads, |v| v as usize);
-        let head_dim = self
-            .metadata_u64(&key("attention.key_length"))
-            .map_or(hidden_size / n_heads.max(1), |v| v as usize);
-        let embed = self
-            .content
-            .tensor_infos
-            .get(&tensor_name(Role::Embed, None))
-            .ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+        let head_dim = self.metadata_u64(&key("attention.key_length")).map_or(hidden_size / n_heads.max(1), |v| v as usize);
+        let embed =
+            self.content.tensor_infos.get(&tensor_name(Role::Embed, None)).ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
         let vocab_size = embed.shape.dims()[0];
         let rope_freq_factors = match self.content.tensor_infos.get("rope_freqs.weight") {
             Some(_) => Some(self.read_dense_f32("rope_freqs.weight")?),
@@ -205,9 +200,7 @@ impl GgufFile {
     }
 
     fn read_dense_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let mut reader = BufReader::new(
-            File::open(&self.path).map_err(|e| Error::io(format!("cannot open {}", self.path.display()), e))?,
-        );
+        let mut reader = BufReader::new(File::open(&self.path).map_err(|e| Error::io(format!("cannot open {}", self.path.display()), e))?);
         let q = self
             .content
             .tensor(&mut reader, name, &Device::Cpu)

@@ -256,10 +256,7 @@ impl ModelSlice {
                 let vocab = host(output).rows();
                 let mut logits = vec![0f32; segs.len() * vocab];
                 project(&mut s.acts, &s.xn[..segs.len() * hidden], &[output], &mut [&mut logits]);
-                logits
-                    .chunks_exact(vocab)
-                    .map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?)))
-                    .collect()
+                logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
             }
             None => segs
                 .iter()

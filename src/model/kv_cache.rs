@@ -47,14 +47,7 @@ pub struct KvState {
 }
 
 impl KvCache {
-    pub fn new(
-        n_layers: usize,
-        batch: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        capacity: usize,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(n_layers: usize, batch: usize, n_kv_heads: usize, head_dim: usize, capacity: usize, device: &Device) -> Result<Self> {
         let layers = (0..n_layers)
             .map(|_| {
                 let shape = (batch, n_kv_heads, capacity, head_dim);
@@ -171,11 +164,7 @@ impl KvCache {
     /// block count and head shape and fit its capacity.
     pub fn import(&mut self, state: &KvState) -> Result<()> {
         if state.layers.len() != self.n_layers() {
-            return Err(Error::InvalidRequest(format!(
-                "KV state has {} blocks, this cache holds {}",
-                state.layers.len(),
-                self.n_layers()
-            )));
+            return Err(Error::InvalidRequest(format!("KV state has {} blocks, this cache holds {}", state.layers.len(), self.n_layers())));
         }
         if state.len > self.capacity {
             return Err(Error::ContextOverflow { prompt: state.len, context: self.capacity });

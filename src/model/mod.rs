@@ -7,6 +7,7 @@ pub mod arch;
 pub mod block;
 pub mod catalog;
 pub mod config;
+pub mod device;
 pub mod gguf;
 pub mod host;
 pub mod kv_cache;
@@ -25,8 +26,8 @@ use candle_core::Device;
 
 pub use config::Config;
 pub use gguf::LayerBytes;
-pub use kv_cache::{KvCache, KvState};
 pub use host::{BatchItem, HostInput};
+pub use kv_cache::{KvCache, KvState};
 pub use slice::{ModelSlice, SliceOutput};
 pub use weights::Backend;
 use weights::{RawWeight, Role};

@@ -122,19 +122,14 @@ impl SafetensorsDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let bad = |reason: String| Error::bad_model(dir, reason);
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
         let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad(format!("config.json: {e}")))?;
         let hf_raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .map_err(|e| Error::io(format!("cannot read {}", index.display()), e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| bad(format!("model.safetensors.index.json: {e}")))?;
-            let map = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| bad("model.safetensors.index.json has no weight_map".into()))?;
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(format!("cannot read {}", index.display()), e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("model.safetensors.index.json: {e}")))?;
+            let map = v["weight_map"].as_object().ok_or_else(|| bad("model.safetensors.index.json has no weight_map".into()))?;
             let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
             files.sort();
             files.dedup();
@@ -197,13 +192,12 @@ impl SafetensorsDir {
 
     pub fn read(&self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
         let name = tensor_name(role, layer);
-        let t = self
-            .tensors
-            .load(&name, device)
-            .map_err(|_| Error::bad_model(&self.path, format!("missing tensor '{name}'")))?;
+        let t = self.tensors.load(&name, device).map_err(|_| Error::bad_model(&self.path, format!("missing tensor '{name}'")))?;
         let t = match t.dtype() {
             DType::F32 | DType::F16 | DType::BF16 => t,
-            other => return Err(Error::bad_model(&self.path, format!("tensor '{name}' has dtype {other:?}; f32, f16 and bf16 are supported"))),
+            other => {
+                return Err(Error::bad_model(&self.path, format!("tensor '{name}' has dtype {other:?}; f32, f16 and bf16 are supported")))
+            }
         };
         Ok(RawWeight::Dense(t))
     }

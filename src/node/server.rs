@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub compute_lock: Option<PathBuf>,
     /// Multicast group to announce this node on (LAN discovery, opt-in).
     pub announce: Option<std::net::SocketAddrV4>,
+    /// Where slices, their KV caches and their compute live.
+    pub device: candle_core::Device,
 }
 
 struct Node {
@@ -118,13 +120,14 @@ impl Node {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let (total, available) = crate::sys::memory_bytes().unwrap_or((0, 0));
+        // A GPU offers its own memory; the CPU the system's.
+        let (total, available) = crate::model::device::memory(&self.cfg.device).or_else(crate::sys::memory_bytes).unwrap_or((0, 0));
         let held = self.loaded.lock().expect("loaded lock").as_ref().map_or(0, |l| l.weight_bytes);
         let offered = self.cfg.memory_limit.map_or(available, |l| l.min(available));
         Capabilities {
             protocol: PROTOCOL_VERSION,
             build: env!("CARGO_PKG_VERSION").to_string(),
-            device: "cpu".to_string(),
+            device: crate::model::device::name(&self.cfg.device),
             cores: crate::sys::cpu_cores() as u32,
             threads: if self.cfg.threads == 0 { crate::sys::cpu_cores() as u32 } else { self.cfg.threads as u32 },
             total_memory: self.cfg.memory_limit.unwrap_or(total),
@@ -272,13 +275,17 @@ impl Node {
             caps.free_memory + self.loaded.lock().expect("loaded lock").as_ref().map_or(0, |l| l.weight_bytes)
         };
         let node = self.outputs.node.clone();
+        let device = self.cfg.device.clone();
         let loaded = tokio::task::spawn_blocking(move || -> Result<Box<LoadedModel>, String> {
             let resolved = source::resolve(&req.model).map_err(|e| e.to_string())?;
             let mut file = ModelFile::open(&resolved.path).map_err(|e| e.to_string())?;
             let digest = file.digest().map_err(|e| e.to_string())?;
             if let Some(want) = &req.digest {
                 if *want != digest {
-                    return Err(format!("model '{}' on {node} has digest {digest}, the head expects {want}: not the same model", req.model));
+                    return Err(format!(
+                        "model '{}' on {node} has digest {digest}, the head expects {want}: not the same model",
+                        req.model
+                    ));
                 }
             }
             let cfg = file.config().map_err(|e| e.to_string())?;
@@ -294,7 +301,7 @@ impl Node {
                     crate::sys::human_bytes(offered)
                 ));
             }
-            let slice = ModelSlice::load(&mut file, start..end, &candle_core::Device::Cpu).map_err(|e| e.to_string())?;
+            let slice = ModelSlice::load(&mut file, start..end, &device).map_err(|e| e.to_string())?;
             let info = LoadedSlice {
                 model: req.model.clone(),
                 digest,

@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::sampling::sample;
@@ -41,12 +41,28 @@ pub struct LoadedModel {
 }
 
 pub enum Work {
-    Forward { header: ForwardHeader, payload: Vec<u8> },
-    Close { session: u64 },
+    Forward {
+        header: ForwardHeader,
+        payload: Vec<u8>,
+    },
+    Close {
+        session: u64,
+    },
     /// Replace the loaded slice (None unloads); every session is dropped.
-    Install { model: Option<Box<LoadedModel>>, done: oneshot::Sender<()> },
-    ExportKv { session: u64, dtype: WireDType, reply: oneshot::Sender<Result<Frame, String>> },
-    ImportKv { header: KvStateHeader, payload: Vec<u8>, reply: oneshot::Sender<Result<(), String>> },
+    Install {
+        model: Option<Box<LoadedModel>>,
+        done: oneshot::Sender<()>,
+    },
+    ExportKv {
+        session: u64,
+        dtype: WireDType,
+        reply: oneshot::Sender<Result<Frame, String>>,
+    },
+    ImportKv {
+        header: KvStateHeader,
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Where the worker's output goes, shared with the network side.
@@ -331,7 +347,9 @@ impl Worker {
             .map(|(h, input)| {
                 let (cache, _) = self.sessions.get_mut(&h.session).ok_or("session closed")?;
                 let x = match input {
-                    StepInput::Tokens(ids) => Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).map_err(|e| e.to_string())?,
+                    StepInput::Tokens(ids) => {
+                        Tensor::new(ids.as_slice(), slice.device()).and_then(|t| t.unsqueeze(0)).map_err(|e| e.to_string())?
+                    }
                     StepInput::Hidden(t) => t.clone(),
                 };
                 slice.forward(&x, cache).map_err(|e| e.to_string())
@@ -416,8 +434,8 @@ impl Worker {
         let th = TensorHeader { dtype: h.dtype, shape };
         let mut layers = Vec::with_capacity(h.n_layers as usize);
         for chunk in payload.chunks(per * 2) {
-            let k = tensor::decode(&th, &chunk[..per], &Device::Cpu).map_err(|e| e.to_string())?;
-            let v = tensor::decode(&th, &chunk[per..], &Device::Cpu).map_err(|e| e.to_string())?;
+            let k = tensor::decode(&th, &chunk[..per], model.slice.device()).map_err(|e| e.to_string())?;
+            let v = tensor::decode(&th, &chunk[per..], model.slice.device()).map_err(|e| e.to_string())?;
             layers.push((k, v));
         }
         let state = KvState { len: h.len as usize, layers };

@@ -147,10 +147,8 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
 /// Writes an HF directory (config.json + model.safetensors) of `dtype` weights.
 pub fn write_hf_dir(dir: &Path, spec: &TinySpec, model_type: &str, dtype: DType) {
     std::fs::create_dir_all(dir).unwrap();
-    let weights: HashMap<String, Tensor> = random_weights(spec, model_type == "qwen2")
-        .into_iter()
-        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
-        .collect();
+    let weights: HashMap<String, Tensor> =
+        random_weights(spec, model_type == "qwen2").into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
     candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
     let config = serde_json::json!({
         "model_type": model_type,

@@ -29,11 +29,7 @@ pub struct ArchSpec {
 pub const ARCHITECTURES: &[&ArchSpec] = &[&llama::SPEC, &qwen2::SPEC];
 
 pub fn by_gguf_name(name: &str) -> Result<&'static ArchSpec> {
-    ARCHITECTURES
-        .iter()
-        .find(|a| a.gguf_names.contains(&name))
-        .copied()
-        .ok_or_else(|| Error::UnsupportedArchitecture(name.to_string()))
+    ARCHITECTURES.iter().find(|a| a.gguf_names.contains(&name)).copied().ok_or_else(|| Error::UnsupportedArchitecture(name.to_string()))
 }
 
 pub fn by_hf_model_type(model_type: &str) -> Result<&'static ArchSpec> {

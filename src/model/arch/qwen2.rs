@@ -6,10 +6,5 @@
 use super::ArchSpec;
 use crate::model::config::RopeStyle;
 
-pub const SPEC: ArchSpec = ArchSpec {
-    name: "qwen2",
-    gguf_names: &["qwen2"],
-    hf_model_types: &["qwen2"],
-    qkv_bias: true,
-    gguf_rope: RopeStyle::Half,
-};
+pub const SPEC: ArchSpec =
+    ArchSpec { name: "qwen2", gguf_names: &["qwen2"], hf_model_types: &["qwen2"], qkv_bias: true, gguf_rope: RopeStyle::Half };
