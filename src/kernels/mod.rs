@@ -19,6 +19,8 @@ pub mod ops;
 pub mod pool;
 
 use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType};
+use std::sync::Arc;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
@@ -331,16 +333,49 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: Aligned,
+    data: Weights,
     kernel: Kernel,
 }
 
+/// A matrix's bytes: its own buffer, or the blocks of the CPU `QTensor` it
+/// was made from, used in place (no copy, so a load never holds a weight twice).
+#[derive(Debug, Clone)]
+enum Weights {
+    Owned(Aligned),
+    Shared { _tensor: Arc<QTensor>, ptr: *const u8, len: usize },
+}
+
+// SAFETY: `Shared` points into the storage of a `QTensor` (Send + Sync) that
+// it keeps alive and that nothing mutates.
+unsafe impl Send for Weights {}
+unsafe impl Sync for Weights {}
+
+impl Weights {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Weights::Owned(a) => a.bytes(),
+            Weights::Shared { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+}
+
 impl QMatrix {
-    /// Copies a 2-D CPU `QTensor`'s blocks; `None` for a type no kernel here handles.
-    pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<Self>> {
+    /// A 2-D CPU `QTensor`'s blocks, used in place; `None` for a type no
+    /// kernel here handles (or a tensor not on the CPU).
+    pub fn from_qtensor(q: &Arc<QTensor>) -> candle_core::Result<Option<Self>> {
         let (rows, cols) = q.shape().dims2()?;
-        let data = q.data()?;
-        Ok(Self::from_bytes(q.dtype(), rows, cols, &data, true))
+        let Some(kernel) = Kernel::for_type(q.dtype(), true) else { return Ok(None) };
+        let (ptr, len) = match q.data()? {
+            std::borrow::Cow::Borrowed(b) => (b.as_ptr(), b.len()),
+            std::borrow::Cow::Owned(_) => return Ok(None),
+        };
+        let (dtype, bs) = (q.dtype(), q.dtype().block_size());
+        let row_bytes = cols / bs * dtype.type_size();
+        // The block structs need their alignment (2 for the f16 scales).
+        if !cols.is_multiple_of(bs) || len != rows * row_bytes || !(ptr as usize).is_multiple_of(2) {
+            return Ok(None);
+        }
+        Ok(Some(Self { dtype, rows, cols, row_bytes, data: Weights::Shared { _tensor: q.clone(), ptr, len }, kernel }))
     }
 
     /// `bytes` are `rows` rows of `cols` values of type `dtype`, as in GGUF.
@@ -356,7 +391,7 @@ impl QMatrix {
         }
         let mut data = Aligned::zeroed(bytes.len());
         data.bytes_mut().copy_from_slice(bytes);
-        Some(Self { dtype, rows, cols, row_bytes, data, kernel })
+        Some(Self { dtype, rows, cols, row_bytes, data: Weights::Owned(data), kernel })
     }
 
     pub fn rows(&self) -> usize {
@@ -372,7 +407,7 @@ impl QMatrix {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len
+        self.data.bytes().len()
     }
 
     fn row(&self, r: usize) -> &[u8] {

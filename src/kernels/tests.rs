@@ -90,10 +90,11 @@ fn candle_backed_types_match_candles_matmul() {
         let wf = Tensor::new(random_acts(&mut rng, rows * cols), &dev).unwrap().reshape((rows, cols)).unwrap();
         let q = QTensor::quantize(&wf, t).unwrap();
         let x = random_acts(&mut rng, 3 * cols);
+        let q = std::sync::Arc::new(q);
         let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
         let ours = run(&m, &x);
         let xt = Tensor::new(x.as_slice(), &dev).unwrap().reshape((3, cols)).unwrap();
-        let theirs = QMatMul::from_qtensor(q).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let theirs = QMatMul::from_arc(q).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // candle multiplies F16 weights with f32 activations; the dot product
         // path rounds activations to f16 (2⁻¹¹ relative) first.
         let tol = if t == GgmlDType::F16 { 1e-3 } else { 1e-5 };

@@ -87,6 +87,9 @@ impl ModelSlice {
             },
             _ => None,
         };
+        // The matrix is a copy: free the tensor it came from now, not at the
+        // end of the load, or the peak holds the table twice.
+        let embed_table = if host_table.is_some() { None } else { embed_table };
         let embed = match (&host_table, &embed_table) {
             _ if !is_first => None,
             (Some(m), _) => Some(Embedding::Host(m.clone())),
