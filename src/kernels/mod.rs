@@ -478,6 +478,9 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Matrices one parallel region serves (q, k and v is the most).
+const MAX_MATS: usize = 4;
+
 /// Weight rows per tile: small enough to stay in L1 while every group of
 /// activation rows passes over them, so prefill reads activations from
 /// cache 16× less often than row by row.
@@ -489,12 +492,16 @@ const TILE_ROWS: usize = 16;
 /// each weight row is read once for all activation rows.
 pub fn matmul(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
     assert_eq!(mats.len(), outs.len());
+    assert!(mats.len() <= MAX_MATS, "at most {MAX_MATS} matrices per region");
     for (m, o) in mats.iter().zip(outs.iter()) {
         assert_eq!(acts.kind, Some(m.kernel.acts()), "activations quantized for another kind of matrix");
         assert_eq!(m.cols, acts.cols);
         assert_eq!(o.len(), acts.rows * m.rows, "output is not [rows, out_features]");
     }
-    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let mut ptrs = [OutPtr(std::ptr::null_mut()); MAX_MATS];
+    for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
+        *p = OutPtr(o.as_mut_ptr());
+    }
     let total: usize = mats.iter().map(|m| m.rows).sum();
     let pool = pool();
     let threads = pool.threads();

@@ -68,27 +68,21 @@ fn host(l: &Linear) -> &QMatrix {
     l.host().expect("a host slice holds only host linears (checked at load)")
 }
 
-/// `outs[i] = x · Wᵢᵀ (+ bᵢ)`, quantizing `x` once per kind of activation the
-/// matrices need (once in all for the usual file whose blocks share a type).
+/// `outs[i] = x · Wᵢᵀ (+ bᵢ)` for up to three layers reading the same `x`:
+/// quantized once and multiplied in one parallel region when their weight
+/// types share an activation format (the usual file), else one by one.
 fn project(acts: &mut QActs, x: &[f32], layers: &[&Linear], outs: &mut [&mut [f32]]) {
-    let mut done = vec![false; layers.len()];
-    for first in 0..layers.len() {
-        if done[first] {
-            continue;
-        }
-        let lead = host(layers[first]);
-        acts.quantize_for(lead, x);
-        let group: Vec<usize> = (first..layers.len()).filter(|&i| !done[i] && host(layers[i]).shares_acts(lead)).collect();
-        let mats: Vec<&QMatrix> = group.iter().map(|&i| host(layers[i])).collect();
-        let mut group_outs: Vec<&mut [f32]> = Vec::with_capacity(group.len());
-        for (i, o) in outs.iter_mut().enumerate() {
-            if group.contains(&i) {
-                group_outs.push(o);
-            }
-        }
-        kernels::matmul(&mats, acts, &mut group_outs);
-        for &i in &group {
-            done[i] = true;
+    let n = layers.len();
+    assert!((1..=3).contains(&n), "one to three projections of one input");
+    let first = host(layers[0]);
+    if layers.iter().all(|l| host(l).shares_acts(first)) {
+        acts.quantize_for(first, x);
+        let mats: [&QMatrix; 3] = std::array::from_fn(|i| host(layers[i.min(n - 1)]));
+        kernels::matmul(&mats[..n], acts, outs);
+    } else {
+        for (l, o) in layers.iter().zip(outs.iter_mut()) {
+            acts.quantize_for(host(l), x);
+            kernels::matmul(&[host(l)], acts, &mut [&mut **o]);
         }
     }
     for (l, o) in layers.iter().zip(outs.iter_mut()) {
@@ -140,13 +134,7 @@ impl Block {
         }
 
         let att = OutPtr(sized(&mut s.att, rows * q_dim).as_mut_ptr());
-        let views: Vec<(&[f32], &[f32], AttnShape)> = caches
-            .iter()
-            .map(|c| {
-                let kv = c.host_layer(layer).expect("host caches only");
-                (&kv.k[..], &kv.v[..], AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity() })
-            })
-            .collect();
+        let caches: &[&mut KvCache] = caches;
         let q = &s.q;
         let tasks = rows * nh;
         let pool = kernels::pool();
@@ -162,12 +150,14 @@ impl Block {
                 }
                 let g = segs[seg];
                 let (i, h) = ((task - seg_first_task) / nh, (task - seg_first_task) % nh);
-                let (k, v, shape) = views[seg];
+                let cache = &caches[seg];
+                let kv = cache.host_layer(layer).expect("host caches only");
+                let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: cache.capacity() };
                 let row = g.start + i;
                 let qh = &q[row * q_dim + h * hd..][..hd];
                 // SAFETY: head h of row `row` is written by this task only.
                 let out = unsafe { att.slice(row * q_dim + h * hd, hd) };
-                ops::attend(shape, qh, k, v, g.pos + i, h, out);
+                ops::attend(shape, qh, &kv.k, &kv.v, g.pos + i, h, out);
                 task += threads;
             }
         });
