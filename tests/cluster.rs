@@ -122,3 +122,30 @@ fn multicast_announcements_on_loopback_are_heard() {
     let out = ok(sollol(&["discover", "--multicast", "--group", &group, "--interface", "127.0.0.1", "--seconds", "3"], dir.path()));
     assert!(out.contains(&node.addr), "{out}");
 }
+
+/// A node that dies and comes back on its address is healthy again and
+/// serves new plans; nothing on the head side is restarted (each command
+/// here is a fresh head).
+#[test]
+fn a_restarted_node_is_healthy_again_and_used() {
+    common::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path();
+    let mut n = NodeProc::spawn(Some(KEY), &["--memory-limit", "300MB"]);
+    let addr = n.addr.clone();
+    ok(sollol(&["nodes", "add", &addr, "--name", "n"], cfg));
+    let healthy = |cfg: &Path| -> bool {
+        let list: serde_json::Value = serde_json::from_str(&ok(sollol(&["nodes", "list", "--json"], cfg))).unwrap();
+        list.as_array().unwrap()[0]["healthy"].as_bool().unwrap()
+    };
+    assert!(healthy(cfg));
+    n.kill();
+    assert!(!healthy(cfg), "a dead node is reported down");
+    let out = sollol(&["generate", "--route", "-n", "4", "The capital of France is"], cfg);
+    assert!(!out.status.success(), "nothing can serve the model while the only node is down");
+
+    let _back = NodeProc::spawn_on(&addr, Some(KEY), &["--memory-limit", "300MB"]);
+    assert!(healthy(cfg), "the restarted node is healthy again");
+    let out = sollol(&["generate", "--route", "-n", "4", "The capital of France is"], cfg);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&out.stderr));
+}
