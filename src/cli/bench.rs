@@ -241,8 +241,13 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
     }
     let threads = if threads == 0 { sollol::sys::cpu_cores() } else { threads };
     println!(
-        "model {}, {threads} threads in all, prompt {} tok, decode {} tok, wire {}, best of {} interleaved rounds",
-        opened.resolved.name, args.prompt_tokens, args.tokens, args.wire, args.rounds
+        "model {}, {threads} threads in all, {} CPU kernels, prompt {} tok, decode {} tok, wire {}, best of {} interleaved rounds",
+        opened.resolved.name,
+        sollol::kernels::isa(),
+        args.prompt_tokens,
+        args.tokens,
+        args.wire,
+        args.rounds
     );
     println!(
         "{:<10} {:>12} {:>8} {:>12} {:>8} {:>9} {:>14} {:>10} stage busy",

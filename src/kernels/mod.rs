@@ -423,11 +423,6 @@ impl QMatrix {
     pub fn shares_acts(&self, other: &QMatrix) -> bool {
         self.cols == other.cols && self.kernel.acts() == other.kernel.acts()
     }
-
-    /// Whether this CPU runs the matrix on SIMD kernels of ours.
-    pub fn is_simd(&self) -> bool {
-        matches!(self.kernel, Kernel::Own { simd: true, .. })
-    }
 }
 
 /// Activation rows quantized for a kind of matrix; the buffer is reused
