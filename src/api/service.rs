@@ -661,7 +661,7 @@ impl Service {
                     let mut h = NodeHealth::unknown(&format!("local-{}", i + 1), addr);
                     match clients.iter().find(|c| &c.addr == addr) {
                         Some(c) => match c.ping(Duration::from_secs(1)).await {
-                            Ok(p) => h.answered(p.rtt, p.sessions, c.refresh_capabilities().await.unwrap_or_else(|_| c.capabilities())),
+                            Ok(p) => h.answered(&p, c.refresh_capabilities().await.unwrap_or_else(|_| c.capabilities())),
                             Err(e) => h.missed(&HealthPolicy::default(), e.to_string()),
                         },
                         None => {

@@ -310,9 +310,25 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
     );
     // Warm up: load the model.
     sollol::api::http_client::post(&addr, "/api/generate", &body.replace(r#""raw":true"#, r#""raw":true,"stream":false"#));
+    // Node counters (compute time, positions, batches) from the server's status.
+    let counters = || -> Vec<(f64, u64, u64)> {
+        let v = sollol::api::http_client::try_request(&addr, "GET", "/api/sollol/status", None, &[]).map(|r| r.json()).unwrap_or_default();
+        v["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .map(|n| {
+                        (n["busy_ms"].as_f64().unwrap_or(0.0), n["positions"].as_u64().unwrap_or(0), n["batches"].as_u64().unwrap_or(0))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let mut rows = Vec::new();
     for &c in clients {
         let per_client = requests.div_ceil(c);
+        let before = counters();
         let start = Instant::now();
         let handles: Vec<_> = (0..c)
             .map(|_| {
@@ -345,7 +361,13 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
         let wall = start.elapsed().as_secs_f64();
         let ttfts: Vec<Duration> = done.iter().map(|d| d.0).collect();
         let generated: u64 = done.iter().map(|d| d.1).sum();
+        let after = counters();
+        // Per node: share of the wall time spent computing, and positions per batch.
+        let (busy, batch): (Vec<f64>, Vec<f64>) =
+            before.iter().zip(&after).map(|(b, a)| ((a.0 - b.0) / (wall * 1e3), (a.1 - b.1) as f64 / (a.2 - b.2).max(1) as f64)).unzip();
         rows.push(serde_json::json!({
+            "node_busy": busy,
+            "rows_per_batch": batch,
             "clients": c,
             "requests": ttfts.len(),
             "requests_per_s": ttfts.len() as f64 / wall,
@@ -358,16 +380,27 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
         println!("{}", serde_json::json!({"url": url, "model": model, "tokens": tokens, "results": rows}));
     } else {
         println!("{url}, model {model}, {tokens} tokens per request, streaming /api/generate");
-        println!("{:>8} {:>9} {:>12} {:>12} {:>14} {:>14}", "clients", "requests", "requests/s", "tokens/s", "ttft p50 ms", "ttft p99 ms");
+        println!(
+            "{:>8} {:>9} {:>12} {:>12} {:>14} {:>14}  node busy / rows per batch",
+            "clients", "requests", "requests/s", "tokens/s", "ttft p50 ms", "ttft p99 ms"
+        );
         for r in rows {
+            let nodes: Vec<String> = r["node_busy"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .zip(r["rows_per_batch"].as_array().into_iter().flatten())
+                .map(|(u, b)| format!("{:.0}%/{:.1}", u.as_f64().unwrap_or(0.0) * 100.0, b.as_f64().unwrap_or(0.0)))
+                .collect();
             println!(
-                "{:>8} {:>9} {:>12.2} {:>12.1} {:>14.0} {:>14.0}",
+                "{:>8} {:>9} {:>12.2} {:>12.1} {:>14.0} {:>14.0}  {}",
                 r["clients"].as_u64().unwrap_or(0),
                 r["requests"].as_u64().unwrap_or(0),
                 r["requests_per_s"].as_f64().unwrap_or(0.0),
                 r["tokens_per_s"].as_f64().unwrap_or(0.0),
                 r["ttft_p50_ms"].as_f64().unwrap_or(0.0),
-                r["ttft_p99_ms"].as_f64().unwrap_or(0.0)
+                r["ttft_p99_ms"].as_f64().unwrap_or(0.0),
+                nodes.join(" ")
             );
         }
     }

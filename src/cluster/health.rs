@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::head::client::Ping;
 use crate::net::message::Capabilities;
 
 #[derive(Debug, Clone)]
@@ -38,6 +39,12 @@ pub struct NodeHealth {
     pub score: f64,
     pub capabilities: Option<Capabilities>,
     pub last_error: Option<String>,
+    /// The node's counters since it started: compute time, positions
+    /// computed, and the batches they ran in (a caller's two readings give
+    /// utilisation and mean batch size over an interval).
+    pub busy_ms: f64,
+    pub positions: u64,
+    pub batches: u64,
 }
 
 impl NodeHealth {
@@ -53,15 +60,21 @@ impl NodeHealth {
             score: 0.0,
             capabilities: None,
             last_error: Some("not checked yet".into()),
+            busy_ms: 0.0,
+            positions: 0,
+            batches: 0,
         }
     }
 
     /// A ping came back.
-    pub fn answered(&mut self, rtt: Duration, sessions: u32, caps: Capabilities) {
+    pub fn answered(&mut self, ping: &Ping, caps: Capabilities) {
         self.healthy = true;
         self.missed = 0;
-        self.rtt_ms = Some(rtt.as_secs_f64() * 1e3);
-        self.sessions = sessions;
+        self.rtt_ms = Some(ping.rtt.as_secs_f64() * 1e3);
+        self.sessions = ping.sessions;
+        self.busy_ms = ping.busy.as_secs_f64() * 1e3;
+        self.positions = ping.tokens;
+        self.batches = ping.batches;
         self.capabilities = Some(caps);
         self.last_error = None;
         self.score = score(self);
@@ -95,6 +108,10 @@ pub fn score(h: &NodeHealth) -> f64 {
 mod tests {
     use super::*;
 
+    fn ping(rtt_ms: u64, sessions: u32) -> Ping {
+        Ping { rtt: Duration::from_millis(rtt_ms), sessions, busy: Duration::ZERO, tokens: 0, batches: 0 }
+    }
+
     fn caps() -> Capabilities {
         Capabilities {
             protocol: 1,
@@ -114,25 +131,25 @@ mod tests {
     fn unhealthy_after_missed_pings_and_back_on_an_answer() {
         let policy = HealthPolicy::default();
         let mut h = NodeHealth::unknown("a", "127.0.0.1:1");
-        h.answered(Duration::from_millis(1), 0, caps());
+        h.answered(&ping(1, 0), caps());
         assert!(h.healthy && h.score > 0.0);
         h.missed(&policy, "timeout".into());
         assert!(h.healthy, "one missed ping is not enough");
         h.missed(&policy, "timeout".into());
         assert!(!h.healthy);
         assert_eq!(h.score, 0.0);
-        h.answered(Duration::from_millis(1), 0, caps());
+        h.answered(&ping(1, 0), caps());
         assert!(h.healthy);
     }
 
     #[test]
     fn score_prefers_near_idle_fast_nodes() {
         let mut a = NodeHealth::unknown("a", "x");
-        a.answered(Duration::from_millis(1), 0, caps());
+        a.answered(&ping(1, 0), caps());
         let mut far = a.clone();
-        far.answered(Duration::from_millis(100), 0, caps());
+        far.answered(&ping(100, 0), caps());
         let mut busy = a.clone();
-        busy.answered(Duration::from_millis(1), 3, caps());
+        busy.answered(&ping(1, 3), caps());
         let mut fast = a.clone();
         fast.tok_s = Some(100.0);
         fast.score = score(&fast);

@@ -121,7 +121,7 @@ impl ClusterManager {
         let mut health = self.health.lock().expect("health lock");
         let h = health.entry(name.to_string()).or_insert_with(|| NodeHealth::unknown(name, &addr));
         match result {
-            Ok((ping, caps)) => h.answered(ping.rtt, ping.sessions, caps),
+            Ok((ping, caps)) => h.answered(&ping, caps),
             Err(e) => h.missed(&self.policy, e.to_string()),
         }
         h.clone()
