@@ -11,34 +11,17 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use candle_core::Device;
 use common::NodeProc;
 use sollol::head::client::NodeClient;
-use sollol::head::engine::LocalEngine;
-use sollol::head::generation::{generate, GenerateRequest};
+use sollol::head::generation::generate;
 use sollol::head::pipeline::{Pipeline, PipelineEngine, Replaced};
-use sollol::head::tokenizer::Tokenizer;
-use sollol::model::sampling::SamplingParams;
-use sollol::model::{ModelFile, ModelSlice};
 use sollol::net::auth::ClusterKey;
 use sollol::net::tensor::WireDType;
 use sollol::net::tls;
 use sollol::node::server::resolve_addr;
 
 const KEY: &str = "drain-test-key";
-const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
-
-fn request() -> GenerateRequest {
-    GenerateRequest {
-        prompt: PROMPT.to_vec(),
-        params: SamplingParams { temperature: 0.0, ..Default::default() },
-        max_tokens: 64,
-        stop: vec![],
-        context: 0,
-        resume: None,
-        keep_session: false,
-    }
-}
+const PROMPT: [u32; 5] = common::FRANCE_PROMPT;
 
 fn positions(rt: &tokio::runtime::Runtime, client: &NodeClient) -> u64 {
     rt.block_on(client.ping(Duration::from_secs(5))).unwrap().tokens
@@ -46,13 +29,9 @@ fn positions(rt: &tokio::runtime::Runtime, client: &NodeClient) -> u64 {
 
 /// Moves stage `stage` of a 2-stage chain to a spare node after `at` pieces.
 fn drain(stage: usize, at: usize) {
-    let path = common::smollm2();
-    let mut file = ModelFile::open(&path).unwrap();
-    let tokenizer = Tokenizer::for_model(&file).unwrap();
+    let common::Reference { path, file, tokenizer, result: reference } = common::single_node_reference();
     let digest = file.digest().unwrap();
     let context = file.config().unwrap().context_length;
-    let mut local = LocalEngine::new(ModelSlice::load(&mut file, 0..30, &Device::Cpu).unwrap()).unwrap();
-    let reference = generate(&mut local, &tokenizer, 1, &request(), &mut |_| true).unwrap();
 
     let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
     let key = ClusterKey::new(Some(KEY));
@@ -71,7 +50,7 @@ fn drain(stage: usize, at: usize) {
     let mut engine = PipelineEngine::shared(rt.handle().clone(), pipeline.clone(), context);
     let moved: Mutex<Option<(Replaced, u64)>> = Mutex::new(None);
     let mut pieces = 0;
-    let result = generate(&mut engine, &tokenizer, 9, &request(), &mut |_| {
+    let result = generate(&mut engine, &tokenizer, 9, &common::greedy_request(), &mut |_| {
         pieces += 1;
         if pieces == at {
             let before = positions(&rt, &old);
@@ -184,13 +163,9 @@ fn cluster_drain_moves_a_live_served_session() {
 #[test]
 fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     use sollol::cluster::partition;
-    let path = common::smollm2();
-    let mut file = ModelFile::open(&path).unwrap();
-    let tokenizer = Tokenizer::for_model(&file).unwrap();
+    let common::Reference { path, file, tokenizer, result: reference } = common::single_node_reference();
     let digest = file.digest().unwrap();
     let context = file.config().unwrap().context_length;
-    let mut local = LocalEngine::new(ModelSlice::load(&mut file, 0..30, &Device::Cpu).unwrap()).unwrap();
-    let reference = generate(&mut local, &tokenizer, 1, &request(), &mut |_| true).unwrap();
 
     let slow = NodeProc::spawn_with("127.0.0.1:0", 1, Some(KEY), &[]);
     let fast = NodeProc::spawn_with("127.0.0.1:0", 2, Some(KEY), &[]);
@@ -202,7 +177,7 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
         Arc::new(p)
     });
     let mut engine = PipelineEngine::shared(rt.handle().clone(), pipeline.clone(), context);
-    let first = generate(&mut engine, &tokenizer, 3, &request(), &mut |_| true).unwrap();
+    let first = generate(&mut engine, &tokenizer, 3, &common::greedy_request(), &mut |_| true).unwrap();
     let ranges: Vec<_> = pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
     eprintln!("measured {:?} over {ranges:?}", first.stats.stage_times);
     let plan = partition::rebalance(&first.stats.stage_times, &ranges, 0.1).expect("the 1-thread stage is the bottleneck");
@@ -212,7 +187,7 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     let clients = pipeline.clients();
     let before: Vec<u64> = clients.iter().map(|c| positions(&rt, c)).collect();
     let mut pieces = 0;
-    let second = generate(&mut engine, &tokenizer, 4, &request(), &mut |_| {
+    let second = generate(&mut engine, &tokenizer, 4, &common::greedy_request(), &mut |_| {
         pieces += 1;
         if pieces == 21 {
             let paused = rt.block_on(pipeline.move_blocks(plan.from, plan.to, plan.blocks)).unwrap();
@@ -229,7 +204,7 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     }
     let moved: Vec<_> = pipeline.loaded().iter().map(|l| l.start..l.end).collect();
     assert_eq!(moved[0].end as usize, 26 - plan.blocks, "{moved:?}");
-    let third = generate(&mut engine, &tokenizer, 5, &request(), &mut |_| true).unwrap();
+    let third = generate(&mut engine, &tokenizer, 5, &common::greedy_request(), &mut |_| true).unwrap();
     eprintln!("stage times after: {:?} over {moved:?}", third.stats.stage_times);
     assert_eq!(third.tokens, reference.tokens);
 }

@@ -6,36 +6,18 @@ mod common;
 
 use std::time::Duration;
 
-use candle_core::Device;
 use common::NodeProc;
 use sollol::cluster::failover::{ChainSpec, FailoverEngine};
 use sollol::cluster::partition::Strategy;
-use sollol::head::engine::LocalEngine;
-use sollol::head::generation::{generate, GenerateRequest};
+use sollol::head::generation::generate;
 use sollol::head::tokenizer::Tokenizer;
-use sollol::model::sampling::SamplingParams;
-use sollol::model::{ModelFile, ModelSlice};
 use sollol::net::auth::ClusterKey;
 use sollol::net::tensor::WireDType;
 
 const KEY: &str = "failover-test-key";
 
-fn request() -> GenerateRequest {
-    GenerateRequest {
-        prompt: vec![504, 3575, 282, 4649, 314],
-        params: SamplingParams { temperature: 0.0, ..Default::default() },
-        max_tokens: 64,
-        stop: vec![],
-        context: 0,
-        resume: None,
-        keep_session: false,
-    }
-}
-
 fn setup() -> (ChainSpec, Tokenizer, Vec<u32>) {
-    let path = common::smollm2();
-    let mut file = ModelFile::open(&path).unwrap();
-    let tokenizer = Tokenizer::for_model(&file).unwrap();
+    let common::Reference { path, file, tokenizer, result } = common::single_node_reference();
     let spec = ChainSpec {
         model: path.display().to_string(),
         digest: Some(file.digest().unwrap()),
@@ -45,10 +27,7 @@ fn setup() -> (ChainSpec, Tokenizer, Vec<u32>) {
         wire: WireDType::F32,
         strategy: Strategy::Even,
     };
-    let slice = ModelSlice::load(&mut file, 0..30, &Device::Cpu).unwrap();
-    let mut local = LocalEngine::new(slice).unwrap();
-    let reference = generate(&mut local, &tokenizer, 1, &request(), &mut |_| true).unwrap().tokens;
-    (spec, tokenizer, reference)
+    (spec, tokenizer, result.tokens)
 }
 
 /// Kills stage `stage` after `at` streamed pieces; returns the tokens and the recoveries.
@@ -61,7 +40,7 @@ fn run_with_kill(stage: usize, at: usize, with_standby: bool) {
     let mut engine = FailoverEngine::start(rt, spec, addrs, standby.iter().map(|s| s.addr.clone()).collect()).unwrap();
     let mut pieces = 0;
     let mut text = String::new();
-    let result = generate(&mut engine, &tokenizer, 77, &request(), &mut |piece| {
+    let result = generate(&mut engine, &tokenizer, 77, &common::greedy_request(), &mut |piece| {
         pieces += 1;
         text.push_str(piece);
         if pieces == at {
@@ -108,7 +87,7 @@ fn all_nodes_down_is_a_clear_error_in_bounded_time() {
     let mut engine = FailoverEngine::start(rt, spec, addrs, vec![]).unwrap();
     let started = std::time::Instant::now();
     let mut pieces = 0;
-    let err = generate(&mut engine, &tokenizer, 5, &request(), &mut |_| {
+    let err = generate(&mut engine, &tokenizer, 5, &common::greedy_request(), &mut |_| {
         pieces += 1;
         if pieces == 3 {
             nodes.iter_mut().for_each(|n| n.kill());
@@ -141,7 +120,7 @@ fn chaos_ten_kills_in_ten_generations() {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let mut engine = FailoverEngine::start(rt, spec, addrs, standby.iter().map(|s| s.addr.clone()).collect()).unwrap();
         let mut pieces = 0;
-        let result = generate(&mut engine, &tokenizer, 1000 + run, &request(), &mut |_| {
+        let result = generate(&mut engine, &tokenizer, 1000 + run, &common::greedy_request(), &mut |_| {
             pieces += 1;
             if pieces == at {
                 nodes[stage].kill();

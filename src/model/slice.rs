@@ -206,31 +206,15 @@ impl ModelSlice {
         if cache.n_layers() != self.blocks.len() || cache.is_host() != (self.backend == Backend::Host) {
             return Err(Error::InvalidRequest("KV cache belongs to a different slice".into()));
         }
+        self.check_input(x)?;
         if self.backend == Backend::Host {
             return self.forward_host_tensor(x, cache);
         }
         cache.reserve(seq)?;
         let pos = cache.len();
         let mut h = match &self.embed {
-            Some(embed) => {
-                if x.dtype() != DType::U32 || x.rank() != 2 {
-                    return Err(Error::InvalidRequest("the first slice takes token ids [batch, seq] u32".into()));
-                }
-                embed.forward(x)?
-            }
-            None => {
-                if x.dtype() != DType::F32 || x.rank() != 3 || x.dim(2)? != self.config.hidden_size {
-                    return Err(Error::InvalidRequest(format!(
-                        "slice {}..{} takes hidden states [batch, seq, {}] f32, got {:?} {:?}",
-                        self.layers.start,
-                        self.layers.end,
-                        self.config.hidden_size,
-                        x.dims(),
-                        x.dtype()
-                    )));
-                }
-                x.clone()
-            }
+            Some(embed) => embed.forward(x)?,
+            None => x.clone(),
         };
         let mask = if seq > 1 { Some(causal_mask(seq, pos, &self.device)?) } else { None };
         for (i, block) in self.blocks.iter().enumerate() {
@@ -248,29 +232,36 @@ impl ModelSlice {
 }
 
 impl ModelSlice {
-    /// [`ModelSlice::forward`] on the host path: a batch of one.
+    /// Token ids `[b, seq]` u32 on the first slice, hidden states
+    /// `[b, seq, hidden]` f32 on the others.
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        if self.is_first() {
+            if x.dtype() != DType::U32 || x.rank() != 2 {
+                return Err(Error::InvalidRequest("the first slice takes token ids [batch, seq] u32".into()));
+            }
+        } else if x.dtype() != DType::F32 || x.rank() != 3 || x.dim(2)? != self.config.hidden_size {
+            return Err(Error::InvalidRequest(format!(
+                "slice {}..{} takes hidden states [batch, seq, {}] f32, got {:?} {:?}",
+                self.layers.start,
+                self.layers.end,
+                self.config.hidden_size,
+                x.dims(),
+                x.dtype()
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`ModelSlice::forward`] on the host path (input already checked): a batch of one.
     fn forward_host_tensor(&self, x: &Tensor, cache: &mut KvCache) -> Result<SliceOutput> {
         if x.dim(0)? != 1 {
             return Err(Error::InvalidRequest("the host path runs one sequence per batch item".into()));
         }
         let (tokens, hidden);
         let input = if self.is_first() {
-            if x.dtype() != DType::U32 || x.rank() != 2 {
-                return Err(Error::InvalidRequest("the first slice takes token ids [batch, seq] u32".into()));
-            }
             tokens = x.flatten_all()?.to_vec1::<u32>()?;
             HostInput::Tokens(&tokens)
         } else {
-            if x.dtype() != DType::F32 || x.rank() != 3 || x.dim(2)? != self.config.hidden_size {
-                return Err(Error::InvalidRequest(format!(
-                    "slice {}..{} takes hidden states [batch, seq, {}] f32, got {:?} {:?}",
-                    self.layers.start,
-                    self.layers.end,
-                    self.config.hidden_size,
-                    x.dims(),
-                    x.dtype()
-                )));
-            }
             hidden = x.flatten_all()?.to_vec1::<f32>()?;
             HostInput::Hidden(&hidden)
         };

@@ -139,3 +139,39 @@ pub fn python_path(modules: &[&str]) -> String {
     }
     private
 }
+
+/// "The capital of France is" in SmolLM2's tokens.
+pub const FRANCE_PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
+
+/// Greedy generation of 64 tokens from `FRANCE_PROMPT` (EOS still ends it).
+pub fn greedy_request() -> sollol::head::generation::GenerateRequest {
+    sollol::head::generation::GenerateRequest {
+        prompt: FRANCE_PROMPT.to_vec(),
+        params: sollol::model::sampling::SamplingParams { temperature: 0.0, ..Default::default() },
+        max_tokens: 64,
+        stop: vec![],
+        context: 0,
+        resume: None,
+        keep_session: false,
+    }
+}
+
+/// The default model opened, and `greedy_request` run on one in-process slice:
+/// what every pipeline run of the same request must reproduce.
+pub struct Reference {
+    pub path: PathBuf,
+    pub file: sollol::model::ModelFile,
+    pub tokenizer: sollol::head::tokenizer::Tokenizer,
+    pub result: sollol::head::generation::GenerateResult,
+}
+
+pub fn single_node_reference() -> Reference {
+    use sollol::model::{ModelFile, ModelSlice};
+    let path = smollm2();
+    let mut file = ModelFile::open(&path).expect("open the default model");
+    let tokenizer = sollol::head::tokenizer::Tokenizer::for_model(&file).expect("tokenizer");
+    let slice = ModelSlice::load(&mut file, 0..30, &candle_core::Device::Cpu).expect("load");
+    let mut local = sollol::head::engine::LocalEngine::new(slice).expect("engine");
+    let result = sollol::head::generation::generate(&mut local, &tokenizer, 1, &greedy_request(), &mut |_| true).expect("generate");
+    Reference { path, file, tokenizer, result }
+}
