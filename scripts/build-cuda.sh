@@ -66,3 +66,9 @@ echo "building with CUDA_HOME=$CUDA_HOME, compute capability $CUDA_COMPUTE_CAP" 
 # A target directory of its own, so the CPU build in target/ stays as it is.
 cargo build --release -j "${JOBS:-2}" --features cuda --bins --target-dir target/cuda "$@"
 echo "built target/cuda/release/sollol; at run time: export LD_LIBRARY_PATH=$CUDA_HOME/lib:\$LD_LIBRARY_PATH" >&2
+# What travels to a GPU machine: stripped (about 64 MiB, at the limit of what
+# can be carried there) and xz-packed (about 10 MB); scripts/gpu-check.sh
+# unpacks it.
+strip -o target/cuda/sollol.stripped target/cuda/release/sollol
+xz -T0 -6 -c target/cuda/sollol.stripped >target/cuda/sollol.xz
+ls -l target/cuda/sollol.stripped target/cuda/sollol.xz >&2

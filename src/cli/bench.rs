@@ -57,7 +57,7 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Measure a synthetic model of this shape instead (random weights made in
-    /// memory: smollm2-135m, llama-1b, llama-8b, llama-70b); same as
+    /// memory: tiny, smollm2-135m, llama-1b, llama-8b, llama-70b); same as
     /// `--model synthetic:SHAPE:QUANT`.
     #[arg(long)]
     synthetic: Option<String>,
@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// (one batch per step, in process), e.g. `1,8`.
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
+    /// Check the device's numbers instead: run the same prompt and decode
+    /// steps on `--device` and on this device (e.g. `--device cuda
+    /// --check-against cpu`) and report how far the logits differ.
+    #[arg(long)]
+    check_against: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -79,6 +84,8 @@ struct Measure {
     hop_bytes: Vec<u64>,
     stage_busy: Vec<Duration>,
     decode_wall: Duration,
+    /// The greedy tokens decoded (the same prompt in every round).
+    tokens: Vec<u32>,
 }
 
 pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
@@ -94,6 +101,9 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
     let mut opened = args.model.open()?;
     let vocab = opened.file.config()?.vocab_size as u32;
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    if let Some(other) = &args.check_against {
+        return check_against(&args, &mut opened, other, &prompt);
+    }
     let mut engines: Vec<(usize, Running)> = Vec::new();
     for &n in &args.stages {
         let pipeline = PipelineArgs {
@@ -112,6 +122,9 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
     for round in 0..args.rounds {
         for (i, (_, running)) in engines.iter_mut().enumerate() {
             let m = measure(running.engine.as_mut(), &prompt, args.tokens, round as u64)?;
+            if round == 0 {
+                best[i].tokens = m.tokens.clone();
+            }
             if m.decode_tok_s > best[i].decode_tok_s {
                 best[i].decode_tok_s = m.decode_tok_s;
                 best[i].hop_latencies = m.hop_latencies.clone();
@@ -125,9 +138,12 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
             }
         }
     }
-    report(&args, threads, &opened, &engines, &best);
+    report(&args, threads, &opened, &engines, &best)?;
     drop(engines);
     if !args.concurrency.is_empty() {
+        if !opened.device.is_cpu() {
+            anyhow::bail!("--concurrency measures the CPU kernels' batched steps; it does not run on {}", args.model.device);
+        }
         let slice = load_slice(&mut opened.file, None, &opened.device)?;
         let mut rows = Vec::new();
         for &n in &args.concurrency {
@@ -188,6 +204,7 @@ fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -
     for step in 0..tokens {
         let out = engine.step(session, &[token], Some(SampleSpec { params: &params, history: &[], step: step as u64 + 1 }), false)?;
         token = out.token.unwrap_or(0);
+        m.tokens.push(token);
         m.hop_latencies.extend(out.hop_latency);
         m.hop_bytes = out.hop_bytes;
         if m.stage_busy.len() < out.stage_times.len() {
@@ -210,8 +227,12 @@ fn percentile(v: &[Duration], p: f64) -> Duration {
     v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
 }
 
-fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, Running)], best: &[Measure]) {
+fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, Running)], best: &[Measure]) -> Result<()> {
     let base = best.first().map_or(1.0, |m| m.decode_tok_s);
+    // Every weight but the embedding table is read once per decoded token.
+    let layers = opened.file.layer_bytes()?;
+    let weight_bytes_per_token = layers.blocks.iter().sum::<u64>() + layers.head;
+    let base_tokens = best.first().map(|m| m.tokens.as_slice()).unwrap_or_default();
     let base_prefill = best.first().map_or(1.0, |m| m.prefill_tok_s);
     let rows: Vec<serde_json::Value> = engines
         .iter()
@@ -229,20 +250,25 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
                 "hop_latency_p99_ms": percentile(&m.hop_latencies, 99.0).as_secs_f64() * 1e3,
                 "bytes_per_token_per_hop": m.hop_bytes.first().copied().unwrap_or(0),
                 "stage_utilization": util,
+                "first_token_mismatch": first_mismatch(base_tokens, &m.tokens),
             })
         })
         .collect();
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"model": opened.resolved.name, "threads": threads, "wire": args.wire.to_string(), "results": rows})
+            serde_json::json!({
+                "model": opened.resolved.name, "device": args.model.device, "threads": threads, "wire": args.wire.to_string(),
+                "weight_bytes_per_token": weight_bytes_per_token, "results": rows,
+            })
         );
-        return;
+        return Ok(());
     }
     let threads = if threads == 0 { sollol::sys::cpu_cores() } else { threads };
     println!(
-        "model {}, {threads} threads in all, {} CPU kernels, prompt {} tok, decode {} tok, wire {}, best of {} interleaved rounds",
+        "model {} on {}, {threads} threads in all, {} CPU kernels, prompt {} tok, decode {} tok, wire {}, best of {} interleaved rounds",
         opened.resolved.name,
+        args.model.device,
         sollol::kernels::isa(),
         args.prompt_tokens,
         args.tokens,
@@ -250,8 +276,8 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
         args.rounds
     );
     println!(
-        "{:<10} {:>12} {:>8} {:>12} {:>8} {:>9} {:>14} {:>10} stage busy",
-        "stages", "prefill t/s", "ratio", "decode t/s", "ratio", "ttft ms", "hop p50/p99 ms", "B/tok/hop"
+        "{:<10} {:>12} {:>8} {:>12} {:>8} {:>9} {:>14} {:>10} {:>8}  stage busy",
+        "stages", "prefill t/s", "ratio", "decode t/s", "ratio", "ttft ms", "hop p50/p99 ms", "B/tok/hop", "tokens"
     );
     for r in rows {
         let stages = match r["stages"].as_u64().unwrap_or(0) {
@@ -261,8 +287,12 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
         let util: Vec<String> = r["stage_utilization"]
             .as_array()
             .map_or(vec![], |a| a.iter().map(|u| format!("{:.0}%", u.as_f64().unwrap_or(0.0) * 100.0)).collect());
+        let tokens = match r["first_token_mismatch"].as_u64() {
+            None => "same".to_string(),
+            Some(step) => format!("differ@{step}"),
+        };
         println!(
-            "{:<10} {:>12.1} {:>8.2} {:>12.1} {:>8.2} {:>9.0} {:>14} {:>10} {}",
+            "{:<10} {:>12.1} {:>8.2} {:>12.1} {:>8.2} {:>9.0} {:>14} {:>10} {:>8}  {}",
             stages,
             r["prefill_tok_s"].as_f64().unwrap_or(0.0),
             r["prefill_ratio"].as_f64().unwrap_or(0.0),
@@ -271,9 +301,72 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
             r["ttft_ms"].as_f64().unwrap_or(0.0),
             format!("{:.3}/{:.3}", r["hop_latency_p50_ms"].as_f64().unwrap_or(0.0), r["hop_latency_p99_ms"].as_f64().unwrap_or(0.0)),
             r["bytes_per_token_per_hop"],
+            tokens,
             util.join(" "),
         );
     }
+    println!(
+        "weights read per decoded token {} (decode at a memory bandwidth B is bounded by B / this); tokens: greedy tokens vs the first row",
+        human_bytes(weight_bytes_per_token)
+    );
+    Ok(())
+}
+
+/// The first decode step whose greedy token differs from the reference run's.
+fn first_mismatch(reference: &[u32], tokens: &[u32]) -> Option<usize> {
+    (0..reference.len().max(tokens.len())).find(|&i| reference.get(i) != tokens.get(i))
+}
+
+/// `--check-against`: the whole model on `--device` and on `other`, fed the
+/// same tokens (the prompt, then the reference device's greedy tokens, so a
+/// near-tie cannot make the runs drift apart); reports per step the largest
+/// logit difference relative to the largest logit, and whether the top token
+/// agrees.
+fn check_against(args: &BenchArgs, opened: &mut Opened, other: &str, prompt: &[u32]) -> Result<()> {
+    use candle_core::Tensor;
+    let other_device = sollol::model::device::parse(other)?;
+    let slices = [load_slice(&mut opened.file, None, &opened.device)?, load_slice(&mut opened.file, None, &other_device)?];
+    let capacity = prompt.len() + args.tokens + 1;
+    let mut caches = slices.iter().map(|s| s.new_cache(capacity)).collect::<sollol::Result<Vec<_>>>()?;
+    let (mut worst_rel, mut worst_abs, mut agree, mut steps) = (0f64, 0f64, 0usize, 0usize);
+    let mut input = prompt.to_vec();
+    for step in 0..=args.tokens {
+        let mut logits = Vec::new();
+        for (slice, cache) in slices.iter().zip(caches.iter_mut()) {
+            let x = Tensor::new(input.as_slice(), slice.device())?.unsqueeze(0)?;
+            let out = slice.forward(&x, cache)?.into_tensor();
+            logits.push(out.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+        }
+        let (a, b) = (&logits[0], &logits[1]);
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let abs = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
+        let rel = abs / scale.max(f64::MIN_POSITIVE);
+        let (ta, tb) = (sollol::model::sampling::argmax(a), sollol::model::sampling::argmax(b));
+        agree += usize::from(ta == tb);
+        steps += 1;
+        worst_rel = worst_rel.max(rel);
+        worst_abs = worst_abs.max(abs);
+        if args.json {
+            println!("{}", serde_json::json!({"step": step, "max_abs_err": abs, "max_rel_err": rel, "top_agrees": ta == tb}));
+        }
+        input = vec![tb];
+    }
+    let summary = serde_json::json!({
+        "model": opened.resolved.name, "device": args.model.device, "against": other, "prompt_tokens": prompt.len(),
+        "steps": steps, "top_token_agreement": agree, "max_abs_err": worst_abs, "max_rel_err": worst_rel,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} on {} vs {other}: prompt {} tok then {} decode steps; largest logit difference {worst_abs:.3e} = {worst_rel:.3e} of the largest logit; top token agrees in {agree}/{steps} steps",
+            opened.resolved.name,
+            args.model.device,
+            prompt.len(),
+            args.tokens
+        );
+    }
+    Ok(())
 }
 
 fn load_report(args: &BenchArgs) -> Result<()> {

@@ -1,7 +1,8 @@
 //! Synthetic models: random weights of a named shape, made in memory, so
 //! speed can be measured where no model file can be fetched or carried (a
 //! lent GPU machine, CI). Named `synthetic:SHAPE:TYPE`, e.g.
-//! `synthetic:llama-8b:q4_0`; every node generates the same weights for its
+//! `synthetic:llama-8b:q4_0` (shapes: tiny, smollm2-135m, llama-1b, llama-8b,
+//! llama-70b); every node generates the same weights for its
 //! own slice from the name, so pipelines work too.
 //!
 //! The weights are random, so the text is noise: these models measure speed
@@ -37,6 +38,19 @@ struct Shape {
 }
 
 const SHAPES: &[Shape] = &[
+    // Small enough to be random through and through: device checks compare
+    // its logits, where repeated rows would hide a wrong row index.
+    Shape {
+        name: "tiny",
+        hidden: 256,
+        ffn: 768,
+        layers: 4,
+        heads: 8,
+        kv_heads: 4,
+        vocab: 4096,
+        context: 2048,
+        rope_theta: 10_000.0,
+    },
     Shape {
         name: "smollm2-135m",
         hidden: 576,
@@ -83,9 +97,10 @@ const SHAPES: &[Shape] = &[
     },
 ];
 
-/// Rows of random values quantized once per weight shape and then repeated:
-/// generating every weight would cost minutes for an 8B model, and speed
-/// does not depend on the rows differing.
+/// Weights of more values than this are made of a tile of random rows
+/// quantized once and then repeated: generating every weight would cost
+/// minutes for an 8B model, and speed does not depend on the rows differing.
+const TILE_ABOVE: usize = 4 << 20;
 const TILE_ROWS: usize = 64;
 
 #[derive(Debug, Clone)]
@@ -180,10 +195,12 @@ impl SyntheticModel {
             return Ok(RawWeight::Dense(Tensor::ones(shape[0], candle_core::DType::F32, device)?));
         }
         let (rows, cols) = (shape[0], shape[1]);
-        // Seeded by role and shape only: layers share a tile, but each gets its own copy in memory.
-        let seed = (role as u64) << 32 ^ (rows * 31 + cols) as u64 ^ u64::from(layer.is_some());
+        // Tiles are seeded by role and shape only: layers share a tile, but each gets its own copy in memory.
+        let tiled = rows * cols > TILE_ABOVE;
+        let layer_seed = if tiled { u64::from(layer.is_some()) } else { layer.map_or(0, |l| l as u64 + 1) << 8 };
+        let seed = (role as u64) << 32 ^ (rows * 31 + cols) as u64 ^ layer_seed;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let tile_rows = rows.min(TILE_ROWS);
+        let tile_rows = if tiled { rows.min(TILE_ROWS) } else { rows };
         let scale = 1.0 / (cols as f32).sqrt();
         let values: Vec<f32> = (0..tile_rows * cols).map(|_| rng.random_range(-scale..scale)).collect();
         let tile = QTensor::quantize(&Tensor::from_vec(values, (tile_rows, cols), &Device::Cpu)?, self.dtype)?;

@@ -123,6 +123,11 @@ impl Linear {
                 Some(m) => LinearWeight::Host(Arc::new(m)),
                 None => return Self::new(w, bias, Backend::Candle),
             },
+            // candle would widen f16 weights to f32 (twice the bytes read per
+            // token); on a GPU they stay f16 and the product runs in f16.
+            (Backend::Candle, RawWeight::Quantized(q)) if q.dtype() == GgmlDType::F16 && !q.device().is_cpu() => {
+                LinearWeight::Dense(q.dequantize_f16(&q.device())?)
+            }
             (Backend::Candle, RawWeight::Quantized(q)) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
             (Backend::Candle, RawWeight::Dense(t)) => LinearWeight::Dense(t),
         };
