@@ -184,6 +184,33 @@ fn bench_measures_a_synthetic_model_and_generate_refuses_it_clearly() {
 }
 
 #[test]
+fn bench_checks_pipelines_and_devices_by_their_outputs() {
+    let home = tempfile::tempdir().unwrap();
+    let json = |out: &Output| -> Vec<serde_json::Value> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    // Two local node processes with the f32 wire decode the in-process engine's greedy tokens.
+    let base = ["bench", "--synthetic", "tiny", "--quant", "q4_0", "--prompt-tokens", "16", "--tokens", "24", "--rounds", "1", "--json"];
+    let out = json(&sollol(&[&base[..], &["--stages", "0,2", "--wire", "f32"]].concat(), home.path()));
+    let v = &out[0];
+    assert_eq!(v["results"][1]["stages"], 2);
+    assert!(v["results"][1]["first_token_mismatch"].is_null(), "{v}");
+    // 4 blocks of 786432 Q4_0 weights (18 bytes per 32) and two f32 norms, the
+    // final norm and a 4096 x 256 Q4_0 LM head; the embedding is not read whole.
+    assert_eq!(v["weight_bytes_per_token"], 4 * (786_432 / 32 * 18 + 2 * 256 * 4) + 256 * 4 + 4096 * 256 / 32 * 18);
+    // Logits on a device against the CPU: here the CPU against itself.
+    let out = json(&sollol(&[&base[..], &["--check-against", "cpu"]].concat(), home.path()));
+    let summary = out.last().unwrap();
+    assert_eq!(summary["steps"], 25);
+    assert_eq!(summary["top_token_agreement"], 25);
+    assert_eq!(summary["max_abs_err"], 0.0);
+    if !cfg!(feature = "cuda") {
+        assert_clean_error(&sollol(&[&base[..], &["--check-against", "cuda"]].concat(), home.path()), "--features cuda");
+    }
+}
+
+#[test]
 fn quantize_rewrites_the_weights_and_the_result_still_runs() {
     let home = tempfile::tempdir().unwrap();
     let src = tiny_gguf(home.path(), &[]);

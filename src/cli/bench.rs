@@ -329,6 +329,8 @@ fn check_against(args: &BenchArgs, opened: &mut Opened, other: &str, prompt: &[u
     let capacity = prompt.len() + args.tokens + 1;
     let mut caches = slices.iter().map(|s| s.new_cache(capacity)).collect::<sollol::Result<Vec<_>>>()?;
     let (mut worst_rel, mut worst_abs, mut agree, mut steps) = (0f64, 0f64, 0usize, 0usize);
+    // Where the top tokens differ: the reference's own margin between them.
+    let mut worst_tie = 0f64;
     let mut input = prompt.to_vec();
     for step in 0..=args.tokens {
         let mut logits = Vec::new();
@@ -343,6 +345,9 @@ fn check_against(args: &BenchArgs, opened: &mut Opened, other: &str, prompt: &[u
         let rel = abs / scale.max(f64::MIN_POSITIVE);
         let (ta, tb) = (sollol::model::sampling::argmax(a), sollol::model::sampling::argmax(b));
         agree += usize::from(ta == tb);
+        if ta != tb {
+            worst_tie = worst_tie.max((b[tb as usize] - b[ta as usize]) as f64);
+        }
         steps += 1;
         worst_rel = worst_rel.max(rel);
         worst_abs = worst_abs.max(abs);
@@ -354,16 +359,18 @@ fn check_against(args: &BenchArgs, opened: &mut Opened, other: &str, prompt: &[u
     let summary = serde_json::json!({
         "model": opened.resolved.name, "device": args.model.device, "against": other, "prompt_tokens": prompt.len(),
         "steps": steps, "top_token_agreement": agree, "max_abs_err": worst_abs, "max_rel_err": worst_rel,
+        "max_disagreement_margin": worst_tie,
     });
     if args.json {
         println!("{summary}");
     } else {
         println!(
-            "{} on {} vs {other}: prompt {} tok then {} decode steps; largest logit difference {worst_abs:.3e} = {worst_rel:.3e} of the largest logit; top token agrees in {agree}/{steps} steps",
+            "{} on {} vs {other}: prompt {} tok then {} decode steps; largest logit difference {worst_abs:.3e} = {worst_rel:.3e} of the largest logit; top token agrees in {agree}/{steps} steps{}",
             opened.resolved.name,
             args.model.device,
             prompt.len(),
-            args.tokens
+            args.tokens,
+            if agree < steps { format!(" (where not, {other}'s top two logits were within {worst_tie:.3e})") } else { String::new() }
         );
     }
     Ok(())

@@ -51,6 +51,24 @@ pub fn host_matrix(w: &RawWeight) -> Result<Option<QMatrix>> {
     }
 }
 
+/// The dtype of a GGUF float type.
+fn float_dtype(t: GgmlDType) -> Option<DType> {
+    match t {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// A float-typed GGUF tensor as a plain tensor on its device, bytes as stored.
+fn dense_on_device(q: &QTensor) -> Result<Tensor> {
+    let dtype = float_dtype(q.dtype()).ok_or_else(|| Error::InvalidRequest(format!("{:?} is not a float type", q.dtype())))?;
+    let bytes = q.data()?;
+    let len = q.shape().elem_count() * dtype.size_in_bytes();
+    Ok(Tensor::from_raw_buffer(&bytes[..len], dtype, q.shape().dims(), &q.device())?)
+}
+
 /// A tensor as a format hands it over: quantized GGUF blocks or a dense tensor.
 #[derive(Debug, Clone)]
 pub enum RawWeight {
@@ -124,9 +142,10 @@ impl Linear {
                 None => return Self::new(w, bias, Backend::Candle),
             },
             // candle would widen f16 weights to f32 (twice the bytes read per
-            // token); on a GPU they stay f16 and the product runs in f16.
-            (Backend::Candle, RawWeight::Quantized(q)) if q.dtype() == GgmlDType::F16 && !q.device().is_cpu() => {
-                LinearWeight::Dense(q.dequantize_f16(&q.device())?)
+            // token) and cannot do it on a GPU: there the stored dtype is kept
+            // and the product runs in it.
+            (Backend::Candle, RawWeight::Quantized(q)) if !q.device().is_cpu() && float_dtype(q.dtype()).is_some() => {
+                LinearWeight::Dense(dense_on_device(&q)?)
             }
             (Backend::Candle, RawWeight::Quantized(q)) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
             (Backend::Candle, RawWeight::Dense(t)) => LinearWeight::Dense(t),
@@ -222,7 +241,8 @@ impl Embedding {
                 self.lookup_host(&ids_v, &mut out)?;
                 Tensor::from_vec(out, (b, seq, m.cols()), ids.device())?
             }
-            Embedding::Candle(RawWeight::Quantized(q)) => q.embedding(ids)?,
+            // f16/bf16 tables give rows in their own dtype.
+            Embedding::Candle(RawWeight::Quantized(q)) => q.embedding(ids)?.to_dtype(DType::F32)?,
             Embedding::Candle(RawWeight::Dense(t)) => {
                 let rows = t.index_select(&ids.flatten_all()?, 0)?;
                 rows.to_dtype(DType::F32)?.reshape((b, seq, t.dim(1)?))?
