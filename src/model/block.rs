@@ -9,20 +9,19 @@ use candle_core::{Device, Tensor};
 use super::config::Config;
 use super::kv_cache::KvCache;
 use super::rope::Rope;
-use super::weights::{Backend, Linear, RawWeight, RmsNorm, Role};
+use super::weights::{Backend, Linear, Projections, RawWeight, RmsNorm, Role};
 use super::ModelFile;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Block {
     pub(super) attn_norm: RmsNorm,
-    pub(super) q: Linear,
-    pub(super) k: Linear,
-    pub(super) v: Linear,
+    /// Q, K, V.
+    pub(super) qkv: Projections,
     pub(super) o: Linear,
     pub(super) ffn_norm: RmsNorm,
-    pub(super) gate: Linear,
-    pub(super) up: Linear,
+    /// Gate, up.
+    pub(super) gate_up: Projections,
     pub(super) down: Linear,
     pub(super) n_heads: usize,
     pub(super) n_kv_heads: usize,
@@ -56,13 +55,10 @@ impl Block {
         };
         Ok(Self {
             attn_norm: RmsNorm::new(&attn_norm, cfg.rms_norm_eps)?,
-            q: Linear::new(wq, bq, backend)?,
-            k: Linear::new(wk, bk, backend)?,
-            v: Linear::new(wv, bv, backend)?,
+            qkv: Projections::new(vec![(wq, bq), (wk, bk), (wv, bv)], backend)?,
             o: Linear::new(wo, None, backend)?,
             ffn_norm: RmsNorm::new(&ffn_norm, cfg.rms_norm_eps)?,
-            gate: Linear::new(gate, None, backend)?,
-            up: Linear::new(up, None, backend)?,
+            gate_up: Projections::new(vec![(gate, None), (up, None)], backend)?,
             down: Linear::new(down, None, backend)?,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
@@ -77,48 +73,44 @@ impl Block {
         let x = (self.attention(&x, mask, rope, cache, layer)? + residual)?;
         let residual = &x;
         let h = self.ffn_norm.forward(&x)?;
-        let h = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
+        let gate_up = self.gate_up.forward(&h)?;
+        let h = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
         Ok((self.down.forward(&h)? + residual)?)
     }
 
     fn attention(&self, x: &Tensor, mask: Option<&Tensor>, rope: &Rope, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let (b, seq, _hidden) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let pos = cache.len();
-        let q = self.q.forward(x)?.reshape((b, seq, self.n_heads, self.head_dim))?.transpose(1, 2)?;
-        let k = self.k.forward(x)?.reshape((b, seq, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
-        // contiguous: a no-op for one token, a copy for a prompt chunk; the cache write needs it.
-        let v = self.v.forward(x)?.reshape((b, seq, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?;
+        let qkv = self.qkv.forward(x)?;
+        let q = qkv[0].reshape((b, seq, nh, hd))?.transpose(1, 2)?;
+        let k = qkv[1].reshape((b, seq, nkv, hd))?.transpose(1, 2)?;
+        // contiguous: the cache write needs it.
+        let v = qkv[2].reshape((b, seq, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = rope.apply(&q, pos)?;
         let k = rope.apply(&k, pos)?;
-        // k, v: [b, n_kv, pos + seq, hd]
+        // k, v: [b, n_kv, pos + seq, hd], views into the cache.
         let (k, v) = cache.append(layer, &k, &v)?;
-        let n_rep = self.n_heads / self.n_kv_heads;
-        let k = repeat_kv(k, n_rep)?;
-        let v = repeat_kv(v, n_rep)?;
-        // att: [b, heads, seq, pos + seq]
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        // Heads kv * n_rep .. (kv + 1) * n_rep share K/V head kv: their queries
+        // are the rows of one product with it, so K and V are never copied.
+        let n_rep = nh / nkv;
+        let q = q.contiguous()?.reshape((b, nkv, n_rep * seq, hd))?;
+        // att: [b, n_kv, n_rep * seq, pos + seq]
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         let att = match mask {
             Some(mask) => {
-                let neg_inf = Tensor::new(f32::NEG_INFINITY, att.device())?.broadcast_as(att.shape())?;
-                mask.broadcast_as(att.shape())?.where_cond(&neg_inf, &att)?
+                let grouped = att.reshape((b, nkv, n_rep, seq, pos + seq))?;
+                let neg_inf = Tensor::new(f32::NEG_INFINITY, att.device())?.broadcast_as(grouped.shape())?;
+                mask.broadcast_as(grouped.shape())?.where_cond(&neg_inf, &grouped)?.reshape(att.shape())?
             }
             None => att,
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq, self.n_heads * self.head_dim))?;
+        // y: [b, n_kv, n_rep * seq, hd] = [b, heads, seq, hd]
+        let y = att.matmul(&v)?.reshape((b, nh, seq, hd))?;
+        let y = y.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
         self.o.forward(&y)
     }
-}
-
-/// `[b, n_kv, s, d]` → `[b, n_kv * n_rep, s, d]`; concatenating along `s` then
-/// reshaping is a plain copy, faster than a strided broadcast.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, n_kv, s, d) = x.dims4()?;
-    Ok(Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, n_kv * n_rep, s, d))?)
 }
 
 /// The causal mask for `seq` new positions after `pos` cached ones: `[seq, pos + seq]`, 1 = hidden.

@@ -115,7 +115,8 @@ impl Block {
         let xn = sized(&mut s.xn, rows * hidden);
         self.attn_norm.forward_host(&s.h, xn);
         let (q, k, v) = (sized(&mut s.q, rows * q_dim), sized(&mut s.k, rows * kv_dim), sized(&mut s.v, rows * kv_dim));
-        project(&mut s.acts, xn, &[&self.q, &self.k, &self.v], &mut [q, k, v]);
+        let [wq, wk, wv] = self.qkv.separate() else { unreachable!("host blocks keep Q, K, V apart (checked by is_host)") };
+        project(&mut s.acts, xn, &[wq, wk, wv], &mut [q, k, v]);
 
         for (g, cache) in segs.iter().zip(caches.iter_mut()) {
             let (q, k) = (&mut s.q[g.start * q_dim..(g.start + g.len) * q_dim], &mut s.k[g.start * kv_dim..(g.start + g.len) * kv_dim]);
@@ -167,9 +168,10 @@ impl Block {
         ops::add(&mut s.h, &s.tmp[..rows * hidden]);
 
         self.ffn_norm.forward_host(&s.h, &mut s.xn[..rows * hidden]);
-        let ffn = host(&self.gate).rows();
+        let [wgate, wup] = self.gate_up.separate() else { unreachable!("host blocks keep gate and up apart (checked by is_host)") };
+        let ffn = host(wgate).rows();
         let (gate, up) = (sized(&mut s.gate, rows * ffn), sized(&mut s.up, rows * ffn));
-        project(&mut s.acts, &s.xn[..rows * hidden], &[&self.gate, &self.up], &mut [gate, up]);
+        project(&mut s.acts, &s.xn[..rows * hidden], &[wgate, wup], &mut [gate, up]);
         ops::silu_mul(&mut s.gate[..rows * ffn], &s.up[..rows * ffn]);
         project(&mut s.acts, &s.gate[..rows * ffn], &[&self.down], &mut [&mut s.tmp[..rows * hidden]]);
         ops::add(&mut s.h, &s.tmp[..rows * hidden]);
@@ -177,7 +179,8 @@ impl Block {
 
     /// Whether every weight of the block runs on our kernels.
     pub(super) fn is_host(&self) -> bool {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down].iter().all(|l| l.host().is_some())
+        let (qkv, gate_up) = (self.qkv.separate(), self.gate_up.separate());
+        qkv.len() == 3 && gate_up.len() == 2 && qkv.iter().chain(gate_up).chain([&self.o, &self.down]).all(|l| l.host().is_some())
     }
 }
 

@@ -196,6 +196,99 @@ impl Linear {
     }
 }
 
+/// Projections of one input (Q, K, V; gate and up). On candle's path their
+/// weights are stacked into one matrix when they share a type, so a step
+/// runs one product (one quantization of the input, one kernel launch on a
+/// GPU) instead of several; each output row is the same dot product either
+/// way. Our kernels take them separately (they run up to four matrices over
+/// one quantized input already).
+#[derive(Debug, Clone)]
+pub enum Projections {
+    Stacked { linear: Linear, sizes: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    pub fn new(parts: Vec<(RawWeight, Option<Tensor>)>, backend: Backend) -> Result<Self> {
+        if backend == Backend::Candle && parts.len() > 1 {
+            if let Some((weight, bias, sizes)) = stack(&parts)? {
+                return Ok(Projections::Stacked { linear: Linear::new(weight, bias, backend)?, sizes });
+            }
+        }
+        Ok(Projections::Separate(parts.into_iter().map(|(w, b)| Linear::new(w, b, backend)).collect::<Result<_>>()?))
+    }
+
+    /// One output per projection, `[.., out_i]` each.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+            Projections::Stacked { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let last = y.rank() - 1;
+                let mut at = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        at += n;
+                        Ok(y.narrow(last, at - n, n)?)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The separate layers (none when stacked).
+    pub fn separate(&self) -> &[Linear] {
+        match self {
+            Projections::Separate(parts) => parts,
+            Projections::Stacked { .. } => &[],
+        }
+    }
+}
+
+/// The weights (and biases) one under the other, when they have one type
+/// and one input width; `None` when they cannot be stacked.
+fn stack(parts: &[(RawWeight, Option<Tensor>)]) -> Result<Option<(RawWeight, Option<Tensor>, Vec<usize>)>> {
+    let bias = match parts.iter().map(|(_, b)| b.clone()).collect::<Option<Vec<Tensor>>>() {
+        Some(b) => Some(Tensor::cat(&b, 0)?),
+        None if parts.iter().all(|(_, b)| b.is_none()) => None,
+        None => return Ok(None),
+    };
+    let (weight, sizes) = match &parts[0].0 {
+        RawWeight::Quantized(first) => {
+            let (dtype, cols) = (first.dtype(), first.shape().dims()[1]);
+            let mut bytes = Vec::new();
+            let mut sizes = Vec::new();
+            for (w, _) in parts {
+                let RawWeight::Quantized(q) = w else { return Ok(None) };
+                let (rows, c) = q.shape().dims2()?;
+                if q.dtype() != dtype || c != cols {
+                    return Ok(None);
+                }
+                // Device storage may be padded: take the rows' bytes only.
+                let len = rows * cols / dtype.block_size() * dtype.type_size();
+                bytes.extend_from_slice(&q.data()?[..len]);
+                sizes.push(rows);
+            }
+            let rows = sizes.iter().sum();
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &first.device())?;
+            (RawWeight::Quantized(Arc::new(q)), sizes)
+        }
+        RawWeight::Dense(first) => {
+            let mut tensors = Vec::new();
+            for (w, _) in parts {
+                match w {
+                    RawWeight::Dense(t) if t.dtype() == first.dtype() && t.dim(1)? == first.dim(1)? => tensors.push(t),
+                    _ => return Ok(None),
+                }
+            }
+            let sizes = tensors.iter().map(|t| t.dim(0)).collect::<candle_core::Result<Vec<_>>>()?;
+            (RawWeight::Dense(Tensor::cat(&tensors, 0)?), sizes)
+        }
+    };
+    Ok(Some((weight, bias, sizes)))
+}
+
 /// Token embedding; quantized tables stay quantized and only the rows looked
 /// up are dequantized.
 #[derive(Debug, Clone)]
