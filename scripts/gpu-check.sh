@@ -99,7 +99,7 @@ for wire in f32 f16; do
 done
 step "pipeline-$MID-f16" 200 "${B[@]}" --synthetic "$MID" --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f16 --rounds 2 --tokens 64
 
-step "speed-$BIG-q4_0" 240 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$DEVICE" --stages 0,2 --prompt-tokens 512 --tokens 128 --rounds 2
+step "speed-$BIG-q4_0" 240 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f32 --prompt-tokens 512 --tokens 128 --rounds 2
 step "speed-$BIG-f16" 240 "${B[@]}" --synthetic "$BIG" --quant f16 --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
 
 # The fraction of the memory-bandwidth floor each decode reached.

@@ -178,6 +178,12 @@ fn ggml_dot<T: GgmlType>(cols: usize, w: &[u8], a: &[u8]) -> f32 {
     T::vec_dot(cols, cast(w), cast(a))
 }
 
+#[cfg(target_arch = "x86_64")]
+fn dot_f16_avx2(cols: usize, w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: chosen only where the CPU has AVX2/FMA/F16C; both rows hold `cols` f16 values (asserted inside).
+    unsafe { avx2::dot_f16(cols, cast(w), cast(a)) }
+}
+
 fn ggml_dequantize<T: GgmlType>(w: &[u8], out: &mut [f32]) {
     T::to_float(cast(w), out)
 }
@@ -203,7 +209,12 @@ impl Kernel {
             GgmlDType::Q4K => ggml_kernel::<BlockQ4K>(),
             GgmlDType::Q5K => ggml_kernel::<BlockQ5K>(),
             GgmlDType::Q6K => ggml_kernel::<BlockQ6K>(),
-            GgmlDType::F16 => ggml_kernel::<f16>(),
+            GgmlDType::F16 => match ggml_kernel::<f16>() {
+                // candle's f16 dot product is scalar.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Ggml(fns) if allow_simd && simd_available() => Kernel::Ggml(GgmlFns { dot: dot_f16_avx2, ..fns }),
+                k => k,
+            },
             GgmlDType::F32 => ggml_kernel::<f32>(),
             _ => return None,
         })

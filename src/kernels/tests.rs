@@ -114,3 +114,21 @@ fn unsupported_shapes_and_types_are_refused() {
     assert!(QMatrix::from_bytes(GgmlDType::Q4_1, 2, 64, &[0; 79], true).is_none(), "wrong byte count");
     assert!(QMatrix::from_bytes(GgmlDType::Q8_1, 1, 32, &[0; 36], true).is_none());
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn f16_dot_product_matches_f64_at_every_length() {
+    if !simd_available() {
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for n in (0..80).chain([576, 1536, 4099]) {
+        let w: Vec<f16> = (0..n).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
+        let a: Vec<f16> = (0..n).map(|_| f16::from_f32(rng.random_range(-3.0..3.0))).collect();
+        let exact: f64 = w.iter().zip(&a).map(|(w, a)| w.to_f64() * a.to_f64()).sum();
+        let mag: f64 = w.iter().zip(&a).map(|(w, a)| (w.to_f64() * a.to_f64()).abs()).sum();
+        // SAFETY: AVX2/FMA/F16C checked above; both rows hold n values.
+        let ours = unsafe { avx2::dot_f16(n, &w, &a) } as f64;
+        assert!((ours - exact).abs() <= 1e-6 * mag.max(1.0), "n = {n}: {ours} vs {exact}");
+    }
+}
