@@ -236,3 +236,120 @@ pub unsafe fn dot_f16(n: usize, w: &[half::f16], a: &[half::f16]) -> f32 {
     }
     sum
 }
+
+/// K-quant kernels: weights in 256-value blocks against ggml's Q8_K
+/// activations (one scale per 256 values), so each block's sub-block scales
+/// are applied in integers and one float product is taken per block and
+/// row, as ggml does; one weight block serves up to 4 activation rows.
+pub mod k {
+    use super::*;
+    use crate::kernels::blocks::{BlockQ4K, BlockQ6K, BlockQ8K};
+    use crate::kernels::KQuant;
+
+    /// Q4_K's eight scales and eight minimums (6 bits each, ggml's packing):
+    /// bytes 0..4 hold scales 0..4, 4..8 minimums 0..4, 8..12 the low
+    /// nibbles of scales / minimums 4..8, whose top 2 bits are the top bits
+    /// of bytes 0..8.
+    fn q4k_scales_mins(packed: &[u8; 12]) -> (u64, u64) {
+        let u: [u32; 3] = std::array::from_fn(|i| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]));
+        let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
+        let scales = (u[0] & k1) as u64 | (((u[2] & k2) | (((u[0] >> 6) & k3) << 4)) as u64) << 32;
+        let mins = (u[1] & k1) as u64 | ((((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4)) as u64) << 32;
+        (scales, mins)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn row_q4k<const R: usize>(w: *const BlockQ4K, nb: usize, a: [*const BlockQ8K; R]) -> [f32; R] {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_m = [_mm_setzero_ps(); R];
+        for i in 0..nb {
+            let b = &*w.add(i);
+            let (scales, mins) = q4k_scales_mins(&b.scales);
+            let sc = scales.to_le_bytes();
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for j in 0..4 {
+                let raw = _mm256_loadu_si256(b.qs.as_ptr().add(32 * j).cast());
+                let (lo, hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+                let (sl, sh) = (_mm256_set1_epi16(sc[2 * j] as i16), _mm256_set1_epi16(sc[2 * j + 1] as i16));
+                for r in 0..R {
+                    let q8 = (*a[r].add(i)).qs.as_ptr().add(64 * j);
+                    let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q8.cast())));
+                    let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q8.add(32).cast())));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+                }
+            }
+            let (d, dmin) = (h2f(b.d), h2f(b.dmin));
+            for r in 0..R {
+                let ab = &*a[r].add(i);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                // Minimums: Σ_k m_k Σ_(values of sub-block k) a, from the sums per 16.
+                let bs = _mm256_loadu_si256(ab.bsums.as_ptr().cast());
+                let pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+                let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs));
+                acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-dmin * ab.d), prod, acc_m[r]);
+            }
+        }
+        std::array::from_fn(|r| {
+            let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
+            hsum(acc[r]) + _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)))
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn row_q6k<const R: usize>(w: *const BlockQ6K, nb: usize, a: [*const BlockQ8K; R]) -> [f32; R] {
+        let (m4, m2, m32) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+        let mut acc = [_mm256_setzero_ps(); R];
+        for i in 0..nb {
+            let b = &*w.add(i);
+            let mut sumi = [_mm256_setzero_si256(); R];
+            // Sub-block k of 32 values: half n = k / 4, quarter j = k % 4 of
+            // it; low bits from nibbles of 32 bytes of ql, high bits 2j..2j+2
+            // of 32 bytes of qh; scales 2k (values 0..16) and 2k + 1.
+            for k in 0..8 {
+                let (n, j) = (k / 4, k % 4);
+                let ql = _mm256_loadu_si256(b.ql.as_ptr().add(64 * n + 32 * (j & 1)).cast());
+                let lo = if j < 2 { _mm256_and_si256(ql, m4) } else { _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4) };
+                let qh = _mm256_loadu_si256(b.qh.as_ptr().add(32 * n).cast());
+                let hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32)), m2);
+                let q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), m32);
+                let absq = _mm256_sign_epi8(q, q);
+                let sc = _mm256_set_m128i(_mm_set1_epi16(b.scales[2 * k + 1] as i16), _mm_set1_epi16(b.scales[2 * k] as i16));
+                for r in 0..R {
+                    let q8 = _mm256_loadu_si256((*a[r].add(i)).qs.as_ptr().add(32 * k).cast());
+                    // maddubs wants its first operand unsigned: move q's sign onto a.
+                    let p = _mm256_maddubs_epi16(absq, _mm256_sign_epi8(q8, q));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc, p));
+                }
+            }
+            let d = h2f(b.d);
+            for r in 0..R {
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (*a[r].add(i)).d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]))
+    }
+
+    /// `out[r][j] = W[j] · a[r]` for `nrows` weight rows of `row_bytes` bytes.
+    ///
+    /// # Safety
+    /// Rows hold whole blocks of type `T`, each `a[r]` as many Q8_K blocks;
+    /// each `out[r]` has room for `nrows` values; the CPU has AVX2, FMA, F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm<const T: u8, const R: usize>(w: *const u8, row_bytes: usize, nrows: usize, a: [*const BlockQ8K; R], out: [*mut f32; R]) {
+        for j in 0..nrows {
+            let row = w.add(j * row_bytes);
+            let res = if T == KQuant::Q4K as u8 {
+                row_q4k::<R>(row.cast(), row_bytes / size_of::<BlockQ4K>(), a)
+            } else {
+                row_q6k::<R>(row.cast(), row_bytes / size_of::<BlockQ6K>(), a)
+            };
+            for r in 0..R {
+                *out[r].add(j) = res[r];
+            }
+        }
+    }
+}

@@ -50,6 +50,41 @@ pub struct BlockQ8_0 {
     pub qs: [i8; QK],
 }
 
+/// Values per super-block of the K-quants.
+pub const QK_K: usize = 256;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    /// Eight 6-bit scales and eight 6-bit minimums, one per 32 values, packed.
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ6K {
+    /// Low 4 bits of the values.
+    pub ql: [u8; QK_K / 2],
+    /// High 2 bits of the values.
+    pub qh: [u8; QK_K / 4],
+    /// One scale per 16 values.
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
+}
+
+/// ggml's activation block for the K-quants (quantized by candle's port of
+/// ggml's `quantize_row_q8_K`): one scale per 256 values, sums per 16.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
 /// 32 activations as `d * qs[i]`. `s = d * Σ qs` (ggml's q8_1 sum, for the
 /// types with a minimum) and the exact integer `sum = Σ qs` (for the types
 /// with an offset, so `Σ (q - 8) a` stays an exact integer).

@@ -9,8 +9,10 @@
 //!
 //! Dispatch happens once, when a matrix is built: AVX2+FMA+F16C kernels for
 //! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 where the CPU has them, the scalar
-//! reference otherwise; other GGUF types (the K-quants, F16, F32) use
-//! candle's per-type dot products inside the same row-parallel driver.
+//! reference otherwise. Q4_K and Q6_K keep ggml's Q8_K activations and get
+//! our multi-row AVX2 kernel where the CPU has it, F16 our AVX2 dot product;
+//! other GGUF types (and all of these on other CPUs) use candle's per-type
+//! dot products inside the same row-parallel driver.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -26,6 +28,14 @@ use half::f16;
 
 use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8, BlockQ8_0, QK};
 pub use pool::{pool, set_threads};
+
+/// K-quant types with our AVX2 kernel. The discriminant selects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum KQuant {
+    Q4K = 0,
+    Q6K = 1,
+}
 
 /// Weight types with our own kernels. The discriminant selects the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +129,10 @@ struct GgmlFns {
     quantize: fn(&[f32], &mut [u8]),
     dot: fn(usize, &[u8], &[u8]) -> f32,
     dequantize: fn(&[u8], &mut [f32]),
+    /// A kernel over weight rows × up to 4 activation rows, where there is
+    /// one (SIMD K-quants); else `dot` per pair. Unsafe: chosen only where
+    /// the CPU has what it needs; arguments as [`Kernel::gemm`]'s.
+    gemm: Option<unsafe fn(&[u8], usize, &[&[u8]], &[OutPtr])>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -195,7 +209,32 @@ fn ggml_kernel<T: GgmlType>() -> Kernel {
         quantize: ggml_quantize::<T>,
         dot: ggml_dot::<T>,
         dequantize: ggml_dequantize::<T>,
+        gemm: None,
     })
+}
+
+/// Runs `$body` with the const `$r` = number of activation rows (1..=4).
+macro_rules! with_rows {
+    ($n:expr, $r:ident => $body:expr) => {
+        match $n {
+            1 => {
+                const $r: usize = 1;
+                $body
+            }
+            2 => {
+                const $r: usize = 2;
+                $body
+            }
+            3 => {
+                const $r: usize = 3;
+                $body
+            }
+            _ => {
+                const $r: usize = 4;
+                $body
+            }
+        }
+    };
 }
 
 impl Kernel {
@@ -206,9 +245,9 @@ impl Kernel {
         Some(match t {
             GgmlDType::Q2K => ggml_kernel::<BlockQ2K>(),
             GgmlDType::Q3K => ggml_kernel::<BlockQ3K>(),
-            GgmlDType::Q4K => ggml_kernel::<BlockQ4K>(),
+            GgmlDType::Q4K => k_quant::<BlockQ4K, { KQuant::Q4K as u8 }>(allow_simd),
             GgmlDType::Q5K => ggml_kernel::<BlockQ5K>(),
-            GgmlDType::Q6K => ggml_kernel::<BlockQ6K>(),
+            GgmlDType::Q6K => k_quant::<BlockQ6K, { KQuant::Q6K as u8 }>(allow_simd),
             GgmlDType::F16 => match ggml_kernel::<f16>() {
                 // candle's f16 dot product is scalar.
                 #[cfg(target_arch = "x86_64")]
@@ -254,6 +293,11 @@ impl Kernel {
         let nrows = w.len() / row_bytes;
         let (own, simd) = match *self {
             Kernel::Own { t, simd } => (t, simd),
+            Kernel::Ggml(GgmlFns { gemm: Some(gemm), .. }) => {
+                // SAFETY: set only where the CPU has what the kernel needs.
+                unsafe { gemm(w, row_bytes, acts, outs) };
+                return;
+            }
             Kernel::Ggml(g) => {
                 for (a, o) in acts.iter().zip(outs) {
                     for (j, row) in w.chunks_exact(row_bytes).enumerate() {
@@ -286,13 +330,7 @@ unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, act
     unsafe fn go<const T: u8>(w: &[u8], row_bytes: usize, nrows: usize, bsize: usize, acts: &[&[u8]], outs: &[OutPtr]) {
         let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
         let o = |i: usize| outs[i].0;
-        let w = w.as_ptr();
-        match acts.len() {
-            1 => avx2::gemm::<T, 1>(w, row_bytes, nrows, bsize, [a(0)], [o(0)]),
-            2 => avx2::gemm::<T, 2>(w, row_bytes, nrows, bsize, [a(0), a(1)], [o(0), o(1)]),
-            3 => avx2::gemm::<T, 3>(w, row_bytes, nrows, bsize, [a(0), a(1), a(2)], [o(0), o(1), o(2)]),
-            _ => avx2::gemm::<T, 4>(w, row_bytes, nrows, bsize, [a(0), a(1), a(2), a(3)], [o(0), o(1), o(2), o(3)]),
-        }
+        with_rows!(acts.len(), R => avx2::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)))
     }
     let b = t.block_bytes();
     match t {
@@ -302,6 +340,26 @@ unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, act
         WeightType::Q5_1 => go::<{ WeightType::Q5_1 as u8 }>(w, row_bytes, nrows, b, acts, outs),
         WeightType::Q8_0 => go::<{ WeightType::Q8_0 as u8 }>(w, row_bytes, nrows, b, acts, outs),
     }
+}
+
+/// A K-quant: candle's (ggml's) activation quantization and dot product,
+/// with our multi-row AVX2 kernel where the CPU has it.
+fn k_quant<B: GgmlType, const T: u8>(allow_simd: bool) -> Kernel {
+    let Kernel::Ggml(fns) = ggml_kernel::<B>() else { unreachable!("ggml_kernel gives Ggml") };
+    #[cfg(target_arch = "x86_64")]
+    if allow_simd && simd_available() {
+        return Kernel::Ggml(GgmlFns { gemm: Some(k_gemm::<T>), ..fns });
+    }
+    let _ = allow_simd;
+    Kernel::Ggml(fns)
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn k_gemm<const T: u8>(w: &[u8], row_bytes: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+    let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
+    let o = |i: usize| outs[i].0;
+    let nrows = w.len() / row_bytes;
+    with_rows!(acts.len(), R => avx2::k::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, std::array::from_fn(a), std::array::from_fn(o)))
 }
 
 /// `y += p · x` on this CPU's fastest path (attention's weighted sum of values).

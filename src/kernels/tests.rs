@@ -9,6 +9,11 @@ use rand::{Rng, SeedableRng};
 use super::*;
 
 fn random_matrix(rng: &mut impl Rng, t: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
+    if matches!(t, GgmlDType::Q4K | GgmlDType::Q6K) {
+        // Valid packed scales: quantize random values (ggml's quantizer, via candle).
+        let x = Tensor::new(random_acts(rng, rows * cols), &Device::Cpu).unwrap().reshape((rows, cols)).unwrap();
+        return QTensor::quantize(&x, t).unwrap().data().unwrap().into_owned();
+    }
     // Random bytes are valid blocks except for the f16 scales: set those to
     // small finite values so products stay meaningful.
     let bsize = t.type_size();
@@ -69,8 +74,9 @@ fn own_kernels_agree_with_scalar_and_f64_reference() {
 #[test]
 fn a_rows_result_does_not_depend_on_its_batch() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0] {
-        let (rows, cols) = (19, 96);
+    for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        let k_quant = matches!(t, GgmlDType::Q4K | GgmlDType::Q6K);
+        let (rows, cols) = (19, if k_quant { 512 } else { 96 });
         let w = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap();
         let x = random_acts(&mut rng, 6 * cols);
         let batched = run(&w, &x);
@@ -86,14 +92,15 @@ fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     for t in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
-        let (rows, cols) = (8, 512);
+        // 37 rows: two 16-row tiles and a tail; 7 activation rows: 4 + 3.
+        let (rows, cols, n) = (37, 768, 7);
         let wf = Tensor::new(random_acts(&mut rng, rows * cols), &dev).unwrap().reshape((rows, cols)).unwrap();
         let q = QTensor::quantize(&wf, t).unwrap();
-        let x = random_acts(&mut rng, 3 * cols);
+        let x = random_acts(&mut rng, n * cols);
         let q = std::sync::Arc::new(q);
         let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
         let ours = run(&m, &x);
-        let xt = Tensor::new(x.as_slice(), &dev).unwrap().reshape((3, cols)).unwrap();
+        let xt = Tensor::new(x.as_slice(), &dev).unwrap().reshape((n, cols)).unwrap();
         let theirs = QMatMul::from_arc(q).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // candle multiplies F16 weights with f32 activations; the dot product
         // path rounds activations to f16 (2⁻¹¹ relative) first.
