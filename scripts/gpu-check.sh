@@ -7,7 +7,7 @@
 #   (a) logits of random models on the GPU vs the same binary on the CPU;
 #   (b) a 2-stage pipeline whose two node processes share the one GPU vs
 #       the single-process engine, f32 and f16 wire: same greedy tokens;
-#   (c) prefill and decode tok/s of a Llama-3-8B shape, Q4_0 and f16.
+#   (c) prefill and decode tok/s of a Llama-3-8B shape, Q4_0, Q4_K and f16.
 #
 #   scripts/gpu-check.sh [BINARY] [OUTDIR]
 #
@@ -89,7 +89,7 @@ step node-plan 60 "$BIN" plan --model synthetic:llama-70b:q4_0 --nodes gpu --str
 kill "$NODE"
 
 B=("$BIN" bench --json)
-for quant in f32 f16 q8_0 q4_0; do
+for quant in f32 f16 q8_0 q4_0 q4_k q6_k; do
   step "logits-tiny-$quant" 120 "${B[@]}" --synthetic tiny --quant "$quant" --device "$DEVICE" --check-against cpu --prompt-tokens 64 --tokens 32
 done
 step logits-smollm2-q4_0 120 "${B[@]}" --synthetic smollm2-135m --quant q4_0 --device "$DEVICE" --check-against cpu --prompt-tokens 64 --tokens 16
@@ -100,6 +100,7 @@ done
 step "pipeline-$MID-f16" 200 "${B[@]}" --synthetic "$MID" --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f16 --rounds 2 --tokens 64
 
 step "speed-$BIG-q4_0" 240 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f32 --prompt-tokens 512 --tokens 128 --rounds 2
+step "speed-$BIG-q4_k" 240 "${B[@]}" --synthetic "$BIG" --quant q4_k --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
 step "speed-$BIG-f16" 240 "${B[@]}" --synthetic "$BIG" --quant f16 --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
 
 # The fraction of the memory-bandwidth floor each decode reached.
