@@ -367,3 +367,53 @@ impl RmsNorm {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn quantized(rng: &mut impl Rng, t: GgmlDType, rows: usize, cols: usize) -> RawWeight {
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x = Tensor::from_vec(x, (rows, cols), &Device::Cpu).unwrap();
+        RawWeight::Quantized(Arc::new(QTensor::quantize(&x, t).unwrap()))
+    }
+
+    #[test]
+    fn stacked_projections_give_each_part_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let x: Vec<f32> = (0..3 * 64).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let x = Tensor::from_vec(x, (1, 3, 64), &Device::Cpu).unwrap();
+        let parts: Vec<(RawWeight, Option<Tensor>)> = [32, 16, 16]
+            .iter()
+            .map(|&rows| {
+                let bias = Tensor::from_vec((0..rows).map(|i| i as f32 * 0.1).collect(), rows, &Device::Cpu).unwrap();
+                (quantized(&mut rng, GgmlDType::Q4_0, rows, 64), Some(bias))
+            })
+            .collect();
+        let alone: Vec<Vec<f32>> = parts
+            .iter()
+            .map(|(w, b)| {
+                let y = Linear::new(w.clone(), b.clone(), Backend::Candle).unwrap().forward(&x).unwrap();
+                y.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        let stacked = Projections::new(parts, Backend::Candle).unwrap();
+        assert!(matches!(stacked, Projections::Stacked { .. }));
+        for (y, want) in stacked.forward(&x).unwrap().iter().zip(&alone) {
+            assert_eq!(&y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn projections_of_different_types_or_backends_stay_separate() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        // Q4_K_M files keep V in Q6_K while Q and K are Q4_K.
+        let mixed = vec![(quantized(&mut rng, GgmlDType::Q4_0, 32, 64), None), (quantized(&mut rng, GgmlDType::Q8_0, 16, 64), None)];
+        assert_eq!(Projections::new(mixed, Backend::Candle).unwrap().separate().len(), 2);
+        // Our kernels take the matrices one by one.
+        let same = vec![(quantized(&mut rng, GgmlDType::Q4_0, 32, 64), None), (quantized(&mut rng, GgmlDType::Q4_0, 16, 64), None)];
+        assert_eq!(Projections::new(same, Backend::Host).unwrap().separate().len(), 2);
+    }
+}
