@@ -208,6 +208,10 @@ fn bench_checks_pipelines_and_devices_by_their_outputs() {
     if !cfg!(feature = "cuda") {
         assert_clean_error(&sollol(&[&base[..], &["--check-against", "cuda"]].concat(), home.path()), "--features cuda");
     }
+    // A whole-model check cannot also be a one-slice load report.
+    let out = sollol(&[&base[..], &["--check-against", "cpu", "--layers", "0..2"]].concat(), home.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: the argument '--check-against"), "{out:?}");
 }
 
 #[test]

@@ -71,7 +71,7 @@ pub struct BenchArgs {
     /// Check the device's numbers instead: run the same prompt and decode
     /// steps on `--device` and on this device (e.g. `--device cuda
     /// --check-against cpu`) and report how far the logits differ.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["url", "layers", "load_only", "concurrency"])]
     check_against: Option<String>,
 }
 

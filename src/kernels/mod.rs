@@ -20,9 +20,9 @@ pub mod blocks;
 pub mod ops;
 pub mod pool;
 
-use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType};
 use std::sync::Arc;
 
+use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
@@ -127,13 +127,19 @@ struct GgmlFns {
     act: GgmlDType,
     act_row_bytes: fn(usize) -> usize,
     quantize: fn(&[f32], &mut [u8]),
-    dot: fn(usize, &[u8], &[u8]) -> f32,
+    dot: DotFn,
     dequantize: fn(&[u8], &mut [f32]),
     /// A kernel over weight rows × up to 4 activation rows, where there is
-    /// one (SIMD K-quants); else `dot` per pair. Unsafe: chosen only where
-    /// the CPU has what it needs; arguments as [`Kernel::gemm`]'s.
-    gemm: Option<unsafe fn(&[u8], usize, &[&[u8]], &[OutPtr])>,
+    /// one (SIMD K-quants); else `dot` per pair.
+    gemm: Option<GemmFn>,
 }
+
+/// `(cols, weight row, activation row)` → their dot product.
+type DotFn = fn(usize, &[u8], &[u8]) -> f32;
+
+/// `(weight rows, row_bytes, activation rows, outputs)` as [`Kernel::gemm`]
+/// takes them. Unsafe: chosen only where the CPU has what it needs.
+type GemmFn = unsafe fn(&[u8], usize, &[&[u8]], &[OutPtr]);
 
 impl std::fmt::Debug for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -192,25 +198,19 @@ fn ggml_dot<T: GgmlType>(cols: usize, w: &[u8], a: &[u8]) -> f32 {
     T::vec_dot(cols, cast(w), cast(a))
 }
 
-#[cfg(target_arch = "x86_64")]
-fn dot_f16_avx2(cols: usize, w: &[u8], a: &[u8]) -> f32 {
-    // SAFETY: chosen only where the CPU has AVX2/FMA/F16C; both rows hold `cols` f16 values (asserted inside).
-    unsafe { avx2::dot_f16(cols, cast(w), cast(a)) }
-}
-
 fn ggml_dequantize<T: GgmlType>(w: &[u8], out: &mut [f32]) {
     T::to_float(cast(w), out)
 }
 
-fn ggml_kernel<T: GgmlType>() -> Kernel {
-    Kernel::Ggml(GgmlFns {
+fn ggml_fns<T: GgmlType>() -> GgmlFns {
+    GgmlFns {
         act: T::VecDotType::DTYPE,
         act_row_bytes: ggml_row_bytes::<T>,
         quantize: ggml_quantize::<T>,
         dot: ggml_dot::<T>,
         dequantize: ggml_dequantize::<T>,
         gemm: None,
-    })
+    }
 }
 
 /// Runs `$body` with the const `$r` = number of activation rows (1..=4).
@@ -242,21 +242,17 @@ impl Kernel {
         if let Some(own) = WeightType::from_ggml(t) {
             return Some(Kernel::Own { t: own, simd: allow_simd && simd_available() });
         }
-        Some(match t {
-            GgmlDType::Q2K => ggml_kernel::<BlockQ2K>(),
-            GgmlDType::Q3K => ggml_kernel::<BlockQ3K>(),
-            GgmlDType::Q4K => k_quant::<BlockQ4K, { KQuant::Q4K as u8 }>(allow_simd),
-            GgmlDType::Q5K => ggml_kernel::<BlockQ5K>(),
-            GgmlDType::Q6K => k_quant::<BlockQ6K, { KQuant::Q6K as u8 }>(allow_simd),
-            GgmlDType::F16 => match ggml_kernel::<f16>() {
-                // candle's f16 dot product is scalar.
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Ggml(fns) if allow_simd && simd_available() => Kernel::Ggml(GgmlFns { dot: dot_f16_avx2, ..fns }),
-                k => k,
-            },
-            GgmlDType::F32 => ggml_kernel::<f32>(),
+        let simd = allow_simd && simd_available();
+        Some(Kernel::Ggml(match t {
+            GgmlDType::Q2K => ggml_fns::<BlockQ2K>(),
+            GgmlDType::Q3K => ggml_fns::<BlockQ3K>(),
+            GgmlDType::Q4K => GgmlFns { gemm: k_gemm::<{ KQuant::Q4K as u8 }>(simd), ..ggml_fns::<BlockQ4K>() },
+            GgmlDType::Q5K => ggml_fns::<BlockQ5K>(),
+            GgmlDType::Q6K => GgmlFns { gemm: k_gemm::<{ KQuant::Q6K as u8 }>(simd), ..ggml_fns::<BlockQ6K>() },
+            GgmlDType::F16 => GgmlFns { dot: f16_dot(simd).unwrap_or(ggml_dot::<f16>), ..ggml_fns::<f16>() },
+            GgmlDType::F32 => ggml_fns::<f32>(),
             _ => return None,
-        })
+        }))
     }
 
     fn acts(&self) -> ActKind {
@@ -342,24 +338,34 @@ unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, act
     }
 }
 
-/// A K-quant: candle's (ggml's) activation quantization and dot product,
-/// with our multi-row AVX2 kernel where the CPU has it.
-fn k_quant<B: GgmlType, const T: u8>(allow_simd: bool) -> Kernel {
-    let Kernel::Ggml(fns) = ggml_kernel::<B>() else { unreachable!("ggml_kernel gives Ggml") };
+/// Our multi-row AVX2 kernel for K-quant `T` (over candle's Q8_K
+/// activations), where the CPU has it.
+fn k_gemm<const T: u8>(simd: bool) -> Option<GemmFn> {
     #[cfg(target_arch = "x86_64")]
-    if allow_simd && simd_available() {
-        return Kernel::Ggml(GgmlFns { gemm: Some(k_gemm::<T>), ..fns });
+    if simd {
+        return Some(avx2_k_gemm::<T>);
     }
-    let _ = allow_simd;
-    Kernel::Ggml(fns)
+    let _ = simd;
+    None
 }
 
 #[cfg(target_arch = "x86_64")]
-unsafe fn k_gemm<const T: u8>(w: &[u8], row_bytes: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+unsafe fn avx2_k_gemm<const T: u8>(w: &[u8], row_bytes: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
     let o = |i: usize| outs[i].0;
     let nrows = w.len() / row_bytes;
     with_rows!(acts.len(), R => avx2::k::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, std::array::from_fn(a), std::array::from_fn(o)))
+}
+
+/// Our AVX2+F16C f16 dot product where the CPU has it (candle's is scalar).
+fn f16_dot(simd: bool) -> Option<DotFn> {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: chosen only where the CPU has AVX2/FMA/F16C; both rows hold `cols` f16 values (asserted inside).
+        return Some(|cols, w, a| unsafe { avx2::dot_f16(cols, cast(w), cast(a)) });
+    }
+    let _ = simd;
+    None
 }
 
 /// `y += p · x` on this CPU's fastest path (attention's weighted sum of values).

@@ -61,9 +61,8 @@ fn float_dtype(t: GgmlDType) -> Option<DType> {
     }
 }
 
-/// A float-typed GGUF tensor as a plain tensor on its device, bytes as stored.
-fn dense_on_device(q: &QTensor) -> Result<Tensor> {
-    let dtype = float_dtype(q.dtype()).ok_or_else(|| Error::InvalidRequest(format!("{:?} is not a float type", q.dtype())))?;
+/// A float-typed GGUF tensor (of `dtype`) as a plain tensor on its device, bytes as stored.
+fn dense_on_device(q: &QTensor, dtype: DType) -> Result<Tensor> {
     let bytes = q.data()?;
     let len = q.shape().elem_count() * dtype.size_in_bytes();
     Ok(Tensor::from_raw_buffer(&bytes[..len], dtype, q.shape().dims(), &q.device())?)
@@ -144,10 +143,10 @@ impl Linear {
             // candle would widen f16 weights to f32 (twice the bytes read per
             // token) and cannot do it on a GPU: there the stored dtype is kept
             // and the product runs in it.
-            (Backend::Candle, RawWeight::Quantized(q)) if !q.device().is_cpu() && float_dtype(q.dtype()).is_some() => {
-                LinearWeight::Dense(dense_on_device(&q)?)
-            }
-            (Backend::Candle, RawWeight::Quantized(q)) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            (Backend::Candle, RawWeight::Quantized(q)) => match float_dtype(q.dtype()).filter(|_| !q.device().is_cpu()) {
+                Some(dtype) => LinearWeight::Dense(dense_on_device(&q, dtype)?),
+                None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            },
             (Backend::Candle, RawWeight::Dense(t)) => LinearWeight::Dense(t),
         };
         let bias_host = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
@@ -209,9 +208,9 @@ pub enum Projections {
 }
 
 impl Projections {
-    pub fn new(parts: Vec<(RawWeight, Option<Tensor>)>, backend: Backend) -> Result<Self> {
+    pub fn new(parts: Vec<Part>, backend: Backend) -> Result<Self> {
         if backend == Backend::Candle && parts.len() > 1 {
-            if let Some((weight, bias, sizes)) = stack(&parts)? {
+            if let Some(((weight, bias), sizes)) = stack(&parts)? {
                 return Ok(Projections::Stacked { linear: Linear::new(weight, bias, backend)?, sizes });
             }
         }
@@ -246,9 +245,13 @@ impl Projections {
     }
 }
 
-/// The weights (and biases) one under the other, when they have one type
-/// and one input width; `None` when they cannot be stacked.
-fn stack(parts: &[(RawWeight, Option<Tensor>)]) -> Result<Option<(RawWeight, Option<Tensor>, Vec<usize>)>> {
+/// One projection's weight and bias.
+pub type Part = (RawWeight, Option<Tensor>);
+
+/// The weights (and biases) one under the other, with each part's output
+/// size, when they have one type and one input width; `None` when they
+/// cannot be stacked.
+fn stack(parts: &[Part]) -> Result<Option<(Part, Vec<usize>)>> {
     let bias = match parts.iter().map(|(_, b)| b.clone()).collect::<Option<Vec<Tensor>>>() {
         Some(b) => Some(Tensor::cat(&b, 0)?),
         None if parts.iter().all(|(_, b)| b.is_none()) => None,
@@ -286,7 +289,7 @@ fn stack(parts: &[(RawWeight, Option<Tensor>)]) -> Result<Option<(RawWeight, Opt
             (RawWeight::Dense(Tensor::cat(&tensors, 0)?), sizes)
         }
     };
-    Ok(Some((weight, bias, sizes)))
+    Ok(Some(((weight, bias), sizes)))
 }
 
 /// Token embedding; quantized tables stay quantized and only the rows looked
@@ -385,7 +388,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let x: Vec<f32> = (0..3 * 64).map(|_| rng.random_range(-2.0..2.0)).collect();
         let x = Tensor::from_vec(x, (1, 3, 64), &Device::Cpu).unwrap();
-        let parts: Vec<(RawWeight, Option<Tensor>)> = [32, 16, 16]
+        let parts: Vec<Part> = [32, 16, 16]
             .iter()
             .map(|&rows| {
                 let bias = Tensor::from_vec((0..rows).map(|i| i as f32 * 0.1).collect(), rows, &Device::Cpu).unwrap();
