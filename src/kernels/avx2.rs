@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8, BlockQ8_0, QK};
-use super::WeightType;
+use super::{repack, WeightType};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
@@ -184,6 +184,93 @@ pub unsafe fn gemm<const T: u8, const R: usize>(
     }
 }
 
+/// One 8-row group of an interleaved matrix ([`repack`]) against `R`
+/// activation rows: lane `i` of result `r` is weight row `i` · `a[r]`.
+///
+/// Per block, each row's exact integer sum ends in its own lane, then one
+/// scale product and one conversion serve all eight rows. A row's arithmetic
+/// is the same for every `R`, so its result does not depend on its batch.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
+unsafe fn group<const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8; R]) -> [__m256; R] {
+    let l = repack::layout(T);
+    let (ones, m4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let blk = w.add(b * l.bytes);
+        let ab: [&BlockQ8; R] = std::array::from_fn(|r| &*a[r].add(b));
+        // Activation chunk c (4 values) in every lane.
+        let chunk = |r: usize, c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(ab[r].qs.as_ptr().add(4 * c).cast::<i32>()));
+        let mut sum = [_mm256_setzero_si256(); R];
+        if l.bits == 8 {
+            for c in 0..8 {
+                let q = _mm256_loadu_si256(blk.add(l.qs + 32 * c).cast());
+                let absq = _mm256_sign_epi8(q, q);
+                for r in 0..R {
+                    // maddubs wants its first operand unsigned: move w's sign onto a.
+                    let p = _mm256_maddubs_epi16(absq, _mm256_sign_epi8(chunk(r, c), q));
+                    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, ones));
+                }
+            }
+        } else {
+            let mut s16 = [_mm256_setzero_si256(); R];
+            for k in 0..4 {
+                let raw = _mm256_loadu_si256(blk.add(l.qs + 32 * k).cast());
+                let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+                if l.bits == 5 {
+                    let qh = |c: usize| std::ptr::read_unaligned(blk.add(l.qh + 4 * c).cast::<[u8; 4]>());
+                    lo = _mm256_or_si256(lo, high_bits(qh(2 * k)));
+                    hi = _mm256_or_si256(hi, high_bits(qh(2 * k + 1)));
+                }
+                for r in 0..R {
+                    let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, chunk(r, 2 * k)), _mm256_maddubs_epi16(hi, chunk(r, 2 * k + 1)));
+                    s16[r] = _mm256_add_epi16(s16[r], p);
+                }
+                // Each 16-bit lane gains at most 2 · 31 · 127 per chunk: eight
+                // chunks of 4-bit values fit it (30,480), four of 5-bit ones.
+                if k == 3 || (l.bits == 5 && k == 1) {
+                    for r in 0..R {
+                        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(s16[r], ones));
+                        s16[r] = _mm256_setzero_si256();
+                    }
+                }
+            }
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+        let m = if l.m != 0 { _mm256_cvtph_ps(_mm_loadu_si128(blk.add(l.m).cast())) } else { _mm256_setzero_ps() };
+        for r in 0..R {
+            if l.offset != 0 {
+                // Σ (q - k) a = Σ q a - k Σ a: exact in integers.
+                sum[r] = _mm256_sub_epi32(sum[r], _mm256_set1_epi32(l.offset * ab[r].sum));
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab[r].d)), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+            if l.m != 0 {
+                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab[r].s), acc[r]);
+            }
+        }
+    }
+    acc
+}
+
+/// `out[r][8g + i] = W[8g + i] · a[r]` for `groups` consecutive groups of an
+/// interleaved matrix, `nb` blocks per row.
+///
+/// # Safety
+/// `w` points at `groups` groups of `nb` interleaved blocks of type `T`,
+/// each `a[r]` at `nb` blocks; each `out[r]` has room for `8 · groups`
+/// values; the CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_groups<const T: u8, const R: usize>(w: *const u8, nb: usize, groups: usize, a: [*const BlockQ8; R], out: [*mut f32; R]) {
+    let group_bytes = nb * repack::layout(T).bytes;
+    for g in 0..groups {
+        let res = group::<T, R>(w.add(g * group_bytes), nb, a);
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].add(repack::ROWS * g), res[r]);
+        }
+    }
+}
+
 /// `y += p · x`.
 ///
 /// # Safety
@@ -251,7 +338,8 @@ pub mod k {
     /// nibbles of scales / minimums 4..8, whose top 2 bits are the top bits
     /// of bytes 0..8.
     fn q4k_scales_mins(packed: &[u8; 12]) -> (u64, u64) {
-        let u: [u32; 3] = std::array::from_fn(|i| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]));
+        let u: [u32; 3] =
+            std::array::from_fn(|i| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]));
         let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
         let scales = (u[0] & k1) as u64 | (((u[2] & k2) | (((u[0] >> 6) & k3) << 4)) as u64) << 32;
         let mins = (u[1] & k1) as u64 | ((((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4)) as u64) << 32;
@@ -339,7 +427,13 @@ pub mod k {
     /// Rows hold whole blocks of type `T`, each `a[r]` as many Q8_K blocks;
     /// each `out[r]` has room for `nrows` values; the CPU has AVX2, FMA, F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm<const T: u8, const R: usize>(w: *const u8, row_bytes: usize, nrows: usize, a: [*const BlockQ8K; R], out: [*mut f32; R]) {
+    pub unsafe fn gemm<const T: u8, const R: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        nrows: usize,
+        a: [*const BlockQ8K; R],
+        out: [*mut f32; R],
+    ) {
         for j in 0..nrows {
             let row = w.add(j * row_bytes);
             let res = if T == KQuant::Q4K as u8 {

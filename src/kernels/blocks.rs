@@ -119,13 +119,13 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
 }
 
 /// The 5th bits of a q5 block, one per value, as `0` or `16`.
-fn high_bits(qh: [u8; 4]) -> [u8; QK] {
+pub(crate) fn high_bits(qh: [u8; 4]) -> [u8; QK] {
     let qh = u32::from_le_bytes(qh);
     std::array::from_fn(|j| (((qh >> j) & 1) << 4) as u8)
 }
 
 /// Values of a 4-bit block in order: low nibbles are values 0..16, high nibbles 16..32.
-fn nibbles(qs: &[u8; QK / 2]) -> [u8; QK] {
+pub(crate) fn nibbles(qs: &[u8; QK / 2]) -> [u8; QK] {
     std::array::from_fn(|j| if j < QK / 2 { qs[j] & 0x0F } else { qs[j - QK / 2] >> 4 })
 }
 

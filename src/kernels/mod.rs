@@ -19,6 +19,7 @@ mod avx2;
 pub mod blocks;
 pub mod ops;
 pub mod pool;
+mod repack;
 
 use std::sync::Arc;
 
@@ -338,6 +339,32 @@ unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, act
     }
 }
 
+/// [`avx2::gemm_groups`] for weight type `t`.
+///
+/// # Safety
+/// As `avx2::gemm_groups`: `w` starts at whole groups of `t`, and the CPU
+/// has AVX2 (interleaved matrices exist only where it does).
+unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(w.len() >= groups * nb * repack::layout(t as u8).bytes);
+        unsafe fn go<const T: u8>(w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+            let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
+            let o = |i: usize| outs[i].0;
+            with_rows!(acts.len(), R => avx2::gemm_groups::<T, R>(w.as_ptr(), nb, groups, std::array::from_fn(a), std::array::from_fn(o)))
+        }
+        match t {
+            WeightType::Q4_0 => go::<{ WeightType::Q4_0 as u8 }>(w, nb, groups, acts, outs),
+            WeightType::Q4_1 => go::<{ WeightType::Q4_1 as u8 }>(w, nb, groups, acts, outs),
+            WeightType::Q5_0 => go::<{ WeightType::Q5_0 as u8 }>(w, nb, groups, acts, outs),
+            WeightType::Q5_1 => go::<{ WeightType::Q5_1 as u8 }>(w, nb, groups, acts, outs),
+            WeightType::Q8_0 => go::<{ WeightType::Q8_0 as u8 }>(w, nb, groups, acts, outs),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("interleaved matrices exist only where the SIMD kernels do: {t:?} {} {nb} {groups} {} {}", w.len(), acts.len(), outs.len())
+}
+
 /// Our multi-row AVX2 kernel for K-quant `T` (over candle's Q8_K
 /// activations), where the CPU has it.
 fn k_gemm<const T: u8>(simd: bool) -> Option<GemmFn> {
@@ -408,6 +435,9 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    /// Rows `0..grouped` are interleaved in groups of eight ([`repack`]),
+    /// the rest in GGUF's layout after them.
+    grouped: usize,
     data: Weights,
     kernel: Kernel,
 }
@@ -450,7 +480,8 @@ impl QMatrix {
         if !cols.is_multiple_of(bs) || len != rows * row_bytes || !(ptr as usize).is_multiple_of(2) {
             return Ok(None);
         }
-        Ok(Some(Self { dtype, rows, cols, row_bytes, data: Weights::Shared { _tensor: q.clone(), ptr, len }, kernel }))
+        let shared = Weights::Shared { _tensor: q.clone(), ptr, len };
+        Ok(Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: shared, kernel }.interleaved()))
     }
 
     /// `bytes` are `rows` rows of `cols` values of type `dtype`, as in GGUF.
@@ -466,7 +497,22 @@ impl QMatrix {
         }
         let mut data = Aligned::zeroed(bytes.len());
         data.bytes_mut().copy_from_slice(bytes);
-        Some(Self { dtype, rows, cols, row_bytes, data: Weights::Owned(data), kernel })
+        Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: Weights::Owned(data), kernel }.interleaved())
+    }
+
+    /// This matrix with its whole groups of eight rows interleaved, where its
+    /// kernel is one of ours on SIMD (which then reads eight rows at once).
+    /// The copy replaces the original: no weight is held twice once the
+    /// caller drops the tensor it came from.
+    fn interleaved(self) -> Self {
+        let Kernel::Own { t, simd: true } = self.kernel else { return self };
+        let grouped = self.rows / repack::ROWS * repack::ROWS;
+        if grouped == 0 {
+            return self;
+        }
+        let mut data = Aligned::zeroed(self.data.bytes().len());
+        repack::interleave(t, self.data.bytes(), self.rows, self.row_bytes, data.bytes_mut());
+        Self { grouped, data: Weights::Owned(data), ..self }
     }
 
     pub fn rows(&self) -> usize {
@@ -485,13 +531,67 @@ impl QMatrix {
         self.data.bytes().len()
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
-    }
-
     /// Row `r` as f32 (an embedding lookup).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        self.kernel.dequantize(self.row(r), out)
+        let bytes = self.data.bytes();
+        if r >= self.grouped {
+            return self.kernel.dequantize(&bytes[r * self.row_bytes..(r + 1) * self.row_bytes], out);
+        }
+        let Kernel::Own { t, .. } = self.kernel else { unreachable!("only our kernels' matrices are interleaved") };
+        let group = &bytes[r / repack::ROWS * repack::ROWS * self.row_bytes..][..repack::ROWS * self.row_bytes];
+        // One GGUF block at a time, in an 8-byte-aligned buffer the block structs can view.
+        let mut buf = [0u64; 8];
+        let bsize = t.block_bytes();
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            // SAFETY: u64 storage viewed as bytes; bsize ≤ 34 < 64.
+            let block = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), bsize) };
+            repack::original_block(t, group, r % repack::ROWS, b, block);
+            own_dequantize(t, block, o);
+        }
+    }
+
+    /// `outs[i][j - start] = W[j] · acts[i]` for weight rows `start..end`
+    /// and up to four activation rows.
+    fn gemm_rows(&self, start: usize, end: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+        let ungrouped = start.max(self.grouped);
+        if ungrouped < end {
+            let w = &self.data.bytes()[ungrouped * self.row_bytes..end * self.row_bytes];
+            // SAFETY (offsets): each output has room for end - start values.
+            let o: [OutPtr; 4] = std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(ungrouped - start) }));
+            self.kernel.gemm(self.cols, w, self.row_bytes, acts, &o[..outs.len()]);
+        }
+        if start >= self.grouped {
+            return;
+        }
+        let Kernel::Own { t, .. } = self.kernel else { unreachable!("only our kernels' matrices are interleaved") };
+        // Whole groups write their outputs in place; a group cut by the range
+        // (a thread's boundary) goes through a buffer.
+        const G: usize = repack::ROWS;
+        let (g0, g1) = (start / G, end.min(self.grouped).div_ceil(G));
+        let group_bytes = G * self.row_bytes;
+        let mut g = g0;
+        while g < g1 {
+            let (lo, hi) = (g * G, (g + 1) * G);
+            let w = &self.data.bytes()[g * group_bytes..];
+            if lo >= start && hi <= end {
+                let whole = (end.min(self.grouped) - lo) / G;
+                // SAFETY: rows lo..lo + 8·whole lie in start..end.
+                let o: [OutPtr; 4] = std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(lo - start) }));
+                unsafe { avx2_groups(t, w, self.cols / QK, whole, acts, &o[..outs.len()]) };
+                g += whole;
+            } else {
+                let mut tmp = [[0f32; G]; 4];
+                let o: [OutPtr; 4] = std::array::from_fn(|i| OutPtr(tmp[i].as_mut_ptr()));
+                unsafe { avx2_groups(t, w, self.cols / QK, 1, acts, &o[..outs.len()]) };
+                for (i, out) in outs.iter().enumerate() {
+                    for j in lo.max(start)..hi.min(end) {
+                        // SAFETY: row j lies in start..end.
+                        unsafe { *out.0.add(j - start) = tmp[i][j - lo] };
+                    }
+                }
+                g += 1;
+            }
+        }
     }
 
     /// Whether activations quantized for `other` serve this matrix too.
@@ -561,6 +661,10 @@ const TILE_ROWS: usize = 16;
 /// weight rows of all of them are split evenly over the pool's threads, and
 /// each weight row is read once for all activation rows.
 pub fn matmul(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
+    matmul_in(pool(), mats, acts, outs)
+}
+
+fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
     assert_eq!(mats.len(), outs.len());
     assert!(mats.len() <= MAX_MATS, "at most {MAX_MATS} matrices per region");
     for (m, o) in mats.iter().zip(outs.iter()) {
@@ -573,7 +677,6 @@ pub fn matmul(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
         *p = OutPtr(o.as_mut_ptr());
     }
     let total: usize = mats.iter().map(|m| m.rows).sum();
-    let pool = pool();
     let threads = pool.threads();
     // Whole tiles per thread where possible.
     let per_thread = total.div_ceil(threads).next_multiple_of(TILE_ROWS).min(total);
@@ -587,14 +690,13 @@ pub fn matmul(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
             let mut tile = start;
             while tile < end {
                 let rows = (end - tile).min(TILE_ROWS);
-                let w = &m.data.bytes()[tile * m.row_bytes..(tile + rows) * m.row_bytes];
                 let mut i = 0;
                 while i < n {
                     let k = (n - i).min(4);
                     let a: [&[u8]; 4] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
                     // SAFETY: row i + j, columns tile..tile + rows are this thread's alone.
                     let o: [OutPtr; 4] = std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + tile) }));
-                    m.kernel.gemm(m.cols, w, m.row_bytes, &a[..k], &o[..k]);
+                    m.gemm_rows(tile, tile + rows, &a[..k], &o[..k]);
                     i += k;
                 }
                 tile += rows;

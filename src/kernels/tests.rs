@@ -8,6 +8,14 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 
+/// A generator with a fresh seed each run (or `SOLLOL_TEST_SEED`), printed
+/// so that a failure can be replayed.
+fn rng() -> rand::rngs::StdRng {
+    let seed = std::env::var("SOLLOL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    println!("SOLLOL_TEST_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 fn random_matrix(rng: &mut impl Rng, t: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
     if matches!(t, GgmlDType::Q4K | GgmlDType::Q6K) {
         // Valid packed scales: quantize random values (ggml's quantizer, via candle).
@@ -45,7 +53,7 @@ fn run(w: &QMatrix, x: &[f32]) -> Vec<f32> {
 
 #[test]
 fn own_kernels_agree_with_scalar_and_f64_reference() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut rng = rng();
     for t in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0] {
         // 7 activation rows: one group of 4 and one of 3; 5 blocks per row: an odd tail.
         let (rows, cols, n) = (37, 160, 7);
@@ -54,9 +62,13 @@ fn own_kernels_agree_with_scalar_and_f64_reference() {
         let simd = QMatrix::from_bytes(t, rows, cols, &bytes, true).unwrap();
         let scalar = QMatrix::from_bytes(t, rows, cols, &bytes, false).unwrap();
         let (got, want) = (run(&simd, &x), run(&scalar, &x));
-        let mut w = vec![0f32; cols];
+        let (mut w, mut w_scalar) = (vec![0f32; cols], vec![0f32; cols]);
         for r in 0..rows {
             simd.dequantize_row(r, &mut w);
+            // The SIMD matrix holds its rows interleaved (all but the last
+            // 37 % 8); each must read back as stored.
+            scalar.dequantize_row(r, &mut w_scalar);
+            assert_eq!(w, w_scalar, "{t:?} row {r} read back from the interleaved layout");
             for i in 0..n {
                 let xr = &x[i * cols..(i + 1) * cols];
                 let exact: f64 = w.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
@@ -73,7 +85,7 @@ fn own_kernels_agree_with_scalar_and_f64_reference() {
 
 #[test]
 fn a_rows_result_does_not_depend_on_its_batch() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut rng = rng();
     for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         let k_quant = matches!(t, GgmlDType::Q4K | GgmlDType::Q6K);
         let (rows, cols) = (19, if k_quant { 512 } else { 96 });
@@ -88,9 +100,32 @@ fn a_rows_result_does_not_depend_on_its_batch() {
 }
 
 #[test]
+fn matrices_sharing_a_region_split_groups_at_thread_boundaries() {
+    // Two 37-row matrices in one parallel region: the threads' row ranges
+    // fall inside an 8-row group of the second (and its 5-row tail), which
+    // must give the same numbers as each matrix alone.
+    let mut rng = rng();
+    for t in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_1, GgmlDType::Q8_0] {
+        let (rows, cols) = (37, 64);
+        let a = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap();
+        let b = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap();
+        let x = random_acts(&mut rng, 5 * cols);
+        let mut acts = QActs::new();
+        acts.quantize_for(&a, &x);
+        let (mut oa, mut ob) = (vec![0f32; 5 * rows], vec![0f32; 5 * rows]);
+        for threads in [1, 2, 3, 5] {
+            let pool = pool::Pool::new(threads);
+            matmul_in(&pool, &[&a, &b], &acts, &mut [&mut oa, &mut ob]);
+            assert_eq!(oa, run(&a, &x), "{t:?}, {threads} threads: first matrix");
+            assert_eq!(ob, run(&b, &x), "{t:?}, {threads} threads: second matrix");
+        }
+    }
+}
+
+#[test]
 fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut rng = rng();
     for t in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
         // 37 rows: two 16-row tiles and a tail; 7 activation rows: 4 + 3.
         let (rows, cols, n) = (37, 768, 7);
@@ -128,7 +163,7 @@ fn f16_dot_product_matches_f64_at_every_length() {
     if !simd_available() {
         return;
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut rng = rng();
     for n in (0..80).chain([576, 1536, 4099]) {
         let w: Vec<f16> = (0..n).map(|_| f16::from_f32(rng.random_range(-1.0..1.0))).collect();
         let a: Vec<f16> = (0..n).map(|_| f16::from_f32(rng.random_range(-3.0..3.0))).collect();

@@ -40,17 +40,7 @@ struct Shape {
 const SHAPES: &[Shape] = &[
     // Small enough to be random through and through: device checks compare
     // its logits, where repeated rows would hide a wrong row index.
-    Shape {
-        name: "tiny",
-        hidden: 256,
-        ffn: 768,
-        layers: 4,
-        heads: 8,
-        kv_heads: 4,
-        vocab: 4096,
-        context: 2048,
-        rope_theta: 10_000.0,
-    },
+    Shape { name: "tiny", hidden: 256, ffn: 768, layers: 4, heads: 8, kv_heads: 4, vocab: 4096, context: 2048, rope_theta: 10_000.0 },
     Shape {
         name: "smollm2-135m",
         hidden: 576,
