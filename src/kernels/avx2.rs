@@ -271,23 +271,69 @@ pub unsafe fn gemm_groups<const T: u8, const R: usize>(w: *const u8, nb: usize, 
     }
 }
 
-/// `y += p · x`.
+/// `scores[p] = scale · q · K[p]` for the rows of `k` (each `q.len()`
+/// values, a multiple of 8): four rows at a time, each with its own
+/// accumulator, reduced together at the end.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA.
+/// The CPU has AVX2 and FMA; `q.len()` is a multiple of 8; `k` holds
+/// `scores.len()` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn axpy(y: &mut [f32], p: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let pv = _mm256_set1_ps(p);
-    let mut i = 0;
-    while i + 8 <= n {
-        let v = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
-        _mm256_storeu_ps(y.as_mut_ptr().add(i), v);
-        i += 8;
+pub unsafe fn scores(q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
+    let d = q.len();
+    assert!(d.is_multiple_of(8) && k.len() >= scores.len() * d);
+    let (q, k) = (q.as_ptr(), k.as_ptr());
+    let n = scores.len();
+    let mut p = 0;
+    while p + 4 <= n {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..d).step_by(8) {
+            let qv = _mm256_loadu_ps(q.add(c));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((p + j) * d + c)), *acc);
+            }
+        }
+        // Horizontal sums of the four accumulators in one vector.
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        _mm_storeu_ps(scores.as_mut_ptr().add(p), _mm_mul_ps(s, _mm_set1_ps(scale)));
+        p += 4;
     }
-    while i < n {
-        y[i] += p * x[i];
-        i += 1;
+    while p < n {
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..d).step_by(8) {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(k.add(p * d + c)), acc);
+        }
+        scores[p] = hsum(acc) * scale;
+        p += 1;
+    }
+}
+
+/// `out = Σ_p probs[p] · V[p]` for rows of `out.len()` values (a multiple of
+/// 8), the output kept in registers 64 values at a time.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `out.len()` is a multiple of 8; `v` holds
+/// `probs.len()` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted_sum(probs: &[f32], v: &[f32], out: &mut [f32]) {
+    const W: usize = 8;
+    let d = out.len();
+    assert!(d.is_multiple_of(8) && v.len() >= probs.len() * d);
+    let v = v.as_ptr();
+    for c0 in (0..d).step_by(8 * W) {
+        let width = (d - c0).min(8 * W) / 8;
+        let mut acc = [_mm256_setzero_ps(); W];
+        for (p, &pr) in probs.iter().enumerate() {
+            let pv = _mm256_set1_ps(pr);
+            let row = v.add(p * d + c0);
+            for (j, acc) in acc.iter_mut().enumerate().take(width) {
+                *acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * j)), *acc);
+            }
+        }
+        for (j, acc) in acc.iter().enumerate().take(width) {
+            _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * j), *acc);
+        }
     }
 }
 

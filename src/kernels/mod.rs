@@ -214,29 +214,23 @@ fn ggml_fns<T: GgmlType>() -> GgmlFns {
     }
 }
 
-/// Runs `$body` with the const `$r` = number of activation rows (1..=4).
+/// Runs `$body` with the const `$r` = the number of activation rows, one of the listed.
 macro_rules! with_rows {
-    ($n:expr, $r:ident => $body:expr) => {
+    ($n:expr, $r:ident => $body:expr; $($k:literal)+) => {
         match $n {
-            1 => {
-                const $r: usize = 1;
+            $($k => {
+                const $r: usize = $k;
                 $body
-            }
-            2 => {
-                const $r: usize = 2;
-                $body
-            }
-            3 => {
-                const $r: usize = 3;
-                $body
-            }
-            _ => {
-                const $r: usize = 4;
-                $body
-            }
+            })+
+            n => unreachable!("{n} activation rows"),
         }
     };
 }
+
+/// Activation rows one call of the row-at-a-time kernels takes.
+const ROW_KERNEL_ROWS: usize = 4;
+/// Activation rows one call of the interleaved kernels takes.
+const GROUP_KERNEL_ROWS: usize = 8;
 
 impl Kernel {
     fn for_type(t: GgmlDType, allow_simd: bool) -> Option<Self> {
@@ -327,7 +321,7 @@ unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, act
     unsafe fn go<const T: u8>(w: &[u8], row_bytes: usize, nrows: usize, bsize: usize, acts: &[&[u8]], outs: &[OutPtr]) {
         let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
         let o = |i: usize| outs[i].0;
-        with_rows!(acts.len(), R => avx2::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)))
+        with_rows!(acts.len(), R => avx2::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4)
     }
     let b = t.block_bytes();
     match t {
@@ -351,7 +345,7 @@ unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &
         unsafe fn go<const T: u8>(w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
             let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
             let o = |i: usize| outs[i].0;
-            with_rows!(acts.len(), R => avx2::gemm_groups::<T, R>(w.as_ptr(), nb, groups, std::array::from_fn(a), std::array::from_fn(o)))
+            with_rows!(acts.len(), R => avx2::gemm_groups::<T, R>(w.as_ptr(), nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
         }
         match t {
             WeightType::Q4_0 => go::<{ WeightType::Q4_0 as u8 }>(w, nb, groups, acts, outs),
@@ -381,7 +375,7 @@ unsafe fn avx2_k_gemm<const T: u8>(w: &[u8], row_bytes: usize, acts: &[&[u8]], o
     let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
     let o = |i: usize| outs[i].0;
     let nrows = w.len() / row_bytes;
-    with_rows!(acts.len(), R => avx2::k::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, std::array::from_fn(a), std::array::from_fn(o)))
+    with_rows!(acts.len(), R => avx2::k::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4)
 }
 
 /// Our AVX2+F16C f16 dot product where the CPU has it (candle's is scalar).
@@ -395,15 +389,30 @@ fn f16_dot(simd: bool) -> Option<DotFn> {
     None
 }
 
-/// `y += p · x` on this CPU's fastest path (attention's weighted sum of values).
-pub(crate) fn axpy(y: &mut [f32], p: f32, x: &[f32]) {
+/// Attention scores `out[p] = scale · q · K[p]` for the rows of `k`, on this CPU's fastest path.
+pub(crate) fn attention_scores(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: checked above.
-        return unsafe { avx2::axpy(y, p, x) };
+    if simd_available() && q.len().is_multiple_of(8) {
+        // SAFETY: checked above; `k` holds out.len() rows (asserted inside).
+        return unsafe { avx2::scores(q, k, scale, out) };
     }
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o += p * v;
+    for (s, kr) in out.iter_mut().zip(k.chunks_exact(q.len())) {
+        *s = ops::dot(q, kr) * scale;
+    }
+}
+
+/// `out = Σ_p probs[p] · V[p]`, on this CPU's fastest path.
+pub(crate) fn weighted_sum(probs: &[f32], v: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() && out.len().is_multiple_of(8) {
+        // SAFETY: checked above; `v` holds probs.len() rows (asserted inside).
+        return unsafe { avx2::weighted_sum(probs, v, out) };
+    }
+    out.fill(0.0);
+    for (&p, vr) in probs.iter().zip(v.chunks_exact(out.len())) {
+        for (o, &x) in out.iter_mut().zip(vr) {
+            *o += p * x;
+        }
     }
 }
 
@@ -550,15 +559,26 @@ impl QMatrix {
         }
     }
 
+    /// Activation rows [`Self::gemm_rows`] takes at once.
+    fn act_rows_per_call(&self) -> usize {
+        if self.grouped > 0 {
+            GROUP_KERNEL_ROWS
+        } else {
+            ROW_KERNEL_ROWS
+        }
+    }
+
     /// `outs[i][j - start] = W[j] · acts[i]` for weight rows `start..end`
-    /// and up to four activation rows.
+    /// and up to [`Self::act_rows_per_call`] activation rows.
     fn gemm_rows(&self, start: usize, end: usize, acts: &[&[u8]], outs: &[OutPtr]) {
         let ungrouped = start.max(self.grouped);
         if ungrouped < end {
             let w = &self.data.bytes()[ungrouped * self.row_bytes..end * self.row_bytes];
-            // SAFETY (offsets): each output has room for end - start values.
-            let o: [OutPtr; 4] = std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(ungrouped - start) }));
-            self.kernel.gemm(self.cols, w, self.row_bytes, acts, &o[..outs.len()]);
+            for (a, o) in acts.chunks(ROW_KERNEL_ROWS).zip(outs.chunks(ROW_KERNEL_ROWS)) {
+                // SAFETY (offsets): each output has room for end - start values.
+                let o: [OutPtr; ROW_KERNEL_ROWS] = std::array::from_fn(|i| OutPtr(unsafe { o[i.min(o.len() - 1)].0.add(ungrouped - start) }));
+                self.kernel.gemm(self.cols, w, self.row_bytes, a, &o[..a.len()]);
+            }
         }
         if start >= self.grouped {
             return;
@@ -576,12 +596,12 @@ impl QMatrix {
             if lo >= start && hi <= end {
                 let whole = (end.min(self.grouped) - lo) / G;
                 // SAFETY: rows lo..lo + 8·whole lie in start..end.
-                let o: [OutPtr; 4] = std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(lo - start) }));
+                let o: [OutPtr; GROUP_KERNEL_ROWS] = std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(lo - start) }));
                 unsafe { avx2_groups(t, w, self.cols / QK, whole, acts, &o[..outs.len()]) };
                 g += whole;
             } else {
-                let mut tmp = [[0f32; G]; 4];
-                let o: [OutPtr; 4] = std::array::from_fn(|i| OutPtr(tmp[i].as_mut_ptr()));
+                let mut tmp = [[0f32; G]; GROUP_KERNEL_ROWS];
+                let o: [OutPtr; GROUP_KERNEL_ROWS] = std::array::from_fn(|i| OutPtr(tmp[i].as_mut_ptr()));
                 unsafe { avx2_groups(t, w, self.cols / QK, 1, acts, &o[..outs.len()]) };
                 for (i, out) in outs.iter().enumerate() {
                     for j in lo.max(start)..hi.min(end) {
@@ -623,9 +643,19 @@ impl QActs {
         let rows = x.len() / cols;
         let row_bytes = w.kernel.act_row_bytes(cols);
         self.data.resize(rows * row_bytes);
-        let data = self.data.bytes_mut();
-        for (xr, out) in x.chunks_exact(cols).zip(data.chunks_exact_mut(row_bytes.max(1))) {
-            w.kernel.quantize(xr, out);
+        let data = SendPtr(self.data.bytes_mut().as_mut_ptr());
+        let quantize = |r: usize| {
+            // SAFETY: row r of the buffer, written by this call only.
+            let out = unsafe { std::slice::from_raw_parts_mut(data.at(r * row_bytes), row_bytes) };
+            w.kernel.quantize(&x[r * cols..(r + 1) * cols], out);
+        };
+        // A batch's rows in parallel: on one thread this is a decode step's
+        // longest stretch of work outside the products.
+        if rows > 1 {
+            let pool = pool();
+            pool.run(&|t| (t..rows).step_by(pool.threads()).for_each(quantize));
+        } else {
+            (0..rows).for_each(quantize);
         }
         self.rows = rows;
         self.cols = cols;
@@ -647,6 +677,18 @@ impl QActs {
 struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+/// A buffer shared by the pool's threads, which write disjoint rows of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u8);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut u8 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 /// Matrices one parallel region serves (q, k and v is the most).
 const MAX_MATS: usize = 4;
@@ -692,10 +734,10 @@ fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mu
                 let rows = (end - tile).min(TILE_ROWS);
                 let mut i = 0;
                 while i < n {
-                    let k = (n - i).min(4);
-                    let a: [&[u8]; 4] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
+                    let k = (n - i).min(m.act_rows_per_call());
+                    let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
                     // SAFETY: row i + j, columns tile..tile + rows are this thread's alone.
-                    let o: [OutPtr; 4] = std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + tile) }));
+                    let o: [OutPtr; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + tile) }));
                     m.gemm_rows(tile, tile + rows, &a[..k], &o[..k]);
                     i += k;
                 }

@@ -121,18 +121,18 @@ pub fn attend(shape: AttnShape, q: &[f32], k: &[f32], v: &[f32], pos: usize, h: 
     let (k, v) = (&k[base..base + (pos + 1) * d], &v[base..base + (pos + 1) * d]);
     let scale = 1.0 / (d as f32).sqrt();
     SCORES.with_borrow_mut(|scores| {
-        scores.clear();
-        scores.extend(k.chunks_exact(d).map(|kr| dot(q, kr) * scale));
+        scores.resize(pos + 1, 0.0);
+        super::attention_scores(q, k, scale, scores);
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         for s in scores.iter_mut() {
             *s -= max;
         }
         exp_in_place(scores);
         let inv = 1.0 / scores.iter().sum::<f32>();
-        out.fill(0.0);
-        for (&p, vr) in scores.iter().zip(v.chunks_exact(d)) {
-            super::axpy(out, p * inv, vr);
+        for s in scores.iter_mut() {
+            *s *= inv;
         }
+        super::weighted_sum(scores, v, out);
     });
 }
 
@@ -155,22 +155,30 @@ mod tests {
 
     #[test]
     fn attention_matches_a_naive_softmax() {
-        let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, capacity: 5 };
-        let k: Vec<f32> = (0..2 * 5 * 8).map(|i| ((i * 37 % 17) as f32 - 8.0) / 7.0).collect();
-        let v: Vec<f32> = (0..2 * 5 * 8).map(|i| ((i * 11 % 13) as f32 - 6.0) / 5.0).collect();
-        let q: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) / 3.0).collect();
-        for h in 0..4 {
-            let pos = 3;
-            let mut out = vec![0f32; 8];
-            attend(shape, &q, &k, &v, pos, h, &mut out);
-            let kv = h / 2;
-            let s: Vec<f64> =
-                (0..=pos).map(|j| (0..8).map(|c| q[c] as f64 * k[(kv * 5 + j) * 8 + c] as f64).sum::<f64>() / 8f64.sqrt()).collect();
-            let m = s.iter().cloned().fold(f64::MIN, f64::max);
-            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-            for c in 0..8 {
-                let want: f64 = (0..=pos).map(|j| (s[j] - m).exp() / z * v[(kv * 5 + j) * 8 + c] as f64).sum();
-                assert!((out[c] as f64 - want).abs() < 1e-5, "head {h} dim {c}: {} vs {want}", out[c]);
+        // Head sizes on the SIMD path (multiples of 8, one above 64 values) and
+        // off it; every context length up to 11 (whole groups of four cache
+        // rows and tails).
+        for d in [8, 24, 72, 6] {
+            let (n_heads, n_kv, cap) = (4, 2, 11);
+            let shape = AttnShape { n_heads, n_kv_heads: n_kv, head_dim: d, capacity: cap };
+            let k: Vec<f32> = (0..n_kv * cap * d).map(|i| ((i * 37 % 17) as f32 - 8.0) / 7.0).collect();
+            let v: Vec<f32> = (0..n_kv * cap * d).map(|i| ((i * 11 % 13) as f32 - 6.0) / 5.0).collect();
+            let q: Vec<f32> = (0..d).map(|i| (i as f32 - 3.5) / 3.0).collect();
+            for pos in 0..cap {
+                for h in 0..n_heads {
+                    let mut out = vec![0f32; d];
+                    attend(shape, &q, &k, &v, pos, h, &mut out);
+                    let kv = h / (n_heads / n_kv);
+                    let s: Vec<f64> = (0..=pos)
+                        .map(|j| (0..d).map(|c| q[c] as f64 * k[(kv * cap + j) * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = (0..=pos).map(|j| (s[j] - m).exp() / z * v[(kv * cap + j) * d + c] as f64).sum();
+                        assert!((out[c] as f64 - want).abs() < 1e-5, "d {d} pos {pos} head {h} dim {c}: {} vs {want}", out[c]);
+                    }
+                }
             }
         }
     }

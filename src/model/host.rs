@@ -137,7 +137,11 @@ impl Block {
         let att = OutPtr(sized(&mut s.att, rows * q_dim).as_mut_ptr());
         let caches: &[&mut KvCache] = caches;
         let q = &s.q;
-        let tasks = rows * nh;
+        // One task per row and K/V head: the query heads sharing a K/V head
+        // run one after another on one thread, so their cache rows are read
+        // from memory once and from cache after.
+        let tasks = rows * nkv;
+        let group = nh / nkv;
         let pool = kernels::pool();
         let threads = pool.threads();
         pool.run(&|t| {
@@ -145,20 +149,22 @@ impl Block {
             let mut seg = 0;
             let mut seg_first_task = 0;
             while task < tasks {
-                while task >= seg_first_task + segs[seg].len * nh {
-                    seg_first_task += segs[seg].len * nh;
+                while task >= seg_first_task + segs[seg].len * nkv {
+                    seg_first_task += segs[seg].len * nkv;
                     seg += 1;
                 }
                 let g = segs[seg];
-                let (i, h) = ((task - seg_first_task) / nh, (task - seg_first_task) % nh);
+                let (i, j) = ((task - seg_first_task) / nkv, (task - seg_first_task) % nkv);
                 let cache = &caches[seg];
                 let kv = cache.host_layer(layer).expect("host caches only");
                 let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: cache.capacity() };
                 let row = g.start + i;
-                let qh = &q[row * q_dim + h * hd..][..hd];
-                // SAFETY: head h of row `row` is written by this task only.
-                let out = unsafe { att.slice(row * q_dim + h * hd, hd) };
-                ops::attend(shape, qh, &kv.k, &kv.v, g.pos + i, h, out);
+                for h in j * group..(j + 1) * group {
+                    let qh = &q[row * q_dim + h * hd..][..hd];
+                    // SAFETY: head h of row `row` is written by this task only.
+                    let out = unsafe { att.slice(row * q_dim + h * hd, hd) };
+                    ops::attend(shape, qh, &kv.k, &kv.v, g.pos + i, h, out);
+                }
                 task += threads;
             }
         });
