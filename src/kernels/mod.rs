@@ -576,7 +576,8 @@ impl QMatrix {
             let w = &self.data.bytes()[ungrouped * self.row_bytes..end * self.row_bytes];
             for (a, o) in acts.chunks(ROW_KERNEL_ROWS).zip(outs.chunks(ROW_KERNEL_ROWS)) {
                 // SAFETY (offsets): each output has room for end - start values.
-                let o: [OutPtr; ROW_KERNEL_ROWS] = std::array::from_fn(|i| OutPtr(unsafe { o[i.min(o.len() - 1)].0.add(ungrouped - start) }));
+                let o: [OutPtr; ROW_KERNEL_ROWS] =
+                    std::array::from_fn(|i| OutPtr(unsafe { o[i.min(o.len() - 1)].0.add(ungrouped - start) }));
                 self.kernel.gemm(self.cols, w, self.row_bytes, a, &o[..a.len()]);
             }
         }
@@ -596,7 +597,8 @@ impl QMatrix {
             if lo >= start && hi <= end {
                 let whole = (end.min(self.grouped) - lo) / G;
                 // SAFETY: rows lo..lo + 8·whole lie in start..end.
-                let o: [OutPtr; GROUP_KERNEL_ROWS] = std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(lo - start) }));
+                let o: [OutPtr; GROUP_KERNEL_ROWS] =
+                    std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(lo - start) }));
                 unsafe { avx2_groups(t, w, self.cols / QK, whole, acts, &o[..outs.len()]) };
                 g += whole;
             } else {
@@ -737,7 +739,8 @@ fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mu
                     let k = (n - i).min(m.act_rows_per_call());
                     let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
                     // SAFETY: row i + j, columns tile..tile + rows are this thread's alone.
-                    let o: [OutPtr; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + tile) }));
+                    let o: [OutPtr; GROUP_KERNEL_ROWS] =
+                        std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + tile) }));
                     m.gemm_rows(tile, tile + rows, &a[..k], &o[..k]);
                     i += k;
                 }

@@ -133,14 +133,18 @@ fn pack(t: WeightType, v: &Values, out: &mut [u8]) {
     }
 }
 
-/// Byte of `qs` holding row `i`'s value `v`, and the shift of its nibble (4-/5-bit).
-fn value_at(l: &Layout, i: usize, v: usize) -> (usize, u32) {
-    let (c, j) = (v / 4, v % 4);
+/// Where chunk `c` of row `i` starts in `qs`, and the shift of its nibbles (4-/5-bit).
+fn chunk_at(l: &Layout, i: usize, c: usize) -> (usize, u32) {
     if l.bits == 8 {
-        (l.qs + 32 * c + 4 * i + j, 0)
+        (l.qs + 32 * c + 4 * i, 0)
     } else {
-        (l.qs + 32 * (c / 2) + 4 * i + j, 4 * (c % 2) as u32)
+        (l.qs + 32 * (c / 2) + 4 * i, 4 * (c % 2) as u32)
     }
+}
+
+/// Byte of `qh` and shift of the four fifth bits of chunk `c` of row `i` (bits `4i..4i + 4` of word `c`).
+fn fifth_bits_at(l: &Layout, i: usize, c: usize) -> (usize, u32) {
+    (l.qh + 4 * c + i / 2, 4 * (i % 2) as u32)
 }
 
 /// Row `i` of a group's block into the group block `out` (zeroed before the first row).
@@ -149,16 +153,16 @@ fn put(l: &Layout, i: usize, v: &Values, out: &mut [u8]) {
     if l.m != 0 {
         out[l.m + 2 * i..l.m + 2 * i + 2].copy_from_slice(&v.m.to_le_bytes());
     }
-    for (k, &q) in v.q.iter().enumerate() {
-        let (at, shift) = value_at(l, i, k);
-        if l.bits == 8 {
-            out[at] = q;
-        } else {
-            out[at] |= (q & 0x0F) << shift;
+    let mask = if l.bits == 8 { 0xFF } else { 0x0F };
+    for (c, q) in v.q.chunks_exact(4).enumerate() {
+        let (at, shift) = chunk_at(l, i, c);
+        for (o, &q) in out[at..at + 4].iter_mut().zip(q) {
+            *o |= (q & mask) << shift;
         }
         if l.qh != 0 {
-            let (c, bit) = (k / 4, 4 * i + k % 4);
-            out[l.qh + 4 * c + bit / 8] |= ((q >> 4) & 1) << (bit % 8);
+            let (at, shift) = fifth_bits_at(l, i, c);
+            let bits = q.iter().enumerate().fold(0u8, |b, (j, &q)| b | ((q >> 4) & 1) << j);
+            out[at] |= bits << shift;
         }
     }
 }
@@ -166,15 +170,20 @@ fn put(l: &Layout, i: usize, v: &Values, out: &mut [u8]) {
 /// Row `i` of a group's block, as `put` wrote it.
 fn get(l: &Layout, i: usize, blk: &[u8]) -> Values {
     let h = |at: usize| f16::from_le_bytes([blk[at], blk[at + 1]]);
-    let q = std::array::from_fn(|k| {
-        let (at, shift) = value_at(l, i, k);
-        let mut q = if l.bits == 8 { blk[at] } else { (blk[at] >> shift) & 0x0F };
-        if l.qh != 0 {
-            let (c, bit) = (k / 4, 4 * i + k % 4);
-            q |= ((blk[l.qh + 4 * c + bit / 8] >> (bit % 8)) & 1) << 4;
+    let mask = if l.bits == 8 { 0xFF } else { 0x0F };
+    let mut q = [0u8; QK];
+    for (c, q) in q.chunks_exact_mut(4).enumerate() {
+        let (at, shift) = chunk_at(l, i, c);
+        let high = if l.qh != 0 {
+            let (at, shift) = fifth_bits_at(l, i, c);
+            blk[at] >> shift
+        } else {
+            0
+        };
+        for (j, (q, &b)) in q.iter_mut().zip(&blk[at..at + 4]).enumerate() {
+            *q = ((b >> shift) & mask) | ((high >> j) & 1) << 4;
         }
-        q
-    });
+    }
     Values { d: h(2 * i), m: if l.m != 0 { h(l.m + 2 * i) } else { f16::ZERO }, q }
 }
 
@@ -186,15 +195,25 @@ pub fn interleave(t: WeightType, src: &[u8], rows: usize, row_bytes: usize, out:
     let (l, bsize) = (layout(t as u8), t.block_bytes());
     let grouped = rows / ROWS * ROWS;
     out[grouped * row_bytes..].copy_from_slice(&src[grouped * row_bytes..]);
-    for (g, dst) in out[..grouped * row_bytes].chunks_exact_mut(ROWS * row_bytes).enumerate() {
-        dst.fill(0);
-        for (b, blk) in dst.chunks_exact_mut(l.bytes).enumerate() {
-            for i in 0..ROWS {
-                let at = (g * ROWS + i) * row_bytes + b * bsize;
-                put(&l, i, &unpack(t, &src[at..at + bsize]), blk);
+    let group_bytes = ROWS * row_bytes;
+    let groups = grouped / ROWS;
+    let dst = super::SendPtr(out.as_mut_ptr());
+    // Groups are independent: split over the compute threads (this is most
+    // of a model's load time otherwise).
+    let pool = super::pool();
+    pool.run(&|thread| {
+        for g in (thread..groups).step_by(pool.threads()) {
+            // SAFETY: group g's bytes, written by this thread only.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(g * group_bytes), group_bytes) };
+            dst.fill(0);
+            for (b, blk) in dst.chunks_exact_mut(l.bytes).enumerate() {
+                for i in 0..ROWS {
+                    let at = (g * ROWS + i) * row_bytes + b * bsize;
+                    put(&l, i, &unpack(t, &src[at..at + bsize]), blk);
+                }
             }
         }
-    }
+    });
 }
 
 /// Block `b` of row `lane` of a group (`group` is its `nb` blocks) back in
