@@ -569,49 +569,26 @@ impl QMatrix {
     }
 
     /// `outs[i][j - start] = W[j] · acts[i]` for weight rows `start..end`
-    /// and up to [`Self::act_rows_per_call`] activation rows.
+    /// (`start` a multiple of 8) and up to [`Self::act_rows_per_call`]
+    /// activation rows.
     fn gemm_rows(&self, start: usize, end: usize, acts: &[&[u8]], outs: &[OutPtr]) {
-        let ungrouped = start.max(self.grouped);
-        if ungrouped < end {
-            let w = &self.data.bytes()[ungrouped * self.row_bytes..end * self.row_bytes];
+        assert!(start.is_multiple_of(repack::ROWS) && end <= self.rows);
+        let grouped_end = end.min(self.grouped).max(start);
+        if start < grouped_end {
+            let Kernel::Own { t, .. } = self.kernel else { unreachable!("only our kernels' matrices are interleaved") };
+            // `grouped` is a multiple of 8, so start..grouped_end is whole groups.
+            let w = &self.data.bytes()[start * self.row_bytes..grouped_end * self.row_bytes];
+            // SAFETY: each output has room for end - start values; the CPU has
+            // AVX2 (only then are matrices interleaved).
+            unsafe { avx2_groups(t, w, self.cols / QK, (grouped_end - start) / repack::ROWS, acts, outs) };
+        }
+        if grouped_end < end {
+            let w = &self.data.bytes()[grouped_end * self.row_bytes..end * self.row_bytes];
             for (a, o) in acts.chunks(ROW_KERNEL_ROWS).zip(outs.chunks(ROW_KERNEL_ROWS)) {
                 // SAFETY (offsets): each output has room for end - start values.
                 let o: [OutPtr; ROW_KERNEL_ROWS] =
-                    std::array::from_fn(|i| OutPtr(unsafe { o[i.min(o.len() - 1)].0.add(ungrouped - start) }));
+                    std::array::from_fn(|i| OutPtr(unsafe { o[i.min(o.len() - 1)].0.add(grouped_end - start) }));
                 self.kernel.gemm(self.cols, w, self.row_bytes, a, &o[..a.len()]);
-            }
-        }
-        if start >= self.grouped {
-            return;
-        }
-        let Kernel::Own { t, .. } = self.kernel else { unreachable!("only our kernels' matrices are interleaved") };
-        // Whole groups write their outputs in place; a group cut by the range
-        // (a thread's boundary) goes through a buffer.
-        const G: usize = repack::ROWS;
-        let (g0, g1) = (start / G, end.min(self.grouped).div_ceil(G));
-        let group_bytes = G * self.row_bytes;
-        let mut g = g0;
-        while g < g1 {
-            let (lo, hi) = (g * G, (g + 1) * G);
-            let w = &self.data.bytes()[g * group_bytes..];
-            if lo >= start && hi <= end {
-                let whole = (end.min(self.grouped) - lo) / G;
-                // SAFETY: rows lo..lo + 8·whole lie in start..end.
-                let o: [OutPtr; GROUP_KERNEL_ROWS] =
-                    std::array::from_fn(|i| OutPtr(unsafe { outs[i.min(outs.len() - 1)].0.add(lo - start) }));
-                unsafe { avx2_groups(t, w, self.cols / QK, whole, acts, &o[..outs.len()]) };
-                g += whole;
-            } else {
-                let mut tmp = [[0f32; G]; GROUP_KERNEL_ROWS];
-                let o: [OutPtr; GROUP_KERNEL_ROWS] = std::array::from_fn(|i| OutPtr(tmp[i].as_mut_ptr()));
-                unsafe { avx2_groups(t, w, self.cols / QK, 1, acts, &o[..outs.len()]) };
-                for (i, out) in outs.iter().enumerate() {
-                    for j in lo.max(start)..hi.min(end) {
-                        // SAFETY: row j lies in start..end.
-                        unsafe { *out.0.add(j - start) = tmp[i][j - lo] };
-                    }
-                }
-                g += 1;
             }
         }
     }
@@ -699,6 +676,8 @@ const MAX_MATS: usize = 4;
 /// activation rows passes over them, so prefill reads activations from
 /// cache 16× less often than row by row.
 const TILE_ROWS: usize = 16;
+// Tiles start on interleaved groups.
+const _: () = assert!(TILE_ROWS.is_multiple_of(repack::ROWS));
 
 /// `outs[i] = acts · matsᵢᵀ` (`[acts.rows, matsᵢ.rows]` row-major) for
 /// matrices that read the same activations, in one parallel region: the
@@ -720,31 +699,39 @@ fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mu
     for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
         *p = OutPtr(o.as_mut_ptr());
     }
-    let total: usize = mats.iter().map(|m| m.rows).sum();
-    let threads = pool.threads();
-    // Whole tiles per thread where possible.
-    let per_thread = total.div_ceil(threads).next_multiple_of(TILE_ROWS).min(total);
+    // Tiles are handed out from a shared counter, a few at a time, rather
+    // than split evenly up front: on a shared machine one core is often
+    // slower than the other, and an even split then waits for it.
+    let mut tiles = [0usize; MAX_MATS];
+    for (t, m) in tiles.iter_mut().zip(mats) {
+        *t = m.rows.div_ceil(TILE_ROWS);
+    }
+    let total: usize = tiles.iter().sum();
+    let claim = (total / (pool.threads() * 8)).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let n = acts.rows;
-    pool.run(&|t| {
-        let (lo, hi) = ((t * per_thread).min(total), ((t + 1) * per_thread).min(total));
-        let mut base = 0;
-        for (m, out) in mats.iter().zip(&ptrs) {
-            let (start, end) = (lo.max(base) - base, hi.min(base + m.rows).saturating_sub(base));
-            base += m.rows;
-            let mut tile = start;
-            while tile < end {
-                let rows = (end - tile).min(TILE_ROWS);
-                let mut i = 0;
-                while i < n {
-                    let k = (n - i).min(m.act_rows_per_call());
-                    let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
-                    // SAFETY: row i + j, columns tile..tile + rows are this thread's alone.
-                    let o: [OutPtr; GROUP_KERNEL_ROWS] =
-                        std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + tile) }));
-                    m.gemm_rows(tile, tile + rows, &a[..k], &o[..k]);
-                    i += k;
-                }
-                tile += rows;
+    pool.run(&|_| loop {
+        let first = next.fetch_add(claim, std::sync::atomic::Ordering::Relaxed);
+        if first >= total {
+            break;
+        }
+        for index in first..(first + claim).min(total) {
+            let (mut mat, mut tile) = (0, index);
+            while tile >= tiles[mat] {
+                tile -= tiles[mat];
+                mat += 1;
+            }
+            let (m, out) = (mats[mat], ptrs[mat]);
+            let (start, end) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(m.rows));
+            let mut i = 0;
+            while i < n {
+                let k = (n - i).min(m.act_rows_per_call());
+                let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
+                // SAFETY: rows start..end of the matrix are this claim's alone.
+                let o: [OutPtr; GROUP_KERNEL_ROWS] =
+                    std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
+                m.gemm_rows(start, end, &a[..k], &o[..k]);
+                i += k;
             }
         }
     });

@@ -100,10 +100,10 @@ fn a_rows_result_does_not_depend_on_its_batch() {
 }
 
 #[test]
-fn matrices_sharing_a_region_split_groups_at_thread_boundaries() {
-    // Two 37-row matrices in one parallel region: the threads' row ranges
-    // fall inside an 8-row group of the second (and its 5-row tail), which
-    // must give the same numbers as each matrix alone.
+fn matrices_sharing_a_region_give_what_each_gives_alone() {
+    // Two 37-row matrices (four interleaved groups and a 5-row tail each) in
+    // one parallel region, on pools of several sizes: tiles of both are
+    // claimed by whichever thread is free, which must not change a number.
     let mut rng = rng();
     for t in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_1, GgmlDType::Q8_0] {
         let (rows, cols) = (37, 64);
