@@ -138,7 +138,17 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
             }
         }
     }
-    report(&args, threads, &opened, &engines, &best)?;
+    // Where a pipeline's greedy tokens part from the first row's, how close
+    // the first row's top two logits were at that step (a near-tie or not).
+    let mut gaps = vec![None; engines.len()];
+    if let Some((_, first)) = engines.first_mut() {
+        for (gap, m) in gaps.iter_mut().zip(&best).skip(1) {
+            if let Some(step) = first_mismatch(&best[0].tokens, &m.tokens) {
+                *gap = Some(top2_gap(first.engine.as_mut(), &prompt, &best[0].tokens, step)?);
+            }
+        }
+    }
+    report(&args, threads, &opened, &engines, &best, &gaps)?;
     drop(engines);
     if !args.concurrency.is_empty() {
         if !opened.device.is_cpu() {
@@ -218,6 +228,32 @@ fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -
     Ok(m)
 }
 
+/// The top-1 minus top-2 logit at decode step `step` (0: the prompt's last
+/// position), the engine fed the prompt and then `tokens` (teacher-forced).
+fn top2_gap(engine: &mut dyn Engine, prompt: &[u32], tokens: &[u32], step: usize) -> Result<f32> {
+    let session = 0xbe7c_9a90;
+    engine.open(session, prompt.len() + step + 1)?;
+    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
+    let mut logits = None;
+    for (i, chunk) in chunks.iter().enumerate() {
+        logits = engine.step(session, chunk, None, step == 0 && i + 1 == chunks.len())?.logits;
+    }
+    for (j, &t) in tokens[..step].iter().enumerate() {
+        logits = engine.step(session, &[t], None, j + 1 == step)?.logits;
+    }
+    engine.close(session);
+    let logits = logits.ok_or_else(|| anyhow::anyhow!("the engine returned no logits"))?;
+    let (mut top, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for v in logits {
+        if v > top {
+            (top, second) = (v, top);
+        } else if v > second {
+            second = v;
+        }
+    }
+    Ok(top - second)
+}
+
 fn percentile(v: &[Duration], p: f64) -> Duration {
     let mut v = v.to_vec();
     if v.is_empty() {
@@ -227,7 +263,14 @@ fn percentile(v: &[Duration], p: f64) -> Duration {
     v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
 }
 
-fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, Running)], best: &[Measure]) -> Result<()> {
+fn report(
+    args: &BenchArgs,
+    threads: usize,
+    opened: &Opened,
+    engines: &[(usize, Running)],
+    best: &[Measure],
+    gaps: &[Option<f32>],
+) -> Result<()> {
     let base = best.first().map_or(1.0, |m| m.decode_tok_s);
     // Every weight but the embedding table is read once per decoded token.
     let layers = opened.file.layer_bytes()?;
@@ -237,7 +280,8 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
     let rows: Vec<serde_json::Value> = engines
         .iter()
         .zip(best)
-        .map(|((n, _), m)| {
+        .zip(gaps)
+        .map(|(((n, _), m), gap)| {
             let util: Vec<f64> = m.stage_busy.iter().map(|b| b.as_secs_f64() / m.decode_wall.as_secs_f64()).collect();
             serde_json::json!({
                 "stages": n,
@@ -251,6 +295,7 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
                 "bytes_per_token_per_hop": m.hop_bytes.first().copied().unwrap_or(0),
                 "stage_utilization": util,
                 "first_token_mismatch": first_mismatch(base_tokens, &m.tokens),
+                "first_mismatch_top2_gap": gap,
             })
         })
         .collect();
@@ -289,7 +334,10 @@ fn report(args: &BenchArgs, threads: usize, opened: &Opened, engines: &[(usize, 
             .map_or(vec![], |a| a.iter().map(|u| format!("{:.0}%", u.as_f64().unwrap_or(0.0) * 100.0)).collect());
         let tokens = match r["first_token_mismatch"].as_u64() {
             None => "same".to_string(),
-            Some(step) => format!("differ@{step}"),
+            Some(step) => match r["first_mismatch_top2_gap"].as_f64() {
+                Some(gap) => format!("differ@{step} (top-2 gap {gap:.3})"),
+                None => format!("differ@{step}"),
+            },
         };
         println!(
             "{:<10} {:>12.1} {:>8.2} {:>12.1} {:>8.2} {:>9.0} {:>14} {:>10} {:>8}  {}",
