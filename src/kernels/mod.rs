@@ -587,7 +587,7 @@ impl QMatrix {
             for (a, o) in acts.chunks(ROW_KERNEL_ROWS).zip(outs.chunks(ROW_KERNEL_ROWS)) {
                 // SAFETY (offsets): each output has room for end - start values.
                 let o: [OutPtr; ROW_KERNEL_ROWS] =
-                    std::array::from_fn(|i| OutPtr(unsafe { o[i.min(o.len() - 1)].0.add(grouped_end - start) }));
+                    std::array::from_fn(|i| SendPtr(unsafe { o[i.min(o.len() - 1)].0.add(grouped_end - start) }));
                 self.kernel.gemm(self.cols, w, self.row_bytes, a, &o[..a.len()]);
             }
         }
@@ -618,15 +618,35 @@ impl QActs {
     /// Quantizes `x` (`rows × w.cols()`, row-major) the way `w` needs it.
     pub fn quantize_for(&mut self, w: &QMatrix, x: &[f32]) {
         let cols = w.cols;
-        assert_eq!(x.len() % cols, 0, "activations are not whole rows of {cols}");
-        let rows = x.len() / cols;
+        self.quantize_rows(w, x.len(), &|r, out| w.kernel.quantize(&x[r * cols..(r + 1) * cols], out));
+    }
+
+    /// Runs `prep(r, row)` on every row of `x` (in place), then quantizes
+    /// it as [`Self::quantize_for`] does, each row in one go on one thread:
+    /// the per-row work between two products (a norm, the SwiGLU gate) runs
+    /// in the same parallel region as the quantization instead of alone.
+    pub fn prepare_and_quantize_for(&mut self, w: &QMatrix, x: &mut [f32], prep: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        let cols = w.cols;
+        let xp = SendPtr(x.as_mut_ptr());
+        self.quantize_rows(w, x.len(), &|r, out| {
+            // SAFETY: row r of x, touched by this call only.
+            let row = unsafe { std::slice::from_raw_parts_mut(xp.at(r * cols), cols) };
+            prep(r, row);
+            w.kernel.quantize(row, out);
+        });
+    }
+
+    /// `row(r, out)` writes quantized row `r` into `out`, for the `len / w.cols()` rows.
+    fn quantize_rows(&mut self, w: &QMatrix, len: usize, row: &(dyn Fn(usize, &mut [u8]) + Sync)) {
+        let cols = w.cols;
+        assert_eq!(len % cols, 0, "activations are not whole rows of {cols}");
+        let rows = len / cols;
         let row_bytes = w.kernel.act_row_bytes(cols);
         self.data.resize(rows * row_bytes);
         let data = SendPtr(self.data.bytes_mut().as_mut_ptr());
         let quantize = |r: usize| {
             // SAFETY: row r of the buffer, written by this call only.
-            let out = unsafe { std::slice::from_raw_parts_mut(data.at(r * row_bytes), row_bytes) };
-            w.kernel.quantize(&x[r * cols..(r + 1) * cols], out);
+            row(r, unsafe { std::slice::from_raw_parts_mut(data.at(r * row_bytes), row_bytes) });
         };
         // A batch's rows in parallel: on one thread this is a decode step's
         // longest stretch of work outside the products.
@@ -651,23 +671,26 @@ impl QActs {
     }
 }
 
-/// A raw output pointer shared by the pool's threads, which write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+/// A buffer shared by the pool's threads, which write disjoint parts of it.
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-/// A buffer shared by the pool's threads, which write disjoint rows of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut u8);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 
-impl SendPtr {
-    fn at(self, offset: usize) -> *mut u8 {
+impl<T> SendPtr<T> {
+    fn at(self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }
+
+/// An output pointer: the threads write disjoint columns.
+type OutPtr = SendPtr<f32>;
 
 /// Matrices one parallel region serves (q, k and v is the most).
 const MAX_MATS: usize = 4;
@@ -695,9 +718,9 @@ fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mu
         assert_eq!(m.cols, acts.cols);
         assert_eq!(o.len(), acts.rows * m.rows, "output is not [rows, out_features]");
     }
-    let mut ptrs = [OutPtr(std::ptr::null_mut()); MAX_MATS];
+    let mut ptrs = [SendPtr(std::ptr::null_mut()); MAX_MATS];
     for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
-        *p = OutPtr(o.as_mut_ptr());
+        *p = SendPtr(o.as_mut_ptr());
     }
     // Tiles are handed out from a shared counter, a few at a time, rather
     // than split evenly up front: on a shared machine one core is often
@@ -729,7 +752,7 @@ fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mu
                 let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
                 // SAFETY: rows start..end of the matrix are this claim's alone.
                 let o: [OutPtr; GROUP_KERNEL_ROWS] =
-                    std::array::from_fn(|j| OutPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
+                    std::array::from_fn(|j| SendPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
                 m.gemm_rows(start, end, &a[..k], &o[..k]);
                 i += k;
             }

@@ -68,20 +68,29 @@ fn host(l: &Linear) -> &QMatrix {
     l.host().expect("a host slice holds only host linears (checked at load)")
 }
 
-/// `outs[i] = x · Wᵢᵀ (+ bᵢ)` for up to three layers reading the same `x`:
-/// quantized once and multiplied in one parallel region when their weight
-/// types share an activation format (the usual file), else one by one.
-fn project(acts: &mut QActs, x: &[f32], layers: &[&Linear], outs: &mut [&mut [f32]]) {
+/// Work on each input row, `(row index, row)`, done in place just before
+/// the row is quantized, in the same parallel region.
+type Prep<'a> = Option<&'a (dyn Fn(usize, &mut [f32]) + Sync)>;
+
+/// `outs[i] = prep(x) · Wᵢᵀ (+ bᵢ)` for up to three layers reading the same
+/// `x`: quantized once and multiplied in one parallel region when their
+/// weight types share an activation format (the usual file), else one by one.
+fn project(acts: &mut QActs, x: &mut [f32], prep: Prep, layers: &[&Linear], outs: &mut [&mut [f32]]) {
     let n = layers.len();
     assert!((1..=3).contains(&n), "one to three projections of one input");
+    let quantize = |acts: &mut QActs, m: &QMatrix, x: &mut [f32], prep: Prep| match prep {
+        Some(prep) => acts.prepare_and_quantize_for(m, x, prep),
+        None => acts.quantize_for(m, x),
+    };
     let first = host(layers[0]);
     if layers.iter().all(|l| host(l).shares_acts(first)) {
-        acts.quantize_for(first, x);
+        quantize(acts, first, x, prep);
         let mats: [&QMatrix; 3] = std::array::from_fn(|i| host(layers[i.min(n - 1)]));
         kernels::matmul(&mats[..n], acts, outs);
     } else {
-        for (l, o) in layers.iter().zip(outs.iter_mut()) {
-            acts.quantize_for(host(l), x);
+        for (i, (l, o)) in layers.iter().zip(outs.iter_mut()).enumerate() {
+            // `x` is prepared by the first quantization.
+            quantize(acts, host(l), x, prep.filter(|_| i == 0));
             kernels::matmul(&[host(l)], acts, &mut [&mut **o]);
         }
     }
@@ -113,10 +122,11 @@ impl Block {
         let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let xn = sized(&mut s.xn, rows * hidden);
-        self.attn_norm.forward_host(&s.h, xn);
         let (q, k, v) = (sized(&mut s.q, rows * q_dim), sized(&mut s.k, rows * kv_dim), sized(&mut s.v, rows * kv_dim));
         let [wq, wk, wv] = self.qkv.separate() else { unreachable!("host blocks keep Q, K, V apart (checked by is_host)") };
-        project(&mut s.acts, xn, &[wq, wk, wv], &mut [q, k, v]);
+        let h = &s.h;
+        let norm = |r: usize, row: &mut [f32]| self.attn_norm.forward_host(&h[r * hidden..(r + 1) * hidden], row);
+        project(&mut s.acts, xn, Some(&norm), &[wq, wk, wv], &mut [q, k, v]);
 
         for (g, cache) in segs.iter().zip(caches.iter_mut()) {
             let (q, k) = (&mut s.q[g.start * q_dim..(g.start + g.len) * q_dim], &mut s.k[g.start * kv_dim..(g.start + g.len) * kv_dim]);
@@ -170,16 +180,18 @@ impl Block {
         });
 
         let tmp = sized(&mut s.tmp, rows * hidden);
-        project(&mut s.acts, &s.att[..rows * q_dim], &[&self.o], &mut [tmp]);
+        project(&mut s.acts, &mut s.att[..rows * q_dim], None, &[&self.o], &mut [tmp]);
         ops::add(&mut s.h, &s.tmp[..rows * hidden]);
 
-        self.ffn_norm.forward_host(&s.h, &mut s.xn[..rows * hidden]);
         let [wgate, wup] = self.gate_up.separate() else { unreachable!("host blocks keep gate and up apart (checked by is_host)") };
         let ffn = host(wgate).rows();
         let (gate, up) = (sized(&mut s.gate, rows * ffn), sized(&mut s.up, rows * ffn));
-        project(&mut s.acts, &s.xn[..rows * hidden], &[wgate, wup], &mut [gate, up]);
-        ops::silu_mul(&mut s.gate[..rows * ffn], &s.up[..rows * ffn]);
-        project(&mut s.acts, &s.gate[..rows * ffn], &[&self.down], &mut [&mut s.tmp[..rows * hidden]]);
+        let h = &s.h;
+        let norm = |r: usize, row: &mut [f32]| self.ffn_norm.forward_host(&h[r * hidden..(r + 1) * hidden], row);
+        project(&mut s.acts, &mut s.xn[..rows * hidden], Some(&norm), &[wgate, wup], &mut [gate, up]);
+        let up = &s.up;
+        let swiglu = |r: usize, row: &mut [f32]| ops::silu_mul(row, &up[r * ffn..(r + 1) * ffn]);
+        project(&mut s.acts, &mut s.gate[..rows * ffn], Some(&swiglu), &[&self.down], &mut [&mut s.tmp[..rows * hidden]]);
         ops::add(&mut s.h, &s.tmp[..rows * hidden]);
     }
 
@@ -254,7 +266,7 @@ impl ModelSlice {
                 norm.forward_host(&last, normed);
                 let vocab = host(output).rows();
                 let mut logits = vec![0f32; segs.len() * vocab];
-                project(&mut s.acts, &s.xn[..segs.len() * hidden], &[output], &mut [&mut logits]);
+                project(&mut s.acts, &mut s.xn[..segs.len() * hidden], None, &[output], &mut [&mut logits]);
                 logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
             }
             None => segs
