@@ -490,7 +490,7 @@ impl QMatrix {
             return Ok(None);
         }
         let shared = Weights::Shared { _tensor: q.clone(), ptr, len };
-        Ok(Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: shared, kernel }.interleaved()))
+        Ok(Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: shared, kernel }))
     }
 
     /// `bytes` are `rows` rows of `cols` values of type `dtype`, as in GGUF.
@@ -506,14 +506,16 @@ impl QMatrix {
         }
         let mut data = Aligned::zeroed(bytes.len());
         data.bytes_mut().copy_from_slice(bytes);
-        Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: Weights::Owned(data), kernel }.interleaved())
+        Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: Weights::Owned(data), kernel })
     }
 
-    /// This matrix with its whole groups of eight rows interleaved, where its
-    /// kernel is one of ours on SIMD (which then reads eight rows at once).
-    /// The copy replaces the original: no weight is held twice once the
-    /// caller drops the tensor it came from.
-    fn interleaved(self) -> Self {
+    /// This matrix laid out for products: its whole groups of eight rows
+    /// interleaved, where its kernel is one of ours on SIMD (which then reads
+    /// eight rows at once); unchanged otherwise. The copy replaces the
+    /// original, so no weight is held twice once the caller drops the tensor
+    /// it came from. A matrix only looked up (an embedding table) is left as
+    /// stored: no copy, no load time.
+    pub fn interleaved(self) -> Self {
         let Kernel::Own { t, simd: true } = self.kernel else { return self };
         let grouped = self.rows / repack::ROWS * repack::ROWS;
         if grouped == 0 {

@@ -59,7 +59,7 @@ fn own_kernels_agree_with_scalar_and_f64_reference() {
         let (rows, cols, n) = (37, 160, 7);
         let bytes = random_matrix(&mut rng, t, rows, cols);
         let x = random_acts(&mut rng, n * cols);
-        let simd = QMatrix::from_bytes(t, rows, cols, &bytes, true).unwrap();
+        let simd = QMatrix::from_bytes(t, rows, cols, &bytes, true).unwrap().interleaved();
         let scalar = QMatrix::from_bytes(t, rows, cols, &bytes, false).unwrap();
         let (got, want) = (run(&simd, &x), run(&scalar, &x));
         let (mut w, mut w_scalar) = (vec![0f32; cols], vec![0f32; cols]);
@@ -89,7 +89,7 @@ fn a_rows_result_does_not_depend_on_its_batch() {
     for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         let k_quant = matches!(t, GgmlDType::Q4K | GgmlDType::Q6K);
         let (rows, cols) = (19, if k_quant { 512 } else { 96 });
-        let w = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap();
+        let w = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap().interleaved();
         let x = random_acts(&mut rng, 6 * cols);
         let batched = run(&w, &x);
         for i in 0..6 {
@@ -107,8 +107,8 @@ fn matrices_sharing_a_region_give_what_each_gives_alone() {
     let mut rng = rng();
     for t in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_1, GgmlDType::Q8_0] {
         let (rows, cols) = (37, 64);
-        let a = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap();
-        let b = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap();
+        let a = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap().interleaved();
+        let b = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap().interleaved();
         let x = random_acts(&mut rng, 5 * cols);
         let mut acts = QActs::new();
         acts.quantize_for(&a, &x);

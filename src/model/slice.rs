@@ -79,9 +79,12 @@ impl ModelSlice {
             None
         };
         // On the host path the table becomes one matrix, shared by the
-        // embedding and a tied LM head.
+        // embedding and a tied LM head; laid out for products only when it
+        // is that head here (a lookup reads either layout).
+        let tied_head_here = is_last && !file.has(Role::Output, None);
         let host_table = match (&embed_table, backend) {
             (Some(t), Backend::Host) => match host_matrix(t)? {
+                Some(m) if tied_head_here => Some(Arc::new(m.interleaved())),
                 Some(m) => Some(Arc::new(m)),
                 None => return Self::load_with(file, layers, device, Backend::Candle),
             },

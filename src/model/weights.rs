@@ -137,7 +137,7 @@ impl Linear {
     pub fn new(weight: RawWeight, bias: Option<Tensor>, backend: Backend) -> Result<Self> {
         let weight = match (backend, weight) {
             (Backend::Host, w) => match host_matrix(&w)? {
-                Some(m) => LinearWeight::Host(Arc::new(m)),
+                Some(m) => LinearWeight::Host(Arc::new(m.interleaved())),
                 None => return Self::new(w, bias, Backend::Candle),
             },
             // candle would widen f16 weights to f32 (twice the bytes read per
