@@ -316,21 +316,42 @@ impl Kernel {
     }
 }
 
+/// Runs `$body` with the const `$t` = the discriminant of weight type `$w`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_type {
+    ($w:expr, $t:ident => $body:expr) => {
+        match $w {
+            WeightType::Q4_0 => {
+                const $t: u8 = WeightType::Q4_0 as u8;
+                $body
+            }
+            WeightType::Q4_1 => {
+                const $t: u8 = WeightType::Q4_1 as u8;
+                $body
+            }
+            WeightType::Q5_0 => {
+                const $t: u8 = WeightType::Q5_0 as u8;
+                $body
+            }
+            WeightType::Q5_1 => {
+                const $t: u8 = WeightType::Q5_1 as u8;
+                $body
+            }
+            WeightType::Q8_0 => {
+                const $t: u8 = WeightType::Q8_0 as u8;
+                $body
+            }
+        }
+    };
+}
+
+/// [`avx2::gemm`] for weight type `t`: rows in GGUF's layout.
 #[cfg(target_arch = "x86_64")]
 unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, acts: &[&[u8]], outs: &[OutPtr]) {
-    unsafe fn go<const T: u8>(w: &[u8], row_bytes: usize, nrows: usize, bsize: usize, acts: &[&[u8]], outs: &[OutPtr]) {
-        let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
-        let o = |i: usize| outs[i].0;
-        with_rows!(acts.len(), R => avx2::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4)
-    }
-    let b = t.block_bytes();
-    match t {
-        WeightType::Q4_0 => go::<{ WeightType::Q4_0 as u8 }>(w, row_bytes, nrows, b, acts, outs),
-        WeightType::Q4_1 => go::<{ WeightType::Q4_1 as u8 }>(w, row_bytes, nrows, b, acts, outs),
-        WeightType::Q5_0 => go::<{ WeightType::Q5_0 as u8 }>(w, row_bytes, nrows, b, acts, outs),
-        WeightType::Q5_1 => go::<{ WeightType::Q5_1 as u8 }>(w, row_bytes, nrows, b, acts, outs),
-        WeightType::Q8_0 => go::<{ WeightType::Q8_0 as u8 }>(w, row_bytes, nrows, b, acts, outs),
-    }
+    let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
+    let o = |i: usize| outs[i].0;
+    let (w, bsize) = (w.as_ptr(), t.block_bytes());
+    with_type!(t, T => with_rows!(acts.len(), R => avx2::gemm::<T, R>(w, row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4))
 }
 
 /// [`avx2::gemm_groups`] for weight type `t`.
@@ -342,21 +363,16 @@ unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &
     #[cfg(target_arch = "x86_64")]
     {
         assert!(w.len() >= groups * nb * repack::layout(t as u8).bytes);
-        unsafe fn go<const T: u8>(w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
-            let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
-            let o = |i: usize| outs[i].0;
-            with_rows!(acts.len(), R => avx2::gemm_groups::<T, R>(w.as_ptr(), nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
-        }
-        match t {
-            WeightType::Q4_0 => go::<{ WeightType::Q4_0 as u8 }>(w, nb, groups, acts, outs),
-            WeightType::Q4_1 => go::<{ WeightType::Q4_1 as u8 }>(w, nb, groups, acts, outs),
-            WeightType::Q5_0 => go::<{ WeightType::Q5_0 as u8 }>(w, nb, groups, acts, outs),
-            WeightType::Q5_1 => go::<{ WeightType::Q5_1 as u8 }>(w, nb, groups, acts, outs),
-            WeightType::Q8_0 => go::<{ WeightType::Q8_0 as u8 }>(w, nb, groups, acts, outs),
-        }
+        let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
+        let o = |i: usize| outs[i].0;
+        let w = w.as_ptr();
+        with_type!(t, T => with_rows!(acts.len(), R => avx2::gemm_groups::<T, R>(w, nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8))
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("interleaved matrices exist only where the SIMD kernels do: {t:?} {} {nb} {groups} {} {}", w.len(), acts.len(), outs.len())
+    {
+        let _ = (t, w, nb, groups, acts, outs);
+        unreachable!("interleaved matrices exist only where the SIMD kernels do")
+    }
 }
 
 /// Our multi-row AVX2 kernel for K-quant `T` (over candle's Q8_K
