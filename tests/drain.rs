@@ -23,6 +23,15 @@ use sollol::node::server::resolve_addr;
 const KEY: &str = "drain-test-key";
 const PROMPT: [u32; 5] = common::FRANCE_PROMPT;
 
+/// The rebalancing test compares the compute time of two stages: the other
+/// tests here, each saturating the two cores with node processes, would
+/// skew it, so the tests of this file take turns.
+static TURN: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn positions(rt: &tokio::runtime::Runtime, client: &NodeClient) -> u64 {
     rt.block_on(client.ping(Duration::from_secs(5))).unwrap().tokens
 }
@@ -79,11 +88,13 @@ fn drain(stage: usize, at: usize) {
 
 #[test]
 fn first_stage_drained_mid_generation_without_recompute() {
+    let _turn = turn();
     drain(0, 17);
 }
 
 #[test]
 fn last_stage_drained_mid_generation_without_recompute() {
+    let _turn = turn();
     drain(1, 33);
 }
 
@@ -94,6 +105,7 @@ fn last_stage_drained_mid_generation_without_recompute() {
 #[test]
 fn cluster_drain_moves_a_live_served_session() {
     use std::io::{BufRead, BufReader};
+    let _turn = turn();
     common::smollm2();
     let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
     let registry = std::env::temp_dir().join(format!("sollol-serve-test-{}.toml", std::process::id()));
@@ -108,8 +120,11 @@ fn cluster_drain_moves_a_live_served_session() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let serve = common::ServeProc::spawn(&["--cluster-key", KEY]);
-    let body =
-        r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":48}}"#;
+    // A prompt whose greedy continuation runs the full 96 tokens (~1.2 s): the
+    // drain, a CLI process started after the first tokens, takes ~0.6 s, and
+    // a reply that ends at an early EOS (the capital-of-France prompt stops
+    // after ~40 tokens, 0.4 s) can finish before it lands.
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time, in a small village by the sea, there lived","raw":true,"stream":false,"options":{"temperature":0,"num_predict":96}}"#;
     let reference = common::http::post(&serve.addr, "/api/generate", body).json();
     let on = reference["_cluster"]["nodes"][0]["name"].as_str().unwrap().to_string();
 
@@ -163,6 +178,7 @@ fn cluster_drain_moves_a_live_served_session() {
 #[test]
 fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     use sollol::cluster::partition;
+    let _turn = turn();
     let common::Reference { path, file, tokenizer, result: reference } = common::single_node_reference();
     let digest = file.digest().unwrap();
     let context = file.config().unwrap().context_length;
