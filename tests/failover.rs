@@ -94,8 +94,7 @@ fn all_nodes_down_is_a_clear_error_in_bounded_time() {
         }
         true
     })
-    .err()
-    .expect("no node left: the request must fail");
+    .expect_err("no node left: the request must fail");
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
     let msg = err.to_string();
     assert!(msg.contains("down") || msg.contains("disconnected") || msg.contains("reach"), "{msg}");

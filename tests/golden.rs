@@ -38,13 +38,11 @@ fn reference_logits() -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     let input = Tensor::new(&PROMPT[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let mut logits: Vec<f32> = model.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-    let mut pos = PROMPT.len();
-    for _ in 0..DECODE_STEPS {
+    for pos in PROMPT.len()..PROMPT.len() + DECODE_STEPS {
         let next = argmax(&logits);
         out.push(logits);
         let input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         logits = model.forward(&input, pos).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-        pos += 1;
     }
     out.push(logits);
     out

@@ -242,11 +242,11 @@ async fn layers_beyond_the_model_are_refused() {
     let node = NodeProc::spawn(Some(KEY), &[]);
     let mut p = Pipeline::connect(std::slice::from_ref(&node.addr), &ClusterKey::new(Some(KEY))).await.unwrap();
     let model = common::smollm2().display().to_string();
-    let err = p.load(&model, None, &[0..40], WireDType::F16).await.err().unwrap().to_string();
+    let err = p.load(&model, None, std::slice::from_ref(&(0..40)), WireDType::F16).await.err().unwrap().to_string();
     assert!(err.contains("inside the model's 30 blocks"), "{err}");
-    let err = p.load(&model, Some("0000".into()), &[0..30], WireDType::F16).await.err().unwrap().to_string();
+    let err = p.load(&model, Some("0000".into()), std::slice::from_ref(&(0..30)), WireDType::F16).await.err().unwrap().to_string();
     assert!(err.contains("not the same model"), "{err}");
-    p.load(&model, None, &[0..30], WireDType::F16).await.unwrap();
+    p.load(&model, None, std::slice::from_ref(&(0..30)), WireDType::F16).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,7 +262,7 @@ async fn a_stage_that_dies_fails_the_request_quickly_and_the_others_keep_serving
     // Stage 1's node serves a new pipeline holding the whole model.
     let mut solo = Pipeline::connect(std::slice::from_ref(&a.addr), &ClusterKey::new(Some(KEY))).await.unwrap();
     let model = common::smollm2().display().to_string();
-    solo.load(&model, None, &[0..30], WireDType::F16).await.unwrap();
+    solo.load(&model, None, std::slice::from_ref(&(0..30)), WireDType::F16).await.unwrap();
     let r = solo.step(6, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();
     assert_eq!(r.token, Some(7042));
 }

@@ -247,6 +247,11 @@ def forward(path, tokens):
         q = rope(q.reshape(seq, nh, d).transpose(1, 0, 2), hp["theta"], hp["interleaved"])
         k = rope(k.reshape(seq, nkv, d).transpose(1, 0, 2), hp["theta"], hp["interleaved"])
         v = v.reshape(seq, nkv, d).transpose(1, 0, 2)
+        if os.environ.get("SOLLOL_REF_KV") == "f16":
+            # sollol's CPU path keeps its KV cache in f16: every key and value
+            # is rounded once as it is written, and every position (the
+            # prompt's own included) reads it back from the cache.
+            k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
         k, v = np.repeat(k, nh // nkv, axis=0), np.repeat(v, nh // nkv, axis=0)
         att = q @ k.transpose(0, 2, 1) / np.sqrt(d) + causal
         att = np.exp(att - att.max(-1, keepdims=True))

@@ -12,6 +12,8 @@
 //!   quantization that precedes each integer dot product (Q8_0 / Q8_1 blocks);
 //!   measured error is ~1e-7, the margin covers a q value flipping at a
 //!   rounding boundary because upstream activations differ in the last bits.
+//!   The CPU path's f16 KV cache (modelled by the reference) makes such flips
+//!   likelier: 2e-2 there (see `HOST_QUANTIZED_TOL`).
 
 mod common;
 
@@ -59,6 +61,7 @@ fn reference_logits(model: &Path, backend: Backend) -> Vec<Vec<f64>> {
         .arg(csv.join(","))
         .env("PYTHONPATH", common::python_path(&["numpy"]))
         .env("SOLLOL_REF_Q8_1", if backend == Backend::Candle { "candle" } else { "ggml" })
+        .env("SOLLOL_REF_KV", if backend == Backend::Candle { "f32" } else { "f16" })
         .output()
         .expect("python3 runs");
     assert!(out.status.success(), "reference.py failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -66,10 +69,19 @@ fn reference_logits(model: &Path, backend: Backend) -> Vec<Vec<f64>> {
     all[PROMPT_LEN - 1..].to_vec()
 }
 
+/// The CPU path keeps K/V in f16, which the reference models, but where the
+/// f32 and f64 values of a key straddle an f16 rounding point they round one
+/// ulp (~1e-3) apart, and behind 8-bit activation quantization such a
+/// difference can flip a q value (1/127 of its block's largest): measured
+/// 1.06e-2 on the Q8_0 model (2.7e-2 without modelling the rounding). Float
+/// weights have no activation quantization to amplify it and keep 1e-4.
+const HOST_QUANTIZED_TOL: f64 = 2e-2;
+
 /// Asserts max |sollol - reference| / max |reference| <= tol for both
 /// backends (our kernels and candle's ops).
-fn check(model: &Path, bounds: &[usize], tol: f64) {
+fn check(model: &Path, bounds: &[usize], tol: f64, quantized: bool) {
     for backend in [Backend::Host, Backend::Candle] {
+        let tol = if backend == Backend::Host && quantized { tol.max(HOST_QUANTIZED_TOL) } else { tol };
         check_backend(model, bounds, tol, backend, &reference_logits(model, backend));
     }
 }
@@ -88,8 +100,9 @@ fn gguf_case(arch: &str, dtype: GgmlDType, tol: f64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("tiny-{arch}-{dtype:?}.gguf"));
     write_gguf(&path, &TinySpec::default(), arch, dtype, &[]);
-    check(&path, &[0, 3], tol);
-    check(&path, &[0, 1, 3], tol);
+    let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16);
+    check(&path, &[0, 3], tol, quantized);
+    check(&path, &[0, 1, 3], tol, quantized);
 }
 
 #[test]
@@ -131,13 +144,13 @@ fn gguf_qwen2_f32_with_qkv_bias_matches_numpy() {
 fn safetensors_llama_f32_matches_numpy() {
     let dir = tempfile::tempdir().unwrap();
     write_hf_dir(dir.path(), &TinySpec::default(), "llama", DType::F32);
-    check(dir.path(), &[0, 3], 1e-4);
-    check(dir.path(), &[0, 2, 3], 1e-4);
+    check(dir.path(), &[0, 3], 1e-4, false);
+    check(dir.path(), &[0, 2, 3], 1e-4, false);
 }
 
 #[test]
 fn safetensors_qwen2_f16_matches_numpy() {
     let dir = tempfile::tempdir().unwrap();
     write_hf_dir(dir.path(), &TinySpec::default(), "qwen2", DType::F16);
-    check(dir.path(), &[0, 3], 1e-2);
+    check(dir.path(), &[0, 3], 1e-2, false);
 }

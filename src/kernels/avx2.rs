@@ -184,6 +184,9 @@ pub unsafe fn gemm<const T: u8, const R: usize>(
     }
 }
 
+/// How many interleaved blocks ahead the group kernel prefetches.
+const PREFETCH: usize = 8;
+
 /// One 8-row group of an interleaved matrix ([`repack`]) against `R`
 /// activation rows: lane `i` of result `r` is weight row `i` · `a[r]`.
 ///
@@ -199,6 +202,12 @@ unsafe fn group<const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let blk = w.add(b * l.bytes);
+        // The stream of one tile is a few KiB, too short for the hardware
+        // prefetcher to run ahead of: ask for the block PREFETCH blocks on.
+        let ahead = blk.add(PREFETCH * l.bytes);
+        for line in (0..l.bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.add(line).cast());
+        }
         let ab: [&BlockQ8; R] = std::array::from_fn(|r| &*a[r].add(b));
         // Activation chunk c (4 values) in every lane.
         let chunk = |r: usize, c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(ab[r].qs.as_ptr().add(4 * c).cast::<i32>()));
@@ -271,15 +280,22 @@ pub unsafe fn gemm_groups<const T: u8, const R: usize>(w: *const u8, nb: usize, 
     }
 }
 
+/// Eight f16 values from `p + i` (in values) as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load_f16(p: *const half::f16, i: usize) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p.add(i).cast()))
+}
+
 /// `scores[p] = scale · q · K[p]` for the rows of `k` (each `q.len()`
 /// values, a multiple of 8): four rows at a time, each with its own
 /// accumulator, reduced together at the end.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `q.len()` is a multiple of 8; `k` holds
+/// The CPU has AVX2, FMA and F16C; `q.len()` is a multiple of 8; `k` holds
 /// `scores.len()` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn scores(q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
+pub unsafe fn scores(q: &[f32], k: &[half::f16], scale: f32, scores: &mut [f32]) {
     let d = q.len();
     assert!(d.is_multiple_of(8) && k.len() >= scores.len() * d);
     let (q, k) = (q.as_ptr(), k.as_ptr());
@@ -290,7 +306,7 @@ pub unsafe fn scores(q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
         for c in (0..d).step_by(8) {
             let qv = _mm256_loadu_ps(q.add(c));
             for (j, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((p + j) * d + c)), *acc);
+                *acc = _mm256_fmadd_ps(qv, load_f16(k, (p + j) * d + c), *acc);
             }
         }
         // Horizontal sums of the four accumulators in one vector.
@@ -302,7 +318,7 @@ pub unsafe fn scores(q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
     while p < n {
         let mut acc = _mm256_setzero_ps();
         for c in (0..d).step_by(8) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(k.add(p * d + c)), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), load_f16(k, p * d + c), acc);
         }
         scores[p] = hsum(acc) * scale;
         p += 1;
@@ -313,10 +329,10 @@ pub unsafe fn scores(q: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
 /// 8), the output kept in registers 64 values at a time.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `out.len()` is a multiple of 8; `v` holds
+/// The CPU has AVX2, FMA and F16C; `out.len()` is a multiple of 8; `v` holds
 /// `probs.len()` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn weighted_sum(probs: &[f32], v: &[f32], out: &mut [f32]) {
+pub unsafe fn weighted_sum(probs: &[f32], v: &[half::f16], out: &mut [f32]) {
     const W: usize = 8;
     let d = out.len();
     assert!(d.is_multiple_of(8) && v.len() >= probs.len() * d);
@@ -328,7 +344,7 @@ pub unsafe fn weighted_sum(probs: &[f32], v: &[f32], out: &mut [f32]) {
             let pv = _mm256_set1_ps(pr);
             let row = v.add(p * d + c0);
             for (j, acc) in acc.iter_mut().enumerate().take(width) {
-                *acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * j)), *acc);
+                *acc = _mm256_fmadd_ps(pv, load_f16(row, 8 * j), *acc);
             }
         }
         for (j, acc) in acc.iter().enumerate().take(width) {

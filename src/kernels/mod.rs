@@ -406,7 +406,7 @@ fn f16_dot(simd: bool) -> Option<DotFn> {
 }
 
 /// Attention scores `out[p] = scale · q · K[p]` for the rows of `k`, on this CPU's fastest path.
-pub(crate) fn attention_scores(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]) {
+pub(crate) fn attention_scores(q: &[f32], k: &[half::f16], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd_available() && q.len().is_multiple_of(8) {
         // SAFETY: checked above; `k` holds out.len() rows (asserted inside).
@@ -418,7 +418,7 @@ pub(crate) fn attention_scores(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]
 }
 
 /// `out = Σ_p probs[p] · V[p]`, on this CPU's fastest path.
-pub(crate) fn weighted_sum(probs: &[f32], v: &[f32], out: &mut [f32]) {
+pub(crate) fn weighted_sum(probs: &[f32], v: &[half::f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd_available() && out.len().is_multiple_of(8) {
         // SAFETY: checked above; `v` holds probs.len() rows (asserted inside).
@@ -427,7 +427,7 @@ pub(crate) fn weighted_sum(probs: &[f32], v: &[f32], out: &mut [f32]) {
     out.fill(0.0);
     for (&p, vr) in probs.iter().zip(v.chunks_exact(out.len())) {
         for (o, &x) in out.iter_mut().zip(vr) {
-            *o += p * x;
+            *o += p * x.to_f32();
         }
     }
 }

@@ -6,17 +6,20 @@
 
 use std::cell::RefCell;
 
+use half::f16;
+
 const LANES: usize = 8;
 
-/// Σ a·b with 8 lane accumulators (vectorizable; a fixed summation order).
+/// Σ a·b with 8 lane accumulators (vectorizable; a fixed summation order),
+/// `b` in f32 or f16.
 #[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<T: Copy + Into<f32>>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| x * y.into()).sum();
     for (x, y) in ac.zip(bc) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].into();
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -113,8 +116,8 @@ pub struct AttnShape {
 }
 
 /// Causal attention of query row `i` (at absolute position `pos`), head `h`:
-/// `out = softmax(q·Kᵀ / √d) V` over cache rows `0..=pos`.
-pub fn attend(shape: AttnShape, q: &[f32], k: &[f32], v: &[f32], pos: usize, h: usize, out: &mut [f32]) {
+/// `out = softmax(q·Kᵀ / √d) V` over cache rows `0..=pos` (f16 cache, f32 arithmetic).
+pub fn attend(shape: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, h: usize, out: &mut [f32]) {
     let d = shape.head_dim;
     let kv = h / (shape.n_heads / shape.n_kv_heads);
     let base = kv * shape.capacity * d;
@@ -161,8 +164,8 @@ mod tests {
         for d in [8, 24, 72, 6] {
             let (n_heads, n_kv, cap) = (4, 2, 11);
             let shape = AttnShape { n_heads, n_kv_heads: n_kv, head_dim: d, capacity: cap };
-            let k: Vec<f32> = (0..n_kv * cap * d).map(|i| ((i * 37 % 17) as f32 - 8.0) / 7.0).collect();
-            let v: Vec<f32> = (0..n_kv * cap * d).map(|i| ((i * 11 % 13) as f32 - 6.0) / 5.0).collect();
+            let k: Vec<f16> = (0..n_kv * cap * d).map(|i| f16::from_f32(((i * 37 % 17) as f32 - 8.0) / 7.0)).collect();
+            let v: Vec<f16> = (0..n_kv * cap * d).map(|i| f16::from_f32(((i * 11 % 13) as f32 - 6.0) / 5.0)).collect();
             let q: Vec<f32> = (0..d).map(|i| (i as f32 - 3.5) / 3.0).collect();
             for pos in 0..cap {
                 for h in 0..n_heads {
@@ -170,12 +173,12 @@ mod tests {
                     attend(shape, &q, &k, &v, pos, h, &mut out);
                     let kv = h / (n_heads / n_kv);
                     let s: Vec<f64> = (0..=pos)
-                        .map(|j| (0..d).map(|c| q[c] as f64 * k[(kv * cap + j) * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
+                        .map(|j| (0..d).map(|c| q[c] as f64 * k[(kv * cap + j) * d + c].to_f64()).sum::<f64>() / (d as f64).sqrt())
                         .collect();
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                     for c in 0..d {
-                        let want: f64 = (0..=pos).map(|j| (s[j] - m).exp() / z * v[(kv * cap + j) * d + c] as f64).sum();
+                        let want: f64 = (0..=pos).map(|j| (s[j] - m).exp() / z * v[(kv * cap + j) * d + c].to_f64()).sum();
                         assert!((out[c] as f64 - want).abs() < 1e-5, "d {d} pos {pos} head {h} dim {c}: {} vs {want}", out[c]);
                     }
                 }

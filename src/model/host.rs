@@ -13,6 +13,7 @@
 //! the same tokens alone or batched.
 
 use candle_core::{Device, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use super::block::Block;
 use super::kv_cache::KvCache;
@@ -138,8 +139,8 @@ impl Block {
                 for j in 0..nkv {
                     let src = (g.start + i) * kv_dim + j * hd;
                     let dst = (j * cap + g.pos + i) * hd;
-                    kv.k[dst..dst + hd].copy_from_slice(&s.k[src..src + hd]);
-                    kv.v[dst..dst + hd].copy_from_slice(&s.v[src..src + hd]);
+                    kv.k[dst..dst + hd].convert_from_f32_slice(&s.k[src..src + hd]);
+                    kv.v[dst..dst + hd].convert_from_f32_slice(&s.v[src..src + hd]);
                 }
             }
         }
