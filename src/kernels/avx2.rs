@@ -392,7 +392,7 @@ pub unsafe fn dot_f16(n: usize, w: &[half::f16], a: &[half::f16]) -> f32 {
 /// row, as ggml does; one weight block serves up to 4 activation rows.
 pub mod k {
     use super::*;
-    use crate::kernels::blocks::{BlockQ4K, BlockQ6K, BlockQ8K};
+    use crate::kernels::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
     use crate::kernels::KQuant;
 
     /// Q4_K's eight scales and eight minimums (6 bits each, ggml's packing):
@@ -408,21 +408,36 @@ pub mod k {
         (scales, mins)
     }
 
+    /// Q4_K (`FIFTH` false) or Q5_K (true): the same sub-block scales and
+    /// minimums; Q5_K's fifth bits come from `qh`, two sub-blocks per pass.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn row_q4k<const R: usize>(w: *const BlockQ4K, nb: usize, a: [*const BlockQ8K; R]) -> [f32; R] {
-        let m4 = _mm256_set1_epi8(0x0F);
+    unsafe fn row_q4k<const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [f32; R] {
+        let (m4, one, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1), _mm256_set1_epi8(2));
         let mut acc = [_mm256_setzero_ps(); R];
         let mut acc_m = [_mm_setzero_ps(); R];
         for i in 0..nb {
-            let b = &*w.add(i);
-            let (scales, mins) = q4k_scales_mins(&b.scales);
+            let (d, dmin, packed, qs, mut hb) = if FIFTH {
+                let b = &*w.cast::<BlockQ5K>().add(i);
+                (b.d, b.dmin, &b.scales, b.qs.as_ptr(), _mm256_loadu_si256(b.qh.as_ptr().cast()))
+            } else {
+                let b = &*w.cast::<BlockQ4K>().add(i);
+                (b.d, b.dmin, &b.scales, b.qs.as_ptr(), _mm256_setzero_si256())
+            };
+            let (scales, mins) = q4k_scales_mins(packed);
             let sc = scales.to_le_bytes();
             let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
             let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..4 {
-                let raw = _mm256_loadu_si256(b.qs.as_ptr().add(32 * j).cast());
-                let (lo, hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+                let raw = _mm256_loadu_si256(qs.add(32 * j).cast());
+                let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+                if FIFTH {
+                    // Bits 2j and 2j + 1 of each qh byte, moved to bit 4 (the
+                    // 16-bit shift only carries bits this mask drops).
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(hb, two), 3));
+                    hb = _mm256_srli_epi16(hb, 2);
+                }
                 let (sl, sh) = (_mm256_set1_epi16(sc[2 * j] as i16), _mm256_set1_epi16(sc[2 * j + 1] as i16));
                 for r in 0..R {
                     let q8 = (*a[r].add(i)).qs.as_ptr().add(64 * j);
@@ -431,7 +446,7 @@ pub mod k {
                     sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
                 }
             }
-            let (d, dmin) = (h2f(b.d), h2f(b.dmin));
+            let (d, dmin) = (h2f(d), h2f(dmin));
             for r in 0..R {
                 let ab = &*a[r].add(i);
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
@@ -499,7 +514,9 @@ pub mod k {
         for j in 0..nrows {
             let row = w.add(j * row_bytes);
             let res = if T == KQuant::Q4K as u8 {
-                row_q4k::<R>(row.cast(), row_bytes / size_of::<BlockQ4K>(), a)
+                row_q4k::<false, R>(row, row_bytes / size_of::<BlockQ4K>(), a)
+            } else if T == KQuant::Q5K as u8 {
+                row_q4k::<true, R>(row, row_bytes / size_of::<BlockQ5K>(), a)
             } else {
                 row_q6k::<R>(row.cast(), row_bytes / size_of::<BlockQ6K>(), a)
             };

@@ -63,6 +63,18 @@ pub struct BlockQ4K {
     pub qs: [u8; QK_K / 2],
 }
 
+/// Q4_K with a fifth bit per value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ5K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    /// Bit `k` of byte `l`: the fifth bit of value `l` of sub-block `k`.
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct BlockQ6K {

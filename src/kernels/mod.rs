@@ -9,7 +9,7 @@
 //!
 //! Dispatch happens once, when a matrix is built: AVX2+FMA+F16C kernels for
 //! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 where the CPU has them, the scalar
-//! reference otherwise. Q4_K and Q6_K keep ggml's Q8_K activations and get
+//! reference otherwise. Q4_K, Q5_K and Q6_K keep ggml's Q8_K activations and get
 //! our multi-row AVX2 kernel where the CPU has it, F16 our AVX2 dot product;
 //! other GGUF types (and all of these on other CPUs) use candle's per-type
 //! dot products inside the same row-parallel driver.
@@ -35,7 +35,8 @@ pub use pool::{pool, set_threads};
 #[repr(u8)]
 enum KQuant {
     Q4K = 0,
-    Q6K = 1,
+    Q5K = 1,
+    Q6K = 2,
 }
 
 /// Weight types with our own kernels. The discriminant selects the kernel.
@@ -242,7 +243,7 @@ impl Kernel {
             GgmlDType::Q2K => ggml_fns::<BlockQ2K>(),
             GgmlDType::Q3K => ggml_fns::<BlockQ3K>(),
             GgmlDType::Q4K => GgmlFns { gemm: k_gemm::<{ KQuant::Q4K as u8 }>(simd), ..ggml_fns::<BlockQ4K>() },
-            GgmlDType::Q5K => ggml_fns::<BlockQ5K>(),
+            GgmlDType::Q5K => GgmlFns { gemm: k_gemm::<{ KQuant::Q5K as u8 }>(simd), ..ggml_fns::<BlockQ5K>() },
             GgmlDType::Q6K => GgmlFns { gemm: k_gemm::<{ KQuant::Q6K as u8 }>(simd), ..ggml_fns::<BlockQ6K>() },
             GgmlDType::F16 => GgmlFns { dot: f16_dot(simd).unwrap_or(ggml_dot::<f16>), ..ggml_fns::<f16>() },
             GgmlDType::F32 => ggml_fns::<f32>(),

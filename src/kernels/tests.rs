@@ -17,7 +17,7 @@ fn rng() -> rand::rngs::StdRng {
 }
 
 fn random_matrix(rng: &mut impl Rng, t: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
-    if matches!(t, GgmlDType::Q4K | GgmlDType::Q6K) {
+    if matches!(t, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
         // Valid packed scales: quantize random values (ggml's quantizer, via candle).
         let x = Tensor::new(random_acts(rng, rows * cols), &Device::Cpu).unwrap().reshape((rows, cols)).unwrap();
         return QTensor::quantize(&x, t).unwrap().data().unwrap().into_owned();
@@ -86,8 +86,8 @@ fn own_kernels_agree_with_scalar_and_f64_reference() {
 #[test]
 fn a_rows_result_does_not_depend_on_its_batch() {
     let mut rng = rng();
-    for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-        let k_quant = matches!(t, GgmlDType::Q4K | GgmlDType::Q6K);
+    for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let k_quant = matches!(t, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
         let (rows, cols) = (19, if k_quant { 512 } else { 96 });
         let w = QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap().interleaved();
         let x = random_acts(&mut rng, 6 * cols);

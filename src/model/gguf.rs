@@ -303,6 +303,29 @@ pub struct LayerBytes {
 /// Writes `src` to `dst` with every 2-D weight whose rows fit the type's
 /// blocks converted to `dtype` (through f32); norms, biases and anything else
 /// are copied as they are. Returns (converted, kept) tensor counts.
+/// The weight types a user can name (`q4_0`, `q5_k`, `f16`…), as llama.cpp spells them.
+pub const WEIGHT_TYPE_NAMES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, f32";
+
+/// The GGML type named `name` (any case), one of [`WEIGHT_TYPE_NAMES`].
+pub fn weight_type_by_name(name: &str) -> Option<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType as T;
+    Some(match name.to_ascii_lowercase().as_str() {
+        "q4_0" => T::Q4_0,
+        "q4_1" => T::Q4_1,
+        "q5_0" => T::Q5_0,
+        "q5_1" => T::Q5_1,
+        "q8_0" => T::Q8_0,
+        "q2_k" => T::Q2K,
+        "q3_k" => T::Q3K,
+        "q4_k" => T::Q4K,
+        "q5_k" => T::Q5K,
+        "q6_k" => T::Q6K,
+        "f16" => T::F16,
+        "f32" => T::F32,
+        _ => return None,
+    })
+}
+
 pub fn requantize(src: &Path, dst: &Path, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
     use candle_core::quantized::{gguf_file, QTensor};
     let io = |what: &str, p: &Path| {

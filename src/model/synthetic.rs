@@ -104,21 +104,6 @@ pub fn is_synthetic(spec: &str) -> bool {
     spec.starts_with(PREFIX)
 }
 
-fn parse_dtype(s: &str) -> Option<GgmlDType> {
-    Some(match s {
-        "q4_0" => GgmlDType::Q4_0,
-        "q4_1" => GgmlDType::Q4_1,
-        "q5_0" => GgmlDType::Q5_0,
-        "q5_1" => GgmlDType::Q5_1,
-        "q8_0" => GgmlDType::Q8_0,
-        "q4_k" => GgmlDType::Q4K,
-        "q6_k" => GgmlDType::Q6K,
-        "f16" => GgmlDType::F16,
-        "f32" => GgmlDType::F32,
-        _ => return None,
-    })
-}
-
 impl SyntheticModel {
     /// `synthetic:SHAPE:TYPE` (TYPE defaults to q4_0).
     pub fn parse(spec: &str) -> Result<Self> {
@@ -129,9 +114,8 @@ impl SyntheticModel {
             .iter()
             .find(|s| s.name == shape)
             .ok_or_else(|| Error::InvalidRequest(format!("unknown synthetic shape '{shape}' (known: {})", names.join(", "))))?;
-        let dtype = parse_dtype(quant).ok_or_else(|| {
-            Error::InvalidRequest(format!("unknown synthetic weight type '{quant}' (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k, f16, f32)"))
-        })?;
+        let dtype = super::gguf::weight_type_by_name(quant)
+            .ok_or_else(|| Error::InvalidRequest(format!("unknown synthetic weight type '{quant}' ({})", super::gguf::WEIGHT_TYPE_NAMES)))?;
         let config = Config {
             arch: arch::by_gguf_name("llama")?,
             n_layers: s.layers,
