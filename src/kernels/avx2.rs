@@ -280,6 +280,44 @@ pub unsafe fn gemm_groups<const T: u8, const R: usize>(w: *const u8, nb: usize, 
     }
 }
 
+/// [`super::blocks::quantize_q8`] eight values at a time, with the same
+/// result bit for bit: the same maximum, scale, products and rounding (half
+/// away from zero, then truncation), only done in vectors.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    assert_eq!(x.len(), out.len() * QK);
+    let (sign, half) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(0.5));
+    for (b, blk) in out.iter_mut().enumerate() {
+        let p = x.as_ptr().add(b * QK);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+        let a: [__m256; 4] = std::array::from_fn(|i| _mm256_andnot_ps(sign, v[i]));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            let r = _mm256_mul_ps(v[i], id);
+            _mm256_cvttps_epi32(_mm256_add_ps(r, _mm256_or_ps(half, _mm256_and_ps(r, sign))))
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)));
+        // The packs interleave 128-bit lanes; the permutation puts values back in order.
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(blk.qs.as_mut_ptr().cast(), ordered);
+        blk.d = half::f16::from_f32(d).to_f32();
+        blk.s = half::f16::from_f32(sum as f32 * d).to_f32();
+        blk.sum = sum;
+    }
+}
+
 /// Eight f16 values from `p + i` (in values) as f32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]

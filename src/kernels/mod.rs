@@ -163,7 +163,13 @@ fn q8_row_bytes(cols: usize) -> usize {
     cols / QK * size_of::<BlockQ8>()
 }
 
-fn q8_quantize(x: &[f32], out: &mut [u8]) {
+fn q8_quantize(x: &[f32], out: &mut [u8], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only where the CPU has AVX2/FMA/F16C.
+        return unsafe { avx2::quantize_q8(x, cast_mut(out)) };
+    }
+    let _ = simd;
     blocks::quantize_q8(x, cast_mut(out))
 }
 
@@ -267,7 +273,7 @@ impl Kernel {
 
     fn quantize(&self, x: &[f32], out: &mut [u8]) {
         match self {
-            Kernel::Own { .. } => q8_quantize(x, out),
+            Kernel::Own { simd, .. } => q8_quantize(x, out, *simd),
             Kernel::Ggml(g) => (g.quantize)(x, out),
         }
     }
@@ -416,6 +422,39 @@ pub(crate) fn attention_scores(q: &[f32], k: &[half::f16], scale: f32, out: &mut
     for (s, kr) in out.iter_mut().zip(k.chunks_exact(q.len())) {
         *s = ops::dot(q, kr) * scale;
     }
+}
+
+/// `ops` functions compiled a second time with AVX2 enabled (their bodies
+/// are `#[inline(always)]`, so the compiler vectorizes them again inside a
+/// `target_feature` wrapper), the wrapper chosen at run time where the CPU
+/// has it. The same source either way: only the instructions differ.
+macro_rules! vectorized {
+    ($($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*);)*) => {$(
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn simd($($arg: $ty),*) {
+                    ops::$name($($arg),*)
+                }
+                if simd_available() {
+                    // SAFETY: checked just above.
+                    return unsafe { simd($($arg),*) };
+                }
+            }
+            ops::$name($($arg),*)
+        }
+    )*};
+}
+
+vectorized! {
+    /// [`ops::softmax`] on this CPU's vectors.
+    softmax(x: &mut [f32]);
+    /// [`ops::silu_mul`] on this CPU's vectors.
+    silu_mul(g: &mut [f32], u: &[f32]);
+    /// [`ops::rms_norm`] on this CPU's vectors.
+    rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]);
 }
 
 /// `out = Σ_p probs[p] · V[p]`, on this CPU's fastest path.

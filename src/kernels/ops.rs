@@ -2,7 +2,8 @@
 //! RMSNorm, rotary embeddings, SiLU-gated product, and attention over a KV
 //! cache that is read in place (grouped-query heads are indexed, never
 //! repeated). Loops are written lane-wise (8 independent accumulators) so the
-//! compiler vectorizes them on any target.
+//! compiler vectorizes them on any target; the hot ones are `#[inline(always)]`
+//! so that `kernels` can compile them again for AVX2 (`vectorized!`).
 
 use std::cell::RefCell;
 
@@ -12,7 +13,7 @@ const LANES: usize = 8;
 
 /// Σ a·b with 8 lane accumulators (vectorizable; a fixed summation order),
 /// `b` in f32 or f16.
-#[inline]
+#[inline(always)]
 pub fn dot<T: Copy + Into<f32>>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -26,6 +27,7 @@ pub fn dot<T: Copy + Into<f32>>(a: &[f32], b: &[T]) -> f32 {
 }
 
 /// `out = x / rms(x) * w` for every row of `w.len()` values.
+#[inline(always)]
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
@@ -50,16 +52,9 @@ pub fn add_rows(x: &mut [f32], b: &[f32]) {
     }
 }
 
-/// e^x for every element, in place: Cody-Waite range reduction and a degree-6
-/// polynomial (relative error below 3e-7 on the range softmax and SiLU use),
-/// in plain arithmetic the compiler vectorizes, where `f32::exp` is a call
-/// per element.
-pub fn exp_in_place(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = exp(*v);
-    }
-}
-
+/// e^x: Cody-Waite range reduction and a degree-6 polynomial (relative
+/// error below 3e-7 on the range softmax and SiLU use), in plain arithmetic
+/// the compiler vectorizes, where `f32::exp` is a call per element.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -69,13 +64,42 @@ fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest by the 1.5·2²³ trick (no SSE4.1 round instruction needed).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_452 + r * 0.001_388_523_4)))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    // t's ulp is 1, so its low bits hold n: 2ⁿ by integer operations alone,
+    // which vectorize where a (saturating) float-to-int cast does not.
+    f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23) * p
+}
+
+/// `x = softmax(x)` in place. Maximum and sum run in 8 lanes (a chain of
+/// dependent adds would cost a float latency per element).
+#[inline(always)]
+pub fn softmax(x: &mut [f32]) {
+    let lanes = |x: &[f32], init: f32, f: fn(f32, f32) -> f32| {
+        let mut acc = [init; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
+        for c in chunks {
+            for l in 0..LANES {
+                acc[l] = f(acc[l], c[l]);
+            }
+        }
+        acc.iter().fold(tail, |a, &v| f(a, v))
+    };
+    let max = lanes(x, f32::NEG_INFINITY, f32::max);
+    for v in x.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let inv = 1.0 / lanes(x, 0.0, |a, b| a + b);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
 }
 
 /// `g = silu(g) * u`, the SwiGLU gate.
+#[inline(always)]
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     for (a, &b) in g.iter_mut().zip(u) {
         *a = *a / (1.0 + exp(-*a)) * b;
@@ -126,15 +150,7 @@ pub fn attend(shape: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, h: 
     SCORES.with_borrow_mut(|scores| {
         scores.resize(pos + 1, 0.0);
         super::attention_scores(q, k, scale, scores);
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        for s in scores.iter_mut() {
-            *s -= max;
-        }
-        exp_in_place(scores);
-        let inv = 1.0 / scores.iter().sum::<f32>();
-        for s in scores.iter_mut() {
-            *s *= inv;
-        }
+        super::softmax(scores);
         super::weighted_sum(scores, v, out);
     });
 }

@@ -159,6 +159,32 @@ fn unsupported_shapes_and_types_are_refused() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
+fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
+    if !simd_available() {
+        return;
+    }
+    let mut rng = rng();
+    let blocks = 64;
+    for case in 0..4 {
+        let mut x: Vec<f32> = (0..blocks * QK).map(|_| rng.random_range(-30.0..30.0)).collect();
+        match case {
+            // Values landing exactly on half steps (ties round away from zero).
+            1 => x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 255) as f32 - 127.0 + 0.5 * (i % 2) as f32),
+            // All-zero blocks (scale 0) and negative zeros.
+            2 => x[..2 * QK].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 2 == 0 { 0.0 } else { -0.0 }),
+            // Tiny and huge magnitudes.
+            3 => x.iter_mut().enumerate().for_each(|(i, v)| *v *= if i % 3 == 0 { 1e-30 } else { 1e4 }),
+            _ => {}
+        }
+        let (mut ours, mut reference) = (vec![0u8; q8_row_bytes(x.len())], vec![0u8; q8_row_bytes(x.len())]);
+        q8_quantize(&x, &mut ours, true);
+        q8_quantize(&x, &mut reference, false);
+        assert_eq!(ours, reference, "case {case}");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
 fn f16_dot_product_matches_f64_at_every_length() {
     if !simd_available() {
         return;

@@ -191,7 +191,7 @@ impl Block {
         let norm = |r: usize, row: &mut [f32]| self.ffn_norm.forward_host(&h[r * hidden..(r + 1) * hidden], row);
         project(&mut s.acts, &mut s.xn[..rows * hidden], Some(&norm), &[wgate, wup], &mut [gate, up]);
         let up = &s.up;
-        let swiglu = |r: usize, row: &mut [f32]| ops::silu_mul(row, &up[r * ffn..(r + 1) * ffn]);
+        let swiglu = |r: usize, row: &mut [f32]| kernels::silu_mul(row, &up[r * ffn..(r + 1) * ffn]);
         project(&mut s.acts, &mut s.gate[..rows * ffn], Some(&swiglu), &[&self.down], &mut [&mut s.tmp[..rows * hidden]]);
         ops::add(&mut s.h, &s.tmp[..rows * hidden]);
     }

@@ -363,7 +363,7 @@ impl RmsNorm {
 
     /// Every row of `x` into `out`, on the host.
     pub fn forward_host(&self, x: &[f32], out: &mut [f32]) {
-        kernels::ops::rms_norm(x, &self.weight_host, self.eps, out)
+        kernels::rms_norm(x, &self.weight_host, self.eps, out)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
