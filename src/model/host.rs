@@ -49,6 +49,7 @@ pub struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     tmp: Vec<f32>,
+    logits: Vec<f32>,
     acts: QActs,
 }
 
@@ -261,14 +262,15 @@ impl ModelSlice {
         match self.head() {
             Some((norm, output)) => {
                 // Only each item's last position is sampled.
-                let last: Vec<f32> =
-                    segs.iter().flat_map(|g| s.h[(g.start + g.len - 1) * hidden..(g.start + g.len) * hidden].iter().copied()).collect();
                 let normed = sized(&mut s.xn, segs.len() * hidden);
-                norm.forward_host(&last, normed);
+                for (g, out) in segs.iter().zip(normed.chunks_exact_mut(hidden)) {
+                    let last = g.start + g.len - 1;
+                    norm.forward_host(&s.h[last * hidden..(last + 1) * hidden], out);
+                }
                 let vocab = host(output).rows();
-                let mut logits = vec![0f32; segs.len() * vocab];
-                project(&mut s.acts, &mut s.xn[..segs.len() * hidden], None, &[output], &mut [&mut logits]);
-                logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
+                let logits = sized(&mut s.logits, segs.len() * vocab);
+                project(&mut s.acts, &mut s.xn[..segs.len() * hidden], None, &[output], &mut [logits]);
+                s.logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
             }
             None => segs
                 .iter()
