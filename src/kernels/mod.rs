@@ -530,19 +530,26 @@ impl Weights {
 }
 
 impl QMatrix {
+    /// The kernel and row size for rows of `cols` values of `dtype`; `None`
+    /// for a type no kernel here handles or a width not whole blocks.
+    fn kernel_for(dtype: GgmlDType, cols: usize, simd: bool) -> Option<(Kernel, usize)> {
+        let kernel = Kernel::for_type(dtype, simd)?;
+        let bs = dtype.block_size();
+        cols.is_multiple_of(bs).then(|| (kernel, cols / bs * dtype.type_size()))
+    }
+
     /// A 2-D CPU `QTensor`'s blocks, used in place; `None` for a type no
     /// kernel here handles (or a tensor not on the CPU).
     pub fn from_qtensor(q: &Arc<QTensor>) -> candle_core::Result<Option<Self>> {
         let (rows, cols) = q.shape().dims2()?;
-        let Some(kernel) = Kernel::for_type(q.dtype(), true) else { return Ok(None) };
+        let dtype = q.dtype();
+        let Some((kernel, row_bytes)) = Self::kernel_for(dtype, cols, true) else { return Ok(None) };
         let (ptr, len) = match q.data()? {
             std::borrow::Cow::Borrowed(b) => (b.as_ptr(), b.len()),
             std::borrow::Cow::Owned(_) => return Ok(None),
         };
-        let (dtype, bs) = (q.dtype(), q.dtype().block_size());
-        let row_bytes = cols / bs * dtype.type_size();
         // The block structs need their alignment (2 for the f16 scales).
-        if !cols.is_multiple_of(bs) || len != rows * row_bytes || !(ptr as usize).is_multiple_of(2) {
+        if len != rows * row_bytes || !(ptr as usize).is_multiple_of(2) {
             return Ok(None);
         }
         let shared = Weights::Shared { _tensor: q.clone(), ptr, len };
@@ -552,11 +559,7 @@ impl QMatrix {
     /// `bytes` are `rows` rows of `cols` values of type `dtype`, as in GGUF.
     /// `simd: false` forces the scalar reference (for tests).
     pub fn from_bytes(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8], simd: bool) -> Option<Self> {
-        let kernel = Kernel::for_type(dtype, simd)?;
-        if !cols.is_multiple_of(dtype.block_size()) {
-            return None;
-        }
-        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let (kernel, row_bytes) = Self::kernel_for(dtype, cols, simd)?;
         if bytes.len() != rows * row_bytes {
             return None;
         }
@@ -565,20 +568,38 @@ impl QMatrix {
         Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: Weights::Owned(data), kernel })
     }
 
+    /// `rows` rows of `cols` values of `dtype` read from `r` (GGUF layout)
+    /// straight into the matrix's own buffer, which [`Self::interleaved`]
+    /// then rearranges in place: a load holds each weight once. `Ok(None)`
+    /// for a type no kernel here handles.
+    pub fn read_from(dtype: GgmlDType, rows: usize, cols: usize, r: &mut impl std::io::Read) -> std::io::Result<Option<Self>> {
+        let Some((kernel, row_bytes)) = Self::kernel_for(dtype, cols, true) else { return Ok(None) };
+        let mut data = Aligned::zeroed(rows * row_bytes);
+        r.read_exact(data.bytes_mut())?;
+        Ok(Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: Weights::Owned(data), kernel }))
+    }
+
     /// This matrix laid out for products: its whole groups of eight rows
     /// interleaved, where its kernel is one of ours on SIMD (which then reads
-    /// eight rows at once); unchanged otherwise. The copy replaces the
-    /// original, so no weight is held twice once the caller drops the tensor
-    /// it came from. A matrix only looked up (an embedding table) is left as
-    /// stored: no copy, no load time.
+    /// eight rows at once); unchanged otherwise. Weights the matrix owns are
+    /// rearranged in place; weights it shares with a candle tensor are copied
+    /// first (dropping the tensor then frees the original). A matrix only
+    /// looked up (an embedding table) is left as stored: no work at load.
     pub fn interleaved(self) -> Self {
         let Kernel::Own { t, simd: true } = self.kernel else { return self };
         let grouped = self.rows / repack::ROWS * repack::ROWS;
         if grouped == 0 {
             return self;
         }
-        let mut data = Aligned::zeroed(self.data.bytes().len());
-        repack::interleave(t, self.data.bytes(), self.rows, self.row_bytes, data.bytes_mut());
+        let mut data = match self.data {
+            Weights::Owned(a) => a,
+            Weights::Shared { .. } => {
+                let mut a = Aligned::zeroed(self.data.bytes().len());
+                a.bytes_mut().copy_from_slice(self.data.bytes());
+                a
+            }
+        };
+        repack::interleave(t, data.bytes_mut(), self.rows, self.row_bytes);
         Self { grouped, data: Weights::Owned(data), ..self }
     }
 

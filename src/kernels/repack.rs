@@ -187,29 +187,29 @@ fn get(l: &Layout, i: usize, blk: &[u8]) -> Values {
     Values { d: h(2 * i), m: if l.m != 0 { h(l.m + 2 * i) } else { f16::ZERO }, q }
 }
 
-/// `src`'s `rows` rows of `row_bytes` (GGUF layout) with every whole group
-/// of eight interleaved, into `out` (same length).
-pub fn interleave(t: WeightType, src: &[u8], rows: usize, row_bytes: usize, out: &mut [u8]) {
-    assert_eq!(src.len(), rows * row_bytes);
-    assert_eq!(out.len(), src.len());
+/// `data`'s `rows` rows of `row_bytes` (GGUF layout) with every whole group
+/// of eight interleaved, in place: a group's interleaved blocks fill the
+/// bytes its eight rows held, so only one group at a time is copied aside.
+pub fn interleave(t: WeightType, data: &mut [u8], rows: usize, row_bytes: usize) {
+    assert_eq!(data.len(), rows * row_bytes);
     let (l, bsize) = (layout(t as u8), t.block_bytes());
-    let grouped = rows / ROWS * ROWS;
-    out[grouped * row_bytes..].copy_from_slice(&src[grouped * row_bytes..]);
     let group_bytes = ROWS * row_bytes;
-    let groups = grouped / ROWS;
-    let dst = super::SendPtr(out.as_mut_ptr());
+    let groups = rows / ROWS;
+    let base = super::SendPtr(data.as_mut_ptr());
     // Groups are independent: split over the compute threads (this is most
     // of a model's load time otherwise).
     let pool = super::pool();
     pool.run(&|thread| {
+        let mut stored = vec![0u8; group_bytes];
         for g in (thread..groups).step_by(pool.threads()) {
-            // SAFETY: group g's bytes, written by this thread only.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(g * group_bytes), group_bytes) };
-            dst.fill(0);
-            for (b, blk) in dst.chunks_exact_mut(l.bytes).enumerate() {
+            // SAFETY: group g's bytes, touched by this thread only.
+            let group = unsafe { std::slice::from_raw_parts_mut(base.at(g * group_bytes), group_bytes) };
+            stored.copy_from_slice(group);
+            group.fill(0);
+            for (b, blk) in group.chunks_exact_mut(l.bytes).enumerate() {
                 for i in 0..ROWS {
-                    let at = (g * ROWS + i) * row_bytes + b * bsize;
-                    put(&l, i, &unpack(t, &src[at..at + bsize]), blk);
+                    let at = i * row_bytes + b * bsize;
+                    put(&l, i, &unpack(t, &stored[at..at + bsize]), blk);
                 }
             }
         }

@@ -18,6 +18,7 @@ use super::arch;
 use super::config::Config;
 use super::weights::{RawWeight, Role};
 use crate::error::{first_line, Error, Result};
+use crate::kernels::QMatrix;
 
 pub struct GgufFile {
     path: PathBuf,
@@ -197,6 +198,21 @@ impl GgufFile {
             .tensor(&mut self.reader, &name, device)
             .map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {}", first_line(&e))))?;
         Ok(RawWeight::Quantized(Arc::new(q)))
+    }
+
+    /// Reads a 2-D tensor straight into a [`QMatrix`] for the CPU path (no
+    /// candle tensor in between, so the weight is in memory once); `None`
+    /// for a type our kernels do not take.
+    pub fn read_matrix(&mut self, role: Role, layer: Option<usize>) -> Result<Option<QMatrix>> {
+        let name = tensor_name(role, layer);
+        let info = self.content.tensor_infos.get(&name).ok_or_else(|| Error::bad_model(&self.path, format!("missing tensor '{name}'")))?;
+        let &[rows, cols] = info.shape.dims() else { return Ok(None) };
+        let (dtype, at) = (info.ggml_dtype, self.content.tensor_data_offset + info.offset);
+        let read = |r: &mut BufReader<File>| -> std::io::Result<Option<QMatrix>> {
+            r.seek(SeekFrom::Start(at))?;
+            QMatrix::read_from(dtype, rows, cols, r)
+        };
+        read(&mut self.reader).map_err(|e| Error::bad_model(&self.path, format!("cannot read tensor '{name}': {e}")))
     }
 
     fn read_dense_f32(&self, name: &str) -> Result<Vec<f32>> {

@@ -33,6 +33,7 @@ pub use weights::Backend;
 use weights::{RawWeight, Role};
 
 use crate::error::Result;
+use crate::kernels::QMatrix;
 
 /// An opened model in either supported format.
 pub enum ModelFile {
@@ -85,6 +86,16 @@ impl ModelFile {
             ModelFile::Gguf(f) => f.read(role, layer, device),
             ModelFile::Safetensors(d) => d.read(role, layer, device),
             ModelFile::Synthetic(m) => m.read(role, layer, device),
+        }
+    }
+
+    /// A 2-D weight as a [`QMatrix`] for the CPU path; `None` where our
+    /// kernels do not take its type. A GGUF tensor is read straight into the
+    /// matrix; other formats go through their tensors.
+    pub fn read_matrix(&mut self, role: Role, layer: Option<usize>) -> Result<Option<QMatrix>> {
+        match self {
+            ModelFile::Gguf(f) => f.read_matrix(role, layer),
+            other => weights::host_matrix(&other.read(role, layer, &Device::Cpu)?),
         }
     }
 

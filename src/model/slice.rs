@@ -14,7 +14,7 @@ use super::config::Config;
 use super::host::{BatchItem, HostInput, Scratch};
 use super::kv_cache::KvCache;
 use super::rope::Rope;
-use super::weights::{host_matrix, Backend, Embedding, Linear, RmsNorm, Role};
+use super::weights::{Backend, Embedding, Linear, RmsNorm, Role};
 use super::ModelFile;
 use crate::error::{Error, Result};
 
@@ -71,28 +71,32 @@ impl ModelSlice {
             ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut weight_bytes = 0;
-        let embed_table = if is_first || (is_last && !file.has(Role::Output, None)) {
-            let table = file.read(Role::Embed, None, device)?;
-            weight_bytes += table.size_in_bytes();
-            Some(table)
-        } else {
-            None
-        };
-        // On the host path the table becomes one matrix, shared by the
-        // embedding and a tied LM head; laid out for products only when it
-        // is that head here (a lookup reads either layout).
+        // The table is also the LM head of a tied model.
         let tied_head_here = is_last && !file.has(Role::Output, None);
-        let host_table = match (&embed_table, backend) {
-            (Some(t), Backend::Host) => match host_matrix(t)? {
-                Some(m) if tied_head_here => Some(Arc::new(m.interleaved())),
-                Some(m) => Some(Arc::new(m)),
+        let (host_table, embed_table) = match backend {
+            _ if !is_first && !tied_head_here => (None, None),
+            // On the host path the table is one matrix, shared by the
+            // embedding and a tied LM head; laid out for products only when
+            // it is that head here (a lookup reads either layout).
+            Backend::Host => match file.read_matrix(Role::Embed, None)? {
+                Some(m) if m.cols() != config.hidden_size => {
+                    return Err(Error::bad_model(
+                        file.path(),
+                        format!("the embedding table has rows of {}, the config says {}", m.cols(), config.hidden_size),
+                    ))
+                }
+                Some(m) => {
+                    weight_bytes += m.size_in_bytes();
+                    (Some(Arc::new(if tied_head_here { m.interleaved() } else { m })), None)
+                }
                 None => return Self::load_with(file, layers, device, Backend::Candle),
             },
-            _ => None,
+            Backend::Candle => {
+                let table = file.read(Role::Embed, None, device)?;
+                weight_bytes += table.size_in_bytes();
+                (None, Some(table))
+            }
         };
-        // The matrix is a copy: free the tensor it came from now, not at the
-        // end of the load, or the peak holds the table twice.
-        let embed_table = if host_table.is_some() { None } else { embed_table };
         let embed = match (&host_table, &embed_table) {
             _ if !is_first => None,
             (Some(m), _) => Some(Embedding::Host(m.clone())),
@@ -111,9 +115,20 @@ impl ModelSlice {
         let head = if is_last {
             let norm = file.read(Role::OutputNorm, None, device)?;
             let output = if file.has(Role::Output, None) {
-                let w = file.read(Role::Output, None, device)?;
-                weight_bytes += w.size_in_bytes();
-                Linear::new(w, None, backend)?
+                match backend {
+                    Backend::Host => match file.read_matrix(Role::Output, None)? {
+                        Some(m) => {
+                            weight_bytes += m.size_in_bytes();
+                            Linear::from_matrix(Arc::new(m.interleaved()))
+                        }
+                        None => return Self::load_with(file, layers, device, Backend::Candle),
+                    },
+                    Backend::Candle => {
+                        let w = file.read(Role::Output, None, device)?;
+                        weight_bytes += w.size_in_bytes();
+                        Linear::new(w, None, backend)?
+                    }
+                }
             } else if let Some(m) = &host_table {
                 Linear::from_matrix(m.clone())
             } else {
