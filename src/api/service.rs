@@ -489,6 +489,8 @@ impl Service {
     /// just recomputes).
     fn keep_conversation(&self, worker: &Worker, session: u64, fed: Vec<u32>, capacity: usize) {
         let c = &worker.config;
+        // K and V in f32 as a GPU stage keeps them; a CPU stage keeps f16,
+        // half of it, so the budget bounds what the stages hold from above.
         let bytes_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4;
         let mut list = self.conversations.lock().expect("conversations lock");
         list.push(Cached {
