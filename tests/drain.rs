@@ -21,7 +21,6 @@ use sollol::net::tls;
 use sollol::node::server::resolve_addr;
 
 const KEY: &str = "drain-test-key";
-const PROMPT: [u32; 5] = common::FRANCE_PROMPT;
 
 /// The rebalancing test compares the compute time of two stages: the other
 /// tests here, each saturating the two cores with node processes, would
@@ -72,15 +71,17 @@ fn drain(stage: usize, at: usize) {
     let (replaced, old_positions) = moved.into_inner().unwrap().expect("the drain ran");
     eprintln!("stage {stage} drained at piece {at}: {replaced:?}");
     assert_eq!(result.tokens, reference.tokens, "tokens differ after the drain");
+    assert_eq!(result.tokens.len(), 64, "the reply ran its full length");
     assert_eq!(replaced.sessions_moved, 1);
     assert!(replaced.kv_bytes > 0);
     assert_eq!(pipeline.addrs()[stage], nodes[2].addr);
-    // Every position is computed once by this stage: the prompt, then one per
-    // decode step (the last token is never fed back).
-    let expected = (PROMPT.len() + result.tokens.len() - 1) as u64;
+    // Every position is computed once by this stage: each token the session
+    // holds (the prompt, then one per decode step).
+    let expected = result.fed.len() as u64;
     let new_positions = positions(&rt, &spare);
     assert_eq!(old_positions + new_positions, expected, "old {old_positions} + new {new_positions}: something was recomputed");
-    assert!(new_positions < expected - PROMPT.len() as u64, "the new node replayed the prompt");
+    let prompt = common::greedy_request().prompt.len() as u64;
+    assert!(new_positions < expected - prompt, "the new node replayed the prompt");
     // The old node is out of the chain and unloaded.
     let caps = rt.block_on(old.refresh_capabilities()).unwrap();
     assert!(caps.loaded.is_none(), "the drained node still holds its slice");
@@ -214,7 +215,7 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     .unwrap();
     assert_eq!(second.tokens, reference.tokens, "tokens differ after the move");
     let after: Vec<u64> = clients.iter().map(|c| positions(&rt, c)).collect();
-    let expected = (PROMPT.len() + second.tokens.len() - 1) as u64;
+    let expected = second.fed.len() as u64;
     for (i, (a, b)) in after.iter().zip(&before).enumerate() {
         assert_eq!(a - b, expected, "stage {i} computed {} positions for {expected}: something was recomputed", a - b);
     }

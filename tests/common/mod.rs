@@ -140,13 +140,16 @@ pub fn python_path(modules: &[&str]) -> String {
     private
 }
 
-/// "The capital of France is" in SmolLM2's tokens.
-pub const FRANCE_PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
+/// "Once upon a time, in a small village by the sea, there lived" in
+/// SmolLM2's tokens: its greedy reply runs past 64 tokens, so a test that
+/// acts at a given piece (a kill, a drain, up to piece 57) always reaches it.
+/// (The README's France prompt ends at EOS after ~20 tokens, near a tie.)
+pub const STORY_PROMPT: [u32; 15] = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161];
 
-/// Greedy generation of 64 tokens from `FRANCE_PROMPT` (EOS still ends it).
+/// Greedy generation of 64 tokens from `STORY_PROMPT` (EOS would still end it).
 pub fn greedy_request() -> sollol::head::generation::GenerateRequest {
     sollol::head::generation::GenerateRequest {
-        prompt: FRANCE_PROMPT.to_vec(),
+        prompt: STORY_PROMPT.to_vec(),
         params: sollol::model::sampling::SamplingParams { temperature: 0.0, ..Default::default() },
         max_tokens: 64,
         stop: vec![],
