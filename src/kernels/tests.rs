@@ -183,6 +183,30 @@ fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
     }
 }
 
+#[test]
+fn vectorized_row_ops_equal_their_portable_source_bit_for_bit() {
+    // The same operations in the same order, only compiled for other
+    // instructions (Rust contracts no multiply-add on its own): any
+    // difference would mean the AVX2 build reordered the arithmetic.
+    let mut rng = rng();
+    for n in [1, 7, 8, 64, 161, 576, 1536] {
+        let x = random_acts(&mut rng, n);
+        let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.5..1.5)).collect();
+        let (mut a, mut b) = (x.clone(), x.clone());
+        softmax(&mut a);
+        ops::softmax(&mut b);
+        assert_eq!(a, b, "softmax, n = {n}");
+        let (mut a, mut b) = (x.clone(), x.clone());
+        silu_mul(&mut a, &w);
+        ops::silu_mul(&mut b, &w);
+        assert_eq!(a, b, "silu_mul, n = {n}");
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        rms_norm(&x, &w, 1e-5, &mut a);
+        ops::rms_norm(&x, &w, 1e-5, &mut b);
+        assert_eq!(a, b, "rms_norm, n = {n}");
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn f16_dot_product_matches_f64_at_every_length() {
