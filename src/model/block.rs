@@ -35,7 +35,14 @@ impl Block {
         let kv_dim = cfg.n_kv_heads * cfg.head_dim;
         let ffn = cfg.intermediate_size;
         let mut weight = |role: Role, shape: &[usize]| -> Result<RawWeight> {
-            let w = file.read(role, Some(layer), device)?;
+            let w = match backend {
+                // A matrix for our kernels goes straight into their buffer.
+                Backend::Host if shape.len() == 2 => match file.read_matrix(role, Some(layer))? {
+                    Some(m) => RawWeight::Host(m),
+                    None => file.read(role, Some(layer), device)?,
+                },
+                _ => file.read(role, Some(layer), device)?,
+            };
             check_shape(file, role, layer, &w, shape)?;
             Ok(w)
         };
@@ -124,6 +131,7 @@ fn check_shape(file: &ModelFile, role: Role, layer: usize, w: &RawWeight, expect
     let dims = match w {
         RawWeight::Quantized(q) => q.shape().dims().to_vec(),
         RawWeight::Dense(t) => t.dims().to_vec(),
+        RawWeight::Host(m) => vec![m.rows(), m.cols()],
     };
     if dims != expected {
         return Err(Error::bad_model(

@@ -95,7 +95,7 @@ impl ModelFile {
     pub fn read_matrix(&mut self, role: Role, layer: Option<usize>) -> Result<Option<QMatrix>> {
         match self {
             ModelFile::Gguf(f) => f.read_matrix(role, layer),
-            other => weights::host_matrix(&other.read(role, layer, &Device::Cpu)?),
+            other => Ok(weights::host_matrix(other.read(role, layer, &Device::Cpu)?)?.ok()),
         }
     }
 

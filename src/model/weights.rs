@@ -31,22 +31,23 @@ impl Backend {
 }
 
 /// A 2-D weight as a [`QMatrix`] for our kernels: quantized blocks as stored,
-/// dense f32/f16 rows as they are (bf16 widened to f32). `None` for a type
-/// the kernels do not know.
-pub fn host_matrix(w: &RawWeight) -> Result<Option<QMatrix>> {
+/// dense f32/f16 rows as they are (bf16 widened to f32). The weight comes
+/// back unchanged where the kernels do not know its type.
+pub fn host_matrix(w: RawWeight) -> Result<std::result::Result<QMatrix, RawWeight>> {
     match w {
-        RawWeight::Quantized(q) => Ok(QMatrix::from_qtensor(q)?),
+        RawWeight::Host(m) => Ok(Ok(m)),
+        RawWeight::Quantized(q) => Ok(QMatrix::from_qtensor(&q)?.ok_or(RawWeight::Quantized(q))),
         RawWeight::Dense(t) => {
             let (rows, cols) = t.dims2()?;
-            let (dtype, t) = match t.dtype() {
+            let (dtype, dense) = match t.dtype() {
                 DType::F16 => (GgmlDType::F16, t.clone()),
                 _ => (GgmlDType::F32, t.to_dtype(DType::F32)?),
             };
             let bytes: Vec<u8> = match dtype {
-                GgmlDType::F16 => t.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                _ => t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                GgmlDType::F16 => dense.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                _ => dense.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             };
-            Ok(QMatrix::from_bytes(dtype, rows, cols, &bytes, true))
+            Ok(QMatrix::from_bytes(dtype, rows, cols, &bytes, true).ok_or(RawWeight::Dense(t)))
         }
     }
 }
@@ -73,6 +74,10 @@ fn dense_on_device(q: &QTensor, dtype: DType) -> Result<Tensor> {
 pub enum RawWeight {
     Quantized(Arc<QTensor>),
     Dense(Tensor),
+    /// A GGUF matrix read for the CPU path straight into our kernels'
+    /// buffer ([`ModelFile::read_matrix`](super::ModelFile::read_matrix)):
+    /// in memory once, interleaved in place.
+    Host(QMatrix),
 }
 
 impl RawWeight {
@@ -81,6 +86,7 @@ impl RawWeight {
         match self {
             RawWeight::Quantized(q) => q.storage_size_in_bytes(),
             RawWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            RawWeight::Host(m) => m.size_in_bytes(),
         }
     }
 
@@ -89,6 +95,13 @@ impl RawWeight {
         Ok(match self {
             RawWeight::Quantized(q) => q.dequantize(&q.device())?,
             RawWeight::Dense(t) => t.to_dtype(DType::F32)?,
+            RawWeight::Host(m) => {
+                let mut rows = vec![0f32; m.rows() * m.cols()];
+                for (r, row) in rows.chunks_exact_mut(m.cols()).enumerate() {
+                    m.dequantize_row(r, row);
+                }
+                Tensor::from_vec(rows, (m.rows(), m.cols()), &Device::Cpu)?
+            }
         })
     }
 }
@@ -136,10 +149,13 @@ enum LinearWeight {
 impl Linear {
     pub fn new(weight: RawWeight, bias: Option<Tensor>, backend: Backend) -> Result<Self> {
         let weight = match (backend, weight) {
-            (Backend::Host, w) => match host_matrix(&w)? {
-                Some(m) => LinearWeight::Host(Arc::new(m.interleaved())),
-                None => return Self::new(w, bias, Backend::Candle),
+            (Backend::Host, w) => match host_matrix(w)? {
+                Ok(m) => LinearWeight::Host(Arc::new(m.interleaved())),
+                Err(w) => return Self::new(w, bias, Backend::Candle),
             },
+            (Backend::Candle, RawWeight::Host(m)) => {
+                return Err(Error::InvalidRequest(format!("a {:?} matrix read for the CPU kernels given to candle", m.dtype())))
+            }
             // candle would widen f16 weights to f32 (twice the bytes read per
             // token) and cannot do it on a GPU: there the stored dtype is kept
             // and the product runs in it.
@@ -277,6 +293,7 @@ fn stack(parts: &[Part]) -> Result<Option<(Part, Vec<usize>)>> {
             let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &first.device())?;
             (RawWeight::Quantized(Arc::new(q)), sizes)
         }
+        RawWeight::Host(_) => return Ok(None),
         RawWeight::Dense(first) => {
             let mut tensors = Vec::new();
             for (w, _) in parts {
@@ -300,27 +317,43 @@ pub enum Embedding {
     Host(Arc<QMatrix>),
 }
 
+/// Rows `ids` of `m` into `out` (`[ids.len(), m.cols()]`).
+fn lookup(m: &QMatrix, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    for (&id, row) in ids.iter().zip(out.chunks_exact_mut(m.cols())) {
+        if id as usize >= m.rows() {
+            return Err(Error::InvalidRequest(format!("token id {id} is outside the vocabulary of {}", m.rows())));
+        }
+        m.dequantize_row(id as usize, row);
+    }
+    Ok(())
+}
+
 impl Embedding {
+    fn hidden_size(&self) -> usize {
+        match self {
+            Embedding::Candle(RawWeight::Quantized(q)) => q.shape().dims()[1],
+            Embedding::Candle(RawWeight::Dense(t)) => t.dims()[1],
+            Embedding::Candle(RawWeight::Host(m)) => m.cols(),
+            Embedding::Host(m) => m.cols(),
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             Embedding::Candle(RawWeight::Quantized(q)) => q.shape().dims()[0],
             Embedding::Candle(RawWeight::Dense(t)) => t.dims()[0],
+            Embedding::Candle(RawWeight::Host(m)) => m.rows(),
             Embedding::Host(m) => m.rows(),
         }
     }
 
     /// Rows of `ids` into `out` (`[ids.len(), hidden]`).
     pub fn lookup_host(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
-        let Embedding::Host(m) = self else {
-            return Err(Error::InvalidRequest("this embedding runs on candle".into()));
-        };
-        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(m.cols())) {
-            if id as usize >= m.rows() {
-                return Err(Error::InvalidRequest(format!("token id {id} is outside the vocabulary of {}", m.rows())));
-            }
-            m.dequantize_row(id as usize, row);
+        match self {
+            Embedding::Host(m) => lookup(m, ids, out),
+            Embedding::Candle(RawWeight::Host(m)) => lookup(m, ids, out),
+            Embedding::Candle(_) => Err(Error::InvalidRequest("this embedding runs on candle".into())),
         }
-        Ok(())
     }
 
     /// ids `[b, seq]` u32 → `[b, seq, hidden]` f32.
@@ -331,11 +364,12 @@ impl Embedding {
             return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
         Ok(match self {
-            Embedding::Host(m) => {
+            Embedding::Host(_) | Embedding::Candle(RawWeight::Host(_)) => {
                 let ids_v = ids.flatten_all()?.to_vec1::<u32>()?;
-                let mut out = vec![0f32; ids_v.len() * m.cols()];
+                let hidden = self.hidden_size();
+                let mut out = vec![0f32; ids_v.len() * hidden];
                 self.lookup_host(&ids_v, &mut out)?;
-                Tensor::from_vec(out, (b, seq, m.cols()), ids.device())?
+                Tensor::from_vec(out, (b, seq, hidden), ids.device())?
             }
             // f16/bf16 tables give rows in their own dtype.
             Embedding::Candle(RawWeight::Quantized(q)) => q.embedding(ids)?.to_dtype(DType::F32)?,
