@@ -118,6 +118,17 @@ fn safetensors_that_contradict_config_json_are_refused() {
 }
 
 #[test]
+fn an_embedding_table_of_the_wrong_width_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    write_hf_dir(&hf, &TinySpec::default(), "llama", DType::F32);
+    let cfg = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    std::fs::write(hf.join("config.json"), cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 32")).unwrap();
+    let out = sollol(&["bench", "--model", hf.to_str().unwrap(), "--load-only"], dir.path());
+    assert_clean_error(&out, "the embedding table has rows of 64, the config says 32");
+}
+
+#[test]
 fn unsupported_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");

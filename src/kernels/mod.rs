@@ -327,27 +327,14 @@ impl Kernel {
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_type {
     ($w:expr, $t:ident => $body:expr) => {
+        with_type!(@arms $w, $t, $body; Q4_0 Q4_1 Q5_0 Q5_1 Q8_0)
+    };
+    (@arms $w:expr, $t:ident, $body:expr; $($v:ident)*) => {
         match $w {
-            WeightType::Q4_0 => {
-                const $t: u8 = WeightType::Q4_0 as u8;
+            $(WeightType::$v => {
+                const $t: u8 = WeightType::$v as u8;
                 $body
-            }
-            WeightType::Q4_1 => {
-                const $t: u8 = WeightType::Q4_1 as u8;
-                $body
-            }
-            WeightType::Q5_0 => {
-                const $t: u8 = WeightType::Q5_0 as u8;
-                $body
-            }
-            WeightType::Q5_1 => {
-                const $t: u8 = WeightType::Q5_1 as u8;
-                $body
-            }
-            WeightType::Q8_0 => {
-                const $t: u8 = WeightType::Q8_0 as u8;
-                $body
-            }
+            })*
         }
     };
 }
@@ -709,7 +696,7 @@ impl QActs {
         let xp = SendPtr(x.as_mut_ptr());
         self.quantize_rows(w, x.len(), &|r, out| {
             // SAFETY: row r of x, touched by this call only.
-            let row = unsafe { std::slice::from_raw_parts_mut(xp.at(r * cols), cols) };
+            let row = unsafe { xp.slice(r * cols, cols) };
             prep(r, row);
             w.kernel.quantize(row, out);
         });
@@ -725,7 +712,7 @@ impl QActs {
         let data = SendPtr(self.data.bytes_mut().as_mut_ptr());
         let quantize = |r: usize| {
             // SAFETY: row r of the buffer, written by this call only.
-            row(r, unsafe { std::slice::from_raw_parts_mut(data.at(r * row_bytes), row_bytes) });
+            row(r, unsafe { data.slice(r * row_bytes, row_bytes) });
         };
         // A batch's rows in parallel: on one thread this is a decode step's
         // longest stretch of work outside the products.
@@ -751,7 +738,7 @@ impl QActs {
 }
 
 /// A buffer shared by the pool's threads, which write disjoint parts of it.
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
@@ -763,8 +750,13 @@ impl<T> Clone for SendPtr<T> {
 impl<T> Copy for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
-    fn at(self, offset: usize) -> *mut T {
-        self.0.wrapping_add(offset)
+    /// `len` values from `offset` on.
+    ///
+    /// # Safety
+    /// They lie inside the buffer, and no other thread touches them while
+    /// the slice lives.
+    pub(crate) unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
     }
 }
 

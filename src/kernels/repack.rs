@@ -203,7 +203,7 @@ pub fn interleave(t: WeightType, data: &mut [u8], rows: usize, row_bytes: usize)
         let mut stored = vec![0u8; group_bytes];
         for g in (thread..groups).step_by(pool.threads()) {
             // SAFETY: group g's bytes, touched by this thread only.
-            let group = unsafe { std::slice::from_raw_parts_mut(base.at(g * group_bytes), group_bytes) };
+            let group = unsafe { base.slice(g * group_bytes, group_bytes) };
             stored.copy_from_slice(group);
             group.fill(0);
             for (b, blk) in group.chunks_exact_mut(l.bytes).enumerate() {

@@ -103,19 +103,6 @@ fn project(acts: &mut QActs, x: &mut [f32], prep: Prep, layers: &[&Linear], outs
     }
 }
 
-/// An output pointer shared by the attention tasks, which write disjoint heads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// `len` values from offset `at`. SAFETY: the caller writes a range no other task touches.
-    unsafe fn slice(self, at: usize, len: usize) -> &'static mut [f32] {
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
-    }
-}
-
 impl Block {
     /// The block over every row in `s.h` (`[rows, hidden]`), in place.
     fn forward_host(&self, s: &mut Scratch, segs: &[Seg], caches: &mut [&mut KvCache], layer: usize, rope: &Rope) {
@@ -146,7 +133,8 @@ impl Block {
             }
         }
 
-        let att = OutPtr(sized(&mut s.att, rows * q_dim).as_mut_ptr());
+        // Shared by the attention tasks, which write disjoint heads.
+        let att = kernels::SendPtr(sized(&mut s.att, rows * q_dim).as_mut_ptr());
         let caches: &[&mut KvCache] = caches;
         let q = &s.q;
         // One task per row and K/V head: the query heads sharing a K/V head
