@@ -132,8 +132,11 @@ fn summary(sides: &mut Sides) {
         sollol::model::gguf::requantize(&default_model(), &path, dtype).unwrap();
         compare(&format!("{name} (re-quantized)"), &mut load_from(&path));
     }
-    let best = |n: usize| (0..5).map(|_| sollol_batched_decode(&sides.ours, n)).fold(0f64, f64::max);
-    let (one, eight) = (best(1), best(8));
+    let (mut one, mut eight) = (0f64, 0f64);
+    for _ in 0..5 {
+        one = one.max(sollol_batched_decode(&sides.ours, 1));
+        eight = eight.max(sollol_batched_decode(&sides.ours, 8));
+    }
     println!("batched decode (Q4_1): 1 session {one:.1} tok/s, 8 sessions {eight:.1} tok/s aggregate, ratio {:.2}", eight / one);
     rss_summary();
 }

@@ -148,8 +148,7 @@ fn a_served_stream_survives_a_killed_node() {
     use std::io::{BufRead, BufReader};
     common::smollm2();
     let serve = common::ServeProc::spawn(&["--local-nodes", "3", "--wire", "f32", "--rebalance-threshold", "0"]);
-    let body =
-        r#"{"model":"smollm2","prompt":"Once upon a time, in a small village by the sea, there lived","raw":true,"stream":false,"options":{"temperature":0,"num_predict":64}}"#;
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time, in a small village by the sea, there lived","raw":true,"stream":false,"options":{"temperature":0,"num_predict":64}}"#;
     let reference = common::http::post(&serve.addr, "/api/generate", body).json();
     let expected = reference["response"].as_str().unwrap().to_string();
     let children = std::process::Command::new("pgrep").args(["-P", &serve.child.id().to_string()]).output().unwrap();

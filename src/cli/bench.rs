@@ -155,10 +155,13 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
             anyhow::bail!("--concurrency measures the CPU kernels' batched steps; it does not run on {}", args.model.device);
         }
         let slice = load_slice(&mut opened.file, None, &opened.device)?;
-        let mut rows = Vec::new();
-        for &n in &args.concurrency {
-            let best = (0..args.rounds.max(1)).map(|_| batched_decode(&slice, &prompt, args.tokens, n)).collect::<Result<Vec<f64>>>()?;
-            rows.push((n, best.into_iter().fold(0f64, f64::max)));
+        // Rounds interleave the session counts, so a slow spell of a shared
+        // machine hits every count alike instead of one ratio's side.
+        let mut rows: Vec<(usize, f64)> = args.concurrency.iter().map(|&n| (n, 0.0)).collect();
+        for _ in 0..args.rounds.max(1) {
+            for (n, best) in rows.iter_mut() {
+                *best = best.max(batched_decode(&slice, &prompt, args.tokens, *n)?);
+            }
         }
         let base = rows.first().map_or(1.0, |r| r.1);
         for (n, tok_s) in &rows {

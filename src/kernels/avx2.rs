@@ -325,70 +325,129 @@ unsafe fn load_f16(p: *const half::f16, i: usize) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.add(i).cast()))
 }
 
-/// `scores[p] = scale · q · K[p]` for the rows of `k` (each `q.len()`
-/// values, a multiple of 8): four rows at a time, each with its own
-/// accumulator, reduced together at the end.
+/// Query heads one attention kernel call serves at most: each cache row is
+/// loaded and widened once for all of them (the heads sharing a K/V head
+/// under grouped-query attention), and their accumulators still fit the 16
+/// vector registers.
+const HEADS: usize = 3;
+
+/// `scores[i][p] = scale · q_i · K[p]` for the `heads = q.len() / d` query
+/// rows of `q` and the rows of `k` (`d` values each, a multiple of 8);
+/// `scores` is `[heads, n]`. Four cache rows at a time, each head and row
+/// with its own accumulator, reduced together at the end: a head's result
+/// does not depend on the heads computed with it.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `q.len()` is a multiple of 8; `k` holds
-/// `scores.len()` rows.
+/// The CPU has AVX2, FMA and F16C; `d` is a multiple of 8; `k` holds `n` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn scores(q: &[f32], k: &[half::f16], scale: f32, scores: &mut [f32]) {
-    let d = q.len();
-    assert!(d.is_multiple_of(8) && k.len() >= scores.len() * d);
-    let (q, k) = (q.as_ptr(), k.as_ptr());
-    let n = scores.len();
-    let mut p = 0;
-    while p + 4 <= n {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for c in (0..d).step_by(8) {
-            let qv = _mm256_loadu_ps(q.add(c));
-            for (j, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(qv, load_f16(k, (p + j) * d + c), *acc);
-            }
-        }
-        // Horizontal sums of the four accumulators in one vector.
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        _mm_storeu_ps(scores.as_mut_ptr().add(p), _mm_mul_ps(s, _mm_set1_ps(scale)));
-        p += 4;
-    }
-    while p < n {
-        let mut acc = _mm256_setzero_ps();
-        for c in (0..d).step_by(8) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), load_f16(k, p * d + c), acc);
-        }
-        scores[p] = hsum(acc) * scale;
-        p += 1;
+pub unsafe fn scores(q: &[f32], d: usize, k: &[half::f16], scale: f32, scores: &mut [f32]) {
+    assert!(d.is_multiple_of(8) && q.len().is_multiple_of(d));
+    let heads = q.len() / d;
+    let n = scores.len() / heads;
+    assert!(scores.len() == heads * n && k.len() >= n * d);
+    let mut h = 0;
+    while h < heads {
+        let (qh, out) = (q.as_ptr().add(h * d), scores.as_mut_ptr().add(h * n));
+        h += match heads - h {
+            1 => scores_heads::<1>(qh, d, k.as_ptr(), n, scale, out),
+            2 => scores_heads::<2>(qh, d, k.as_ptr(), n, scale, out),
+            _ => scores_heads::<HEADS>(qh, d, k.as_ptr(), n, scale, out),
+        };
     }
 }
 
-/// `out = Σ_p probs[p] · V[p]` for rows of `out.len()` values (a multiple of
-/// 8), the output kept in registers 64 values at a time.
-///
-/// # Safety
-/// The CPU has AVX2, FMA and F16C; `out.len()` is a multiple of 8; `v` holds
-/// `probs.len()` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn weighted_sum(probs: &[f32], v: &[half::f16], out: &mut [f32]) {
-    const W: usize = 8;
-    let d = out.len();
-    assert!(d.is_multiple_of(8) && v.len() >= probs.len() * d);
-    let v = v.as_ptr();
-    for c0 in (0..d).step_by(8 * W) {
-        let width = (d - c0).min(8 * W) / 8;
-        let mut acc = [_mm256_setzero_ps(); W];
-        for (p, &pr) in probs.iter().enumerate() {
-            let pv = _mm256_set1_ps(pr);
-            let row = v.add(p * d + c0);
-            for (j, acc) in acc.iter_mut().enumerate().take(width) {
-                *acc = _mm256_fmadd_ps(pv, load_f16(row, 8 * j), *acc);
+#[inline]
+unsafe fn scores_heads<const G: usize>(q: *const f32, d: usize, k: *const half::f16, n: usize, scale: f32, out: *mut f32) -> usize {
+    let mut p = 0;
+    while p + 4 <= n {
+        let mut acc = [[_mm256_setzero_ps(); 4]; G];
+        for c in (0..d).step_by(8) {
+            for j in 0..4 {
+                let kv = load_f16(k, (p + j) * d + c);
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), kv, acc[j]);
+                }
             }
         }
-        for (j, acc) in acc.iter().enumerate().take(width) {
-            _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * j), *acc);
+        for (g, acc) in acc.iter().enumerate() {
+            // Horizontal sums of the four accumulators in one vector.
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            _mm_storeu_ps(out.add(g * n + p), _mm_mul_ps(s, _mm_set1_ps(scale)));
+        }
+        p += 4;
+    }
+    while p < n {
+        let mut acc = [_mm256_setzero_ps(); G];
+        for c in (0..d).step_by(8) {
+            let kv = load_f16(k, p * d + c);
+            for (g, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), kv, *acc);
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            *out.add(g * n + p) = hsum(*acc) * scale;
+        }
+        p += 1;
+    }
+    G
+}
+
+/// `out[i] = Σ_p probs[i][p] · V[p]` for the `heads = out.len() / d` rows of
+/// `probs` (`[heads, n]`) and `out` (`[heads, d]`, `d` a multiple of 8), the
+/// outputs kept in registers a column block at a time. Each value is one
+/// chain of products over `p` in order, whatever the heads or block width.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `d` is a multiple of 8; `v` holds `n` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [f32]) {
+    assert!(d.is_multiple_of(8) && out.len().is_multiple_of(d));
+    let heads = out.len() / d;
+    let n = probs.len() / heads;
+    assert!(probs.len() == heads * n && v.len() >= n * d);
+    let mut h = 0;
+    while h < heads {
+        let (pr, o) = (probs.as_ptr().add(h * n), out.as_mut_ptr().add(h * d));
+        h += match heads - h {
+            1 => weighted_heads::<1, 8>(pr, n, v.as_ptr(), d, o),
+            2 => weighted_heads::<2, 4>(pr, n, v.as_ptr(), d, o),
+            _ => weighted_heads::<HEADS, 4>(pr, n, v.as_ptr(), d, o),
+        };
+    }
+}
+
+/// [`weighted_sum`] for `G` heads, `W` vectors of columns at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn weighted_heads<const G: usize, const W: usize>(
+    probs: *const f32,
+    n: usize,
+    v: *const half::f16,
+    d: usize,
+    out: *mut f32,
+) -> usize {
+    for c0 in (0..d).step_by(8 * W) {
+        let width = (d - c0).min(8 * W) / 8;
+        let mut acc = [[_mm256_setzero_ps(); W]; G];
+        for p in 0..n {
+            let pv: [__m256; G] = std::array::from_fn(|g| _mm256_set1_ps(*probs.add(g * n + p)));
+            let row = v.add(p * d + c0);
+            for j in 0..width {
+                let x = load_f16(row, 8 * j);
+                for g in 0..G {
+                    acc[g][j] = _mm256_fmadd_ps(pv[g], x, acc[g][j]);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            for (j, acc) in acc.iter().enumerate().take(width) {
+                _mm256_storeu_ps(out.add(g * d + c0 + 8 * j), *acc);
+            }
         }
     }
+    G
 }
 
 /// Dot product of two f16 rows (weights and f16-rounded activations), in

@@ -399,15 +399,20 @@ fn f16_dot(simd: bool) -> Option<DotFn> {
     None
 }
 
-/// Attention scores `out[p] = scale · q · K[p]` for the rows of `k`, on this CPU's fastest path.
-pub(crate) fn attention_scores(q: &[f32], k: &[half::f16], scale: f32, out: &mut [f32]) {
+/// Attention scores `out[i][p] = scale · q_i · K[p]` of the query heads in
+/// `q` (`[heads, d]`) against the rows of `k`; `out` is `[heads, n]`. On
+/// this CPU's fastest path, which reads each cache row once for all heads.
+pub(crate) fn attention_scores(q: &[f32], d: usize, k: &[half::f16], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd_available() && q.len().is_multiple_of(8) {
-        // SAFETY: checked above; `k` holds out.len() rows (asserted inside).
-        return unsafe { avx2::scores(q, k, scale, out) };
+    if simd_available() && d.is_multiple_of(8) {
+        // SAFETY: checked above; the shapes are asserted inside.
+        return unsafe { avx2::scores(q, d, k, scale, out) };
     }
-    for (s, kr) in out.iter_mut().zip(k.chunks_exact(q.len())) {
-        *s = ops::dot(q, kr) * scale;
+    let n = out.len() / (q.len() / d);
+    for (qh, out) in q.chunks_exact(d).zip(out.chunks_exact_mut(n)) {
+        for (s, kr) in out.iter_mut().zip(k.chunks_exact(d)) {
+            *s = ops::dot(qh, kr) * scale;
+        }
     }
 }
 
@@ -444,17 +449,21 @@ vectorized! {
     rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]);
 }
 
-/// `out = Σ_p probs[p] · V[p]`, on this CPU's fastest path.
-pub(crate) fn weighted_sum(probs: &[f32], v: &[half::f16], out: &mut [f32]) {
+/// `out[i] = Σ_p probs[i][p] · V[p]` for the heads of `probs` (`[heads, n]`)
+/// and `out` (`[heads, d]`), on this CPU's fastest path.
+pub(crate) fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd_available() && out.len().is_multiple_of(8) {
-        // SAFETY: checked above; `v` holds probs.len() rows (asserted inside).
-        return unsafe { avx2::weighted_sum(probs, v, out) };
+    if simd_available() && d.is_multiple_of(8) {
+        // SAFETY: checked above; the shapes are asserted inside.
+        return unsafe { avx2::weighted_sum(probs, d, v, out) };
     }
+    let n = probs.len() / (out.len() / d);
     out.fill(0.0);
-    for (&p, vr) in probs.iter().zip(v.chunks_exact(out.len())) {
-        for (o, &x) in out.iter_mut().zip(vr) {
-            *o += p * x.to_f32();
+    for (probs, out) in probs.chunks_exact(n).zip(out.chunks_exact_mut(d)) {
+        for (&p, vr) in probs.iter().zip(v.chunks_exact(d)) {
+            for (o, &x) in out.iter_mut().zip(vr) {
+                *o += p * x.to_f32();
+            }
         }
     }
 }
@@ -793,42 +802,59 @@ fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mu
     for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
         *p = SendPtr(o.as_mut_ptr());
     }
-    // Tiles are handed out from a shared counter, a few at a time, rather
-    // than split evenly up front: on a shared machine one core is often
-    // slower than the other, and an even split then waits for it.
     let mut tiles = [0usize; MAX_MATS];
     for (t, m) in tiles.iter_mut().zip(mats) {
         *t = m.rows.div_ceil(TILE_ROWS);
     }
     let total: usize = tiles.iter().sum();
-    let claim = (total / (pool.threads() * 8)).max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let n = acts.rows;
-    pool.run(&|_| loop {
-        let first = next.fetch_add(claim, std::sync::atomic::Ordering::Relaxed);
-        if first >= total {
-            break;
-        }
-        for index in first..(first + claim).min(total) {
-            let (mut mat, mut tile) = (0, index);
-            while tile >= tiles[mat] {
-                tile -= tiles[mat];
-                mat += 1;
-            }
-            let (m, out) = (mats[mat], ptrs[mat]);
-            let (start, end) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(m.rows));
-            let mut i = 0;
-            while i < n {
-                let k = (n - i).min(m.act_rows_per_call());
-                let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
-                // SAFETY: rows start..end of the matrix are this claim's alone.
-                let o: [OutPtr; GROUP_KERNEL_ROWS] =
-                    std::array::from_fn(|j| SendPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
-                m.gemm_rows(start, end, &a[..k], &o[..k]);
-                i += k;
+    pool.run(&|_| {
+        while let Some(claimed) = guided_claim(&next, total, pool.threads()) {
+            for index in claimed {
+                let (mut mat, mut tile) = (0, index);
+                while tile >= tiles[mat] {
+                    tile -= tiles[mat];
+                    mat += 1;
+                }
+                let (m, out) = (mats[mat], ptrs[mat]);
+                let (start, end) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(m.rows));
+                let mut i = 0;
+                while i < n {
+                    let k = (n - i).min(m.act_rows_per_call());
+                    let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
+                    // SAFETY: rows start..end of the matrix are this claim's alone.
+                    let o: [OutPtr; GROUP_KERNEL_ROWS] =
+                        std::array::from_fn(|j| SendPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
+                    m.gemm_rows(start, end, &a[..k], &o[..k]);
+                    i += k;
+                }
             }
         }
     });
+}
+
+/// The next tiles for one thread out of `0..total`, or `None` when all are taken.
+///
+/// Tiles are handed out from a shared counter rather than split evenly up
+/// front: on a shared machine one core is often slower than the other, and
+/// an even split then waits for it. Claims shrink with the work left (a
+/// share of it per thread, then single tiles), so the threads finish within
+/// about one tile of each other while the counter is touched only a few
+/// times per thread and region.
+fn guided_claim(next: &std::sync::atomic::AtomicUsize, total: usize, threads: usize) -> Option<std::ops::Range<usize>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut first = next.load(Relaxed);
+    loop {
+        if first >= total {
+            return None;
+        }
+        let end = first + ((total - first) / (2 * threads)).max(1);
+        match next.compare_exchange_weak(first, end, Relaxed, Relaxed) {
+            Ok(_) => return Some(first..end),
+            Err(seen) => first = seen,
+        }
+    }
 }
 
 #[cfg(test)]

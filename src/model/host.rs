@@ -138,8 +138,7 @@ impl Block {
         let caches: &[&mut KvCache] = caches;
         let q = &s.q;
         // One task per row and K/V head: the query heads sharing a K/V head
-        // run one after another on one thread, so their cache rows are read
-        // from memory once and from cache after.
+        // go through the kernels together, which read each cache row once.
         let tasks = rows * nkv;
         let group = nh / nkv;
         let pool = kernels::pool();
@@ -158,13 +157,10 @@ impl Block {
                 let cache = &caches[seg];
                 let kv = cache.host_layer(layer).expect("host caches only");
                 let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: cache.capacity() };
-                let row = g.start + i;
-                for h in j * group..(j + 1) * group {
-                    let qh = &q[row * q_dim + h * hd..][..hd];
-                    // SAFETY: head h of row `row` is written by this task only.
-                    let out = unsafe { att.slice(row * q_dim + h * hd, hd) };
-                    ops::attend(shape, qh, &kv.k, &kv.v, g.pos + i, h, out);
-                }
+                let (row, heads) = (g.start + i, j * group * hd..(j + 1) * group * hd);
+                // SAFETY: these heads of row `row` are written by this task only.
+                let out = unsafe { att.slice(row * q_dim + heads.start, heads.len()) };
+                ops::attend(shape, &q[row * q_dim..][heads], &kv.k, &kv.v, g.pos + i, j, out);
                 task += threads;
             }
         });

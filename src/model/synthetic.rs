@@ -114,8 +114,9 @@ impl SyntheticModel {
             .iter()
             .find(|s| s.name == shape)
             .ok_or_else(|| Error::InvalidRequest(format!("unknown synthetic shape '{shape}' (known: {})", names.join(", "))))?;
-        let dtype = super::gguf::weight_type_by_name(quant)
-            .ok_or_else(|| Error::InvalidRequest(format!("unknown synthetic weight type '{quant}' ({})", super::gguf::WEIGHT_TYPE_NAMES)))?;
+        let dtype = super::gguf::weight_type_by_name(quant).ok_or_else(|| {
+            Error::InvalidRequest(format!("unknown synthetic weight type '{quant}' ({})", super::gguf::WEIGHT_TYPE_NAMES))
+        })?;
         let config = Config {
             arch: arch::by_gguf_name("llama")?,
             n_layers: s.layers,
