@@ -11,6 +11,29 @@ use half::f16;
 /// Values per block of every type here.
 pub const QK: usize = 32;
 
+/// Weight types with our own kernels. The discriminant selects the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WeightType {
+    Q4_0 = 0,
+    Q4_1 = 1,
+    Q5_0 = 2,
+    Q5_1 = 3,
+    Q8_0 = 4,
+}
+
+impl WeightType {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => size_of::<BlockQ4_0>(),
+            Self::Q4_1 => size_of::<BlockQ4_1>(),
+            Self::Q5_0 => size_of::<BlockQ5_0>(),
+            Self::Q5_1 => size_of::<BlockQ5_1>(),
+            Self::Q8_0 => size_of::<BlockQ8_0>(),
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct BlockQ4_0 {

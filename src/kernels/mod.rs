@@ -17,6 +17,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod blocks;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod ops;
 pub mod pool;
 mod repack;
@@ -27,7 +29,8 @@ use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, B
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
-use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8, BlockQ8_0, QK};
+pub use blocks::WeightType;
+use blocks::{BlockQ8, QK};
 pub use pool::{pool, set_threads};
 
 /// K-quant types with our AVX2 kernel. The discriminant selects it.
@@ -37,17 +40,6 @@ enum KQuant {
     Q4K = 0,
     Q5K = 1,
     Q6K = 2,
-}
-
-/// Weight types with our own kernels. The discriminant selects the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum WeightType {
-    Q4_0 = 0,
-    Q4_1 = 1,
-    Q5_0 = 2,
-    Q5_1 = 3,
-    Q8_0 = 4,
 }
 
 impl WeightType {
@@ -60,16 +52,6 @@ impl WeightType {
             GgmlDType::Q8_0 => Self::Q8_0,
             _ => return None,
         })
-    }
-
-    fn block_bytes(self) -> usize {
-        match self {
-            Self::Q4_0 => size_of::<BlockQ4_0>(),
-            Self::Q4_1 => size_of::<BlockQ4_1>(),
-            Self::Q5_0 => size_of::<BlockQ5_0>(),
-            Self::Q5_1 => size_of::<BlockQ5_1>(),
-            Self::Q8_0 => size_of::<BlockQ8_0>(),
-        }
     }
 }
 
@@ -306,12 +288,12 @@ impl Kernel {
                 return;
             }
         };
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         if simd {
-            // SAFETY: `simd` is only set when the CPU has AVX2, FMA and F16C;
-            // rows hold `cols / 32` blocks of the matrix's type / of BlockQ8;
-            // every output has room for `nrows` values.
-            unsafe { avx2_gemm(own, w, row_bytes, nrows, acts, outs) };
+            // SAFETY: `simd` is only set when the CPU has the kernel's
+            // instructions; rows hold `cols / 32` blocks of the matrix's type
+            // / of BlockQ8; every output has room for `nrows` values.
+            unsafe { simd_gemm(own, w, row_bytes, nrows, acts, outs) };
             return;
         }
         let _ = (simd, cols);
@@ -324,7 +306,7 @@ impl Kernel {
 }
 
 /// Runs `$body` with the const `$t` = the discriminant of weight type `$w`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! with_type {
     ($w:expr, $t:ident => $body:expr) => {
         with_type!(@arms $w, $t, $body; Q4_0 Q4_1 Q5_0 Q5_1 Q8_0)
@@ -339,13 +321,19 @@ macro_rules! with_type {
     };
 }
 
-/// [`avx2::gemm`] for weight type `t`: rows in GGUF's layout.
+/// The row-layout kernel of this CPU's SIMD (`gemm::<T, R>`: rows in GGUF's layout).
 #[cfg(target_arch = "x86_64")]
-unsafe fn avx2_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+use avx2 as row_simd;
+#[cfg(target_arch = "aarch64")]
+use neon as row_simd;
+
+/// [`row_simd`]'s `gemm` for weight type `t`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn simd_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
     let o = |i: usize| outs[i].0;
     let (w, bsize) = (w.as_ptr(), t.block_bytes());
-    with_type!(t, T => with_rows!(acts.len(), R => avx2::gemm::<T, R>(w, row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4))
+    with_type!(t, T => with_rows!(acts.len(), R => row_simd::gemm::<T, R>(w, row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4))
 }
 
 /// [`avx2::gemm_groups`] for weight type `t`.
@@ -468,6 +456,8 @@ pub(crate) fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [
     }
 }
 
+/// Whether this CPU runs our SIMD kernels: AVX2 + FMA + F16C on x86-64
+/// (detected once), NEON on aarch64 (always there).
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -476,16 +466,16 @@ fn simd_available() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        cfg!(target_arch = "aarch64")
     }
 }
 
 /// The name of the instruction set the own kernels use on this CPU.
 pub fn isa() -> &'static str {
-    if simd_available() {
-        "avx2"
-    } else {
-        "scalar"
+    match (simd_available(), cfg!(target_arch = "aarch64")) {
+        (true, true) => "neon",
+        (true, false) => "avx2",
+        (false, _) => "scalar",
     }
 }
 
@@ -583,6 +573,10 @@ impl QMatrix {
     /// looked up (an embedding table) is left as stored: no work at load.
     pub fn interleaved(self) -> Self {
         let Kernel::Own { t, simd: true } = self.kernel else { return self };
+        if !cfg!(target_arch = "x86_64") {
+            // The group kernel is AVX2's; NEON reads GGUF's layout.
+            return self;
+        }
         let grouped = self.rows / repack::ROWS * repack::ROWS;
         if grouped == 0 {
             return self;
@@ -747,6 +741,7 @@ impl QActs {
 }
 
 /// A buffer shared by the pool's threads, which write disjoint parts of it.
+#[derive(Debug)]
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
@@ -766,6 +761,14 @@ impl<T> SendPtr<T> {
     /// the slice lives.
     pub(crate) unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [T] {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
+
+    /// `len` values from `offset` on, to read.
+    ///
+    /// # Safety
+    /// They lie inside the buffer, and no thread writes them while the slice lives.
+    pub(crate) unsafe fn read<'a>(self, offset: usize, len: usize) -> &'a [T] {
+        unsafe { std::slice::from_raw_parts(self.0.add(offset), len) }
     }
 }
 
@@ -809,25 +812,39 @@ fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mu
     let total: usize = tiles.iter().sum();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let n = acts.rows;
+    // Weight rows start..end of matrix `mat` against every activation row.
+    let rows = |mat: usize, start: usize, end: usize| {
+        let (m, out) = (mats[mat], ptrs[mat]);
+        let mut i = 0;
+        while i < n {
+            let k = (n - i).min(m.act_rows_per_call());
+            let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
+            // SAFETY: rows start..end of the matrix are this claim's alone.
+            let o: [OutPtr; GROUP_KERNEL_ROWS] =
+                std::array::from_fn(|j| SendPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
+            m.gemm_rows(start, end, &a[..k], &o[..k]);
+            i += k;
+        }
+    };
     pool.run(&|_| {
         while let Some(claimed) = guided_claim(&next, total, pool.threads()) {
-            for index in claimed {
-                let (mut mat, mut tile) = (0, index);
-                while tile >= tiles[mat] {
-                    tile -= tiles[mat];
-                    mat += 1;
+            // The claim's tiles, matrix by matrix.
+            let mut base = 0;
+            for (mat, &count) in tiles[..mats.len()].iter().enumerate() {
+                let (first, last) = (claimed.start.max(base) - base, claimed.end.min(base + count).saturating_sub(base));
+                base += count;
+                let end = |tile: usize| (tile * TILE_ROWS).min(mats[mat].rows);
+                if first >= last {
+                    continue;
                 }
-                let (m, out) = (mats[mat], ptrs[mat]);
-                let (start, end) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(m.rows));
-                let mut i = 0;
-                while i < n {
-                    let k = (n - i).min(m.act_rows_per_call());
-                    let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
-                    // SAFETY: rows start..end of the matrix are this claim's alone.
-                    let o: [OutPtr; GROUP_KERNEL_ROWS] =
-                        std::array::from_fn(|j| SendPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
-                    m.gemm_rows(start, end, &a[..k], &o[..k]);
-                    i += k;
+                if n <= mats[mat].act_rows_per_call() {
+                    // One pass over the weights (a decode step): the claim's
+                    // tiles in one call, which pays the call's setup once.
+                    rows(mat, first * TILE_ROWS, end(last));
+                } else {
+                    // Several passes (prefill): tile by tile, so that a tile
+                    // stays in L1 while every group of activation rows passes.
+                    (first..last).for_each(|t| rows(mat, t * TILE_ROWS, end(t + 1)));
                 }
             }
         }

@@ -155,6 +155,35 @@ impl Drop for Pool {
     }
 }
 
+/// A one-use barrier inside one [`Pool::run`] job: a thread's `wait`
+/// returns once every thread of the job has called it. Every thread of a
+/// job runs it, so a job in two phases (the second reading what all threads
+/// wrote in the first) needs one region instead of two.
+pub struct Barrier {
+    arrived: AtomicUsize,
+    threads: usize,
+}
+
+impl Barrier {
+    pub fn new(pool: &Pool) -> Self {
+        Self { arrived: AtomicUsize::new(0), threads: pool.threads }
+    }
+
+    pub fn wait(&self) {
+        // Release: this thread's first-phase writes; Acquire: everyone else's.
+        self.arrived.fetch_add(1, Ordering::AcqRel);
+        let mut spins = 0u32;
+        while self.arrived.load(Ordering::Acquire) < self.threads {
+            spins += 1;
+            if spins < 1 << 16 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 static POOL: OnceLock<Pool> = OnceLock::new();
 
@@ -177,6 +206,21 @@ pub fn pool() -> &'static Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_barrier_holds_every_thread_until_all_arrive() {
+        let pool = Pool::new(3);
+        for _ in 0..100 {
+            let (barrier, before) = (Barrier::new(&pool), AtomicUsize::new(0));
+            let seen: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(&|i| {
+                before.fetch_add(1, Ordering::Relaxed);
+                barrier.wait();
+                seen[i].store(before.load(Ordering::Relaxed), Ordering::Relaxed);
+            });
+            assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 3));
+        }
+    }
 
     #[test]
     fn every_index_runs_once_per_job_across_parks() {

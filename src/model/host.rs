@@ -13,6 +13,7 @@
 //! the same tokens alone or batched.
 
 use candle_core::{Device, Tensor};
+use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::block::Block;
@@ -51,6 +52,16 @@ pub struct Scratch {
     tmp: Vec<f32>,
     logits: Vec<f32>,
     acts: QActs,
+    /// The batch items' cache buffers for the layer being run (empty between calls).
+    kv: Vec<CacheLayer>,
+}
+
+/// One item's K and V buffers of one layer (`[n_kv_heads, capacity, head_dim]`).
+#[derive(Debug, Clone, Copy)]
+struct CacheLayer {
+    k: kernels::SendPtr<f16>,
+    v: kernels::SendPtr<f16>,
+    capacity: usize,
 }
 
 /// Where an item's rows sit in the batch and where its cache stands.
@@ -59,6 +70,21 @@ struct Seg {
     start: usize,
     len: usize,
     pos: usize,
+}
+
+/// `task(item, row within the item, K/V head)` for this thread's share
+/// (every `threads`-th, from `thread`) of the batch's rows × K/V heads.
+fn for_each_task(segs: &[Seg], nkv: usize, thread: usize, threads: usize, mut task: impl FnMut(usize, usize, usize)) {
+    let (mut index, mut seg, mut first) = (thread, 0, 0);
+    while seg < segs.len() {
+        if index >= first + segs[seg].len * nkv {
+            first += segs[seg].len * nkv;
+            seg += 1;
+            continue;
+        }
+        task(seg, (index - first) / nkv, (index - first) % nkv);
+        index += threads;
+    }
 }
 
 fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -117,53 +143,52 @@ impl Block {
         let norm = |r: usize, row: &mut [f32]| self.attn_norm.forward_host(&h[r * hidden..(r + 1) * hidden], row);
         project(&mut s.acts, xn, Some(&norm), &[wq, wk, wv], &mut [q, k, v]);
 
-        for (g, cache) in segs.iter().zip(caches.iter_mut()) {
-            let (q, k) = (&mut s.q[g.start * q_dim..(g.start + g.len) * q_dim], &mut s.k[g.start * kv_dim..(g.start + g.len) * kv_dim]);
-            rope.apply_host(q, nh, hd, g.pos);
-            rope.apply_host(k, nkv, hd, g.pos);
-            let cap = cache.capacity();
+        // Each item's cache buffers, shared by the tasks below, which write
+        // disjoint rows of them (phase one) and then only read (phase two).
+        s.kv.clear();
+        for cache in caches.iter_mut() {
+            let capacity = cache.capacity();
             let kv = cache.host_layer_mut(layer).expect("host caches only (checked by the caller)");
-            for i in 0..g.len {
-                for j in 0..nkv {
-                    let src = (g.start + i) * kv_dim + j * hd;
-                    let dst = (j * cap + g.pos + i) * hd;
-                    kv.k[dst..dst + hd].convert_from_f32_slice(&s.k[src..src + hd]);
-                    kv.v[dst..dst + hd].convert_from_f32_slice(&s.v[src..src + hd]);
-                }
-            }
+            s.kv.push(CacheLayer { k: kernels::SendPtr(kv.k.as_mut_ptr()), v: kernels::SendPtr(kv.v.as_mut_ptr()), capacity });
         }
-
-        // Shared by the attention tasks, which write disjoint heads.
+        let (qp, kp) = (kernels::SendPtr(s.q.as_mut_ptr()), kernels::SendPtr(s.k.as_mut_ptr()));
         let att = kernels::SendPtr(sized(&mut s.att, rows * q_dim).as_mut_ptr());
-        let caches: &[&mut KvCache] = caches;
-        let q = &s.q;
-        // One task per row and K/V head: the query heads sharing a K/V head
-        // go through the kernels together, which read each cache row once.
-        let tasks = rows * nkv;
+        let (v, kv_bufs) = (&s.v, &s.kv);
+        // One task per row and K/V head, in two phases of one parallel
+        // region: rotate the row's heads and append its K/V to the cache,
+        // then (once every task has, so a prefill row sees the rows before
+        // it) attend. The query heads sharing a K/V head go through the
+        // kernels together, which read each cache row once.
         let group = nh / nkv;
         let pool = kernels::pool();
-        let threads = pool.threads();
+        let barrier = kernels::pool::Barrier::new(pool);
         pool.run(&|t| {
-            let mut task = t;
-            let mut seg = 0;
-            let mut seg_first_task = 0;
-            while task < tasks {
-                while task >= seg_first_task + segs[seg].len * nkv {
-                    seg_first_task += segs[seg].len * nkv;
-                    seg += 1;
-                }
-                let g = segs[seg];
-                let (i, j) = ((task - seg_first_task) / nkv, (task - seg_first_task) % nkv);
-                let cache = &caches[seg];
-                let kv = cache.host_layer(layer).expect("host caches only");
-                let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: cache.capacity() };
+            for_each_task(segs, nkv, t, pool.threads(), |seg, i, j| {
+                let (g, c) = (segs[seg], kv_bufs[seg]);
+                let (row, p) = (g.start + i, g.pos + i);
+                // SAFETY: the heads of K/V head j in row `row`, and cache row p
+                // of head j, are this task's alone.
+                let (q, k) = unsafe { (qp.slice(row * q_dim + j * group * hd, group * hd), kp.slice(row * kv_dim + j * hd, hd)) };
+                rope.apply_host(q, group, hd, p);
+                rope.apply_host(k, 1, hd, p);
+                let dst = (j * c.capacity + p) * hd;
+                unsafe { c.k.slice(dst, hd) }.convert_from_f32_slice(k);
+                unsafe { c.v.slice(dst, hd) }.convert_from_f32_slice(&v[row * kv_dim + j * hd..][..hd]);
+            });
+            barrier.wait();
+            for_each_task(segs, nkv, t, pool.threads(), |seg, i, j| {
+                let (g, c) = (segs[seg], kv_bufs[seg]);
+                let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity };
                 let (row, heads) = (g.start + i, j * group * hd..(j + 1) * group * hd);
-                // SAFETY: these heads of row `row` are written by this task only.
+                let len = nkv * c.capacity * hd;
+                // SAFETY: nothing writes the caches or q in this phase; these
+                // heads of row `row` are written by this task only.
+                let (k, v, q) = unsafe { (c.k.read(0, len), c.v.read(0, len), qp.read(row * q_dim + heads.start, heads.len())) };
                 let out = unsafe { att.slice(row * q_dim + heads.start, heads.len()) };
-                ops::attend(shape, &q[row * q_dim..][heads], &kv.k, &kv.v, g.pos + i, j, out);
-                task += threads;
-            }
+                ops::attend(shape, q, k, v, g.pos + i, j, out);
+            });
         });
+        s.kv.clear();
 
         let tmp = sized(&mut s.tmp, rows * hidden);
         project(&mut s.acts, &mut s.att[..rows * q_dim], None, &[&self.o], &mut [tmp]);
