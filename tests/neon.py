@@ -6,7 +6,7 @@ Usage: python3 tests/neon.py HARNESS_ELF [SEED]
 HARNESS_ELF is tests/neon/lib.rs built for aarch64 and linked statically
 (tests/neon.rs does both). Each weight type gets fresh random blocks and
 activations (the seed is printed); activations are quantized by sollol's
-own quantizer on the emulated CPU. Checked, for 1 to 4 activation rows:
+own quantizer on the emulated CPU. Checked, for 1 to 4 activation rows, with and without `sdot`:
   * NEON vs the scalar reference: float summation order only
     (|Δ| ≤ 1e-5 · Σ|w·a| + 1e-6, the bound the x86 kernels are held to);
   * NEON vs f64 over the same 8-bit values and scales (the same bound);
@@ -43,6 +43,8 @@ class Emulated:
         elf = open(path, "rb").read()
         assert elf[:4] == b"\x7fELF" and struct.unpack_from("<H", elf, 18)[0] == 183, f"{path}: not an aarch64 ELF"
         self.uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+        # The "max" model: every extension QEMU knows, the dot product among them.
+        self.uc.ctl_set_cpu_model(A.UC_CPU_ARM64_MAX)
         phoff, shoff = struct.unpack_from("<QQ", elf, 32)
         phentsize, phnum, shentsize, shnum, shstrndx = struct.unpack_from("<HHHHH", elf, 54)
         for i in range(phnum):
@@ -148,25 +150,28 @@ def main():
             mag = sum(abs(d[k] * a_d) * (np.abs(q[k]) @ np.abs(a_q)) + abs(m[k] * a_s) for k, (a_d, a_s, a_q) in zip(range(j * nb, (j + 1) * nb), a))
             return float(sum(terms)), float(mag)
 
-        alone = None
-        for r in range(1, n_acts + 1):
+        for dotprod, r in [(dotprod, r) for dotprod in (0, 1) for r in range(1, n_acts + 1)]:
+            variant = ("neon", "sdot")[dotprod]
+            if r == 1:
+                alone = None
             outs = [emu.alloc(bytes(4 * rows)) for _ in range(r)]
             status, _ = emu.call(
                 "sollol_neon_gemm",
                 t,
                 r,
+                dotprod,
                 w_addr,
                 nb * bsize,
                 rows,
                 emu.alloc(struct.pack(f"<{r}Q", *act_addrs[:r])),
                 emu.alloc(struct.pack(f"<{r}Q", *outs)),
             )
-            assert status == 0, f"{name}: the harness refused {r} rows"
+            assert status == 0, f"{name} {variant}: the harness refused {r} rows"
             got = np.array([struct.unpack(f"<{rows}f", emu.read(o, 4 * rows)) for o in outs])
             if alone is None:
                 alone = got[0].copy()
             elif not np.array_equal(got[0], alone):
-                failures.append(f"{name}: row 0 batched with {r - 1} others gave {got[0]}, alone {alone}")
+                failures.append(f"{name} {variant}: row 0 batched with {r - 1} others gave {got[0]}, alone {alone}")
             for i in range(r):
                 for j in range(rows):
                     _, scalar = emu.call("sollol_scalar_dot", t, w_addr + j * nb * bsize, act_addrs[i], nb)
@@ -174,10 +179,10 @@ def main():
                     bound = 1e-5 * mag + 1e-6
                     g = float(got[i, j])
                     if abs(g - scalar) > bound:
-                        failures.append(f"{name} rows {r} act {i} weight row {j}: neon {g} scalar {scalar}")
+                        failures.append(f"{name} {variant} rows {r} act {i} weight row {j}: {g} scalar {scalar}")
                     if abs(g - exact) > bound:
-                        failures.append(f"{name} rows {r} act {i} weight row {j}: neon {g} f64 {exact}")
-        print(f"{name}: {rows} weight rows x {n_acts} activation rows checked")
+                        failures.append(f"{name} {variant} rows {r} act {i} weight row {j}: {g} f64 {exact}")
+        print(f"{name}: {rows} weight rows x 1..{n_acts} activation rows, neon and sdot, checked")
     if failures:
         print("\n".join(failures[:20]))
         counts = {name: sum(f.startswith(name) for f in failures) for name, *_ in TYPES}

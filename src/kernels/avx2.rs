@@ -421,6 +421,7 @@ pub unsafe fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [
 /// [`weighted_sum`] for `G` heads, `W` vectors of columns at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+#[allow(clippy::needless_range_loop)] // `j` indexes the value row and every head's accumulators
 unsafe fn weighted_heads<const G: usize, const W: usize>(
     probs: *const f32,
     n: usize,

@@ -48,6 +48,8 @@ pub struct Layout {
     /// Bits per value as the kernel unpacks them: 4, 5 or 8.
     pub bits: u32,
     /// What the activation sum is multiplied by to undo an unsigned offset.
+    // Read by the AVX2 group kernel only (nothing is interleaved elsewhere).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub offset: i32,
 }
 

@@ -41,7 +41,9 @@ fn weight_type(t: u8) -> Option<WeightType> {
     [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q5_1, WeightType::Q8_0].into_iter().find(|w| *w as u8 == t)
 }
 
-/// `neon::gemm` for weight type `t` and `r` activation rows; 0 on success.
+/// `neon::gemm_neon` (`dotprod` 0) or `neon::gemm_dotprod` (1) for weight
+/// type `t` and `r` activation rows; 0 on success. (`neon::gemm` chooses
+/// between them by asking the OS, which the emulator has none of.)
 ///
 /// # Safety
 /// As `neon::gemm`; `acts` and `outs` hold `r` pointers.
@@ -49,6 +51,7 @@ fn weight_type(t: u8) -> Option<WeightType> {
 pub unsafe extern "C" fn sollol_neon_gemm(
     t: u8,
     r: usize,
+    dotprod: u32,
     w: *const u8,
     row_bytes: usize,
     nrows: usize,
@@ -56,14 +59,14 @@ pub unsafe extern "C" fn sollol_neon_gemm(
     outs: *const *mut f32,
 ) -> u32 {
     let Some(bsize) = weight_type(t).map(WeightType::block_bytes) else { return 1 };
-    with_type_rows!(t, r, T, R => neon::gemm::<T, R>(
-        w,
-        row_bytes,
-        nrows,
-        bsize,
-        std::array::from_fn(|i| *acts.add(i)),
-        std::array::from_fn(|i| *outs.add(i)),
-    ));
+    with_type_rows!(t, r, T, R => {
+        let (a, o) = (std::array::from_fn(|i| *acts.add(i)), std::array::from_fn(|i| *outs.add(i)));
+        if dotprod != 0 {
+            neon::gemm_dotprod::<T, R>(w, row_bytes, nrows, bsize, a, o)
+        } else {
+            neon::gemm_neon::<T, R>(w, row_bytes, nrows, bsize, a, o)
+        }
+    });
     0
 }
 
