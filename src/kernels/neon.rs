@@ -135,36 +135,32 @@ pub unsafe fn gemm<const T: u8, const R: usize>(
     }
 }
 
-/// [`gemm`] with `smull`/`sadalp` only (every aarch64 CPU).
-///
-/// # Safety
-/// As [`gemm`].
-#[target_feature(enable = "neon")]
-pub unsafe fn gemm_neon<const T: u8, const R: usize>(
-    w: *const u8,
-    row_bytes: usize,
-    nrows: usize,
-    bsize: usize,
-    a: [*const BlockQ8; R],
-    out: [*mut f32; R],
-) {
-    rows::<T, R, false>(w, row_bytes, nrows, bsize, a, out)
+/// The two variants of [`gemm`], one body ([`rows`]) compiled for each.
+macro_rules! variants {
+    ($($(#[$doc:meta])* $name:ident($features:literal, dot: $dot:literal);)*) => {$(
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As [`gemm`], and the CPU has these features.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name<const T: u8, const R: usize>(
+            w: *const u8,
+            row_bytes: usize,
+            nrows: usize,
+            bsize: usize,
+            a: [*const BlockQ8; R],
+            out: [*mut f32; R],
+        ) {
+            rows::<T, R, $dot>(w, row_bytes, nrows, bsize, a, out)
+        }
+    )*};
 }
 
-/// [`gemm`] with `sdot`.
-///
-/// # Safety
-/// As [`gemm`], and the CPU has the dot-product extension.
-#[target_feature(enable = "neon,dotprod")]
-pub unsafe fn gemm_dotprod<const T: u8, const R: usize>(
-    w: *const u8,
-    row_bytes: usize,
-    nrows: usize,
-    bsize: usize,
-    a: [*const BlockQ8; R],
-    out: [*mut f32; R],
-) {
-    rows::<T, R, true>(w, row_bytes, nrows, bsize, a, out)
+variants! {
+    /// [`gemm`] with `smull`/`sadalp` only (every aarch64 CPU).
+    gemm_neon("neon", dot: false);
+    /// [`gemm`] with `sdot`.
+    gemm_dotprod("neon,dotprod", dot: true);
 }
 
 /// The one body of both variants: each row's float work is the same
