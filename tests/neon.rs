@@ -20,9 +20,12 @@ fn rustc(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("rustc prints UTF-8")
 }
 
-fn run(cmd: &mut Command, what: &str) {
+/// Runs `cmd` to success; its stdout and stderr.
+fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(out.status.success(), "{what} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
 }
 
 #[test]
@@ -64,14 +67,10 @@ fn neon_kernels_match_the_scalar_reference_on_an_emulated_cpu() {
             .arg(target_dir.join(TARGET).join("release/libsollol_neon_harness.a")),
         "linking the harness",
     );
-    let out = Command::new("python3")
-        .arg(root.join("tests/neon.py"))
-        .arg(&elf)
-        .env("PYTHONPATH", common::python_path(&["numpy", "unicorn"]))
-        .output()
-        .expect("running python3");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = run(
+        Command::new("python3").arg(root.join("tests/neon.py")).arg(&elf).env("PYTHONPATH", common::python_path(&["numpy", "unicorn"])),
+        "the emulated NEON kernels' check (tests/neon.py)",
+    );
     println!("{text}");
-    assert!(out.status.success(), "emulated NEON kernels disagree:\n{text}");
     assert!(text.contains("neon kernels ok"), "tests/neon.py did not finish its checks:\n{text}");
 }

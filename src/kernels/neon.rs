@@ -135,7 +135,9 @@ pub unsafe fn gemm<const T: u8, const R: usize>(
     }
 }
 
-/// The two variants of [`gemm`], one body ([`rows`]) compiled for each.
+/// The two variants of [`gemm`]: one body, compiled for each; each row's
+/// float work is the same either way, only the exact integer sums are taken
+/// differently.
 macro_rules! variants {
     ($($(#[$doc:meta])* $name:ident($features:literal, dot: $dot:literal);)*) => {$(
         $(#[$doc])*
@@ -151,7 +153,23 @@ macro_rules! variants {
             a: [*const BlockQ8; R],
             out: [*mut f32; R],
         ) {
-            rows::<T, R, $dot>(w, row_bytes, nrows, bsize, a, out)
+            let nb = row_bytes / bsize;
+            for j in 0..nrows {
+                let row = w.add(j * row_bytes);
+                let mut acc = [vdupq_n_f32(0.0); R];
+                let mut mins = [0f32; R];
+                for b in 0..nb {
+                    let u = unpack::<T>(row.add(b * bsize));
+                    for r in 0..R {
+                        let ab = &*a[r].add(b);
+                        acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(block_dot::<$dot>(&u, ab)), vdupq_n_f32(u.d * ab.d));
+                        mins[r] += u.m * ab.s;
+                    }
+                }
+                for r in 0..R {
+                    *out[r].add(j) = vaddvq_f32(acc[r]) + mins[r];
+                }
+            }
         }
     )*};
 }
@@ -161,34 +179,4 @@ variants! {
     gemm_neon("neon", dot: false);
     /// [`gemm`] with `sdot`.
     gemm_dotprod("neon,dotprod", dot: true);
-}
-
-/// The one body of both variants: each row's float work is the same
-/// either way, only the exact integer sums are taken differently.
-#[inline(always)]
-unsafe fn rows<const T: u8, const R: usize, const DOT: bool>(
-    w: *const u8,
-    row_bytes: usize,
-    nrows: usize,
-    bsize: usize,
-    a: [*const BlockQ8; R],
-    out: [*mut f32; R],
-) {
-    let nb = row_bytes / bsize;
-    for j in 0..nrows {
-        let row = w.add(j * row_bytes);
-        let mut acc = [vdupq_n_f32(0.0); R];
-        let mut mins = [0f32; R];
-        for b in 0..nb {
-            let u = unpack::<T>(row.add(b * bsize));
-            for r in 0..R {
-                let ab = &*a[r].add(b);
-                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(block_dot::<DOT>(&u, ab)), vdupq_n_f32(u.d * ab.d));
-                mins[r] += u.m * ab.s;
-            }
-        }
-        for r in 0..R {
-            *out[r].add(j) = vaddvq_f32(acc[r]) + mins[r];
-        }
-    }
 }

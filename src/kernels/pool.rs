@@ -93,14 +93,21 @@ impl Pool {
             s.wake.notify_all();
         }
         job(0);
-        let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins < 1 << 16 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+        spin_until(|| s.pending.load(Ordering::Acquire) == 0);
+    }
+}
+
+/// Waits for `done` inside a job, whose other threads are running: spinning
+/// (they finish within microseconds), then yielding in case the machine
+/// took their core away.
+fn spin_until(done: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !done() {
+        spins += 1;
+        if spins < 1 << 16 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
         }
     }
 }
@@ -172,15 +179,7 @@ impl Barrier {
     pub fn wait(&self) {
         // Release: this thread's first-phase writes; Acquire: everyone else's.
         self.arrived.fetch_add(1, Ordering::AcqRel);
-        let mut spins = 0u32;
-        while self.arrived.load(Ordering::Acquire) < self.threads {
-            spins += 1;
-            if spins < 1 << 16 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        spin_until(|| self.arrived.load(Ordering::Acquire) == self.threads);
     }
 }
 
