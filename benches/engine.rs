@@ -31,6 +31,8 @@ fn prompt_ids() -> Vec<u32> {
 struct Sides {
     reference: ModelWeights,
     ours: ModelSlice,
+    /// Weight bytes one decode step reads: every block and the LM head.
+    bytes_per_token: u64,
 }
 
 fn default_model() -> std::path::PathBuf {
@@ -48,7 +50,8 @@ fn load_from(path: &Path) -> Sides {
     let mut file = ModelFile::open(path).unwrap();
     let n = file.config().unwrap().n_layers;
     let ours = ModelSlice::load(&mut file, 0..n, &Device::Cpu).unwrap();
-    Sides { reference, ours }
+    let layers = file.layer_bytes().unwrap();
+    Sides { reference, ours, bytes_per_token: layers.blocks.iter().sum::<u64>() + layers.head }
 }
 
 fn ids(t: &[u32]) -> Tensor {
@@ -125,6 +128,8 @@ fn sollol_batched_decode(s: &ModelSlice, sessions: usize) -> f64 {
 fn summary(sides: &mut Sides) {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| sollol::sys::cpu_cores().to_string());
     println!("\nSUMMARY {threads} threads, best of 5 interleaved rounds");
+    // Decode of one session streams the weights: this is its ceiling per byte.
+    println!("memory read bandwidth {:.1} GB/s", sollol::sys::read_bandwidth() / 1e9);
     compare("Q4_1 (as shipped)", sides);
     let dir = tempfile::tempdir().unwrap();
     for (name, dtype) in [("Q4_0", GgmlDType::Q4_0), ("Q8_0", GgmlDType::Q8_0)] {
@@ -156,6 +161,8 @@ fn compare(label: &str, sides: &mut Sides) {
     println!("smollm2 {label}:");
     println!("  prefill {PROMPT} tok: sollol {sp:.1} tok/s, quantized_llama {rp:.1} tok/s, ratio {:.2}", sp / rp);
     println!("  decode {DECODE} tok:  sollol {sd:.1} tok/s, quantized_llama {rd:.1} tok/s, ratio {:.2}", sd / rd);
+    let bytes = sides.bytes_per_token;
+    println!("  decode reads {:.1} MiB per token: {:.1} GB/s", bytes as f64 / 1048576.0, bytes as f64 * sd / 1e9);
 }
 
 /// Peak RSS of `sollol bench --load-only` for the whole model and blocks 10..20.

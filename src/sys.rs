@@ -1,9 +1,15 @@
 //! Facts about this machine and process that nodes report and benchmarks print.
 
-/// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
+/// Peak resident set size of this process in bytes (Linux `VmHWM`), if
+/// known, leaving out [`read_bandwidth`]'s buffer.
 pub fn peak_rss_bytes() -> Option<u64> {
-    proc_status_kb("VmHWM:").map(|kb| kb * 1024)
+    proc_status_kb("VmHWM:").map(|kb| (kb * 1024).max(PEAK_BEFORE_PROBE.load(std::sync::atomic::Ordering::Relaxed)))
 }
+
+/// The peak before the last bandwidth probe, whose buffer is the probe's,
+/// not memory the process needs: the probe resets the kernel's high-water
+/// mark after it, and this keeps what came before.
+static PEAK_BEFORE_PROBE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Current resident set size in bytes (Linux `VmRSS`), if known.
 pub fn rss_bytes() -> Option<u64> {
@@ -28,6 +34,48 @@ pub fn memory_bytes() -> Option<(u64, u64)> {
 
 pub fn cpu_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Bytes per second the compute pool's threads read from memory together:
+/// the ceiling of a batch-of-one decode step, which streams every weight once
+/// and does little arithmetic per byte. Streams a buffer larger than any
+/// cache, each thread its share, best of a few passes.
+pub fn read_bandwidth() -> f64 {
+    const BYTES: usize = 256 << 20;
+    // Ones, not zeros: a zeroed allocation can map every page to one shared
+    // zero page, which would measure the cache instead.
+    if let Some(peak) = peak_rss_bytes() {
+        PEAK_BEFORE_PROBE.fetch_max(peak, std::sync::atomic::Ordering::Relaxed);
+    }
+    let buf = vec![1u64; BYTES / 8];
+    let pool = crate::kernels::pool();
+    let share = buf.len().div_ceil(pool.threads());
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let t = std::time::Instant::now();
+        pool.run(&|i| {
+            let part = &buf[(i * share).min(buf.len())..((i + 1) * share).min(buf.len())];
+            std::hint::black_box(stream_sum(part));
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    drop(buf);
+    // "5" resets VmHWM to the current RSS (Linux ≥ 4.0). Where that fails the
+    // peak keeps the buffer: too high, never too low.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    BYTES as f64 / best
+}
+
+/// A sum the loads cannot skip, in eight independent lanes so the loop waits
+/// on memory rather than on a chain of adds.
+fn stream_sum(x: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    for c in x.chunks_exact(8) {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(*v);
+        }
+    }
+    acc.iter().fold(0, |s, a| s.wrapping_add(*a))
 }
 
 /// Sets the size of candle's CPU thread pool and of our kernels' pool; call

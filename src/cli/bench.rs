@@ -278,6 +278,10 @@ fn report(
     // Every weight but the embedding table is read once per decoded token.
     let layers = opened.file.layer_bytes()?;
     let weight_bytes_per_token = layers.blocks.iter().sum::<u64>() + layers.head;
+    // On a CPU, batch-of-one decode streams those bytes and little else: the
+    // machine's read bandwidth over them is the speed it cannot pass.
+    let bandwidth = opened.device.is_cpu().then(sollol::sys::read_bandwidth);
+    let bound = bandwidth.map(|b| b / weight_bytes_per_token as f64);
     let base_tokens = best.first().map(|m| m.tokens.as_slice()).unwrap_or_default();
     let base_prefill = best.first().map_or(1.0, |m| m.prefill_tok_s);
     let rows: Vec<serde_json::Value> = engines
@@ -307,7 +311,8 @@ fn report(
             "{}",
             serde_json::json!({
                 "model": opened.resolved.name, "device": args.model.device, "threads": threads, "wire": args.wire.to_string(),
-                "weight_bytes_per_token": weight_bytes_per_token, "results": rows,
+                "weight_bytes_per_token": weight_bytes_per_token, "read_bandwidth_bytes_s": bandwidth,
+                "decode_bound_tok_s": bound, "results": rows,
             })
         );
         return Ok(());
@@ -356,10 +361,15 @@ fn report(
             util.join(" "),
         );
     }
-    println!(
-        "weights read per decoded token {} (decode at a memory bandwidth B is bounded by B / this); tokens: greedy tokens vs the first row",
-        human_bytes(weight_bytes_per_token)
-    );
+    let ceiling = match (bandwidth, bound) {
+        (Some(b), Some(bound)) => format!(
+            "; this machine reads {:.1} GB/s with {threads} threads, so one session decodes at most {bound:.1} tok/s (the first row: {:.0}% of that)",
+            b / 1e9,
+            100.0 * base / bound
+        ),
+        _ => String::new(),
+    };
+    println!("weights read per decoded token {}{ceiling}; tokens: greedy tokens vs the first row", human_bytes(weight_bytes_per_token));
     Ok(())
 }
 
