@@ -42,11 +42,11 @@ pub fn cpu_cores() -> usize {
 /// cache, each thread its share, best of a few passes.
 pub fn read_bandwidth() -> f64 {
     const BYTES: usize = 256 << 20;
-    // Ones, not zeros: a zeroed allocation can map every page to one shared
-    // zero page, which would measure the cache instead.
     if let Some(peak) = peak_rss_bytes() {
         PEAK_BEFORE_PROBE.fetch_max(peak, std::sync::atomic::Ordering::Relaxed);
     }
+    // Ones, not zeros: a zeroed allocation can map every page to one shared
+    // zero page, which would measure the cache instead.
     let buf = vec![1u64; BYTES / 8];
     let pool = crate::kernels::pool();
     let share = buf.len().div_ceil(pool.threads());
@@ -138,5 +138,16 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").is_err());
+    }
+
+    /// The probe's 256 MiB buffer is the probe's: the reported peak must not
+    /// grow by it (other tests running beside this one allocate far less).
+    #[test]
+    fn bandwidth_probe_leaves_the_peak_rss_alone() {
+        let Some(before) = peak_rss_bytes() else { return };
+        let bandwidth = read_bandwidth();
+        assert!(bandwidth.is_finite() && bandwidth > 0.0, "{bandwidth}");
+        let after = peak_rss_bytes().unwrap();
+        assert!(after < before + (128 << 20), "peak RSS {before} -> {after} bytes");
     }
 }
