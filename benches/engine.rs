@@ -31,7 +31,6 @@ fn prompt_ids() -> Vec<u32> {
 struct Sides {
     reference: ModelWeights,
     ours: ModelSlice,
-    /// Weight bytes one decode step reads: every block and the LM head.
     bytes_per_token: u64,
 }
 
@@ -50,8 +49,7 @@ fn load_from(path: &Path) -> Sides {
     let mut file = ModelFile::open(path).unwrap();
     let n = file.config().unwrap().n_layers;
     let ours = ModelSlice::load(&mut file, 0..n, &Device::Cpu).unwrap();
-    let layers = file.layer_bytes().unwrap();
-    Sides { reference, ours, bytes_per_token: layers.blocks.iter().sum::<u64>() + layers.head }
+    Sides { reference, ours, bytes_per_token: file.layer_bytes().unwrap().per_token() }
 }
 
 fn ids(t: &[u32]) -> Tensor {

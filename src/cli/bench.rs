@@ -275,9 +275,7 @@ fn report(
     gaps: &[Option<f32>],
 ) -> Result<()> {
     let base = best.first().map_or(1.0, |m| m.decode_tok_s);
-    // Every weight but the embedding table is read once per decoded token.
-    let layers = opened.file.layer_bytes()?;
-    let weight_bytes_per_token = layers.blocks.iter().sum::<u64>() + layers.head;
+    let weight_bytes_per_token = opened.file.layer_bytes()?.per_token();
     // On a CPU, batch-of-one decode streams those bytes and little else: the
     // machine's read bandwidth over them is the speed it cannot pass.
     let bandwidth = opened.device.is_cpu().then(sollol::sys::read_bandwidth);

@@ -316,6 +316,14 @@ pub struct LayerBytes {
     pub tied: bool,
 }
 
+impl LayerBytes {
+    /// Bytes one decode step reads: every block and the LM head (of the
+    /// embedding table only the token's row).
+    pub fn per_token(&self) -> u64 {
+        self.blocks.iter().sum::<u64>() + self.head
+    }
+}
+
 /// Writes `src` to `dst` with every 2-D weight whose rows fit the type's
 /// blocks converted to `dtype` (through f32); norms, biases and anything else
 /// are copied as they are. Returns (converted, kept) tensor counts.
