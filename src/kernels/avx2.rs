@@ -487,7 +487,7 @@ pub unsafe fn dot_f16(n: usize, w: &[half::f16], a: &[half::f16]) -> f32 {
 /// K-quant kernels: weights in 256-value blocks against ggml's Q8_K
 /// activations (one scale per 256 values), so each block's sub-block scales
 /// are applied in integers and one float product is taken per block and
-/// row, as ggml does; one weight block serves up to 4 activation rows.
+/// row, as ggml does; one weight block serves up to 8 activation rows.
 pub mod k {
     use super::*;
     use crate::kernels::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};

@@ -113,7 +113,7 @@ struct GgmlFns {
     quantize: fn(&[f32], &mut [u8]),
     dot: DotFn,
     dequantize: fn(&[u8], &mut [f32]),
-    /// A kernel over weight rows × up to 4 activation rows, where there is
+    /// A kernel over weight rows × up to 8 activation rows, where there is
     /// one (SIMD K-quants); else `dot` per pair.
     gemm: Option<GemmFn>,
 }
@@ -218,10 +218,20 @@ macro_rules! with_rows {
 
 /// Activation rows one call of the row-at-a-time kernels takes.
 const ROW_KERNEL_ROWS: usize = 4;
-/// Activation rows one call of the interleaved kernels takes.
+/// Activation rows one call of the interleaved kernels and of the K-quant
+/// kernel takes: a batched decode step of 8 sessions unpacks each weight
+/// block once.
 const GROUP_KERNEL_ROWS: usize = 8;
 
 impl Kernel {
+    /// Activation rows one call of [`Self::gemm`] takes.
+    fn max_rows(&self) -> usize {
+        match self {
+            Kernel::Ggml(GgmlFns { gemm: Some(_), .. }) => GROUP_KERNEL_ROWS,
+            _ => ROW_KERNEL_ROWS,
+        }
+    }
+
     fn for_type(t: GgmlDType, allow_simd: bool) -> Option<Self> {
         if let Some(own) = WeightType::from_ggml(t) {
             return Some(Kernel::Own { t: own, simd: allow_simd && simd_available() });
@@ -373,7 +383,7 @@ unsafe fn avx2_k_gemm<const T: u8>(w: &[u8], row_bytes: usize, acts: &[&[u8]], o
     let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
     let o = |i: usize| outs[i].0;
     let nrows = w.len() / row_bytes;
-    with_rows!(acts.len(), R => avx2::k::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4)
+    with_rows!(acts.len(), R => avx2::k::gemm::<T, R>(w.as_ptr(), row_bytes, nrows, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
 }
 
 /// Our AVX2+F16C f16 dot product where the CPU has it (candle's is scalar).
@@ -633,7 +643,7 @@ impl QMatrix {
         if self.grouped > 0 {
             GROUP_KERNEL_ROWS
         } else {
-            ROW_KERNEL_ROWS
+            self.kernel.max_rows()
         }
     }
 
@@ -653,9 +663,10 @@ impl QMatrix {
         }
         if grouped_end < end {
             let w = &self.data.bytes()[grouped_end * self.row_bytes..end * self.row_bytes];
-            for (a, o) in acts.chunks(ROW_KERNEL_ROWS).zip(outs.chunks(ROW_KERNEL_ROWS)) {
+            let per_call = self.kernel.max_rows();
+            for (a, o) in acts.chunks(per_call).zip(outs.chunks(per_call)) {
                 // SAFETY (offsets): each output has room for end - start values.
-                let o: [OutPtr; ROW_KERNEL_ROWS] =
+                let o: [OutPtr; GROUP_KERNEL_ROWS] =
                     std::array::from_fn(|i| SendPtr(unsafe { o[i.min(o.len() - 1)].0.add(grouped_end - start) }));
                 self.kernel.gemm(self.cols, w, self.row_bytes, a, &o[..a.len()]);
             }

@@ -127,8 +127,9 @@ fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
     let mut rng = rng();
     for t in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
-        // 37 rows: two 16-row tiles and a tail; 7 activation rows: 4 + 3.
-        let (rows, cols, n) = (37, 768, 7);
+        // 37 rows: two 16-row tiles and a tail; 11 activation rows: the
+        // K-quant kernel takes 8 + 3, candle's dot products (F16) 4 + 4 + 3.
+        let (rows, cols, n) = (37, 768, 11);
         let wf = Tensor::new(random_acts(&mut rng, rows * cols), &dev).unwrap().reshape((rows, cols)).unwrap();
         let q = QTensor::quantize(&wf, t).unwrap();
         let x = random_acts(&mut rng, n * cols);
