@@ -596,6 +596,103 @@ pub mod k {
         std::array::from_fn(|r| hsum(acc[r]))
     }
 
+    /// One 8-row group of an interleaved Q4_K matrix ([`repack::q4k`])
+    /// against `R` activation rows: lane `i` of result `r` is weight row `i`
+    /// · `a[r]`. Per sub-block each row's integer sum ends in its own lane,
+    /// scaled there by that row's 6-bit scale; the minimums' term is eight
+    /// lanes of integer products too, then one float product per block and
+    /// row serves all eight rows. A row's arithmetic is the same for every
+    /// `R`, so its result does not depend on its batch.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
+    unsafe fn group_q4k<const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
+        use repack::q4k::{BYTES, M, QS, SC, TOP};
+        let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        // Each row's (B[2t], B[2t + 1]) pair of sub-block activation sums in every lane.
+        let pair_idx: [__m256i; 4] = std::array::from_fn(|t| _mm256_set1_epi32(t as i32));
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = w.add(b * BYTES);
+            for line in (0..BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(super::PREFETCH * BYTES + line).cast());
+            }
+            // The 6-bit scales and minimums, f = 8 · sub-block + row, one byte each.
+            let load = |o: usize| _mm256_loadu_si256(blk.add(o).cast());
+            let (nsc, nm, top) = (load(SC), load(M), load(TOP));
+            let mut sm = [0u8; 128];
+            let parts = [
+                _mm256_or_si256(_mm256_and_si256(nsc, m4), _mm256_and_si256(_mm256_slli_epi16(top, 4), m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nsc, 4), m4), _mm256_and_si256(_mm256_slli_epi16(top, 2), m30)),
+                _mm256_or_si256(_mm256_and_si256(nm, m4), _mm256_and_si256(top, m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nm, 4), m4), _mm256_and_si256(_mm256_srli_epi16(top, 2), m30)),
+            ];
+            for (k, p) in parts.iter().enumerate() {
+                _mm256_storeu_si256(sm.as_mut_ptr().add(32 * k).cast(), *p);
+            }
+            let eight = |f: usize| _mm_loadl_epi64(sm.as_ptr().add(f).cast());
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for s in 0..8 {
+                // Row i's scale in both 16-bit halves of lane i.
+                let x = eight(8 * s);
+                let sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x));
+                let q = blk.add(QS + 128 * s);
+                let nib: [(__m256i, __m256i); 4] = std::array::from_fn(|k| {
+                    let raw = _mm256_loadu_si256(q.add(32 * k).cast());
+                    (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4))
+                });
+                for r in 0..R {
+                    let qa = (*a[r].add(b)).qs.as_ptr().add(32 * s);
+                    let chunk = |c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(qa.add(4 * c).cast::<i32>()));
+                    let mut s16 = _mm256_setzero_si256();
+                    // Each 16-bit lane gains at most 2 · 15 · 127 per chunk: 8 chunks fit.
+                    for (k, (lo, hi)) in nib.iter().enumerate() {
+                        s16 = _mm256_add_epi16(
+                            s16,
+                            _mm256_add_epi16(_mm256_maddubs_epi16(*lo, chunk(2 * k)), _mm256_maddubs_epi16(*hi, chunk(2 * k + 1))),
+                        );
+                    }
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s16, sc));
+                }
+            }
+            // Row i's minimums of sub-blocks 2t and 2t + 1 as the 16-bit pair of lane i.
+            let mins: [__m256i; 4] =
+                std::array::from_fn(|t| _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(eight(64 + 16 * t), eight(72 + 16 * t))));
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast()));
+            for r in 0..R {
+                let ab = &*a[r].add(b);
+                let bs = _mm256_loadu_si256(ab.bsums.as_ptr().cast());
+                // Sums of each sub-block's 32 activations: at most 32 · 127, an i16.
+                let pairs = _mm256_castsi128_si256(_mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1)));
+                let mut msum = _mm256_setzero_si256();
+                for t in 0..4 {
+                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[t], _mm256_permutevar8x32_epi32(pairs, pair_idx[t])));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, _mm256_set1_ps(-ab.d)), _mm256_cvtepi32_ps(msum), acc[r]);
+            }
+        }
+        acc
+    }
+
+    /// `out[r][8g + i] = W[8g + i] · a[r]` for `groups` consecutive groups of
+    /// an interleaved Q4_K matrix, `nb` blocks per row.
+    ///
+    /// # Safety
+    /// `w` points at `groups` groups of `nb` interleaved blocks, each `a[r]`
+    /// at `nb` Q8_K blocks; each `out[r]` has room for `8 · groups` values;
+    /// the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_groups_q4k<const R: usize>(w: *const u8, nb: usize, groups: usize, a: [*const BlockQ8K; R], out: [*mut f32; R]) {
+        for g in 0..groups {
+            let res = group_q4k::<R>(w.add(g * nb * repack::q4k::BYTES), nb, a);
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].add(repack::ROWS * g), res[r]);
+            }
+        }
+    }
+
     /// `out[r][j] = W[j] · a[r]` for `nrows` weight rows of `row_bytes` bytes.
     ///
     /// # Safety

@@ -10,7 +10,8 @@
 //! Dispatch happens once, when a matrix is built: AVX2+FMA+F16C kernels for
 //! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 where the CPU has them, the scalar
 //! reference otherwise. Q4_K, Q5_K and Q6_K keep ggml's Q8_K activations and get
-//! our multi-row AVX2 kernel where the CPU has it, F16 our AVX2 dot product;
+//! our multi-row AVX2 kernel where the CPU has it (Q4_K interleaved in groups
+//! of eight rows like the types above), F16 our AVX2 dot product;
 //! other GGUF types (and all of these on other CPUs) use candle's per-type
 //! dot products inside the same row-parallel driver.
 
@@ -132,6 +133,15 @@ impl std::fmt::Debug for Kernel {
             Kernel::Ggml(g) => write!(f, "Ggml(acts {:?})", g.act),
         }
     }
+}
+
+/// The layout of an interleaved matrix's groups, by the kernel that reads it.
+#[derive(Debug, Clone, Copy)]
+enum Grouping {
+    /// [`repack`]'s layouts of our block types.
+    Own(WeightType),
+    /// [`repack::q4k`].
+    Q4K,
 }
 
 /// What activation rows a kernel reads; matrices with the same kind share them.
@@ -367,6 +377,27 @@ unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &
     }
 }
 
+/// [`avx2::k::gemm_groups_q4k`].
+///
+/// # Safety
+/// As `avx2::k::gemm_groups_q4k`: `w` starts at whole groups, and the CPU
+/// has AVX2 (interleaved matrices exist only where it does).
+unsafe fn avx2_q4k_groups(w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(w.len() >= groups * nb * repack::q4k::BYTES);
+        let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
+        let o = |i: usize| outs[i].0;
+        let w = w.as_ptr();
+        with_rows!(acts.len(), R => avx2::k::gemm_groups_q4k::<R>(w, nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, nb, groups, acts, outs);
+        unreachable!("interleaved matrices exist only where the SIMD kernels do")
+    }
+}
+
 /// Our multi-row AVX2 kernel for K-quant `T` (over candle's Q8_K
 /// activations), where the CPU has it.
 fn k_gemm<const T: u8>(simd: bool) -> Option<GemmFn> {
@@ -582,11 +613,7 @@ impl QMatrix {
     /// first (dropping the tensor then frees the original). A matrix only
     /// looked up (an embedding table) is left as stored: no work at load.
     pub fn interleaved(self) -> Self {
-        let Kernel::Own { t, simd: true } = self.kernel else { return self };
-        if !cfg!(target_arch = "x86_64") {
-            // The group kernel is AVX2's; NEON reads GGUF's layout.
-            return self;
-        }
+        let Some(grouping) = self.grouping() else { return self };
         let grouped = self.rows / repack::ROWS * repack::ROWS;
         if grouped == 0 {
             return self;
@@ -599,8 +626,24 @@ impl QMatrix {
                 a
             }
         };
-        repack::interleave(t, data.bytes_mut(), self.rows, self.row_bytes);
+        match grouping {
+            Grouping::Own(t) => repack::interleave(t, data.bytes_mut(), self.rows, self.row_bytes),
+            Grouping::Q4K => repack::q4k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
+        }
         Self { grouped, data: Weights::Owned(data), ..self }
+    }
+
+    /// The group layout this matrix takes when interleaved: where there is
+    /// an AVX2 group kernel for its type (NEON reads GGUF's layout).
+    fn grouping(&self) -> Option<Grouping> {
+        if !cfg!(target_arch = "x86_64") {
+            return None;
+        }
+        match self.kernel {
+            Kernel::Own { t, simd: true } => Some(Grouping::Own(t)),
+            Kernel::Ggml(GgmlFns { gemm: Some(_), .. }) if self.dtype == GgmlDType::Q4K => Some(Grouping::Q4K),
+            _ => None,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -625,16 +668,20 @@ impl QMatrix {
         if r >= self.grouped {
             return self.kernel.dequantize(&bytes[r * self.row_bytes..(r + 1) * self.row_bytes], out);
         }
-        let Kernel::Own { t, .. } = self.kernel else { unreachable!("only our kernels' matrices are interleaved") };
+        let grouping = self.grouping().expect("only matrices with a group layout are interleaved");
         let group = &bytes[r / repack::ROWS * repack::ROWS * self.row_bytes..][..repack::ROWS * self.row_bytes];
         // One GGUF block at a time, in an 8-byte-aligned buffer the block structs can view.
-        let mut buf = [0u64; 8];
-        let bsize = t.block_bytes();
-        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            // SAFETY: u64 storage viewed as bytes; bsize ≤ 34 < 64.
+        let mut buf = [0u64; 32];
+        let bsize = self.dtype.type_size();
+        assert!(bsize <= 8 * buf.len());
+        for (b, o) in out.chunks_exact_mut(self.dtype.block_size()).enumerate() {
+            // SAFETY: u64 storage viewed as bytes, within its size (asserted).
             let block = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), bsize) };
-            repack::original_block(t, group, r % repack::ROWS, b, block);
-            own_dequantize(t, block, o);
+            match grouping {
+                Grouping::Own(t) => repack::original_block(t, group, r % repack::ROWS, b, block),
+                Grouping::Q4K => repack::q4k::original_block(group, r % repack::ROWS, b, block),
+            }
+            self.kernel.dequantize(block, o);
         }
     }
 
@@ -654,12 +701,15 @@ impl QMatrix {
         assert!(start.is_multiple_of(repack::ROWS) && end <= self.rows);
         let grouped_end = end.min(self.grouped).max(start);
         if start < grouped_end {
-            let Kernel::Own { t, .. } = self.kernel else { unreachable!("only our kernels' matrices are interleaved") };
             // `grouped` is a multiple of 8, so start..grouped_end is whole groups.
             let w = &self.data.bytes()[start * self.row_bytes..grouped_end * self.row_bytes];
+            let (nb, groups) = (self.cols / self.dtype.block_size(), (grouped_end - start) / repack::ROWS);
             // SAFETY: each output has room for end - start values; the CPU has
             // AVX2 (only then are matrices interleaved).
-            unsafe { avx2_groups(t, w, self.cols / QK, (grouped_end - start) / repack::ROWS, acts, outs) };
+            match self.grouping().expect("only matrices with a group layout are interleaved") {
+                Grouping::Own(t) => unsafe { avx2_groups(t, w, nb, groups, acts, outs) },
+                Grouping::Q4K => unsafe { avx2_q4k_groups(w, nb, groups, acts, outs) },
+            }
         }
         if grouped_end < end {
             let w = &self.data.bytes()[grouped_end * self.row_bytes..end * self.row_bytes];

@@ -26,6 +26,7 @@
 //! `c` is chunk `c` as signed bytes.
 //!
 //! Rows past the last whole group stay in GGUF's layout after the groups.
+//! Q4_K's group blocks, 256 values with sub-block scales, are [`q4k`]'s.
 
 use half::f16;
 
@@ -193,8 +194,17 @@ fn get(l: &Layout, i: usize, blk: &[u8]) -> Values {
 /// of eight interleaved, in place: a group's interleaved blocks fill the
 /// bytes its eight rows held, so only one group at a time is copied aside.
 pub fn interleave(t: WeightType, data: &mut [u8], rows: usize, row_bytes: usize) {
+    let l = layout(t as u8);
+    interleave_with(data, rows, row_bytes, t.block_bytes(), l.bytes, &|i, block, out| put(&l, i, &unpack(t, block), out));
+}
+
+/// `put(i, block, out)`: row `i`'s GGUF block into the zeroed group block `out`.
+type PutRow<'a> = dyn Fn(usize, &[u8], &mut [u8]) + Sync + 'a;
+
+/// [`interleave`] for any layout of GGUF blocks of `bsize` bytes.
+fn interleave_with(data: &mut [u8], rows: usize, row_bytes: usize, bsize: usize, group_block: usize, put: &PutRow<'_>) {
     assert_eq!(data.len(), rows * row_bytes);
-    let (l, bsize) = (layout(t as u8), t.block_bytes());
+    assert_eq!(ROWS * bsize, group_block, "a group block holds its rows' bytes");
     let group_bytes = ROWS * row_bytes;
     let groups = rows / ROWS;
     let base = super::SendPtr(data.as_mut_ptr());
@@ -208,10 +218,10 @@ pub fn interleave(t: WeightType, data: &mut [u8], rows: usize, row_bytes: usize)
             let group = unsafe { base.slice(g * group_bytes, group_bytes) };
             stored.copy_from_slice(group);
             group.fill(0);
-            for (b, blk) in group.chunks_exact_mut(l.bytes).enumerate() {
+            for (b, blk) in group.chunks_exact_mut(group_block).enumerate() {
                 for i in 0..ROWS {
                     let at = i * row_bytes + b * bsize;
-                    put(&l, i, &unpack(t, &stored[at..at + bsize]), blk);
+                    put(i, &stored[at..at + bsize], blk);
                 }
             }
         }
@@ -223,4 +233,115 @@ pub fn interleave(t: WeightType, data: &mut [u8], rows: usize, row_bytes: usize)
 pub fn original_block(t: WeightType, group: &[u8], lane: usize, b: usize, out: &mut [u8]) {
     let l = layout(t as u8);
     pack(t, &get(&l, lane, &group[b * l.bytes..(b + 1) * l.bytes]), out);
+}
+
+/// Q4_K in groups of eight interleaved rows: a group block holds the eight
+/// rows' 256-value blocks in the same 1,152 bytes.
+///
+/// | field | offset | bytes |
+/// |---|---|---|
+/// | `d[8]`, then `dmin[8]`, f16 | 0 | 32 |
+/// | low nibbles of the scales | [`SC`] | 32 |
+/// | low nibbles of the minimums | [`M`] | 32 |
+/// | top two bits of both | [`TOP`] | 32 |
+/// | values | [`QS`] | 1024 |
+///
+/// Scales and minimums are numbered `f = 8 · sub-block + row`. Scale
+/// nibble byte `k` holds scale `k` (low) and `k + 32` (high), minimum
+/// nibble bytes likewise; top-bit byte `k` holds, two bits each from bit 0,
+/// scale `k`, scale `k + 32`, minimum `k`, minimum `k + 32`. Sub-block `s`'s
+/// 32 values take 128 bytes at `QS + 128 s`, laid out as one block of the
+/// 4-bit types' groups (chunk `2j` in the low nibbles of vector `j`, chunk
+/// `2j + 1` in the high ones, row `i`'s four values at bytes `4i..4i + 4`).
+pub mod q4k {
+    use super::super::blocks::BlockQ4K;
+    use super::{read, write, ROWS};
+    use half::f16;
+
+    pub const BYTES: usize = ROWS * size_of::<BlockQ4K>();
+    pub const SC: usize = 32;
+    pub const M: usize = 64;
+    pub const TOP: usize = 96;
+    pub const QS: usize = 128;
+
+    /// ggml's 12-byte packing of eight 6-bit scales and minimums, unpacked.
+    pub fn unpack_scales(p: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+        let sc = std::array::from_fn(|j| if j < 4 { p[j] & 63 } else { (p[j + 4] & 0xF) | ((p[j - 4] >> 6) << 4) });
+        let m = std::array::from_fn(|j| if j < 4 { p[j + 4] & 63 } else { (p[j + 4] >> 4) | ((p[j] >> 6) << 4) });
+        (sc, m)
+    }
+
+    /// The inverse of [`unpack_scales`].
+    pub fn pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+        let mut p = [0u8; 12];
+        for j in 0..4 {
+            p[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+            p[j + 4] = (m[j] & 63) | ((m[j + 4] >> 4) << 6);
+            p[j + 8] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4);
+        }
+        p
+    }
+
+    /// Value `v` (0..256) of a GGUF block: 64 values per 32 bytes, the
+    /// first 32 in the low nibbles.
+    fn value(b: &BlockQ4K, v: usize) -> u8 {
+        (b.qs[32 * (v / 64) + v % 32] >> (4 * ((v / 32) % 2))) & 0xF
+    }
+
+    /// Where value `v` of row `i` sits in a group block, and its nibble's shift.
+    fn at(i: usize, v: usize) -> (usize, u32) {
+        let (s, c, j) = (v / 32, (v % 32) / 4, v % 4);
+        (QS + 128 * s + 32 * (c / 2) + 4 * i + j, 4 * (c % 2) as u32)
+    }
+
+    /// Scale or minimum `f` (`which`: 0 scales, 1 minimums): its nibble's
+    /// byte and shift, and its top bits' shift.
+    fn scale_at(which: usize, f: usize) -> (usize, u32, u32) {
+        let nib = if which == 0 { SC } else { M };
+        (nib + f % 32, 4 * (f / 32) as u32, (4 * which + 2 * (f / 32)) as u32)
+    }
+
+    /// Row `i`'s GGUF block into the zeroed group block `out`.
+    pub fn put(i: usize, block: &[u8], out: &mut [u8]) {
+        let b: BlockQ4K = read(block);
+        out[2 * i..2 * i + 2].copy_from_slice(&b.d.to_le_bytes());
+        out[16 + 2 * i..16 + 2 * i + 2].copy_from_slice(&b.dmin.to_le_bytes());
+        let (sc, m) = unpack_scales(&b.scales);
+        for (which, vals) in [sc, m].iter().enumerate() {
+            for (s, &x) in vals.iter().enumerate() {
+                let (nib, shift, top) = scale_at(which, 8 * s + i);
+                out[nib] |= (x & 0xF) << shift;
+                out[TOP + (8 * s + i) % 32] |= (x >> 4) << top;
+            }
+        }
+        for v in 0..256 {
+            let (a, shift) = at(i, v);
+            out[a] |= value(&b, v) << shift;
+        }
+    }
+
+    /// Row `lane`'s block `b` of a group (`group` is its blocks) back in
+    /// GGUF's layout (`out` is one block).
+    pub fn original_block(group: &[u8], lane: usize, b: usize, out: &mut [u8]) {
+        let blk = &group[b * BYTES..(b + 1) * BYTES];
+        let h = |a: usize| f16::from_le_bytes([blk[a], blk[a + 1]]);
+        let get = |which: usize| -> [u8; 8] {
+            std::array::from_fn(|s| {
+                let f = 8 * s + lane;
+                let (nib, shift, top) = scale_at(which, f);
+                ((blk[nib] >> shift) & 0xF) | (((blk[TOP + f % 32] >> top) & 3) << 4)
+            })
+        };
+        let mut qs = [0u8; 128];
+        for v in 0..256 {
+            let (a, shift) = at(lane, v);
+            qs[32 * (v / 64) + v % 32] |= ((blk[a] >> shift) & 0xF) << (4 * ((v / 32) % 2));
+        }
+        write(BlockQ4K { d: h(2 * lane), dmin: h(16 + 2 * lane), scales: pack_scales(&get(0), &get(1)), qs }, out);
+    }
+
+    /// `data`'s whole groups of eight rows interleaved in place, as [`super::interleave`].
+    pub fn interleave(data: &mut [u8], rows: usize, row_bytes: usize) {
+        super::interleave_with(data, rows, row_bytes, size_of::<BlockQ4K>(), BYTES, &put);
+    }
 }

@@ -127,21 +127,28 @@ fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
     let mut rng = rng();
     for t in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
-        // 37 rows: two 16-row tiles and a tail; 11 activation rows: the
-        // K-quant kernel takes 8 + 3, candle's dot products (F16) 4 + 4 + 3.
+        // 37 rows: two 16-row tiles and a tail (Q4_K: four interleaved
+        // groups and 5 rows in GGUF's layout); 11 activation rows: the
+        // K-quant kernels take 8 + 3, candle's dot products (F16) 4 + 4 + 3.
         let (rows, cols, n) = (37, 768, 11);
         let wf = Tensor::new(random_acts(&mut rng, rows * cols), &dev).unwrap().reshape((rows, cols)).unwrap();
         let q = QTensor::quantize(&wf, t).unwrap();
         let x = random_acts(&mut rng, n * cols);
         let q = std::sync::Arc::new(q);
-        let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
+        let m = QMatrix::from_qtensor(&q).unwrap().unwrap().interleaved();
+        // Every row reads back as stored, interleaved or not.
+        let stored = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
+        let mut w = vec![0f32; cols];
+        for (r, want) in stored.iter().enumerate() {
+            m.dequantize_row(r, &mut w);
+            assert_eq!(&w, want, "{t:?} row {r} read back");
+        }
         let ours = run(&m, &x);
         let xt = Tensor::new(x.as_slice(), &dev).unwrap().reshape((n, cols)).unwrap();
         let theirs = QMatMul::from_arc(q).unwrap().forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // candle multiplies F16 weights with f32 activations; the dot product
         // path rounds activations to f16 (2⁻¹¹ relative) first.
         let tol = if t == GgmlDType::F16 { 1e-3 } else { 1e-5 };
-        let mut w = vec![0f32; cols];
         for (idx, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             let (i, r) = (idx / rows, idx % rows);
             m.dequantize_row(r, &mut w);
