@@ -493,19 +493,6 @@ pub mod k {
     use crate::kernels::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
     use crate::kernels::KQuant;
 
-    /// Q4_K's eight scales and eight minimums (6 bits each, ggml's packing):
-    /// bytes 0..4 hold scales 0..4, 4..8 minimums 0..4, 8..12 the low
-    /// nibbles of scales / minimums 4..8, whose top 2 bits are the top bits
-    /// of bytes 0..8.
-    fn q4k_scales_mins(packed: &[u8; 12]) -> (u64, u64) {
-        let u: [u32; 3] =
-            std::array::from_fn(|i| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]));
-        let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
-        let scales = (u[0] & k1) as u64 | (((u[2] & k2) | (((u[0] >> 6) & k3) << 4)) as u64) << 32;
-        let mins = (u[1] & k1) as u64 | ((((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4)) as u64) << 32;
-        (scales, mins)
-    }
-
     /// Q4_K (`FIFTH` false) or Q5_K (true): the same sub-block scales and
     /// minimums; Q5_K's fifth bits come from `qh`, two sub-blocks per pass.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -522,7 +509,7 @@ pub mod k {
                 let b = &*w.cast::<BlockQ4K>().add(i);
                 (b.d, b.dmin, &b.scales, b.qs.as_ptr(), _mm256_setzero_si256())
             };
-            let (scales, mins) = q4k_scales_mins(packed);
+            let (scales, mins) = repack::q4k::scales_mins(packed);
             let sc = scales.to_le_bytes();
             let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
             let mut sumi = [_mm256_setzero_si256(); R];
@@ -607,7 +594,7 @@ pub mod k {
     #[inline]
     #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
     unsafe fn group_q4k<const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
-        use repack::q4k::{BYTES, M, QS, SC, TOP};
+        use repack::q4k::{BYTES, DMIN, M, QS, SC, TOP};
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         // Each row's (B[2t], B[2t + 1]) pair of sub-block activation sums in every lane.
         let pair_idx: [__m256i; 4] = std::array::from_fn(|t| _mm256_set1_epi32(t as i32));
@@ -659,7 +646,7 @@ pub mod k {
             let mins: [__m256i; 4] =
                 std::array::from_fn(|t| _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(eight(64 + 16 * t), eight(72 + 16 * t))));
             let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
-            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast()));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(DMIN).cast()));
             for r in 0..R {
                 let ab = &*a[r].add(b);
                 let bs = _mm256_loadu_si256(ab.bsums.as_ptr().cast());

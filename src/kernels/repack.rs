@@ -240,7 +240,8 @@ pub fn original_block(t: WeightType, group: &[u8], lane: usize, b: usize, out: &
 ///
 /// | field | offset | bytes |
 /// |---|---|---|
-/// | `d[8]`, then `dmin[8]`, f16 | 0 | 32 |
+/// | `d[8]`, f16 | 0 | 16 |
+/// | `dmin[8]`, f16 | [`DMIN`] | 16 |
 /// | low nibbles of the scales | [`SC`] | 32 |
 /// | low nibbles of the minimums | [`M`] | 32 |
 /// | top two bits of both | [`TOP`] | 32 |
@@ -259,19 +260,26 @@ pub mod q4k {
     use half::f16;
 
     pub const BYTES: usize = ROWS * size_of::<BlockQ4K>();
+    pub const DMIN: usize = 16;
     pub const SC: usize = 32;
     pub const M: usize = 64;
     pub const TOP: usize = 96;
     pub const QS: usize = 128;
 
-    /// ggml's 12-byte packing of eight 6-bit scales and minimums, unpacked.
-    pub fn unpack_scales(p: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
-        let sc = std::array::from_fn(|j| if j < 4 { p[j] & 63 } else { (p[j + 4] & 0xF) | ((p[j - 4] >> 6) << 4) });
-        let m = std::array::from_fn(|j| if j < 4 { p[j + 4] & 63 } else { (p[j + 4] >> 4) | ((p[j] >> 6) << 4) });
-        (sc, m)
+    /// ggml's 12-byte packing of eight 6-bit scales and eight minimums,
+    /// unpacked: byte `j` of each word is sub-block `j`'s. Packed, bytes 0..4
+    /// hold scales 0..4, 4..8 minimums 0..4, 8..12 the low nibbles of scales
+    /// / minimums 4..8, whose top 2 bits are the top bits of bytes 0..8.
+    pub fn scales_mins(packed: &[u8; 12]) -> (u64, u64) {
+        let u: [u32; 3] =
+            std::array::from_fn(|i| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]));
+        let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
+        let scales = (u[0] & k1) as u64 | (((u[2] & k2) | (((u[0] >> 6) & k3) << 4)) as u64) << 32;
+        let mins = (u[1] & k1) as u64 | ((((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4)) as u64) << 32;
+        (scales, mins)
     }
 
-    /// The inverse of [`unpack_scales`].
+    /// The inverse of [`scales_mins`], from the values as bytes.
     pub fn pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
         let mut p = [0u8; 12];
         for j in 0..4 {
@@ -305,9 +313,9 @@ pub mod q4k {
     pub fn put(i: usize, block: &[u8], out: &mut [u8]) {
         let b: BlockQ4K = read(block);
         out[2 * i..2 * i + 2].copy_from_slice(&b.d.to_le_bytes());
-        out[16 + 2 * i..16 + 2 * i + 2].copy_from_slice(&b.dmin.to_le_bytes());
-        let (sc, m) = unpack_scales(&b.scales);
-        for (which, vals) in [sc, m].iter().enumerate() {
+        out[DMIN + 2 * i..DMIN + 2 * i + 2].copy_from_slice(&b.dmin.to_le_bytes());
+        let (sc, m) = scales_mins(&b.scales);
+        for (which, vals) in [sc.to_le_bytes(), m.to_le_bytes()].iter().enumerate() {
             for (s, &x) in vals.iter().enumerate() {
                 let (nib, shift, top) = scale_at(which, 8 * s + i);
                 out[nib] |= (x & 0xF) << shift;
@@ -337,7 +345,7 @@ pub mod q4k {
             let (a, shift) = at(lane, v);
             qs[32 * (v / 64) + v % 32] |= ((blk[a] >> shift) & 0xF) << (4 * ((v / 32) % 2));
         }
-        write(BlockQ4K { d: h(2 * lane), dmin: h(16 + 2 * lane), scales: pack_scales(&get(0), &get(1)), qs }, out);
+        write(BlockQ4K { d: h(2 * lane), dmin: h(DMIN + 2 * lane), scales: pack_scales(&get(0), &get(1)), qs }, out);
     }
 
     /// `data`'s whole groups of eight rows interleaved in place, as [`super::interleave`].
