@@ -663,17 +663,98 @@ pub mod k {
         acc
     }
 
+    /// One 8-row group of an interleaved Q6_K matrix ([`repack::q6k`])
+    /// against `R` activation rows, as [`group_q4k`]: values are taken
+    /// unsigned (0..64) and the offset of 32 undone with the activations'
+    /// sums per 16 values, each 16-value group's integer sum scaled in its
+    /// lane by that row's scale. A row's arithmetic is the same for every
+    /// `R`, so its result does not depend on its batch.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
+    unsafe fn group_q6k<const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
+        use repack::q6k::{BYTES, QS, SC, SUB, TOP};
+        let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let pair_idx: [__m256i; 8] = std::array::from_fn(|t| _mm256_set1_epi32(t as i32));
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = w.add(b * BYTES);
+            for line in (0..BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(super::PREFETCH * BYTES + line).cast());
+            }
+            let eight = |at: usize| _mm_loadl_epi64(blk.add(SC + at).cast());
+            // Row i's scale of group g in both 16-bit halves of lane i.
+            let scale = |g: usize| {
+                let x = eight(8 * g);
+                _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x, x))
+            };
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for s in 0..8 {
+                let q = blk.add(QS + SUB * s);
+                let top = [0, 1].map(|h| _mm256_loadu_si256(q.add(TOP + 32 * h).cast()));
+                // Chunks 2k and 2k + 1: low nibbles and high nibbles, each with its top bits at bits 4..6.
+                let vals: [(__m256i, __m256i); 4] = std::array::from_fn(|k| {
+                    let raw = _mm256_loadu_si256(q.add(32 * k).cast());
+                    let t = top[k / 2];
+                    let (tl, th) =
+                        if k % 2 == 0 { (_mm256_slli_epi16(t, 4), _mm256_slli_epi16(t, 2)) } else { (t, _mm256_srli_epi16(t, 2)) };
+                    (
+                        _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_and_si256(tl, m30)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), _mm256_and_si256(th, m30)),
+                    )
+                });
+                let (sc0, sc1) = (scale(2 * s), scale(2 * s + 1));
+                for r in 0..R {
+                    let qa = (*a[r].add(b)).qs.as_ptr().add(32 * s);
+                    let chunk = |c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(qa.add(4 * c).cast::<i32>()));
+                    // Each 16-bit lane gains at most 2 · 63 · 127 per chunk: two chunks fit.
+                    let two = |k: usize| {
+                        _mm256_add_epi16(_mm256_maddubs_epi16(vals[k].0, chunk(2 * k)), _mm256_maddubs_epi16(vals[k].1, chunk(2 * k + 1)))
+                    };
+                    let g0 = _mm256_add_epi32(_mm256_madd_epi16(two(0), sc0), _mm256_madd_epi16(two(1), sc0));
+                    let g1 = _mm256_add_epi32(_mm256_madd_epi16(two(2), sc1), _mm256_madd_epi16(two(3), sc1));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(g0, g1));
+                }
+            }
+            // Row i's scales of groups 2t and 2t + 1 as the 16-bit pair of lane i.
+            let scale_pairs: [__m256i; 8] =
+                std::array::from_fn(|t| _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(eight(16 * t), eight(16 * t + 8))));
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+            for r in 0..R {
+                let ab = &*a[r].add(b);
+                let bs = _mm256_loadu_si256(ab.bsums.as_ptr().cast());
+                // Σ_g scale_g · Σ (values of group g) a, for the offset of 32.
+                let mut off = _mm256_setzero_si256();
+                for t in 0..8 {
+                    off = _mm256_add_epi32(off, _mm256_madd_epi16(scale_pairs[t], _mm256_permutevar8x32_epi32(bs, pair_idx[t])));
+                }
+                let exact = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 5));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(exact), acc[r]);
+            }
+        }
+        acc
+    }
+
     /// `out[r][8g + i] = W[8g + i] · a[r]` for `groups` consecutive groups of
-    /// an interleaved Q4_K matrix, `nb` blocks per row.
+    /// an interleaved K-quant matrix of type `T` (Q4_K or Q6_K), `nb` blocks per row.
     ///
     /// # Safety
     /// `w` points at `groups` groups of `nb` interleaved blocks, each `a[r]`
     /// at `nb` Q8_K blocks; each `out[r]` has room for `8 · groups` values;
     /// the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm_groups_q4k<const R: usize>(w: *const u8, nb: usize, groups: usize, a: [*const BlockQ8K; R], out: [*mut f32; R]) {
+    pub unsafe fn gemm_groups<const T: u8, const R: usize>(
+        w: *const u8,
+        nb: usize,
+        groups: usize,
+        a: [*const BlockQ8K; R],
+        out: [*mut f32; R],
+    ) {
+        let q4k = T == KQuant::Q4K as u8;
+        let bytes = if q4k { repack::q4k::BYTES } else { repack::q6k::BYTES };
         for g in 0..groups {
-            let res = group_q4k::<R>(w.add(g * nb * repack::q4k::BYTES), nb, a);
+            let wg = w.add(g * nb * bytes);
+            let res = if q4k { group_q4k::<R>(wg, nb, a) } else { group_q6k::<R>(wg, nb, a) };
             for r in 0..R {
                 _mm256_storeu_ps(out[r].add(repack::ROWS * g), res[r]);
             }

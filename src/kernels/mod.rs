@@ -142,6 +142,8 @@ enum Grouping {
     Own(WeightType),
     /// [`repack::q4k`].
     Q4K,
+    /// [`repack::q6k`].
+    Q6K,
 }
 
 /// What activation rows a kernel reads; matrices with the same kind share them.
@@ -377,23 +379,34 @@ unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &
     }
 }
 
-/// [`avx2::k::gemm_groups_q4k`].
+/// [`avx2::k::gemm_groups`] for K-quant `k` (Q4_K or Q6_K).
 ///
 /// # Safety
-/// As `avx2::k::gemm_groups_q4k`: `w` starts at whole groups, and the CPU
-/// has AVX2 (interleaved matrices exist only where it does).
-unsafe fn avx2_q4k_groups(w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+/// As `avx2::k::gemm_groups`: `w` starts at whole groups, and the CPU has
+/// AVX2 (interleaved matrices exist only where it does).
+unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(w.len() >= groups * nb * repack::q4k::BYTES);
+        let bytes = if k == KQuant::Q4K { repack::q4k::BYTES } else { repack::q6k::BYTES };
+        assert!(k != KQuant::Q5K && w.len() >= groups * nb * bytes);
         let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
         let o = |i: usize| outs[i].0;
         let w = w.as_ptr();
-        with_rows!(acts.len(), R => avx2::k::gemm_groups_q4k::<R>(w, nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
+        macro_rules! run {
+            ($t:expr) => {{
+                const T: u8 = $t as u8;
+                with_rows!(acts.len(), R => avx2::k::gemm_groups::<T, R>(w, nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
+            }};
+        }
+        if k == KQuant::Q4K {
+            run!(KQuant::Q4K)
+        } else {
+            run!(KQuant::Q6K)
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, nb, groups, acts, outs);
+        let _ = (k, w, nb, groups, acts, outs);
         unreachable!("interleaved matrices exist only where the SIMD kernels do")
     }
 }
@@ -629,6 +642,7 @@ impl QMatrix {
         match grouping {
             Grouping::Own(t) => repack::interleave(t, data.bytes_mut(), self.rows, self.row_bytes),
             Grouping::Q4K => repack::q4k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
+            Grouping::Q6K => repack::q6k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
         }
         Self { grouped, data: Weights::Owned(data), ..self }
     }
@@ -642,6 +656,7 @@ impl QMatrix {
         match self.kernel {
             Kernel::Own { t, simd: true } => Some(Grouping::Own(t)),
             Kernel::Ggml(GgmlFns { gemm: Some(_), .. }) if self.dtype == GgmlDType::Q4K => Some(Grouping::Q4K),
+            Kernel::Ggml(GgmlFns { gemm: Some(_), .. }) if self.dtype == GgmlDType::Q6K => Some(Grouping::Q6K),
             _ => None,
         }
     }
@@ -680,6 +695,7 @@ impl QMatrix {
             match grouping {
                 Grouping::Own(t) => repack::original_block(t, group, r % repack::ROWS, b, block),
                 Grouping::Q4K => repack::q4k::original_block(group, r % repack::ROWS, b, block),
+                Grouping::Q6K => repack::q6k::original_block(group, r % repack::ROWS, b, block),
             }
             self.kernel.dequantize(block, o);
         }
@@ -708,7 +724,8 @@ impl QMatrix {
             // AVX2 (only then are matrices interleaved).
             match self.grouping().expect("only matrices with a group layout are interleaved") {
                 Grouping::Own(t) => unsafe { avx2_groups(t, w, nb, groups, acts, outs) },
-                Grouping::Q4K => unsafe { avx2_q4k_groups(w, nb, groups, acts, outs) },
+                Grouping::Q4K => unsafe { avx2_k_groups(KQuant::Q4K, w, nb, groups, acts, outs) },
+                Grouping::Q6K => unsafe { avx2_k_groups(KQuant::Q6K, w, nb, groups, acts, outs) },
             }
         }
         if grouped_end < end {

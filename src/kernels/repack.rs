@@ -235,6 +235,15 @@ pub fn original_block(t: WeightType, group: &[u8], lane: usize, b: usize, out: &
     pack(t, &get(&l, lane, &group[b * l.bytes..(b + 1) * l.bytes]), out);
 }
 
+/// Where the low 4 bits of value `v` (0..256) of row `i` sit in a K-quant
+/// group block whose 32-value sub-blocks start at `qs` and take `stride`
+/// bytes each, and their shift: a sub-block's first 128 bytes are laid out
+/// as one block of the 4-bit types' groups.
+fn k_nibble_at(qs: usize, stride: usize, i: usize, v: usize) -> (usize, u32) {
+    let (s, c, j) = (v / 32, (v % 32) / 4, v % 4);
+    (qs + stride * s + 32 * (c / 2) + 4 * i + j, 4 * (c % 2) as u32)
+}
+
 /// Q4_K in groups of eight interleaved rows: a group block holds the eight
 /// rows' 256-value blocks in the same 1,152 bytes.
 ///
@@ -296,10 +305,8 @@ pub mod q4k {
         (b.qs[32 * (v / 64) + v % 32] >> (4 * ((v / 32) % 2))) & 0xF
     }
 
-    /// Where value `v` of row `i` sits in a group block, and its nibble's shift.
     fn at(i: usize, v: usize) -> (usize, u32) {
-        let (s, c, j) = (v / 32, (v % 32) / 4, v % 4);
-        (QS + 128 * s + 32 * (c / 2) + 4 * i + j, 4 * (c % 2) as u32)
+        super::k_nibble_at(QS, 128, i, v)
     }
 
     /// Scale or minimum `f` (`which`: 0 scales, 1 minimums): its nibble's
@@ -351,5 +358,88 @@ pub mod q4k {
     /// `data`'s whole groups of eight rows interleaved in place, as [`super::interleave`].
     pub fn interleave(data: &mut [u8], rows: usize, row_bytes: usize) {
         super::interleave_with(data, rows, row_bytes, size_of::<BlockQ4K>(), BYTES, &put);
+    }
+}
+
+/// Q6_K in groups of eight interleaved rows: a group block holds the eight
+/// rows' 256-value blocks in the same 1,680 bytes.
+///
+/// | field | offset | bytes |
+/// |---|---|---|
+/// | `d[8]`, f16 | 0 | 16 |
+/// | scales, i8, byte `8 g + row` for 16-value group `g` | [`SC`] | 128 |
+/// | eight 32-value sub-blocks | [`QS`] | 8 × [`SUB`] |
+///
+/// Sub-block `s` (at `QS + SUB s`) holds its low 4 bits as [`q4k`]'s (128
+/// bytes), then its top 2 bits at [`TOP`] within it (64 bytes): two 32-byte
+/// vectors, vector `h` holding chunks `4h..4h + 4` two bits each from bit 0,
+/// at the byte where the low bits' vectors hold the same value (`4i + j`).
+/// Keeping each sub-block's bits together makes a group one forward stream
+/// of reads: with the top bits in a plane of their own (two streams), the
+/// hardware prefetcher fell behind and single-session decode ran slower
+/// than on GGUF's layout (BENCHMARKS.md, session 9).
+pub mod q6k {
+    use super::super::blocks::BlockQ6K;
+    use super::{read, write, ROWS};
+    use half::f16;
+
+    pub const BYTES: usize = ROWS * size_of::<BlockQ6K>();
+    pub const SC: usize = 16;
+    pub const QS: usize = 144;
+    /// Bytes per 32-value sub-block.
+    pub const SUB: usize = 192;
+    /// Offset of the top bits within a sub-block.
+    pub const TOP: usize = 128;
+
+    /// Where value `v`'s bits sit in a GGUF block: its `ql` byte and nibble
+    /// shift, its `qh` byte and 2-bit shift.
+    fn gguf_at(v: usize) -> (usize, u32, usize, u32) {
+        let (n, q, l) = (v / 128, (v % 128) / 32, v % 32);
+        (64 * n + l + 32 * (q & 1), 4 * (q / 2) as u32, 32 * n + l, 2 * q as u32)
+    }
+
+    /// Where value `v` of row `i` sits in a group block: its low bits' byte
+    /// and shift, its top bits' byte and shift.
+    fn at(i: usize, v: usize) -> (usize, u32, usize, u32) {
+        let (low, shift) = super::k_nibble_at(QS, SUB, i, v);
+        let (s, c, j) = (v / 32, (v % 32) / 4, v % 4);
+        (low, shift, QS + SUB * s + TOP + 32 * (c / 4) + 4 * i + j, 2 * (c % 4) as u32)
+    }
+
+    /// Row `i`'s GGUF block into the zeroed group block `out`.
+    pub fn put(i: usize, block: &[u8], out: &mut [u8]) {
+        let b: BlockQ6K = read(block);
+        out[2 * i..2 * i + 2].copy_from_slice(&b.d.to_le_bytes());
+        for (g, &sc) in b.scales.iter().enumerate() {
+            out[SC + 8 * g + i] = sc as u8;
+        }
+        for v in 0..256 {
+            let (l, ls, h, hs) = gguf_at(v);
+            let q = ((b.ql[l] >> ls) & 0xF) | (((b.qh[h] >> hs) & 3) << 4);
+            let (a, shift, t, tshift) = at(i, v);
+            out[a] |= (q & 0xF) << shift;
+            out[t] |= (q >> 4) << tshift;
+        }
+    }
+
+    /// Row `lane`'s block `b` of a group (`group` is its blocks) back in
+    /// GGUF's layout (`out` is one block).
+    pub fn original_block(group: &[u8], lane: usize, b: usize, out: &mut [u8]) {
+        let blk = &group[b * BYTES..(b + 1) * BYTES];
+        let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+        for v in 0..256 {
+            let (a, shift, t, tshift) = at(lane, v);
+            let q = ((blk[a] >> shift) & 0xF) | (((blk[t] >> tshift) & 3) << 4);
+            let (l, ls, h, hs) = gguf_at(v);
+            ql[l] |= (q & 0xF) << ls;
+            qh[h] |= (q >> 4) << hs;
+        }
+        let scales = std::array::from_fn(|g| blk[SC + 8 * g + lane] as i8);
+        write(BlockQ6K { ql, qh, scales, d: f16::from_le_bytes([blk[2 * lane], blk[2 * lane + 1]]) }, out);
+    }
+
+    /// `data`'s whole groups of eight rows interleaved in place, as [`super::interleave`].
+    pub fn interleave(data: &mut [u8], rows: usize, row_bytes: usize) {
+        super::interleave_with(data, rows, row_bytes, size_of::<BlockQ6K>(), BYTES, &put);
     }
 }

@@ -127,7 +127,7 @@ fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
     let mut rng = rng();
     for t in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
-        // 37 rows: two 16-row tiles and a tail (Q4_K: four interleaved
+        // 37 rows: two 16-row tiles and a tail (Q4_K, Q6_K: four interleaved
         // groups and 5 rows in GGUF's layout); 11 activation rows: the
         // K-quant kernels take 8 + 3, candle's dot products (F16) 4 + 4 + 3.
         let (rows, cols, n) = (37, 768, 11);
