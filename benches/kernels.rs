@@ -16,8 +16,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use sollol::kernels::{matmul, QActs, QMatrix};
 
-const TYPES: [GgmlDType; 7] =
-    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K];
+const TYPES: [GgmlDType; 8] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
 /// SmolLM2-135M's gate/up and down projections, `[rows, cols]`; K-quants
 /// take 768 for 576, their blocks being 256 values.
 const SHAPES: [(usize, usize); 2] = [(1536, 576), (576, 1536)];

@@ -583,8 +583,9 @@ pub mod k {
         std::array::from_fn(|r| hsum(acc[r]))
     }
 
-    /// One 8-row group of an interleaved Q4_K matrix ([`repack::q4k`])
-    /// against `R` activation rows: lane `i` of result `r` is weight row `i`
+    /// One 8-row group of an interleaved Q4_K matrix ([`repack::q4k`]), or
+    /// Q5_K (`FIFTH`, [`repack::q5k`]: each value's fifth bit joins its low
+    /// nibble), against `R` activation rows: lane `i` of result `r` is weight row `i`
     /// · `a[r]`. Per sub-block each row's integer sum ends in its own lane,
     /// scaled there by that row's 6-bit scale; the minimums' term is eight
     /// lanes of integer products too, then one float product per block and
@@ -593,16 +594,18 @@ pub mod k {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
-    unsafe fn group_q4k<const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
-        use repack::q4k::{BYTES, DMIN, M, QS, SC, TOP};
+    unsafe fn group_q4k<const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
+        use repack::q4k::{DMIN, M, QS, SC, TOP};
+        let (bytes, sub) = if FIFTH { (repack::q5k::BYTES, repack::q5k::SUB) } else { (repack::q4k::BYTES, 128) };
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let (one, two) = (_mm256_set1_epi8(1), _mm256_set1_epi8(2));
         // Each row's (B[2t], B[2t + 1]) pair of sub-block activation sums in every lane.
         let pair_idx: [__m256i; 4] = std::array::from_fn(|t| _mm256_set1_epi32(t as i32));
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
-            let blk = w.add(b * BYTES);
-            for line in (0..BYTES).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(super::PREFETCH * BYTES + line).cast());
+            let blk = w.add(b * bytes);
+            for line in (0..bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(super::PREFETCH * bytes + line).cast());
             }
             // The 6-bit scales and minimums, f = 8 · sub-block + row, one byte each.
             let load = |o: usize| _mm256_loadu_si256(blk.add(o).cast());
@@ -623,21 +626,35 @@ pub mod k {
                 // Row i's scale in both 16-bit halves of lane i.
                 let x = eight(8 * s);
                 let sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x));
-                let q = blk.add(QS + 128 * s);
+                let q = blk.add(QS + sub * s);
+                let mut hb = if FIFTH { _mm256_loadu_si256(q.add(repack::q5k::HIGH).cast()) } else { _mm256_setzero_si256() };
                 let nib: [(__m256i, __m256i); 4] = std::array::from_fn(|k| {
                     let raw = _mm256_loadu_si256(q.add(32 * k).cast());
-                    (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4))
+                    let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+                    if FIFTH {
+                        // Chunks 2k and 2k + 1's fifth bits, moved to bit 4 (the
+                        // 16-bit shifts only carry bits these masks drop).
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(hb, two), 3));
+                        hb = _mm256_srli_epi16(hb, 2);
+                    }
+                    (lo, hi)
                 });
                 for r in 0..R {
                     let qa = (*a[r].add(b)).qs.as_ptr().add(32 * s);
                     let chunk = |c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(qa.add(4 * c).cast::<i32>()));
                     let mut s16 = _mm256_setzero_si256();
-                    // Each 16-bit lane gains at most 2 · 15 · 127 per chunk: 8 chunks fit.
+                    // Each 16-bit lane gains at most 2 · 15 · 127 per chunk:
+                    // 8 chunks of 4-bit values fit, 4 of 5-bit ones.
                     for (k, (lo, hi)) in nib.iter().enumerate() {
                         s16 = _mm256_add_epi16(
                             s16,
                             _mm256_add_epi16(_mm256_maddubs_epi16(*lo, chunk(2 * k)), _mm256_maddubs_epi16(*hi, chunk(2 * k + 1))),
                         );
+                        if FIFTH && k == 1 {
+                            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s16, sc));
+                            s16 = _mm256_setzero_si256();
+                        }
                     }
                     sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s16, sc));
                 }
@@ -736,7 +753,7 @@ pub mod k {
     }
 
     /// `out[r][8g + i] = W[8g + i] · a[r]` for `groups` consecutive groups of
-    /// an interleaved K-quant matrix of type `T` (Q4_K or Q6_K), `nb` blocks per row.
+    /// an interleaved K-quant matrix of type `T`, `nb` blocks per row.
     ///
     /// # Safety
     /// `w` points at `groups` groups of `nb` interleaved blocks, each `a[r]`
@@ -750,11 +767,17 @@ pub mod k {
         a: [*const BlockQ8K; R],
         out: [*mut f32; R],
     ) {
-        let q4k = T == KQuant::Q4K as u8;
-        let bytes = if q4k { repack::q4k::BYTES } else { repack::q6k::BYTES };
+        let (q4k, q5k) = (T == KQuant::Q4K as u8, T == KQuant::Q5K as u8);
+        let bytes = if q4k { repack::q4k::BYTES } else if q5k { repack::q5k::BYTES } else { repack::q6k::BYTES };
         for g in 0..groups {
             let wg = w.add(g * nb * bytes);
-            let res = if q4k { group_q4k::<R>(wg, nb, a) } else { group_q6k::<R>(wg, nb, a) };
+            let res = if q4k {
+                group_q4k::<false, R>(wg, nb, a)
+            } else if q5k {
+                group_q4k::<true, R>(wg, nb, a)
+            } else {
+                group_q6k::<R>(wg, nb, a)
+            };
             for r in 0..R {
                 _mm256_storeu_ps(out[r].add(repack::ROWS * g), res[r]);
             }

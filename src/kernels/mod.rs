@@ -43,6 +43,17 @@ enum KQuant {
     Q6K = 2,
 }
 
+impl KQuant {
+    fn from_ggml(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+}
+
 impl WeightType {
     fn from_ggml(t: GgmlDType) -> Option<Self> {
         Some(match t {
@@ -140,10 +151,8 @@ impl std::fmt::Debug for Kernel {
 enum Grouping {
     /// [`repack`]'s layouts of our block types.
     Own(WeightType),
-    /// [`repack::q4k`].
-    Q4K,
-    /// [`repack::q6k`].
-    Q6K,
+    /// [`repack::q4k`], [`repack::q5k`] or [`repack::q6k`].
+    K(KQuant),
 }
 
 /// What activation rows a kernel reads; matrices with the same kind share them.
@@ -379,7 +388,7 @@ unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &
     }
 }
 
-/// [`avx2::k::gemm_groups`] for K-quant `k` (Q4_K or Q6_K).
+/// [`avx2::k::gemm_groups`] for K-quant `k`.
 ///
 /// # Safety
 /// As `avx2::k::gemm_groups`: `w` starts at whole groups, and the CPU has
@@ -387,8 +396,12 @@ unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &
 unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     #[cfg(target_arch = "x86_64")]
     {
-        let bytes = if k == KQuant::Q4K { repack::q4k::BYTES } else { repack::q6k::BYTES };
-        assert!(k != KQuant::Q5K && w.len() >= groups * nb * bytes);
+        let bytes = match k {
+            KQuant::Q4K => repack::q4k::BYTES,
+            KQuant::Q5K => repack::q5k::BYTES,
+            KQuant::Q6K => repack::q6k::BYTES,
+        };
+        assert!(w.len() >= groups * nb * bytes);
         let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
         let o = |i: usize| outs[i].0;
         let w = w.as_ptr();
@@ -398,10 +411,10 @@ unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&
                 with_rows!(acts.len(), R => avx2::k::gemm_groups::<T, R>(w, nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
             }};
         }
-        if k == KQuant::Q4K {
-            run!(KQuant::Q4K)
-        } else {
-            run!(KQuant::Q6K)
+        match k {
+            KQuant::Q4K => run!(KQuant::Q4K),
+            KQuant::Q5K => run!(KQuant::Q5K),
+            KQuant::Q6K => run!(KQuant::Q6K),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -641,8 +654,9 @@ impl QMatrix {
         };
         match grouping {
             Grouping::Own(t) => repack::interleave(t, data.bytes_mut(), self.rows, self.row_bytes),
-            Grouping::Q4K => repack::q4k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
-            Grouping::Q6K => repack::q6k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
+            Grouping::K(KQuant::Q4K) => repack::q4k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
+            Grouping::K(KQuant::Q5K) => repack::q5k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
+            Grouping::K(KQuant::Q6K) => repack::q6k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
         }
         Self { grouped, data: Weights::Owned(data), ..self }
     }
@@ -655,8 +669,7 @@ impl QMatrix {
         }
         match self.kernel {
             Kernel::Own { t, simd: true } => Some(Grouping::Own(t)),
-            Kernel::Ggml(GgmlFns { gemm: Some(_), .. }) if self.dtype == GgmlDType::Q4K => Some(Grouping::Q4K),
-            Kernel::Ggml(GgmlFns { gemm: Some(_), .. }) if self.dtype == GgmlDType::Q6K => Some(Grouping::Q6K),
+            Kernel::Ggml(GgmlFns { gemm: Some(_), .. }) => KQuant::from_ggml(self.dtype).map(Grouping::K),
             _ => None,
         }
     }
@@ -694,8 +707,9 @@ impl QMatrix {
             let block = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), bsize) };
             match grouping {
                 Grouping::Own(t) => repack::original_block(t, group, r % repack::ROWS, b, block),
-                Grouping::Q4K => repack::q4k::original_block(group, r % repack::ROWS, b, block),
-                Grouping::Q6K => repack::q6k::original_block(group, r % repack::ROWS, b, block),
+                Grouping::K(KQuant::Q4K) => repack::q4k::original_block(group, r % repack::ROWS, b, block),
+                Grouping::K(KQuant::Q5K) => repack::q5k::original_block(group, r % repack::ROWS, b, block),
+                Grouping::K(KQuant::Q6K) => repack::q6k::original_block(group, r % repack::ROWS, b, block),
             }
             self.kernel.dequantize(block, o);
         }
@@ -724,8 +738,7 @@ impl QMatrix {
             // AVX2 (only then are matrices interleaved).
             match self.grouping().expect("only matrices with a group layout are interleaved") {
                 Grouping::Own(t) => unsafe { avx2_groups(t, w, nb, groups, acts, outs) },
-                Grouping::Q4K => unsafe { avx2_k_groups(KQuant::Q4K, w, nb, groups, acts, outs) },
-                Grouping::Q6K => unsafe { avx2_k_groups(KQuant::Q6K, w, nb, groups, acts, outs) },
+                Grouping::K(k) => unsafe { avx2_k_groups(k, w, nb, groups, acts, outs) },
             }
         }
         if grouped_end < end {

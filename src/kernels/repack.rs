@@ -299,10 +299,15 @@ pub mod q4k {
         p
     }
 
-    /// Value `v` (0..256) of a GGUF block: 64 values per 32 bytes, the
-    /// first 32 in the low nibbles.
-    fn value(b: &BlockQ4K, v: usize) -> u8 {
-        (b.qs[32 * (v / 64) + v % 32] >> (4 * ((v / 32) % 2))) & 0xF
+    /// The low 4 bits of value `v` (0..256) of a Q4_K or Q5_K block's
+    /// `qs`: 64 values per 32 bytes, the first 32 in the low nibbles.
+    pub(super) fn nibble(qs: &[u8; 128], v: usize) -> u8 {
+        (qs[32 * (v / 64) + v % 32] >> (4 * ((v / 32) % 2))) & 0xF
+    }
+
+    /// Sets the low 4 bits of value `v` in a zeroed `qs`, as [`nibble`] reads them.
+    pub(super) fn set_nibble(qs: &mut [u8; 128], v: usize, x: u8) {
+        qs[32 * (v / 64) + v % 32] |= x << (4 * ((v / 32) % 2));
     }
 
     fn at(i: usize, v: usize) -> (usize, u32) {
@@ -316,12 +321,12 @@ pub mod q4k {
         (nib + f % 32, 4 * (f / 32) as u32, (4 * which + 2 * (f / 32)) as u32)
     }
 
-    /// Row `i`'s GGUF block into the zeroed group block `out`.
-    pub fn put(i: usize, block: &[u8], out: &mut [u8]) {
-        let b: BlockQ4K = read(block);
-        out[2 * i..2 * i + 2].copy_from_slice(&b.d.to_le_bytes());
-        out[DMIN + 2 * i..DMIN + 2 * i + 2].copy_from_slice(&b.dmin.to_le_bytes());
-        let (sc, m) = scales_mins(&b.scales);
+    /// Row `i`'s scales (`d`, `dmin`, ggml's packed 6-bit scales and
+    /// minimums) into a Q4_K or Q5_K group block's header.
+    pub(super) fn put_header(i: usize, d: f16, dmin: f16, packed: &[u8; 12], out: &mut [u8]) {
+        out[2 * i..2 * i + 2].copy_from_slice(&d.to_le_bytes());
+        out[DMIN + 2 * i..DMIN + 2 * i + 2].copy_from_slice(&dmin.to_le_bytes());
+        let (sc, m) = scales_mins(packed);
         for (which, vals) in [sc.to_le_bytes(), m.to_le_bytes()].iter().enumerate() {
             for (s, &x) in vals.iter().enumerate() {
                 let (nib, shift, top) = scale_at(which, 8 * s + i);
@@ -329,16 +334,10 @@ pub mod q4k {
                 out[TOP + (8 * s + i) % 32] |= (x >> 4) << top;
             }
         }
-        for v in 0..256 {
-            let (a, shift) = at(i, v);
-            out[a] |= value(&b, v) << shift;
-        }
     }
 
-    /// Row `lane`'s block `b` of a group (`group` is its blocks) back in
-    /// GGUF's layout (`out` is one block).
-    pub fn original_block(group: &[u8], lane: usize, b: usize, out: &mut [u8]) {
-        let blk = &group[b * BYTES..(b + 1) * BYTES];
+    /// Row `lane`'s `d`, `dmin` and packed scales from a group block's header.
+    pub(super) fn header(blk: &[u8], lane: usize) -> (f16, f16, [u8; 12]) {
         let h = |a: usize| f16::from_le_bytes([blk[a], blk[a + 1]]);
         let get = |which: usize| -> [u8; 8] {
             std::array::from_fn(|s| {
@@ -347,17 +346,99 @@ pub mod q4k {
                 ((blk[nib] >> shift) & 0xF) | (((blk[TOP + f % 32] >> top) & 3) << 4)
             })
         };
+        (h(2 * lane), h(DMIN + 2 * lane), pack_scales(&get(0), &get(1)))
+    }
+
+    /// Row `i`'s GGUF block into the zeroed group block `out`.
+    pub fn put(i: usize, block: &[u8], out: &mut [u8]) {
+        let b: BlockQ4K = read(block);
+        put_header(i, b.d, b.dmin, &b.scales, out);
+        for v in 0..256 {
+            let (a, shift) = at(i, v);
+            out[a] |= nibble(&b.qs, v) << shift;
+        }
+    }
+
+    /// Row `lane`'s block `b` of a group (`group` is its blocks) back in
+    /// GGUF's layout (`out` is one block).
+    pub fn original_block(group: &[u8], lane: usize, b: usize, out: &mut [u8]) {
+        let blk = &group[b * BYTES..(b + 1) * BYTES];
         let mut qs = [0u8; 128];
         for v in 0..256 {
             let (a, shift) = at(lane, v);
-            qs[32 * (v / 64) + v % 32] |= ((blk[a] >> shift) & 0xF) << (4 * ((v / 32) % 2));
+            set_nibble(&mut qs, v, (blk[a] >> shift) & 0xF);
         }
-        write(BlockQ4K { d: h(2 * lane), dmin: h(DMIN + 2 * lane), scales: pack_scales(&get(0), &get(1)), qs }, out);
+        let (d, dmin, scales) = header(blk, lane);
+        write(BlockQ4K { d, dmin, scales, qs }, out);
     }
 
     /// `data`'s whole groups of eight rows interleaved in place, as [`super::interleave`].
     pub fn interleave(data: &mut [u8], rows: usize, row_bytes: usize) {
         super::interleave_with(data, rows, row_bytes, size_of::<BlockQ4K>(), BYTES, &put);
+    }
+}
+
+/// Q5_K in groups of eight interleaved rows: a group block holds the eight
+/// rows' 256-value blocks in the same 1,408 bytes.
+///
+/// | field | offset | bytes |
+/// |---|---|---|
+/// | scales, as [`q4k`]'s | 0 | 128 |
+/// | eight 32-value sub-blocks | [`QS`] | 8 × [`SUB`] |
+///
+/// Sub-block `s` (at `QS + SUB s`) holds its low 4 bits as [`q4k`]'s (128
+/// bytes), then at [`HIGH`] within it the fifth bits (32 bytes): bit `c`
+/// of byte `4i + j` is the fifth bit of value `j` of row `i`'s chunk `c`,
+/// so the kernel reaches chunks `2k` and `2k + 1` by shifting the vector
+/// right 2 bits per chunk pair. As Q6_K's, a group is one forward stream.
+pub mod q5k {
+    use super::super::blocks::BlockQ5K;
+    use super::q4k::{header, nibble, put_header, set_nibble};
+    use super::{read, write, ROWS};
+
+    pub const BYTES: usize = ROWS * size_of::<BlockQ5K>();
+    pub use super::q4k::QS;
+    /// Bytes per 32-value sub-block.
+    pub const SUB: usize = 160;
+    /// Offset of the fifth bits within a sub-block.
+    pub const HIGH: usize = 128;
+
+    /// Where value `v` of row `i` sits in a group block: its low bits' byte
+    /// and shift, its fifth bit's byte and bit.
+    fn at(i: usize, v: usize) -> (usize, u32, usize, u32) {
+        let (low, shift) = super::k_nibble_at(QS, SUB, i, v);
+        let (s, c, j) = (v / 32, (v % 32) / 4, v % 4);
+        (low, shift, QS + SUB * s + HIGH + 4 * i + j, c as u32)
+    }
+
+    /// Row `i`'s GGUF block into the zeroed group block `out`.
+    pub fn put(i: usize, block: &[u8], out: &mut [u8]) {
+        let b: BlockQ5K = read(block);
+        put_header(i, b.d, b.dmin, &b.scales, out);
+        for v in 0..256 {
+            let (a, shift, h, bit) = at(i, v);
+            out[a] |= nibble(&b.qs, v) << shift;
+            out[h] |= ((b.qh[v % 32] >> (v / 32)) & 1) << bit;
+        }
+    }
+
+    /// Row `lane`'s block `b` of a group (`group` is its blocks) back in
+    /// GGUF's layout (`out` is one block).
+    pub fn original_block(group: &[u8], lane: usize, b: usize, out: &mut [u8]) {
+        let blk = &group[b * BYTES..(b + 1) * BYTES];
+        let (mut qs, mut qh) = ([0u8; 128], [0u8; 32]);
+        for v in 0..256 {
+            let (a, shift, h, bit) = at(lane, v);
+            set_nibble(&mut qs, v, (blk[a] >> shift) & 0xF);
+            qh[v % 32] |= ((blk[h] >> bit) & 1) << (v / 32);
+        }
+        let (d, dmin, scales) = header(blk, lane);
+        write(BlockQ5K { d, dmin, scales, qh, qs }, out);
+    }
+
+    /// `data`'s whole groups of eight rows interleaved in place, as [`super::interleave`].
+    pub fn interleave(data: &mut [u8], rows: usize, row_bytes: usize) {
+        super::interleave_with(data, rows, row_bytes, size_of::<BlockQ5K>(), BYTES, &put);
     }
 }
 

@@ -83,6 +83,71 @@ fn own_kernels_agree_with_scalar_and_f64_reference() {
     }
 }
 
+/// A matrix of `t` whose stored values are as large as its kernels see them
+/// (unsigned 4-bit 15, 5-bit 31, 6-bit 63; Q8_0's -128), so every integer
+/// product is at its bound.
+fn extreme_matrix(t: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
+    let k_quant = |pattern: fn(usize) -> f32| {
+        let x: Vec<f32> = (0..rows * cols).map(|i| pattern(i % cols)).collect();
+        let x = Tensor::new(x, &Device::Cpu).unwrap().reshape((rows, cols)).unwrap();
+        QTensor::quantize(&x, t).unwrap().data().unwrap().into_owned()
+    };
+    match t {
+        // Each sub-block's minimum 0 and 31 values at its maximum.
+        GgmlDType::Q4K | GgmlDType::Q5K => k_quant(|c| if c % 32 == 0 { 0.0 } else { 1.0 }),
+        // ggml maps each 16 values' largest magnitude to -32; 31/32 of it the
+        // other way is 31, stored as 63.
+        GgmlDType::Q6K => k_quant(|c| if c % 16 == 0 { -1.0 } else { 31.0 / 32.0 }),
+        _ => {
+            let (bsize, scales) = (t.type_size(), if matches!(t, GgmlDType::Q4_1 | GgmlDType::Q5_1) { 2 } else { 1 });
+            let fill = if t == GgmlDType::Q8_0 { 0x80 } else { 0xFF };
+            let mut bytes = vec![fill; rows * cols / QK * bsize];
+            for block in bytes.chunks_exact_mut(bsize) {
+                block[..2 * scales].fill(0);
+                block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            }
+            bytes
+        }
+    }
+}
+
+#[test]
+fn integer_sums_hold_the_largest_values() {
+    // Activations that all quantize to 127: with the weights at their
+    // extremes, every 16-bit partial sum a kernel keeps is at its bound,
+    // which a wrapped sum would show as an error of the size of the result.
+    let types = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+    for t in types {
+        // Two interleaved groups and a 3-row tail; 8 + 1 activation rows.
+        let (rows, n) = (19, 9);
+        let cols = if matches!(t, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) { 512 } else { 256 };
+        let m = QMatrix::from_bytes(t, rows, cols, &extreme_matrix(t, rows, cols), true).unwrap().interleaved();
+        let x = vec![1f32; n * cols];
+        let got = run(&m, &x);
+        let mut w = vec![0f32; cols];
+        for r in 0..rows {
+            m.dequantize_row(r, &mut w);
+            let exact: f64 = w.iter().map(|&v| v as f64).sum();
+            let mag: f64 = w.iter().map(|&v| (v as f64).abs()).sum();
+            assert!(mag > 0.0, "{t:?}: the extreme matrix is not empty");
+            for i in 0..n {
+                // The activations' f16 scale (1/127) is within 2⁻¹¹ of exact.
+                let g = got[i * rows + r] as f64;
+                assert!((g - exact).abs() <= 2e-3 * mag, "{t:?} row {r} act {i}: {g} vs {exact}");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_rows_result_does_not_depend_on_its_batch() {
     let mut rng = rng();
@@ -127,7 +192,7 @@ fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
     let mut rng = rng();
     for t in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::F16] {
-        // 37 rows: two 16-row tiles and a tail (Q4_K, Q6_K: four interleaved
+        // 37 rows: two 16-row tiles and a tail (K-quants: four interleaved
         // groups and 5 rows in GGUF's layout); 11 activation rows: the
         // K-quant kernels take 8 + 3, candle's dot products (F16) 4 + 4 + 3.
         let (rows, cols, n) = (37, 768, 11);
