@@ -502,6 +502,8 @@ vectorized! {
     silu_mul(g: &mut [f32], u: &[f32]);
     /// [`ops::rms_norm`] on this CPU's vectors.
     rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]);
+    /// [`ops::rope`] on this CPU's vectors.
+    rope(x: &mut [f32], heads: usize, head_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool);
 }
 
 /// `out[i] = Σ_p probs[i][p] · V[p]` for the heads of `probs` (`[heads, n]`)

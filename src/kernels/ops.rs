@@ -108,17 +108,27 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
 
 /// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq`;
 /// `cos`/`sin` are `[context, head_dim / 2]`. `interleaved` pairs (2i, 2i+1),
-/// otherwise (i, i + head_dim/2).
+/// otherwise (i, i + head_dim/2). Each style has its own loop without a
+/// branch, so both vectorize.
+#[inline(always)]
 pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
     let half = head_dim / 2;
     for (i, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
         let (c, s) = (&cos[(pos + i) * half..][..half], &sin[(pos + i) * half..][..half]);
         for h in row.chunks_exact_mut(head_dim) {
-            for j in 0..half {
-                let (a, b) = if interleaved { (2 * j, 2 * j + 1) } else { (j, j + half) };
-                let (x0, x1) = (h[a], h[b]);
-                h[a] = x0 * c[j] - x1 * s[j];
-                h[b] = x0 * s[j] + x1 * c[j];
+            if interleaved {
+                for ((p, &c), &s) in h.chunks_exact_mut(2).zip(c).zip(s) {
+                    let (x0, x1) = (p[0], p[1]);
+                    p[0] = x0 * c - x1 * s;
+                    p[1] = x0 * s + x1 * c;
+                }
+            } else {
+                let (a, b) = h.split_at_mut(half);
+                for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(c).zip(s) {
+                    let (x0, x1) = (*a, *b);
+                    *a = x0 * c - x1 * s;
+                    *b = x0 * s + x1 * c;
+                }
             }
         }
     }

@@ -278,6 +278,17 @@ fn vectorized_row_ops_equal_their_portable_source_bit_for_bit() {
         ops::rms_norm(&x, &w, 1e-5, &mut b);
         assert_eq!(a, b, "rms_norm, n = {n}");
     }
+    // Two rows of three 64-value heads at position 5 of a 9-position table.
+    let (heads, d) = (3, 64);
+    let x = random_acts(&mut rng, 2 * heads * d);
+    let (cos, sin): (Vec<f32>, Vec<f32>) = (0..9 * d / 2).map(|i| (i as f32 * 0.37).sin_cos()).unzip();
+    for interleaved in [true, false] {
+        let (mut a, mut b) = (x.clone(), x.clone());
+        rope(&mut a, heads, d, 5, &cos, &sin, interleaved);
+        ops::rope(&mut b, heads, d, 5, &cos, &sin, interleaved);
+        assert_eq!(a, b, "rope, interleaved {interleaved}");
+        assert_ne!(a, x, "rope rotated nothing");
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

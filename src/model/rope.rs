@@ -44,7 +44,7 @@ impl Rope {
     /// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq`.
     pub fn apply_host(&self, x: &mut [f32], heads: usize, head_dim: usize, pos: usize) {
         let interleaved = self.style == RopeStyle::Interleaved;
-        crate::kernels::ops::rope(x, heads, head_dim, pos, &self.cos_host, &self.sin_host, interleaved)
+        crate::kernels::rope(x, heads, head_dim, pos, &self.cos_host, &self.sin_host, interleaved)
     }
 
     /// Rotates `x` `[b, heads, seq, head_dim]` for positions `pos..pos+seq`.
