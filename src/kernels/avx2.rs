@@ -184,8 +184,19 @@ pub unsafe fn gemm<const T: u8, const R: usize>(
     }
 }
 
-/// How many interleaved blocks ahead the group kernel prefetches.
+/// How many interleaved blocks ahead the group kernels prefetch.
 const PREFETCH: usize = 8;
+
+/// Asks for the group block [`PREFETCH`] blocks of `bytes` past `blk`. The
+/// stream of one tile is a few KiB, too short for the hardware prefetcher to
+/// run ahead of. (Past the matrix's end the hint is dropped, never faults.)
+#[inline(always)]
+unsafe fn prefetch_ahead(blk: *const u8, bytes: usize) {
+    let ahead = blk.wrapping_add(PREFETCH * bytes);
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+    }
+}
 
 /// One 8-row group of an interleaved matrix ([`repack`]) against `R`
 /// activation rows: lane `i` of result `r` is weight row `i` · `a[r]`.
@@ -202,12 +213,7 @@ unsafe fn group<const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let blk = w.add(b * l.bytes);
-        // The stream of one tile is a few KiB, too short for the hardware
-        // prefetcher to run ahead of: ask for the block PREFETCH blocks on.
-        let ahead = blk.add(PREFETCH * l.bytes);
-        for line in (0..l.bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.add(line).cast());
-        }
+        prefetch_ahead(blk, l.bytes);
         let ab: [&BlockQ8; R] = std::array::from_fn(|r| &*a[r].add(b));
         // Activation chunk c (4 values) in every lane.
         let chunk = |r: usize, c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(ab[r].qs.as_ptr().add(4 * c).cast::<i32>()));
@@ -604,9 +610,7 @@ pub mod k {
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let blk = w.add(b * bytes);
-            for line in (0..bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(super::PREFETCH * bytes + line).cast());
-            }
+            prefetch_ahead(blk, bytes);
             // The 6-bit scales and minimums, f = 8 · sub-block + row, one byte each.
             let load = |o: usize| _mm256_loadu_si256(blk.add(o).cast());
             let (nsc, nm, top) = (load(SC), load(M), load(TOP));
@@ -696,9 +700,7 @@ pub mod k {
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             let blk = w.add(b * BYTES);
-            for line in (0..BYTES).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(super::PREFETCH * BYTES + line).cast());
-            }
+            prefetch_ahead(blk, BYTES);
             let eight = |at: usize| _mm_loadl_epi64(blk.add(SC + at).cast());
             // Row i's scale of group g in both 16-bit halves of lane i.
             let scale = |g: usize| {
