@@ -602,7 +602,7 @@ pub mod k {
     #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
     unsafe fn group_q4k<const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
         use repack::q4k::{DMIN, M, QS, SC, TOP};
-        let (bytes, sub) = if FIFTH { (repack::q5k::BYTES, repack::q5k::SUB) } else { (repack::q4k::BYTES, 128) };
+        let (bytes, sub) = if FIFTH { (repack::q5k::BYTES, repack::q5k::SUB) } else { (repack::q4k::BYTES, repack::q4k::SUB) };
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let (one, two) = (_mm256_set1_epi8(1), _mm256_set1_epi8(2));
         // Each row's (B[2t], B[2t + 1]) pair of sub-block activation sums in every lane.
@@ -769,13 +769,12 @@ pub mod k {
         a: [*const BlockQ8K; R],
         out: [*mut f32; R],
     ) {
-        let (q4k, q5k) = (T == KQuant::Q4K as u8, T == KQuant::Q5K as u8);
-        let bytes = if q4k { repack::q4k::BYTES } else if q5k { repack::q5k::BYTES } else { repack::q6k::BYTES };
+        let bytes = repack::k_bytes(T);
         for g in 0..groups {
             let wg = w.add(g * nb * bytes);
-            let res = if q4k {
+            let res = if T == KQuant::Q4K as u8 {
                 group_q4k::<false, R>(wg, nb, a)
-            } else if q5k {
+            } else if T == KQuant::Q5K as u8 {
                 group_q4k::<true, R>(wg, nb, a)
             } else {
                 group_q6k::<R>(wg, nb, a)

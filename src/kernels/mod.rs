@@ -10,7 +10,7 @@
 //! Dispatch happens once, when a matrix is built: AVX2+FMA+F16C kernels for
 //! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 where the CPU has them, the scalar
 //! reference otherwise. Q4_K, Q5_K and Q6_K keep ggml's Q8_K activations and get
-//! our multi-row AVX2 kernel where the CPU has it (Q4_K interleaved in groups
+//! our multi-row AVX2 kernels where the CPU has them (interleaved in groups
 //! of eight rows like the types above), F16 our AVX2 dot product;
 //! other GGUF types (and all of these on other CPUs) use candle's per-type
 //! dot products inside the same row-parallel driver.
@@ -153,6 +153,28 @@ enum Grouping {
     Own(WeightType),
     /// [`repack::q4k`], [`repack::q5k`] or [`repack::q6k`].
     K(KQuant),
+}
+
+impl Grouping {
+    /// `data`'s whole groups of eight rows interleaved in place.
+    fn interleave(self, data: &mut [u8], rows: usize, row_bytes: usize) {
+        match self {
+            Grouping::Own(t) => repack::interleave(t, data, rows, row_bytes),
+            Grouping::K(KQuant::Q4K) => repack::q4k::interleave(data, rows, row_bytes),
+            Grouping::K(KQuant::Q5K) => repack::q5k::interleave(data, rows, row_bytes),
+            Grouping::K(KQuant::Q6K) => repack::q6k::interleave(data, rows, row_bytes),
+        }
+    }
+
+    /// Row `lane`'s block `b` of an interleaved group, back in GGUF's layout.
+    fn original_block(self, group: &[u8], lane: usize, b: usize, out: &mut [u8]) {
+        match self {
+            Grouping::Own(t) => repack::original_block(t, group, lane, b, out),
+            Grouping::K(KQuant::Q4K) => repack::q4k::original_block(group, lane, b, out),
+            Grouping::K(KQuant::Q5K) => repack::q5k::original_block(group, lane, b, out),
+            Grouping::K(KQuant::Q6K) => repack::q6k::original_block(group, lane, b, out),
+        }
+    }
 }
 
 /// What activation rows a kernel reads; matrices with the same kind share them.
@@ -394,14 +416,9 @@ unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &
 /// As `avx2::k::gemm_groups`: `w` starts at whole groups, and the CPU has
 /// AVX2 (interleaved matrices exist only where it does).
 unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+    assert!(w.len() >= groups * nb * repack::k_bytes(k as u8));
     #[cfg(target_arch = "x86_64")]
     {
-        let bytes = match k {
-            KQuant::Q4K => repack::q4k::BYTES,
-            KQuant::Q5K => repack::q5k::BYTES,
-            KQuant::Q6K => repack::q6k::BYTES,
-        };
-        assert!(w.len() >= groups * nb * bytes);
         let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
         let o = |i: usize| outs[i].0;
         let w = w.as_ptr();
@@ -419,7 +436,7 @@ unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (k, w, nb, groups, acts, outs);
+        let _ = (k, nb, groups, acts, outs);
         unreachable!("interleaved matrices exist only where the SIMD kernels do")
     }
 }
@@ -654,12 +671,7 @@ impl QMatrix {
                 a
             }
         };
-        match grouping {
-            Grouping::Own(t) => repack::interleave(t, data.bytes_mut(), self.rows, self.row_bytes),
-            Grouping::K(KQuant::Q4K) => repack::q4k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
-            Grouping::K(KQuant::Q5K) => repack::q5k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
-            Grouping::K(KQuant::Q6K) => repack::q6k::interleave(data.bytes_mut(), self.rows, self.row_bytes),
-        }
+        grouping.interleave(data.bytes_mut(), self.rows, self.row_bytes);
         Self { grouped, data: Weights::Owned(data), ..self }
     }
 
@@ -707,12 +719,7 @@ impl QMatrix {
         for (b, o) in out.chunks_exact_mut(self.dtype.block_size()).enumerate() {
             // SAFETY: u64 storage viewed as bytes, within its size (asserted).
             let block = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), bsize) };
-            match grouping {
-                Grouping::Own(t) => repack::original_block(t, group, r % repack::ROWS, b, block),
-                Grouping::K(KQuant::Q4K) => repack::q4k::original_block(group, r % repack::ROWS, b, block),
-                Grouping::K(KQuant::Q5K) => repack::q5k::original_block(group, r % repack::ROWS, b, block),
-                Grouping::K(KQuant::Q6K) => repack::q6k::original_block(group, r % repack::ROWS, b, block),
-            }
+            grouping.original_block(group, r % repack::ROWS, b, block);
             self.kernel.dequantize(block, o);
         }
     }

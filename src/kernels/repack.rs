@@ -26,7 +26,8 @@
 //! `c` is chunk `c` as signed bytes.
 //!
 //! Rows past the last whole group stay in GGUF's layout after the groups.
-//! Q4_K's group blocks, 256 values with sub-block scales, are [`q4k`]'s.
+//! The K-quants' group blocks, 256 values with sub-block scales, are
+//! [`q4k`]'s, [`q5k`]'s and [`q6k`]'s ([`k_bytes`] each).
 
 use half::f16;
 
@@ -235,6 +236,18 @@ pub fn original_block(t: WeightType, group: &[u8], lane: usize, b: usize, out: &
     pack(t, &get(&l, lane, &group[b * l.bytes..(b + 1) * l.bytes]), out);
 }
 
+/// Bytes of one group block of K-quant `t` (a `KQuant` discriminant).
+pub const fn k_bytes(t: u8) -> usize {
+    use super::KQuant;
+    if t == KQuant::Q4K as u8 {
+        q4k::BYTES
+    } else if t == KQuant::Q5K as u8 {
+        q5k::BYTES
+    } else {
+        q6k::BYTES
+    }
+}
+
 /// Where the low 4 bits of value `v` (0..256) of row `i` sit in a K-quant
 /// group block whose 32-value sub-blocks start at `qs` and take `stride`
 /// bytes each, and their shift: a sub-block's first 128 bytes are laid out
@@ -274,6 +287,8 @@ pub mod q4k {
     pub const M: usize = 64;
     pub const TOP: usize = 96;
     pub const QS: usize = 128;
+    /// Bytes per 32-value sub-block.
+    pub const SUB: usize = 128;
 
     /// ggml's 12-byte packing of eight 6-bit scales and eight minimums,
     /// unpacked: byte `j` of each word is sub-block `j`'s. Packed, bytes 0..4
@@ -311,7 +326,7 @@ pub mod q4k {
     }
 
     fn at(i: usize, v: usize) -> (usize, u32) {
-        super::k_nibble_at(QS, 128, i, v)
+        super::k_nibble_at(QS, SUB, i, v)
     }
 
     /// Scale or minimum `f` (`which`: 0 scales, 1 minimums): its nibble's
