@@ -499,12 +499,28 @@ pub mod k {
     use crate::kernels::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
     use crate::kernels::KQuant;
 
+    /// The low and high nibbles of 32 bytes of Q4_K/Q5_K values; with
+    /// `FIFTH`, bits 0 and 1 of each byte of `hb` join them at bit 4 as their
+    /// fifth bits, and `hb` moves on 2 bits to the next pair (the 16-bit
+    /// shifts only carry bits these masks drop).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn nibbles<const FIFTH: bool>(raw: __m256i, hb: &mut __m256i) -> (__m256i, __m256i) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+        if FIFTH {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(*hb, _mm256_set1_epi8(1)), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(*hb, _mm256_set1_epi8(2)), 3));
+            *hb = _mm256_srli_epi16(*hb, 2);
+        }
+        (lo, hi)
+    }
+
     /// Q4_K (`FIFTH` false) or Q5_K (true): the same sub-block scales and
     /// minimums; Q5_K's fifth bits come from `qh`, two sub-blocks per pass.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn row_q4k<const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [f32; R] {
-        let (m4, one, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1), _mm256_set1_epi8(2));
         let mut acc = [_mm256_setzero_ps(); R];
         let mut acc_m = [_mm_setzero_ps(); R];
         for i in 0..nb {
@@ -520,15 +536,7 @@ pub mod k {
             let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
             let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..4 {
-                let raw = _mm256_loadu_si256(qs.add(32 * j).cast());
-                let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-                if FIFTH {
-                    // Bits 2j and 2j + 1 of each qh byte, moved to bit 4 (the
-                    // 16-bit shift only carries bits this mask drops).
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(hb, two), 3));
-                    hb = _mm256_srli_epi16(hb, 2);
-                }
+                let (lo, hi) = nibbles::<FIFTH>(_mm256_loadu_si256(qs.add(32 * j).cast()), &mut hb);
                 let (sl, sh) = (_mm256_set1_epi16(sc[2 * j] as i16), _mm256_set1_epi16(sc[2 * j + 1] as i16));
                 for r in 0..R {
                     let q8 = (*a[r].add(i)).qs.as_ptr().add(64 * j);
@@ -604,7 +612,6 @@ pub mod k {
         use repack::q4k::{DMIN, M, QS, SC, TOP};
         let (bytes, sub) = if FIFTH { (repack::q5k::BYTES, repack::q5k::SUB) } else { (repack::q4k::BYTES, repack::q4k::SUB) };
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-        let (one, two) = (_mm256_set1_epi8(1), _mm256_set1_epi8(2));
         // Each row's (B[2t], B[2t + 1]) pair of sub-block activation sums in every lane.
         let pair_idx: [__m256i; 4] = std::array::from_fn(|t| _mm256_set1_epi32(t as i32));
         let mut acc = [_mm256_setzero_ps(); R];
@@ -632,18 +639,7 @@ pub mod k {
                 let sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x));
                 let q = blk.add(QS + sub * s);
                 let mut hb = if FIFTH { _mm256_loadu_si256(q.add(repack::q5k::HIGH).cast()) } else { _mm256_setzero_si256() };
-                let nib: [(__m256i, __m256i); 4] = std::array::from_fn(|k| {
-                    let raw = _mm256_loadu_si256(q.add(32 * k).cast());
-                    let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-                    if FIFTH {
-                        // Chunks 2k and 2k + 1's fifth bits, moved to bit 4 (the
-                        // 16-bit shifts only carry bits these masks drop).
-                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
-                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(hb, two), 3));
-                        hb = _mm256_srli_epi16(hb, 2);
-                    }
-                    (lo, hi)
-                });
+                let nib: [(__m256i, __m256i); 4] = std::array::from_fn(|k| nibbles::<FIFTH>(_mm256_loadu_si256(q.add(32 * k).cast()), &mut hb));
                 for r in 0..R {
                     let qa = (*a[r].add(b)).qs.as_ptr().add(32 * s);
                     let chunk = |c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(qa.add(4 * c).cast::<i32>()));
