@@ -24,7 +24,7 @@ pub enum Error {
     #[error("invalid model file {path}: {reason}")]
     BadModel { path: PathBuf, reason: String },
 
-    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2)")]
+    #[error("unsupported architecture '{0}' (supported: {supported})", supported = crate::model::arch::supported())]
     UnsupportedArchitecture(String),
 
     /// A model source that no resolver recognised.

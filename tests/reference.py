@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""An independent reference forward pass for llama-family models, in numpy.
+"""An independent reference forward pass, in numpy, for llama, qwen2, qwen3
+and gemma3.
 
 It reads the model file itself (its own GGUF and safetensors parsers, its own
 dequantization of F32/F16/Q8_0/Q4_0/Q4_1 blocks) and runs a plain causal
 forward over the whole token sequence, no KV cache, written from the papers
-and HF's modeling_llama / modeling_qwen2 rather than from sollol's code.
+and HF's modeling_llama / modeling_qwen2 / modeling_qwen3 / modeling_gemma3
+rather than from sollol's code.
 
 usage: reference.py MODEL TOKENS_CSV  ->  JSON list of logits, one per position
 """
@@ -139,21 +141,37 @@ def read_safetensors_dir(path):
     return cfg, tensors
 
 
+# HF names of the per-layer tensors; gemma's MLP norms sit around the MLP.
+HF_NAMES = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+                gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", attn_norm="input_layernorm",
+                ffn_norm="post_attention_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+HF_GEMMA = dict(post_attn_norm="post_attention_layernorm", ffn_norm="pre_feedforward_layernorm",
+                post_ffn_norm="post_feedforward_layernorm")
+GGUF_NAMES = dict(q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn_gate", up="ffn_up", down="ffn_down",
+                  attn_norm="attn_norm", ffn_norm="ffn_norm", q_norm="attn_q_norm", k_norm="attn_k_norm",
+                  post_attn_norm="post_attention_norm", post_ffn_norm="post_ffw_norm")
+
+
 def load(path):
     """-> (hparams, per-layer weights dict, embed, norm, lm_head)"""
     if Path(path).is_dir():
         cfg, t = read_safetensors_dir(path)
-        hp = dict(arch=cfg["model_type"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+        arch = {"gemma3_text": "gemma3"}.get(cfg["model_type"], cfg["model_type"])
+        hp = dict(arch=arch, n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                   n_kv=cfg.get("num_key_value_heads", cfg["num_attention_heads"]), eps=cfg.get("rms_norm_eps", 1e-6),
-                  theta=cfg.get("rope_theta", 10000.0), interleaved=False)
-        names = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-                     gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
-                     attn_norm="input_layernorm", ffn_norm="post_attention_layernorm")
+                  theta=cfg.get("rope_theta", 10000.0), interleaved=False, window=cfg.get("sliding_window"),
+                  pattern=cfg.get("sliding_window_pattern", 6))
+        names = dict(HF_NAMES, **(HF_GEMMA if arch == "gemma3" else {}))
         layers = [{k: {s: t.get(f"model.layers.{i}.{v}.{s}") for s in ("weight", "bias")} for k, v in names.items()}
                   for i in range(hp["n_layers"])]
+        if arch == "gemma3":  # Gemma3RMSNorm computes x_normed * (1 + w)
+            for L in layers:
+                for k in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
+                    L[k]["weight"] = 1.0 + L[k]["weight"]
         embed = t["model.embed_tokens.weight"]
         head = embed if cfg.get("tie_word_embeddings") or "lm_head.weight" not in t else t["lm_head.weight"]
-        return hp, layers, embed, t["model.norm.weight"], {"weight": head, "bias": None}
+        norm = t["model.norm.weight"] + (1.0 if arch == "gemma3" else 0.0)
+        return hp, layers, embed, norm, {"weight": head, "bias": None}
     meta, t, kinds, mins = read_gguf(path)
     arch = meta["general.architecture"]
     hp = dict(arch=arch, n_layers=meta[f"{arch}.block_count"], n_heads=meta[f"{arch}.attention.head_count"],
@@ -161,10 +179,11 @@ def load(path):
               eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
               theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
               # llama.cpp permutes llama q/k rows so that pairs are adjacent; qwen2 keeps HF's halves.
-              interleaved=arch in ("llama", "mistral"))
-    names = dict(q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn_gate", up="ffn_up", down="ffn_down",
-                 attn_norm="attn_norm", ffn_norm="ffn_norm")
-    layers = [{k: gguf_linear(t, kinds, mins, f"blk.{i}.{v}") for k, v in names.items()} for i in range(hp["n_layers"])]
+              interleaved=arch in ("llama", "mistral"), window=meta.get(f"{arch}.attention.sliding_window"),
+              pattern=6)
+    # GGUF gemma norms already hold 1 + w (llama.cpp's converter adds it).
+    layers = [{k: gguf_linear(t, kinds, mins, f"blk.{i}.{v}") for k, v in GGUF_NAMES.items() if f"blk.{i}.{v}.weight" in t}
+              for i in range(hp["n_layers"])]
     embed = t["token_embd.weight"]
     head = gguf_linear(t, kinds, mins, "output" if "output.weight" in t else "token_embd")
     return hp, layers, embed, t["output_norm.weight"], head
@@ -218,6 +237,10 @@ def linear(x, p):
     return y if p["bias"] is None else y + p["bias"]
 
 
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
 def rope(x, theta, interleaved):
     """x: [heads, seq, d]; rotate pairs by position * theta^(-2i/d)."""
     _, seq, d = x.shape
@@ -237,15 +260,27 @@ def rope(x, theta, interleaved):
 def forward(path, tokens):
     hp, layers, embed, norm, head = load(path)
     h = embed[tokens]  # [seq, hidden]
+    gemma = hp["arch"] == "gemma3"
+    if gemma:
+        h = h * np.sqrt(h.shape[-1])
     seq = len(tokens)
     nh, nkv = hp["n_heads"], hp["n_kv"]
-    causal = np.triu(np.full((seq, seq), -np.inf), 1)
-    for L in layers:
+    i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    for n, L in enumerate(layers):
+        # gemma3: every sixth layer is global; the others see `window` positions with a local rotary base.
+        local = gemma and (n + 1) % hp["pattern"] != 0
+        theta = 10000.0 if local else hp["theta"]
+        hidden = (j > i) | ((i - j >= hp["window"]) if local else False)
+        mask = np.where(hidden, -np.inf, 0.0)
         x = rms_norm(h, L["attn_norm"]["weight"], hp["eps"])
         q, k, v = linear(x, L["q"]), linear(x, L["k"]), linear(x, L["v"])
         d = q.shape[-1] // nh
-        q = rope(q.reshape(seq, nh, d).transpose(1, 0, 2), hp["theta"], hp["interleaved"])
-        k = rope(k.reshape(seq, nkv, d).transpose(1, 0, 2), hp["theta"], hp["interleaved"])
+        q, k = q.reshape(seq, nh, d), k.reshape(seq, nkv, d)
+        if L.get("q_norm") is not None and L["q_norm"]["weight"] is not None:
+            # qwen3 / gemma3: RMSNorm over each head before the rotation
+            q, k = rms_norm(q, L["q_norm"]["weight"], hp["eps"]), rms_norm(k, L["k_norm"]["weight"], hp["eps"])
+        q = rope(q.transpose(1, 0, 2), theta, hp["interleaved"])
+        k = rope(k.transpose(1, 0, 2), theta, hp["interleaved"])
         v = v.reshape(seq, nkv, d).transpose(1, 0, 2)
         if os.environ.get("SOLLOL_REF_KV") == "f16":
             # sollol's CPU path keeps its KV cache in f16: every key and value
@@ -253,14 +288,20 @@ def forward(path, tokens):
             # prompt's own included) reads it back from the cache.
             k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
         k, v = np.repeat(k, nh // nkv, axis=0), np.repeat(v, nh // nkv, axis=0)
-        att = q @ k.transpose(0, 2, 1) / np.sqrt(d) + causal
+        att = q @ k.transpose(0, 2, 1) / np.sqrt(d) + mask
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
-        y = (att @ v).transpose(1, 0, 2).reshape(seq, nh * d)
-        h = h + linear(y, L["o"])
+        y = linear((att @ v).transpose(1, 0, 2).reshape(seq, nh * d), L["o"])
+        if gemma:
+            y = rms_norm(y, L["post_attn_norm"]["weight"], hp["eps"])
+        h = h + y
         x = rms_norm(h, L["ffn_norm"]["weight"], hp["eps"])
         g = linear(x, L["gate"])
-        h = h + linear(g / (1 + np.exp(-g)) * linear(x, L["up"]), L["down"])
+        act = gelu_tanh(g) if gemma else g / (1 + np.exp(-g))
+        y = linear(act * linear(x, L["up"]), L["down"])
+        if gemma:
+            y = rms_norm(y, L["post_ffn_norm"]["weight"], hp["eps"])
+        h = h + y
     return linear(rms_norm(h, norm, hp["eps"]), head)
 
 

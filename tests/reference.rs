@@ -96,13 +96,31 @@ fn check_backend(model: &Path, bounds: &[usize], tol: f64, backend: Backend, ref
     assert!(rel <= tol, "{} {backend:?}: relative error {rel:.3e} above {tol:.0e}", model.display());
 }
 
+/// The tiny model of `arch`: gemma3's has six blocks, so that its sixth is
+/// global and the others slide (a window of 3 over 9 tokens).
+fn spec(arch: &str) -> TinySpec {
+    match arch {
+        "gemma3" | "gemma3_text" => TinySpec { layers: 6, ..TinySpec::default() },
+        _ => TinySpec::default(),
+    }
+}
+
 fn gguf_case(arch: &str, dtype: GgmlDType, tol: f64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("tiny-{arch}-{dtype:?}.gguf"));
-    write_gguf(&path, &TinySpec::default(), arch, dtype, &[]);
+    let spec = spec(arch);
+    write_gguf(&path, &spec, arch, dtype, &[]);
     let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16);
-    check(&path, &[0, 3], tol, quantized);
-    check(&path, &[0, 1, 3], tol, quantized);
+    check(&path, &[0, spec.layers], tol, quantized);
+    check(&path, &[0, 1, spec.layers], tol, quantized);
+}
+
+fn safetensors_case(model_type: &str, dtype: DType, tol: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(model_type);
+    write_hf_dir(dir.path(), &spec, model_type, dtype);
+    check(dir.path(), &[0, spec.layers], tol, false);
+    check(dir.path(), &[0, 2, spec.layers], tol, false);
 }
 
 #[test]
@@ -141,16 +159,41 @@ fn gguf_qwen2_f32_with_qkv_bias_matches_numpy() {
 }
 
 #[test]
+fn gguf_qwen3_f32_with_head_norms_matches_numpy() {
+    gguf_case("qwen3", GgmlDType::F32, 1e-4);
+}
+
+#[test]
+fn gguf_qwen3_q8_0_matches_numpy() {
+    gguf_case("qwen3", GgmlDType::Q8_0, 5e-3);
+}
+
+#[test]
+fn gguf_gemma3_f32_with_sliding_windows_matches_numpy() {
+    gguf_case("gemma3", GgmlDType::F32, 1e-4);
+}
+
+#[test]
+fn gguf_gemma3_q4_0_matches_numpy() {
+    gguf_case("gemma3", GgmlDType::Q4_0, 5e-3);
+}
+
+#[test]
 fn safetensors_llama_f32_matches_numpy() {
-    let dir = tempfile::tempdir().unwrap();
-    write_hf_dir(dir.path(), &TinySpec::default(), "llama", DType::F32);
-    check(dir.path(), &[0, 3], 1e-4, false);
-    check(dir.path(), &[0, 2, 3], 1e-4, false);
+    safetensors_case("llama", DType::F32, 1e-4);
 }
 
 #[test]
 fn safetensors_qwen2_f16_matches_numpy() {
-    let dir = tempfile::tempdir().unwrap();
-    write_hf_dir(dir.path(), &TinySpec::default(), "qwen2", DType::F16);
-    check(dir.path(), &[0, 3], 1e-2, false);
+    safetensors_case("qwen2", DType::F16, 1e-2);
+}
+
+#[test]
+fn safetensors_qwen3_f32_matches_numpy() {
+    safetensors_case("qwen3", DType::F32, 1e-4);
+}
+
+#[test]
+fn safetensors_gemma3_f32_matches_numpy() {
+    safetensors_case("gemma3_text", DType::F32, 1e-4);
 }

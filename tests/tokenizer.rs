@@ -110,3 +110,32 @@ fn sentencepiece_vocabulary_segments_by_score_with_byte_fallback() {
     assert_eq!(ids, vec![1, id("▁h"), id("<0xC3>"), id("<0xA9>")]);
     assert_eq!(tok.decode(&ids).unwrap(), "hé");
 }
+
+fn gemma3() -> Tokenizer {
+    Tokenizer::from_gguf(&GgufFile::open(&common::gemma3()).unwrap()).unwrap()
+}
+
+/// Gemma 3's 262k SentencePiece vocabulary (no space prefix, byte fallback)
+/// and the chat template its file lacks (gemma3's own, from the architecture).
+#[test]
+fn gemma3_tokenizes_like_sentencepiece_and_renders_its_chat_turns() {
+    let tok = gemma3();
+    assert_eq!(tok.vocab_size(), 262_144);
+    let ids = tok.encode("The capital of France is").unwrap();
+    eprintln!("{ids:?}");
+    assert_eq!(ids[0], 2, "BOS first");
+    for text in ["The capital of France is", "  two spaces\n\ttab", "café 日本語 🤖", "x\u{0}y"] {
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(tok.decode(&ids).unwrap(), text, "round trip of {text:?} via {ids:?}");
+    }
+    let chat = tok.chat_template().expect("gemma3's built-in template");
+    let prompt = chat.render(&[sollol::head::chat::Message::new("user", "Hi")], true).unwrap();
+    assert_eq!(prompt, "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n");
+    let ids = tok.encode(&prompt).unwrap();
+    eprintln!("{ids:?}");
+    let start = tok.token_to_id("<start_of_turn>").unwrap();
+    let end = tok.token_to_id("<end_of_turn>").unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == start).count(), 2, "<start_of_turn> is one token: {ids:?}");
+    assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1, "one BOS: {ids:?}");
+    assert!(tok.is_eos(end), "a turn ends generation");
+}

@@ -105,6 +105,17 @@ impl Tokenizer {
             .iter()
             .filter_map(|k| id(k))
             .collect();
+        // Files that name no end-of-turn token still have one the chat
+        // template ends turns with (gemma's `<end_of_turn>`): llama.cpp
+        // recognizes these control tokens by their text, and so do we.
+        eos.extend(
+            tokens
+                .iter()
+                .enumerate()
+                .filter(|(i, t)| types.get(*i) == Some(&TOKEN_CONTROL) && END_OF_TURN.contains(&t.as_str()))
+                .map(|(i, _)| i as u32),
+        );
+        eos.sort_unstable();
         eos.dedup();
         let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         let added: Vec<Json> = tokens
@@ -147,21 +158,26 @@ impl Tokenizer {
                     _ => vec![0.0; tokens.len()],
                 };
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| tokens[i as usize].clone());
+                // SentencePiece marks word starts with ▁ and, by default,
+                // the text's start too (gemma's files turn that off).
+                let space_prefix = file.metadata_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let mut normalizers = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if space_prefix {
+                    normalizers.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
                 json!({
                     "version": "1.0",
                     "added_tokens": added,
-                    "normalizer": {"type": "Sequence", "normalizers": [
-                        {"type": "Prepend", "prepend": "\u{2581}"},
-                        {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-                    ]},
+                    "normalizer": {"type": "Sequence", "normalizers": normalizers},
                     "pre_tokenizer": null,
                     "post_processor": null,
-                    "decoder": {"type": "Sequence", "decoders": [
-                        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                        {"type": "ByteFallback"},
-                        {"type": "Fuse"},
-                        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-                    ]},
+                    "decoder": {"type": "Sequence", "decoders": decoders},
                     "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                               "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                               "vocab": vocab, "merges": spm_merges(&tokens, &scores, &types)}
@@ -171,8 +187,12 @@ impl Tokenizer {
         };
         let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| err(e.to_string()))?;
         let token_text = |i: Option<u32>| i.map(|i| tokens[i as usize].clone()).unwrap_or_default();
+        // A file without a template gets its architecture's (llama.cpp keeps
+        // such built-in templates too).
+        let builtin = file.metadata_str("general.architecture").and_then(|a| crate::model::arch::by_gguf_name(a).ok()).and_then(|a| a.chat_template);
         let chat_template = file
             .metadata_str("tokenizer.chat_template")
+            .or(builtin)
             .map(|t| ChatTemplate::new(t, &token_text(bos), &token_text(eos.first().copied())))
             .transpose()?;
         let add_bos = file.metadata_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
@@ -252,6 +272,9 @@ impl Tokenizer {
         self.chat_template.as_ref()
     }
 }
+
+/// Control tokens that end a turn in the chat templates of the families we run.
+const END_OF_TURN: &[&str] = &["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>"];
 
 fn value_i64(v: &Value) -> Option<i64> {
     match *v {

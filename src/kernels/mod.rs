@@ -517,6 +517,8 @@ vectorized! {
     softmax(x: &mut [f32]);
     /// [`ops::silu_mul`] on this CPU's vectors.
     silu_mul(g: &mut [f32], u: &[f32]);
+    /// [`ops::gelu_mul`] on this CPU's vectors.
+    gelu_mul(g: &mut [f32], u: &[f32]);
     /// [`ops::rms_norm`] on this CPU's vectors.
     rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]);
     /// [`ops::rope`] on this CPU's vectors.

@@ -106,6 +106,30 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// `g = gelu(g) * u` with GELU's tanh approximation, the GeGLU gate (gemma):
+/// `gelu(x) = x/2 · (1 + tanh(√(2/π)(x + 0.044715x³)))`, where
+/// `(1 + tanh(y))/2 = 1 / (1 + e^(-2y))`.
+#[inline(always)]
+pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (a, &b) in g.iter_mut().zip(u) {
+        let x = *a;
+        let y = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        *a = x / (1.0 + exp(-2.0 * y)) * b;
+    }
+}
+
+/// Every `w.len()`-value row of `x` normalized in place (per-head q/k norms).
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for xr in x.chunks_exact_mut(n) {
+        let scale = 1.0 / (dot(xr, xr) / n as f32 + eps).sqrt();
+        for (v, &g) in xr.iter_mut().zip(w) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
 /// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq`;
 /// `cos`/`sin` are `[context, head_dim / 2]`. `interleaved` pairs (2i, 2i+1),
 /// otherwise (i, i + head_dim/2). Each style has its own loop without a
@@ -147,6 +171,11 @@ pub struct AttnShape {
     pub head_dim: usize,
     /// Rows per head in the cache buffers (`[n_kv_heads, capacity, head_dim]`).
     pub capacity: usize,
+    /// Scores are `q·k · scale`.
+    pub scale: f32,
+    /// A query at position p sees cache rows `p + 1 - window ..= p` (all when
+    /// the window is at least the context).
+    pub window: usize,
 }
 
 impl AttnShape {
@@ -158,18 +187,19 @@ impl AttnShape {
 
 /// Causal attention of one query row (at absolute position `pos`) for the
 /// query heads that share K/V head `kv` (`q` and `out` are `[group, head_dim]`):
-/// `out_i = softmax(q_i·Kᵀ / √d) V` over cache rows `0..=pos` (f16 cache, f32
-/// arithmetic). The heads go through the kernels together, so each cache row
-/// is read once for all of them.
+/// `out_i = softmax(q_i·Kᵀ · scale) V` over the cache rows the window leaves
+/// visible up to `pos` (f16 cache, f32 arithmetic). The heads go through the
+/// kernels together, so each cache row is read once for all of them.
 pub fn attend(shape: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, kv: usize, out: &mut [f32]) {
     let d = shape.head_dim;
-    let base = kv * shape.capacity * d;
-    let (k, v) = (&k[base..base + (pos + 1) * d], &v[base..base + (pos + 1) * d]);
-    let scale = 1.0 / (d as f32).sqrt();
+    let first = (pos + 1).saturating_sub(shape.window);
+    let n = pos + 1 - first;
+    let base = (kv * shape.capacity + first) * d;
+    let (k, v) = (&k[base..base + n * d], &v[base..base + n * d]);
     SCORES.with_borrow_mut(|scores| {
-        scores.resize(shape.group() * (pos + 1), 0.0);
-        super::attention_scores(q, d, k, scale, scores);
-        for head in scores.chunks_exact_mut(pos + 1) {
+        scores.resize(shape.group() * n, 0.0);
+        super::attention_scores(q, d, k, shape.scale, scores);
+        for head in scores.chunks_exact_mut(n) {
             super::softmax(head);
         }
         super::weighted_sum(scores, d, v, out);

@@ -273,6 +273,10 @@ fn vectorized_row_ops_equal_their_portable_source_bit_for_bit() {
         silu_mul(&mut a, &w);
         ops::silu_mul(&mut b, &w);
         assert_eq!(a, b, "silu_mul, n = {n}");
+        let (mut a, mut b) = (x.clone(), x.clone());
+        gelu_mul(&mut a, &w);
+        ops::gelu_mul(&mut b, &w);
+        assert_eq!(a, b, "gelu_mul, n = {n}");
         let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
         rms_norm(&x, &w, 1e-5, &mut a);
         ops::rms_norm(&x, &w, 1e-5, &mut b);
@@ -318,10 +322,12 @@ fn attention_matches_an_f64_softmax() {
     // off it; groups of query heads that the kernels take whole and in
     // pieces; every context length up to 11 (whole groups of four cache rows
     // and tails).
-    for d in [8, 24, 72, 6] {
+    // Sliding windows of 3 rows and none (the whole context).
+    for (d, window) in [8, 24, 72, 6].into_iter().flat_map(|d| [(d, usize::MAX), (d, 3)]) {
         for group in [1, 2, 3, 4, 7] {
             let (n_kv, cap) = (2, 11);
-            let shape = AttnShape { n_heads: n_kv * group, n_kv_heads: n_kv, head_dim: d, capacity: cap };
+            let scale = 1.0 / (d as f32).sqrt();
+            let shape = AttnShape { n_heads: n_kv * group, n_kv_heads: n_kv, head_dim: d, capacity: cap, scale, window };
             let mut values = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
             let k: Vec<f16> = values(n_kv * cap * d, 2.0).into_iter().map(f16::from_f32).collect();
             let v: Vec<f16> = values(n_kv * cap * d, 2.0).into_iter().map(f16::from_f32).collect();
@@ -333,17 +339,20 @@ fn attention_matches_an_f64_softmax() {
                     attend(shape, &q, &k, &v, pos, kv, &mut out);
                     for h in 0..group {
                         let q = &q[h * d..(h + 1) * d];
-                        let s: Vec<f64> = (0..=pos)
+                        let seen = (pos + 1).saturating_sub(window)..=pos;
+                        let s: Vec<f64> = seen
+                            .clone()
                             .map(|j| (0..d).map(|c| q[c] as f64 * k[(kv * cap + j) * d + c].to_f64()).sum::<f64>() / (d as f64).sqrt())
                             .collect();
                         let m = s.iter().cloned().fold(f64::MIN, f64::max);
                         let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                         for c in 0..d {
-                            let want: f64 = (0..=pos).map(|j| (s[j] - m).exp() / z * v[(kv * cap + j) * d + c].to_f64()).sum();
+                            let want: f64 =
+                                seen.clone().zip(&s).map(|(j, s)| (s - m).exp() / z * v[(kv * cap + j) * d + c].to_f64()).sum();
                             let got = out[h * d + c] as f64;
                             // f32 rounding of sums of at most 72 products (scores of
                             // magnitude ≤ 26) and 11 weighted rows: ~1e-6 measured.
-                            assert!((got - want).abs() < 2e-5, "d {d} group {group} pos {pos} kv {kv} head {h} dim {c}: {got} vs {want}");
+                            assert!((got - want).abs() < 2e-5, "d {d} window {window} group {group} pos {pos} kv {kv} head {h} dim {c}: {got} vs {want}");
                         }
                     }
                 }

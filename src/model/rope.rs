@@ -1,59 +1,86 @@
-//! Rotary position embeddings: cos/sin tables for every position of the context.
+//! Rotary position embeddings: cos/sin tables for every position of the
+//! context, kept where the backend reads them (plain vectors for our kernels,
+//! tensors on the device for candle) and never both.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Config, RopeStyle};
+use super::config::RopeStyle;
+use super::weights::Backend;
 use crate::error::Result;
 
-#[derive(Debug, Clone)]
+/// What makes one set of tables: a slice builds each distinct one once and
+/// shares it between the blocks that use it (gemma3 has two bases).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub head_dim: usize,
+    pub theta: f32,
+    /// Per-pair divisors of the frequency (Llama 3.1 scaling, linear scaling).
+    pub freq_factors: Option<Vec<f32>>,
+    pub style: RopeStyle,
+    pub context: usize,
+}
+
+#[derive(Debug)]
 pub struct Rope {
-    /// `[context, head_dim / 2]`
-    cos: Tensor,
-    sin: Tensor,
-    /// The same tables as plain vectors for the host path.
-    cos_host: Vec<f32>,
-    sin_host: Vec<f32>,
-    style: RopeStyle,
+    spec: RopeSpec,
+    tables: Tables,
+}
+
+#[derive(Debug)]
+enum Tables {
+    /// `[context, head_dim / 2]` row-major.
+    Host { cos: Vec<f32>, sin: Vec<f32> },
+    Device { cos: Tensor, sin: Tensor },
 }
 
 impl Rope {
-    pub fn new(cfg: &Config, device: &Device) -> Result<Self> {
-        let d = cfg.head_dim;
+    pub fn new(spec: RopeSpec, backend: Backend, device: &Device) -> Result<Self> {
+        let d = spec.head_dim;
         // Same expression as llama.cpp and candle's quantized_llama, so tables
         // (and thus logits) agree bit for bit.
         let inv_freq: Vec<f32> = (0..d)
             .step_by(2)
             .enumerate()
             .map(|(j, i)| {
-                let f = 1f32 / cfg.rope_theta.powf(i as f32 / d as f32);
-                match &cfg.rope_freq_factors {
+                let f = 1f32 / spec.theta.powf(i as f32 / d as f32);
+                match &spec.freq_factors {
                     Some(factors) => f / factors[j],
                     None => f,
                 }
             })
             .collect();
-        let n = cfg.context_length;
-        let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
-        let positions = Tensor::arange(0, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+        let n = spec.context;
+        let on = if backend == Backend::Host { &Device::Cpu } else { device };
+        let inv_freq = Tensor::new(inv_freq.as_slice(), on)?;
+        let positions = Tensor::arange(0, n as u32, on)?.to_dtype(DType::F32)?.reshape((n, 1))?;
         let angles = positions.matmul(&inv_freq.reshape((1, d / 2))?)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
-        let (cos_host, sin_host) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
-        Ok(Self { cos, sin, cos_host, sin_host, style: cfg.rope_style })
+        let tables = match backend {
+            Backend::Host => Tables::Host { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()? },
+            Backend::Candle => Tables::Device { cos, sin },
+        };
+        Ok(Self { spec, tables })
     }
 
-    /// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq`.
-    pub fn apply_host(&self, x: &mut [f32], heads: usize, head_dim: usize, pos: usize) {
-        let interleaved = self.style == RopeStyle::Interleaved;
-        crate::kernels::rope(x, heads, head_dim, pos, &self.cos_host, &self.sin_host, interleaved)
+    pub fn spec(&self) -> &RopeSpec {
+        &self.spec
     }
 
-    /// Rotates `x` `[b, heads, seq, head_dim]` for positions `pos..pos+seq`.
+    /// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq` (host tables).
+    pub fn apply_host(&self, x: &mut [f32], heads: usize, pos: usize) {
+        let Tables::Host { cos, sin } = &self.tables else { unreachable!("host tables are built for host slices") };
+        let interleaved = self.spec.style == RopeStyle::Interleaved;
+        crate::kernels::rope(x, heads, self.spec.head_dim, pos, cos, sin, interleaved)
+    }
+
+    /// Rotates `x` `[b, heads, seq, head_dim]` for positions `pos..pos+seq` (device tables).
     pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let Tables::Device { cos, sin } = &self.tables else { unreachable!("device tables are built for candle slices") };
         let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
+        let cos = cos.narrow(0, pos, seq)?;
+        let sin = sin.narrow(0, pos, seq)?;
         let x = x.contiguous()?;
-        Ok(match self.style {
+        Ok(match self.spec.style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
             RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
         })

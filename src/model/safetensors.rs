@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use super::arch;
 use super::config::{Config, RopeStyle};
-use super::weights::{RawWeight, Role};
+use super::arch::Architecture;
+use super::weights::RawWeight;
 use crate::error::{first_line, Error, Result};
 
 /// The subset of HF `config.json` that llama-family models use.
@@ -57,13 +58,15 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<usize>,
 }
 
-/// llama3 scaling as per-pair divisors of the inverse frequency
+/// llama3 and linear scaling as per-pair divisors of the inverse frequency
 /// (the same form GGUF files store in `rope_freqs.weight`).
-fn llama3_freq_factors(s: &RopeScaling, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
-    if s.rope_type.as_deref() != Some("llama3") {
-        return None;
-    }
+fn freq_factors(s: &RopeScaling, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
     let factor = s.factor?;
+    match s.rope_type.as_deref() {
+        Some("linear") => return Some(vec![factor; head_dim / 2]),
+        Some("llama3") => {}
+        _ => return None,
+    }
     let low = s.low_freq_factor.unwrap_or(1.0);
     let high = s.high_freq_factor.unwrap_or(4.0);
     let old_ctx = s.original_max_position_embeddings.unwrap_or(8192) as f32;
@@ -89,32 +92,38 @@ fn llama3_freq_factors(s: &RopeScaling, head_dim: usize, theta: f32) -> Option<V
 
 pub struct SafetensorsDir {
     path: PathBuf,
+    arch: &'static Architecture,
     hf: HfConfig,
     hf_raw: serde_json::Value,
     tensors: MmapedSafetensors,
 }
 
-fn tensor_name(role: Role, layer: Option<usize>) -> String {
-    let base = match role {
-        Role::Embed => "model.embed_tokens.weight",
-        Role::AttnNorm => "input_layernorm.weight",
-        Role::Q => "self_attn.q_proj.weight",
-        Role::K => "self_attn.k_proj.weight",
-        Role::V => "self_attn.v_proj.weight",
-        Role::O => "self_attn.o_proj.weight",
-        Role::QBias => "self_attn.q_proj.bias",
-        Role::KBias => "self_attn.k_proj.bias",
-        Role::VBias => "self_attn.v_proj.bias",
-        Role::FfnNorm => "post_attention_layernorm.weight",
-        Role::Gate => "mlp.gate_proj.weight",
-        Role::Up => "mlp.up_proj.weight",
-        Role::Down => "mlp.down_proj.weight",
-        Role::OutputNorm => "model.norm.weight",
-        Role::Output => "lm_head.weight",
-    };
+/// The llama family's HF names of GGUF tensors (architectures name their
+/// differences in `Architecture::hf_names`).
+const HF_NAMES: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+/// The HF name of GGUF tensor `name` of block `layer` (or a model-level one).
+fn tensor_name(arch: &Architecture, name: &str, layer: Option<usize>) -> String {
+    let hf = arch.hf_names.iter().chain(HF_NAMES).find(|(g, _)| *g == name).map_or(name, |(_, h)| h);
     match layer {
-        Some(i) => format!("model.layers.{i}.{base}"),
-        None => base.to_string(),
+        Some(i) => format!("model.layers.{i}.{hf}"),
+        None => hf.to_string(),
     }
 }
 
@@ -152,7 +161,8 @@ impl SafetensorsDir {
         // SAFETY: the files are mapped read-only; like every mmap-based loader we
         // rely on nobody truncating them while the model is being loaded.
         let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| bad(format!("safetensors: {}", first_line(&e))))?;
-        Ok(Self { path: dir.to_path_buf(), hf, hf_raw, tensors })
+        let arch = arch::by_hf_model_type(&hf.model_type)?;
+        Ok(Self { path: dir.to_path_buf(), arch, hf, hf_raw, tensors })
     }
 
     pub fn path(&self) -> &Path {
@@ -161,7 +171,7 @@ impl SafetensorsDir {
 
     pub fn config(&self) -> Result<Config> {
         let hf = &self.hf;
-        let arch = arch::by_hf_model_type(&hf.model_type)?;
+        let arch = self.arch;
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
         let cfg = Config {
             arch,
@@ -175,7 +185,7 @@ impl SafetensorsDir {
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta,
             rope_style: RopeStyle::Half,
-            rope_freq_factors: hf.rope_scaling.as_ref().and_then(|s| llama3_freq_factors(s, head_dim, hf.rope_theta)),
+            rope_freq_factors: hf.rope_scaling.as_ref().and_then(|s| freq_factors(s, head_dim, hf.rope_theta)),
             context_length: hf.max_position_embeddings,
         };
         cfg.validate().map_err(|r| Error::bad_model(&self.path, format!("config.json: {r}")))?;
@@ -186,12 +196,17 @@ impl SafetensorsDir {
         self.hf.tie_word_embeddings
     }
 
-    pub fn has(&self, role: Role, layer: Option<usize>) -> bool {
-        self.tensors.get(&tensor_name(role, layer)).is_ok()
+    pub fn has(&self, name: &str, layer: Option<usize>) -> bool {
+        self.tensors.get(&tensor_name(self.arch, name, layer)).is_ok()
     }
 
-    pub fn read(&self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
-        let name = tensor_name(role, layer);
+    /// `config.json`'s `key` as a number.
+    pub fn param(&self, key: &str) -> Option<f64> {
+        self.hf_raw.get(key)?.as_f64()
+    }
+
+    pub fn read(&self, name: &str, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+        let name = tensor_name(self.arch, name, layer);
         let t = self.tensors.load(&name, device).map_err(|_| Error::bad_model(&self.path, format!("missing tensor '{name}'")))?;
         let t = match t.dtype() {
             DType::F32 | DType::F16 | DType::BF16 => t,

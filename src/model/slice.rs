@@ -9,13 +9,14 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::block::{causal_mask, Block};
+use super::candle::CandleOps;
 use super::config::Config;
-use super::host::{BatchItem, HostInput, Scratch};
+use super::host::{BatchItem, HostInput, HostOps, Scratch, Seg};
 use super::kv_cache::KvCache;
-use super::rope::Rope;
-use super::weights::{Backend, Embedding, Linear, RmsNorm, Role};
-use super::ModelFile;
+use super::loader::Loader;
+use super::ops::{Block, Ops};
+use super::weights::{Backend, Embedding, Linear, RmsNorm};
+use super::{ModelFile, EMBED, OUTPUT, OUTPUT_NORM};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -23,9 +24,10 @@ pub struct ModelSlice {
     config: Config,
     layers: Range<usize>,
     embed: Option<Embedding>,
-    blocks: Vec<Block>,
+    /// The architecture's scale of embedding rows (gemma: √hidden).
+    embed_scale: Option<f32>,
+    blocks: Vec<Arc<dyn Block>>,
     head: Option<(RmsNorm, Linear)>,
-    rope: Rope,
     device: Device,
     weight_bytes: usize,
     backend: Backend,
@@ -72,13 +74,13 @@ impl ModelSlice {
         );
         let mut weight_bytes = 0;
         // The table is also the LM head of a tied model.
-        let tied_head_here = is_last && !file.has(Role::Output, None);
+        let tied_head_here = is_last && !file.has(OUTPUT, None);
         let (host_table, embed_table) = match backend {
             _ if !is_first && !tied_head_here => (None, None),
             // On the host path the table is one matrix, shared by the
             // embedding and a tied LM head; laid out for products only when
             // it is that head here (a lookup reads either layout).
-            Backend::Host => match file.read_matrix(Role::Embed, None)? {
+            Backend::Host => match file.read_matrix(EMBED, None)? {
                 Some(m) if m.cols() != config.hidden_size => {
                     return Err(Error::bad_model(
                         file.path(),
@@ -92,7 +94,7 @@ impl ModelSlice {
                 None => return Self::load_with(file, layers, device, Backend::Candle),
             },
             Backend::Candle => {
-                let table = file.read(Role::Embed, None, device)?;
+                let table = file.read(EMBED, None, device)?;
                 weight_bytes += table.size_in_bytes();
                 (None, Some(table))
             }
@@ -103,20 +105,22 @@ impl ModelSlice {
             (None, t) => t.clone().map(Embedding::Candle),
         };
         let mut blocks = Vec::with_capacity(layers.len());
+        let mut ropes = Vec::new();
         for layer in layers.clone() {
-            blocks.push(Block::load(file, &config, layer, device, backend)?);
+            let mut loader = Loader { file, config: &config, device, backend, layer, ropes: &mut ropes, all_host: true };
+            blocks.push((config.arch.load_block)(&mut loader)?);
+            if !loader.all_host {
+                progress.finish_and_clear();
+                return Self::load_with(file, layers, device, Backend::Candle);
+            }
             progress.inc(1);
-        }
-        if backend == Backend::Host && !blocks.iter().all(Block::is_host) {
-            progress.finish_and_clear();
-            return Self::load_with(file, layers, device, Backend::Candle);
         }
         weight_bytes += file.bytes_of_blocks(layers.clone());
         let head = if is_last {
-            let norm = file.read(Role::OutputNorm, None, device)?;
-            let output = if file.has(Role::Output, None) {
+            let norm = file.read(OUTPUT_NORM, None, device)?;
+            let output = if file.has(OUTPUT, None) {
                 match backend {
-                    Backend::Host => match file.read_matrix(Role::Output, None)? {
+                    Backend::Host => match file.read_matrix(OUTPUT, None)? {
                         Some(m) => {
                             weight_bytes += m.size_in_bytes();
                             Linear::from_matrix(Arc::new(m.interleaved()))
@@ -124,7 +128,7 @@ impl ModelSlice {
                         None => return Self::load_with(file, layers, device, Backend::Candle),
                     },
                     Backend::Candle => {
-                        let w = file.read(Role::Output, None, device)?;
+                        let w = file.read(OUTPUT, None, device)?;
                         weight_bytes += w.size_in_bytes();
                         Linear::new(w, None, backend)?
                     }
@@ -140,43 +144,20 @@ impl ModelSlice {
                 progress.finish_and_clear();
                 return Self::load_with(file, layers, device, Backend::Candle);
             }
-            Some((RmsNorm::new(&norm, config.rms_norm_eps)?, output))
+            let offset = if matches!(file, ModelFile::Safetensors(_)) { config.arch.hf_norm_offset } else { 0.0 };
+            Some((RmsNorm::new(&norm, offset, config.rms_norm_eps)?, output))
         } else {
             None
         };
         progress.inc(1);
         progress.finish_and_clear();
-        let rope = Rope::new(&config, device)?;
         let scratch = Arc::new(Mutex::new(Scratch::default()));
-        Ok(Self { config, layers, embed, blocks, head, rope, device: device.clone(), weight_bytes, backend, scratch })
+        let embed_scale = (config.arch.embedding_scale)(&config);
+        Ok(Self { config, layers, embed, embed_scale, blocks, head, device: device.clone(), weight_bytes, backend, scratch })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
-    }
-
-    pub(super) fn embed(&self) -> Option<&Embedding> {
-        self.embed.as_ref()
-    }
-
-    pub(super) fn blocks(&self) -> &[Block] {
-        &self.blocks
-    }
-
-    pub(super) fn n_blocks(&self) -> usize {
-        self.blocks.len()
-    }
-
-    pub(super) fn head(&self) -> Option<&(RmsNorm, Linear)> {
-        self.head.as_ref()
-    }
-
-    pub(super) fn rope(&self) -> &Rope {
-        &self.rope
-    }
-
-    pub(super) fn scratch(&self) -> &Mutex<Scratch> {
-        &self.scratch
     }
 
     pub fn config(&self) -> &Config {
@@ -229,15 +210,20 @@ impl ModelSlice {
             return self.forward_host_tensor(x, cache);
         }
         cache.reserve(seq)?;
-        let pos = cache.len();
-        let mut h = match &self.embed {
+        let h = match &self.embed {
             Some(embed) => embed.forward(x)?,
             None => x.clone(),
         };
-        let mask = if seq > 1 { Some(causal_mask(seq, pos, &self.device)?) } else { None };
-        for (i, block) in self.blocks.iter().enumerate() {
-            h = block.forward(&h, mask.as_ref(), &self.rope, cache, i)?;
+        let (mut ops, mut h) = CandleOps::new(cache, h)?;
+        if let (Some(s), true) = (self.embed_scale, self.is_first()) {
+            h = ops.scale(h, s)?;
         }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let out = block.forward(&mut ops, h, i)?;
+            h = ops.end_block(out);
+        }
+        let h = ops.get(h).clone();
+        drop(ops);
         cache.advance(seq);
         match &self.head {
             Some((norm, output)) => {
@@ -293,5 +279,87 @@ impl SliceOutput {
         match self {
             SliceOutput::Hidden(t) | SliceOutput::Logits(t) => t,
         }
+    }
+}
+
+impl ModelSlice {
+    /// Runs several sessions' inputs as one batch on the host backend; one
+    /// output per item, in order. Every item is checked before any runs, so
+    /// a bad one leaves all caches untouched.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<SliceOutput>> {
+        if self.backend != Backend::Host {
+            return Err(Error::InvalidRequest("batched steps run on the host backend".into()));
+        }
+        let hidden = self.config.hidden_size;
+        let mut segs = Vec::with_capacity(items.len());
+        let mut rows = 0;
+        for (n, item) in items.iter().enumerate() {
+            let len = match (item.input, &self.embed) {
+                (HostInput::Tokens(t), Some(_)) => t.len(),
+                (HostInput::Hidden(h), None) if h.len() % hidden == 0 => h.len() / hidden,
+                (HostInput::Tokens(_), None) | (HostInput::Hidden(_), _) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "batch item {n}: slice {}..{} takes {}",
+                        self.layers.start,
+                        self.layers.end,
+                        if self.is_first() { "token ids".to_string() } else { format!("hidden states of width {hidden}") }
+                    )))
+                }
+            };
+            if len == 0 {
+                return Err(Error::InvalidRequest(format!("batch item {n}: empty input")));
+            }
+            if !item.cache.is_host() || item.cache.n_layers() != self.blocks.len() {
+                return Err(Error::InvalidRequest(format!("batch item {n}: KV cache belongs to a different slice")));
+            }
+            item.cache.reserve(len)?;
+            if let (HostInput::Tokens(t), Some(e)) = (item.input, &self.embed) {
+                if let Some(bad) = t.iter().find(|&&id| id as usize >= e.vocab_size()) {
+                    return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary of {}", e.vocab_size())));
+                }
+            }
+            segs.push(Seg { start: rows, len, pos: item.cache.len() });
+            rows += len;
+        }
+
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let inputs: Vec<HostInput> = items.iter().map(|i| i.input).collect();
+        let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|i| &mut *i.cache).collect();
+        let mut ops = HostOps::new(&mut guard, &segs, &mut caches);
+        let (mut h, input) = ops.input(hidden);
+        for (item_input, g) in inputs.iter().zip(&segs) {
+            let dst = &mut input[g.start * hidden..(g.start + g.len) * hidden];
+            match item_input {
+                HostInput::Tokens(t) => self.embed.as_ref().expect("checked above").lookup_host(t, dst)?,
+                HostInput::Hidden(x) => dst.copy_from_slice(x),
+            }
+        }
+        if let (Some(s), true) = (self.embed_scale, self.is_first()) {
+            h = ops.scale(h, s)?;
+        }
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let out = block.forward(&mut ops, h, layer)?;
+            h = ops.end_block(out)?;
+        }
+        let outputs = match &self.head {
+            Some((norm, output)) => {
+                // Only each item's last position is sampled.
+                let last: Vec<usize> = segs.iter().map(|g| g.start + g.len - 1).collect();
+                let logits = ops.head(h, &last, norm, output)?;
+                let vocab = logits.len() / last.len();
+                logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
+            }
+            None => {
+                let rows = ops.rows(h)?;
+                segs.iter()
+                    .map(|g| Ok(SliceOutput::Hidden(Tensor::from_slice(&rows[g.start * hidden..(g.start + g.len) * hidden], (1, g.len, hidden), &Device::Cpu)?)))
+                    .collect()
+            }
+        };
+        drop(ops);
+        for (c, g) in caches.iter_mut().zip(&segs) {
+            c.advance(g.len);
+        }
+        outputs
     }
 }

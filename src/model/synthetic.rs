@@ -19,10 +19,23 @@ use sha2::{Digest, Sha256};
 use super::arch;
 use super::config::{Config, RopeStyle};
 use super::gguf::LayerBytes;
-use super::weights::{RawWeight, Role};
+use super::weights::RawWeight;
 use crate::error::{Error, Result};
 
 pub const PREFIX: &str = "synthetic:";
+
+/// A llama block's tensors.
+const BLOCK_TENSORS: &[&str] = &[
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+];
 
 /// A named model shape (the published configs of these models).
 struct Shape {
@@ -144,28 +157,28 @@ impl SyntheticModel {
     }
 
     /// Untied LM head, no biases: the llama 3 layout.
-    pub fn has(&self, role: Role, _layer: Option<usize>) -> bool {
-        !matches!(role, Role::QBias | Role::KBias | Role::VBias)
+    pub fn has(&self, name: &str, _layer: Option<usize>) -> bool {
+        self.shape(name).is_some()
     }
 
-    fn shape(&self, role: Role) -> Vec<usize> {
+    /// The shape of tensor `name` in the llama layout (none for what it lacks).
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let c = &self.config;
         let (h, q, kv, f) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
-        match role {
-            Role::Embed | Role::Output => vec![c.vocab_size, h],
-            Role::Q => vec![q, h],
-            Role::K | Role::V => vec![kv, h],
-            Role::O => vec![h, q],
-            Role::Gate | Role::Up => vec![f, h],
-            Role::Down => vec![h, f],
-            Role::AttnNorm | Role::FfnNorm | Role::OutputNorm => vec![h],
-            Role::QBias => vec![q],
-            Role::KBias | Role::VBias => vec![kv],
-        }
+        Some(match name {
+            "token_embd.weight" | "output.weight" => vec![c.vocab_size, h],
+            "attn_q.weight" => vec![q, h],
+            "attn_k.weight" | "attn_v.weight" => vec![kv, h],
+            "attn_output.weight" => vec![h, q],
+            "ffn_gate.weight" | "ffn_up.weight" => vec![f, h],
+            "ffn_down.weight" => vec![h, f],
+            "attn_norm.weight" | "ffn_norm.weight" | "output_norm.weight" => vec![h],
+            _ => return None,
+        })
     }
 
-    pub fn read(&mut self, role: Role, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
-        let shape = self.shape(role);
+    pub fn read(&mut self, name: &str, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
+        let shape = self.shape(name).ok_or_else(|| Error::bad_model(self.path(), format!("a synthetic llama has no tensor '{name}'")))?;
         if shape.len() == 1 {
             return Ok(RawWeight::Dense(Tensor::ones(shape[0], candle_core::DType::F32, device)?));
         }
@@ -173,7 +186,8 @@ impl SyntheticModel {
         // Tiles are seeded by role and shape only: layers share a tile, but each gets its own copy in memory.
         let tiled = rows * cols > TILE_ABOVE;
         let layer_seed = if tiled { u64::from(layer.is_some()) } else { layer.map_or(0, |l| l as u64 + 1) << 8 };
-        let seed = (role as u64) << 32 ^ (rows * 31 + cols) as u64 ^ layer_seed;
+        let name_seed = name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let seed = name_seed << 32 ^ (rows * 31 + cols) as u64 ^ layer_seed;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let tile_rows = if tiled { rows.min(TILE_ROWS) } else { rows };
         let scale = 1.0 / (cols as f32).sqrt();
@@ -188,8 +202,8 @@ impl SyntheticModel {
         Ok(RawWeight::Quantized(std::sync::Arc::new(qtensor_from_ggml(self.dtype, &bytes, vec![rows, cols], device)?)))
     }
 
-    fn bytes_of(&self, role: Role) -> u64 {
-        let shape = self.shape(role);
+    fn bytes_of(&self, name: &str) -> u64 {
+        let shape = self.shape(name).unwrap_or_default();
         if shape.len() == 1 {
             return shape[0] as u64 * 4;
         }
@@ -197,14 +211,11 @@ impl SyntheticModel {
     }
 
     pub fn layer_bytes(&self) -> LayerBytes {
-        let block: u64 = [Role::AttnNorm, Role::Q, Role::K, Role::V, Role::O, Role::FfnNorm, Role::Gate, Role::Up, Role::Down]
-            .iter()
-            .map(|&r| self.bytes_of(r))
-            .sum();
+        let block: u64 = BLOCK_TENSORS.iter().map(|n| self.bytes_of(n)).sum();
         LayerBytes {
             blocks: vec![block; self.config.n_layers],
-            embed: self.bytes_of(Role::Embed),
-            head: self.bytes_of(Role::OutputNorm) + self.bytes_of(Role::Output),
+            embed: self.bytes_of("token_embd.weight"),
+            head: self.bytes_of("output_norm.weight") + self.bytes_of("output.weight"),
             tied: false,
         }
     }

@@ -90,6 +90,14 @@ impl RawWeight {
         }
     }
 
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            RawWeight::Quantized(q) => q.shape().dims().to_vec(),
+            RawWeight::Dense(t) => t.dims().to_vec(),
+            RawWeight::Host(m) => vec![m.rows(), m.cols()],
+        }
+    }
+
     /// A small 1-D weight (norm scale, bias) as f32.
     pub fn to_f32(&self) -> Result<Tensor> {
         Ok(match self {
@@ -104,26 +112,6 @@ impl RawWeight {
             }
         })
     }
-}
-
-/// The role a tensor plays; each format maps roles to its own tensor names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Embed,
-    AttnNorm,
-    Q,
-    K,
-    V,
-    O,
-    QBias,
-    KBias,
-    VBias,
-    FfnNorm,
-    Gate,
-    Up,
-    Down,
-    OutputNorm,
-    Output,
 }
 
 /// `y = x Wᵀ (+ b)`, x is f32 `[.., in]`, y is f32 `[.., out]`.
@@ -384,20 +372,28 @@ impl Embedding {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
-    weight_host: Vec<f32>,
+    /// The weights as a plain vector for the host path (shared by clones).
+    weight_host: Arc<[f32]>,
     eps: f32,
 }
 
 impl RmsNorm {
-    pub fn new(weight: &RawWeight, eps: f64) -> Result<Self> {
+    /// `offset` is added to every weight (gemma's HF checkpoints store `w - 1`).
+    pub fn new(weight: &RawWeight, offset: f32, eps: f64) -> Result<Self> {
         let weight = weight.to_f32()?;
-        let weight_host = weight.to_vec1::<f32>()?;
+        let weight = if offset != 0.0 { (weight + offset as f64)? } else { weight };
+        let weight_host = weight.to_vec1::<f32>()?.into();
         Ok(Self { weight, weight_host, eps: eps as f32 })
     }
 
     /// Every row of `x` into `out`, on the host.
     pub fn forward_host(&self, x: &[f32], out: &mut [f32]) {
         kernels::rms_norm(x, &self.weight_host, self.eps, out)
+    }
+
+    /// Every row of `x` in place, on the host (per-head norms).
+    pub fn forward_host_in_place(&self, x: &mut [f32]) {
+        kernels::ops::rms_norm_in_place(x, &self.weight_host, self.eps)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

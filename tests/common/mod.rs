@@ -9,6 +9,12 @@ pub fn smollm2() -> PathBuf {
     sollol::model::source::resolve("smollm2").expect("fetch the default model (sollol pull)").path
 }
 
+/// The second real model (Gemma-3-270M Q4_K_M, the gemma3 architecture),
+/// fetched like the default one.
+pub fn gemma3() -> PathBuf {
+    sollol::model::source::resolve("gemma3").expect("fetch Gemma-3-270M (sollol pull gemma3)").path
+}
+
 pub fn sollol_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sollol"))
 }

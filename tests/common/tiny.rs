@@ -42,58 +42,79 @@ impl Lcg {
     }
 }
 
-/// Tensors by their HF role name (without the `model.layers.{i}.` prefix), f32.
-pub fn random_weights(spec: &TinySpec, qkv_bias: bool) -> Vec<(String, Tensor)> {
+/// The tensors of a tiny `arch` model by GGUF name, f32: llama and qwen2
+/// (q/k/v biases), qwen3 (per-head q/k norms), gemma3 (per-head norms, norms
+/// after attention and MLP, tied embeddings). Norm weights are the factors
+/// applied (what GGUF stores; gemma's HF files store them minus one).
+pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
     let mut rng = Lcg(spec.seed);
     let hd = spec.hidden / spec.heads;
     let (h, q, kv, f) = (spec.hidden, spec.heads * hd, spec.kv_heads * hd, spec.ffn);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), rng.tensor(&[spec.vocab, h], 1.0))];
+    let mut out = vec![("token_embd.weight".to_string(), rng.tensor(&[spec.vocab, h], 1.0))];
+    let norm = |rng: &mut Lcg, n: usize| (rng.tensor(&[n], 0.2) + 1.0).unwrap();
     for i in 0..spec.layers {
-        let p = format!("model.layers.{i}.");
-        let norm = |rng: &mut Lcg| (rng.tensor(&[h], 0.2) + 1.0).unwrap();
-        out.push((format!("{p}input_layernorm.weight"), norm(&mut rng)));
-        out.push((format!("{p}self_attn.q_proj.weight"), rng.tensor(&[q, h], 0.3)));
-        out.push((format!("{p}self_attn.k_proj.weight"), rng.tensor(&[kv, h], 0.3)));
-        out.push((format!("{p}self_attn.v_proj.weight"), rng.tensor(&[kv, h], 0.3)));
-        if qkv_bias {
-            out.push((format!("{p}self_attn.q_proj.bias"), rng.tensor(&[q], 0.5)));
-            out.push((format!("{p}self_attn.k_proj.bias"), rng.tensor(&[kv], 0.5)));
-            out.push((format!("{p}self_attn.v_proj.bias"), rng.tensor(&[kv], 0.5)));
+        let p = format!("blk.{i}.");
+        out.push((format!("{p}attn_norm.weight"), norm(&mut rng, h)));
+        out.push((format!("{p}attn_q.weight"), rng.tensor(&[q, h], 0.3)));
+        out.push((format!("{p}attn_k.weight"), rng.tensor(&[kv, h], 0.3)));
+        out.push((format!("{p}attn_v.weight"), rng.tensor(&[kv, h], 0.3)));
+        if arch == "qwen2" {
+            out.push((format!("{p}attn_q.bias"), rng.tensor(&[q], 0.5)));
+            out.push((format!("{p}attn_k.bias"), rng.tensor(&[kv], 0.5)));
+            out.push((format!("{p}attn_v.bias"), rng.tensor(&[kv], 0.5)));
         }
-        out.push((format!("{p}self_attn.o_proj.weight"), rng.tensor(&[h, q], 0.2)));
-        out.push((format!("{p}post_attention_layernorm.weight"), norm(&mut rng)));
-        out.push((format!("{p}mlp.gate_proj.weight"), rng.tensor(&[f, h], 0.3)));
-        out.push((format!("{p}mlp.up_proj.weight"), rng.tensor(&[f, h], 0.3)));
-        out.push((format!("{p}mlp.down_proj.weight"), rng.tensor(&[h, f], 0.2)));
+        if arch == "qwen3" || arch == "gemma3" {
+            out.push((format!("{p}attn_q_norm.weight"), norm(&mut rng, hd)));
+            out.push((format!("{p}attn_k_norm.weight"), norm(&mut rng, hd)));
+        }
+        out.push((format!("{p}attn_output.weight"), rng.tensor(&[h, q], 0.2)));
+        if arch == "gemma3" {
+            out.push((format!("{p}post_attention_norm.weight"), norm(&mut rng, h)));
+            out.push((format!("{p}post_ffw_norm.weight"), norm(&mut rng, h)));
+        }
+        out.push((format!("{p}ffn_norm.weight"), norm(&mut rng, h)));
+        out.push((format!("{p}ffn_gate.weight"), rng.tensor(&[f, h], 0.3)));
+        out.push((format!("{p}ffn_up.weight"), rng.tensor(&[f, h], 0.3)));
+        out.push((format!("{p}ffn_down.weight"), rng.tensor(&[h, f], 0.2)));
     }
-    out.push(("model.norm.weight".to_string(), (rng.tensor(&[h], 0.2) + 1.0).unwrap()));
-    out.push(("lm_head.weight".to_string(), rng.tensor(&[spec.vocab, h], 0.5)));
+    out.push(("output_norm.weight".to_string(), norm(&mut rng, h)));
+    if arch != "gemma3" {
+        out.push(("output.weight".to_string(), rng.tensor(&[spec.vocab, h], 0.5)));
+    }
     out
 }
 
-fn gguf_name(hf: &str) -> String {
-    let map = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
+/// The HF name of a GGUF tensor of `arch`.
+fn hf_name(gguf: &str, arch: &str) -> String {
+    let top = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+    if let Some((_, h)) = top.iter().find(|(g, _)| *g == gguf) {
+        return h.to_string();
     }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let rest = gguf.strip_prefix("blk.").unwrap();
     let (i, role) = rest.split_once('.').unwrap();
-    let role = role
-        .replace("input_layernorm", "attn_norm")
-        .replace("self_attn.q_proj", "attn_q")
-        .replace("self_attn.k_proj", "attn_k")
-        .replace("self_attn.v_proj", "attn_v")
-        .replace("self_attn.o_proj", "attn_output")
-        .replace("post_attention_layernorm", "ffn_norm")
-        .replace("mlp.gate_proj", "ffn_gate")
-        .replace("mlp.up_proj", "ffn_up")
-        .replace("mlp.down_proj", "ffn_down");
-    format!("blk.{i}.{role}")
+    let (base, suffix) = role.rsplit_once('.').unwrap();
+    let hf = match (base, arch) {
+        ("ffn_norm", "gemma3") => "pre_feedforward_layernorm",
+        ("post_attention_norm", _) => "post_attention_layernorm",
+        ("post_ffw_norm", _) => "post_feedforward_layernorm",
+        ("attn_norm", _) => "input_layernorm",
+        ("attn_q", _) => "self_attn.q_proj",
+        ("attn_k", _) => "self_attn.k_proj",
+        ("attn_v", _) => "self_attn.v_proj",
+        ("attn_output", _) => "self_attn.o_proj",
+        ("attn_q_norm", _) => "self_attn.q_norm",
+        ("attn_k_norm", _) => "self_attn.k_norm",
+        ("ffn_norm", _) => "post_attention_layernorm",
+        ("ffn_gate", _) => "mlp.gate_proj",
+        ("ffn_up", _) => "mlp.up_proj",
+        ("ffn_down", _) => "mlp.down_proj",
+        (other, _) => panic!("no HF name for {other}"),
+    };
+    format!("model.layers.{i}.{hf}.{suffix}")
 }
+
+/// Sliding window of the tiny gemma3 models: shorter than the test sequences, so it matters.
+pub const TINY_WINDOW: usize = 3;
 
 /// A byte-level vocabulary of the printable ASCII characters, so prompts in
 /// plain English tokenize (one token per character).
@@ -110,11 +131,9 @@ pub fn tiny_vocab(vocab: usize) -> Vec<String> {
 /// Writes a GGUF file; `dtype` applies to the 2-D weights, norms and biases stay f32.
 /// `skip` leaves tensors out (to test missing-tensor errors).
 pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, skip: &[&str]) {
-    let qkv_bias = arch == "qwen2";
-    let weights = random_weights(spec, qkv_bias);
+    let weights = random_weights(spec, arch);
     let mut qtensors: Vec<(String, QTensor)> = Vec::new();
-    for (name, t) in weights {
-        let g = gguf_name(&name);
+    for (g, t) in weights {
         if skip.contains(&g.as_str()) {
             continue;
         }
@@ -122,7 +141,7 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
         qtensors.push((g, QTensor::quantize(&t, dt).unwrap()));
     }
     let tokens = tiny_vocab(spec.vocab);
-    let md: Vec<(String, Value)> = vec![
+    let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         (format!("{arch}.block_count"), Value::U32(spec.layers as u32)),
         (format!("{arch}.embedding_length"), Value::U32(spec.hidden as u32)),
@@ -137,7 +156,11 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
+        (format!("{arch}.attention.key_length"), Value::U32((spec.hidden / spec.heads) as u32)),
     ];
+    if arch == "gemma3" {
+        md.push((format!("{arch}.attention.sliding_window"), Value::U32(TINY_WINDOW as u32)));
+    }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
@@ -147,8 +170,15 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
 /// Writes an HF directory (config.json + model.safetensors) of `dtype` weights.
 pub fn write_hf_dir(dir: &Path, spec: &TinySpec, model_type: &str, dtype: DType) {
     std::fs::create_dir_all(dir).unwrap();
-    let weights: HashMap<String, Tensor> =
-        random_weights(spec, model_type == "qwen2").into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
+    let arch = if model_type == "gemma3_text" { "gemma3" } else { model_type };
+    let weights: HashMap<String, Tensor> = random_weights(spec, arch)
+        .into_iter()
+        .map(|(k, v)| {
+            // Gemma3RMSNorm multiplies by 1 + w: its checkpoints store w.
+            let v = if arch == "gemma3" && k.ends_with("norm.weight") { (v - 1.0).unwrap() } else { v };
+            (hf_name(&k, arch), v.to_dtype(dtype).unwrap())
+        })
+        .collect();
     candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
     let config = serde_json::json!({
         "model_type": model_type,
@@ -161,7 +191,9 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, model_type: &str, dtype: DType)
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": spec.context,
-        "tie_word_embeddings": false,
+        "tie_word_embeddings": arch == "gemma3",
+        "head_dim": spec.hidden / spec.heads,
+        "sliding_window": TINY_WINDOW,
     });
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }

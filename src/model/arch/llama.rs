@@ -1,15 +1,96 @@
-//! Llama 2 / 3.x, Mistral, TinyLlama, SmolLM/SmolLM2.
+//! Llama 2 / 3.x, Mistral, TinyLlama, SmolLM/SmolLM2: pre-norm attention with
+//! grouped-query heads and rotary positions, then a pre-norm SwiGLU MLP.
 //!
-//! Paper: <https://arxiv.org/abs/2302.13971>. Reference: llama.cpp `LLM_ARCH_LLAMA`.
+//! Paper: <https://arxiv.org/abs/2302.13971>. Reference: llama.cpp
+//! `LLM_ARCH_LLAMA`, candle-transformers' `quantized_llama`, whose operation
+//! order this follows exactly (the golden test demands identical bits).
 //! llama.cpp's converter permutes q/k rows so GGUF files rotate interleaved pairs.
 
-use super::ArchSpec;
-use crate::model::config::RopeStyle;
+use std::sync::Arc;
 
-pub const SPEC: ArchSpec = ArchSpec {
+use super::{unscaled, Architecture};
+use crate::error::Result;
+use crate::model::config::RopeStyle;
+use crate::model::loader::Loader;
+use crate::model::ops::{Act, Attention, Block, Gate, Ops};
+use crate::model::weights::{Linear, Projections, RmsNorm};
+
+pub const ARCH: Architecture = Architecture {
     name: "llama",
     gguf_names: &["llama", "mistral"],
     hf_model_types: &["llama", "mistral"],
-    qkv_bias: false,
     gguf_rope: RopeStyle::Interleaved,
+    hf_names: &[],
+    hf_norm_offset: 0.0,
+    embedding_scale: unscaled,
+    chat_template: None,
+    load_block: |l| load_with(l, HeadNorms::None),
 };
+
+/// Whether the block normalizes each query and key head (qwen3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HeadNorms {
+    None,
+    Required,
+}
+
+#[derive(Debug)]
+pub(super) struct LlamaBlock {
+    attn_norm: RmsNorm,
+    /// Q, K, V (with biases where the file has them: qwen2).
+    qkv: Projections,
+    attn: Attention,
+    o: Linear,
+    ffn_norm: RmsNorm,
+    /// Gate, up.
+    gate_up: Projections,
+    down: Linear,
+}
+
+pub(super) fn load_with(l: &mut Loader, head_norms: HeadNorms) -> Result<Arc<dyn Block>> {
+    let c = l.config().clone();
+    let (h, q_dim, kv_dim, ffn) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
+    Ok(Arc::new(LlamaBlock {
+        attn_norm: l.rms_norm("attn_norm.weight", h)?,
+        qkv: l.projections(&[("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)], h)?,
+        attn: Attention {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            rope: l.model_rope()?,
+            q_norm: (head_norms == HeadNorms::Required).then(|| l.rms_norm("attn_q_norm.weight", c.head_dim)).transpose()?,
+            k_norm: (head_norms == HeadNorms::Required).then(|| l.rms_norm("attn_k_norm.weight", c.head_dim)).transpose()?,
+            score_dim: c.head_dim,
+            window: None,
+        },
+        o: l.linear("attn_output.weight", h, q_dim)?,
+        ffn_norm: l.rms_norm("ffn_norm.weight", h)?,
+        gate_up: l.projections(&[("ffn_gate", ffn), ("ffn_up", ffn)], h)?,
+        down: l.linear("ffn_down.weight", h, ffn)?,
+    }))
+}
+
+impl Block for LlamaBlock {
+    fn forward(&self, op: &mut dyn Ops, x: Act, layer: usize) -> Result<Act> {
+        let h = op.rms_norm(x, &self.attn_norm)?;
+        let [q, k, v] = three(op.project(h, &self.qkv)?);
+        let a = op.attention(q, k, v, layer, &self.attn)?;
+        let a = op.linear(a, &self.o)?;
+        let x = op.add(a, x)?;
+        let h = op.rms_norm(x, &self.ffn_norm)?;
+        let [g, u] = two(op.project(h, &self.gate_up)?);
+        let m = op.glu(g, u, Gate::Silu)?;
+        let m = op.linear(m, &self.down)?;
+        op.add(m, x)
+    }
+}
+
+/// The outputs of a three-part projection (Q, K, V).
+pub(super) fn three(v: Vec<Act>) -> [Act; 3] {
+    v.try_into().expect("three projections give three outputs")
+}
+
+/// The outputs of a two-part projection (gate, up).
+pub(super) fn two(v: Vec<Act>) -> [Act; 2] {
+    v.try_into().expect("two projections give two outputs")
+}

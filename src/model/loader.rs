@@ -1,0 +1,137 @@
+//! What an architecture's block loader reads through: its tensors by GGUF
+//! name (each format maps them), checked against the shapes the config
+//! implies, in the form the slice's backend runs; its own hyper-parameters;
+//! rotary tables shared by the blocks that use the same ones.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use super::config::Config;
+use super::rope::{Rope, RopeSpec};
+use super::weights::{Backend, Linear, Part, Projections, RawWeight, RmsNorm};
+use super::ModelFile;
+use crate::error::{Error, Result};
+
+pub struct Loader<'a> {
+    pub(super) file: &'a mut ModelFile,
+    pub(super) config: &'a Config,
+    pub(super) device: &'a Device,
+    pub(super) backend: Backend,
+    pub(super) layer: usize,
+    pub(super) ropes: &'a mut Vec<Arc<Rope>>,
+    /// Cleared when a matrix has a type our kernels lack: a host slice is
+    /// then loaded for candle instead.
+    pub(super) all_host: bool,
+}
+
+impl Loader<'_> {
+    pub fn config(&self) -> &Config {
+        self.config
+    }
+
+    /// The block's index in the whole model.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// A one-line error naming the model file.
+    pub fn bad(&self, reason: impl Into<String>) -> Error {
+        Error::bad_model(self.file.path(), reason.into())
+    }
+
+    /// Whether the block has tensor `name` (`attn_q.bias`).
+    pub fn has(&self, name: &str) -> bool {
+        self.file.has(name, Some(self.layer))
+    }
+
+    /// An integer hyper-parameter: `{arch}.{gguf_key}` in GGUF metadata, `hf_key` in `config.json`.
+    pub fn param_usize(&self, gguf_key: &str, hf_key: &str) -> Option<usize> {
+        self.file.param(gguf_key, hf_key).filter(|v| *v >= 0.0 && v.fract() == 0.0).map(|v| v as usize)
+    }
+
+    pub fn param_f32(&self, gguf_key: &str, hf_key: &str) -> Option<f32> {
+        self.file.param(gguf_key, hf_key).map(|v| v as f32)
+    }
+
+    fn weight(&mut self, name: &str, shape: &[usize]) -> Result<RawWeight> {
+        let layer = Some(self.layer);
+        let w = match self.backend {
+            // A matrix for our kernels goes straight into their buffer.
+            Backend::Host if shape.len() == 2 => match self.file.read_matrix(name, layer)? {
+                Some(m) => RawWeight::Host(m),
+                None => {
+                    self.all_host = false;
+                    self.file.read(name, layer, self.device)?
+                }
+            },
+            _ => self.file.read(name, layer, self.device)?,
+        };
+        let dims = w.dims();
+        if dims != shape {
+            return Err(Error::bad_model(
+                self.file.path(),
+                format!("block {} tensor {name} has shape {dims:?}, the config implies {shape:?}", self.layer),
+            ));
+        }
+        Ok(w)
+    }
+
+    /// `[rows, cols]` weight `name` as a linear layer without bias.
+    pub fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Linear> {
+        let w = self.weight(name, &[rows, cols])?;
+        self.linear_of(w, None)
+    }
+
+    fn linear_of(&mut self, w: RawWeight, bias: Option<candle_core::Tensor>) -> Result<Linear> {
+        let l = Linear::new(w, bias, self.backend)?;
+        self.all_host &= self.backend != Backend::Host || l.host().is_some();
+        Ok(l)
+    }
+
+    /// Products of one input of width `cols`: `(weight name, rows)` each,
+    /// with the bias `{name}.bias` where the file has one. Stacked into one
+    /// product where the backend gains by it.
+    pub fn projections(&mut self, parts: &[(&str, usize)], cols: usize) -> Result<Projections> {
+        let mut loaded: Vec<Part> = Vec::with_capacity(parts.len());
+        for &(name, rows) in parts {
+            let w = self.weight(&format!("{name}.weight"), &[rows, cols])?;
+            let bias = format!("{name}.bias");
+            let b = if self.has(&bias) { Some(self.weight(&bias, &[rows])?.to_f32()?) } else { None };
+            loaded.push((w, b));
+        }
+        let p = Projections::new(loaded, self.backend)?;
+        self.all_host &= self.backend != Backend::Host || p.separate().iter().all(|l| l.host().is_some());
+        Ok(p)
+    }
+
+    /// RMSNorm weight `name` of `len` values, with the architecture's offset
+    /// for HF checkpoints (gemma stores `w - 1`; its GGUF files store `w`).
+    pub fn rms_norm(&mut self, name: &str, len: usize) -> Result<RmsNorm> {
+        let w = self.weight(name, &[len])?;
+        let offset = if matches!(self.file, ModelFile::Safetensors(_)) { self.config.arch.hf_norm_offset } else { 0.0 };
+        RmsNorm::new(&w, offset, self.config.rms_norm_eps)
+    }
+
+    /// Rotary tables for `spec`, built once per slice.
+    pub fn rope(&mut self, spec: RopeSpec) -> Result<Arc<Rope>> {
+        if let Some(r) = self.ropes.iter().find(|r| *r.spec() == spec) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Rope::new(spec, self.backend, self.device)?);
+        self.ropes.push(r.clone());
+        Ok(r)
+    }
+
+    /// The model's own rotary tables (its base, scaling and pairing).
+    pub fn model_rope(&mut self) -> Result<Arc<Rope>> {
+        let c = self.config;
+        self.rope(RopeSpec {
+            head_dim: c.head_dim,
+            theta: c.rope_theta,
+            freq_factors: c.rope_freq_factors.clone(),
+            style: c.rope_style,
+            context: c.context_length,
+        })
+    }
+}
