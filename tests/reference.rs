@@ -197,3 +197,61 @@ fn safetensors_qwen3_f32_matches_numpy() {
 fn safetensors_gemma3_f32_matches_numpy() {
     safetensors_case("gemma3_text", DType::F32, 1e-4);
 }
+
+/// Logits at positions PROMPT_LEN-1.. from candle-transformers' own
+/// implementation of `arch` (`forward` returns the last position's).
+fn candle_transformers_logits(model: &Path, arch: &str) -> Vec<Vec<f32>> {
+    use candle_transformers::models::{quantized_gemma3, quantized_qwen3};
+    let mut reader = std::io::BufReader::new(std::fs::File::open(model).unwrap());
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
+    let mut forward: Box<dyn FnMut(&Tensor, usize) -> Tensor> = match arch {
+        "qwen3" => {
+            let mut m = quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+            Box::new(move |x, pos| m.forward(x, pos).unwrap())
+        }
+        "gemma3" => {
+            let mut m = quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+            Box::new(move |x, pos| m.forward(x, pos).unwrap())
+        }
+        other => panic!("no candle-transformers model for {other}"),
+    };
+    let row = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut out = vec![row(forward(&Tensor::new(&TOKENS[..PROMPT_LEN], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0))];
+    for (i, t) in TOKENS[PROMPT_LEN..].iter().enumerate() {
+        out.push(row(forward(&Tensor::new(&[*t], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), PROMPT_LEN + i)));
+    }
+    out
+}
+
+fn relative_error(ours: &[Vec<f32>], reference: &[Vec<f64>]) -> f64 {
+    let scale = reference.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+    ours.iter().zip(reference).flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs())).fold(0f64, f64::max) / scale
+}
+
+/// candle-transformers 0.11.1's `quantized_qwen3` and `quantized_gemma3`
+/// are not the golden references for these architectures, because each
+/// departs from the model it implements; this test shows where, against
+/// the numpy reference, next to our candle path on the same f32 file:
+/// - `quantized_qwen3` builds its rotary tables in f16 when the file has no
+///   `general.dtype` (llama.cpp writes none): the angles keep ~3 digits, so
+///   logits move by ~1e-3 of their range (and positions past 2048 are no
+///   longer integers in f16). HF computes them in f32.
+/// - `quantized_gemma3` gates its MLP with SiLU where Gemma uses GELU
+///   (tanh), applies no sliding window when decoding, and its prefill window
+///   is one position wider than HF's (`j + w < i`).
+///
+/// Ours follows the HF definitions, so it stays at 1e-4 where theirs cannot.
+#[test]
+fn candle_transformers_qwen3_and_gemma3_depart_from_the_reference_where_ours_does_not() {
+    for (arch, theirs_at_least) in [("qwen3", 1e-4), ("gemma3", 1e-2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("tiny-{arch}.gguf"));
+        write_gguf(&path, &spec(arch), arch, GgmlDType::F32, &[]);
+        let reference = reference_logits(&path, Backend::Candle);
+        let ours = relative_error(&sollol_logits(&path, &[0, spec(arch).layers], Backend::Candle), &reference);
+        let theirs = relative_error(&candle_transformers_logits(&path, arch), &reference);
+        eprintln!("{arch}: relative error against numpy: ours {ours:.2e}, candle-transformers {theirs:.2e}");
+        assert!(ours <= 1e-4, "{arch}: ours {ours:.2e}");
+        assert!(theirs >= theirs_at_least, "{arch}: candle-transformers is within {theirs:.2e} now: make it the golden reference");
+    }
+}

@@ -37,7 +37,7 @@ fn dispatch(pending: &Pending, frame: Frame) {
     match frame.message {
         Message::Result(r) => {
             if let Some((_, tx)) = pending.lock().expect("pending lock").remove(&r.step) {
-                let _ = tx.send(Ok(r));
+                let _ = tx.send(r.with_payload(&frame.payload));
             }
         }
         // An error tied to no session (a stranger's bad frame on its own

@@ -197,7 +197,12 @@ pub struct StepResult {
     pub session: u64,
     pub step: u64,
     pub token: Option<u32>,
+    /// Travels in the frame's payload ([`StepResult::into_frame`]): a 262k
+    /// vocabulary's logits are 1 MiB, the header's whole limit.
+    #[serde(skip)]
     pub logits: Option<Vec<f32>>,
+    /// How many f32 logits the payload holds.
+    pub logits_len: Option<u32>,
     pub stage_nanos: Vec<u64>,
     pub f16_fallbacks: u32,
     pub hop_bytes: Vec<u64>,
@@ -224,4 +229,57 @@ pub struct KvStateHeader {
     pub n_kv_heads: u32,
     pub head_dim: u32,
     pub dtype: WireDType,
+}
+
+impl StepResult {
+    /// The frame that carries this result, its logits (if any) as raw
+    /// little-endian f32 in the payload.
+    pub fn into_frame(mut self) -> super::frame::Frame {
+        match self.logits.take() {
+            Some(logits) => {
+                self.logits_len = Some(logits.len() as u32);
+                let bytes = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+                super::frame::Frame::with_payload(Message::Result(self), bytes)
+            }
+            None => super::frame::Frame::new(Message::Result(self)),
+        }
+    }
+
+    /// The result with its logits read back from the frame's payload.
+    pub fn with_payload(mut self, payload: &[u8]) -> Result<Self, super::NetError> {
+        let expected = self.logits_len.map_or(0, |n| n as usize * 4);
+        if payload.len() != expected {
+            return Err(super::NetError::Decode(format!("a result of {:?} logits came with {} payload bytes", self.logits_len, payload.len())));
+        }
+        self.logits = self.logits_len.map(|_| payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::frame::{decode, encode, DEFAULT_MAX_PAYLOAD};
+
+    #[test]
+    fn a_result_carries_a_large_vocabulary_of_logits_in_its_payload() {
+        // Gemma 3's 262,144 logits are over the header's 1 MiB limit.
+        let logits: Vec<f32> = (0..262_144).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let r = StepResult {
+            session: 1,
+            step: 2,
+            token: Some(3),
+            logits: Some(logits.clone()),
+            logits_len: None,
+            stage_nanos: vec![],
+            f16_fallbacks: 0,
+            hop_bytes: vec![],
+        };
+        let bytes = encode(&r.into_frame()).unwrap();
+        let (frame, _) = decode(&bytes, DEFAULT_MAX_PAYLOAD).unwrap().unwrap();
+        let Message::Result(back) = frame.message else { panic!("a result") };
+        assert_eq!(back.clone().with_payload(&frame.payload).unwrap().logits, Some(logits));
+        // A payload that does not hold what the header says is refused.
+        assert!(back.with_payload(&frame.payload[4..]).is_err());
+    }
 }

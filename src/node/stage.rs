@@ -382,11 +382,12 @@ impl Worker {
                         step: h.step,
                         token,
                         logits: h.want_logits.then_some(logits),
+                        logits_len: None,
                         stage_nanos: h.stage_nanos.clone(),
                         f16_fallbacks: h.f16_fallbacks,
                         hop_bytes: h.hop_bytes.clone(),
                     };
-                    self.out.to_heads(Frame::new(Message::Result(result)));
+                    self.out.to_heads(result.into_frame());
                     Ok(())
                 }
                 Err(e) => Err(crate::error::first_line(&e)),

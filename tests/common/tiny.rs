@@ -160,6 +160,7 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
     ];
     if arch == "gemma3" {
         md.push((format!("{arch}.attention.sliding_window"), Value::U32(TINY_WINDOW as u32)));
+        md.push((format!("{arch}.attention.value_length"), Value::U32((spec.hidden / spec.heads) as u32)));
     }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
