@@ -204,7 +204,8 @@ fn candle_transformers_logits(model: &Path, arch: &str) -> Vec<Vec<f32>> {
     use candle_transformers::models::{quantized_gemma3, quantized_qwen3};
     let mut reader = std::io::BufReader::new(std::fs::File::open(model).unwrap());
     let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
-    let mut forward: Box<dyn FnMut(&Tensor, usize) -> Tensor> = match arch {
+    type Forward = Box<dyn FnMut(&Tensor, usize) -> Tensor>;
+    let mut forward: Forward = match arch {
         "qwen3" => {
             let mut m = quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
             Box::new(move |x, pos| m.forward(x, pos).unwrap())

@@ -189,7 +189,8 @@ impl Tokenizer {
         let token_text = |i: Option<u32>| i.map(|i| tokens[i as usize].clone()).unwrap_or_default();
         // A file without a template gets its architecture's (llama.cpp keeps
         // such built-in templates too).
-        let builtin = file.metadata_str("general.architecture").and_then(|a| crate::model::arch::by_gguf_name(a).ok()).and_then(|a| a.chat_template);
+        let builtin =
+            file.metadata_str("general.architecture").and_then(|a| crate::model::arch::by_gguf_name(a).ok()).and_then(|a| a.chat_template);
         let chat_template = file
             .metadata_str("tokenizer.chat_template")
             .or(builtin)

@@ -639,7 +639,8 @@ pub mod k {
                 let sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, x));
                 let q = blk.add(QS + sub * s);
                 let mut hb = if FIFTH { _mm256_loadu_si256(q.add(repack::q5k::HIGH).cast()) } else { _mm256_setzero_si256() };
-                let nib: [(__m256i, __m256i); 4] = std::array::from_fn(|k| nibbles::<FIFTH>(_mm256_loadu_si256(q.add(32 * k).cast()), &mut hb));
+                let nib: [(__m256i, __m256i); 4] =
+                    std::array::from_fn(|k| nibbles::<FIFTH>(_mm256_loadu_si256(q.add(32 * k).cast()), &mut hb));
                 for r in 0..R {
                     let qa = (*a[r].add(b)).qs.as_ptr().add(32 * s);
                     let chunk = |c: usize| _mm256_set1_epi32(std::ptr::read_unaligned(qa.add(4 * c).cast::<i32>()));

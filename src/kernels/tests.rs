@@ -347,12 +347,14 @@ fn attention_matches_an_f64_softmax() {
                         let m = s.iter().cloned().fold(f64::MIN, f64::max);
                         let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                         for c in 0..d {
-                            let want: f64 =
-                                seen.clone().zip(&s).map(|(j, s)| (s - m).exp() / z * v[(kv * cap + j) * d + c].to_f64()).sum();
+                            let want: f64 = seen.clone().zip(&s).map(|(j, s)| (s - m).exp() / z * v[(kv * cap + j) * d + c].to_f64()).sum();
                             let got = out[h * d + c] as f64;
                             // f32 rounding of sums of at most 72 products (scores of
                             // magnitude ≤ 26) and 11 weighted rows: ~1e-6 measured.
-                            assert!((got - want).abs() < 2e-5, "d {d} window {window} group {group} pos {pos} kv {kv} head {h} dim {c}: {got} vs {want}");
+                            assert!(
+                                (got - want).abs() < 2e-5,
+                                "d {d} window {window} group {group} pos {pos} kv {kv} head {h} dim {c}: {got} vs {want}"
+                            );
                         }
                     }
                 }

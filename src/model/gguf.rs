@@ -136,8 +136,7 @@ impl GgufFile {
         let hidden_size = required("embedding_length")?;
         let n_kv_heads = self.metadata_u64(&key("attention.head_count_kv")).map_or(n_heads, |v| v as usize);
         let head_dim = self.metadata_u64(&key("attention.key_length")).map_or(hidden_size / n_heads.max(1), |v| v as usize);
-        let embed =
-            self.content.tensor_infos.get(super::EMBED).ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
+        let embed = self.content.tensor_infos.get(super::EMBED).ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
         let vocab_size = embed.shape.dims()[0];
         let rope_freq_factors = match self.content.tensor_infos.get("rope_freqs.weight") {
             Some(_) => Some(self.read_dense_f32("rope_freqs.weight")?),

@@ -197,7 +197,8 @@ impl<'a, 'c> HostOps<'a, 'c> {
     /// The products of `x` by up to three matrices, a pending norm or gate
     /// of `x` applied to each row as it is quantized.
     fn products(&mut self, x: Act, layers: &[&Linear]) -> Result<Vec<Act>> {
-        let outs: Vec<Act> = layers.iter().map(|l| host(l).map(|m| m.rows())).collect::<Result<Vec<_>>>()?.into_iter().map(|w| self.alloc(w)).collect();
+        let outs: Vec<Act> =
+            layers.iter().map(|l| host(l).map(|m| m.rows())).collect::<Result<Vec<_>>>()?.into_iter().map(|w| self.alloc(w)).collect();
         let out_bufs: Vec<usize> = outs.iter().map(|o| self.rows_of(*o).map(|(b, _)| b)).collect::<Result<_>>()?;
         let mut taken: Vec<Vec<f32>> = out_bufs.iter().map(|&b| std::mem::take(&mut self.s.bufs[b])).collect();
         let mut out_slices: Vec<&mut [f32]> = taken.iter_mut().map(|v| v.as_mut_slice()).collect();

@@ -29,8 +29,14 @@ pub struct Rope {
 #[derive(Debug)]
 enum Tables {
     /// `[context, head_dim / 2]` row-major.
-    Host { cos: Vec<f32>, sin: Vec<f32> },
-    Device { cos: Tensor, sin: Tensor },
+    Host {
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+    },
+    Device {
+        cos: Tensor,
+        sin: Tensor,
+    },
 }
 
 impl Rope {

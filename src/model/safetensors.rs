@@ -11,8 +11,8 @@ use candle_core::{DType, Device};
 use serde::Deserialize;
 
 use super::arch;
-use super::config::{Config, RopeStyle};
 use super::arch::Architecture;
+use super::config::{Config, RopeStyle};
 use super::weights::RawWeight;
 use crate::error::{first_line, Error, Result};
 

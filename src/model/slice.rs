@@ -352,7 +352,13 @@ impl ModelSlice {
             None => {
                 let rows = ops.rows(h)?;
                 segs.iter()
-                    .map(|g| Ok(SliceOutput::Hidden(Tensor::from_slice(&rows[g.start * hidden..(g.start + g.len) * hidden], (1, g.len, hidden), &Device::Cpu)?)))
+                    .map(|g| {
+                        Ok(SliceOutput::Hidden(Tensor::from_slice(
+                            &rows[g.start * hidden..(g.start + g.len) * hidden],
+                            (1, g.len, hidden),
+                            &Device::Cpu,
+                        )?))
+                    })
                     .collect()
             }
         };

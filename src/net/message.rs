@@ -249,7 +249,11 @@ impl StepResult {
     pub fn with_payload(mut self, payload: &[u8]) -> Result<Self, super::NetError> {
         let expected = self.logits_len.map_or(0, |n| n as usize * 4);
         if payload.len() != expected {
-            return Err(super::NetError::Decode(format!("a result of {:?} logits came with {} payload bytes", self.logits_len, payload.len())));
+            return Err(super::NetError::Decode(format!(
+                "a result of {:?} logits came with {} payload bytes",
+                self.logits_len,
+                payload.len()
+            )));
         }
         self.logits = self.logits_len.map(|_| payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
         Ok(self)

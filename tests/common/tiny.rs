@@ -86,7 +86,11 @@ pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
 
 /// The HF name of a GGUF tensor of `arch`.
 fn hf_name(gguf: &str, arch: &str) -> String {
-    let top = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+    let top = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ];
     if let Some((_, h)) = top.iter().find(|(g, _)| *g == gguf) {
         return h.to_string();
     }

@@ -75,7 +75,7 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
     let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
     let pattern = l.param_usize("attention.sliding_window_pattern", "sliding_window_pattern").unwrap_or(PATTERN).max(1);
-    let local = (l.layer() + 1) % pattern != 0;
+    let local = !(l.layer() + 1).is_multiple_of(pattern);
     let window = match l.param_usize("attention.sliding_window", "sliding_window") {
         Some(0) | None if local => return Err(l.bad("gemma3 without attention.sliding_window")),
         w => w.filter(|_| local),
