@@ -142,12 +142,12 @@ def read_safetensors_dir(path):
 
 
 # HF names of the per-layer tensors; gemma's MLP norms sit around the MLP.
-HF_NAMES = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+HF_NAMES = dict(qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
                 gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", attn_norm="input_layernorm",
                 ffn_norm="post_attention_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 HF_GEMMA = dict(post_attn_norm="post_attention_layernorm", ffn_norm="pre_feedforward_layernorm",
                 post_ffn_norm="post_feedforward_layernorm")
-GGUF_NAMES = dict(q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn_gate", up="ffn_up", down="ffn_down",
+GGUF_NAMES = dict(qkv="attn_qkv", q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn_gate", up="ffn_up", down="ffn_down",
                   attn_norm="attn_norm", ffn_norm="ffn_norm", q_norm="attn_q_norm", k_norm="attn_k_norm",
                   post_attn_norm="post_attention_norm", post_ffn_norm="post_ffw_norm")
 
@@ -184,6 +184,9 @@ def load(path):
     # GGUF gemma norms already hold 1 + w (llama.cpp's converter adds it).
     layers = [{k: gguf_linear(t, kinds, mins, f"blk.{i}.{v}") for k, v in GGUF_NAMES.items() if f"blk.{i}.{v}.weight" in t}
               for i in range(hp["n_layers"])]
+    if arch == "phi3":  # its ffn_up holds gate and up (HF's gate_up_proj)
+        for L in layers:
+            L["gate_up"] = L.pop("up")
     embed = t["token_embd.weight"]
     head = gguf_linear(t, kinds, mins, "output" if "output.weight" in t else "token_embd")
     return hp, layers, embed, t["output_norm.weight"], head
@@ -237,6 +240,23 @@ def linear(x, p):
     return y if p["bias"] is None else y + p["bias"]
 
 
+def rows(p, a, b):
+    """Rows a..b of a linear layer (a part of a fused tensor)."""
+    part = {"weight": p["weight"][a:b], "bias": None if p.get("bias") is None else p["bias"][a:b], "kind": p.get("kind")}
+    part["m"] = None if p.get("m") is None else p["m"][a:b]
+    return part
+
+
+def unfuse(L, n_q, n_kv):
+    """phi3: Q, K, V are the rows of qkv; gate and up the halves of gate_up."""
+    if L.get("qkv") is not None and L["qkv"]["weight"] is not None:
+        qkv = L["qkv"]
+        L["q"], L["k"], L["v"] = rows(qkv, 0, n_q), rows(qkv, n_q, n_q + n_kv), rows(qkv, n_q + n_kv, n_q + 2 * n_kv)
+    if L.get("gate_up") is not None and L["gate_up"]["weight"] is not None:
+        half = L["gate_up"]["weight"].shape[0] // 2
+        L["gate"], L["up"] = rows(L["gate_up"], 0, half), rows(L["gate_up"], half, 2 * half)
+
+
 def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
@@ -268,8 +288,10 @@ def forward(path, tokens):
     i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
     for n, L in enumerate(layers):
         # gemma3: every sixth layer is global; the others see `window` positions with a local rotary base.
-        local = gemma and (n + 1) % hp["pattern"] != 0
-        theta = 10000.0 if local else hp["theta"]
+        d = h.shape[-1] // nh if "q" not in L or L["q"]["weight"] is None else L["q"]["weight"].shape[0] // nh
+        unfuse(L, nh * d, nkv * d)
+        local = (gemma and (n + 1) % hp["pattern"] != 0) or (hp["arch"] == "phi3" and hp["window"])
+        theta = 10000.0 if gemma and local else hp["theta"]
         hidden = (j > i) | ((i - j >= hp["window"]) if local else False)
         mask = np.where(hidden, -np.inf, 0.0)
         x = rms_norm(h, L["attn_norm"]["weight"], hp["eps"])

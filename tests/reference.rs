@@ -179,6 +179,21 @@ fn gguf_gemma3_q4_0_matches_numpy() {
 }
 
 #[test]
+fn gguf_phi3_f32_with_fused_tensors_matches_numpy() {
+    gguf_case("phi3", GgmlDType::F32, 1e-4);
+}
+
+#[test]
+fn gguf_phi3_q4_1_matches_numpy() {
+    gguf_case("phi3", GgmlDType::Q4_1, 5e-3);
+}
+
+#[test]
+fn safetensors_phi3_f32_matches_numpy() {
+    safetensors_case("phi3", DType::F32, 1e-4);
+}
+
+#[test]
 fn safetensors_llama_f32_matches_numpy() {
     safetensors_case("llama", DType::F32, 1e-4);
 }

@@ -653,6 +653,15 @@ impl QMatrix {
         Ok(Some(Self { dtype, rows, cols, row_bytes, grouped: 0, data: Weights::Owned(data), kernel }))
     }
 
+    /// Rows `start..start + len` as a matrix of their own (a fused tensor's
+    /// parts); `None` once interleaved, whose rows are no longer contiguous.
+    pub fn rows_range(&self, start: usize, len: usize) -> Option<Self> {
+        if self.grouped > 0 || start + len > self.rows {
+            return None;
+        }
+        Self::from_bytes(self.dtype, len, self.cols, &self.data.bytes()[start * self.row_bytes..(start + len) * self.row_bytes], true)
+    }
+
     /// This matrix laid out for products: its whole groups of eight rows
     /// interleaved, where its kernel is one of ours on SIMD (which then reads
     /// eight rows at once); unchanged otherwise. Weights the matrix owns are

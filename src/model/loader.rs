@@ -45,6 +45,11 @@ impl Loader<'_> {
         self.file.has(name, Some(self.layer))
     }
 
+    /// Whether the file has model-level tensor `name`.
+    pub fn file_has(&self, name: &str) -> bool {
+        self.file.has(name, None)
+    }
+
     /// An integer hyper-parameter: `{arch}.{gguf_key}` in GGUF metadata, `hf_key` in `config.json`.
     pub fn param_usize(&self, gguf_key: &str, hf_key: &str) -> Option<usize> {
         self.file.param(gguf_key, hf_key).filter(|v| *v >= 0.0 && v.fract() == 0.0).map(|v| v as usize)
@@ -99,6 +104,24 @@ impl Loader<'_> {
             let bias = format!("{name}.bias");
             let b = if self.has(&bias) { Some(self.weight(&bias, &[rows])?.to_f32()?) } else { None };
             loaded.push((w, b));
+        }
+        let p = Projections::new(loaded, self.backend)?;
+        self.all_host &= self.backend != Backend::Host || p.separate().iter().all(|l| l.host().is_some());
+        Ok(p)
+    }
+
+    /// Products of one input of width `cols` whose weights are one fused
+    /// tensor `{name}.weight` (phi3's `attn_qkv`, `ffn_up` holding gate and
+    /// up): split by rows into `parts` (rows each), which then run as
+    /// [`Self::projections`]' do.
+    pub fn fused(&mut self, name: &str, parts: &[usize], cols: usize) -> Result<Projections> {
+        let total = parts.iter().sum();
+        let w = self.weight(&format!("{name}.weight"), &[total, cols])?;
+        let mut start = 0;
+        let mut loaded: Vec<Part> = Vec::with_capacity(parts.len());
+        for &rows in parts {
+            loaded.push((w.rows(start, rows)?, None));
+            start += rows;
         }
         let p = Projections::new(loaded, self.backend)?;
         self.all_host &= self.backend != Backend::Host || p.separate().iter().all(|l| l.host().is_some());

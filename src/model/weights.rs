@@ -98,6 +98,31 @@ impl RawWeight {
         }
     }
 
+    /// Rows `start..start + len` of a 2-D weight (one part of a fused
+    /// tensor), in the same form.
+    pub fn rows(&self, start: usize, len: usize) -> Result<RawWeight> {
+        let bad = || Error::InvalidRequest(format!("rows {start}..{} of a weight of shape {:?}", start + len, self.dims()));
+        let &[rows, cols] = self.dims().as_slice() else { return Err(bad()) };
+        if start + len > rows {
+            return Err(bad());
+        }
+        Ok(match self {
+            RawWeight::Quantized(q) => {
+                let t = q.dtype();
+                let row_bytes = cols / t.block_size() * t.type_size();
+                let bytes = &q.data()?[start * row_bytes..(start + len) * row_bytes];
+                RawWeight::Quantized(Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    t,
+                    bytes,
+                    vec![len, cols],
+                    &q.device(),
+                )?))
+            }
+            RawWeight::Dense(d) => RawWeight::Dense(d.narrow(0, start, len)?.contiguous()?),
+            RawWeight::Host(m) => RawWeight::Host(m.rows_range(start, len).ok_or_else(bad)?),
+        })
+    }
+
     /// A small 1-D weight (norm scale, bias) as f32.
     pub fn to_f32(&self) -> Result<Tensor> {
         Ok(match self {

@@ -44,7 +44,7 @@ impl Lcg {
 
 /// The tensors of a tiny `arch` model by GGUF name, f32: llama and qwen2
 /// (q/k/v biases), qwen3 (per-head q/k norms), gemma3 (per-head norms, norms
-/// after attention and MLP, tied embeddings). Norm weights are the factors
+/// after attention and MLP, tied embeddings), phi3 (fused qkv and gate-up). Norm weights are the factors
 /// applied (what GGUF stores; gemma's HF files store them minus one).
 pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
     let mut rng = Lcg(spec.seed);
@@ -55,9 +55,13 @@ pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
     for i in 0..spec.layers {
         let p = format!("blk.{i}.");
         out.push((format!("{p}attn_norm.weight"), norm(&mut rng, h)));
-        out.push((format!("{p}attn_q.weight"), rng.tensor(&[q, h], 0.3)));
-        out.push((format!("{p}attn_k.weight"), rng.tensor(&[kv, h], 0.3)));
-        out.push((format!("{p}attn_v.weight"), rng.tensor(&[kv, h], 0.3)));
+        if arch == "phi3" {
+            out.push((format!("{p}attn_qkv.weight"), rng.tensor(&[q + 2 * kv, h], 0.3)));
+        } else {
+            out.push((format!("{p}attn_q.weight"), rng.tensor(&[q, h], 0.3)));
+            out.push((format!("{p}attn_k.weight"), rng.tensor(&[kv, h], 0.3)));
+            out.push((format!("{p}attn_v.weight"), rng.tensor(&[kv, h], 0.3)));
+        }
         if arch == "qwen2" {
             out.push((format!("{p}attn_q.bias"), rng.tensor(&[q], 0.5)));
             out.push((format!("{p}attn_k.bias"), rng.tensor(&[kv], 0.5)));
@@ -73,8 +77,13 @@ pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
             out.push((format!("{p}post_ffw_norm.weight"), norm(&mut rng, h)));
         }
         out.push((format!("{p}ffn_norm.weight"), norm(&mut rng, h)));
-        out.push((format!("{p}ffn_gate.weight"), rng.tensor(&[f, h], 0.3)));
-        out.push((format!("{p}ffn_up.weight"), rng.tensor(&[f, h], 0.3)));
+        if arch == "phi3" {
+            // Gate and up in one tensor, gate first.
+            out.push((format!("{p}ffn_up.weight"), rng.tensor(&[2 * f, h], 0.3)));
+        } else {
+            out.push((format!("{p}ffn_gate.weight"), rng.tensor(&[f, h], 0.3)));
+            out.push((format!("{p}ffn_up.weight"), rng.tensor(&[f, h], 0.3)));
+        }
         out.push((format!("{p}ffn_down.weight"), rng.tensor(&[h, f], 0.2)));
     }
     out.push(("output_norm.weight".to_string(), norm(&mut rng, h)));
@@ -102,6 +111,8 @@ fn hf_name(gguf: &str, arch: &str) -> String {
         ("post_attention_norm", _) => "post_attention_layernorm",
         ("post_ffw_norm", _) => "post_feedforward_layernorm",
         ("attn_norm", _) => "input_layernorm",
+        ("attn_qkv", _) => "self_attn.qkv_proj",
+        ("ffn_up", "phi3") => "mlp.gate_up_proj",
         ("attn_q", _) => "self_attn.q_proj",
         ("attn_k", _) => "self_attn.k_proj",
         ("attn_v", _) => "self_attn.v_proj",
@@ -162,8 +173,10 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         (format!("{arch}.attention.key_length"), Value::U32((spec.hidden / spec.heads) as u32)),
     ];
-    if arch == "gemma3" {
+    if arch == "gemma3" || arch == "phi3" {
         md.push((format!("{arch}.attention.sliding_window"), Value::U32(TINY_WINDOW as u32)));
+    }
+    if arch == "gemma3" {
         md.push((format!("{arch}.attention.value_length"), Value::U32((spec.hidden / spec.heads) as u32)));
     }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -36,15 +36,15 @@ pub(super) enum HeadNorms {
 
 #[derive(Debug)]
 pub(super) struct LlamaBlock {
-    attn_norm: RmsNorm,
+    pub(super) attn_norm: RmsNorm,
     /// Q, K, V (with biases where the file has them: qwen2).
-    qkv: Projections,
-    attn: Attention,
-    o: Linear,
-    ffn_norm: RmsNorm,
+    pub(super) qkv: Projections,
+    pub(super) attn: Attention,
+    pub(super) o: Linear,
+    pub(super) ffn_norm: RmsNorm,
     /// Gate, up.
-    gate_up: Projections,
-    down: Linear,
+    pub(super) gate_up: Projections,
+    pub(super) down: Linear,
 }
 
 pub(super) fn load_with(l: &mut Loader, head_norms: HeadNorms) -> Result<Arc<dyn Block>> {

@@ -1,0 +1,56 @@
+//! Phi-3 / Phi-3.5 / Phi-4 (mini): the llama block with Q, K and V in one
+//! fused tensor and gate and up in another, NEOX rotary pairing, and a
+//! sliding window where the model declares one.
+//!
+//! Reference: HF `modeling_phi3.py` (`qkv_proj`, `gate_up_proj` split with
+//! `chunk(2)`: gate first); llama.cpp `LLM_ARCH_PHI3`. Long-context rotary
+//! factors (`rope_factors_long`/`_short`, Phi-3 128k) are refused.
+
+use std::sync::Arc;
+
+use super::llama::LlamaBlock;
+use super::{unscaled, Architecture};
+use crate::error::Result;
+use crate::model::config::RopeStyle;
+use crate::model::loader::Loader;
+use crate::model::ops::{Attention, Block};
+
+pub const ARCH: Architecture = Architecture {
+    name: "phi3",
+    gguf_names: &["phi3"],
+    hf_model_types: &["phi3"],
+    gguf_rope: RopeStyle::Half,
+    hf_names: &[("attn_qkv.weight", "self_attn.qkv_proj.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight")],
+    hf_norm_offset: 0.0,
+    embedding_scale: unscaled,
+    chat_template: None,
+    load_block: load,
+};
+
+fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
+    let c = l.config().clone();
+    let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+    if l.file_has("rope_factors_long.weight") {
+        return Err(l.bad("phi3 long-context rotary factors (rope_factors_long) are not supported yet"));
+    }
+    // The llama block, its fused tensors split by rows at load.
+    Ok(Arc::new(LlamaBlock {
+        attn_norm: l.rms_norm("attn_norm.weight", h)?,
+        qkv: l.fused("attn_qkv", &[q_dim, kv_dim, kv_dim], h)?,
+        attn: Attention {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: hd,
+            rope: l.model_rope()?,
+            q_norm: None,
+            k_norm: None,
+            score_dim: hd,
+            window: l.param_usize("attention.sliding_window", "sliding_window").filter(|&w| w > 0),
+        },
+        o: l.linear("attn_output.weight", h, q_dim)?,
+        ffn_norm: l.rms_norm("ffn_norm.weight", h)?,
+        gate_up: l.fused("ffn_up", &[ffn, ffn], h)?,
+        down: l.linear("ffn_down.weight", h, ffn)?,
+    }))
+}
