@@ -147,7 +147,8 @@ HF_NAMES = dict(qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj", q="self_at
                 ffn_norm="post_attention_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 HF_GEMMA = dict(post_attn_norm="post_attention_layernorm", ffn_norm="pre_feedforward_layernorm",
                 post_ffn_norm="post_feedforward_layernorm")
-GGUF_NAMES = dict(qkv="attn_qkv", q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn_gate", up="ffn_up", down="ffn_down",
+GGUF_NAMES = dict(router="ffn_gate_inp", gate_exps="ffn_gate_exps", up_exps="ffn_up_exps", down_exps="ffn_down_exps",
+                  qkv="attn_qkv", q="attn_q", k="attn_k", v="attn_v", o="attn_output", gate="ffn_gate", up="ffn_up", down="ffn_down",
                   attn_norm="attn_norm", ffn_norm="ffn_norm", q_norm="attn_q_norm", k_norm="attn_k_norm",
                   post_attn_norm="post_attention_norm", post_ffn_norm="post_ffw_norm")
 
@@ -180,13 +181,20 @@ def load(path):
               theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
               # llama.cpp permutes llama q/k rows so that pairs are adjacent; qwen2 keeps HF's halves.
               interleaved=arch in ("llama", "mistral"), window=meta.get(f"{arch}.attention.sliding_window"),
-              pattern=6)
+              pattern=6, top_k=meta.get(f"{arch}.expert_used_count"))
     # GGUF gemma norms already hold 1 + w (llama.cpp's converter adds it).
     layers = [{k: gguf_linear(t, kinds, mins, f"blk.{i}.{v}") for k, v in GGUF_NAMES.items() if f"blk.{i}.{v}.weight" in t}
               for i in range(hp["n_layers"])]
     if arch == "phi3":  # its ffn_up holds gate and up (HF's gate_up_proj)
         for L in layers:
             L["gate_up"] = L.pop("up")
+    for i, L in enumerate(layers):  # experts of older files: one matrix each
+        if "router" in L and "gate_exps" not in L:
+            n = L["router"]["weight"].shape[0]
+            for part in ("gate", "up", "down"):
+                ps = [gguf_linear(t, kinds, mins, f"blk.{i}.ffn_{part}.{e}") for e in range(n)]
+                L[f"{part}_exps"] = {"weight": np.stack([p["weight"] for p in ps]), "bias": None, "kind": ps[0]["kind"],
+                                     "m": None if ps[0]["m"] is None else np.stack([p["m"] for p in ps])}
     embed = t["token_embd.weight"]
     head = gguf_linear(t, kinds, mins, "output" if "output.weight" in t else "token_embd")
     return hp, layers, embed, t["output_norm.weight"], head
@@ -257,6 +265,32 @@ def unfuse(L, n_q, n_kv):
         L["gate"], L["up"] = rows(L["gate_up"], 0, half), rows(L["gate_up"], half, 2 * half)
 
 
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def moe(x, L, top_k):
+    """Mixtral / Qwen3-MoE: softmax router, the top_k experts of each token
+    (stable: ties to the lower index), their weights renormalized, SwiGLU experts."""
+    probs = softmax(linear(x, L["router"]))
+    y = np.zeros_like(x)
+
+    def expert(part, e):
+        stack = L[f"{part}_exps"]
+        return {"weight": stack["weight"][e], "bias": None, "kind": stack["kind"],
+                "m": None if stack["m"] is None else stack["m"][e]}
+
+    for r in range(x.shape[0]):
+        top = np.argsort(-probs[r], kind="stable")[:top_k]
+        w = probs[r, top] / probs[r, top].sum()
+        for e, we in zip(top, w):
+            xr = x[r:r + 1]
+            g = linear(xr, expert("gate", e))
+            y[r] += we * linear(g / (1 + np.exp(-g)) * linear(xr, expert("up", e)), expert("down", e))[0]
+    return y
+
+
 def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
@@ -318,6 +352,9 @@ def forward(path, tokens):
             y = rms_norm(y, L["post_attn_norm"]["weight"], hp["eps"])
         h = h + y
         x = rms_norm(h, L["ffn_norm"]["weight"], hp["eps"])
+        if "router" in L:
+            h = h + moe(x, L, hp["top_k"])
+            continue
         g = linear(x, L["gate"])
         act = gelu_tanh(g) if gemma else g / (1 + np.exp(-g))
         y = linear(act * linear(x, L["up"]), L["down"])

@@ -101,14 +101,19 @@ fn check_backend(model: &Path, bounds: &[usize], tol: f64, backend: Backend, ref
 fn spec(arch: &str) -> TinySpec {
     match arch {
         "gemma3" | "gemma3_text" => TinySpec { layers: 6, ..TinySpec::default() },
+        // Eight experts, two per token: over 9 tokens most experts serve
+        // several rows of a prefill and some none.
+        "mixtral" | "qwen3moe" => TinySpec { experts: 8, top_k: 2, ffn: 64, ..TinySpec::default() },
         _ => TinySpec::default(),
     }
 }
 
-fn gguf_case(arch: &str, dtype: GgmlDType, tol: f64) {
+fn gguf_case(name: &str, dtype: GgmlDType, tol: f64) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(format!("tiny-{arch}-{dtype:?}.gguf"));
-    let spec = spec(arch);
+    let path = dir.path().join(format!("tiny-{name}-{dtype:?}.gguf"));
+    let spec = spec(name);
+    // Mixtral's GGUF architecture is llama's, with experts.
+    let arch = if name == "mixtral" { "llama" } else { name };
     write_gguf(&path, &spec, arch, dtype, &[]);
     let quantized = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16);
     check(&path, &[0, spec.layers], tol, quantized);
@@ -194,6 +199,39 @@ fn safetensors_phi3_f32_matches_numpy() {
 }
 
 #[test]
+fn gguf_mixtral_f32_matches_numpy() {
+    gguf_case("mixtral", GgmlDType::F32, 1e-4);
+}
+
+#[test]
+fn gguf_mixtral_q4_0_matches_numpy() {
+    gguf_case("mixtral", GgmlDType::Q4_0, 5e-3);
+}
+
+#[test]
+fn gguf_qwen3moe_q8_0_matches_numpy() {
+    gguf_case("qwen3moe", GgmlDType::Q8_0, 5e-3);
+}
+
+/// Older Mixtral files store each expert's matrices apart; candle-transformers'
+/// `quantized_llama` reads those, and our candle path equals it bit for bit
+/// (its MoE branch, op for op), the host path the numpy reference.
+#[test]
+fn mixtral_with_experts_apart_matches_candle_transformers_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-mixtral-apart.gguf");
+    let spec = TinySpec { merged_experts: false, ..spec("mixtral") };
+    write_gguf(&path, &spec, "llama", GgmlDType::Q8_0, &[]);
+    let theirs = candle_transformers_logits(&path, "llama");
+    let ours = sollol_logits(&path, &[0, spec.layers], Backend::Candle);
+    for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        let diff = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(diff, 0, "step {step}: {diff} logits differ from quantized_llama's");
+    }
+    check(&path, &[0, 1, spec.layers], 5e-3, true);
+}
+
+#[test]
 fn safetensors_llama_f32_matches_numpy() {
     safetensors_case("llama", DType::F32, 1e-4);
 }
@@ -216,7 +254,7 @@ fn safetensors_gemma3_f32_matches_numpy() {
 /// Logits at positions PROMPT_LEN-1.. from candle-transformers' own
 /// implementation of `arch` (`forward` returns the last position's).
 fn candle_transformers_logits(model: &Path, arch: &str) -> Vec<Vec<f32>> {
-    use candle_transformers::models::{quantized_gemma3, quantized_qwen3};
+    use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
     let mut reader = std::io::BufReader::new(std::fs::File::open(model).unwrap());
     let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
     type Forward = Box<dyn FnMut(&Tensor, usize) -> Tensor>;
@@ -227,6 +265,10 @@ fn candle_transformers_logits(model: &Path, arch: &str) -> Vec<Vec<f32>> {
         }
         "gemma3" => {
             let mut m = quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+            Box::new(move |x, pos| m.forward(x, pos).unwrap())
+        }
+        "llama" => {
+            let mut m = quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
             Box::new(move |x, pos| m.forward(x, pos).unwrap())
         }
         other => panic!("no candle-transformers model for {other}"),
@@ -270,4 +312,42 @@ fn candle_transformers_qwen3_and_gemma3_depart_from_the_reference_where_ours_doe
         assert!(ours <= 1e-4, "{arch}: ours {ours:.2e}");
         assert!(theirs >= theirs_at_least, "{arch}: candle-transformers is within {theirs:.2e} now: make it the golden reference");
     }
+}
+
+/// A mixture's host path keeps the batch invariant (a row's result does not
+/// depend on the rows stepped with it, though a batch routes rows of many
+/// sessions through each expert together), and planning counts what a token
+/// reads: every expert is held, `top_k / n` of them read.
+#[test]
+fn mixture_rows_batched_equal_rows_alone_and_a_token_reads_only_its_experts() {
+    use sollol::model::{BatchItem, HostInput};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-mixtral.gguf");
+    let spec = spec("mixtral");
+    write_gguf(&path, &spec, "llama", GgmlDType::Q4_0, &[]);
+    let mut file = ModelFile::open(&path).unwrap();
+    let slice = ModelSlice::load_with(&mut file, 0..spec.layers, &Device::Cpu, Backend::Host).unwrap();
+    assert_eq!(slice.backend(), Backend::Host);
+    let logits = |o: SliceOutput| o.into_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let inputs: [&[u32]; 3] = [&TOKENS[..5], &[7], &TOKENS[2..4]];
+    let alone: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|x| {
+            let mut c = slice.new_cache(16).unwrap();
+            logits(slice.forward(&Tensor::new(*x, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut c).unwrap())
+        })
+        .collect();
+    let mut caches: Vec<_> = inputs.iter().map(|_| slice.new_cache(16).unwrap()).collect();
+    let mut items: Vec<BatchItem> =
+        inputs.iter().zip(caches.iter_mut()).map(|(x, cache)| BatchItem { input: HostInput::Tokens(x), cache }).collect();
+    let batched: Vec<Vec<f32>> = slice.forward_batch(&mut items).unwrap().into_iter().map(logits).collect();
+    for (a, b) in alone.iter().zip(&batched) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "a batched row differs from the row alone");
+    }
+
+    let bytes = file.layer_bytes().unwrap();
+    assert_eq!(bytes.routed, Some((2, 8)));
+    let all: u64 = bytes.blocks.iter().sum::<u64>() + bytes.head;
+    assert!(bytes.expert_bytes > all / 2, "the experts are most of the blocks");
+    assert_eq!(bytes.per_token(), all - bytes.expert_bytes + bytes.expert_bytes / 4);
 }

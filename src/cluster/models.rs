@@ -55,7 +55,7 @@ pub fn model_info(spec: &str) -> Result<ModelInfo> {
             let e = entry.ok_or_else(|| Error::UnknownModel(spec.to_string()))?;
             let per_layer = (e.memory_per_layer_mb * 1e6) as u64;
             // Embedding and head are folded into the per-layer figure in the catalog's numbers.
-            let layer_bytes = LayerBytes { blocks: vec![per_layer; e.total_layers], embed: 0, head: 0, tied: false };
+            let layer_bytes = LayerBytes::dense(vec![per_layer; e.total_layers], 0, 0, false);
             Ok(ModelInfo { spec: spec.to_string(), name: e.name.clone(), layer_bytes, digest: None, from: "catalog" })
         }
     }

@@ -320,7 +320,7 @@ mod tests {
     const GB: u64 = 1_000_000_000;
 
     fn uniform(n: usize, per_layer: u64) -> LayerBytes {
-        LayerBytes { blocks: vec![per_layer; n], embed: 0, head: 0, tied: false }
+        LayerBytes::dense(vec![per_layer; n], 0, 0, false)
     }
 
     fn node(name: &str, memory: u64) -> NodeSpec {
@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn embedding_and_head_count_on_the_end_stages() {
-        let m = LayerBytes { blocks: vec![10; 4], embed: 100, head: 50, tied: false };
+        let m = LayerBytes::dense(vec![10; 4], 100, 50, false);
         let plan = plan_of(Strategy::Even, &m, &[node("a", 1000), node("b", 1000)]);
         assert_eq!(plan[0].bytes, 120);
         assert_eq!(plan[1].bytes, 70);
@@ -413,7 +413,7 @@ mod tests {
             let blocks: Vec<u64> = (0..n_layers).map(|_| 1 + next(1000)).collect();
             let embed = next(500);
             let tied = next(2) == 0;
-            let m = LayerBytes { blocks, embed, head: next(500) + if tied { embed } else { 0 }, tied };
+            let m = LayerBytes::dense(blocks, embed, next(500) + if tied { embed } else { 0 }, tied);
             let k = 1 + next(5) as usize;
             let nodes: Vec<NodeSpec> = (0..k)
                 .map(|i| NodeSpec {

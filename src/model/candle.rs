@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 
 use super::kv_cache::KvCache;
-use super::ops::{Act, Attention, Gate, Ops};
+use super::ops::{Act, Attention, Experts, Gate, Ops};
 use super::weights::{Linear, Projections, RmsNorm};
 use crate::error::Result;
 
@@ -65,6 +65,16 @@ impl<'a> CandleOps<'a> {
     }
 }
 
+/// `f(gate) · up`.
+fn gated(f: Gate, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let g = match f {
+        Gate::Silu => candle_nn::ops::silu(gate)?,
+        // candle's `gelu` is the tanh approximation (`gelu_erf` the exact one).
+        Gate::GeluTanh => gate.gelu()?,
+    };
+    Ok((g * up)?)
+}
+
 impl Ops for CandleOps<'_> {
     fn linear(&mut self, x: Act, w: &Linear) -> Result<Act> {
         let y = w.forward(self.get(x))?;
@@ -82,13 +92,7 @@ impl Ops for CandleOps<'_> {
     }
 
     fn glu(&mut self, gate: Act, up: Act, f: Gate) -> Result<Act> {
-        let g = self.get(gate);
-        let g = match f {
-            Gate::Silu => candle_nn::ops::silu(g)?,
-            // candle's `gelu` is the tanh approximation (`gelu_erf` the exact one).
-            Gate::GeluTanh => g.gelu()?,
-        };
-        let y = (g * self.get(up))?;
+        let y = gated(f, self.get(gate), self.get(up))?;
         Ok(self.put(y))
     }
 
@@ -138,6 +142,30 @@ impl Ops for CandleOps<'_> {
         // y: [b, n_kv, n_rep * seq, hd] = [b, heads, seq, hd]
         let y = att.matmul(&v)?.reshape((b, nh, seq, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
+        Ok(self.put(y))
+    }
+
+    /// candle-transformers' `quantized_llama` MoE, op for op: the router's
+    /// softmax read back to the host to route, each expert's rows gathered
+    /// with `index_select` and added back with `index_add`.
+    fn moe(&mut self, x: Act, e: &Experts) -> Result<Act> {
+        let xs = self.get(x);
+        let (b, seq, hidden) = xs.dims3()?;
+        let xs = xs.reshape(((), hidden))?;
+        let probs = candle_nn::ops::softmax_last_dim(&e.router.forward(&xs)?)?;
+        let routed = e.route(&probs.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        let mut ys = xs.zeros_like()?;
+        for (expert, rows) in e.experts.iter().zip(&routed).filter(|(_, r)| !r.is_empty()) {
+            let index: Vec<u32> = rows.iter().map(|&(r, _)| r as u32).collect();
+            let index = Tensor::new(index.as_slice(), xs.device())?;
+            let weights: Vec<f32> = rows.iter().map(|&(_, w)| w).collect();
+            let weights = Tensor::new(weights.as_slice(), xs.device())?.reshape(((), 1))?;
+            let input = xs.index_select(&index, 0)?.reshape(((), hidden))?;
+            let g = gated(e.gate, &expert.gate.forward(&input)?, &expert.up.forward(&input)?)?;
+            let h = expert.down.forward(&g)?;
+            ys = ys.index_add(&index, &h.broadcast_mul(&weights)?, 0)?;
+        }
+        let y = ys.reshape((b, seq, hidden))?;
         Ok(self.put(y))
     }
 }

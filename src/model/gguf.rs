@@ -199,7 +199,12 @@ impl GgufFile {
     pub fn read_matrix(&mut self, name: &str, layer: Option<usize>) -> Result<Option<QMatrix>> {
         let name = tensor_name(name, layer);
         let info = self.content.tensor_infos.get(&name).ok_or_else(|| Error::bad_model(&self.path, format!("missing tensor '{name}'")))?;
-        let &[rows, cols] = info.shape.dims() else { return Ok(None) };
+        // A 3-D stack of matrices (experts) is read as their rows one after the other.
+        let (rows, cols) = match *info.shape.dims() {
+            [rows, cols] => (rows, cols),
+            [n, rows, cols] => (n * rows, cols),
+            _ => return Ok(None),
+        };
         let (dtype, at) = (info.ggml_dtype, self.content.tensor_data_offset + info.offset);
         let read = |r: &mut BufReader<File>| -> std::io::Result<Option<QMatrix>> {
             r.seek(SeekFrom::Start(at))?;
@@ -221,14 +226,14 @@ impl GgufFile {
     /// output head (norm + LM head; an untied head is counted on its own).
     pub fn layer_bytes(&self, n_layers: usize) -> LayerBytes {
         let mut blocks = vec![0u64; n_layers];
-        let mut embed = 0;
-        let mut head = 0;
+        let (mut embed, mut head, mut experts) = (0, 0, 0);
         for (name, info) in self.content.tensor_infos.iter() {
             let bytes = tensor_bytes(info);
             if let Some(rest) = name.strip_prefix("blk.") {
                 if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
                     if i < n_layers {
                         blocks[i] += bytes;
+                        experts += if is_expert_tensor(rest) { bytes } else { 0 };
                     }
                 }
             } else if name == "token_embd.weight" {
@@ -242,7 +247,11 @@ impl GgufFile {
             // Tied embeddings: the last stage holds the table again as its LM head.
             head += embed;
         }
-        LayerBytes { blocks, embed, head, tied }
+        let routed = match (self.param("expert_used_count"), self.param("expert_count")) {
+            (Some(k), Some(n)) if experts > 0 && k >= 1.0 && n >= k => Some((k as u32, n as u32)),
+            _ => None,
+        };
+        LayerBytes { blocks, embed, head, tied, expert_bytes: experts, routed }
     }
 
     /// A digest of the header and tensor table: two nodes that report the same
@@ -283,6 +292,16 @@ impl GgufFile {
     }
 }
 
+/// Whether block tensor `name` (after `blk.N.`) is one of a mixture's
+/// experts: `ffn_gate_exps.weight` or, in older files, `ffn_gate.3.weight`.
+fn is_expert_tensor(name: &str) -> bool {
+    let mut parts = name.split('.').skip(1);
+    match (parts.next(), parts.next()) {
+        (Some(base), Some(second)) => base.ends_with("_exps") || (base.starts_with("ffn_") && second.parse::<usize>().is_ok()),
+        _ => false,
+    }
+}
+
 /// Integer metadata of any width (files in the wild use u32, i32 and u64 for the same keys).
 pub fn value_u64(v: &Value) -> Option<u64> {
     match *v {
@@ -307,13 +326,27 @@ pub struct LayerBytes {
     pub head: u64,
     /// The LM head is the embedding table: a stage holding both holds it once.
     pub tied: bool,
+    /// Bytes of the blocks' experts (counted in `blocks` too: a stage holds them all).
+    pub expert_bytes: u64,
+    /// Experts a token runs, of how many (a mixture reads only those).
+    pub routed: Option<(u32, u32)>,
 }
 
 impl LayerBytes {
+    /// Blocks of these sizes and a head, no experts.
+    pub fn dense(blocks: Vec<u64>, embed: u64, head: u64, tied: bool) -> Self {
+        Self { blocks, embed, head, tied, expert_bytes: 0, routed: None }
+    }
+
     /// Bytes one decode step reads: every block and the LM head (of the
-    /// embedding table only the token's row).
+    /// embedding table only the token's row; of a mixture only the experts
+    /// a token runs, `k / n` of them on average).
     pub fn per_token(&self) -> u64 {
-        self.blocks.iter().sum::<u64>() + self.head
+        let all = self.blocks.iter().sum::<u64>() + self.head;
+        match self.routed {
+            Some((k, n)) => all - self.expert_bytes + self.expert_bytes * u64::from(k) / u64::from(n),
+            None => all,
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::kv_cache::KvCache;
-use super::ops::{Act, Attention, Gate, Ops};
+use super::ops::{Act, Attention, Experts, Gate, Ops};
 use super::weights::{Linear, Projections, RmsNorm};
 use crate::error::{Error, Result};
 use crate::kernels::ops::{self as kops, AttnShape};
@@ -43,6 +43,8 @@ pub struct BatchItem<'a> {
 #[derive(Debug, Default)]
 pub struct Scratch {
     bufs: Vec<Vec<f32>>,
+    /// One expert's rows of a mixture: gathered input, gate, up, output.
+    moe: [Vec<f32>; 4],
     acts: QActs,
     /// The batch items' cache buffers for the layer being run (empty between calls).
     kv: Vec<CacheLayer>,
@@ -325,6 +327,40 @@ impl Ops for HostOps<'_, '_> {
             *o = x * s;
         }
         self.s.bufs[ob] = o;
+        Ok(out)
+    }
+
+    fn moe(&mut self, x: Act, e: &Experts) -> Result<Act> {
+        let logits = self.linear(x, &e.router)?;
+        let ((xb, hidden), (lb, n)) = (self.rows_of(x)?, self.rows_of(logits)?);
+        let mut probs = self.s.bufs[lb][..self.rows * n].to_vec();
+        probs.chunks_exact_mut(n).for_each(kernels::softmax);
+        let routed = e.route(&probs);
+        let out = self.alloc(hidden);
+        let (ob, _) = self.rows_of(out)?;
+        let s = &mut *self.s;
+        let mut y = std::mem::take(&mut s.bufs[ob]);
+        y.fill(0.0);
+        let [input, gate, up, down] = &mut s.moe;
+        for (expert, rows) in e.experts.iter().zip(&routed).filter(|(_, r)| !r.is_empty()) {
+            // This expert's rows, gathered: its weights are read once for all of them.
+            let (m, ffn) = (rows.len(), host(&expert.gate)?.rows());
+            input.clear();
+            rows.iter().for_each(|&(r, _)| input.extend_from_slice(&s.bufs[xb][r * hidden..(r + 1) * hidden]));
+            gate.resize(m * ffn, 0.0);
+            up.resize(m * ffn, 0.0);
+            down.resize(m * hidden, 0.0);
+            matmul(&mut s.acts, input, None, &[&expert.gate, &expert.up], &mut [gate, up])?;
+            let up = &*up;
+            let prep = |r: usize, row: &mut [f32]| gate_rows(e.gate, row, &up[r * ffn..(r + 1) * ffn]);
+            matmul(&mut s.acts, gate, Some(&prep), &[&expert.down], &mut [down])?;
+            for (&(r, w), d) in rows.iter().zip(down.chunks_exact(hidden)) {
+                for (o, &v) in y[r * hidden..(r + 1) * hidden].iter_mut().zip(d) {
+                    *o += w * v;
+                }
+            }
+        }
+        s.bufs[ob] = y;
         Ok(out)
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use super::config::Config;
+use super::ops::{Expert, Experts, Gate};
 use super::rope::{Rope, RopeSpec};
 use super::weights::{Backend, Linear, Part, Projections, RawWeight, RmsNorm};
 use super::ModelFile;
@@ -126,6 +127,49 @@ impl Loader<'_> {
         let p = Projections::new(loaded, self.backend)?;
         self.all_host &= self.backend != Backend::Host || p.separate().iter().all(|l| l.host().is_some());
         Ok(p)
+    }
+
+    /// The mixture of experts of the block, where it has one (a router
+    /// `ffn_gate_inp`): `n` experts of `ffn` rows each, stored as 3-D
+    /// tensors `ffn_{gate,up,down}_exps` (one matrix per expert, one after
+    /// the other) or, in older files, as `ffn_{gate,up,down}.{i}`.
+    pub fn experts(&mut self, hidden: usize, gate: Gate, norm_top_k: bool) -> Result<Option<Experts>> {
+        if !self.has("ffn_gate_inp.weight") {
+            return Ok(None);
+        }
+        let n =
+            self.param_usize("expert_count", "num_experts").filter(|&n| n > 0).ok_or_else(|| self.bad("experts without expert_count"))?;
+        let top_k = self.param_usize("expert_used_count", "num_experts_per_tok").filter(|&k| (1..=n).contains(&k));
+        let top_k = top_k.ok_or_else(|| self.bad(format!("expert_used_count must be 1..={n}")))?;
+        let ffn = self.param_usize("expert_feed_forward_length", "moe_intermediate_size").unwrap_or(self.config.intermediate_size);
+        let router = self.linear("ffn_gate_inp.weight", n, hidden)?;
+        let merged = self.has("ffn_gate_exps.weight");
+        let part = |l: &mut Self, base: &str, rows: usize, cols: usize| -> Result<Vec<Linear>> {
+            if !merged {
+                return (0..n).map(|i| l.linear(&format!("{base}.{i}.weight"), rows, cols)).collect();
+            }
+            let name = format!("{base}_exps.weight");
+            let w = match l.backend {
+                Backend::Host => match l.file.read_matrix(&name, Some(l.layer))? {
+                    Some(m) => RawWeight::Host(m),
+                    None => {
+                        l.all_host = false;
+                        l.file.read(&name, Some(l.layer), l.device)?
+                    }
+                },
+                Backend::Candle => l.file.read(&name, Some(l.layer), l.device)?,
+            };
+            let (dims, flat) = (w.dims(), [n * rows, cols]);
+            if dims != [n, rows, cols] && dims != flat {
+                return Err(l.bad(format!("block {} tensor {name} has shape {dims:?}, the config implies {:?}", l.layer, [n, rows, cols])));
+            }
+            (0..n).map(|i| l.linear_of(w.rows(i * rows, rows)?, None)).collect()
+        };
+        let gates = part(self, "ffn_gate", ffn, hidden)?;
+        let ups = part(self, "ffn_up", ffn, hidden)?;
+        let downs = part(self, "ffn_down", hidden, ffn)?;
+        let experts = gates.into_iter().zip(ups).zip(downs).map(|((gate, up), down)| Expert { gate, up, down }).collect();
+        Ok(Some(Experts { router, experts, top_k, norm_top_k, gate }))
     }
 
     /// RMSNorm weight `name` of `len` values, with the architecture's offset

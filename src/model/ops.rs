@@ -51,6 +51,50 @@ pub struct Attention {
     pub window: Option<usize>,
 }
 
+/// One expert of a mixture: a gated MLP.
+#[derive(Debug)]
+pub struct Expert {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// A mixture of experts (Mixtral, Qwen3-MoE): a router scores every expert
+/// per row, the `top_k` best run on the row, their outputs summed with the
+/// router's softmax weights (renormalized over the chosen when `norm_top_k`).
+#[derive(Debug)]
+pub struct Experts {
+    /// `[n_experts, hidden]`.
+    pub router: Linear,
+    pub experts: Vec<Expert>,
+    pub top_k: usize,
+    pub norm_top_k: bool,
+    pub gate: Gate,
+}
+
+impl Experts {
+    /// For each expert, the rows routed to it and their weights, from the
+    /// router's softmax `probs` (`[rows, n_experts]`). The best `top_k` of a
+    /// row, ties to the lower index (a stable sort by descending weight, as
+    /// candle-transformers' and HF's `topk` pick).
+    pub fn route(&self, probs: &[f32]) -> Vec<Vec<(usize, f32)>> {
+        let n = self.experts.len();
+        let mut routed = vec![Vec::new(); n];
+        let mut order: Vec<usize> = Vec::with_capacity(n);
+        for (row, p) in probs.chunks_exact(n).enumerate() {
+            order.clear();
+            order.extend(0..n);
+            order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
+            let chosen = &order[..self.top_k.min(n)];
+            let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+            for &e in chosen {
+                routed[e].push((row, if self.norm_top_k { p[e] / sum } else { p[e] }));
+            }
+        }
+        routed
+    }
+}
+
 /// What a block forward is written in. Object-safe: a slice holds its
 /// blocks as `dyn Block` and runs them on either backend.
 pub trait Ops {
@@ -68,6 +112,9 @@ pub trait Ops {
     /// rows and each item's KV cache: per-head norms, rotary positions, the
     /// cache write, then `softmax(q·Kᵀ/√d) V`. Returns `[rows, n_heads · head_dim]`.
     fn attention(&mut self, q: Act, k: Act, v: Act, layer: usize, attn: &Attention) -> Result<Act>;
+    /// A mixture of experts over `x` `[rows, hidden]` → `[rows, hidden]`:
+    /// each expert's weights are read once per step, for the rows routed to it.
+    fn moe(&mut self, x: Act, experts: &Experts) -> Result<Act>;
 }
 
 /// One transformer block of some architecture.

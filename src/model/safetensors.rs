@@ -253,6 +253,6 @@ impl SafetensorsDir {
         if tied {
             head += embed;
         }
-        super::gguf::LayerBytes { blocks, embed, head, tied }
+        super::gguf::LayerBytes::dense(blocks, embed, head, tied)
     }
 }

@@ -212,12 +212,12 @@ impl SyntheticModel {
 
     pub fn layer_bytes(&self) -> LayerBytes {
         let block: u64 = BLOCK_TENSORS.iter().map(|n| self.bytes_of(n)).sum();
-        LayerBytes {
-            blocks: vec![block; self.config.n_layers],
-            embed: self.bytes_of("token_embd.weight"),
-            head: self.bytes_of("output_norm.weight") + self.bytes_of("output.weight"),
-            tied: false,
-        }
+        LayerBytes::dense(
+            vec![block; self.config.n_layers],
+            self.bytes_of("token_embd.weight"),
+            self.bytes_of("output_norm.weight") + self.bytes_of("output.weight"),
+            false,
+        )
     }
 
     pub fn digest(&self) -> String {

@@ -98,11 +98,15 @@ impl RawWeight {
         }
     }
 
-    /// Rows `start..start + len` of a 2-D weight (one part of a fused
-    /// tensor), in the same form.
+    /// Rows `start..start + len` of a weight seen as 2-D (its last
+    /// dimension the columns: a 3-D stack of experts' matrices is their rows
+    /// one after the other), in the same form: one part of a fused tensor,
+    /// one expert of a stack.
     pub fn rows(&self, start: usize, len: usize) -> Result<RawWeight> {
-        let bad = || Error::InvalidRequest(format!("rows {start}..{} of a weight of shape {:?}", start + len, self.dims()));
-        let &[rows, cols] = self.dims().as_slice() else { return Err(bad()) };
+        let dims = self.dims();
+        let bad = || Error::InvalidRequest(format!("rows {start}..{} of a weight of shape {dims:?}", start + len));
+        let (Some(&cols), true) = (dims.last(), dims.len() >= 2) else { return Err(bad()) };
+        let rows = dims.iter().product::<usize>() / cols.max(1);
         if start + len > rows {
             return Err(bad());
         }
@@ -118,7 +122,7 @@ impl RawWeight {
                     &q.device(),
                 )?))
             }
-            RawWeight::Dense(d) => RawWeight::Dense(d.narrow(0, start, len)?.contiguous()?),
+            RawWeight::Dense(d) => RawWeight::Dense(d.reshape((rows, cols))?.narrow(0, start, len)?.contiguous()?),
             RawWeight::Host(m) => RawWeight::Host(m.rows_range(start, len).ok_or_else(bad)?),
         })
     }

@@ -18,11 +18,29 @@ pub struct TinySpec {
     pub vocab: usize,
     pub context: usize,
     pub seed: u64,
+    /// A mixture of `experts` MLPs (0: one dense MLP), `top_k` per token.
+    pub experts: usize,
+    pub top_k: usize,
+    /// Experts as 3-D `ffn_*_exps` tensors (llama.cpp's layout since 2024),
+    /// else as `ffn_*.{i}` matrices (older Mixtral files, candle-transformers' reader).
+    pub merged_experts: bool,
 }
 
 impl Default for TinySpec {
     fn default() -> Self {
-        Self { layers: 3, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, vocab: 96, context: 64, seed: 1 }
+        Self {
+            layers: 3,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 128,
+            vocab: 96,
+            context: 64,
+            seed: 1,
+            experts: 0,
+            top_k: 0,
+            merged_experts: true,
+        }
     }
 }
 
@@ -67,7 +85,7 @@ pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
             out.push((format!("{p}attn_k.bias"), rng.tensor(&[kv], 0.5)));
             out.push((format!("{p}attn_v.bias"), rng.tensor(&[kv], 0.5)));
         }
-        if arch == "qwen3" || arch == "gemma3" {
+        if arch == "qwen3" || arch == "qwen3moe" || arch == "gemma3" {
             out.push((format!("{p}attn_q_norm.weight"), norm(&mut rng, hd)));
             out.push((format!("{p}attn_k_norm.weight"), norm(&mut rng, hd)));
         }
@@ -80,6 +98,17 @@ pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
         if arch == "phi3" {
             // Gate and up in one tensor, gate first.
             out.push((format!("{p}ffn_up.weight"), rng.tensor(&[2 * f, h], 0.3)));
+        } else if spec.experts > 0 {
+            let e = spec.experts;
+            out.push((format!("{p}ffn_gate_inp.weight"), rng.tensor(&[e, h], 1.0)));
+            for (base, rows, cols, scale) in [("ffn_gate", f, h, 0.3), ("ffn_up", f, h, 0.3), ("ffn_down", h, f, 0.2)] {
+                if spec.merged_experts {
+                    out.push((format!("{p}{base}_exps.weight"), rng.tensor(&[e, rows, cols], scale)));
+                } else {
+                    (0..e).for_each(|i| out.push((format!("{p}{base}.{i}.weight"), rng.tensor(&[rows, cols], scale))));
+                }
+            }
+            continue;
         } else {
             out.push((format!("{p}ffn_gate.weight"), rng.tensor(&[f, h], 0.3)));
             out.push((format!("{p}ffn_up.weight"), rng.tensor(&[f, h], 0.3)));
@@ -152,7 +181,9 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
         if skip.contains(&g.as_str()) {
             continue;
         }
-        let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+        // Matrices (and stacks of experts') in `dtype`; norms, biases and the
+        // router in f32, as llama.cpp's quantizer leaves them.
+        let dt = if t.rank() >= 2 && !g.ends_with("ffn_gate_inp.weight") { dtype } else { GgmlDType::F32 };
         qtensors.push((g, QTensor::quantize(&t, dt).unwrap()));
     }
     let tokens = tiny_vocab(spec.vocab);
@@ -172,7 +203,12 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         (format!("{arch}.attention.key_length"), Value::U32((spec.hidden / spec.heads) as u32)),
+        (format!("{arch}.rope.dimension_count"), Value::U32((spec.hidden / spec.heads) as u32)),
     ];
+    if spec.experts > 0 {
+        md.push((format!("{arch}.expert_count"), Value::U32(spec.experts as u32)));
+        md.push((format!("{arch}.expert_used_count"), Value::U32(spec.top_k as u32)));
+    }
     if arch == "gemma3" || arch == "phi3" {
         md.push((format!("{arch}.attention.sliding_window"), Value::U32(TINY_WINDOW as u32)));
     }

@@ -5,6 +5,9 @@
 //! `LLM_ARCH_LLAMA`, candle-transformers' `quantized_llama`, whose operation
 //! order this follows exactly (the golden test demands identical bits).
 //! llama.cpp's converter permutes q/k rows so GGUF files rotate interleaved pairs.
+//! With a router (`ffn_gate_inp`) the MLP is a mixture of experts: Mixtral
+//! (<https://arxiv.org/abs/2401.04088>), softmax over the experts, the top
+//! `expert_used_count` renormalized.
 
 use std::sync::Arc;
 
@@ -12,7 +15,7 @@ use super::{unscaled, Architecture};
 use crate::error::Result;
 use crate::model::config::RopeStyle;
 use crate::model::loader::Loader;
-use crate::model::ops::{Act, Attention, Block, Gate, Ops};
+use crate::model::ops::{Act, Attention, Block, Experts, Gate, Ops};
 use crate::model::weights::{Linear, Projections, RmsNorm};
 
 pub const ARCH: Architecture = Architecture {
@@ -42,14 +45,48 @@ pub(super) struct LlamaBlock {
     pub(super) attn: Attention,
     pub(super) o: Linear,
     pub(super) ffn_norm: RmsNorm,
-    /// Gate, up.
-    pub(super) gate_up: Projections,
-    pub(super) down: Linear,
+    pub(super) ffn: Ffn,
+}
+
+/// The MLP of a llama-family block.
+#[derive(Debug)]
+pub(super) enum Ffn {
+    /// SwiGLU; gate and up are one projection.
+    Dense { gate_up: Projections, down: Linear },
+    /// A mixture of SwiGLU experts.
+    Experts(Experts),
+}
+
+impl Ffn {
+    /// A mixture where the block has a router, else the dense MLP.
+    pub(super) fn load(l: &mut Loader) -> Result<Self> {
+        let c = l.config().clone();
+        let (h, ffn) = (c.hidden_size, c.intermediate_size);
+        // Mixtral and Qwen3-MoE both renormalize the chosen experts' weights.
+        let norm_top_k = l.param_usize("expert_weights_norm", "norm_topk_prob").is_none_or(|v| v != 0);
+        Ok(match l.experts(h, Gate::Silu, norm_top_k)? {
+            Some(e) => Ffn::Experts(e),
+            None => {
+                Ffn::Dense { gate_up: l.projections(&[("ffn_gate", ffn), ("ffn_up", ffn)], h)?, down: l.linear("ffn_down.weight", h, ffn)? }
+            }
+        })
+    }
+
+    pub(super) fn forward(&self, op: &mut dyn Ops, x: Act) -> Result<Act> {
+        match self {
+            Ffn::Dense { gate_up, down } => {
+                let [g, u] = two(op.project(x, gate_up)?);
+                let m = op.glu(g, u, Gate::Silu)?;
+                op.linear(m, down)
+            }
+            Ffn::Experts(e) => op.moe(x, e),
+        }
+    }
 }
 
 pub(super) fn load_with(l: &mut Loader, head_norms: HeadNorms) -> Result<Arc<dyn Block>> {
     let c = l.config().clone();
-    let (h, q_dim, kv_dim, ffn) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
+    let (h, q_dim, kv_dim) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     Ok(Arc::new(LlamaBlock {
         attn_norm: l.rms_norm("attn_norm.weight", h)?,
         qkv: l.projections(&[("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)], h)?,
@@ -65,8 +102,7 @@ pub(super) fn load_with(l: &mut Loader, head_norms: HeadNorms) -> Result<Arc<dyn
         },
         o: l.linear("attn_output.weight", h, q_dim)?,
         ffn_norm: l.rms_norm("ffn_norm.weight", h)?,
-        gate_up: l.projections(&[("ffn_gate", ffn), ("ffn_up", ffn)], h)?,
-        down: l.linear("ffn_down.weight", h, ffn)?,
+        ffn: Ffn::load(l)?,
     }))
 }
 
@@ -78,9 +114,7 @@ impl Block for LlamaBlock {
         let a = op.linear(a, &self.o)?;
         let x = op.add(a, x)?;
         let h = op.rms_norm(x, &self.ffn_norm)?;
-        let [g, u] = two(op.project(h, &self.gate_up)?);
-        let m = op.glu(g, u, Gate::Silu)?;
-        let m = op.linear(m, &self.down)?;
+        let m = self.ffn.forward(op, h)?;
         op.add(m, x)
     }
 }

@@ -11,6 +11,7 @@ mod llama;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod qwen3moe;
 
 use std::sync::Arc;
 
@@ -47,7 +48,7 @@ impl std::fmt::Debug for Architecture {
     }
 }
 
-pub const ARCHITECTURES: &[&Architecture] = &[&llama::ARCH, &qwen2::ARCH, &qwen3::ARCH, &gemma3::ARCH, &phi3::ARCH];
+pub const ARCHITECTURES: &[&Architecture] = &[&llama::ARCH, &qwen2::ARCH, &qwen3::ARCH, &qwen3moe::ARCH, &gemma3::ARCH, &phi3::ARCH];
 
 fn unsupported(name: &str) -> Error {
     Error::UnsupportedArchitecture(name.to_string())

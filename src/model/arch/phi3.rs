@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::llama::LlamaBlock;
+use super::llama::{Ffn, LlamaBlock};
 use super::{unscaled, Architecture};
 use crate::error::Result;
 use crate::model::config::RopeStyle;
@@ -50,7 +50,6 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
         },
         o: l.linear("attn_output.weight", h, q_dim)?,
         ffn_norm: l.rms_norm("ffn_norm.weight", h)?,
-        gate_up: l.fused("ffn_up", &[ffn, ffn], h)?,
-        down: l.linear("ffn_down.weight", h, ffn)?,
+        ffn: Ffn::Dense { gate_up: l.fused("ffn_up", &[ffn, ffn], h)?, down: l.linear("ffn_down.weight", h, ffn)? },
     }))
 }
