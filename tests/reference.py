@@ -181,7 +181,10 @@ def load(path):
               theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
               # llama.cpp permutes llama q/k rows so that pairs are adjacent; qwen2 keeps HF's halves.
               interleaved=arch in ("llama", "mistral"), window=meta.get(f"{arch}.attention.sliding_window"),
-              pattern=6, top_k=meta.get(f"{arch}.expert_used_count"))
+              pattern=6, top_k=meta.get(f"{arch}.expert_used_count"),
+              rope_dim=meta.get(f"{arch}.rope.dimension_count"))
+    if arch == "phi2":
+        hp["eps"] = meta[f"{arch}.attention.layer_norm_epsilon"]
     # GGUF gemma norms already hold 1 + w (llama.cpp's converter adds it).
     layers = [{k: gguf_linear(t, kinds, mins, f"blk.{i}.{v}") for k, v in GGUF_NAMES.items() if f"blk.{i}.{v}.weight" in t}
               for i in range(hp["n_layers"])]
@@ -203,6 +206,12 @@ def load(path):
 def gguf_linear(t, kinds, mins, prefix):
     w = f"{prefix}.weight"
     return {"weight": t[w], "bias": t.get(f"{prefix}.bias"), "kind": kinds[w], "m": mins.get(w)}
+
+
+def layer_norm(x, p, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["weight"] + p["bias"]
 
 
 def rms_norm(x, w, eps):
@@ -295,8 +304,11 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def rope(x, theta, interleaved):
-    """x: [heads, seq, d]; rotate pairs by position * theta^(-2i/d)."""
+def rope(x, theta, interleaved, rot=None):
+    """x: [heads, seq, d]; rotate pairs by position * theta^(-2i/d), of the
+    first `rot` values of each head (phi's partial rotary) or all of them."""
+    if rot is not None and rot < x.shape[-1]:
+        return np.concatenate([rope(x[..., :rot], theta, interleaved), x[..., rot:]], axis=-1)
     _, seq, d = x.shape
     inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
     ang = np.arange(seq)[:, None] * inv[None, :]  # [seq, d/2]
@@ -311,6 +323,31 @@ def rope(x, theta, interleaved):
     return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
 
 
+def norm_layer(path):
+    _, t, _, _ = read_gguf(path)
+    return {"weight": t["output_norm.weight"], "bias": t["output_norm.bias"]}
+
+
+def phi2(h, layers, final_norm, head, hp):
+    """HF modeling_phi: attention and MLP both read one LayerNorm of the
+    input and are added to it; partial rotary; GELU (tanh) MLP; biases."""
+    seq, nh = h.shape[0], hp["n_heads"]
+    mask = np.triu(np.full((seq, seq), -np.inf), 1)
+    for L in layers:
+        x = layer_norm(h, {"weight": L["attn_norm"]["weight"], "bias": L["attn_norm"]["bias"]}, hp["eps"])
+        qkv = linear(x, L["qkv"])
+        d = qkv.shape[-1] // (3 * nh)
+        q, k, v = (qkv[:, i * nh * d:(i + 1) * nh * d].reshape(seq, nh, d).transpose(1, 0, 2) for i in range(3))
+        q, k = rope(q, hp["theta"], False, hp["rope_dim"]), rope(k, hp["theta"], False, hp["rope_dim"])
+        if os.environ.get("SOLLOL_REF_KV") == "f16":
+            k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+        att = softmax(q @ k.transpose(0, 2, 1) / np.sqrt(d) + mask)
+        a = linear((att @ v).transpose(1, 0, 2).reshape(seq, nh * d), L["o"])
+        m = linear(gelu_tanh(linear(x, L["up"])), L["down"])
+        h = h + a + m
+    return linear(layer_norm(h, final_norm, hp["eps"]), head)
+
+
 def forward(path, tokens):
     hp, layers, embed, norm, head = load(path)
     h = embed[tokens]  # [seq, hidden]
@@ -320,6 +357,8 @@ def forward(path, tokens):
     seq = len(tokens)
     nh, nkv = hp["n_heads"], hp["n_kv"]
     i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    if hp["arch"] == "phi2":
+        return phi2(h, layers, norm_layer(path), head, hp)
     for n, L in enumerate(layers):
         # gemma3: every sixth layer is global; the others see `window` positions with a local rotary base.
         d = h.shape[-1] // nh if "q" not in L or L["q"]["weight"] is None else L["q"]["weight"].shape[0] // nh

@@ -1,11 +1,14 @@
 //! sollol against an independent numpy implementation (`tests/reference.py`)
-//! on tiny random models the test writes: GGUF llama and qwen2 in f32, Q8_0
-//! and Q4_1, and HF safetensors in f32 and f16. sollol runs a prefill and then
+//! on tiny random models the test writes, of every architecture: GGUF in
+//! f32 and quantized types, HF safetensors in f32 and f16; and against
+//! candle-transformers' own implementations where they are right. sollol runs a prefill and then
 //! decode steps through its KV cache; the reference runs one plain causal
 //! forward over the whole sequence in float64.
 //!
 //! Tolerances, relative to the largest |logit| of the sequence:
 //! - f32 weights: 1e-4 (f32 vs f64 accumulation over a few hundred terms);
+//!   2e-4 on the CPU path, whose f16 KV cache rounds a key either way now
+//!   and then (see `HOST_FLOAT_TOL`);
 //! - f16 weights: 1e-2 (sollol multiplies in f16, the reference in f64);
 //! - Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights: 5e-3. The weights are identical on both sides (numpy
 //!   dequantizes the same blocks) and the reference models the 8-bit activation
@@ -79,9 +82,20 @@ const HOST_QUANTIZED_TOL: f64 = 2e-2;
 
 /// Asserts max |sollol - reference| / max |reference| <= tol for both
 /// backends (our kernels and candle's ops).
+/// The same f16 rounding of K/V sometimes falls on either side of a
+/// rounding point between sollol's f32 and the reference's f64 keys with
+/// float weights too, without activation quantization to amplify it:
+/// measured over six seeds of the tiny models, from 2e-7 to 9.2e-5 (phi2,
+/// whose biases make larger keys) and to 1.6e-5 (llama).
+const HOST_FLOAT_TOL: f64 = 2e-4;
+
 fn check(model: &Path, bounds: &[usize], tol: f64, quantized: bool) {
     for backend in [Backend::Host, Backend::Candle] {
-        let tol = if backend == Backend::Host && quantized { tol.max(HOST_QUANTIZED_TOL) } else { tol };
+        let tol = match (backend, quantized) {
+            (Backend::Host, true) => tol.max(HOST_QUANTIZED_TOL),
+            (Backend::Host, false) => tol.max(HOST_FLOAT_TOL),
+            (Backend::Candle, _) => tol,
+        };
         check_backend(model, bounds, tol, backend, &reference_logits(model, backend));
     }
 }
@@ -103,6 +117,8 @@ fn spec(arch: &str) -> TinySpec {
         "gemma3" | "gemma3_text" => TinySpec { layers: 6, ..TinySpec::default() },
         // Eight experts, two per token: over 9 tokens most experts serve
         // several rows of a prefill and some none.
+        // Phi-2 has no grouped-query heads (candle-transformers' phi assumes none).
+        "phi2" => TinySpec { kv_heads: 4, ..TinySpec::default() },
         "mixtral" | "qwen3moe" => TinySpec { experts: 8, top_k: 2, ffn: 64, ..TinySpec::default() },
         _ => TinySpec::default(),
     }
@@ -199,6 +215,36 @@ fn safetensors_phi3_f32_matches_numpy() {
 }
 
 #[test]
+fn gguf_phi2_f32_matches_numpy() {
+    gguf_case("phi2", GgmlDType::F32, 1e-4);
+}
+
+#[test]
+fn gguf_phi2_q8_0_matches_numpy() {
+    gguf_case("phi2", GgmlDType::Q8_0, 5e-3);
+}
+
+/// Our candle path runs phi2 and phi3 op for op as candle-transformers'
+/// `quantized_phi` and `quantized_phi3` do. (`quantized_phi3` has no
+/// sliding window, so this phi3 model's window is longer than the test.)
+#[test]
+fn phi2_and_phi3_match_candle_transformers_bit_for_bit() {
+    for arch in ["phi2", "phi3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("tiny-{arch}.gguf"));
+        let spec = TinySpec { window: 64, ..spec(arch) };
+        write_gguf(&path, &spec, arch, GgmlDType::Q8_0, &[]);
+        let theirs = candle_transformers_logits(&path, arch);
+        let ours = sollol_logits(&path, &[0, spec.layers], Backend::Candle);
+        for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            let diff = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert_eq!(diff, 0, "{arch} step {step}: {diff} logits differ from candle-transformers' (by up to {worst:e})");
+        }
+    }
+}
+
+#[test]
 fn gguf_mixtral_f32_matches_numpy() {
     gguf_case("mixtral", GgmlDType::F32, 1e-4);
 }
@@ -254,7 +300,7 @@ fn safetensors_gemma3_f32_matches_numpy() {
 /// Logits at positions PROMPT_LEN-1.. from candle-transformers' own
 /// implementation of `arch` (`forward` returns the last position's).
 fn candle_transformers_logits(model: &Path, arch: &str) -> Vec<Vec<f32>> {
-    use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
+    use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_phi, quantized_phi3, quantized_qwen3};
     let mut reader = std::io::BufReader::new(std::fs::File::open(model).unwrap());
     let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
     type Forward = Box<dyn FnMut(&Tensor, usize) -> Tensor>;
@@ -269,6 +315,14 @@ fn candle_transformers_logits(model: &Path, arch: &str) -> Vec<Vec<f32>> {
         }
         "llama" => {
             let mut m = quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+            Box::new(move |x, pos| m.forward(x, pos).unwrap())
+        }
+        "phi2" => {
+            let mut m = quantized_phi::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+            Box::new(move |x, pos| m.forward(x, pos).unwrap())
+        }
+        "phi3" => {
+            let mut m = quantized_phi3::ModelWeights::from_gguf(false, content, &mut reader, &Device::Cpu).unwrap();
             Box::new(move |x, pos| m.forward(x, pos).unwrap())
         }
         other => panic!("no candle-transformers model for {other}"),

@@ -26,6 +26,22 @@ pub fn dot<T: Copy + Into<f32>>(a: &[f32], b: &[T]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `out = (x - mean(x)) / √(var(x) + eps) · w + b` for every row of `w.len()` values.
+#[inline(always)]
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mean = xr.iter().sum::<f32>() / n as f32;
+        for (o, &v) in or.iter_mut().zip(xr) {
+            *o = v - mean;
+        }
+        let scale = 1.0 / (dot(or, or) / n as f32 + eps).sqrt();
+        for ((o, &g), &b) in or.iter_mut().zip(w).zip(b) {
+            *o = *o * scale * g + b;
+        }
+    }
+}
+
 /// `out = x / rms(x) * w` for every row of `w.len()` values.
 #[inline(always)]
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -106,16 +122,28 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
-/// `g = gelu(g) * u` with GELU's tanh approximation, the GeGLU gate (gemma):
-/// `gelu(x) = x/2 · (1 + tanh(√(2/π)(x + 0.044715x³)))`, where
-/// `(1 + tanh(y))/2 = 1 / (1 + e^(-2y))`.
+/// GELU's tanh approximation: `x/2 · (1 + tanh(√(2/π)(x + 0.044715x³)))`,
+/// where `(1 + tanh(y))/2 = 1 / (1 + e^(-2y))`.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let y = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp(-2.0 * y))
+}
+
+/// `g = gelu(g) * u`, the GeGLU gate (gemma).
 #[inline(always)]
 pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     for (a, &b) in g.iter_mut().zip(u) {
-        let x = *a;
-        let y = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-        *a = x / (1.0 + exp(-2.0 * y)) * b;
+        *a = gelu_tanh(*a) * b;
+    }
+}
+
+/// `x = gelu(x)` (phi2's MLP).
+#[inline(always)]
+pub fn gelu(x: &mut [f32]) {
+    for a in x.iter_mut() {
+        *a = gelu_tanh(*a);
     }
 }
 
@@ -130,16 +158,19 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq`;
-/// `cos`/`sin` are `[context, head_dim / 2]`. `interleaved` pairs (2i, 2i+1),
-/// otherwise (i, i + head_dim/2). Each style has its own loop without a
-/// branch, so both vectorize.
+/// Rotates the first `rot_dim` values of each head of rows
+/// `[seq, heads, head_dim]` in place for positions `pos..pos+seq` (all of
+/// them but for partial rotary embeddings, phi2's); `cos`/`sin` are
+/// `[context, rot_dim / 2]`. `interleaved` pairs (2i, 2i+1), otherwise
+/// (i, i + rot_dim/2). Each style has its own loop without a branch, so
+/// both vectorize.
 #[inline(always)]
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
-    let half = head_dim / 2;
+pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, rot_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = rot_dim / 2;
     for (i, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
         let (c, s) = (&cos[(pos + i) * half..][..half], &sin[(pos + i) * half..][..half]);
         for h in row.chunks_exact_mut(head_dim) {
+            let h = &mut h[..rot_dim];
             if interleaved {
                 for ((p, &c), &s) in h.chunks_exact_mut(2).zip(c).zip(s) {
                     let (x0, x1) = (p[0], p[1]);

@@ -277,6 +277,15 @@ fn vectorized_row_ops_equal_their_portable_source_bit_for_bit() {
         gelu_mul(&mut a, &w);
         ops::gelu_mul(&mut b, &w);
         assert_eq!(a, b, "gelu_mul, n = {n}");
+        let (mut a, mut b) = (x.clone(), x.clone());
+        gelu(&mut a);
+        ops::gelu(&mut b);
+        assert_eq!(a, b, "gelu, n = {n}");
+        let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5..0.5)).collect();
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        layer_norm(&x, &w, &bias, 1e-5, &mut a);
+        ops::layer_norm(&x, &w, &bias, 1e-5, &mut b);
+        assert_eq!(a, b, "layer_norm, n = {n}");
         let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
         rms_norm(&x, &w, 1e-5, &mut a);
         ops::rms_norm(&x, &w, 1e-5, &mut b);
@@ -288,10 +297,19 @@ fn vectorized_row_ops_equal_their_portable_source_bit_for_bit() {
     let (cos, sin): (Vec<f32>, Vec<f32>) = (0..9 * d / 2).map(|i| (i as f32 * 0.37).sin_cos()).unzip();
     for interleaved in [true, false] {
         let (mut a, mut b) = (x.clone(), x.clone());
-        rope(&mut a, heads, d, 5, &cos, &sin, interleaved);
-        ops::rope(&mut b, heads, d, 5, &cos, &sin, interleaved);
+        rope(&mut a, heads, d, d, 5, &cos, &sin, interleaved);
+        ops::rope(&mut b, heads, d, d, 5, &cos, &sin, interleaved);
         assert_eq!(a, b, "rope, interleaved {interleaved}");
         assert_ne!(a, x, "rope rotated nothing");
+    }
+    // Partial rotation (phi2): the first 16 values of each head turn, the rest stay.
+    let (mut a, mut b) = (x.clone(), x.clone());
+    rope(&mut a, heads, d, 16, 5, &cos, &sin, false);
+    ops::rope(&mut b, heads, d, 16, 5, &cos, &sin, false);
+    assert_eq!(a, b, "partial rope");
+    for (h, (ra, rx)) in a.chunks_exact(d).zip(x.chunks_exact(d)).enumerate() {
+        assert_ne!(ra[..16], rx[..16], "head {h} rotated nothing");
+        assert_eq!(ra[16..], rx[16..], "head {h} rotated past its rotary dims");
     }
 }
 

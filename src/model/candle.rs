@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 
 use super::kv_cache::KvCache;
 use super::ops::{Act, Attention, Experts, Gate, Ops};
-use super::weights::{Linear, Projections, RmsNorm};
+use super::weights::{Linear, Norm, Projections};
 use crate::error::Result;
 
 /// [`Ops`] on candle for one step of one session.
@@ -86,13 +86,18 @@ impl Ops for CandleOps<'_> {
         Ok(ys.into_iter().map(|y| self.put(y)).collect())
     }
 
-    fn rms_norm(&mut self, x: Act, norm: &RmsNorm) -> Result<Act> {
+    fn norm(&mut self, x: Act, norm: &Norm) -> Result<Act> {
         let y = norm.forward(self.get(x))?;
         Ok(self.put(y))
     }
 
     fn glu(&mut self, gate: Act, up: Act, f: Gate) -> Result<Act> {
         let y = gated(f, self.get(gate), self.get(up))?;
+        Ok(self.put(y))
+    }
+
+    fn gelu(&mut self, x: Act) -> Result<Act> {
+        let y = self.get(x).gelu()?;
         Ok(self.put(y))
     }
 
@@ -121,7 +126,8 @@ impl Ops for CandleOps<'_> {
         // contiguous: the cache write needs it.
         let v = heads(self.get(v), nkv)?.transpose(1, 2)?.contiguous()?;
         let q = attn.rope.apply(&q, pos)?;
-        let k = attn.rope.apply(&k, pos)?;
+        // contiguous: the cache write needs it (a partial rotation's concatenation is not).
+        let k = attn.rope.apply(&k, pos)?.contiguous()?;
         // k, v: [b, n_kv, pos + seq, hd], views into the cache.
         let (k, v) = self.cache.append(layer, &k, &v)?;
         // Heads kv * n_rep .. (kv + 1) * n_rep share K/V head kv: their queries

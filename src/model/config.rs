@@ -26,6 +26,9 @@ pub struct Config {
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f32,
+    /// The leading values of each head that rotate (`head_dim` but for
+    /// partial rotary embeddings).
+    pub rope_dim: usize,
     pub rope_style: RopeStyle,
     /// Per-frequency divisors (Llama 3.1+ "llama3" rope scaling), one per rotated pair.
     pub rope_freq_factors: Option<Vec<f32>>,
@@ -55,12 +58,12 @@ impl Config {
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!("{} attention heads cannot be grouped over {} key/value heads", self.n_heads, self.n_kv_heads));
         }
-        if !self.head_dim.is_multiple_of(2) {
-            return Err(format!("head dimension {} is odd; rotary embeddings need pairs", self.head_dim));
+        if self.rope_dim == 0 || !self.rope_dim.is_multiple_of(2) || self.rope_dim > self.head_dim {
+            return Err(format!("{} rotary dimensions of heads of {}: they must be pairs, within the head", self.rope_dim, self.head_dim));
         }
         if let Some(f) = &self.rope_freq_factors {
-            if f.len() != self.head_dim / 2 {
-                return Err(format!("rope_freqs has {} entries, expected {}", f.len(), self.head_dim / 2));
+            if f.len() != self.rope_dim / 2 {
+                return Err(format!("rope_freqs has {} entries, expected {}", f.len(), self.rope_dim / 2));
             }
         }
         Ok(())

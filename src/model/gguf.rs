@@ -138,11 +138,12 @@ impl GgufFile {
         let head_dim = self.metadata_u64(&key("attention.key_length")).map_or(hidden_size / n_heads.max(1), |v| v as usize);
         let embed = self.content.tensor_infos.get(super::EMBED).ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
         let vocab_size = embed.shape.dims()[0];
+        let rope_dim = self.metadata_u64(&key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
         let rope_freq_factors = match self.content.tensor_infos.get("rope_freqs.weight") {
             Some(_) => Some(self.read_dense_f32("rope_freqs.weight")?),
             // Linear scaling divides every frequency by the factor (gemma3 4B+).
             None if self.metadata_str(&key("rope.scaling.type")) == Some("linear") => {
-                self.metadata_f64(&key("rope.scaling.factor")).filter(|f| *f > 0.0).map(|f| vec![f as f32; head_dim / 2])
+                self.metadata_f64(&key("rope.scaling.factor")).filter(|f| *f > 0.0).map(|f| vec![f as f32; rope_dim / 2])
             }
             None => None,
         };
@@ -155,17 +156,17 @@ impl GgufFile {
             n_kv_heads,
             head_dim,
             vocab_size,
-            rms_norm_eps: self.metadata_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            // LayerNorm models (phi2) name their epsilon without "rms".
+            rms_norm_eps: self
+                .metadata_f64(&key("attention.layer_norm_rms_epsilon"))
+                .or_else(|| self.metadata_f64(&key("attention.layer_norm_epsilon")))
+                .unwrap_or(1e-5),
             rope_theta: self.metadata_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rope_dim,
             rope_style: arch.gguf_rope,
             rope_freq_factors,
             context_length: self.metadata_u64(&key("context_length")).map_or(2048, |v| v as usize),
         };
-        if let Some(rope_dim) = self.metadata_u64(&key("rope.dimension_count")) {
-            if rope_dim as usize != head_dim {
-                return Err(bad(format!("partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")));
-            }
-        }
         cfg.validate().map_err(bad)?;
         Ok(cfg)
     }

@@ -8,7 +8,7 @@
 //! a [`Scratch`] reused from call to call: after the first steps, a decode
 //! step allocates nothing but its output.
 //!
-//! `rms_norm` and `glu` are lazy: the product that consumes one applies it
+//! `norm`, `glu` and `gelu` are lazy: the product that consumes one applies it
 //! to each row inside its quantization pass (one parallel region, no pass of
 //! its own); anything else materializes it first.
 //!
@@ -21,7 +21,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::kv_cache::KvCache;
 use super::ops::{Act, Attention, Experts, Gate, Ops};
-use super::weights::{Linear, Projections, RmsNorm};
+use super::weights::{Linear, Norm, Projections};
 use crate::error::{Error, Result};
 use crate::kernels::ops::{self as kops, AttnShape};
 use crate::kernels::{self, QActs, QMatrix};
@@ -71,10 +71,12 @@ pub(super) struct Seg {
 enum Val {
     /// `[rows, width]` in buffer `buf`.
     Rows { buf: usize, width: usize },
-    /// `rms_norm(x)`, not computed yet.
-    Normed { x: Act, norm: RmsNorm },
+    /// `norm(x)`, not computed yet.
+    Normed { x: Act, norm: Norm },
     /// `f(gate) · up`, not computed yet (computed into gate's buffer).
     Gated { gate: Act, up: Act, f: Gate },
+    /// `gelu(x)`, not computed yet (computed into x's buffer).
+    Gelu { x: Act },
 }
 
 /// [`Ops`] on the host for one batch.
@@ -192,6 +194,11 @@ impl<'a, 'c> HostOps<'a, 'c> {
                 self.s.bufs[g] = gb;
                 self.vals[x.0] = Val::Rows { buf: g, width };
             }
+            Val::Gelu { x: src } => {
+                let (b, width) = self.rows_of(src)?;
+                kernels::gelu(&mut self.s.bufs[b]);
+                self.vals[x.0] = Val::Rows { buf: b, width };
+            }
         }
         self.rows_of(x)
     }
@@ -237,6 +244,16 @@ impl<'a, 'c> HostOps<'a, 'c> {
                 self.vals[x.0] = Val::Rows { buf: gb, width };
                 r
             }
+            Val::Gelu { x: src } => {
+                let src = *src;
+                let (b, width) = self.rows_of(src)?;
+                let mut input = std::mem::take(&mut self.s.bufs[b]);
+                let prep = |_: usize, row: &mut [f32]| kernels::gelu(row);
+                let r = matmul(&mut self.s.acts, &mut input, Some(&prep), layers, &mut out_slices);
+                self.s.bufs[b] = input;
+                self.vals[x.0] = Val::Rows { buf: b, width };
+                r
+            }
         };
         drop(out_slices);
         for (b, v) in out_bufs.into_iter().zip(taken) {
@@ -263,7 +280,7 @@ impl<'a, 'c> HostOps<'a, 'c> {
 
     /// `x · Wᵀ` for rows `rows` of `x` only (each item's last position
     /// before the LM head), after `norm`.
-    pub(super) fn head(&mut self, x: Act, pick: &[usize], norm: &RmsNorm, output: &Linear) -> Result<Vec<f32>> {
+    pub(super) fn head(&mut self, x: Act, pick: &[usize], norm: &Norm, output: &Linear) -> Result<Vec<f32>> {
         let (buf, width) = self.rows_of(x)?;
         let mut normed = vec![0f32; pick.len() * width];
         for (&r, out) in pick.iter().zip(normed.chunks_exact_mut(width)) {
@@ -296,13 +313,18 @@ impl Ops for HostOps<'_, '_> {
         self.products(x, &layers)
     }
 
-    fn rms_norm(&mut self, x: Act, norm: &RmsNorm) -> Result<Act> {
+    fn norm(&mut self, x: Act, norm: &Norm) -> Result<Act> {
         self.vals.push(Val::Normed { x, norm: norm.clone() });
         Ok(Act(self.vals.len() - 1))
     }
 
     fn glu(&mut self, gate: Act, up: Act, f: Gate) -> Result<Act> {
         self.vals.push(Val::Gated { gate, up, f });
+        Ok(Act(self.vals.len() - 1))
+    }
+
+    fn gelu(&mut self, x: Act) -> Result<Act> {
+        self.vals.push(Val::Gelu { x });
         Ok(Act(self.vals.len() - 1))
     }
 

@@ -10,7 +10,7 @@ use candle_core::Device;
 use super::config::Config;
 use super::ops::{Expert, Experts, Gate};
 use super::rope::{Rope, RopeSpec};
-use super::weights::{Backend, Linear, Part, Projections, RawWeight, RmsNorm};
+use super::weights::{Backend, Linear, Norm, Part, Projections, RawWeight};
 use super::ModelFile;
 use crate::error::{Error, Result};
 
@@ -89,6 +89,20 @@ impl Loader<'_> {
         self.linear_of(w, None)
     }
 
+    /// `[rows, cols]` weight `{base}.weight`, with the bias `{base}.bias` where the file has one.
+    pub fn linear_biased(&mut self, base: &str, rows: usize, cols: usize) -> Result<Linear> {
+        let w = self.weight(&format!("{base}.weight"), &[rows, cols])?;
+        let bias = format!("{base}.bias");
+        let b = if self.has(&bias) { Some(self.weight(&bias, &[rows])?.to_f32()?) } else { None };
+        self.linear_of(w, b)
+    }
+
+    /// LayerNorm `{base}.weight` and `{base}.bias` of `len` values.
+    pub fn layer_norm(&mut self, base: &str, len: usize) -> Result<Norm> {
+        let (w, b) = (self.weight(&format!("{base}.weight"), &[len])?, self.weight(&format!("{base}.bias"), &[len])?);
+        Norm::layer(&w, &b, self.config.rms_norm_eps)
+    }
+
     fn linear_of(&mut self, w: RawWeight, bias: Option<candle_core::Tensor>) -> Result<Linear> {
         let l = Linear::new(w, bias, self.backend)?;
         self.all_host &= self.backend != Backend::Host || l.host().is_some();
@@ -112,16 +126,18 @@ impl Loader<'_> {
     }
 
     /// Products of one input of width `cols` whose weights are one fused
-    /// tensor `{name}.weight` (phi3's `attn_qkv`, `ffn_up` holding gate and
-    /// up): split by rows into `parts` (rows each), which then run as
-    /// [`Self::projections`]' do.
+    /// tensor `{name}.weight` (phi's `attn_qkv`, phi3's `ffn_up` holding gate
+    /// and up), and its bias where the file has one: split by rows into
+    /// `parts` (rows each), which then run as [`Self::projections`]' do.
     pub fn fused(&mut self, name: &str, parts: &[usize], cols: usize) -> Result<Projections> {
         let total = parts.iter().sum();
         let w = self.weight(&format!("{name}.weight"), &[total, cols])?;
+        let bias = format!("{name}.bias");
+        let b = if self.has(&bias) { Some(self.weight(&bias, &[total])?.to_f32()?) } else { None };
         let mut start = 0;
         let mut loaded: Vec<Part> = Vec::with_capacity(parts.len());
         for &rows in parts {
-            loaded.push((w.rows(start, rows)?, None));
+            loaded.push((w.rows(start, rows)?, b.as_ref().map(|b| b.narrow(0, start, rows)).transpose()?));
             start += rows;
         }
         let p = Projections::new(loaded, self.backend)?;
@@ -174,10 +190,10 @@ impl Loader<'_> {
 
     /// RMSNorm weight `name` of `len` values, with the architecture's offset
     /// for HF checkpoints (gemma stores `w - 1`; its GGUF files store `w`).
-    pub fn rms_norm(&mut self, name: &str, len: usize) -> Result<RmsNorm> {
+    pub fn rms_norm(&mut self, name: &str, len: usize) -> Result<Norm> {
         let w = self.weight(name, &[len])?;
         let offset = if matches!(self.file, ModelFile::Safetensors(_)) { self.config.arch.hf_norm_offset } else { 0.0 };
-        RmsNorm::new(&w, offset, self.config.rms_norm_eps)
+        Norm::rms(&w, offset, self.config.rms_norm_eps)
     }
 
     /// Rotary tables for `spec`, built once per slice.
@@ -195,6 +211,7 @@ impl Loader<'_> {
         let c = self.config;
         self.rope(RopeSpec {
             head_dim: c.head_dim,
+            rot_dim: c.rope_dim,
             theta: c.rope_theta,
             freq_factors: c.rope_freq_factors.clone(),
             style: c.rope_style,

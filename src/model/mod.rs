@@ -39,6 +39,8 @@ use weights::RawWeight;
 pub const EMBED: &str = "token_embd.weight";
 pub const OUTPUT_NORM: &str = "output_norm.weight";
 pub const OUTPUT: &str = "output.weight";
+pub const OUTPUT_BIAS: &str = "output.bias";
+pub const OUTPUT_NORM_BIAS: &str = "output_norm.bias";
 
 use crate::error::Result;
 use crate::kernels::QMatrix;

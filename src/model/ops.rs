@@ -9,13 +9,13 @@
 //!
 //! The ops are coarse where a backend gains by fusing: `attention` takes the
 //! raw projections and does per-head norms, rotary positions, the cache write
-//! and the attention itself; the host backend runs a `rms_norm` or a `glu`
+//! and the attention itself; the host backend runs a `norm`, `glu` or `gelu`
 //! inside the quantization pass of the product that consumes it.
 
 use std::sync::Arc;
 
 use super::rope::Rope;
-use super::weights::{Linear, Projections, RmsNorm};
+use super::weights::{Linear, Norm, Projections};
 use crate::error::Result;
 
 /// An activation a backend holds for the block being run. Handles live for
@@ -41,8 +41,8 @@ pub struct Attention {
     /// Rotary tables and pairing (shared by the layers that use one base).
     pub rope: Arc<Rope>,
     /// RMSNorm over each query / key head before rotation (qwen3, gemma3).
-    pub q_norm: Option<RmsNorm>,
-    pub k_norm: Option<RmsNorm>,
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
     /// Scores are divided by √`score_dim` (the head size, or gemma's
     /// `query_pre_attn_scalar`).
     pub score_dim: usize,
@@ -102,9 +102,11 @@ pub trait Ops {
     fn linear(&mut self, x: Act, w: &Linear) -> Result<Act>;
     /// Several products of one input (Q, K, V; gate and up), in order.
     fn project(&mut self, x: Act, p: &Projections) -> Result<Vec<Act>>;
-    fn rms_norm(&mut self, x: Act, norm: &RmsNorm) -> Result<Act>;
+    fn norm(&mut self, x: Act, norm: &Norm) -> Result<Act>;
     /// `f(gate) · up`, element-wise.
     fn glu(&mut self, gate: Act, up: Act, f: Gate) -> Result<Act>;
+    /// GELU (tanh approximation), element-wise: an ungated MLP's (phi2).
+    fn gelu(&mut self, x: Act) -> Result<Act>;
     fn add(&mut self, a: Act, b: Act) -> Result<Act>;
     /// `x · s`, element-wise.
     fn scale(&mut self, x: Act, s: f32) -> Result<Act>;

@@ -13,6 +13,9 @@ use crate::error::Result;
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeSpec {
     pub head_dim: usize,
+    /// The leading values of each head that rotate (all of them but for
+    /// partial rotary embeddings: phi2 rotates 32 of 80).
+    pub rot_dim: usize,
     pub theta: f32,
     /// Per-pair divisors of the frequency (Llama 3.1 scaling, linear scaling).
     pub freq_factors: Option<Vec<f32>>,
@@ -41,7 +44,7 @@ enum Tables {
 
 impl Rope {
     pub fn new(spec: RopeSpec, backend: Backend, device: &Device) -> Result<Self> {
-        let d = spec.head_dim;
+        let d = spec.rot_dim;
         // Same expression as llama.cpp and candle's quantized_llama, so tables
         // (and thus logits) agree bit for bit.
         let inv_freq: Vec<f32> = (0..d)
@@ -76,7 +79,7 @@ impl Rope {
     pub fn apply_host(&self, x: &mut [f32], heads: usize, pos: usize) {
         let Tables::Host { cos, sin } = &self.tables else { unreachable!("host tables are built for host slices") };
         let interleaved = self.spec.style == RopeStyle::Interleaved;
-        crate::kernels::rope(x, heads, self.spec.head_dim, pos, cos, sin, interleaved)
+        crate::kernels::rope(x, heads, self.spec.head_dim, self.spec.rot_dim, pos, cos, sin, interleaved)
     }
 
     /// Rotates `x` `[b, heads, seq, head_dim]` for positions `pos..pos+seq` (device tables).
@@ -85,10 +88,18 @@ impl Rope {
         let seq = x.dim(2)?;
         let cos = cos.narrow(0, pos, seq)?;
         let sin = sin.narrow(0, pos, seq)?;
-        let x = x.contiguous()?;
-        Ok(match self.spec.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
-            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
-        })
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            let x = x.contiguous()?;
+            Ok(match self.spec.style {
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+                RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            })
+        };
+        let (rot, d) = (self.spec.rot_dim, self.spec.head_dim);
+        if rot == d {
+            return rotate(x);
+        }
+        // Partial: the rotated values, then the rest as they are (candle-transformers' phi, op for op).
+        Ok(Tensor::cat(&[&rotate(&x.narrow(3, 0, rot)?)?, &x.narrow(3, rot, d - rot)?], 3)?)
     }
 }

@@ -36,6 +36,8 @@ pub struct HfConfig {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     pub rope_scaling: Option<RopeScaling>,
+    /// The share of each head that rotates (phi's partial rotary embeddings).
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -184,6 +186,7 @@ impl SafetensorsDir {
             vocab_size: hf.vocab_size,
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta,
+            rope_dim: hf.partial_rotary_factor.map_or(head_dim, |f| (head_dim as f64 * f) as usize),
             rope_style: RopeStyle::Half,
             rope_freq_factors: hf.rope_scaling.as_ref().and_then(|s| freq_factors(s, head_dim, hf.rope_theta)),
             context_length: hf.max_position_embeddings,

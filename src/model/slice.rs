@@ -15,8 +15,9 @@ use super::host::{BatchItem, HostInput, HostOps, Scratch, Seg};
 use super::kv_cache::KvCache;
 use super::loader::Loader;
 use super::ops::{Block, Ops};
-use super::weights::{Backend, Embedding, Linear, RmsNorm};
-use super::{ModelFile, EMBED, OUTPUT, OUTPUT_NORM};
+use super::weights::RawWeight;
+use super::weights::{Backend, Embedding, Linear, Norm};
+use super::{ModelFile, EMBED, OUTPUT, OUTPUT_BIAS, OUTPUT_NORM, OUTPUT_NORM_BIAS};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -27,7 +28,7 @@ pub struct ModelSlice {
     /// The architecture's scale of embedding rows (gemma: √hidden).
     embed_scale: Option<f32>,
     blocks: Vec<Arc<dyn Block>>,
-    head: Option<(RmsNorm, Linear)>,
+    head: Option<(Norm, Linear)>,
     device: Device,
     weight_bytes: usize,
     backend: Backend,
@@ -144,8 +145,19 @@ impl ModelSlice {
                 progress.finish_and_clear();
                 return Self::load_with(file, layers, device, Backend::Candle);
             }
-            let offset = if matches!(file, ModelFile::Safetensors(_)) { config.arch.hf_norm_offset } else { 0.0 };
-            Some((RmsNorm::new(&norm, offset, config.rms_norm_eps)?, output))
+            // phi2's head is a LayerNorm and an LM head with a bias.
+            let bias = |name: &str, file: &mut ModelFile| -> Result<Option<RawWeight>> {
+                file.has(name, None).then(|| file.read(name, None, device)).transpose()
+            };
+            let output = output.with_bias(bias(OUTPUT_BIAS, file)?.map(|b| b.to_f32()).transpose()?)?;
+            let norm = match bias(OUTPUT_NORM_BIAS, file)? {
+                Some(b) => Norm::layer(&norm, &b, config.rms_norm_eps)?,
+                None => {
+                    let offset = if matches!(file, ModelFile::Safetensors(_)) { config.arch.hf_norm_offset } else { 0.0 };
+                    Norm::rms(&norm, offset, config.rms_norm_eps)?
+                }
+            };
+            Some((norm, output))
         } else {
             None
         };

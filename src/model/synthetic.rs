@@ -141,6 +141,7 @@ impl SyntheticModel {
             vocab_size: s.vocab,
             rms_norm_eps: 1e-5,
             rope_theta: s.rope_theta,
+            rope_dim: s.hidden / s.heads,
             rope_style: RopeStyle::Interleaved,
             rope_freq_factors: None,
             context_length: s.context,

@@ -190,6 +190,14 @@ impl Linear {
         Self { weight: LinearWeight::Host(m), bias: None, bias_host: None }
     }
 
+    /// The same layer with `bias` added to its output (where there is one).
+    pub fn with_bias(self, bias: Option<Tensor>) -> Result<Self> {
+        match bias {
+            Some(b) => Ok(Self { bias_host: Some(b.to_vec1::<f32>()?), bias: Some(b), ..self }),
+            None => Ok(self),
+        }
+    }
+
     /// The weight as our kernels' matrix, when this layer runs on them.
     pub fn host(&self) -> Option<&QMatrix> {
         match &self.weight {
@@ -398,35 +406,54 @@ impl Embedding {
     }
 }
 
+/// A normalization of each row: RMSNorm (`x / rms(x) · w`) or LayerNorm
+/// (`(x - mean) / std · w + b`).
 #[derive(Debug, Clone)]
-pub struct RmsNorm {
+pub struct Norm {
     weight: Tensor,
-    /// The weights as a plain vector for the host path (shared by clones).
+    /// LayerNorm's bias; `None` for RMSNorm.
+    bias: Option<Tensor>,
+    /// The same as plain vectors for the host path (shared by clones).
     weight_host: Arc<[f32]>,
+    bias_host: Option<Arc<[f32]>>,
     eps: f32,
 }
 
-impl RmsNorm {
-    /// `offset` is added to every weight (gemma's HF checkpoints store `w - 1`).
-    pub fn new(weight: &RawWeight, offset: f32, eps: f64) -> Result<Self> {
+impl Norm {
+    /// RMSNorm; `offset` is added to every weight (gemma's HF checkpoints store `w - 1`).
+    pub fn rms(weight: &RawWeight, offset: f32, eps: f64) -> Result<Self> {
         let weight = weight.to_f32()?;
         let weight = if offset != 0.0 { (weight + offset as f64)? } else { weight };
         let weight_host = weight.to_vec1::<f32>()?.into();
-        Ok(Self { weight, weight_host, eps: eps as f32 })
+        Ok(Self { weight, bias: None, weight_host, bias_host: None, eps: eps as f32 })
+    }
+
+    /// LayerNorm with a bias (phi2).
+    pub fn layer(weight: &RawWeight, bias: &RawWeight, eps: f64) -> Result<Self> {
+        let (weight, bias) = (weight.to_f32()?, bias.to_f32()?);
+        let (weight_host, bias_host) = (weight.to_vec1::<f32>()?.into(), Some(bias.to_vec1::<f32>()?.into()));
+        Ok(Self { weight, bias: Some(bias), weight_host, bias_host, eps: eps as f32 })
     }
 
     /// Every row of `x` into `out`, on the host.
     pub fn forward_host(&self, x: &[f32], out: &mut [f32]) {
-        kernels::rms_norm(x, &self.weight_host, self.eps, out)
+        match &self.bias_host {
+            None => kernels::rms_norm(x, &self.weight_host, self.eps, out),
+            Some(b) => kernels::layer_norm(x, &self.weight_host, b, self.eps, out),
+        }
     }
 
-    /// Every row of `x` in place, on the host (per-head norms).
+    /// Every row of `x` in place, on the host (per-head RMSNorms).
     pub fn forward_host_in_place(&self, x: &mut [f32]) {
         kernels::ops::rms_norm_in_place(x, &self.weight_host, self.eps)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+        Ok(match &self.bias {
+            None => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
+            // candle_nn's module, as candle-transformers' phi runs it.
+            Some(b) => candle_nn::Module::forward(&candle_nn::LayerNorm::new(self.weight.clone(), b.clone(), self.eps as f64), x)?,
+        })
     }
 }
 

@@ -24,6 +24,8 @@ pub struct TinySpec {
     /// Experts as 3-D `ffn_*_exps` tensors (llama.cpp's layout since 2024),
     /// else as `ffn_*.{i}` matrices (older Mixtral files, candle-transformers' reader).
     pub merged_experts: bool,
+    /// The sliding window of gemma3's local blocks and phi3's.
+    pub window: usize,
 }
 
 impl Default for TinySpec {
@@ -40,6 +42,7 @@ impl Default for TinySpec {
             experts: 0,
             top_k: 0,
             merged_experts: true,
+            window: TINY_WINDOW,
         }
     }
 }
@@ -62,7 +65,8 @@ impl Lcg {
 
 /// The tensors of a tiny `arch` model by GGUF name, f32: llama and qwen2
 /// (q/k/v biases), qwen3 (per-head q/k norms), gemma3 (per-head norms, norms
-/// after attention and MLP, tied embeddings), phi3 (fused qkv and gate-up). Norm weights are the factors
+/// after attention and MLP, tied embeddings), phi3 (fused qkv and gate-up),
+/// phi2 (LayerNorms and products with biases). Norm weights are the factors
 /// applied (what GGUF stores; gemma's HF files store them minus one).
 pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
     let mut rng = Lcg(spec.seed);
@@ -70,6 +74,28 @@ pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
     let (h, q, kv, f) = (spec.hidden, spec.heads * hd, spec.kv_heads * hd, spec.ffn);
     let mut out = vec![("token_embd.weight".to_string(), rng.tensor(&[spec.vocab, h], 1.0))];
     let norm = |rng: &mut Lcg, n: usize| (rng.tensor(&[n], 0.2) + 1.0).unwrap();
+    let bias = |rng: &mut Lcg, n: usize| rng.tensor(&[n], 0.2);
+    if arch == "phi2" {
+        // LayerNorms with biases, biased products, parallel attention and MLP.
+        for i in 0..spec.layers {
+            let p = format!("blk.{i}.");
+            out.push((format!("{p}attn_norm.weight"), norm(&mut rng, h)));
+            out.push((format!("{p}attn_norm.bias"), bias(&mut rng, h)));
+            out.push((format!("{p}attn_qkv.weight"), rng.tensor(&[q + 2 * kv, h], 0.3)));
+            out.push((format!("{p}attn_qkv.bias"), bias(&mut rng, q + 2 * kv)));
+            out.push((format!("{p}attn_output.weight"), rng.tensor(&[h, q], 0.2)));
+            out.push((format!("{p}attn_output.bias"), bias(&mut rng, h)));
+            out.push((format!("{p}ffn_up.weight"), rng.tensor(&[f, h], 0.3)));
+            out.push((format!("{p}ffn_up.bias"), bias(&mut rng, f)));
+            out.push((format!("{p}ffn_down.weight"), rng.tensor(&[h, f], 0.2)));
+            out.push((format!("{p}ffn_down.bias"), bias(&mut rng, h)));
+        }
+        out.push(("output_norm.weight".to_string(), norm(&mut rng, h)));
+        out.push(("output_norm.bias".to_string(), bias(&mut rng, h)));
+        out.push(("output.weight".to_string(), rng.tensor(&[spec.vocab, h], 0.5)));
+        out.push(("output.bias".to_string(), bias(&mut rng, spec.vocab)));
+        return out;
+    }
     for i in 0..spec.layers {
         let p = format!("blk.{i}.");
         out.push((format!("{p}attn_norm.weight"), norm(&mut rng, h)));
@@ -203,14 +229,18 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         (format!("{arch}.attention.key_length"), Value::U32((spec.hidden / spec.heads) as u32)),
-        (format!("{arch}.rope.dimension_count"), Value::U32((spec.hidden / spec.heads) as u32)),
+        // phi2 rotates half of each head.
+        (format!("{arch}.rope.dimension_count"), Value::U32((spec.hidden / spec.heads / if arch == "phi2" { 2 } else { 1 }) as u32)),
     ];
+    if arch == "phi2" {
+        md.push((format!("{arch}.attention.layer_norm_epsilon"), Value::F32(1e-5)));
+    }
     if spec.experts > 0 {
         md.push((format!("{arch}.expert_count"), Value::U32(spec.experts as u32)));
         md.push((format!("{arch}.expert_used_count"), Value::U32(spec.top_k as u32)));
     }
     if arch == "gemma3" || arch == "phi3" {
-        md.push((format!("{arch}.attention.sliding_window"), Value::U32(TINY_WINDOW as u32)));
+        md.push((format!("{arch}.attention.sliding_window"), Value::U32(spec.window as u32)));
     }
     if arch == "gemma3" {
         md.push((format!("{arch}.attention.value_length"), Value::U32((spec.hidden / spec.heads) as u32)));
@@ -247,7 +277,7 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, model_type: &str, dtype: DType)
         "max_position_embeddings": spec.context,
         "tie_word_embeddings": arch == "gemma3",
         "head_dim": spec.hidden / spec.heads,
-        "sliding_window": TINY_WINDOW,
+        "sliding_window": spec.window,
     });
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }

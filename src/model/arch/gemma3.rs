@@ -17,7 +17,7 @@ use crate::model::config::{Config, RopeStyle};
 use crate::model::loader::Loader;
 use crate::model::ops::{Act, Attention, Block, Gate, Ops};
 use crate::model::rope::RopeSpec;
-use crate::model::weights::{Linear, Projections, RmsNorm};
+use crate::model::weights::{Linear, Norm, Projections};
 
 pub const ARCH: Architecture = Architecture {
     name: "gemma3",
@@ -58,16 +58,16 @@ const LOCAL_THETA: f32 = 10_000.0;
 
 #[derive(Debug)]
 struct Gemma3Block {
-    attn_norm: RmsNorm,
+    attn_norm: Norm,
     qkv: Projections,
     /// Per-head q/k norms, the layer's window and rotary base.
     attn: Attention,
     o: Linear,
-    post_attn_norm: RmsNorm,
-    ffn_norm: RmsNorm,
+    post_attn_norm: Norm,
+    ffn_norm: Norm,
     gate_up: Projections,
     down: Linear,
-    post_ffn_norm: RmsNorm,
+    post_ffn_norm: Norm,
 }
 
 fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
@@ -82,7 +82,7 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
     };
     let rope = if local {
         let theta = l.param_f32("rope.local_freq_base", "rope_local_base_freq").unwrap_or(LOCAL_THETA);
-        l.rope(RopeSpec { head_dim: hd, theta, freq_factors: None, style: c.rope_style, context: c.context_length })?
+        l.rope(RopeSpec { head_dim: hd, rot_dim: hd, theta, freq_factors: None, style: c.rope_style, context: c.context_length })?
     } else {
         l.model_rope()?
     };
@@ -117,17 +117,17 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
 
 impl Block for Gemma3Block {
     fn forward(&self, op: &mut dyn Ops, x: Act, layer: usize) -> Result<Act> {
-        let h = op.rms_norm(x, &self.attn_norm)?;
+        let h = op.norm(x, &self.attn_norm)?;
         let [q, k, v] = three(op.project(h, &self.qkv)?);
         let a = op.attention(q, k, v, layer, &self.attn)?;
         let a = op.linear(a, &self.o)?;
-        let a = op.rms_norm(a, &self.post_attn_norm)?;
+        let a = op.norm(a, &self.post_attn_norm)?;
         let x = op.add(a, x)?;
-        let h = op.rms_norm(x, &self.ffn_norm)?;
+        let h = op.norm(x, &self.ffn_norm)?;
         let [g, u] = two(op.project(h, &self.gate_up)?);
         let m = op.glu(g, u, Gate::GeluTanh)?;
         let m = op.linear(m, &self.down)?;
-        let m = op.rms_norm(m, &self.post_ffn_norm)?;
+        let m = op.norm(m, &self.post_ffn_norm)?;
         op.add(m, x)
     }
 }

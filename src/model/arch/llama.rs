@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::model::config::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Act, Attention, Block, Experts, Gate, Ops};
-use crate::model::weights::{Linear, Projections, RmsNorm};
+use crate::model::weights::{Linear, Norm, Projections};
 
 pub const ARCH: Architecture = Architecture {
     name: "llama",
@@ -39,12 +39,12 @@ pub(super) enum HeadNorms {
 
 #[derive(Debug)]
 pub(super) struct LlamaBlock {
-    pub(super) attn_norm: RmsNorm,
+    pub(super) attn_norm: Norm,
     /// Q, K, V (with biases where the file has them: qwen2).
     pub(super) qkv: Projections,
     pub(super) attn: Attention,
     pub(super) o: Linear,
-    pub(super) ffn_norm: RmsNorm,
+    pub(super) ffn_norm: Norm,
     pub(super) ffn: Ffn,
 }
 
@@ -108,12 +108,12 @@ pub(super) fn load_with(l: &mut Loader, head_norms: HeadNorms) -> Result<Arc<dyn
 
 impl Block for LlamaBlock {
     fn forward(&self, op: &mut dyn Ops, x: Act, layer: usize) -> Result<Act> {
-        let h = op.rms_norm(x, &self.attn_norm)?;
+        let h = op.norm(x, &self.attn_norm)?;
         let [q, k, v] = three(op.project(h, &self.qkv)?);
         let a = op.attention(q, k, v, layer, &self.attn)?;
         let a = op.linear(a, &self.o)?;
         let x = op.add(a, x)?;
-        let h = op.rms_norm(x, &self.ffn_norm)?;
+        let h = op.norm(x, &self.ffn_norm)?;
         let m = self.ffn.forward(op, h)?;
         op.add(m, x)
     }

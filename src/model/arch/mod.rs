@@ -8,6 +8,7 @@
 
 mod gemma3;
 mod llama;
+mod phi2;
 mod phi3;
 mod qwen2;
 mod qwen3;
@@ -48,7 +49,8 @@ impl std::fmt::Debug for Architecture {
     }
 }
 
-pub const ARCHITECTURES: &[&Architecture] = &[&llama::ARCH, &qwen2::ARCH, &qwen3::ARCH, &qwen3moe::ARCH, &gemma3::ARCH, &phi3::ARCH];
+pub const ARCHITECTURES: &[&Architecture] =
+    &[&llama::ARCH, &qwen2::ARCH, &qwen3::ARCH, &qwen3moe::ARCH, &gemma3::ARCH, &phi3::ARCH, &phi2::ARCH];
 
 fn unsupported(name: &str) -> Error {
     Error::UnsupportedArchitecture(name.to_string())
