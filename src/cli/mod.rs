@@ -6,6 +6,7 @@ mod cluster;
 mod generate;
 mod node;
 mod nodes;
+mod perplexity;
 mod quantize;
 mod serve;
 
@@ -60,6 +61,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Write a GGUF model with its weights in another quantized type.
     Quantize(quantize::QuantizeArgs),
+    /// Perplexity over a text, and the KL divergence from the exact f32 math.
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 #[derive(Args, Clone)]
@@ -147,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench::run(args, cli.threads),
         Command::Quantize(args) => quantize::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
     }
 }
 

@@ -257,6 +257,11 @@ impl Tokenizer {
         &self.eos
     }
 
+    /// Whether the model wants BOS before a text.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }

@@ -19,6 +19,8 @@ pub struct Loader<'a> {
     pub(super) config: &'a Config,
     pub(super) device: &'a Device,
     pub(super) backend: Backend,
+    /// Weights dequantized to f32 ([`ModelSlice::load_exact`](super::ModelSlice::load_exact)).
+    pub(super) exact: bool,
     pub(super) layer: usize,
     pub(super) ropes: &'a mut Vec<Arc<Rope>>,
     /// Cleared when a matrix has a type our kernels lack: a host slice is
@@ -71,7 +73,7 @@ impl Loader<'_> {
                     self.file.read(name, layer, self.device)?
                 }
             },
-            _ => self.file.read(name, layer, self.device)?,
+            _ => self.file.read(name, layer, self.device)?.dequantized_if(self.exact)?,
         };
         let dims = w.dims();
         if dims != shape {
@@ -173,7 +175,7 @@ impl Loader<'_> {
                         l.file.read(&name, Some(l.layer), l.device)?
                     }
                 },
-                Backend::Candle => l.file.read(&name, Some(l.layer), l.device)?,
+                Backend::Candle => l.file.read(&name, Some(l.layer), l.device)?.dequantized_if(l.exact)?,
             };
             let (dims, flat) = (w.dims(), [n * rows, cols]);
             if dims != [n, rows, cols] && dims != flat {

@@ -8,6 +8,7 @@ pub mod candle;
 pub mod catalog;
 pub mod config;
 pub mod device;
+pub mod eval;
 pub mod gguf;
 pub mod host;
 pub mod kv_cache;

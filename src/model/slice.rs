@@ -55,6 +55,17 @@ impl ModelSlice {
     /// Loads with an explicit backend. A host slice whose file has a weight
     /// type our kernels lack is loaded for candle instead.
     pub fn load_with(file: &mut ModelFile, layers: Range<usize>, device: &Device, backend: Backend) -> Result<Self> {
+        Self::load_inner(file, layers, device, backend, false)
+    }
+
+    /// The same weights dequantized to f32 and run in f32 throughout (candle's
+    /// ops on the CPU: no activation quantization, an f32 KV cache): the
+    /// exact math a quantized model approximates, `sollol perplexity`'s base.
+    pub fn load_exact(file: &mut ModelFile, layers: Range<usize>) -> Result<Self> {
+        Self::load_inner(file, layers, &Device::Cpu, Backend::Candle, true)
+    }
+
+    fn load_inner(file: &mut ModelFile, layers: Range<usize>, device: &Device, backend: Backend, exact: bool) -> Result<Self> {
         let config = file.config()?;
         if layers.start >= layers.end || layers.end > config.n_layers {
             return Err(Error::InvalidRequest(format!(
@@ -95,7 +106,7 @@ impl ModelSlice {
                 None => return Self::load_with(file, layers, device, Backend::Candle),
             },
             Backend::Candle => {
-                let table = file.read(EMBED, None, device)?;
+                let table = file.read(EMBED, None, device)?.dequantized_if(exact)?;
                 weight_bytes += table.size_in_bytes();
                 (None, Some(table))
             }
@@ -108,7 +119,7 @@ impl ModelSlice {
         let mut blocks = Vec::with_capacity(layers.len());
         let mut ropes = Vec::new();
         for layer in layers.clone() {
-            let mut loader = Loader { file, config: &config, device, backend, layer, ropes: &mut ropes, all_host: true };
+            let mut loader = Loader { file, config: &config, device, backend, exact, layer, ropes: &mut ropes, all_host: true };
             blocks.push((config.arch.load_block)(&mut loader)?);
             if !loader.all_host {
                 progress.finish_and_clear();
@@ -129,7 +140,7 @@ impl ModelSlice {
                         None => return Self::load_with(file, layers, device, Backend::Candle),
                     },
                     Backend::Candle => {
-                        let w = file.read(OUTPUT, None, device)?;
+                        let w = file.read(OUTPUT, None, device)?.dequantized_if(exact)?;
                         weight_bytes += w.size_in_bytes();
                         Linear::new(w, None, backend)?
                     }

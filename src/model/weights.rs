@@ -127,6 +127,14 @@ impl RawWeight {
         })
     }
 
+    /// A quantized weight as dense f32 when `exact`; anything else as it is.
+    pub fn dequantized_if(self, exact: bool) -> Result<RawWeight> {
+        Ok(match self {
+            RawWeight::Quantized(q) if exact => RawWeight::Dense(q.dequantize(&q.device())?),
+            w => w,
+        })
+    }
+
     /// A small 1-D weight (norm scale, bias) as f32.
     pub fn to_f32(&self) -> Result<Tensor> {
         Ok(match self {

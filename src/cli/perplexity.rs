@@ -1,0 +1,80 @@
+//! `sollol perplexity`: perplexity over a text file, and the KL divergence
+//! of the model's next-token distributions from the same weights run in
+//! exact f32 math (llama.cpp's `llama-perplexity --kl-divergence`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use sollol::model::eval::{chunks, score_chunk, Perplexity};
+use sollol::model::ModelSlice;
+
+use super::{open_model, ModelArgs};
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to score.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per chunk; the second half of each is scored.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Score at most this many chunks (all by default).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// The distribution to compare with: `exact`, the same weights
+    /// dequantized to f32 and run in f32 throughout (f32 KV cache, no
+    /// activation quantization).
+    #[arg(long)]
+    kl_base: Option<String>,
+}
+
+pub fn run(args: PerplexityArgs) -> Result<()> {
+    if args.ctx < 4 {
+        bail!("--ctx {} is too short: a chunk scores its second half", args.ctx);
+    }
+    let mut opened = open_model(&args.model.model)?;
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let tokenizer = opened.tokenizer()?;
+    let tokens = tokenizer.encode(&text)?;
+    let bos = tokenizer.bos_id().filter(|_| tokenizer.adds_bos());
+    let mut chunks = chunks(&tokens, args.ctx, bos);
+    chunks.truncate(args.chunks.unwrap_or(usize::MAX));
+    if chunks.is_empty() {
+        bail!("{} has {} tokens, fewer than one chunk of {}", args.file.display(), tokens.len(), args.ctx);
+    }
+    let n_layers = opened.file.config()?.n_layers;
+    let device = sollol::model::device::parse(&args.model.device)?;
+    let model = ModelSlice::load(&mut opened.file, 0..n_layers, &device)?;
+    let base = match args.kl_base.as_deref() {
+        None => None,
+        Some("exact") => Some(ModelSlice::load_exact(&mut opened.file, 0..n_layers)?),
+        Some(other) => bail!("--kl-base {other}: the base is `exact` (saved logits files are not read yet)"),
+    };
+    let progress = ProgressBar::new(chunks.len() as u64).with_message("scoring chunks");
+    progress.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let mut acc = Perplexity::default();
+    for chunk in &chunks {
+        score_chunk(&model, base.as_ref(), chunk, &mut acc)?;
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    println!(
+        "model {} ({:?} path), {} chunks of {} tokens, {} tokens scored",
+        opened.resolved.name,
+        model.backend(),
+        chunks.len(),
+        args.ctx,
+        acc.n
+    );
+    println!("perplexity {:.4}", acc.perplexity());
+    if let (Some(base_ppl), Some((kl, kl_err)), Some(same)) = (acc.base_perplexity(), acc.kl_divergence(), acc.same_top()) {
+        println!("base perplexity {base_ppl:.4} (exact f32)");
+        println!("mean KLD {kl:.6} ± {kl_err:.6}");
+        println!("same top token {:.2}%", 100.0 * same);
+    }
+    Ok(())
+}
