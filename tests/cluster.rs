@@ -57,6 +57,9 @@ fn memory_aware_cluster_generates_reports_a_dead_node_and_routing_moves_on() {
     assert!(stderr.contains(r#""cluster":"smol""#) && stderr.contains(r#""layers":[0,9]"#), "the routing facts: {stderr}");
 
     assert!(ok(sollol(&["cluster", "health", "smol"], cfg)).contains("cluster 'smol' is healthy"));
+    // Each node reports the architecture of the slice it holds.
+    let list = ok(sollol(&["nodes", "list"], cfg));
+    assert!(list.contains("llama 0..10"), "{list}");
     let route = ok(sollol(&["route", "--model", "smollm2"], cfg));
     assert!(route.contains(r#""cluster": "smol""#), "{route}");
 

@@ -121,7 +121,7 @@ pub fn print_nodes(health: &[NodeHealth]) {
     );
     for h in health {
         let c = h.capabilities.as_ref();
-        let loaded = c.and_then(|c| c.loaded.as_ref()).map_or("-".to_string(), |l| format!("{}..{}", l.start, l.end));
+        let loaded = c.and_then(|c| c.loaded.as_ref()).map_or("-".to_string(), |l| format!("{} {}..{}", l.architecture, l.start, l.end));
         println!(
             "{:<14} {:<22} {:<9} {:>8} {:<7} {:>5} {:>7} {:>10} {:>10} {:<14} {:>6.1}",
             h.name,

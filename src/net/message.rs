@@ -145,6 +145,8 @@ pub struct LoadRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadedSlice {
     pub model: String,
+    /// The model's architecture (`llama`, `gemma3`, …).
+    pub architecture: String,
     pub digest: String,
     pub start: u32,
     pub end: u32,

@@ -304,6 +304,7 @@ impl Node {
             let slice = ModelSlice::load(&mut file, start..end, &device).map_err(|e| e.to_string())?;
             let info = LoadedSlice {
                 model: req.model.clone(),
+                architecture: cfg.arch.name.to_string(),
                 digest,
                 start: req.start,
                 end: req.end,
