@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// Weight type of the synthetic model.
     #[arg(long, default_value = "q4_0")]
     quant: String,
+    /// Write the synthetic model to this GGUF file (with the default
+    /// model's tokenizer, for shapes of its vocabulary) and stop: a file
+    /// other engines load, for measuring them side by side.
+    #[arg(long, requires = "synthetic")]
+    save: Option<std::path::PathBuf>,
     /// Also measure aggregate decode of this many sessions stepped together
     /// (one batch per step, in process), e.g. `1,8`.
     #[arg(long, value_delimiter = ',')]
@@ -91,6 +96,13 @@ struct Measure {
 pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
     if let Some(shape) = &args.synthetic {
         args.model.model = format!("{}{shape}:{}", sollol::model::synthetic::PREFIX, args.quant.to_ascii_lowercase());
+    }
+    if let Some(path) = &args.save {
+        let mut model = sollol::model::synthetic::SyntheticModel::parse(&args.model.model)?;
+        let tokenizer = sollol::model::gguf::GgufFile::open(&sollol::model::source::resolve("smollm2")?.path)?;
+        model.write_gguf(path, &tokenizer)?;
+        eprintln!("wrote {} to {}", args.model.model, path.display());
+        return Ok(());
     }
     if let Some(url) = &args.url {
         return http(url, &args.model.model, &args.clients, args.requests, args.tokens, args.json);

@@ -27,7 +27,8 @@ pub struct PerplexityArgs {
     chunks: Option<usize>,
     /// The distribution to compare with: `exact`, the same weights
     /// dequantized to f32 and run in f32 throughout (f32 KV cache, no
-    /// activation quantization).
+    /// activation quantization); or another model of the same vocabulary
+    /// run that way (the f32 file a quantized one was made from).
     #[arg(long)]
     kl_base: Option<String>,
 }
@@ -52,7 +53,11 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
     let base = match args.kl_base.as_deref() {
         None => None,
         Some("exact") => Some(ModelSlice::load_exact(&mut opened.file, 0..n_layers)?),
-        Some(other) => bail!("--kl-base {other}: the base is `exact` (saved logits files are not read yet)"),
+        Some(other) => {
+            let mut base = open_model(other)?;
+            let layers = base.file.config()?.n_layers;
+            Some(ModelSlice::load_exact(&mut base.file, 0..layers)?)
+        }
     };
     let progress = ProgressBar::new(chunks.len() as u64).with_message("scoring chunks");
     progress.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
@@ -72,7 +77,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
     );
     println!("perplexity {:.4}", acc.perplexity());
     if let (Some(base_ppl), Some((kl, kl_err)), Some(same)) = (acc.base_perplexity(), acc.kl_divergence(), acc.same_top()) {
-        println!("base perplexity {base_ppl:.4} (exact f32)");
+        println!("base perplexity {base_ppl:.4} ({}, exact f32)", args.kl_base.as_deref().unwrap_or_default());
         println!("mean KLD {kl:.6} ± {kl_err:.6}");
         println!("same top token {:.2}%", 100.0 * same);
     }

@@ -12,21 +12,28 @@ use super::{open_model, ModelArgs};
 pub struct QuantizeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Target type: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, f32.
+    /// Target: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k,
+    /// f16, f32, or the mixtures q4_k_m, q5_k_m. The LM head goes to Q6_K and
+    /// (`_m`) some value and FFN down projections one step up, as
+    /// llama-quantize does.
     #[arg(long)]
     to: String,
+    /// Every matrix in the target type, the LM head included.
+    #[arg(long)]
+    pure: bool,
     /// Where to write the new GGUF file.
     output: PathBuf,
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
-    let dtype = sollol::model::gguf::weight_type_by_name(&args.to)
-        .ok_or_else(|| anyhow::anyhow!("unknown weight type '{}' ({})", args.to, sollol::model::gguf::WEIGHT_TYPE_NAMES))?;
+    let target = sollol::model::gguf::QuantTarget::parse(&args.to, args.pure).ok_or_else(|| {
+        anyhow::anyhow!("unknown weight type '{}' ({}, or q4_k_m, q5_k_m)", args.to, sollol::model::gguf::WEIGHT_TYPE_NAMES)
+    })?;
     let opened = open_model(&args.model.model)?;
     if !matches!(opened.file, sollol::model::ModelFile::Gguf(_)) {
         bail!("quantize reads GGUF files; {} is a safetensors directory", opened.resolved.path.display());
     }
-    let (converted, kept) = sollol::model::gguf::requantize(&opened.resolved.path, &args.output, dtype)?;
-    eprintln!("{}: {converted} tensors as {dtype:?}, {kept} kept as they were", args.output.display());
+    let (converted, kept) = sollol::model::gguf::requantize(&opened.resolved.path, &args.output, target)?;
+    eprintln!("{}: {converted} tensors converted for {}, {kept} kept as they were", args.output.display(), args.to);
     Ok(())
 }

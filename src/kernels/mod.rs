@@ -618,8 +618,14 @@ impl QMatrix {
 
     /// A 2-D CPU `QTensor`'s blocks, used in place; `None` for a type no
     /// kernel here handles (or a tensor not on the CPU).
+    /// A 3-D stack of matrices (experts) is their rows one after the other.
     pub fn from_qtensor(q: &Arc<QTensor>) -> candle_core::Result<Option<Self>> {
-        let (rows, cols) = q.shape().dims2()?;
+        let dims = q.shape().dims();
+        let (rows, cols) = match *dims {
+            [rows, cols] => (rows, cols),
+            [n, rows, cols] => (n * rows, cols),
+            _ => return Ok(None),
+        };
         let dtype = q.dtype();
         let Some((kernel, row_bytes)) = Self::kernel_for(dtype, cols, true) else { return Ok(None) };
         let (ptr, len) = match q.data()? {

@@ -351,9 +351,6 @@ impl LayerBytes {
     }
 }
 
-/// Writes `src` to `dst` with every 2-D weight whose rows fit the type's
-/// blocks converted to `dtype` (through f32); norms, biases and anything else
-/// are copied as they are. Returns (converted, kept) tensor counts.
 /// The weight types a user can name (`q4_0`, `q5_k`, `f16`…), as llama.cpp spells them.
 pub const WEIGHT_TYPE_NAMES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, f32";
 
@@ -377,12 +374,81 @@ pub fn weight_type_by_name(name: &str) -> Option<candle_core::quantized::GgmlDTy
     })
 }
 
-pub fn requantize(src: &Path, dst: &Path, dtype: candle_core::quantized::GgmlDType) -> Result<(usize, usize)> {
+/// What `sollol quantize` writes: one type for every matrix (`--pure`), or
+/// llama.cpp's mixture for a target (`q4_0`, `q4_k_m`, …): the LM head (or
+/// the tied embedding table) in Q6_K, and for the `_M` K-quant mixes the
+/// value projections and FFN down projections of the first and last
+/// eighths of the blocks and every third between them one step up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantTarget {
+    pub base: candle_core::quantized::GgmlDType,
+    /// `_M`: more bits where they count most.
+    pub medium: bool,
+    pub pure: bool,
+}
+
+impl QuantTarget {
+    /// A target by llama.cpp's name (`q4_0`, `q4_k`, `q4_k_m`, `q5_k_m`, …).
+    pub fn parse(name: &str, pure: bool) -> Option<Self> {
+        let name = name.to_ascii_lowercase();
+        let (base, medium) = match name.strip_suffix("_m") {
+            Some(k) if k.ends_with("_k") => (k, true),
+            _ => (name.as_str(), false),
+        };
+        Some(Self { base: weight_type_by_name(base)?, medium, pure })
+    }
+
+    /// The type of tensor `name` (`[.., cols]`), `None` to keep it as it is:
+    /// 1-D tensors (norms, biases), a mixture's router.
+    pub fn type_of(&self, name: &str, dims: &[usize], n_layers: usize, n_experts: usize, tied: bool) -> Option<candle_core::quantized::GgmlDType> {
+        use candle_core::quantized::GgmlDType as T;
+        if dims.len() < 2 || name.ends_with("ffn_gate_inp.weight") || !name.ends_with(".weight") {
+            return None;
+        }
+        let mut t = self.base;
+        if !self.pure {
+            let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+            // llama.cpp's use_more_bits: the first and last eighth, and every third block between.
+            let more_bits = |i: usize| i < n_layers / 8 || i >= 7 * n_layers / 8 || (i as isize - (n_layers / 8) as isize).rem_euclid(3) == 2;
+            let is_head = name == "output.weight" || (tied && name == "token_embd.weight");
+            if is_head && t != T::Q8_0 && !matches!(t, T::F16 | T::F32) {
+                t = T::Q6K;
+            } else if name.ends_with("attn_v.weight") && n_experts == 8 {
+                t = T::Q8_0;
+            } else if let (Some(i), true) = (layer, self.medium) {
+                if (name.ends_with("attn_v.weight") || name.contains("ffn_down")) && more_bits(i) {
+                    t = T::Q6K;
+                } else if name.ends_with("attn_qkv.weight") {
+                    t = if t == T::Q4K { T::Q5K } else { T::Q6K };
+                }
+            }
+        }
+        // A row that the type's blocks do not divide falls back as llama.cpp's does.
+        let cols = *dims.last()?;
+        let fallback = |t: T| match t {
+            T::Q2K | T::Q3K | T::Q4K => T::Q5_0,
+            T::Q5K => T::Q5_1,
+            T::Q6K => T::Q8_0,
+            other => other,
+        };
+        let t = if cols % t.block_size() != 0 { fallback(t) } else { t };
+        Some(if cols % t.block_size() != 0 { T::F16 } else { t })
+    }
+}
+
+/// Writes `src` to `dst` with every weight matrix converted (through f32)
+/// to the type `target` gives it; norms, biases and routers are copied as
+/// they are. Returns (converted, kept) tensor counts.
+pub fn requantize(src: &Path, dst: &Path, target: QuantTarget) -> Result<(usize, usize)> {
     use candle_core::quantized::{gguf_file, QTensor};
     let io = |what: &str, p: &Path| {
         let what = format!("{what} {}", p.display());
         move |source| Error::Io { context: what, source }
     };
+    let opened = GgufFile::open(src)?;
+    let n_layers = opened.config()?.n_layers;
+    let n_experts = opened.param("expert_count").unwrap_or(0.0) as usize;
+    let tied = !opened.has(super::OUTPUT, None);
     let mut reader = BufReader::new(File::open(src).map_err(io("opening", src))?);
     let content = Content::read(&mut reader).map_err(|e| Error::bad_model(src, first_line(&e)))?;
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(content.tensor_infos.len());
@@ -391,15 +457,16 @@ pub fn requantize(src: &Path, dst: &Path, dtype: candle_core::quantized::GgmlDTy
     names.sort_by_key(|n| content.tensor_infos[*n].offset);
     for name in names {
         let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| Error::bad_model(src, first_line(&e)))?;
-        let dims = q.shape().dims().to_vec();
-        let fits = dims.len() == 2 && dims[1] % dtype.block_size() == 0;
-        if fits && q.dtype() != dtype {
-            let f = q.dequantize(&Device::Cpu)?;
-            tensors.push((name.clone(), QTensor::quantize(&f, dtype)?));
-            converted += 1;
-        } else {
-            tensors.push((name.clone(), q));
-            kept += 1;
+        match target.type_of(name, q.shape().dims(), n_layers, n_experts, tied).filter(|t| *t != q.dtype()) {
+            Some(t) => {
+                let f = q.dequantize(&Device::Cpu)?;
+                tensors.push((name.clone(), QTensor::quantize(&f, t)?));
+                converted += 1;
+            }
+            None => {
+                tensors.push((name.clone(), q));
+                kept += 1;
+            }
         }
     }
     let mut out = std::io::BufWriter::new(File::create(dst).map_err(io("creating", dst))?);
@@ -408,4 +475,39 @@ pub fn requantize(src: &Path, dst: &Path, dtype: candle_core::quantized::GgmlDTy
     gguf_file::write(&mut out, &metadata, &refs)?;
     std::io::Write::flush(&mut out).map_err(io("writing", dst))?;
     Ok((converted, kept))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::GgmlDType as T;
+
+    use super::QuantTarget;
+
+    #[test]
+    fn mixtures_follow_llama_quantize() {
+        let m = QuantTarget::parse("q4_k_m", false).unwrap();
+        let ty = |name: &str, cols: usize| m.type_of(name, &[64, cols], 30, 0, false);
+        // 30 blocks: the first 3 and last 4, and every third between (5, 8, …), get more bits.
+        assert_eq!(ty("blk.0.attn_v.weight", 1024), Some(T::Q6K));
+        assert_eq!(ty("blk.4.attn_v.weight", 1024), Some(T::Q4K));
+        assert_eq!(ty("blk.5.ffn_down.weight", 1024), Some(T::Q6K));
+        assert_eq!(ty("blk.27.ffn_down.weight", 1024), Some(T::Q6K));
+        assert_eq!(ty("blk.4.attn_q.weight", 1024), Some(T::Q4K));
+        assert_eq!(ty("output.weight", 1024), Some(T::Q6K));
+        // Rows that 256 does not divide (SmolLM2's 576) fall back as llama.cpp's do.
+        assert_eq!(ty("blk.4.attn_q.weight", 576), Some(T::Q5_0));
+        assert_eq!(ty("output.weight", 576), Some(T::Q8_0));
+        // Norms, biases and a router stay as they are.
+        assert_eq!(m.type_of("blk.0.attn_norm.weight", &[1024], 30, 0, false), None);
+        assert_eq!(m.type_of("blk.0.ffn_gate_inp.weight", &[8, 1024], 30, 8, false), None);
+        // A tied table is the LM head; eight experts' value projections go to Q8_0.
+        let q4_0 = QuantTarget::parse("q4_0", false).unwrap();
+        assert_eq!(q4_0.type_of("token_embd.weight", &[64, 1024], 30, 0, true), Some(T::Q6K));
+        assert_eq!(q4_0.type_of("token_embd.weight", &[64, 1024], 30, 0, false), Some(T::Q4_0));
+        assert_eq!(q4_0.type_of("blk.3.attn_v.weight", &[64, 1024], 30, 8, false), Some(T::Q8_0));
+        // --pure: one type for every matrix.
+        let pure = QuantTarget::parse("q4_0", true).unwrap();
+        assert_eq!(pure.type_of("output.weight", &[64, 1024], 30, 0, false), Some(T::Q4_0));
+        assert!(QuantTarget::parse("q9_9", false).is_none());
+    }
 }

@@ -106,7 +106,7 @@ impl ModelFile {
         match self {
             ModelFile::Gguf(f) => f.param(gguf_key),
             ModelFile::Safetensors(d) => d.param(hf_key),
-            ModelFile::Synthetic(_) => None,
+            ModelFile::Synthetic(m) => m.param(gguf_key),
         }
     }
 

@@ -37,6 +37,24 @@ const BLOCK_TENSORS: &[&str] = &[
     "ffn_down.weight",
 ];
 
+/// A mixture block's tensors (Mixtral's layout): the router and three
+/// stacks of experts' matrices in place of the dense MLP.
+const MOE_BLOCK_TENSORS: &[&str] = &[
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_exps.weight",
+    "ffn_up_exps.weight",
+    "ffn_down_exps.weight",
+];
+
+/// The model-level tensors.
+const TOP_TENSORS: &[&str] = &["token_embd.weight", "output_norm.weight", "output.weight"];
+
 /// A named model shape (the published configs of these models).
 struct Shape {
     name: &'static str,
@@ -48,12 +66,30 @@ struct Shape {
     vocab: usize,
     context: usize,
     rope_theta: f32,
+    /// A mixture of `experts` MLPs of `ffn` rows, `top_k` per token (0: dense).
+    experts: usize,
+    top_k: usize,
 }
 
 const SHAPES: &[Shape] = &[
+    // A Mixtral-style mixture (8 experts, 2 per token) small enough for this
+    // machine, on SmolLM2's vocabulary so a saved file carries its tokenizer.
+    Shape {
+        name: "moe-1b",
+        hidden: 1024,
+        ffn: 1408,
+        layers: 12,
+        heads: 16,
+        kv_heads: 4,
+        vocab: 49152,
+        context: 4096,
+        rope_theta: 10_000.0,
+        experts: 8,
+        top_k: 2,
+    },
     // Small enough to be random through and through: device checks compare
     // its logits, where repeated rows would hide a wrong row index.
-    Shape { name: "tiny", hidden: 256, ffn: 768, layers: 4, heads: 8, kv_heads: 4, vocab: 4096, context: 2048, rope_theta: 10_000.0 },
+    Shape { name: "tiny", hidden: 256, ffn: 768, layers: 4, heads: 8, kv_heads: 4, vocab: 4096, context: 2048, rope_theta: 10_000.0, experts: 0, top_k: 0 },
     Shape {
         name: "smollm2-135m",
         hidden: 576,
@@ -63,7 +99,7 @@ const SHAPES: &[Shape] = &[
         kv_heads: 3,
         vocab: 49152,
         context: 8192,
-        rope_theta: 100_000.0,
+        rope_theta: 100_000.0, experts: 0, top_k: 0,
     },
     Shape {
         name: "llama-1b",
@@ -74,7 +110,7 @@ const SHAPES: &[Shape] = &[
         kv_heads: 8,
         vocab: 128_256,
         context: 8192,
-        rope_theta: 500_000.0,
+        rope_theta: 500_000.0, experts: 0, top_k: 0,
     },
     Shape {
         name: "llama-8b",
@@ -85,7 +121,7 @@ const SHAPES: &[Shape] = &[
         kv_heads: 8,
         vocab: 128_256,
         context: 8192,
-        rope_theta: 500_000.0,
+        rope_theta: 500_000.0, experts: 0, top_k: 0,
     },
     Shape {
         name: "llama-70b",
@@ -96,7 +132,7 @@ const SHAPES: &[Shape] = &[
         kv_heads: 8,
         vocab: 128_256,
         context: 8192,
-        rope_theta: 500_000.0,
+        rope_theta: 500_000.0, experts: 0, top_k: 0,
     },
 ];
 
@@ -111,6 +147,8 @@ pub struct SyntheticModel {
     name: String,
     config: Config,
     dtype: GgmlDType,
+    experts: usize,
+    top_k: usize,
 }
 
 pub fn is_synthetic(spec: &str) -> bool {
@@ -146,7 +184,7 @@ impl SyntheticModel {
             rope_freq_factors: None,
             context_length: s.context,
         };
-        Ok(Self { name: format!("{PREFIX}{shape}:{quant}"), config, dtype })
+        Ok(Self { name: format!("{PREFIX}{shape}:{quant}"), config, dtype, experts: s.experts, top_k: s.top_k })
     }
 
     pub fn path(&self) -> &Path {
@@ -162,20 +200,41 @@ impl SyntheticModel {
         self.shape(name).is_some()
     }
 
-    /// The shape of tensor `name` in the llama layout (none for what it lacks).
+    /// The shape of tensor `name` in the llama layout, or Mixtral's with
+    /// experts (none for what it lacks).
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let c = &self.config;
-        let (h, q, kv, f) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size);
+        let (h, q, kv, f, e) = (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size, self.experts);
         Some(match name {
             "token_embd.weight" | "output.weight" => vec![c.vocab_size, h],
             "attn_q.weight" => vec![q, h],
             "attn_k.weight" | "attn_v.weight" => vec![kv, h],
             "attn_output.weight" => vec![h, q],
-            "ffn_gate.weight" | "ffn_up.weight" => vec![f, h],
-            "ffn_down.weight" => vec![h, f],
+            "ffn_gate.weight" | "ffn_up.weight" if e == 0 => vec![f, h],
+            "ffn_down.weight" if e == 0 => vec![h, f],
+            "ffn_gate_inp.weight" if e > 0 => vec![e, h],
+            "ffn_gate_exps.weight" | "ffn_up_exps.weight" if e > 0 => vec![e, f, h],
+            "ffn_down_exps.weight" if e > 0 => vec![e, h, f],
             "attn_norm.weight" | "ffn_norm.weight" | "output_norm.weight" => vec![h],
             _ => return None,
         })
+    }
+
+    /// The mixture's expert counts (`expert_count`, `expert_used_count`).
+    pub fn param(&self, key: &str) -> Option<f64> {
+        match key {
+            "expert_count" if self.experts > 0 => Some(self.experts as f64),
+            "expert_used_count" if self.experts > 0 => Some(self.top_k as f64),
+            _ => None,
+        }
+    }
+
+    fn block_tensors(&self) -> &'static [&'static str] {
+        if self.experts > 0 {
+            MOE_BLOCK_TENSORS
+        } else {
+            BLOCK_TENSORS
+        }
     }
 
     pub fn read(&mut self, name: &str, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
@@ -183,7 +242,8 @@ impl SyntheticModel {
         if shape.len() == 1 {
             return Ok(RawWeight::Dense(Tensor::ones(shape[0], candle_core::DType::F32, device)?));
         }
-        let (rows, cols) = (shape[0], shape[1]);
+        // A stack of experts' matrices is made as their rows one after the other.
+        let (rows, cols) = (shape[..shape.len() - 1].iter().product::<usize>(), shape[shape.len() - 1]);
         // Tiles are seeded by role and shape only: layers share a tile, but each gets its own copy in memory.
         let tiled = rows * cols > TILE_ABOVE;
         let layer_seed = if tiled { u64::from(layer.is_some()) } else { layer.map_or(0, |l| l as u64 + 1) << 8 };
@@ -200,7 +260,7 @@ impl SyntheticModel {
             let need = tile.len() / tile_rows * rows - bytes.len();
             bytes.extend_from_slice(&tile[..need.min(tile.len())]);
         }
-        Ok(RawWeight::Quantized(std::sync::Arc::new(qtensor_from_ggml(self.dtype, &bytes, vec![rows, cols], device)?)))
+        Ok(RawWeight::Quantized(std::sync::Arc::new(qtensor_from_ggml(self.dtype, &bytes, shape, device)?)))
     }
 
     fn bytes_of(&self, name: &str) -> u64 {
@@ -208,17 +268,85 @@ impl SyntheticModel {
         if shape.len() == 1 {
             return shape[0] as u64 * 4;
         }
-        (shape[0] * shape[1] / self.dtype.block_size() * self.dtype.type_size()) as u64
+        (shape.iter().product::<usize>() / self.dtype.block_size() * self.dtype.type_size()) as u64
     }
 
     pub fn layer_bytes(&self) -> LayerBytes {
-        let block: u64 = BLOCK_TENSORS.iter().map(|n| self.bytes_of(n)).sum();
-        LayerBytes::dense(
+        let block: u64 = self.block_tensors().iter().map(|n| self.bytes_of(n)).sum();
+        let experts: u64 = self.block_tensors().iter().filter(|n| n.ends_with("_exps.weight")).map(|n| self.bytes_of(n)).sum();
+        let mut bytes = LayerBytes::dense(
             vec![block; self.config.n_layers],
             self.bytes_of("token_embd.weight"),
             self.bytes_of("output_norm.weight") + self.bytes_of("output.weight"),
             false,
-        )
+        );
+        if self.experts > 0 {
+            bytes.expert_bytes = experts * self.config.n_layers as u64;
+            bytes.routed = Some((self.top_k as u32, self.experts as u32));
+        }
+        bytes
+    }
+
+    /// Writes the model as a GGUF file other engines load (llama.cpp
+    /// included): its tensors, the llama (or Mixtral) metadata, and the
+    /// `tokenizer.*` metadata of `tokenizer_from` (a model of the same
+    /// vocabulary size).
+    pub fn write_gguf(&mut self, path: &Path, tokenizer_from: &super::gguf::GgufFile) -> Result<()> {
+        use candle_core::quantized::gguf_file::{self, Value};
+        let tokens = match tokenizer_from.metadata().get("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => a.len(),
+            _ => 0,
+        };
+        if tokens != self.config.vocab_size {
+            return Err(Error::InvalidRequest(format!(
+                "{} has a vocabulary of {tokens}, the shape {}",
+                tokenizer_from.path().display(),
+                self.config.vocab_size
+            )));
+        }
+        let c = self.config.clone();
+        let u = |v: usize| Value::U32(v as u32);
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("general.name".into(), Value::String(self.name.clone())),
+            ("llama.block_count".into(), u(c.n_layers)),
+            ("llama.context_length".into(), u(c.context_length)),
+            ("llama.embedding_length".into(), u(c.hidden_size)),
+            ("llama.feed_forward_length".into(), u(c.intermediate_size)),
+            ("llama.attention.head_count".into(), u(c.n_heads)),
+            ("llama.attention.head_count_kv".into(), u(c.n_kv_heads)),
+            ("llama.rope.dimension_count".into(), u(c.head_dim)),
+            ("llama.rope.freq_base".into(), Value::F32(c.rope_theta)),
+            ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(c.rms_norm_eps as f32)),
+        ];
+        if self.experts > 0 {
+            md.push(("llama.expert_count".into(), u(self.experts)));
+            md.push(("llama.expert_used_count".into(), u(self.top_k)));
+        }
+        md.extend(tokenizer_from.metadata().iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())));
+        let mut tensors = Vec::new();
+        for name in TOP_TENSORS {
+            tensors.push((name.to_string(), self.read(name, None, &Device::Cpu)?));
+        }
+        for layer in 0..c.n_layers {
+            for name in self.block_tensors() {
+                tensors.push((format!("blk.{layer}.{name}"), self.read(name, Some(layer), &Device::Cpu)?));
+            }
+        }
+        let qtensors = tensors
+            .into_iter()
+            .map(|(n, w)| match w {
+                RawWeight::Quantized(q) => Ok((n, q)),
+                RawWeight::Dense(t) => Ok((n, std::sync::Arc::new(QTensor::quantize(&t, GgmlDType::F32)?))),
+                RawWeight::Host(_) => Err(Error::InvalidRequest("a synthetic weight read for the CPU kernels".into())),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?);
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(n, t)| (n.as_str(), t.as_ref())).collect();
+        gguf_file::write(&mut out, &md_refs, &t_refs)?;
+        std::io::Write::flush(&mut out).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        Ok(())
     }
 
     pub fn digest(&self) -> String {
