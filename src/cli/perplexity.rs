@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sollol::model::eval::{chunks, score_chunk, Perplexity};
+use sollol::model::eval::{chunks, score_chunk, Base, Perplexity, SavedBase};
 use sollol::model::ModelSlice;
 
 use super::{open_model, ModelArgs};
@@ -16,9 +16,9 @@ use super::{open_model, ModelArgs};
 pub struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The text to score.
+    /// The text to score (a saved base brings its own tokens).
     #[arg(long)]
-    file: PathBuf,
+    file: Option<PathBuf>,
     /// Tokens per chunk; the second half of each is scored.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
@@ -27,8 +27,10 @@ pub struct PerplexityArgs {
     chunks: Option<usize>,
     /// The distribution to compare with: `exact`, the same weights
     /// dequantized to f32 and run in f32 throughout (f32 KV cache, no
-    /// activation quantization); or another model of the same vocabulary
-    /// run that way (the f32 file a quantized one was made from).
+    /// activation quantization); another model of the same vocabulary run
+    /// that way (the f32 file a quantized one was made from); or a base run
+    /// saved by `llama-perplexity --kl-divergence-base FILE` (its tokens,
+    /// chunks and context are used).
     #[arg(long)]
     kl_base: Option<String>,
 }
@@ -38,19 +40,38 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         bail!("--ctx {} is too short: a chunk scores its second half", args.ctx);
     }
     let mut opened = open_model(&args.model.model)?;
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let tokenizer = opened.tokenizer()?;
-    let tokens = tokenizer.encode(&text)?;
     let bos = tokenizer.bos_id().filter(|_| tokenizer.adds_bos());
-    let mut chunks = chunks(&tokens, args.ctx, bos);
+    let saved = match args.kl_base.as_deref() {
+        Some(path) if std::fs::read(path).is_ok_and(|b| b.starts_with(b"_logits_")) => Some(SavedBase::read(path.as_ref())?),
+        _ => None,
+    };
+    let (mut chunks, ctx) = match (&saved, &args.file) {
+        // As llama.cpp's KL run: the saved tokens, BOS first where the model wants it.
+        (Some(s), _) => (s.chunks.iter().map(|c| chunks(c, s.ctx, bos).remove(0)).collect::<Vec<_>>(), s.ctx),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            (chunks(&tokenizer.encode(&text)?, args.ctx, bos), args.ctx)
+        }
+        (None, None) => bail!("--file TEXT is needed (or a saved llama.cpp base with --kl-base)"),
+    };
+    if ctx < 4 {
+        bail!("a context of {ctx} is too short: a chunk scores its second half");
+    }
     chunks.truncate(args.chunks.unwrap_or(usize::MAX));
     if chunks.is_empty() {
-        bail!("{} has {} tokens, fewer than one chunk of {}", args.file.display(), tokens.len(), args.ctx);
+        bail!("fewer tokens than one chunk of {ctx}");
     }
     let n_layers = opened.file.config()?.n_layers;
     let device = sollol::model::device::parse(&args.model.device)?;
     let model = ModelSlice::load(&mut opened.file, 0..n_layers, &device)?;
-    let base = match args.kl_base.as_deref() {
+    if let Some(s) = &saved {
+        if s.vocab != model.config().vocab_size {
+            bail!("the saved base has a vocabulary of {}, the model {}", s.vocab, model.config().vocab_size);
+        }
+    }
+    let base_model = match args.kl_base.as_deref() {
+        _ if saved.is_some() => None,
         None => None,
         Some("exact") => Some(ModelSlice::load_exact(&mut opened.file, 0..n_layers)?),
         Some(other) => {
@@ -60,10 +81,17 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         }
     };
     let progress = ProgressBar::new(chunks.len() as u64).with_message("scoring chunks");
-    progress.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    progress.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let mut acc = Perplexity::default();
-    for chunk in &chunks {
-        score_chunk(&model, base.as_ref(), chunk, &mut acc)?;
+    for (n, chunk) in chunks.iter().enumerate() {
+        let base = match (&saved, &base_model) {
+            (Some(s), _) => Base::Saved(s, n),
+            (None, Some(b)) => Base::Model(b),
+            (None, None) => Base::None,
+        };
+        score_chunk(&model, base, chunk, &mut acc)?;
         progress.inc(1);
     }
     progress.finish_and_clear();
@@ -72,12 +100,13 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         opened.resolved.name,
         model.backend(),
         chunks.len(),
-        args.ctx,
+        ctx,
         acc.n
     );
     println!("perplexity {:.4}", acc.perplexity());
     if let (Some(base_ppl), Some((kl, kl_err)), Some(same)) = (acc.base_perplexity(), acc.kl_divergence(), acc.same_top()) {
-        println!("base perplexity {base_ppl:.4} ({}, exact f32)", args.kl_base.as_deref().unwrap_or_default());
+        let what = if saved.is_some() { "saved by llama.cpp" } else { "exact f32" };
+        println!("base perplexity {base_ppl:.4} ({}, {what})", args.kl_base.as_deref().unwrap_or_default());
         println!("mean KLD {kl:.6} ± {kl_err:.6}");
         println!("same top token {:.2}%", 100.0 * same);
     }

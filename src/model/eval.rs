@@ -26,6 +26,59 @@ pub struct Perplexity {
     has_base: bool,
 }
 
+/// A base run saved by llama.cpp (`llama-perplexity --kl-divergence-base
+/// FILE`): the chunks' tokens, and for each scored position the base's log
+/// probabilities, 16 bits each over the 16 nats below the largest.
+#[derive(Debug)]
+pub struct SavedBase {
+    pub ctx: usize,
+    pub vocab: usize,
+    pub chunks: Vec<Vec<u32>>,
+    /// One record per scored position, chunk after chunk: `[scale f32,
+    /// min f32, vocab u16 (padded to even)]` as u16s.
+    records: Vec<u16>,
+    record_len: usize,
+}
+
+impl SavedBase {
+    /// Reads a file that starts with `_logits_`.
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let bad = |reason: String| Error::bad_model(path, reason);
+        let bytes = std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        let int = |at: usize| -> Result<usize> {
+            let b = bytes.get(at..at + 4).ok_or_else(|| bad("truncated logits file".into()))?;
+            usize::try_from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])).map_err(|_| bad("a negative size".into()))
+        };
+        if !bytes.starts_with(b"_logits_") {
+            return Err(bad("not a llama.cpp logits file (no _logits_ magic)".into()));
+        }
+        let (ctx, vocab, n_chunks) = (int(8)?, int(12)?, int(16)?);
+        if ctx < 4 || vocab == 0 {
+            return Err(bad(format!("a context of {ctx} and a vocabulary of {vocab}")));
+        }
+        let record_len = 2 * vocab.div_ceil(2) + 4;
+        let scored = ctx - 1 - ctx / 2;
+        let tokens_end = 20 + n_chunks * ctx * 4;
+        let expected = tokens_end + n_chunks * scored * record_len * 2;
+        if bytes.len() != expected {
+            return Err(bad(format!("{n_chunks} chunks of {ctx} over {vocab} tokens need {expected} bytes, the file has {}", bytes.len())));
+        }
+        let chunks = bytes[20..tokens_end]
+            .chunks_exact(ctx * 4)
+            .map(|c| c.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            .collect();
+        let records = bytes[tokens_end..].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        Ok(Self { ctx, vocab, chunks, records, record_len })
+    }
+
+    /// The record of scored position `i` of chunk `chunk` (`i` from 0).
+    fn record(&self, chunk: usize, i: usize) -> &[u16] {
+        let scored = self.ctx - 1 - self.ctx / 2;
+        let at = (chunk * scored + i) * self.record_len;
+        &self.records[at..at + self.record_len]
+    }
+}
+
 /// `log softmax(logits)` in f64.
 pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -58,6 +111,38 @@ impl Perplexity {
             self.kl_sq += kl * kl;
             self.same_top += usize::from(argmax(&bp) == argmax(&lp));
         }
+        Ok(())
+    }
+
+    /// Scores `target` against the model's `logits` and a saved base
+    /// record, as llama.cpp's KL divergence does (base log probabilities
+    /// below −16 count as zero).
+    pub fn add_saved(&mut self, logits: &[f32], record: &[u16], target: u32) -> Result<()> {
+        let lp = log_softmax(logits);
+        let t = target as usize;
+        if t >= lp.len() || record.len() < lp.len() + 4 {
+            return Err(Error::InvalidRequest(format!("token {t} or a record of {} for a vocabulary of {}", record.len(), lp.len())));
+        }
+        let f = |i: usize| f32::from_bits(u32::from(record[2 * i]) | u32::from(record[2 * i + 1]) << 16);
+        let (scale, min) = (f(0) as f64, f(1) as f64);
+        let base = |i: usize| scale * f64::from(record[4 + i]) + min;
+        let (mut kl, mut best) = (0.0, 0);
+        for (i, &m) in lp.iter().enumerate() {
+            let b = base(i);
+            if b > base(best) {
+                best = i;
+            }
+            if b > -16.0 {
+                kl += b.exp() * (b - m);
+            }
+        }
+        self.n += 1;
+        self.nll -= lp[t];
+        self.has_base = true;
+        self.base_nll -= base(t);
+        self.kl += kl;
+        self.kl_sq += kl * kl;
+        self.same_top += usize::from(best == argmax(&lp));
         Ok(())
     }
 
@@ -101,15 +186,27 @@ pub fn chunks(tokens: &[u32], ctx: usize, bos: Option<u32>) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// What the model is compared with.
+pub enum Base<'a> {
+    None,
+    /// Another slice run alongside (the exact f32 math).
+    Model(&'a ModelSlice),
+    /// Chunk `n` of a saved run.
+    Saved(&'a SavedBase, usize),
+}
+
 /// Scores one chunk: the first half and one more token as a prefill, then
 /// one decode step per token, each step's logits scoring the next token.
-pub fn score_chunk(model: &ModelSlice, base: Option<&ModelSlice>, chunk: &[u32], acc: &mut Perplexity) -> Result<()> {
+pub fn score_chunk(model: &ModelSlice, base: Base, chunk: &[u32], acc: &mut Perplexity) -> Result<()> {
     if chunk.len() < 4 {
         return Err(Error::InvalidRequest(format!("a chunk of {} tokens is too short to score", chunk.len())));
     }
     let first = chunk.len() / 2;
     let mut cache = model.new_cache(chunk.len())?;
-    let mut base_cache = base.map(|b| b.new_cache(chunk.len())).transpose()?;
+    let mut base_cache = match base {
+        Base::Model(b) => Some(b.new_cache(chunk.len())?),
+        _ => None,
+    };
     let step = |slice: &ModelSlice, cache: &mut super::KvCache, input: &[u32]| -> Result<Vec<f32>> {
         let x = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
         match slice.forward(&x, cache)? {
@@ -120,11 +217,11 @@ pub fn score_chunk(model: &ModelSlice, base: Option<&ModelSlice>, chunk: &[u32],
     for j in first..chunk.len() - 1 {
         let input = if j == first { &chunk[..=first] } else { &chunk[j..=j] };
         let logits = step(model, &mut cache, input)?;
-        let base_logits = match (base, base_cache.as_mut()) {
-            (Some(b), Some(c)) => Some(step(b, c, input)?),
-            _ => None,
-        };
-        acc.add(&logits, base_logits.as_deref(), chunk[j + 1])?;
+        match (&base, base_cache.as_mut()) {
+            (Base::Model(b), Some(c)) => acc.add(&logits, Some(&step(b, c, input)?), chunk[j + 1])?,
+            (Base::Saved(saved, n), _) => acc.add_saved(&logits, saved.record(*n, j - first), chunk[j + 1])?,
+            _ => acc.add(&logits, None, chunk[j + 1])?,
+        }
     }
     Ok(())
 }
@@ -152,6 +249,37 @@ mod tests {
         let want = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
         assert!((k.kl_divergence().unwrap().0 - want).abs() < 1e-7);
         assert!(k.add(&[0.0; 2], None, 5).is_err(), "a token outside the vocabulary");
+    }
+
+    /// A file as llama-perplexity writes it: one chunk of 4 tokens over a
+    /// vocabulary of 3, one scored position whose base is (1/2, 1/4, 1/4).
+    #[test]
+    fn a_saved_llama_cpp_base_is_read_and_scored_as_llama_cpp_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.kld");
+        let lp: [f32; 3] = [0.5f32.ln(), 0.25f32.ln(), 0.25f32.ln()];
+        let (max, min) = (lp[0], lp[1]);
+        let scale = (max - min) / 65535.0;
+        let mut b = b"_logits_".to_vec();
+        for v in [4i32, 3, 1, 9, 1, 2, 0] {
+            b.extend(v.to_le_bytes()); // ctx, vocab, chunks, then the 4 tokens
+        }
+        b.extend(scale.to_le_bytes());
+        b.extend(min.to_le_bytes());
+        for v in lp.iter().map(|&l| ((l - min) / scale).round() as u16).chain([0]) {
+            b.extend(v.to_le_bytes());
+        }
+        std::fs::write(&path, &b).unwrap();
+        let saved = SavedBase::read(&path).unwrap();
+        assert_eq!((saved.ctx, saved.vocab, saved.chunks.clone()), (4, 3, vec![vec![9, 1, 2, 0]]));
+        let mut p = Perplexity::default();
+        // The model says (1/4, 1/2, 1/4).
+        p.add_saved(&[0.0, 2f32.ln(), 0.0], saved.record(0, 0), 0).unwrap();
+        let want = 0.5 * (0.5f64 / 0.25).ln() + 0.25 * (0.25f64 / 0.5).ln();
+        assert!((p.kl_divergence().unwrap().0 - want).abs() < 1e-4, "{:?}", p.kl_divergence());
+        assert_eq!(p.same_top(), Some(0.0));
+        std::fs::write(&path, &b[..b.len() - 2]).unwrap();
+        assert!(SavedBase::read(&path).is_err(), "a truncated file is refused");
     }
 
     #[test]

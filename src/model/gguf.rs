@@ -400,7 +400,14 @@ impl QuantTarget {
 
     /// The type of tensor `name` (`[.., cols]`), `None` to keep it as it is:
     /// 1-D tensors (norms, biases), a mixture's router.
-    pub fn type_of(&self, name: &str, dims: &[usize], n_layers: usize, n_experts: usize, tied: bool) -> Option<candle_core::quantized::GgmlDType> {
+    pub fn type_of(
+        &self,
+        name: &str,
+        dims: &[usize],
+        n_layers: usize,
+        n_experts: usize,
+        tied: bool,
+    ) -> Option<candle_core::quantized::GgmlDType> {
         use candle_core::quantized::GgmlDType as T;
         if dims.len() < 2 || name.ends_with("ffn_gate_inp.weight") || !name.ends_with(".weight") {
             return None;
@@ -409,7 +416,8 @@ impl QuantTarget {
         if !self.pure {
             let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
             // llama.cpp's use_more_bits: the first and last eighth, and every third block between.
-            let more_bits = |i: usize| i < n_layers / 8 || i >= 7 * n_layers / 8 || (i as isize - (n_layers / 8) as isize).rem_euclid(3) == 2;
+            let more_bits =
+                |i: usize| i < n_layers / 8 || i >= 7 * n_layers / 8 || (i as isize - (n_layers / 8) as isize).rem_euclid(3) == 2;
             let is_head = name == "output.weight" || (tied && name == "token_embd.weight");
             if is_head && t != T::Q8_0 && !matches!(t, T::F16 | T::F32) {
                 t = T::Q6K;

@@ -89,7 +89,19 @@ const SHAPES: &[Shape] = &[
     },
     // Small enough to be random through and through: device checks compare
     // its logits, where repeated rows would hide a wrong row index.
-    Shape { name: "tiny", hidden: 256, ffn: 768, layers: 4, heads: 8, kv_heads: 4, vocab: 4096, context: 2048, rope_theta: 10_000.0, experts: 0, top_k: 0 },
+    Shape {
+        name: "tiny",
+        hidden: 256,
+        ffn: 768,
+        layers: 4,
+        heads: 8,
+        kv_heads: 4,
+        vocab: 4096,
+        context: 2048,
+        rope_theta: 10_000.0,
+        experts: 0,
+        top_k: 0,
+    },
     Shape {
         name: "smollm2-135m",
         hidden: 576,
@@ -99,7 +111,9 @@ const SHAPES: &[Shape] = &[
         kv_heads: 3,
         vocab: 49152,
         context: 8192,
-        rope_theta: 100_000.0, experts: 0, top_k: 0,
+        rope_theta: 100_000.0,
+        experts: 0,
+        top_k: 0,
     },
     Shape {
         name: "llama-1b",
@@ -110,7 +124,9 @@ const SHAPES: &[Shape] = &[
         kv_heads: 8,
         vocab: 128_256,
         context: 8192,
-        rope_theta: 500_000.0, experts: 0, top_k: 0,
+        rope_theta: 500_000.0,
+        experts: 0,
+        top_k: 0,
     },
     Shape {
         name: "llama-8b",
@@ -121,7 +137,9 @@ const SHAPES: &[Shape] = &[
         kv_heads: 8,
         vocab: 128_256,
         context: 8192,
-        rope_theta: 500_000.0, experts: 0, top_k: 0,
+        rope_theta: 500_000.0,
+        experts: 0,
+        top_k: 0,
     },
     Shape {
         name: "llama-70b",
@@ -132,7 +150,9 @@ const SHAPES: &[Shape] = &[
         kv_heads: 8,
         vocab: 128_256,
         context: 8192,
-        rope_theta: 500_000.0, experts: 0, top_k: 0,
+        rope_theta: 500_000.0,
+        experts: 0,
+        top_k: 0,
     },
 ];
 
@@ -341,7 +361,8 @@ impl SyntheticModel {
                 RawWeight::Host(_) => Err(Error::InvalidRequest("a synthetic weight read for the CPU kernels".into())),
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?);
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?);
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(n, t)| (n.as_str(), t.as_ref())).collect();
         gguf_file::write(&mut out, &md_refs, &t_refs)?;
