@@ -526,7 +526,7 @@ vectorized! {
     /// [`ops::rms_norm`] on this CPU's vectors.
     rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]);
     /// [`ops::rope`] on this CPU's vectors.
-    rope(x: &mut [f32], heads: usize, head_dim: usize, rot_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool);
+    rope(x: &mut [f32], heads: usize, head_dim: usize, pos: usize, r: ops::Rotation);
 }
 
 /// `out[i] = Σ_p probs[i][p] · V[p]` for the heads of `probs` (`[heads, n]`)

@@ -158,14 +158,25 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// Rotates the first `rot_dim` values of each head of rows
+/// Rotary tables and how a head uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation<'a> {
+    /// `[context, rot_dim / 2]`.
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    /// The leading values of each head that rotate.
+    pub rot_dim: usize,
+    /// Pairs (2i, 2i+1); otherwise (i, i + rot_dim/2).
+    pub interleaved: bool,
+}
+
+/// Rotates the first `r.rot_dim` values of each head of rows
 /// `[seq, heads, head_dim]` in place for positions `pos..pos+seq` (all of
-/// them but for partial rotary embeddings, phi2's); `cos`/`sin` are
-/// `[context, rot_dim / 2]`. `interleaved` pairs (2i, 2i+1), otherwise
-/// (i, i + rot_dim/2). Each style has its own loop without a branch, so
-/// both vectorize.
+/// them but for partial rotary embeddings, phi2's). Each pairing has its
+/// own loop without a branch, so both vectorize.
 #[inline(always)]
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, rot_dim: usize, pos: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, pos: usize, r: Rotation) {
+    let Rotation { cos, sin, rot_dim, interleaved } = r;
     let half = rot_dim / 2;
     for (i, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
         let (c, s) = (&cos[(pos + i) * half..][..half], &sin[(pos + i) * half..][..half]);

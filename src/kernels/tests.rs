@@ -297,15 +297,17 @@ fn vectorized_row_ops_equal_their_portable_source_bit_for_bit() {
     let (cos, sin): (Vec<f32>, Vec<f32>) = (0..9 * d / 2).map(|i| (i as f32 * 0.37).sin_cos()).unzip();
     for interleaved in [true, false] {
         let (mut a, mut b) = (x.clone(), x.clone());
-        rope(&mut a, heads, d, d, 5, &cos, &sin, interleaved);
-        ops::rope(&mut b, heads, d, d, 5, &cos, &sin, interleaved);
+        let r = ops::Rotation { cos: &cos, sin: &sin, rot_dim: d, interleaved };
+        rope(&mut a, heads, d, 5, r);
+        ops::rope(&mut b, heads, d, 5, r);
         assert_eq!(a, b, "rope, interleaved {interleaved}");
         assert_ne!(a, x, "rope rotated nothing");
     }
     // Partial rotation (phi2): the first 16 values of each head turn, the rest stay.
     let (mut a, mut b) = (x.clone(), x.clone());
-    rope(&mut a, heads, d, 16, 5, &cos, &sin, false);
-    ops::rope(&mut b, heads, d, 16, 5, &cos, &sin, false);
+    let r = ops::Rotation { cos: &cos, sin: &sin, rot_dim: 16, interleaved: false };
+    rope(&mut a, heads, d, 5, r);
+    ops::rope(&mut b, heads, d, 5, r);
     assert_eq!(a, b, "partial rope");
     for (h, (ra, rx)) in a.chunks_exact(d).zip(x.chunks_exact(d)).enumerate() {
         assert_ne!(ra[..16], rx[..16], "head {h} rotated nothing");

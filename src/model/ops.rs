@@ -51,6 +51,23 @@ pub struct Attention {
     pub window: Option<usize>,
 }
 
+impl Attention {
+    /// The config's heads over `rope`: no head norms, scores scaled by the
+    /// head size, the whole context seen (architectures change what differs).
+    pub fn new(c: &super::Config, rope: Arc<Rope>) -> Self {
+        Self {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            rope,
+            q_norm: None,
+            k_norm: None,
+            score_dim: c.head_dim,
+            window: None,
+        }
+    }
+}
+
 /// One expert of a mixture: a gated MLP.
 #[derive(Debug)]
 pub struct Expert {

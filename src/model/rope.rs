@@ -79,7 +79,8 @@ impl Rope {
     pub fn apply_host(&self, x: &mut [f32], heads: usize, pos: usize) {
         let Tables::Host { cos, sin } = &self.tables else { unreachable!("host tables are built for host slices") };
         let interleaved = self.spec.style == RopeStyle::Interleaved;
-        crate::kernels::rope(x, heads, self.spec.head_dim, self.spec.rot_dim, pos, cos, sin, interleaved)
+        let r = crate::kernels::ops::Rotation { cos, sin, rot_dim: self.spec.rot_dim, interleaved };
+        crate::kernels::rope(x, heads, self.spec.head_dim, pos, r)
     }
 
     /// Rotates `x` `[b, heads, seq, head_dim]` for positions `pos..pos+seq` (device tables).

@@ -97,14 +97,11 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
         attn_norm: l.rms_norm("attn_norm.weight", h)?,
         qkv: l.projections(&[("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)], h)?,
         attn: Attention {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            rope,
             q_norm: Some(l.rms_norm("attn_q_norm.weight", hd)?),
             k_norm: Some(l.rms_norm("attn_k_norm.weight", hd)?),
             score_dim,
             window,
+            ..Attention::new(&c, rope)
         },
         o: l.linear("attn_output.weight", h, q_dim)?,
         post_attn_norm: l.rms_norm("post_attention_norm.weight", h)?,

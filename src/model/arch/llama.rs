@@ -91,14 +91,9 @@ pub(super) fn load_with(l: &mut Loader, head_norms: HeadNorms) -> Result<Arc<dyn
         attn_norm: l.rms_norm("attn_norm.weight", h)?,
         qkv: l.projections(&[("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)], h)?,
         attn: Attention {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-            rope: l.model_rope()?,
             q_norm: (head_norms == HeadNorms::Required).then(|| l.rms_norm("attn_q_norm.weight", c.head_dim)).transpose()?,
             k_norm: (head_norms == HeadNorms::Required).then(|| l.rms_norm("attn_k_norm.weight", c.head_dim)).transpose()?,
-            score_dim: c.head_dim,
-            window: None,
+            ..Attention::new(&c, l.model_rope()?)
         },
         o: l.linear("attn_output.weight", h, q_dim)?,
         ffn_norm: l.rms_norm("ffn_norm.weight", h)?,

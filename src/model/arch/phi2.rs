@@ -50,16 +50,7 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
     Ok(Arc::new(Phi2Block {
         norm: l.layer_norm("attn_norm", h)?,
         qkv: l.fused("attn_qkv", &[q_dim, kv_dim, kv_dim], h)?,
-        attn: Attention {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            rope: l.model_rope()?,
-            q_norm: None,
-            k_norm: None,
-            score_dim: hd,
-            window: None,
-        },
+        attn: Attention::new(&c, l.model_rope()?),
         o: l.linear_biased("attn_output", h, q_dim)?,
         up: l.linear_biased("ffn_up", ffn, h)?,
         down: l.linear_biased("ffn_down", h, ffn)?,

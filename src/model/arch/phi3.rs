@@ -1,4 +1,4 @@
-//! Phi-3 / Phi-3.5 / Phi-4 (mini): the llama block with Q, K and V in one
+//! Phi-3 (mini, 4k): the llama block with Q, K and V in one
 //! fused tensor and gate and up in another, NEOX rotary pairing, and a
 //! sliding window where the model declares one.
 //!
@@ -39,14 +39,8 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
         attn_norm: l.rms_norm("attn_norm.weight", h)?,
         qkv: l.fused("attn_qkv", &[q_dim, kv_dim, kv_dim], h)?,
         attn: Attention {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            rope: l.model_rope()?,
-            q_norm: None,
-            k_norm: None,
-            score_dim: hd,
             window: l.param_usize("attention.sliding_window", "sliding_window").filter(|&w| w > 0),
+            ..Attention::new(&c, l.model_rope()?)
         },
         o: l.linear("attn_output.weight", h, q_dim)?,
         ffn_norm: l.rms_norm("ffn_norm.weight", h)?,
