@@ -58,11 +58,16 @@ impl SavedBase {
         }
         let record_len = 2 * vocab.div_ceil(2) + 4;
         let scored = ctx - 1 - ctx / 2;
-        let tokens_end = 20 + n_chunks * ctx * 4;
-        let expected = tokens_end + n_chunks * scored * record_len * 2;
-        if bytes.len() != expected {
-            return Err(bad(format!("{n_chunks} chunks of {ctx} over {vocab} tokens need {expected} bytes, the file has {}", bytes.len())));
-        }
+        // The header's counts are checked against the file's length before
+        // they size anything (a product of them can overflow).
+        let sizes = (|| {
+            let tokens_end = n_chunks.checked_mul(ctx)?.checked_mul(4)?.checked_add(20)?;
+            Some((tokens_end, n_chunks.checked_mul(scored)?.checked_mul(record_len)?.checked_mul(2)?.checked_add(tokens_end)?))
+        })();
+        let tokens_end = match sizes {
+            Some((tokens_end, expected)) if expected == bytes.len() => tokens_end,
+            _ => return Err(bad(format!("{n_chunks} chunks of {ctx} over {vocab} tokens do not fill the file's {} bytes", bytes.len()))),
+        };
         let chunks = bytes[20..tokens_end]
             .chunks_exact(ctx * 4)
             .map(|c| c.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
@@ -280,6 +285,13 @@ mod tests {
         assert_eq!(p.same_top(), Some(0.0));
         std::fs::write(&path, &b[..b.len() - 2]).unwrap();
         assert!(SavedBase::read(&path).is_err(), "a truncated file is refused");
+        // Counts whose product wraps a 64-bit size: refused, not trusted.
+        let mut huge = b.clone();
+        for at in [8, 12, 16] {
+            huge[at..at + 4].copy_from_slice(&i32::MAX.to_le_bytes());
+        }
+        std::fs::write(&path, &huge).unwrap();
+        assert!(SavedBase::read(&path).is_err(), "counts beyond the file are refused");
     }
 
     #[test]

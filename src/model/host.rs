@@ -45,6 +45,8 @@ pub struct Scratch {
     bufs: Vec<Vec<f32>>,
     /// One expert's rows of a mixture: gathered input, gate, up, output.
     moe: [Vec<f32>; 4],
+    /// The LM head's normalized input rows and its logits.
+    head: [Vec<f32>; 2],
     acts: QActs,
     /// The batch items' cache buffers for the layer being run (empty between calls).
     kv: Vec<CacheLayer>,
@@ -278,16 +280,19 @@ impl<'a, 'c> HostOps<'a, 'c> {
         Ok(Act(0))
     }
 
-    /// `x · Wᵀ` for rows `rows` of `x` only (each item's last position
-    /// before the LM head), after `norm`.
-    pub(super) fn head(&mut self, x: Act, pick: &[usize], norm: &Norm, output: &Linear) -> Result<Vec<f32>> {
+    /// `norm(x) · Wᵀ` for rows `pick` of `x` only (each item's last
+    /// position, before the LM head), in the scratch's head buffers.
+    pub(super) fn head(&mut self, x: Act, pick: &[usize], norm: &Norm, output: &Linear) -> Result<&[f32]> {
         let (buf, width) = self.rows_of(x)?;
-        let mut normed = vec![0f32; pick.len() * width];
+        let vocab = host(output)?.rows();
+        let s = &mut *self.s;
+        let [normed, logits] = &mut s.head;
+        normed.resize(pick.len() * width, 0.0);
+        logits.resize(pick.len() * vocab, 0.0);
         for (&r, out) in pick.iter().zip(normed.chunks_exact_mut(width)) {
-            norm.forward_host(&self.s.bufs[buf][r * width..(r + 1) * width], out);
+            norm.forward_host(&s.bufs[buf][r * width..(r + 1) * width], out);
         }
-        let mut logits = vec![0f32; pick.len() * host(output)?.rows()];
-        matmul(&mut self.s.acts, &mut normed, None, &[output], &mut [&mut logits])?;
+        matmul(&mut s.acts, normed, None, &[output], &mut [logits])?;
         Ok(logits)
     }
 }

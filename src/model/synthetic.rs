@@ -24,33 +24,16 @@ use crate::error::{Error, Result};
 
 pub const PREFIX: &str = "synthetic:";
 
-/// A llama block's tensors.
-const BLOCK_TENSORS: &[&str] = &[
-    "attn_norm.weight",
-    "attn_q.weight",
-    "attn_k.weight",
-    "attn_v.weight",
-    "attn_output.weight",
-    "ffn_norm.weight",
-    "ffn_gate.weight",
-    "ffn_up.weight",
-    "ffn_down.weight",
-];
+/// A block's attention tensors and its norms.
+const ATTENTION_TENSORS: &[&str] =
+    &["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_norm.weight"];
 
-/// A mixture block's tensors (Mixtral's layout): the router and three
-/// stacks of experts' matrices in place of the dense MLP.
-const MOE_BLOCK_TENSORS: &[&str] = &[
-    "attn_norm.weight",
-    "attn_q.weight",
-    "attn_k.weight",
-    "attn_v.weight",
-    "attn_output.weight",
-    "ffn_norm.weight",
-    "ffn_gate_inp.weight",
-    "ffn_gate_exps.weight",
-    "ffn_up_exps.weight",
-    "ffn_down_exps.weight",
-];
+/// A dense block's MLP.
+const MLP_TENSORS: &[&str] = &["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"];
+
+/// A mixture block's MLP (Mixtral's layout): the router and three stacks
+/// of experts' matrices.
+const MOE_TENSORS: &[&str] = &["ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"];
 
 /// The model-level tensors.
 const TOP_TENSORS: &[&str] = &["token_embd.weight", "output_norm.weight", "output.weight"];
@@ -249,12 +232,10 @@ impl SyntheticModel {
         }
     }
 
-    fn block_tensors(&self) -> &'static [&'static str] {
-        if self.experts > 0 {
-            MOE_BLOCK_TENSORS
-        } else {
-            BLOCK_TENSORS
-        }
+    /// A block's tensors, by name.
+    fn block_tensors(&self) -> impl Iterator<Item = &'static str> {
+        let mlp = if self.experts > 0 { MOE_TENSORS } else { MLP_TENSORS };
+        ATTENTION_TENSORS.iter().chain(mlp).copied()
     }
 
     pub fn read(&mut self, name: &str, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
@@ -292,8 +273,8 @@ impl SyntheticModel {
     }
 
     pub fn layer_bytes(&self) -> LayerBytes {
-        let block: u64 = self.block_tensors().iter().map(|n| self.bytes_of(n)).sum();
-        let experts: u64 = self.block_tensors().iter().filter(|n| n.ends_with("_exps.weight")).map(|n| self.bytes_of(n)).sum();
+        let block: u64 = self.block_tensors().map(|n| self.bytes_of(n)).sum();
+        let experts: u64 = self.block_tensors().filter(|n| n.ends_with("_exps.weight")).map(|n| self.bytes_of(n)).sum();
         let mut bytes = LayerBytes::dense(
             vec![block; self.config.n_layers],
             self.bytes_of("token_embd.weight"),
@@ -349,7 +330,7 @@ impl SyntheticModel {
             tensors.push((name.to_string(), self.read(name, None, &Device::Cpu)?));
         }
         for layer in 0..c.n_layers {
-            for name in self.block_tensors() {
+            for name in self.block_tensors().collect::<Vec<_>>() {
                 tensors.push((format!("blk.{layer}.{name}"), self.read(name, Some(layer), &Device::Cpu)?));
             }
         }
