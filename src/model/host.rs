@@ -6,7 +6,8 @@
 //! matrix, so each weight row is read once per step for all of them; only
 //! attention is per item, against that item's own KV cache. Buffers live in
 //! a [`Scratch`] reused from call to call: after the first steps, a decode
-//! step allocates nothing but its output.
+//! step allocates no activation buffer, only its output and the few
+//! handles and indices of each operation.
 //!
 //! `norm`, `glu` and `gelu` are lazy: the product that consumes one applies it
 //! to each row inside its quantization pass (one parallel region, no pass of
