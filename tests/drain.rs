@@ -18,7 +18,7 @@ use sollol::head::pipeline::{Pipeline, PipelineEngine, Replaced};
 use sollol::net::auth::ClusterKey;
 use sollol::net::tensor::WireDType;
 use sollol::net::tls;
-use sollol::node::server::resolve_addr;
+use sollol::net::resolve_addr;
 
 const KEY: &str = "drain-test-key";
 

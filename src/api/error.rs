@@ -68,10 +68,16 @@ impl IntoResponse for ApiError {
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         use crate::Error as E;
+        use crate::net::message::ErrorCode;
         let status = match &e {
             E::UnknownModel(_) => StatusCode::NOT_FOUND,
             E::ContextOverflow { .. } | E::InvalidRequest(_) | E::Template(_) | E::Tokenizer(_) => StatusCode::BAD_REQUEST,
             E::Fetch { .. } => StatusCode::NOT_FOUND,
+            // A node at its limit: the client may retry (503, or 429 for OpenAI clients).
+            E::Net(n) if n.code() == Some(ErrorCode::Capacity) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Net(n) if n.code() == Some(ErrorCode::Invalid) => StatusCode::BAD_REQUEST,
+            // The nodes failed to answer: the fault is past this server.
+            E::Net(_) => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())

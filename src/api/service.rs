@@ -48,6 +48,9 @@ pub struct ServeConfig {
     pub kv_cache_mb: usize,
     /// Dynamic rebalancing threshold (0: off), see `partition::rebalance`.
     pub rebalance_threshold: f64,
+    /// Directories whose model files clients may name by path; other paths
+    /// are "not found", whether they exist or not.
+    pub model_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Decode tokens of measurements a rebalancing decision needs, and the least
@@ -76,6 +79,8 @@ pub struct Worker {
     /// Where the model runs (node names; addresses and blocks come from the chain).
     route: Mutex<RouteInfo>,
     balance: Mutex<Balance>,
+    /// Generations running on it.
+    active: std::sync::atomic::AtomicUsize,
     pub loaded_at: SystemTime,
     pub load_duration: Duration,
     pub quantization: String,
@@ -208,6 +213,43 @@ impl Worker {
     }
 }
 
+/// Counts a generation as running on its worker until dropped.
+struct Running(Arc<Worker>);
+
+impl Running {
+    fn new(worker: &Arc<Worker>) -> Self {
+        worker.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(worker.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The model a client names: a name (catalog, cache, Ollama store,
+/// synthetic), the operator's `--model`, or a file inside `--models-dir`.
+/// Any other path is "unknown", with the same answer whether it exists or
+/// not, so a client learns nothing of the head's files.
+fn resolve_for_client(spec: &str, trusted: bool, dirs: &[std::path::PathBuf]) -> crate::Result<source::ResolvedModel> {
+    if trusted {
+        return source::resolve(spec);
+    }
+    let is_path = source::looks_like_path(spec) || spec.contains('/') && std::path::Path::new(spec).exists();
+    if !is_path {
+        return source::resolve_name(spec);
+    }
+    let inside = std::fs::canonicalize(spec).ok().filter(|p| {
+        p.is_file() && dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| p.starts_with(d))
+    });
+    match inside {
+        Some(path) => Ok(source::ResolvedModel { name: spec.to_string(), path }),
+        None => Err(crate::Error::UnknownModel(spec.to_string())),
+    }
+}
+
 /// One stage moved by a drain.
 #[derive(Debug, Clone)]
 pub struct Drained {
@@ -273,10 +315,22 @@ impl Service {
         if let Some(w) = workers.get(&name) {
             return Ok(w.clone());
         }
+        if self.local.is_some() {
+            // Local nodes hold one model at a time: another replaces it only
+            // when none of its generations would be cut off.
+            if let Some(busy) = workers.values().find(|w| w.active.load(std::sync::atomic::Ordering::Acquire) > 0) {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the local nodes are serving '{}'; '{name}' can load once its generations finish", busy.name),
+                ));
+            }
+        }
         let started = Instant::now();
         let spec = name.clone();
+        let trusted = Self::canonical(&self.cfg.default_model) == name;
+        let dirs = self.cfg.model_dirs.clone();
         let opened = tokio::task::spawn_blocking(move || -> crate::Result<_> {
-            let resolved = source::resolve(&spec)?;
+            let resolved = resolve_for_client(&spec, trusted, &dirs)?;
             let file = ModelFile::open(&resolved.path)?;
             let tokenizer = Tokenizer::for_model(&file)?;
             let config = file.config()?;
@@ -295,7 +349,7 @@ impl Service {
             e => ApiError::from(e),
         })?;
         let (resolved, tokenizer, config, digest, layer_bytes, size, quantization) = opened;
-        let spec = std::fs::canonicalize(&name).map(|p| p.display().to_string()).unwrap_or_else(|_| name.clone());
+        let spec = if source::looks_like_path(&name) { resolved.path.display().to_string() } else { name.clone() };
         let (pipeline, route, key, standby) = match (&self.manager, &self.local) {
             (Some(m), _) => {
                 let entry = m.route(&spec).await?;
@@ -355,6 +409,7 @@ impl Service {
             chain,
             route: Mutex::new(route),
             balance: Mutex::new(Balance::default()),
+            active: std::sync::atomic::AtomicUsize::new(0),
             loaded_at: SystemTime::now(),
             load_duration: started.elapsed(),
             quantization,
@@ -415,8 +470,10 @@ impl Service {
             resume: reused.as_ref().map(|(_, r)| *r),
             keep_session: req.keep,
         };
+        let running = Running::new(&worker);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _running = running;
             let mut engine = FailoverEngine::over(worker.chain.clone());
             let mut session = reused.as_ref().map_or_else(rand::random::<u64>, |(s, _)| *s);
             let (cancelled, sent_any) = (std::cell::Cell::new(false), std::cell::Cell::new(false));
@@ -649,7 +706,7 @@ impl Service {
             Some(local) => ClusterKey::new(Some(&local.key)),
             None => ClusterKey::new(self.cfg.key.as_deref()),
         };
-        let endpoint = crate::net::tls::client_endpoint(crate::node::server::resolve_addr(name_or_addr).await?)?;
+        let endpoint = crate::net::tls::client_endpoint(crate::net::resolve_addr(name_or_addr).await?)?;
         Ok(NodeClient::connect(&endpoint, name_or_addr, &key).await?)
     }
 

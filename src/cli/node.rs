@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use sollol::net::auth::ClusterKey;
+use sollol::node::stage::Admission;
 use sollol::node::{run as run_node, NodeConfig};
 
 #[derive(Args)]
@@ -38,6 +39,23 @@ pub struct NodeArgs {
     /// Where slices run: cpu, cuda[:N] (built with --features cuda), metal.
     #[arg(long, default_value = "cpu", env = "SOLLOL_DEVICE")]
     device: String,
+    /// Sessions held at once; a step opening one more is refused (the
+    /// head answers 503 / 429).
+    #[arg(long, default_value_t = 256)]
+    max_sessions: usize,
+    /// KV memory sessions may hold (e.g. 2GB; default: what the memory
+    /// offered leaves after the weights).
+    #[arg(long, value_parser = sollol::sys::parse_size)]
+    kv_memory: Option<u64>,
+    /// Seconds an untouched session is kept (a head that vanished).
+    #[arg(long, default_value_t = 600)]
+    session_idle_secs: u64,
+    /// Connections served at once; more are refused before their handshake.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Fault injection for tests: steps of this session panic in the worker.
+    #[arg(long, hide = true)]
+    panic_on_session: Option<u64>,
 }
 
 pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
@@ -54,6 +72,14 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
         compute_lock: args.compute_lock,
         announce: args.announce.then_some(args.announce_group),
         device: sollol::model::device::parse(&args.device)?,
+        admission: Admission {
+            max_sessions: args.max_sessions,
+            idle: std::time::Duration::from_secs(args.session_idle_secs),
+            panic_on_session: args.panic_on_session,
+            ..Admission::default()
+        },
+        kv_memory: args.kv_memory,
+        max_connections: args.max_connections,
     };
     if args.exit_with_stdin {
         std::thread::spawn(|| {
@@ -63,10 +89,28 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
     }
     // Networking needs little: the compute runs on the stage worker's thread pool.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async {
-        tokio::select! {
-            r = run_node(cfg) => r.map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => Ok(()),
+    rt.block_on(async { run_node(cfg, stop_signal()).await.map_err(anyhow::Error::from) })
+}
+
+/// SIGINT or SIGTERM: the node finishes what it queued and closes.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

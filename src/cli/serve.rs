@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// dynamic rebalancing off.
     #[arg(long, default_value_t = 0.25)]
     rebalance_threshold: f64,
+    /// A directory whose model files clients may name by path (repeatable);
+    /// other paths are unknown to clients.
+    #[arg(long = "models-dir")]
+    models_dirs: Vec<std::path::PathBuf>,
 }
 
 pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
@@ -51,6 +55,7 @@ pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
         default_model: args.model,
         kv_cache_mb: args.kv_cache_mb,
         rebalance_threshold: args.rebalance_threshold,
+        model_dirs: args.models_dirs,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(256).enable_all().build()?;
     rt.block_on(sollol::api::serve(cfg))?;

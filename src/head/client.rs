@@ -13,13 +13,13 @@ use crate::net::connection::{split, FrameReader, FrameWriter};
 use crate::net::frame::Frame;
 use crate::net::message::{Capabilities, Message, PeerRole, StepResult, StreamPurpose};
 use crate::net::{timeout, tls, NetError};
-use crate::node::server::resolve_addr;
+use crate::net::resolve_addr;
 
 /// Steps waiting for their result, by step id, with their session.
 pub type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Result<StepResult, NetError>>)>>>;
 
 /// Fails waiting steps: the one named, else all of a session, else all.
-pub fn fail(pending: &Pending, session: Option<u64>, step: Option<u64>, message: &str) {
+pub fn fail(pending: &Pending, session: Option<u64>, step: Option<u64>, error: &NetError) {
     let mut p = pending.lock().expect("pending lock");
     let steps: Vec<u64> = match (step, session) {
         (Some(s), _) => vec![s],
@@ -28,7 +28,7 @@ pub fn fail(pending: &Pending, session: Option<u64>, step: Option<u64>, message:
     };
     for s in steps {
         if let Some((_, tx)) = p.remove(&s) {
-            let _ = tx.send(Err(NetError::Remote(message.to_string())));
+            let _ = tx.send(Err(error.clone()));
         }
     }
 }
@@ -46,7 +46,7 @@ fn dispatch(pending: &Pending, frame: Frame) {
         Message::Error(e) if e.session.is_none() && e.step.is_none() => {
             tracing::warn!(node = %e.node, "{}", e.message);
         }
-        Message::Error(e) => fail(pending, e.session, e.step, &format!("node {}: {}", e.node, e.message)),
+        Message::Error(e) => fail(pending, e.session, e.step, &NetError::Remote(e.clone())),
         _ => {}
     }
 }
@@ -101,7 +101,7 @@ impl NodeClient {
             };
             let sink = events_sink.lock().expect("sink lock");
             if let Some(p) = &sink.pending {
-                fail(p, None, None, &format!("stage {} ({name}) {reason}", sink.stage));
+                fail(p, None, None, &NetError::Connection(format!("stage {} ({name}) {reason}", sink.stage)));
             }
         });
         Ok(Arc::new(Self {
@@ -144,7 +144,12 @@ impl NodeClient {
             writer.write(&frame).await?;
             let reply = reader.expect().await?;
             match reply.message {
-                Message::Error(e) => Err(NetError::Remote(format!("node {}: {}", self.addr, e.message))),
+                Message::Error(mut e) => {
+                    if e.node.is_empty() {
+                        e.node = self.addr.clone();
+                    }
+                    Err(NetError::Remote(e))
+                }
                 _ => Ok(reply),
             }
         })
@@ -180,10 +185,13 @@ impl NodeClient {
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }
+}
 
-    /// QUIC's own smoothed round-trip estimate.
-    pub fn rtt(&self) -> Duration {
-        self.conn.rtt()
+impl Drop for NodeClient {
+    /// The event reader's task holds the connection open; a client that is
+    /// gone closes it, so the node frees its side now, not at the idle timeout.
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"client closed");
     }
 }
 

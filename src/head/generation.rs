@@ -224,7 +224,7 @@ pub fn generate(
         // A kept session may grow over later turns: reserve the whole context
         // (the cache's pages are only touched as positions are written).
         (None, true) => context,
-        (None, false) => context.min(req.prompt.len() + req.max_tokens),
+        (None, false) => context.min(req.prompt.len().saturating_add(req.max_tokens)),
     };
     if req.prompt.len() >= capacity {
         return Err(Error::ContextOverflow { prompt: req.prompt.len(), context: capacity });

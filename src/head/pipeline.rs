@@ -25,11 +25,11 @@ use crate::net::auth::ClusterKey;
 use crate::net::connection::FrameWriter;
 use crate::net::frame::Frame;
 use crate::net::message::{
-    Capabilities, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, SampleRequest, StepResult,
+    Capabilities, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, SampleRequest, StepResult,
 };
 use crate::net::tensor::WireDType;
-use crate::net::{tls, NetError};
-use crate::node::server::resolve_addr;
+use crate::net::{kv, tls, NetError};
+use crate::net::resolve_addr;
 
 /// How long a step may take before the head gives up on it. Dead peers are
 /// noticed sooner, by QUIC's idle timeout; this bounds a stage that is alive
@@ -134,7 +134,7 @@ impl Pipeline {
     pub async fn load(&mut self, model: &str, digest: Option<String>, plan: &[Range<usize>], wire: WireDType) -> Result<(), NetError> {
         let stages = self.clients();
         if plan.len() != stages.len() {
-            return Err(NetError::Remote(format!("a plan of {} slices for {} stages", plan.len(), stages.len())));
+            return Err(NetError::Pipeline(format!("a plan of {} slices for {} stages", plan.len(), stages.len())));
         }
         let this = &*self;
         let loads = plan.iter().enumerate().map(|(i, r)| {
@@ -182,10 +182,10 @@ impl Pipeline {
     /// and re-link; the load happens before.
     pub async fn replace_stage(&self, i: usize, new: Arc<NodeClient>) -> Result<Replaced, NetError> {
         let n = self.n_stages();
-        let old = self.clients().get(i).cloned().ok_or_else(|| NetError::Remote(format!("the pipeline has no stage {}", i + 1)))?;
-        let slice = self.loaded().get(i).cloned().ok_or_else(|| NetError::Remote("the pipeline has no loaded plan".into()))?;
+        let old = self.clients().get(i).cloned().ok_or_else(|| NetError::Pipeline(format!("the pipeline has no stage {}", i + 1)))?;
+        let slice = self.loaded().get(i).cloned().ok_or_else(|| NetError::Pipeline("the pipeline has no loaded plan".into()))?;
         if self.addrs().contains(&new.addr) {
-            return Err(NetError::Remote(format!("{} is already a stage of this pipeline", new.addr)));
+            return Err(NetError::Pipeline(format!("{} is already a stage of this pipeline", new.addr)));
         }
         let req = LoadRequest { model: slice.model.clone(), start: slice.start, end: slice.end, digest: Some(slice.digest.clone()) };
         let info = match new.request(Frame::new(Message::Load(req)), Duration::from_secs(600)).await?.message {
@@ -205,7 +205,7 @@ impl Pipeline {
             let reply = match old.request(Frame::new(Message::ExportKv { session, dtype: WireDType::F32 }), Duration::from_secs(60)).await {
                 Ok(r) => r,
                 // A session the node already dropped (an error, a timeout) has nothing to move.
-                Err(NetError::Remote(e)) if e.contains("unknown session") => continue,
+                Err(e) if e.code() == Some(ErrorCode::UnknownSession) => continue,
                 Err(e) => return Err(e),
             };
             let Message::KvState(header) = reply.message else {
@@ -282,7 +282,7 @@ impl Pipeline {
         }
         match tokio::time::timeout(STEP_TIMEOUT, rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(NetError::Remote("the pipeline dropped the step".into())),
+            Ok(Err(_)) => Err(NetError::Pipeline("the pipeline dropped the step".into())),
             Err(_) => {
                 self.pending.lock().expect("pending lock").remove(&step);
                 Err(NetError::Timeout(STEP_TIMEOUT, format!("step {step} of session {session}")))
@@ -298,11 +298,11 @@ impl Pipeline {
     pub async fn move_blocks(&self, from: usize, to: usize, blocks: usize) -> Result<Duration, NetError> {
         let loaded = self.loaded();
         if to.abs_diff(from) != 1 || from.max(to) >= loaded.len() {
-            return Err(NetError::Remote(format!("stages {} and {} are not neighbours of this chain", from + 1, to + 1)));
+            return Err(NetError::Pipeline(format!("stages {} and {} are not neighbours of this chain", from + 1, to + 1)));
         }
         let (f, t) = (&loaded[from], &loaded[to]);
         if blocks == 0 || blocks >= (f.end - f.start) as usize {
-            return Err(NetError::Remote(format!("stage {} cannot give {blocks} of its {} blocks", from + 1, f.end - f.start)));
+            return Err(NetError::Pipeline(format!("stage {} cannot give {blocks} of its {} blocks", from + 1, f.end - f.start)));
         }
         let k = blocks as u32;
         // New ranges; `give` are the giver's blocks that move (as indices into its slice).
@@ -325,7 +325,7 @@ impl Pipeline {
             };
             match (export(cf.clone()).await, export(ct.clone()).await) {
                 (Ok(a), Ok(b)) => states.push((a, b)),
-                (Err(NetError::Remote(e)), _) | (_, Err(NetError::Remote(e))) if e.contains("unknown session") => continue,
+                (Err(e), _) | (_, Err(e)) if e.code() == Some(ErrorCode::UnknownSession) => continue,
                 (Err(e), _) | (_, Err(e)) => return Err(e),
             }
         }
@@ -341,16 +341,14 @@ impl Pipeline {
         let (lf, lt) = tokio::join!(load(cf.clone(), new_from), load(ct.clone(), new_to));
         let (lf, lt) = (lf?, lt?);
         for ((hf, pf), (ht, pt)) in states {
-            let layer_bytes = |h: &KvStateHeader| 2 * (h.n_kv_heads * h.len * h.head_dim) as usize * h.dtype.size();
-            let (bf, bt) = (layer_bytes(&hf), layer_bytes(&ht));
-            let giver: Vec<&[u8]> = pf.chunks(bf).collect();
-            let taker: Vec<&[u8]> = pt.chunks(bt).collect();
-            let moving: Vec<&[u8]> = giver[give.clone()].to_vec();
+            let giver = kv::blocks(&hf, &pf)?;
+            let taker = kv::blocks(&ht, &pt)?;
+            let moving = &giver[give.clone()];
             let staying: Vec<&[u8]> = giver.iter().enumerate().filter(|(i, _)| !give.contains(i)).map(|(_, c)| *c).collect();
-            let joined: Vec<&[u8]> = if to == from + 1 { [moving, taker].concat() } else { [taker, moving].concat() };
-            for (c, mut h, parts) in [(cf.clone(), hf.clone(), staying), (ct.clone(), ht.clone(), joined)] {
-                h.n_layers = parts.len() as u32;
-                c.request(Frame::with_payload(Message::ImportKv(h), parts.concat()), Duration::from_secs(60)).await?;
+            let joined: Vec<&[u8]> = if to == from + 1 { [moving, &taker].concat() } else { [&taker, moving].concat() };
+            for (c, like, parts) in [(cf.clone(), &hf, staying), (ct.clone(), &ht, joined)] {
+                let (h, payload) = kv::join(like, &parts)?;
+                c.request(Frame::with_payload(Message::ImportKv(h), payload), Duration::from_secs(60)).await?;
             }
         }
         {

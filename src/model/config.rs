@@ -36,6 +36,11 @@ pub struct Config {
     pub context_length: usize,
 }
 
+/// The longest context sollol serves. A file may declare more (its RoPE
+/// tables and KV caches are sized by it): such a file is refused, not
+/// believed.
+pub const MAX_CONTEXT: usize = 1 << 20;
+
 impl Config {
     /// Query heads that share one key/value head (grouped-query attention).
     pub fn n_rep(&self) -> usize {
@@ -54,6 +59,23 @@ impl Config {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
+        }
+        // Bounds far past any real model: each of these sizes an allocation
+        // or a loop before a tensor is read.
+        let bounded = [
+            ("n_layers", self.n_layers, 4096),
+            ("hidden_size", self.hidden_size, 1 << 18),
+            ("n_heads", self.n_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("context_length", self.context_length, MAX_CONTEXT),
+        ];
+        if let Some((name, v, max)) = bounded.iter().find(|(_, v, max)| v > max) {
+            return Err(format!("{name} = {v} is past the largest this build serves ({max})"));
+        }
+        if self.context_length == 0 {
+            return Err("context_length must be positive".into());
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!("{} attention heads cannot be grouped over {} key/value heads", self.n_heads, self.n_kv_heads));

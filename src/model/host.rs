@@ -407,8 +407,8 @@ impl Ops for HostOps<'_, '_> {
         // disjoint rows of them (phase one) and then only read (phase two).
         self.s.kv.clear();
         for cache in self.caches.iter_mut() {
-            let capacity = cache.capacity();
             let kv = cache.host_layer_mut(layer).ok_or_else(|| Error::InvalidRequest("a host slice was given a device KV cache".into()))?;
+            let capacity = kv.rows;
             self.s.kv.push(CacheLayer { k: kernels::SendPtr(kv.k.as_mut_ptr()), v: kernels::SendPtr(kv.v.as_mut_ptr()), capacity });
         }
         let bufs = &mut self.s.bufs;

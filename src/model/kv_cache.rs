@@ -8,7 +8,6 @@
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use half::vec::HalfBitsVecExt;
 
 use crate::error::{Error, Result};
 
@@ -21,16 +20,25 @@ struct LayerKv {
 }
 
 /// The same for the host path, batch 1, as plain vectors our attention
-/// reads in place: `[n_kv_heads, capacity, head_dim]`, in f16 as llama.cpp
+/// reads in place: `[n_kv_heads, rows, head_dim]`, in f16 as llama.cpp
 /// keeps it by default. Batched decode reads every session's cache each
 /// step; halving those bytes is what lets a step of many sessions run near
 /// the speed of reading the weights once. Rows are rounded to nearest once,
 /// as written; the attention arithmetic stays f32.
+///
+/// `rows` (the stride between heads) grows with the session in chunks of
+/// [`HOST_CHUNK`] positions up to its capacity, so a session holds memory
+/// for what it uses, not for the context it may grow to.
 #[derive(Debug)]
 pub struct HostKv {
     pub k: Vec<f16>,
     pub v: Vec<f16>,
+    pub rows: usize,
 }
+
+/// Positions a host cache grows by (at least; a long session grows by a
+/// quarter of what it holds, so copies stay a small share of the work).
+pub const HOST_CHUNK: usize = 256;
 
 #[derive(Debug)]
 enum Store {
@@ -64,26 +72,15 @@ impl KvCache {
         Ok(Self { store: Store::Device(layers), len: 0, capacity })
     }
 
-    /// A cache for the host path (batch 1). Zeroed pages are only touched as
-    /// positions are written, so a long capacity costs what is used.
+    /// A cache for the host path (batch 1); it holds no rows until
+    /// [`KvCache::reserve`] asks for them.
     pub fn new_host(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
-        let n = n_kv_heads * capacity * head_dim;
-        // Built from integer zeros so the allocation is a zeroed one (untouched pages).
-        let zeros = || vec![0u16; n].reinterpret_into::<f16>();
-        let layers = (0..n_layers).map(|_| HostKv { k: zeros(), v: zeros() }).collect();
+        let layers = (0..n_layers).map(|_| HostKv { k: Vec::new(), v: Vec::new(), rows: 0 }).collect();
         Self { store: Store::Host { layers, n_kv_heads, head_dim }, len: 0, capacity }
     }
 
     pub fn is_host(&self) -> bool {
         matches!(self.store, Store::Host { .. })
-    }
-
-    /// Block `layer`'s host buffers (None for a device cache).
-    pub fn host_layer(&self, layer: usize) -> Option<&HostKv> {
-        match &self.store {
-            Store::Host { layers, .. } => layers.get(layer),
-            Store::Device(_) => None,
-        }
     }
 
     /// Block `layer`'s host buffers, to write (None for a device cache).
@@ -114,12 +111,60 @@ impl KvCache {
         }
     }
 
-    /// Fails before any block runs if `seq` more positions do not fit.
-    pub fn reserve(&self, seq: usize) -> Result<()> {
-        if self.len + seq > self.capacity {
-            return Err(Error::ContextOverflow { prompt: self.len + seq, context: self.capacity });
+    /// Makes room for `seq` more positions before any block runs; fails if
+    /// they do not fit the capacity.
+    pub fn reserve(&mut self, seq: usize) -> Result<()> {
+        let needed = self.len.checked_add(seq).filter(|&n| n <= self.capacity);
+        let needed = needed.ok_or(Error::ContextOverflow { prompt: self.len.saturating_add(seq), context: self.capacity })?;
+        let rows = self.rows_for(needed);
+        if let Store::Host { layers, n_kv_heads, head_dim } = &mut self.store {
+            for l in layers.iter_mut().filter(|l| l.rows < rows) {
+                for buf in [&mut l.k, &mut l.v] {
+                    let mut grown = vec![f16::ZERO; *n_kv_heads * rows * *head_dim];
+                    for j in 0..*n_kv_heads {
+                        let valid = self.len * *head_dim;
+                        grown[j * rows * *head_dim..][..valid].copy_from_slice(&buf[j * l.rows * *head_dim..][..valid]);
+                    }
+                    *buf = grown;
+                }
+                l.rows = rows;
+            }
         }
         Ok(())
+    }
+
+    /// Rows per head a host cache holds once it has room for `needed` positions.
+    fn rows_for(&self, needed: usize) -> usize {
+        let held = match &self.store {
+            Store::Host { layers, .. } => layers.first().map_or(0, |l| l.rows),
+            Store::Device(_) => return self.capacity,
+        };
+        if needed <= held {
+            return held;
+        }
+        let grown = needed.max(held + held / 4).div_ceil(HOST_CHUNK) * HOST_CHUNK;
+        grown.min(self.capacity)
+    }
+
+    /// Bytes this cache holds now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_with(None)
+    }
+
+    /// Bytes it would hold after reserving `seq` more positions (what
+    /// admission checks before a step).
+    pub fn bytes_after(&self, seq: usize) -> u64 {
+        self.bytes_with(Some(self.len.saturating_add(seq).min(self.capacity)))
+    }
+
+    fn bytes_with(&self, needed: Option<usize>) -> u64 {
+        match &self.store {
+            Store::Device(layers) => layers.iter().map(|l| 2 * (l.k.elem_count() * l.k.dtype().size_in_bytes()) as u64).sum(),
+            Store::Host { layers, n_kv_heads, head_dim } => {
+                let rows = needed.map_or_else(|| layers.first().map_or(0, |l| l.rows), |n| self.rows_for(n));
+                (layers.len() * 2 * n_kv_heads * rows * head_dim * std::mem::size_of::<f16>()) as u64
+            }
+        }
     }
 
     /// Writes `k`, `v` (`[b, n_kv, seq, hd]`, contiguous) of block `layer` at
@@ -146,10 +191,6 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    pub fn reset(&mut self) {
-        self.len = 0;
-    }
-
     pub fn export(&self) -> Result<KvState> {
         let len = self.len;
         let layers = match &self.store {
@@ -158,12 +199,12 @@ impl KvCache {
                 .map(|l| Ok((l.k.narrow(2, 0, len)?.contiguous()?, l.v.narrow(2, 0, len)?.contiguous()?)))
                 .collect::<Result<Vec<_>>>()?,
             Store::Host { layers, n_kv_heads, head_dim } => {
-                let (h, d, cap) = (*n_kv_heads, *head_dim, self.capacity);
-                let valid = |buf: &[f16]| -> Result<Tensor> {
-                    let rows: Vec<f32> = (0..h).flat_map(|j| buf[j * cap * d..(j * cap + len) * d].iter().map(|x| x.to_f32())).collect();
+                let (h, d) = (*n_kv_heads, *head_dim);
+                let valid = |buf: &[f16], stride: usize| -> Result<Tensor> {
+                    let rows: Vec<f32> = (0..h).flat_map(|j| buf[j * stride * d..][..len * d].iter().map(|x| x.to_f32())).collect();
                     Ok(Tensor::from_vec(rows, (1, h, len, d), &Device::Cpu)?)
                 };
-                layers.iter().map(|l| Ok((valid(&l.k)?, valid(&l.v)?))).collect::<Result<Vec<_>>>()?
+                layers.iter().map(|l| Ok((valid(&l.k, l.rows)?, valid(&l.v, l.rows)?))).collect::<Result<Vec<_>>>()?
             }
         };
         Ok(KvState { len, layers })
@@ -181,20 +222,24 @@ impl KvCache {
         let mismatch = |got: &[usize], expected: &[usize]| {
             Error::InvalidRequest(format!("KV state shape {got:?} does not match this cache {expected:?}"))
         };
-        let cap = self.capacity;
+        if self.is_host() {
+            self.len = 0;
+            self.reserve(state.len)?;
+        }
         let layers = match &mut self.store {
             Store::Device(layers) => layers,
             Store::Host { layers, n_kv_heads, head_dim } => {
                 let (h, d, len) = (*n_kv_heads, *head_dim, state.len);
                 let expected = [1, h, len, d];
                 for (entry, (k, v)) in layers.iter_mut().zip(state.layers.iter()) {
+                    let stride = entry.rows;
                     for (buf, t) in [(&mut entry.k, k), (&mut entry.v, v)] {
                         if t.dims() != expected {
                             return Err(mismatch(t.dims(), &expected));
                         }
                         let rows = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                         for j in 0..h {
-                            buf[j * cap * d..(j * cap + len) * d].convert_from_f32_slice(&rows[j * len * d..(j + 1) * len * d]);
+                            buf[j * stride * d..][..len * d].convert_from_f32_slice(&rows[j * len * d..(j + 1) * len * d]);
                         }
                     }
                 }
@@ -248,6 +293,8 @@ mod tests {
     fn host_and_device_caches_exchange_state() -> Result<()> {
         let dev = Device::Cpu;
         let mut host = KvCache::new_host(2, 2, 4, 8);
+        host.reserve(3)?;
+        assert_eq!(host.host_layer_mut(0).unwrap().rows, 8, "a chunk, up to the capacity");
         for layer in 0..2 {
             let l = host.host_layer_mut(layer).unwrap();
             // Small integers: exact in f16, so the round trip compares exactly.
@@ -261,13 +308,42 @@ mod tests {
         host.advance(3);
         let state = host.export()?;
         assert_eq!(state.layers[0].0.dims(), [1, 2, 3, 4]);
-        // Head 1 starts at row `capacity` of the host buffer.
+        // Head 1 starts at row `rows` of the host buffer.
         assert_eq!(state.layers[0].0.get(0)?.get(1)?.get(0)?.to_vec1::<f32>()?, vec![32., 33., 34., 35.]);
         let mut device = KvCache::new(2, 1, 2, 4, 8, &dev)?;
         device.import(&state)?;
         let mut back = KvCache::new_host(2, 2, 4, 8);
         back.import(&device.export()?)?;
         assert_eq!(back.export()?.layers[1].1.flatten_all()?.to_vec1::<f32>()?, state.layers[1].1.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn a_host_cache_holds_what_it_uses_and_keeps_its_rows_as_it_grows() -> Result<()> {
+        let mut cache = KvCache::new_host(1, 2, 4, 1000);
+        assert_eq!(cache.bytes(), 0, "a session that has run nothing holds nothing");
+        cache.reserve(3)?;
+        let first = cache.bytes();
+        assert_eq!(first, (2 * 2 * HOST_CHUNK * 4 * 2) as u64);
+        let l = cache.host_layer_mut(0).unwrap();
+        for j in 0..2 {
+            for p in 0..3 {
+                for (x, y) in l.k[(j * l.rows + p) * 4..][..4].iter_mut().zip(&mut l.v[(j * l.rows + p) * 4..][..4]) {
+                    *x = f16::from_f32((j * 10 + p) as f32);
+                    *y = f16::from_f32(-((j * 10 + p) as f32));
+                }
+            }
+        }
+        cache.advance(3);
+        let before = cache.export()?;
+        assert_eq!(cache.bytes_after(300), 2 * first, "the next chunk, not the capacity");
+        cache.reserve(300)?;
+        assert_eq!(cache.bytes(), 2 * first);
+        let after = cache.export()?;
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&after.layers[0].0), values(&before.layers[0].0));
+        assert_eq!(values(&after.layers[0].1), values(&before.layers[0].1));
+        assert!(cache.reserve(998).is_err(), "past the capacity");
         Ok(())
     }
 

@@ -208,6 +208,18 @@ impl ModelSlice {
         self.weight_bytes
     }
 
+    /// The bytes a new session's cache of `capacity` positions holds once
+    /// it has room for its first `rows` (what admission checks before
+    /// opening one).
+    pub fn new_cache_bytes(&self, capacity: usize, rows: usize) -> u64 {
+        let cfg = &self.config;
+        let capacity = capacity.min(cfg.context_length);
+        match self.backend {
+            Backend::Host => KvCache::new_host(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity).bytes_after(rows),
+            Backend::Candle => (self.blocks.len() * 2 * cfg.n_kv_heads * capacity * cfg.head_dim * 4) as u64,
+        }
+    }
+
     /// A KV cache for one session of this slice, room for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let cfg = &self.config;
@@ -316,7 +328,7 @@ impl ModelSlice {
         let hidden = self.config.hidden_size;
         let mut segs = Vec::with_capacity(items.len());
         let mut rows = 0;
-        for (n, item) in items.iter().enumerate() {
+        for (n, item) in items.iter_mut().enumerate() {
             let len = match (item.input, &self.embed) {
                 (HostInput::Tokens(t), Some(_)) => t.len(),
                 (HostInput::Hidden(h), None) if h.len() % hidden == 0 => h.len() / hidden,

@@ -23,15 +23,31 @@ pub struct ResolvedModel {
 
 pub fn resolve(spec: &str) -> Result<ResolvedModel> {
     let spec = spec.trim();
-    if super::synthetic::is_synthetic(spec) {
-        return Ok(ResolvedModel { name: spec.to_string(), path: super::synthetic::path_of(spec)? });
-    }
     let as_path = Path::new(spec);
-    if as_path.exists() {
+    if as_path.exists() && !super::synthetic::is_synthetic(spec) {
         return Ok(ResolvedModel { name: spec.to_string(), path: as_path.to_path_buf() });
     }
-    if spec.ends_with(".gguf") || spec.starts_with('.') || spec.starts_with('/') || spec.starts_with('~') {
+    if looks_like_path(spec) {
         return Err(Error::io(format!("model path {spec}"), std::io::Error::from(std::io::ErrorKind::NotFound)));
+    }
+    match resolve_name(spec) {
+        Err(Error::UnknownModel(_)) if looks_like_repo_id(spec) => hub_model(spec),
+        other => other,
+    }
+}
+
+/// Whether `spec` names a file rather than a model.
+pub fn looks_like_path(spec: &str) -> bool {
+    spec.ends_with(".gguf") || spec.starts_with('.') || spec.starts_with('/') || spec.starts_with('~') || spec.contains('\\')
+}
+
+/// A model by name only (a synthetic shape, the catalog, the local Ollama
+/// store), never a path and never a download from a hub: what an HTTP
+/// client may ask for.
+pub fn resolve_name(spec: &str) -> Result<ResolvedModel> {
+    let spec = spec.trim();
+    if super::synthetic::is_synthetic(spec) {
+        return Ok(ResolvedModel { name: spec.to_string(), path: super::synthetic::path_of(spec)? });
     }
     let catalog = Catalog::load()?;
     if let Some(entry) = catalog.find(spec) {
@@ -52,9 +68,6 @@ pub fn resolve(spec: &str) -> Result<ResolvedModel> {
             ),
         });
     }
-    if looks_like_repo_id(spec) {
-        return hub_model(spec);
-    }
     Err(Error::UnknownModel(spec.to_string()))
 }
 
@@ -71,6 +84,11 @@ fn ollama_blob(spec: &str) -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ollama/models")))?;
     let (name, tag) = spec.split_once(':').unwrap_or((spec, "latest"));
     let (namespace, name) = name.split_once('/').unwrap_or(("library", name));
+    // Each part becomes a path component: nothing that could leave the store.
+    let plain = |p: &str| !p.is_empty() && p != "." && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ![namespace, name, tag].iter().all(|p| plain(p)) {
+        return None;
+    }
     // Manifests sit under one directory per registry host; look in each.
     let hosts = std::fs::read_dir(root.join("manifests")).ok()?;
     for host in hosts.filter_map(|h| h.ok()) {

@@ -13,8 +13,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::connection::{split, FrameReader, FrameWriter};
-use super::frame::{Frame, PROTOCOL_VERSION};
-use super::message::{Capabilities, Message, PeerRole};
+use super::frame::{Frame, Limits, PROTOCOL_VERSION};
+use super::message::{Capabilities, ErrorCode, Message, PeerRole, RemoteError};
 use super::{timeout, NetError};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,7 +48,7 @@ impl ClusterKey {
     fn proof(&self, conn: &quinn::Connection, role: &[u8]) -> Result<Vec<u8>, NetError> {
         let mut material = [0u8; 32];
         conn.export_keying_material(&mut material, EXPORTER_LABEL, role)
-            .map_err(|_| NetError::Auth("cannot export TLS keying material".into()))?;
+            .map_err(|_| NetError::Auth("authentication failed: cannot export TLS keying material".into()))?;
         let key = self.0.as_deref().unwrap_or(&[]);
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
         mac.update(role);
@@ -64,7 +64,7 @@ impl ClusterKey {
         if same {
             Ok(())
         } else {
-            Err(NetError::Auth("wrong cluster key".into()))
+            Err(NetError::Auth("authentication failed: wrong cluster key".into()))
         }
     }
 }
@@ -92,7 +92,7 @@ pub async fn client_handshake(
         match reader.expect().await?.message {
             Message::Welcome { capabilities, proof } => {
                 if key.verify(conn, SERVER_ROLE, &proof).is_err() {
-                    return Err(NetError::Auth("the node does not hold this cluster key".into()));
+                    return Err(NetError::Auth("authentication failed: the node does not hold this cluster key".into()));
                 }
                 Ok((reader, writer, capabilities))
             }
@@ -113,9 +113,8 @@ pub async fn server_handshake(
 ) -> Result<(FrameReader, FrameWriter, PeerRole), NetError> {
     timeout(HANDSHAKE_TIMEOUT, "the handshake", async {
         let (mut reader, mut writer) = split(conn.accept_bi().await?);
-        let refuse = |message: String| {
-            Frame::new(Message::Error(super::message::RemoteError { session: None, step: None, node: String::new(), message }))
-        };
+        reader.set_limits(Limits::PRE_AUTH);
+        let refuse = |message: String| Frame::new(Message::Error(RemoteError::new("", ErrorCode::Refused, message)));
         let frame = match reader.expect().await {
             Ok(f) => f,
             Err(e) => {
@@ -148,6 +147,7 @@ pub async fn server_handshake(
         }
         let welcome = Message::Welcome { capabilities: capabilities(), proof: key.proof(conn, SERVER_ROLE)? };
         writer.write(&Frame::new(welcome)).await?;
+        reader.set_limits(Limits::DEFAULT);
         Ok((reader, writer, role))
     })
     .await

@@ -2,12 +2,12 @@
 
 use quinn::{ReadExactError, RecvStream, SendStream};
 
-use super::frame::{check_prefix, encode, parse_header, Frame, DEFAULT_MAX_PAYLOAD, PREFIX_LEN};
+use super::frame::{check_prefix, encode, parse_header, Frame, Limits, PREFIX_LEN};
 use super::NetError;
 
 pub struct FrameReader {
     recv: RecvStream,
-    max_payload: usize,
+    limits: Limits,
 }
 
 fn read_err(e: ReadExactError, at_frame_start: bool) -> Option<NetError> {
@@ -21,12 +21,13 @@ fn read_err(e: ReadExactError, at_frame_start: bool) -> Option<NetError> {
 
 impl FrameReader {
     pub fn new(recv: RecvStream) -> Self {
-        Self { recv, max_payload: DEFAULT_MAX_PAYLOAD }
+        Self { recv, limits: Limits::DEFAULT }
     }
 
-    pub fn with_max_payload(mut self, max: usize) -> Self {
-        self.max_payload = max;
-        self
+    /// What the next frames may size (the handshake reads under
+    /// [`Limits::PRE_AUTH`], then restores [`Limits::DEFAULT`]).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
     }
 
     /// The next frame; `Ok(None)` when the peer finished the stream cleanly.
@@ -38,7 +39,7 @@ impl FrameReader {
                 Some(e) => Err(e),
             };
         }
-        let p = check_prefix(&prefix, self.max_payload)?;
+        let p = check_prefix(&prefix, self.limits)?;
         let mut header = vec![0u8; p.header_len];
         self.recv.read_exact(&mut header).await.map_err(|e| read_err(e, false).unwrap_or(NetError::Truncated))?;
         let message = parse_header(&header)?;

@@ -21,6 +21,21 @@ pub const MAX_HEADER: usize = 1 << 20;
 /// hidden state is 128 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 256 << 20;
 
+/// What a reader accepts before it allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub header: usize,
+    pub payload: usize,
+}
+
+impl Limits {
+    /// An authenticated peer.
+    pub const DEFAULT: Limits = Limits { header: MAX_HEADER, payload: DEFAULT_MAX_PAYLOAD };
+    /// Before the cluster key is proved: a Hello is under 200 bytes, and a
+    /// stranger must not make the node hold more than a few KiB.
+    pub const PRE_AUTH: Limits = Limits { header: 4 << 10, payload: 0 };
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     pub message: Message,
@@ -67,17 +82,17 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, NetError> {
 }
 
 /// Phase one: validates the prefix.
-pub fn check_prefix(prefix: &[u8; PREFIX_LEN], max_payload: usize) -> Result<Prefix, NetError> {
+pub fn check_prefix(prefix: &[u8; PREFIX_LEN], limits: Limits) -> Result<Prefix, NetError> {
     if prefix[0] != PROTOCOL_VERSION {
         return Err(NetError::Version { got: prefix[0], want: PROTOCOL_VERSION });
     }
-    let header_len = u32::from_le_bytes(prefix[2..6].try_into().unwrap()) as usize;
-    let payload_len = u32::from_le_bytes(prefix[6..10].try_into().unwrap()) as usize;
-    if header_len > MAX_HEADER {
-        return Err(NetError::TooLarge { what: "header", len: header_len as u64, max: MAX_HEADER as u64 });
+    let header_len = u32::from_le_bytes([prefix[2], prefix[3], prefix[4], prefix[5]]) as usize;
+    let payload_len = u32::from_le_bytes([prefix[6], prefix[7], prefix[8], prefix[9]]) as usize;
+    if header_len > limits.header {
+        return Err(NetError::TooLarge { what: "header", len: header_len as u64, max: limits.header as u64 });
     }
-    if payload_len > max_payload {
-        return Err(NetError::TooLarge { what: "payload", len: payload_len as u64, max: max_payload as u64 });
+    if payload_len > limits.payload {
+        return Err(NetError::TooLarge { what: "payload", len: payload_len as u64, max: limits.payload as u64 });
     }
     Ok(Prefix { header_len, payload_len })
 }
@@ -93,11 +108,11 @@ pub fn parse_header(header: &[u8]) -> Result<Message, NetError> {
 }
 
 /// Decodes one whole frame from a buffer: `Ok(None)` when more bytes are needed.
-pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usize)>, NetError> {
-    if buf.len() < PREFIX_LEN {
+pub fn decode(buf: &[u8], limits: Limits) -> Result<Option<(Frame, usize)>, NetError> {
+    let Some(prefix) = buf.first_chunk::<PREFIX_LEN>() else {
         return Ok(None);
-    }
-    let prefix = check_prefix(buf[..PREFIX_LEN].try_into().unwrap(), max_payload)?;
+    };
+    let prefix = check_prefix(prefix, limits)?;
     let total = PREFIX_LEN + prefix.header_len + prefix.payload_len;
     if buf.len() < total {
         return Ok(None);
@@ -114,9 +129,9 @@ mod tests {
     fn check(frame: Frame) {
         let bytes = encode(&frame).unwrap();
         for cut in [0, 5, PREFIX_LEN, bytes.len() - 1] {
-            assert!(decode(&bytes[..cut], DEFAULT_MAX_PAYLOAD).unwrap().is_none(), "cut at {cut}");
+            assert!(decode(&bytes[..cut], Limits::DEFAULT).unwrap().is_none(), "cut at {cut}");
         }
-        let (back, used) = decode(&bytes, DEFAULT_MAX_PAYLOAD).unwrap().unwrap();
+        let (back, used) = decode(&bytes, Limits::DEFAULT).unwrap().unwrap();
         assert_eq!(used, bytes.len());
         assert_eq!(back, frame);
     }
@@ -131,17 +146,17 @@ mod tests {
     fn wrong_version_is_refused_from_the_prefix() {
         let mut bytes = encode(&Frame::new(Message::Ping { nonce: 1 })).unwrap();
         bytes[0] = 99;
-        assert!(matches!(decode(&bytes, DEFAULT_MAX_PAYLOAD), Err(NetError::Version { got: 99, .. })));
+        assert!(matches!(decode(&bytes, Limits::DEFAULT), Err(NetError::Version { got: 99, .. })));
     }
 
     #[test]
     fn oversized_lengths_are_refused_before_allocation() {
         let mut prefix = [PROTOCOL_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         prefix[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(check_prefix(&prefix, 1024), Err(NetError::TooLarge { what: "payload", .. })));
+        assert!(matches!(check_prefix(&prefix, Limits { header: MAX_HEADER, payload: 1024 }), Err(NetError::TooLarge { what: "payload", .. })));
         let mut prefix = [PROTOCOL_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         prefix[2..6].copy_from_slice(&(MAX_HEADER as u32 + 1).to_le_bytes());
-        assert!(matches!(check_prefix(&prefix, 1024), Err(NetError::TooLarge { what: "header", .. })));
+        assert!(matches!(check_prefix(&prefix, Limits { header: MAX_HEADER, payload: 1024 }), Err(NetError::TooLarge { what: "header", .. })));
     }
 
     #[test]
@@ -150,6 +165,6 @@ mod tests {
         bytes.extend_from_slice(&3u32.to_le_bytes());
         bytes.extend_from_slice(&0u32.to_le_bytes());
         bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
-        assert!(matches!(decode(&bytes, 1024), Err(NetError::Decode(_))));
+        assert!(matches!(decode(&bytes, Limits::DEFAULT), Err(NetError::Decode(_))));
     }
 }

@@ -210,13 +210,56 @@ pub struct StepResult {
     pub hop_bytes: Vec<u64>,
 }
 
+/// What kind of failure a node reports: the head acts on the code (retry
+/// elsewhere, tell the client to come back later, give up), never on the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A frame or payload that does not decode, or breaks a bound.
+    Malformed,
+    /// The peer has not proved the cluster key, or speaks another protocol.
+    Refused,
+    /// No such session here (expired, closed, or opened on another node).
+    UnknownSession,
+    /// The node has no model loaded, or not the slice asked for.
+    NoModel,
+    /// The node is at a limit (sessions, KV memory, connections): try later
+    /// or elsewhere.
+    Capacity,
+    /// A request that cannot be served as asked (a range outside the model,
+    /// a prompt past the session's capacity).
+    Invalid,
+    /// An operation failed for reasons of its own (a model that does not
+    /// load, a next stage that cannot be reached).
+    Failed,
+    /// A bug on the node: a step that panicked. The node goes on.
+    Internal,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteError {
     pub session: Option<u64>,
     pub step: Option<u64>,
     /// Which node said it (its listen address).
     pub node: String,
+    pub code: ErrorCode,
     pub message: String,
+}
+
+impl RemoteError {
+    /// An error about no session in particular.
+    pub fn new(node: impl Into<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { session: None, step: None, node: node.into(), code, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.node.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "node {}: {}", self.node, self.message)
+        }
+    }
 }
 
 /// A session's KV cache: the payload holds, for each block in order, K then V,
@@ -265,7 +308,7 @@ impl StepResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::frame::{decode, encode, DEFAULT_MAX_PAYLOAD};
+    use crate::net::frame::{decode, encode, Limits};
 
     #[test]
     fn a_result_carries_a_large_vocabulary_of_logits_in_its_payload() {
@@ -282,7 +325,7 @@ mod tests {
             hop_bytes: vec![],
         };
         let bytes = encode(&r.into_frame()).unwrap();
-        let (frame, _) = decode(&bytes, DEFAULT_MAX_PAYLOAD).unwrap().unwrap();
+        let (frame, _) = decode(&bytes, Limits::DEFAULT).unwrap().unwrap();
         let Message::Result(back) = frame.message else { panic!("a result") };
         assert_eq!(back.clone().with_payload(&frame.payload).unwrap().logits, Some(logits));
         // A payload that does not hold what the header says is refused.

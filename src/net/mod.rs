@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod connection;
 pub mod frame;
+pub mod kv;
 pub mod message;
 pub mod tensor;
 pub mod tls;
@@ -20,7 +21,7 @@ pub use frame::{Frame, PROTOCOL_VERSION};
 
 /// Errors of the wire. A small enum on purpose: the data path matches on it
 /// (a version mismatch is reported, a closed stream ends a loop quietly).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NetError {
     #[error("peer speaks protocol version {got}, this build speaks {want}")]
     Version { got: u8, want: u8 },
@@ -30,7 +31,8 @@ pub enum NetError {
     Truncated,
     #[error("{0}")]
     Decode(String),
-    #[error("authentication failed: {0}")]
+    /// The cluster key did not match (the message says whose).
+    #[error("{0}")]
     Auth(String),
     #[error("connection: {0}")]
     Connection(String),
@@ -38,9 +40,13 @@ pub enum NetError {
     Timeout(Duration, String),
     #[error("unexpected {got} message (expected {expected})")]
     Unexpected { got: &'static str, expected: &'static str },
-    /// An error a remote node reported.
+    /// An error a remote node reported, with its code.
     #[error("{0}")]
-    Remote(String),
+    Remote(message::RemoteError),
+    /// What the head's side of a pipeline cannot do as asked (a plan of the
+    /// wrong length, a stage that does not exist).
+    #[error("{0}")]
+    Pipeline(String),
     #[error("tls: {0}")]
     Tls(String),
 }
@@ -63,7 +69,26 @@ impl From<quinn::WriteError> for NetError {
     }
 }
 
+impl NetError {
+    /// The remote error's code, if a node reported this.
+    pub fn code(&self) -> Option<message::ErrorCode> {
+        match self {
+            NetError::Remote(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
 /// Bounds a wait; `what` names it in the error.
 pub async fn timeout<T>(d: Duration, what: &str, fut: impl std::future::Future<Output = Result<T, NetError>>) -> Result<T, NetError> {
     tokio::time::timeout(d, fut).await.map_err(|_| NetError::Timeout(d, what.to_string()))?
+}
+
+/// The first address `addr` (`host:port`) resolves to.
+pub async fn resolve_addr(addr: &str) -> Result<std::net::SocketAddr, NetError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| NetError::Connection(format!("cannot resolve {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| NetError::Connection(format!("{addr} resolves to no address")))
 }

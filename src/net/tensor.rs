@@ -82,14 +82,17 @@ pub fn encode(t: &Tensor, wire: WireDType) -> Result<(TensorHeader, Vec<u8>, boo
 pub fn decode(h: &TensorHeader, bytes: &[u8], device: &Device) -> Result<Tensor, NetError> {
     let elems = h.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
     let expected = elems.and_then(|e| e.checked_mul(h.dtype.size() as u64));
-    if expected != Some(bytes.len() as u64) {
-        return Err(NetError::Decode(format!(
-            "tensor of shape {:?} {} needs {:?} bytes, the payload has {}",
-            h.shape,
-            h.dtype,
-            expected,
-            bytes.len()
-        )));
+    match expected {
+        Some(n) if n == bytes.len() as u64 => {}
+        Some(n) => {
+            return Err(NetError::Decode(format!(
+                "a tensor of shape {:?} {} needs {n} bytes, the payload has {}",
+                h.shape,
+                h.dtype,
+                bytes.len()
+            )))
+        }
+        None => return Err(NetError::Decode(format!("a tensor of shape {:?} is larger than any payload", h.shape))),
     }
     let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
     let t = Tensor::from_raw_buffer(bytes, h.dtype.dtype(), &shape, device)?;

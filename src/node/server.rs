@@ -7,17 +7,17 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::stage::{spawn_worker, LoadedModel, Outputs, Work};
+use super::stage::{spawn_worker, Admission, Fault, LoadedModel, Outputs, Work, NEXT_QUEUE};
 use crate::model::source;
 use crate::model::{ModelFile, ModelSlice};
 use crate::net::auth::{client_handshake, server_handshake, ClusterKey};
 use crate::net::connection::{split, FrameReader, FrameWriter};
 use crate::net::frame::{Frame, PROTOCOL_VERSION};
-use crate::net::message::{Capabilities, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose};
+use crate::net::message::{Capabilities, ErrorCode, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose};
 use crate::net::tensor::WireDType;
-use crate::net::{tls, NetError};
+use crate::net::{resolve_addr, tls, NetError};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -35,12 +35,40 @@ pub struct NodeConfig {
     pub announce: Option<std::net::SocketAddrV4>,
     /// Where slices, their KV caches and their compute live.
     pub device: candle_core::Device,
+    /// Sessions and idle time; `admission.kv_bytes` is set at each load
+    /// from `kv_memory` (or what the memory offered leaves after weights).
+    pub admission: Admission,
+    /// KV memory sessions may hold (default: the offered memory the
+    /// weights leave).
+    pub kv_memory: Option<u64>,
+    /// Connections served at once; more are refused before their handshake.
+    pub max_connections: usize,
+}
+
+impl NodeConfig {
+    /// A loopback node on a free port, open (no key), on the CPU, with
+    /// default limits.
+    pub fn local(state_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            key: ClusterKey::default(),
+            memory_limit: None,
+            state_dir,
+            threads: 0,
+            compute_lock: None,
+            announce: None,
+            device: candle_core::Device::Cpu,
+            admission: Admission::default(),
+            kv_memory: None,
+            max_connections: 256,
+        }
+    }
 }
 
 struct Node {
     cfg: NodeConfig,
     endpoint: quinn::Endpoint,
-    work: Mutex<std::sync::mpsc::Sender<Work>>,
+    work: mpsc::Sender<Work>,
     outputs: Arc<Outputs>,
     loaded: Mutex<Option<LoadedSlice>>,
     /// The link to the next stage, kept alive while linked.
@@ -52,9 +80,11 @@ struct NextLink {
     _control: (FrameReader, FrameWriter),
 }
 
-/// Serves until the process is stopped. Prints `sollol node listening on ADDR`
-/// on stdout once the socket is bound (the port is chosen when ADDR ends in :0).
-pub async fn run(cfg: NodeConfig) -> crate::Result<()> {
+/// Serves until `shutdown` completes, then stops taking work, lets the
+/// steps already queued finish, drops every session and closes its
+/// connections. Prints `sollol node listening on ADDR` on stdout once the
+/// socket is bound (the port is chosen when ADDR ends in :0).
+pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> crate::Result<()> {
     if !cfg.listen.ip().is_loopback() && !cfg.key.is_set() {
         return Err(crate::Error::InvalidRequest(format!(
             "refusing to listen on {} without a cluster key: pass --cluster-key or set SOLLOL_CLUSTER_KEY (only loopback addresses may run open)",
@@ -64,8 +94,11 @@ pub async fn run(cfg: NodeConfig) -> crate::Result<()> {
     let endpoint = tls::server_endpoint(cfg.listen, &cfg.state_dir)?;
     let local = endpoint.local_addr().map_err(|e| crate::Error::io("listen address", e))?;
     let outputs = Arc::new(Outputs::new(local.to_string()));
+    let work = spawn_worker(outputs.clone(), open_lock(cfg.compute_lock.as_deref())?, cfg.admission)
+        .map_err(|e| crate::Error::io("cannot start the stage worker", e))?;
+    let connections = Arc::new(Semaphore::new(cfg.max_connections));
     let node = Arc::new(Node {
-        work: Mutex::new(spawn_worker(outputs.clone(), open_lock(cfg.compute_lock.as_deref())?)),
+        work,
         cfg,
         endpoint: endpoint.clone(),
         outputs,
@@ -83,18 +116,42 @@ pub async fn run(cfg: NodeConfig) -> crate::Result<()> {
             }
         });
     }
+    // An idle worker still frees idle sessions.
+    let sweeper = node.work.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if let Err(mpsc::error::TrySendError::Closed(_)) = sweeper.try_send(Work::Sweep) {
+                break;
+            }
+        }
+    });
     println!("sollol node listening on {local}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    while let Some(incoming) = endpoint.accept().await {
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            () = &mut shutdown => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "refused a connection: {} are open", node.cfg.max_connections);
+            incoming.refuse();
+            continue;
+        };
         let node = node.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let remote = incoming.remote_address();
             if let Err(e) = node.handle_connection(incoming).await {
                 tracing::info!(%remote, "connection ended: {e}");
             }
         });
     }
+    node.shut_down().await;
     Ok(())
 }
 
@@ -110,13 +167,31 @@ fn open_lock(path: Option<&std::path::Path>) -> crate::Result<Option<std::fs::Fi
     .transpose()
 }
 
-fn error_frame(node: &str, message: String) -> Frame {
-    Frame::new(Message::Error(RemoteError { session: None, step: None, node: node.to_string(), message }))
+fn error_frame(node: &str, code: ErrorCode, message: String) -> Frame {
+    Frame::new(Message::Error(RemoteError::new(node, code, message)))
 }
 
 impl Node {
-    fn send_work(&self, w: Work) -> Result<(), NetError> {
-        self.work.lock().expect("work lock").send(w).map_err(|_| NetError::Remote("the stage worker stopped".into()))
+    /// Queues work for the stage worker, waiting while its queue is full.
+    async fn send_work(&self, w: Work) -> Result<(), Fault> {
+        self.work.send(w).await.map_err(|_| Fault::new(ErrorCode::Internal, "the stage worker stopped"))
+    }
+
+    /// Waits for the worker's answer to a request.
+    async fn answer<T>(&self, rx: oneshot::Receiver<Result<T, Fault>>) -> Result<T, Fault> {
+        rx.await.unwrap_or_else(|_| Err(Fault::new(ErrorCode::Internal, "the stage worker failed this request (see the node's log)")))
+    }
+
+    /// Stops taking work: the steps already queued run (their results go
+    /// out), then every session is dropped and the connections close.
+    async fn shut_down(&self) {
+        tracing::info!("shutting down: finishing queued steps");
+        let (done, rx) = oneshot::channel();
+        if self.send_work(Work::Install { model: None, kv_bytes: 0, done }).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.endpoint.close(0u32.into(), b"node shutting down");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -170,8 +245,7 @@ impl Node {
         match reader.expect().await?.message {
             Message::Attach { purpose: StreamPurpose::Data } => self.data_loop(reader, writer).await,
             Message::Attach { purpose: StreamPurpose::Events } => {
-                let (tx, mut rx) = mpsc::unbounded_channel();
-                self.outputs.heads.lock().expect("heads lock").push(tx);
+                let mut rx = self.outputs.subscribe();
                 while let Some(frame) = rx.recv().await {
                     writer.write(&frame).await?;
                 }
@@ -179,7 +253,8 @@ impl Node {
             }
             other => {
                 let e = NetError::Unexpected { got: other.kind(), expected: "Attach" };
-                writer.write(&error_frame(&self.outputs.node, e.to_string())).await?;
+                writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, e.to_string())).await?;
+                writer.finish_and_flush().await;
                 Err(e)
             }
         }
@@ -198,37 +273,58 @@ impl Node {
                 Err(e @ NetError::Connection(_)) => return Err(e),
                 Err(e) => {
                     let message = format!("refused a frame on a data stream: {e}");
-                    self.outputs.error(None, None, message.clone());
-                    let _ = writer.write(&error_frame(&self.outputs.node, message)).await;
+                    self.outputs.error(None, None, Fault::new(ErrorCode::Malformed, message.clone()));
+                    let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, message)).await;
                     writer.finish_and_flush().await;
                     return Err(e);
                 }
             };
-            match frame.message {
-                Message::Forward(header) => self.send_work(Work::Forward { header, payload: frame.payload })?,
-                Message::Close { session } => self.send_work(Work::Close { session })?,
+            let sent = match frame.message {
+                Message::Forward(header) => self.send_work(Work::Forward { header, payload: frame.payload }).await,
+                Message::Close { session } => self.send_work(Work::Close { session }).await,
                 other => {
                     let e = NetError::Unexpected { got: other.kind(), expected: "Forward or Close" };
-                    writer.write(&error_frame(&self.outputs.node, e.to_string())).await?;
+                    writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, e.to_string())).await?;
+                    Ok(())
                 }
+            };
+            if let Err(f) = sent {
+                let _ = writer.write(&error_frame(&self.outputs.node, f.code, f.message.clone())).await;
+                return Err(NetError::Remote(RemoteError::new(&self.outputs.node, f.code, f.message)));
             }
         }
     }
 
+    /// Requests answered in order. A frame that does not parse is answered
+    /// with an Error frame and ends the stream (its framing cannot be
+    /// trusted past it); the connection's other streams go on.
     async fn control_loop(&self, mut reader: FrameReader, mut writer: FrameWriter) -> Result<(), NetError> {
-        while let Some(frame) = reader.read().await? {
+        loop {
+            let frame = match reader.read().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(e @ NetError::Connection(_)) => return Err(e),
+                Err(e) => {
+                    let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, format!("refused a control frame: {e}"))).await;
+                    writer.finish_and_flush().await;
+                    return Err(e);
+                }
+            };
             let reply = match self.control(frame).await {
                 Ok(reply) => reply,
-                Err(e) => error_frame(&self.outputs.node, e.to_string()),
+                Err(f) => error_frame(&self.outputs.node, f.code, f.message),
             };
             writer.write(&reply).await?;
         }
-        Ok(())
     }
 
-    async fn control(&self, frame: Frame) -> Result<Frame, NetError> {
+    async fn control(&self, frame: Frame) -> Result<Frame, Fault> {
         Ok(match frame.message {
             Message::GetCapabilities => Frame::new(Message::Capabilities(self.capabilities())),
+            // A node whose worker stopped must not look healthy.
+            Message::Ping { .. } if !self.outputs.worker_alive.load(Ordering::Acquire) => {
+                return Err(Fault::new(ErrorCode::Internal, "the stage worker stopped; this node serves no steps"))
+            }
             Message::Ping { nonce } => Frame::new(Message::Pong {
                 nonce,
                 sessions: self.outputs.sessions.load(Ordering::Relaxed),
@@ -238,7 +334,7 @@ impl Node {
             }),
             Message::Load(req) => Frame::new(Message::Loaded(self.load(req).await?)),
             Message::Unload => {
-                self.install(None).await?;
+                self.install(None, 0).await?;
                 *self.loaded.lock().expect("loaded lock") = None;
                 Frame::new(Message::Ok)
             }
@@ -248,60 +344,64 @@ impl Node {
             }
             Message::ExportKv { session, dtype } => {
                 let (reply, rx) = oneshot::channel();
-                self.send_work(Work::ExportKv { session, dtype, reply })?;
-                rx.await.map_err(|_| NetError::Remote("worker stopped".into()))?.map_err(NetError::Remote)?
+                self.send_work(Work::ExportKv { session, dtype, reply }).await?;
+                self.answer(rx).await?
             }
             Message::ImportKv(header) => {
                 let (reply, rx) = oneshot::channel();
-                self.send_work(Work::ImportKv { header, payload: frame.payload, reply })?;
-                rx.await.map_err(|_| NetError::Remote("worker stopped".into()))?.map_err(NetError::Remote)?;
+                self.send_work(Work::ImportKv { header, payload: frame.payload, reply }).await?;
+                self.answer(rx).await?;
                 Frame::new(Message::Ok)
             }
-            other => return Err(NetError::Unexpected { got: other.kind(), expected: "a control request" }),
+            other => {
+                return Err(Fault::new(ErrorCode::Malformed, NetError::Unexpected { got: other.kind(), expected: "a control request" }.to_string()))
+            }
         })
     }
 
-    async fn install(&self, model: Option<Box<LoadedModel>>) -> Result<(), NetError> {
+    async fn install(&self, model: Option<Box<LoadedModel>>, kv_bytes: u64) -> Result<(), Fault> {
         let (done, rx) = oneshot::channel();
-        self.send_work(Work::Install { model, done })?;
-        rx.await.map_err(|_| NetError::Remote("worker stopped".into()))
+        self.send_work(Work::Install { model, kv_bytes, done }).await?;
+        rx.await.map_err(|_| Fault::new(ErrorCode::Internal, "the stage worker failed to install the slice"))
     }
 
     /// Resolves the model here (the node fetches it if needed), checks the
     /// digest and the memory, and loads only the slice's tensors.
-    async fn load(&self, req: LoadRequest) -> Result<LoadedSlice, NetError> {
+    async fn load(&self, req: LoadRequest) -> Result<LoadedSlice, Fault> {
         let offered = {
             let caps = self.capabilities();
             caps.free_memory + self.loaded.lock().expect("loaded lock").as_ref().map_or(0, |l| l.weight_bytes)
         };
         let node = self.outputs.node.clone();
         let device = self.cfg.device.clone();
-        let loaded = tokio::task::spawn_blocking(move || -> Result<Box<LoadedModel>, String> {
-            let resolved = source::resolve(&req.model).map_err(|e| e.to_string())?;
-            let mut file = ModelFile::open(&resolved.path).map_err(|e| e.to_string())?;
-            let digest = file.digest().map_err(|e| e.to_string())?;
+        let loaded = tokio::task::spawn_blocking(move || -> Result<Box<LoadedModel>, Fault> {
+            let resolved = source::resolve(&req.model)?;
+            let mut file = ModelFile::open(&resolved.path)?;
+            let digest = file.digest()?;
             if let Some(want) = &req.digest {
                 if *want != digest {
-                    return Err(format!(
-                        "model '{}' on {node} has digest {digest}, the head expects {want}: not the same model",
-                        req.model
+                    return Err(Fault::new(
+                        ErrorCode::Invalid,
+                        format!("model '{}' on {node} has digest {digest}, the head expects {want}: not the same model", req.model),
                     ));
                 }
             }
-            let cfg = file.config().map_err(|e| e.to_string())?;
+            let cfg = file.config()?;
             let (start, end) = (req.start as usize, req.end as usize);
             if start >= end || end > cfg.n_layers {
-                return Err(format!("layers {start}..{end} are not a non-empty range inside the model's {} blocks", cfg.n_layers));
-            }
-            let need = file.slice_bytes(start..end).map_err(|e| e.to_string())?;
-            if need > offered {
-                return Err(format!(
-                    "blocks {start}..{end} need {} but {node} offers {}",
-                    crate::sys::human_bytes(need),
-                    crate::sys::human_bytes(offered)
+                return Err(Fault::new(
+                    ErrorCode::Invalid,
+                    format!("layers {start}..{end} are not a non-empty range inside the model's {} blocks", cfg.n_layers),
                 ));
             }
-            let slice = ModelSlice::load(&mut file, start..end, &device).map_err(|e| e.to_string())?;
+            let need = file.slice_bytes(start..end)?;
+            if need > offered {
+                return Err(Fault::new(
+                    ErrorCode::Capacity,
+                    format!("blocks {start}..{end} need {} but {node} offers {}", crate::sys::human_bytes(need), crate::sys::human_bytes(offered)),
+                ));
+            }
+            let slice = ModelSlice::load(&mut file, start..end, &device)?;
             let info = LoadedSlice {
                 model: req.model.clone(),
                 architecture: cfg.arch.name.to_string(),
@@ -315,17 +415,17 @@ impl Node {
             Ok(Box::new(LoadedModel { slice, info }))
         })
         .await
-        .map_err(|e| NetError::Remote(format!("loading panicked: {e}")))?
-        .map_err(NetError::Remote)?;
+        .map_err(|e| Fault::new(ErrorCode::Internal, format!("loading failed (a bug: {e})")))??;
         let info = loaded.info.clone();
-        self.install(Some(loaded)).await?;
+        let kv_bytes = self.cfg.kv_memory.unwrap_or_else(|| offered.saturating_sub(info.weight_bytes));
+        self.install(Some(loaded), kv_bytes).await?;
         *self.loaded.lock().expect("loaded lock") = Some(info.clone());
-        tracing::info!(model = %info.model, start = info.start, end = info.end, "loaded");
+        tracing::info!(model = %info.model, start = info.start, end = info.end, kv = %crate::sys::human_bytes(kv_bytes), "loaded");
         Ok(info)
     }
 
     /// Connects to the next stage and routes this stage's output there.
-    async fn link(&self, next: Option<String>, wire: WireDType) -> Result<(), NetError> {
+    async fn link(&self, next: Option<String>, wire: WireDType) -> Result<(), Fault> {
         *self.outputs.wire.lock().expect("wire lock") = wire;
         let mut link = self.next_link.lock().await;
         if let Some(old) = link.take() {
@@ -333,23 +433,24 @@ impl Node {
         }
         *self.outputs.next.lock().expect("next lock") = None;
         let Some(next) = next else { return Ok(()) };
-        let addr = resolve_addr(&next).await?;
+        let unreachable = |e: NetError| Fault::new(ErrorCode::Failed, format!("cannot reach the next stage {next}: {e}"));
+        let addr = resolve_addr(&next).await.map_err(unreachable)?;
         let conn = self
             .endpoint
             .connect(addr, tls::SERVER_NAME)
-            .map_err(|e| NetError::Connection(format!("cannot connect to next stage {next}: {e}")))?
+            .map_err(|e| unreachable(NetError::Connection(e.to_string())))?
             .await
-            .map_err(|e| NetError::Connection(format!("cannot reach next stage {next}: {e}")))?;
-        let (reader, writer, _) = client_handshake(&conn, &self.cfg.key, PeerRole::Stage).await?;
-        let (mut back, mut data) = split(conn.open_bi().await?);
-        data.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Data })).await?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+            .map_err(|e| unreachable(e.into()))?;
+        let (reader, writer, _) = client_handshake(&conn, &self.cfg.key, PeerRole::Stage).await.map_err(unreachable)?;
+        let (mut back, mut data) = split(conn.open_bi().await.map_err(|e| unreachable(e.into()))?);
+        data.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Data })).await.map_err(unreachable)?;
+        let (tx, mut rx) = mpsc::channel::<Frame>(NEXT_QUEUE);
         let outputs = self.outputs.clone();
         let next_name = next.clone();
         tokio::spawn(async move {
             while let Some(frame) = rx.recv().await {
                 if let Err(e) = data.write(&frame).await {
-                    outputs.error(None, None, format!("lost the link to the next stage {next_name}: {e}"));
+                    outputs.error(None, None, Fault::new(ErrorCode::Failed, format!("lost the link to the next stage {next_name}: {e}")));
                     break;
                 }
             }
@@ -367,12 +468,4 @@ impl Node {
         *link = Some(NextLink { conn, _control: (reader, writer) });
         Ok(())
     }
-}
-
-pub async fn resolve_addr(addr: &str) -> Result<SocketAddr, NetError> {
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| NetError::Connection(format!("cannot resolve {addr}: {e}")))?
-        .next()
-        .ok_or_else(|| NetError::Connection(format!("{addr} resolves to no address")))
 }

@@ -15,29 +15,103 @@
 //! prefill nor decode starves the other.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::sampling::sample;
-use crate::model::{BatchItem, HostInput, KvCache, KvState, ModelSlice, SliceOutput};
+use crate::model::{Backend, BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
 use crate::net::frame::Frame;
-use crate::net::message::{ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult};
-use crate::net::tensor::{self, TensorHeader, WireDType};
-
-/// Sessions untouched this long are freed (a head that vanished mid-request).
-pub const SESSION_TTL: Duration = Duration::from_secs(600);
+use crate::net::message::{ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult};
+use crate::net::tensor::{self, WireDType};
+use crate::net::{kv, NetError};
 
 /// Rows (tokens) one batch may hold: a prefill chunk plus many decode steps.
 pub const MAX_BATCH_ROWS: usize = 512;
 
+/// Work items waiting for the worker; a full queue stops the data stream's
+/// reader, so QUIC's flow control holds the sender back.
+pub const WORK_QUEUE: usize = 256;
+
+/// Frames waiting for the link to the next stage.
+pub const NEXT_QUEUE: usize = 64;
+
+/// Events waiting for one head; a head that reads none of 1,024 is dropped
+/// (its event stream ends, and it fails its steps) rather than holding the
+/// node's memory.
+pub const HEAD_QUEUE: usize = 1024;
+
+/// What the node admits: sessions, the KV memory they may hold, and how
+/// long an untouched one lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    pub max_sessions: usize,
+    pub kv_bytes: u64,
+    /// Sessions untouched this long are freed (a head that vanished mid-request).
+    pub idle: Duration,
+    /// Fault injection for tests: a step of this session panics inside the
+    /// worker, as a bug would (`sollol node --panic-on-session`, hidden).
+    pub panic_on_session: Option<u64>,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self { max_sessions: 256, kv_bytes: u64::MAX, idle: Duration::from_secs(600), panic_on_session: None }
+    }
+}
+
 pub struct LoadedModel {
     pub slice: ModelSlice,
     pub info: LoadedSlice,
+}
+
+/// Why a step or request failed, as the wire reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Fault {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    fn no_model() -> Self {
+        Fault::new(ErrorCode::NoModel, "this node has no model loaded")
+    }
+}
+
+impl From<crate::Error> for Fault {
+    fn from(e: crate::Error) -> Self {
+        use crate::Error as E;
+        let code = match &e {
+            E::ContextOverflow { .. } | E::InvalidRequest(_) => ErrorCode::Invalid,
+            E::Net(n) => return net_fault(n),
+            _ => ErrorCode::Failed,
+        };
+        Fault::new(code, e.to_string())
+    }
+}
+
+impl From<NetError> for Fault {
+    fn from(e: NetError) -> Self {
+        net_fault(&e)
+    }
+}
+
+fn net_fault(e: &NetError) -> Fault {
+    let code = match e {
+        NetError::Remote(r) => r.code,
+        NetError::Decode(_) | NetError::TooLarge { .. } | NetError::Truncated | NetError::Version { .. } => ErrorCode::Malformed,
+        _ => ErrorCode::Failed,
+    };
+    Fault::new(code, e.to_string())
 }
 
 pub enum Work {
@@ -48,21 +122,25 @@ pub enum Work {
     Close {
         session: u64,
     },
-    /// Replace the loaded slice (None unloads); every session is dropped.
+    /// Replace the loaded slice (None unloads) and the KV memory sessions
+    /// may hold; every session is dropped.
     Install {
         model: Option<Box<LoadedModel>>,
+        kv_bytes: u64,
         done: oneshot::Sender<()>,
     },
     ExportKv {
         session: u64,
         dtype: WireDType,
-        reply: oneshot::Sender<Result<Frame, String>>,
+        reply: oneshot::Sender<Result<Frame, Fault>>,
     },
     ImportKv {
         header: KvStateHeader,
         payload: Vec<u8>,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), Fault>>,
     },
+    /// Frees idle sessions (sent by a timer, so an idle worker sweeps too).
+    Sweep,
 }
 
 /// Where the worker's output goes, shared with the network side.
@@ -70,18 +148,21 @@ pub struct Outputs {
     /// This node's name in error messages (its listen address).
     pub node: String,
     /// Frames for the next stage's data stream (set by Link).
-    pub next: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    pub next: Mutex<Option<mpsc::Sender<Frame>>>,
     /// Event streams of connected heads: results and errors go to all of them;
     /// session ids are random, each head keeps its own.
-    pub heads: Mutex<Vec<mpsc::UnboundedSender<Frame>>>,
+    pub heads: Mutex<Vec<mpsc::Sender<Frame>>>,
     pub wire: Mutex<WireDType>,
     pub sessions: AtomicU32,
+    /// KV memory the sessions hold.
+    pub kv_bytes: AtomicU64,
     pub busy_nanos: AtomicU64,
-    /// Forward steps run, the positions they computed, and the batches they
-    /// ran in (steps / batches = mean batch size).
-    pub steps: AtomicU64,
+    /// Positions computed and the batches they ran in.
     pub tokens: AtomicU64,
     pub batches: AtomicU64,
+    /// False once the worker thread has stopped: the node then answers
+    /// pings with an error, so health checks fail and failover starts.
+    pub worker_alive: AtomicBool,
 }
 
 impl Outputs {
@@ -92,47 +173,78 @@ impl Outputs {
             heads: Mutex::new(Vec::new()),
             wire: Mutex::new(WireDType::F16),
             sessions: AtomicU32::new(0),
+            kv_bytes: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
-            steps: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            worker_alive: AtomicBool::new(true),
         }
+    }
+
+    /// A new head's event queue.
+    pub fn subscribe(&self) -> mpsc::Receiver<Frame> {
+        let (tx, rx) = mpsc::channel(HEAD_QUEUE);
+        self.heads.lock().expect("heads lock").push(tx);
+        rx
     }
 
     pub fn to_heads(&self, frame: Frame) {
         let mut heads = self.heads.lock().expect("heads lock");
-        heads.retain(|h| h.send(frame.clone()).is_ok());
+        heads.retain(|h| match h.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!(node = %self.node, "dropped a head that reads none of its {HEAD_QUEUE} waiting events");
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        });
     }
 
-    pub fn error(&self, session: Option<u64>, step: Option<u64>, message: String) {
-        tracing::warn!(node = %self.node, ?session, "{message}");
-        let e = RemoteError { session, step, node: self.node.clone(), message };
+    pub fn error(&self, session: Option<u64>, step: Option<u64>, fault: Fault) {
+        tracing::warn!(node = %self.node, ?session, code = ?fault.code, "{}", fault.message);
+        let e = RemoteError { session, step, node: self.node.clone(), code: fault.code, message: fault.message };
         self.to_heads(Frame::new(Message::Error(e)));
     }
 
-    fn to_next(&self, frame: Frame) -> Result<(), String> {
-        let next = self.next.lock().expect("next lock");
-        match next.as_ref() {
-            Some(tx) => tx.send(frame).map_err(|_| "the link to the next stage is down".to_string()),
-            None => Err("no next stage is linked to this one".to_string()),
+    /// Sends a frame down the chain, waiting while the link's queue is full
+    /// (backpressure from a slower next stage). Called from the worker thread.
+    fn to_next(&self, frame: Frame) -> Result<(), Fault> {
+        let next = self.next.lock().expect("next lock").clone();
+        match next {
+            Some(tx) => tx.blocking_send(frame).map_err(|_| Fault::new(ErrorCode::Failed, "the link to the next stage is down")),
+            None => Err(Fault::new(ErrorCode::Failed, "no next stage is linked to this one")),
         }
     }
 }
 
-pub fn spawn_worker(outputs: Arc<Outputs>, compute_lock: Option<std::fs::File>) -> Sender<Work> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("sollol-stage".into())
-        .spawn(move || Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock }.run(rx))
-        .expect("spawn the stage worker");
-    tx
+pub fn spawn_worker(outputs: Arc<Outputs>, compute_lock: Option<std::fs::File>, admission: Admission) -> std::io::Result<mpsc::Sender<Work>> {
+    let (tx, rx) = mpsc::channel(WORK_QUEUE);
+    std::thread::Builder::new().name("sollol-stage".into()).spawn(move || {
+        Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock, admission }.run(rx)
+    })?;
+    Ok(tx)
+}
+
+struct Session {
+    cache: KvCache,
+    used: Instant,
 }
 
 struct Worker {
     model: Option<Box<LoadedModel>>,
-    sessions: HashMap<u64, (KvCache, Instant)>,
+    sessions: HashMap<u64, Session>,
     out: Arc<Outputs>,
     compute_lock: Option<std::fs::File>,
+    admission: Admission,
+}
+
+/// Marks the worker stopped however its thread ends.
+struct AliveGuard(Arc<Outputs>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.worker_alive.store(false, Ordering::Release);
+    }
 }
 
 /// A step's input, decoded.
@@ -174,15 +286,11 @@ fn take_batch(queue: &mut VecDeque<Work>) -> Vec<(ForwardHeader, Vec<u8>)> {
 
 /// The host path over several sessions at once; the caches leave the map for
 /// the call and always come back.
-fn run_batch(
-    slice: &ModelSlice,
-    sessions: &mut HashMap<u64, (KvCache, Instant)>,
-    steps: &[(ForwardHeader, StepInput)],
-) -> crate::error::Result<Vec<SliceOutput>> {
-    let mut taken: Vec<(u64, KvCache, Instant)> = Vec::with_capacity(steps.len());
+fn run_batch(slice: &ModelSlice, sessions: &mut HashMap<u64, Session>, steps: &[(ForwardHeader, StepInput)]) -> crate::Result<Vec<SliceOutput>> {
+    let mut taken: Vec<(u64, Session)> = Vec::with_capacity(steps.len());
     for (h, _) in steps {
         match sessions.remove(&h.session) {
-            Some((cache, used)) => taken.push((h.session, cache, used)),
+            Some(s) => taken.push((h.session, s)),
             None => break,
         }
     }
@@ -196,7 +304,7 @@ fn run_batch(
             .collect();
         let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(steps.len());
         let mut complete = true;
-        for (((_, input), x), (_, cache, _)) in steps.iter().zip(&hidden).zip(taken.iter_mut()) {
+        for (((_, input), x), (_, session)) in steps.iter().zip(&hidden).zip(taken.iter_mut()) {
             let input = match (input, x) {
                 (StepInput::Tokens(ids), _) => HostInput::Tokens(ids),
                 (StepInput::Hidden(_), Some(x)) => HostInput::Hidden(x),
@@ -205,47 +313,78 @@ fn run_batch(
                     break;
                 }
             };
-            items.push(BatchItem { input, cache });
+            items.push(BatchItem { input, cache: &mut session.cache });
         }
         if complete {
             slice.forward_batch(&mut items)
         } else {
-            Err(crate::error::Error::InvalidRequest("an input could not be read".into()))
+            Err(crate::Error::InvalidRequest("an input could not be read".into()))
         }
     } else {
-        Err(crate::error::Error::InvalidRequest("a session is missing".into()))
+        Err(crate::Error::InvalidRequest("a session is missing".into()))
     };
-    for (id, cache, used) in taken {
-        sessions.insert(id, (cache, used));
+    for (id, session) in taken {
+        sessions.insert(id, session);
     }
     result
 }
 
+/// A panic's message, for the error frame that reports it.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+    format!("the stage failed this step (a bug: {}); the node goes on", what.unwrap_or("a panic"))
+}
+
 impl Worker {
-    fn run(mut self, rx: Receiver<Work>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Work>) {
+        let _alive = AliveGuard(self.out.clone());
         let mut queue: VecDeque<Work> = VecDeque::new();
         loop {
             if queue.is_empty() {
-                match rx.recv_timeout(Duration::from_secs(5)) {
-                    Ok(work) => queue.push_back(work),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
+                match rx.blocking_recv() {
+                    Some(work) => queue.push_back(work),
+                    None => return,
                 }
             }
-            queue.extend(rx.try_iter());
+            while let Ok(work) = rx.try_recv() {
+                queue.push_back(work);
+            }
             let batch = take_batch(&mut queue);
             if !batch.is_empty() {
-                self.forward_batch(batch);
+                // Steps a panic interrupts fail with an error frame; their
+                // sessions are dropped (their caches may be half written).
+                let steps: Vec<(u64, u64)> = batch.iter().map(|(h, _)| (h.session, h.step)).collect();
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.forward_batch(batch))) {
+                    let message = panic_message(&*panic);
+                    for (session, step) in steps {
+                        self.fail(session, step, Fault::new(ErrorCode::Internal, message.clone()));
+                    }
+                }
             } else if let Some(work) = queue.pop_front() {
-                self.handle(work);
+                // A panicking request drops its reply channel: the control
+                // stream answers with an error.
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.handle(work))) {
+                    tracing::error!(node = %self.out.node, "{}", panic_message(&*panic));
+                }
             }
-            let before = self.sessions.len();
-            self.sessions.retain(|_, (_, used)| used.elapsed() < SESSION_TTL);
-            if self.sessions.len() != before {
-                tracing::info!("freed {} idle sessions", before - self.sessions.len());
-            }
-            self.out.sessions.store(self.sessions.len() as u32, Ordering::Relaxed);
+            self.sweep();
         }
+    }
+
+    /// Frees idle sessions and publishes the counts.
+    fn sweep(&mut self) {
+        let before = self.sessions.len();
+        let idle = self.admission.idle;
+        self.sessions.retain(|_, s| s.used.elapsed() < idle);
+        if self.sessions.len() != before {
+            tracing::info!("freed {} idle sessions", before - self.sessions.len());
+        }
+        self.out.sessions.store(self.sessions.len() as u32, Ordering::Relaxed);
+        self.out.kv_bytes.store(self.kv_bytes(), Ordering::Relaxed);
+    }
+
+    fn kv_bytes(&self) -> u64 {
+        self.sessions.values().map(|s| s.cache.bytes()).sum()
     }
 
     fn handle(&mut self, work: Work) {
@@ -256,9 +395,10 @@ impl Worker {
                 // Later stages hold the session too; pass the close on (the last stage has no next).
                 let _ = self.out.to_next(Frame::new(Message::Close { session }));
             }
-            Work::Install { model, done } => {
+            Work::Install { model, kv_bytes, done } => {
                 self.sessions.clear();
                 self.model = model;
+                self.admission.kv_bytes = kv_bytes;
                 let _ = done.send(());
             }
             Work::ExportKv { session, dtype, reply } => {
@@ -267,6 +407,7 @@ impl Worker {
             Work::ImportKv { header, payload, reply } => {
                 let _ = reply.send(self.import(header, &payload));
             }
+            Work::Sweep => {}
         }
     }
 
@@ -292,7 +433,6 @@ impl Worker {
             let _ = lock.unlock();
         }
         self.out.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.out.steps.fetch_add(ready.len() as u64, Ordering::Relaxed);
         let computed: usize = ready.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|((_, input), _)| input.rows()).sum();
         self.out.tokens.fetch_add(computed as u64, Ordering::Relaxed);
         self.out.batches.fetch_add(u64::from(!ready.is_empty()), Ordering::Relaxed);
@@ -301,43 +441,78 @@ impl Worker {
         }
     }
 
+    /// Refuses a step when the node is at a limit: a new session past the
+    /// count, or KV memory the step (`rows` positions of `session`, opened
+    /// with room for `open`) would grow past the budget.
+    fn admit(&self, session: u64, open: Option<u32>, rows: usize, slice: &ModelSlice) -> Result<(), Fault> {
+        let held = self.kv_bytes();
+        let existing = self.sessions.get(&session);
+        let (grows, frees) = match (existing, open) {
+            (Some(s), None) => (s.cache.bytes_after(rows).saturating_sub(s.cache.bytes()), 0),
+            // A session reopened under the same id frees what it held.
+            (_, Some(capacity)) => (slice.new_cache_bytes(capacity as usize, rows), existing.map_or(0, |s| s.cache.bytes())),
+            (None, None) => return Ok(()),
+        };
+        if existing.is_none() && self.sessions.len() >= self.admission.max_sessions {
+            return Err(Fault::new(
+                ErrorCode::Capacity,
+                format!("this node holds its limit of {} sessions; try again later", self.admission.max_sessions),
+            ));
+        }
+        if held.saturating_sub(frees).saturating_add(grows) > self.admission.kv_bytes {
+            return Err(Fault::new(
+                ErrorCode::Capacity,
+                format!(
+                    "the KV memory of this node is full ({} of {} held); try again later",
+                    crate::sys::human_bytes(held),
+                    crate::sys::human_bytes(self.admission.kv_bytes)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Opens or finds the step's session and decodes its input.
-    fn prepare(&mut self, h: &ForwardHeader, payload: &[u8]) -> Result<StepInput, String> {
-        let model = self.model.as_ref().ok_or("this node has no model loaded")?;
+    fn prepare(&mut self, h: &ForwardHeader, payload: &[u8]) -> Result<StepInput, Fault> {
+        if self.admission.panic_on_session == Some(h.session) {
+            panic!("injected fault for session {}", h.session);
+        }
+        let model = self.model.as_ref().ok_or_else(Fault::no_model)?;
         let slice = &model.slice;
-        if let Some(capacity) = h.open {
-            let cache = slice.new_cache(capacity as usize).map_err(|e| e.to_string())?;
-            self.sessions.insert(h.session, (cache, Instant::now()));
-        }
-        let (cache, used) = self
-            .sessions
-            .get_mut(&h.session)
-            .ok_or_else(|| format!("unknown session {} (expired, closed, or opened on another node)", h.session))?;
-        *used = Instant::now();
-        if let Some(keep) = h.truncate {
-            cache.truncate(keep as usize);
-        }
-        match &h.input {
+        let input = match &h.input {
             ForwardInput::Tokens(ids) => {
                 if !slice.is_first() {
-                    return Err(format!("token ids sent to a stage holding blocks {:?}; only the first stage embeds", slice.layers()));
+                    return Err(Fault::new(
+                        ErrorCode::Invalid,
+                        format!("token ids sent to a stage holding blocks {:?}; only the first stage embeds", slice.layers()),
+                    ));
                 }
-                Ok(StepInput::Tokens(ids.clone()))
+                StepInput::Tokens(ids.clone())
             }
-            ForwardInput::Hidden(th) => {
-                let t = tensor::decode(th, payload, slice.device()).map_err(|e| e.to_string())?;
-                Ok(StepInput::Hidden(t))
-            }
+            ForwardInput::Hidden(th) => StepInput::Hidden(tensor::decode(th, payload, slice.device())?),
+        };
+        self.admit(h.session, h.open, input.rows(), slice)?;
+        if let Some(capacity) = h.open {
+            let cache = slice.new_cache(capacity as usize)?;
+            self.sessions.insert(h.session, Session { cache, used: Instant::now() });
         }
+        let session = self.sessions.get_mut(&h.session).ok_or_else(|| {
+            Fault::new(ErrorCode::UnknownSession, format!("unknown session {} (expired, closed, or opened on another node)", h.session))
+        })?;
+        session.used = Instant::now();
+        if let Some(keep) = h.truncate {
+            session.cache.truncate(keep as usize);
+        }
+        Ok(input)
     }
 
     /// One result per step, in order.
-    fn compute(&mut self, steps: &[(ForwardHeader, StepInput)]) -> Vec<Result<SliceOutput, String>> {
+    fn compute(&mut self, steps: &[(ForwardHeader, StepInput)]) -> Vec<Result<SliceOutput, Fault>> {
         let Some(model) = self.model.as_ref() else {
-            return steps.iter().map(|_| Err("this node has no model loaded".to_string())).collect();
+            return steps.iter().map(|_| Err(Fault::no_model())).collect();
         };
         let slice = &model.slice;
-        if steps.len() > 1 && slice.backend() == crate::model::Backend::Host {
+        if steps.len() > 1 && slice.backend() == Backend::Host {
             if let Ok(outputs) = run_batch(slice, &mut self.sessions, steps) {
                 return outputs.into_iter().map(Ok).collect();
             }
@@ -345,21 +520,19 @@ impl Worker {
         steps
             .iter()
             .map(|(h, input)| {
-                let (cache, _) = self.sessions.get_mut(&h.session).ok_or("session closed")?;
+                let session = self.sessions.get_mut(&h.session).ok_or_else(|| Fault::new(ErrorCode::UnknownSession, "session closed"))?;
                 let x = match input {
-                    StepInput::Tokens(ids) => {
-                        Tensor::new(ids.as_slice(), slice.device()).and_then(|t| t.unsqueeze(0)).map_err(|e| e.to_string())?
-                    }
+                    StepInput::Tokens(ids) => Tensor::new(ids.as_slice(), slice.device()).and_then(|t| t.unsqueeze(0)).map_err(crate::Error::from)?,
                     StepInput::Hidden(t) => t.clone(),
                 };
-                slice.forward(&x, cache).map_err(|e| e.to_string())
+                Ok(slice.forward(&x, &mut session.cache)?)
             })
             .collect()
     }
 
     /// Sends a step's output on: hidden states to the next stage, a sampled
     /// token to the heads; an error closes the session down the chain.
-    fn emit(&mut self, mut h: ForwardHeader, result: Result<SliceOutput, String>, nanos: u64) {
+    fn emit(&mut self, mut h: ForwardHeader, result: Result<SliceOutput, Fault>, nanos: u64) {
         h.stage_nanos.push(nanos);
         let sent = match result {
             Ok(SliceOutput::Hidden(hidden)) => {
@@ -371,7 +544,7 @@ impl Worker {
                         h.input = ForwardInput::Hidden(th);
                         self.out.to_next(Frame::with_payload(Message::Forward(h.clone()), bytes))
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.into()),
                 }
             }
             Ok(SliceOutput::Logits(logits)) => match logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()) {
@@ -390,59 +563,49 @@ impl Worker {
                     self.out.to_heads(result.into_frame());
                     Ok(())
                 }
-                Err(e) => Err(crate::error::first_line(&e)),
+                Err(e) => Err(crate::Error::from(e).into()),
             },
             Err(e) => Err(e),
         };
-        if let Err(message) = sent {
-            self.sessions.remove(&h.session);
-            self.out.error(Some(h.session), Some(h.step), message);
-            let _ = self.out.to_next(Frame::new(Message::Close { session: h.session }));
+        if let Err(fault) = sent {
+            self.fail(h.session, h.step, fault);
         }
     }
 
-    fn export(&self, session: u64, dtype: WireDType) -> Result<Frame, String> {
-        let model = self.model.as_ref().ok_or("no model loaded")?;
-        let (cache, _) = self.sessions.get(&session).ok_or_else(|| format!("unknown session {session}"))?;
-        let state = cache.export().map_err(|e| e.to_string())?;
-        let cfg = model.slice.config();
-        let mut payload = Vec::new();
-        for (k, v) in &state.layers {
-            for t in [k, v] {
-                let (_, bytes, _) = tensor::encode(t, dtype).map_err(|e| e.to_string())?;
-                payload.extend_from_slice(&bytes);
-            }
-        }
-        let header = KvStateHeader {
-            session,
-            len: state.len as u32,
-            capacity: cache.capacity() as u32,
-            n_layers: state.layers.len() as u32,
-            n_kv_heads: cfg.n_kv_heads as u32,
-            head_dim: cfg.head_dim as u32,
-            dtype,
-        };
+    /// Fails a step: its session is dropped here and down the chain, and
+    /// the heads hear why.
+    fn fail(&mut self, session: u64, step: u64, fault: Fault) {
+        self.sessions.remove(&session);
+        self.out.error(Some(session), Some(step), fault);
+        let _ = self.out.to_next(Frame::new(Message::Close { session }));
+    }
+
+    fn export(&self, session: u64, dtype: WireDType) -> Result<Frame, Fault> {
+        self.model.as_ref().ok_or_else(Fault::no_model)?;
+        let s = self.sessions.get(&session).ok_or_else(|| Fault::new(ErrorCode::UnknownSession, format!("unknown session {session}")))?;
+        let state = s.cache.export()?;
+        let (header, payload) = kv::encode(session, s.cache.capacity(), &state, dtype)?;
         Ok(Frame::with_payload(Message::KvState(header), payload))
     }
 
-    fn import(&mut self, h: KvStateHeader, payload: &[u8]) -> Result<(), String> {
-        let model = self.model.as_ref().ok_or("no model loaded")?;
-        let shape = vec![1, h.n_kv_heads, h.len, h.head_dim];
-        let per = shape.iter().map(|&d| d as usize).product::<usize>() * h.dtype.size();
-        if payload.len() != per * 2 * h.n_layers as usize {
-            return Err(format!("KV payload has {} bytes, the header implies {}", payload.len(), per * 2 * h.n_layers as usize));
+    fn import(&mut self, h: KvStateHeader, payload: &[u8]) -> Result<(), Fault> {
+        let model = self.model.as_ref().ok_or_else(Fault::no_model)?;
+        let cfg = model.slice.config();
+        let expect = (model.slice.layers().len(), cfg.n_kv_heads, cfg.head_dim);
+        if (h.n_layers as usize, h.n_kv_heads as usize, h.head_dim as usize) != expect {
+            return Err(Fault::new(
+                ErrorCode::Invalid,
+                format!(
+                    "a KV state of {} blocks × {} heads × {} does not fit this slice's {} × {} × {}",
+                    h.n_layers, h.n_kv_heads, h.head_dim, expect.0, expect.1, expect.2
+                ),
+            ));
         }
-        let th = TensorHeader { dtype: h.dtype, shape };
-        let mut layers = Vec::with_capacity(h.n_layers as usize);
-        for chunk in payload.chunks(per * 2) {
-            let k = tensor::decode(&th, &chunk[..per], model.slice.device()).map_err(|e| e.to_string())?;
-            let v = tensor::decode(&th, &chunk[per..], model.slice.device()).map_err(|e| e.to_string())?;
-            layers.push((k, v));
-        }
-        let state = KvState { len: h.len as usize, layers };
-        let mut cache = model.slice.new_cache(h.capacity as usize).map_err(|e| e.to_string())?;
-        cache.import(&state).map_err(|e| e.to_string())?;
-        self.sessions.insert(h.session, (cache, Instant::now()));
+        let state = kv::decode(&h, payload, model.slice.device())?;
+        self.admit(h.session, Some(h.capacity), state.len, &model.slice)?;
+        let mut cache = model.slice.new_cache(h.capacity as usize)?;
+        cache.import(&state)?;
+        self.sessions.insert(h.session, Session { cache, used: Instant::now() });
         Ok(())
     }
 }
