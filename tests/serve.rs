@@ -10,8 +10,9 @@ use common::http::{get, post, request};
 use common::ServeProc;
 
 fn server() -> ServeProc {
-    common::smollm2();
-    ServeProc::spawn(&["--local-nodes", "2"])
+    let model = common::smollm2();
+    let dir = model.parent().unwrap().display().to_string();
+    ServeProc::spawn(&["--local-nodes", "2", "--models-dir", &dir])
 }
 
 fn ndjson(body: &str) -> Vec<serde_json::Value> {
@@ -149,6 +150,34 @@ fn bad_input_gets_proper_status_codes_and_messages() {
     // Beyond the body limit: refused before parsing.
     let huge = "x".repeat(9 << 20);
     assert_eq!(post(a, "/api/generate", &huge).status, 413);
+
+    // num_predict -1 (until the context is full) and -2 (fill it) run to the context.
+    for n in [-1, -2] {
+        let body = format!(r#"{{"model":"smollm2","prompt":"Hi","raw":true,"stream":false,"options":{{"num_predict":{n},"num_ctx":12}}}}"#);
+        let r = post(a, "/api/generate", &body);
+        assert_eq!(r.status, 200, "num_predict {n}: {}", r.body);
+        let v = r.json();
+        let used = v["prompt_eval_count"].as_u64().unwrap() + v["eval_count"].as_u64().unwrap();
+        assert!((11..=12).contains(&used), "num_predict {n} stopped at {used} of 12 positions: {v}");
+    }
+
+    // A path is not a way into the head's files: outside --models-dir an
+    // existing file and a missing one get the same 404, and nothing loads.
+    let answers: Vec<(u16, String)> = ["/etc/hostname", "/no/such/file.gguf", "../../etc/hostname", "Cargo.toml", "/proc/self/environ"]
+        .iter()
+        .map(|path| {
+            let r = post(a, "/api/generate", &format!(r#"{{"model":"{path}","prompt":"x","stream":false}}"#));
+            (r.status, r.json()["error"].as_str().unwrap_or_default().replace(path, "PATH"))
+        })
+        .collect();
+    for (status, message) in &answers {
+        assert_eq!(*status, 404, "{message}");
+        assert_eq!(message, &answers[0].1, "the same answer whether the file exists or not");
+    }
+    // A file inside --models-dir may be named by its path.
+    let model = common::smollm2();
+    let r = post(a, "/api/generate", &format!(r#"{{"model":"{}","prompt":"Hi","stream":false,"options":{{"num_predict":2}}}}"#, model.display()));
+    assert_eq!(r.status, 200, "{}", r.body);
 
     // The server still serves.
     assert_eq!(post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":2}}"#).status, 200);

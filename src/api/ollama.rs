@@ -167,39 +167,33 @@ async fn respond(
     }
 }
 
-pub async fn generate(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let req: GenerateBody = match parse_json(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    match generate_inner(&svc, &headers, req).await {
-        Ok(r) => r,
-        Err(e) => e.in_dialect(Dialect::Ollama).into_response(),
-    }
+/// What an Ollama request asks for, once its body is checked: loading a
+/// model (an empty prompt, Ollama's way), or a generation.
+pub enum Ask {
+    Load(String),
+    Generate { gen: GenRequest, stream: bool },
 }
 
-async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, req: GenerateBody) -> Result<Response, ApiError> {
+/// `/api/generate`'s body, checked: every refusal a client can cause
+/// happens here, before anything is loaded or queued.
+pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
+    let req: GenerateBody = parse_json(body)?;
     check_format(&req.format)?;
     let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
-    let model = req.model.clone();
     if req.prompt.is_empty() && req.system.is_none() {
-        // Ollama's way to load a model: an empty prompt.
-        let w = svc.worker(&model).await?;
-        return Ok(Json(json!({"model": model, "created_at": now(), "response": "", "done": true, "done_reason": "load",
-            "load_duration": w.load_duration.as_nanos() as u64}))
-        .into_response());
+        return Ok(Ask::Load(req.model));
     }
     let prompt = if req.raw {
-        Prompt::Raw(req.prompt.clone())
+        Prompt::Raw(req.prompt)
     } else {
         let mut m: Vec<Message> = req.system.iter().map(|s| Message::new("system", s)).collect();
         m.push(Message::new("user", &req.prompt));
         Prompt::Chat(m)
     };
     let gen = GenRequest {
-        model: model.clone(),
+        model: req.model,
         prompt,
-        context: req.context.clone(),
+        context: req.context,
         params,
         max_tokens,
         stop,
@@ -207,8 +201,61 @@ async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, req: GenerateBo
         priority: priority(headers, req.priority),
         keep: false,
     };
+    Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
+}
+
+/// `/api/chat`'s body, checked.
+pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
+    let req: ChatBody = parse_json(body)?;
+    check_format(&req.format)?;
+    let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
+    if req.messages.is_empty() {
+        return Ok(Ask::Load(req.model));
+    }
+    for m in &req.messages {
+        if !["system", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+            return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
+        }
+    }
+    let gen = GenRequest {
+        model: req.model,
+        prompt: Prompt::Chat(req.messages),
+        context: vec![],
+        params,
+        max_tokens,
+        stop,
+        num_ctx,
+        priority: priority(headers, req.priority),
+        keep: true,
+    };
+    Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
+}
+
+/// Ollama's answer to a load request.
+async fn load(svc: &Arc<Service>, model: String, chat: bool) -> Result<Response, ApiError> {
+    let w = svc.worker(&model).await?;
+    let mut v = json!({"model": model, "created_at": now(), "done": true, "done_reason": "load",
+        "load_duration": w.load_duration.as_nanos() as u64});
+    if chat {
+        v["message"] = json!({"role": "assistant", "content": ""});
+    } else {
+        v["response"] = json!("");
+    }
+    Ok(Json(v).into_response())
+}
+
+pub async fn generate(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    generate_inner(&svc, &headers, &body).await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
+}
+
+async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    let (gen, stream) = match generate_request(body, headers)? {
+        Ask::Load(model) => return load(svc, model, false).await,
+        Ask::Generate { gen, stream } => (gen, stream),
+    };
+    let model = gen.model.clone();
     let rx = svc.generate(gen).await?;
-    Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
+    Ok(respond(rx, stream, move |piece, finished| match finished {
         None => json!({"model": model, "created_at": now(), "response": piece.unwrap_or(""), "done": false}),
         Some(f) => {
             let mut context = f.prompt_ids.clone();
@@ -220,44 +267,17 @@ async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, req: GenerateBo
 }
 
 pub async fn chat(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let req: ChatBody = match parse_json(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    match chat_inner(&svc, &headers, req).await {
-        Ok(r) => r,
-        Err(e) => e.in_dialect(Dialect::Ollama).into_response(),
-    }
+    chat_inner(&svc, &headers, &body).await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
 }
 
-async fn chat_inner(svc: &Arc<Service>, headers: &HeaderMap, req: ChatBody) -> Result<Response, ApiError> {
-    check_format(&req.format)?;
-    let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
-    let model = req.model.clone();
-    if req.messages.is_empty() {
-        let w = svc.worker(&model).await?;
-        return Ok(Json(json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""},
-            "done": true, "done_reason": "load", "load_duration": w.load_duration.as_nanos() as u64}))
-        .into_response());
-    }
-    for m in &req.messages {
-        if !["system", "user", "assistant", "tool"].contains(&m.role.as_str()) {
-            return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
-        }
-    }
-    let gen = GenRequest {
-        model: model.clone(),
-        prompt: Prompt::Chat(req.messages),
-        context: vec![],
-        params,
-        max_tokens,
-        stop,
-        num_ctx,
-        priority: priority(headers, req.priority),
-        keep: true,
+async fn chat_inner(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    let (gen, stream) = match chat_request(body, headers)? {
+        Ask::Load(model) => return load(svc, model, true).await,
+        Ask::Generate { gen, stream } => (gen, stream),
     };
+    let model = gen.model.clone();
     let rx = svc.generate(gen).await?;
-    Ok(respond(rx, req.stream.unwrap_or(true), move |piece, finished| match finished {
+    Ok(respond(rx, stream, move |piece, finished| match finished {
         None => {
             json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": piece.unwrap_or("")}, "done": false})
         }

@@ -200,11 +200,16 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
     }
 }
 
-/// Validates, admits and answers one request of either kind.
-async fn complete(svc: &Arc<Service>, headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) -> Result<Response, ApiError> {
+/// A checked request of either kind: the generation, and whether to stream.
+pub struct Ask {
+    pub gen: GenRequest,
+    pub stream: bool,
+}
+
+fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) -> Result<Ask, ApiError> {
     let (params, max_tokens, stop) = sampling(&common)?;
     let gen = GenRequest {
-        model: common.model.clone(),
+        model: common.model,
         prompt,
         context: vec![],
         params,
@@ -215,42 +220,55 @@ async fn complete(svc: &Arc<Service>, headers: &HeaderMap, common: CommonParams,
         // Chat turns keep their session for the next turn.
         keep: matches!(kind, Kind::Chat),
     };
-    let rx = svc.generate(gen).await?;
-    Ok(respond(rx, common.stream, common.model, kind).await)
+    Ok(Ask { gen, stream: common.stream })
+}
+
+/// `/v1/chat/completions`' body, checked: every refusal a client can cause
+/// happens here, before anything is loaded or queued.
+pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
+    let req: ChatBody = parse_json(body)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty"));
+    }
+    let mut messages = Vec::new();
+    for m in &req.messages {
+        let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+        if !["system", "user", "assistant", "tool"].contains(&role) {
+            return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
+        }
+        messages.push(Message::new(role, &text_of(&m.content)?));
+    }
+    ask(headers, req.common, Prompt::Chat(messages), Kind::Chat)
+}
+
+/// `/v1/completions`' body, checked.
+pub fn completion_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
+    let req: CompletionBody = parse_json(body)?;
+    let prompt = match &req.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        _ => return Err(ApiError::bad_request("prompt must be a string (batches are not supported)")),
+    };
+    ask(headers, req.common, Prompt::Raw(prompt), Kind::Text)
+}
+
+/// Admits and answers one checked request.
+async fn complete(svc: &Arc<Service>, request: Result<Ask, ApiError>, kind: Kind) -> Response {
+    let answer = async {
+        let Ask { gen, stream } = request?;
+        let model = gen.model.clone();
+        let rx = svc.generate(gen).await?;
+        Ok(respond(rx, stream, model, kind).await)
+    };
+    answer.await.unwrap_or_else(|e: ApiError| e.in_dialect(Dialect::OpenAi).into_response())
 }
 
 pub async fn chat_completions(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let result = async {
-        let req: ChatBody = parse_json(&body)?;
-        if req.messages.is_empty() {
-            return Err(ApiError::bad_request("messages must not be empty"));
-        }
-        let mut messages = Vec::new();
-        for m in &req.messages {
-            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-            if !["system", "user", "assistant", "tool"].contains(&role) {
-                return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
-            }
-            messages.push(Message::new(role, &text_of(&m.content)?));
-        }
-        complete(&svc, &headers, req.common, Prompt::Chat(messages), Kind::Chat).await
-    }
-    .await;
-    result.unwrap_or_else(|e| e.in_dialect(Dialect::OpenAi).into_response())
+    complete(&svc, chat_request(&body, &headers), Kind::Chat).await
 }
 
 pub async fn completions(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let result = async {
-        let req: CompletionBody = parse_json(&body)?;
-        let prompt = match &req.prompt {
-            Value::String(s) => s.clone(),
-            Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-            _ => return Err(ApiError::bad_request("prompt must be a string (batches are not supported)")),
-        };
-        complete(&svc, &headers, req.common, Prompt::Raw(prompt), Kind::Text).await
-    }
-    .await;
-    result.unwrap_or_else(|e| e.in_dialect(Dialect::OpenAi).into_response())
+    complete(&svc, completion_request(&body, &headers), Kind::Text).await
 }
 
 pub async fn models(State(svc): State<Arc<Service>>) -> Json<Value> {
