@@ -272,7 +272,7 @@ fn tensor_header(rng: &mut StdRng) -> TensorHeader {
 }
 
 fn kv_header(rng: &mut StdRng) -> KvStateHeader {
-    let mut pick = |rng: &mut StdRng| if rng.random_bool(0.6) { small(rng) } else { u32_of(rng) };
+    let pick = |rng: &mut StdRng| if rng.random_bool(0.6) { small(rng) } else { u32_of(rng) };
     KvStateHeader {
         session: u64_of(rng),
         len: pick(rng),
@@ -467,10 +467,11 @@ fn frame_input(rng: &mut StdRng) -> bool {
             mutate_bytes(rng, &mut bytes, n);
         }
     } else {
-        // Unmutated: the decoder must give back exactly what was encoded.
+        // Unmutated: the decoder gives back what was encoded (compared as
+        // bytes: a NaN in the sampling parameters is not equal to itself).
         let (back, used) = frame::decode(&bytes, Limits::DEFAULT).expect("a valid frame decodes").expect("whole");
         assert_eq!(used, bytes.len());
-        assert_eq!(back, frame, "a frame round trips");
+        assert_eq!(frame::encode(&back).expect("it encodes again"), bytes, "a frame round trips");
     }
     let mut accepted = false;
     for limits in [Limits::DEFAULT, Limits::PRE_AUTH] {

@@ -18,25 +18,25 @@ fn check(target: &'static str, iterations: u64) {
 
 #[test]
 fn frames() {
-    check("frame", 30_000);
+    check("frame", 100_000);
 }
 
 #[test]
 fn kv_payloads() {
-    check("kv", 30_000);
+    check("kv", 50_000);
 }
 
 #[test]
 fn tensor_payloads() {
-    check("tensor", 30_000);
+    check("tensor", 100_000);
 }
 
 #[test]
 fn gguf_headers() {
-    check("gguf", 1_500);
+    check("gguf", 3_000);
 }
 
 #[test]
 fn http_bodies() {
-    check("http", 30_000);
+    check("http", 100_000);
 }

@@ -60,7 +60,8 @@ fn ggml_type_name(id: u32) -> Option<&'static str> {
     })
 }
 
-/// Bytes a tensor occupies in the file (and in memory, since it stays quantized).
+/// Bytes a tensor occupies in the file (and in memory, since it stays
+/// quantized); [`GgufFile::open`] checked that this fits the file.
 pub fn tensor_bytes(info: &TensorInfo) -> u64 {
     let dtype = info.ggml_dtype;
     (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
@@ -91,6 +92,14 @@ impl GgufFile {
         })?;
         for (name, info) in content.tensor_infos.iter() {
             let block = info.ggml_dtype.block_size();
+            // Dimensions come from the file: their product must not wrap
+            // before it is compared with the file's length.
+            let elements = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let bytes = elements.and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size()));
+            let end = bytes.and_then(|b| content.tensor_data_offset.checked_add(info.offset)?.checked_add(b as u64));
+            let Some(end) = end else {
+                return Err(Error::bad_model(path, format!("tensor '{name}' of shape {:?} is larger than any file", info.shape.dims())));
+            };
             if info.shape.elem_count() % block != 0 {
                 return Err(Error::bad_model(
                     path,
@@ -101,7 +110,6 @@ impl GgufFile {
                     ),
                 ));
             }
-            let end = content.tensor_data_offset + info.offset + tensor_bytes(info);
             if end > file_len {
                 return Err(Error::bad_model(
                     path,
@@ -227,20 +235,20 @@ impl GgufFile {
     /// output head (norm + LM head; an untied head is counted on its own).
     pub fn layer_bytes(&self, n_layers: usize) -> LayerBytes {
         let mut blocks = vec![0u64; n_layers];
-        let (mut embed, mut head, mut experts) = (0, 0, 0);
+        let (mut embed, mut head, mut experts) = (0u64, 0u64, 0u64);
         for (name, info) in self.content.tensor_infos.iter() {
             let bytes = tensor_bytes(info);
             if let Some(rest) = name.strip_prefix("blk.") {
                 if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
                     if i < n_layers {
-                        blocks[i] += bytes;
-                        experts += if is_expert_tensor(rest) { bytes } else { 0 };
+                        blocks[i] = blocks[i].saturating_add(bytes);
+                        experts = if is_expert_tensor(rest) { experts.saturating_add(bytes) } else { experts };
                     }
                 }
             } else if name == "token_embd.weight" {
-                embed += bytes;
+                embed = bytes;
             } else if name.starts_with("output") {
-                head += bytes;
+                head = head.saturating_add(bytes);
             }
         }
         let tied = !self.content.tensor_infos.contains_key("output.weight");

@@ -33,6 +33,13 @@ impl KvLayout {
     pub fn block_bytes(&self) -> usize {
         2 * self.tensor_bytes
     }
+
+    /// The payload cut into its blocks (empty ones for a state of no
+    /// positions: still one per block).
+    fn blocks<'a>(&self, payload: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        let size = self.block_bytes();
+        (0..self.n_layers).map(move |i| &payload[i * size..(i + 1) * size])
+    }
 }
 
 fn malformed(message: String) -> NetError {
@@ -104,7 +111,7 @@ pub fn decode(header: &KvStateHeader, payload: &[u8], device: &Device) -> Result
     let layout = header.layout(payload.len())?;
     let th = header.tensor_header();
     let mut layers = Vec::with_capacity(layout.n_layers);
-    for block in payload.chunks_exact(layout.block_bytes()) {
+    for block in layout.blocks(payload) {
         let (k, v) = block.split_at(layout.tensor_bytes);
         let k: Tensor = tensor::decode(&th, k, device)?;
         layers.push((k, tensor::decode(&th, v, device)?));
@@ -114,8 +121,7 @@ pub fn decode(header: &KvStateHeader, payload: &[u8], device: &Device) -> Result
 
 /// Each block's bytes (K then V), in order.
 pub fn blocks<'a>(header: &KvStateHeader, payload: &'a [u8]) -> Result<Vec<&'a [u8]>, NetError> {
-    let layout = header.layout(payload.len())?;
-    Ok(payload.chunks_exact(layout.block_bytes()).collect())
+    Ok(header.layout(payload.len())?.blocks(payload).collect())
 }
 
 /// A state of the given blocks (each as [`blocks`] cut them) under a header
@@ -169,6 +175,8 @@ mod tests {
             assert!(decode(&h, &[0; 64], &Device::Cpu).is_err());
         }
         assert!(header(2, 2, 3, 4).layout(2 * 2 * 24 * 4 - 1).is_err());
-        assert!(header(2, 2, 0, 4).layout(0).is_ok(), "an empty session is a state too");
+        let empty = header(2, 2, 0, 4);
+        assert_eq!(decode(&empty, &[], &Device::Cpu).unwrap().layers.len(), 2, "an empty session is a state too");
+        assert_eq!(blocks(&empty, &[]).unwrap().len(), 2);
     }
 }
