@@ -24,8 +24,8 @@ pub enum Error {
     #[error("invalid model file {path}: {reason}")]
     BadModel { path: PathBuf, reason: String },
 
-    #[error("unsupported architecture '{0}' (supported: {supported})", supported = crate::model::arch::supported())]
-    UnsupportedArchitecture(String),
+    #[error("unsupported architecture '{name}' (supported: {supported})")]
+    UnsupportedArchitecture { name: String, supported: String },
 
     /// A model source that no resolver recognised.
     #[error("unknown model '{0}': not a .gguf file, not a model directory, not an Ollama tag in the local store, not a hub repository, and not in the catalog")]

@@ -25,7 +25,7 @@ impl ModelInfo {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        super::partition::total_bytes(&self.layer_bytes)
+        self.layer_bytes.total()
     }
 }
 

@@ -77,33 +77,12 @@ impl Assignment {
     }
 }
 
-/// Bytes of a stage holding `r`, with the embedding on the first and the head on the last.
-pub fn stage_bytes(model: &LayerBytes, r: &Range<usize>) -> u64 {
-    let n = model.blocks.len();
-    let mut b: u64 = model.blocks[r.start.min(n)..r.end.min(n)].iter().sum();
-    if r.start == 0 {
-        b += model.embed;
-    }
-    if r.end == n {
-        b += model.head;
-        if model.tied && r.start == 0 {
-            // One stage holds the tied table once.
-            b -= model.embed;
-        }
-    }
-    b
-}
-
-/// Bytes of the whole model on one node.
-pub fn total_bytes(model: &LayerBytes) -> u64 {
-    stage_bytes(model, &(0..model.blocks.len()))
-}
 
 fn assignments(model: &LayerBytes, nodes: &[&NodeSpec], ranges: Vec<Range<usize>>) -> Vec<Assignment> {
     nodes
         .iter()
         .zip(ranges)
-        .map(|(n, r)| Assignment { node: n.name.clone(), bytes: stage_bytes(model, &r), start: r.start, end: r.end })
+        .map(|(n, r)| Assignment { node: n.name.clone(), bytes: model.stage(&r), start: r.start, end: r.end })
         .collect()
 }
 
@@ -126,7 +105,7 @@ fn check_fits(plan: &[Assignment], nodes: &[&NodeSpec]) -> Result<()> {
 }
 
 fn not_enough(model: &LayerBytes, nodes: &[&NodeSpec]) -> Error {
-    let need = total_bytes(model);
+    let need = model.total();
     let have: u64 = nodes.iter().map(|n| n.memory).sum();
     Error::InvalidRequest(format!(
         "the model needs {} of weights but the {} nodes offer {} in all: {} missing",
@@ -143,7 +122,7 @@ pub fn plan(strategy: Strategy, model: &LayerBytes, nodes: &[NodeSpec]) -> Resul
         return Err(Error::InvalidRequest("a plan needs at least one node".into()));
     }
     let refs: Vec<&NodeSpec> = nodes.iter().collect();
-    if total_bytes(model) > nodes.iter().map(|n| n.memory).sum() {
+    if model.total() > nodes.iter().map(|n| n.memory).sum() {
         return Err(not_enough(model, &refs));
     }
     match strategy {
@@ -253,13 +232,13 @@ fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignmen
         }
         // The longest run of blocks from `start` that fits this node.
         let mut end = start;
-        while end < n_layers && stage_bytes(model, &(start..end + 1)) <= node.memory {
+        while end < n_layers && model.stage(&(start..end + 1)) <= node.memory {
             end += 1;
         }
         if end == start {
             continue;
         }
-        plan.push(Assignment { node: node.name.clone(), start, end, bytes: stage_bytes(model, &(start..end)) });
+        plan.push(Assignment { node: node.name.clone(), start, end, bytes: model.stage(&(start..end)) });
         start = end;
     }
     if start < n_layers {
@@ -437,7 +416,7 @@ mod tests {
                     assert!(a.start < a.end, "{s}: empty stage");
                     let node = nodes.iter().find(|n| n.name == a.node).unwrap();
                     assert!(a.bytes <= node.memory, "{s}: {} over {}", a.bytes, node.memory);
-                    assert_eq!(a.bytes, stage_bytes(&m, &a.layers()));
+                    assert_eq!(a.bytes, m.stage(&a.layers()));
                 }
                 let names: std::collections::HashSet<_> = plan.iter().map(|a| &a.node).collect();
                 assert_eq!(names.len(), plan.len(), "{s}: a node used twice");

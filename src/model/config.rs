@@ -4,15 +4,7 @@
 //! plain struct, so compute code never handles "maybe".
 
 use super::arch::Architecture;
-
-/// How rotary embeddings pair the dimensions of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Pairs (2i, 2i+1): GGUF llama files, whose q/k rows llama.cpp's converter permuted.
-    Interleaved,
-    /// Pairs (i, i + d/2): HF checkpoints (`rotate_half`) and GGUF qwen2.
-    Half,
-}
+use super::rope::RopeStyle;
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -347,6 +347,29 @@ impl LayerBytes {
         Self { blocks, embed, head, tied, expert_bytes: 0, routed: None }
     }
 
+    /// Bytes of a stage holding blocks `r`, with the embedding on the first
+    /// and the head on the last.
+    pub fn stage(&self, r: &std::ops::Range<usize>) -> u64 {
+        let n = self.blocks.len();
+        let mut b: u64 = self.blocks[r.start.min(n)..r.end.min(n)].iter().sum();
+        if r.start == 0 {
+            b += self.embed;
+        }
+        if r.end == n {
+            b += self.head;
+            if self.tied && r.start == 0 {
+                // One stage holds the tied table once.
+                b -= self.embed;
+            }
+        }
+        b
+    }
+
+    /// Bytes of the whole model on one node.
+    pub fn total(&self) -> u64 {
+        self.stage(&(0..self.blocks.len()))
+    }
+
     /// Bytes one decode step reads: every block and the LM head (of the
     /// embedding table only the token's row; of a mixture only the experts
     /// a token runs, `k / n` of them on average).

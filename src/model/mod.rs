@@ -132,7 +132,7 @@ impl ModelFile {
     /// Bytes a slice of `layers` holds: its blocks, plus the embedding on the
     /// first slice and the norm + LM head on the last.
     pub fn slice_bytes(&self, layers: Range<usize>) -> Result<u64> {
-        Ok(crate::cluster::partition::stage_bytes(&self.layer_bytes()?, &layers))
+        Ok(self.layer_bytes()?.stage(&layers))
     }
 
     /// Identifies the model: SHA-256 of the GGUF header and tensor table, or of

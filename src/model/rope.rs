@@ -4,9 +4,17 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::RopeStyle;
 use super::weights::Backend;
 use crate::error::Result;
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): GGUF llama files, whose q/k rows llama.cpp's converter permuted.
+    Interleaved,
+    /// Pairs (i, i + d/2): HF checkpoints (`rotate_half`) and GGUF qwen2.
+    Half,
+}
 
 /// What makes one set of tables: a slice builds each distinct one once and
 /// shares it between the blocks that use it (gemma3 has two bases).

@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use super::arch;
 use super::arch::Architecture;
-use super::config::{Config, RopeStyle};
+use super::config::Config;
+use super::rope::RopeStyle;
 use super::weights::RawWeight;
 use crate::error::{first_line, Error, Result};
 

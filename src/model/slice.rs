@@ -175,7 +175,7 @@ impl ModelSlice {
         progress.inc(1);
         progress.finish_and_clear();
         let scratch = Arc::new(Mutex::new(Scratch::default()));
-        let embed_scale = (config.arch.embedding_scale)(&config);
+        let embed_scale = (config.arch.embedding_scale)(config.hidden_size);
         Ok(Self { config, layers, embed, embed_scale, blocks, head, device: device.clone(), weight_bytes, backend, scratch })
     }
 

@@ -17,7 +17,8 @@ use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
 use super::arch;
-use super::config::{Config, RopeStyle};
+use super::config::Config;
+use super::rope::RopeStyle;
 use super::gguf::LayerBytes;
 use super::weights::RawWeight;
 use crate::error::{Error, Result};

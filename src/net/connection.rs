@@ -2,7 +2,7 @@
 
 use quinn::{ReadExactError, RecvStream, SendStream};
 
-use super::frame::{check_prefix, encode, parse_header, Frame, Limits, PREFIX_LEN};
+use super::frame::{check_prefix, encode_head, parse_header, Frame, Limits, PREFIX_LEN};
 use super::NetError;
 
 pub struct FrameReader {
@@ -64,8 +64,10 @@ impl FrameWriter {
     }
 
     pub async fn write(&mut self, frame: &Frame) -> Result<(), NetError> {
-        let bytes = encode(frame)?;
-        self.send.write_all(&bytes).await?;
+        self.send.write_all(&encode_head(frame)?).await?;
+        if !frame.payload.is_empty() {
+            self.send.write_all(&frame.payload).await?;
+        }
         Ok(())
     }
 

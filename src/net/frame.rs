@@ -10,7 +10,7 @@
 //! The fixed prefix is checked before anything is allocated: a wrong version
 //! or a length over the limit is refused with only 10 bytes read.
 
-use super::message::Message;
+use super::message::{Message, StepResult};
 use super::NetError;
 
 pub const PROTOCOL_VERSION: u8 = 2;
@@ -66,18 +66,27 @@ fn bincode_config() -> impl bincode::config::Config {
 }
 
 pub fn encode(frame: &Frame) -> Result<Vec<u8>, NetError> {
+    let mut out = encode_head(frame)?;
+    out.extend_from_slice(&frame.payload);
+    Ok(out)
+}
+
+/// The prefix and header: what precedes the payload, which a writer sends
+/// as it is (activations are not copied into one buffer with the header).
+pub fn encode_head(frame: &Frame) -> Result<Vec<u8>, NetError> {
     let header = bincode::serde::encode_to_vec(&frame.message, bincode_config())
         .map_err(|e| NetError::Decode(format!("cannot encode {}: {e}", frame.message.kind())))?;
     if header.len() > MAX_HEADER {
         return Err(NetError::TooLarge { what: "header", len: header.len() as u64, max: MAX_HEADER as u64 });
     }
-    let mut out = Vec::with_capacity(PREFIX_LEN + header.len() + frame.payload.len());
+    let payload_len = u32::try_from(frame.payload.len())
+        .map_err(|_| NetError::TooLarge { what: "payload", len: frame.payload.len() as u64, max: u32::MAX as u64 })?;
+    let mut out = Vec::with_capacity(PREFIX_LEN + header.len());
     out.push(PROTOCOL_VERSION);
     out.push(0);
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(frame.payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload_len.to_le_bytes());
     out.extend_from_slice(&header);
-    out.extend_from_slice(&frame.payload);
     Ok(out)
 }
 
@@ -120,6 +129,37 @@ pub fn decode(buf: &[u8], limits: Limits) -> Result<Option<(Frame, usize)>, NetE
     let message = parse_header(&buf[PREFIX_LEN..PREFIX_LEN + prefix.header_len])?;
     let payload = buf[PREFIX_LEN + prefix.header_len..total].to_vec();
     Ok(Some((Frame { message, payload }, total)))
+}
+
+// A result's logits travel in its frame's payload; this is where a result
+// meets its frame.
+impl StepResult {
+    /// The frame that carries this result, its logits (if any) as raw
+    /// little-endian f32 in the payload.
+    pub fn into_frame(mut self) -> Frame {
+        match self.logits.take() {
+            Some(logits) => {
+                self.logits_len = Some(logits.len() as u32);
+                let bytes = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+                Frame::with_payload(Message::Result(self), bytes)
+            }
+            None => Frame::new(Message::Result(self)),
+        }
+    }
+
+    /// The result with its logits read back from the frame's payload.
+    pub fn with_payload(mut self, payload: &[u8]) -> Result<Self, NetError> {
+        let expected = self.logits_len.map_or(0, |n| n as usize * 4);
+        if payload.len() != expected {
+            return Err(NetError::Decode(format!(
+                "a result of {:?} logits came with {} payload bytes",
+                self.logits_len,
+                payload.len()
+            )));
+        }
+        self.logits = self.logits_len.map(|_| payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+        Ok(self)
+    }
 }
 
 #[cfg(test)]
@@ -166,5 +206,27 @@ mod tests {
         bytes.extend_from_slice(&0u32.to_le_bytes());
         bytes.extend_from_slice(&[0xff, 0xff, 0xff]);
         assert!(matches!(decode(&bytes, Limits::DEFAULT), Err(NetError::Decode(_))));
+    }
+
+    #[test]
+    fn a_result_carries_a_large_vocabulary_of_logits_in_its_payload() {
+        // Gemma 3's 262,144 logits are over the header's 1 MiB limit.
+        let logits: Vec<f32> = (0..262_144).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let r = StepResult {
+            session: 1,
+            step: 2,
+            token: Some(3),
+            logits: Some(logits.clone()),
+            logits_len: None,
+            stage_nanos: vec![],
+            f16_fallbacks: 0,
+            hop_bytes: vec![],
+        };
+        let bytes = encode(&r.into_frame()).unwrap();
+        let (frame, _) = decode(&bytes, Limits::DEFAULT).unwrap().unwrap();
+        let Message::Result(back) = frame.message else { panic!("a result") };
+        assert_eq!(back.clone().with_payload(&frame.payload).unwrap().logits, Some(logits));
+        // A payload that does not hold what the header says is refused.
+        assert!(back.with_payload(&frame.payload[4..]).is_err());
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! Architecture invariant: nothing outside `net` sees bytes on the wire.
 
+pub mod announce;
 pub mod auth;
 pub mod connection;
 pub mod frame;
@@ -53,7 +54,8 @@ pub enum NetError {
 
 impl From<candle_core::Error> for NetError {
     fn from(e: candle_core::Error) -> Self {
-        NetError::Decode(crate::error::first_line(&e))
+        // candle appends a backtrace after the first line.
+        NetError::Decode(e.to_string().lines().next().unwrap_or_default().to_string())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Activations on the wire: raw little-endian numbers with a dtype tag and a
 //! shape, never through a generic serializer.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::NetError;
@@ -21,13 +21,6 @@ impl WireDType {
         }
     }
 
-    fn dtype(self) -> DType {
-        match self {
-            WireDType::F32 => DType::F32,
-            WireDType::F16 => DType::F16,
-            WireDType::BF16 => DType::BF16,
-        }
-    }
 }
 
 impl std::str::FromStr for WireDType {
@@ -61,11 +54,27 @@ pub struct TensorHeader {
 /// The largest finite f16.
 const F16_MAX: f32 = 65504.0;
 
-/// Encodes `t` (f32) as `wire`. Values beyond f16's range would become inf, so
-/// an f16 request for such a tensor is sent as f32; the flag says it happened.
+/// Encodes `t` as `wire` (see [`encode_f32`]); a contiguous f32 tensor in
+/// host memory is read in place.
 pub fn encode(t: &Tensor, wire: WireDType) -> Result<(TensorHeader, Vec<u8>, bool), NetError> {
     let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let (storage, layout) = t.storage_and_layout();
+    if let Storage::Cpu(cpu) = &*storage {
+        let values = &cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()];
+        return encode_f32(values, t.dims(), wire);
+    }
+    drop(storage);
+    encode_f32(&t.flatten_all()?.to_vec1::<f32>()?, t.dims(), wire)
+}
+
+/// Encodes f32 values of `shape` as `wire`, in one pass from the numbers to
+/// the payload's bytes. Values beyond f16's range would become inf, so an
+/// f16 request for such values is sent as f32; the flag says it happened.
+pub fn encode_f32(values: &[f32], shape: &[usize], wire: WireDType) -> Result<(TensorHeader, Vec<u8>, bool), NetError> {
+    let shape = shape
+        .iter()
+        .map(|&d| u32::try_from(d).map_err(|_| NetError::Decode(format!("a dimension of {d} does not fit the wire"))))
+        .collect::<Result<Vec<u32>, _>>()?;
     let overflow = wire == WireDType::F16 && values.iter().any(|v| v.abs() > F16_MAX);
     let dtype = if overflow { WireDType::F32 } else { wire };
     let mut bytes = Vec::with_capacity(values.len() * dtype.size());
@@ -74,12 +83,12 @@ pub fn encode(t: &Tensor, wire: WireDType) -> Result<(TensorHeader, Vec<u8>, boo
         WireDType::F16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
         WireDType::BF16 => values.iter().for_each(|v| bytes.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
     }
-    let shape = t.dims().iter().map(|&d| d as u32).collect();
     Ok((TensorHeader { dtype, shape }, bytes, overflow))
 }
 
-/// Decodes a payload into an f32 tensor on `device`, checking its size first.
-pub fn decode(h: &TensorHeader, bytes: &[u8], device: &Device) -> Result<Tensor, NetError> {
+/// Decodes a payload into f32 values, checking its size first: one pass
+/// from the wire's bytes to the numbers a stage computes with.
+pub fn decode_f32(h: &TensorHeader, bytes: &[u8]) -> Result<Vec<f32>, NetError> {
     let elems = h.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
     let expected = elems.and_then(|e| e.checked_mul(h.dtype.size() as u64));
     match expected {
@@ -94,9 +103,18 @@ pub fn decode(h: &TensorHeader, bytes: &[u8], device: &Device) -> Result<Tensor,
         }
         None => return Err(NetError::Decode(format!("a tensor of shape {:?} is larger than any payload", h.shape))),
     }
+    Ok(match h.dtype {
+        WireDType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        WireDType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        WireDType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    })
+}
+
+/// Decodes a payload into an f32 tensor on `device`, checking its size first.
+pub fn decode(h: &TensorHeader, bytes: &[u8], device: &Device) -> Result<Tensor, NetError> {
+    let values = decode_f32(h, bytes)?;
     let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
-    let t = Tensor::from_raw_buffer(bytes, h.dtype.dtype(), &shape, device)?;
-    Ok(t.to_dtype(DType::F32)?)
+    Ok(Tensor::from_vec(values, shape, device)?)
 }
 
 #[cfg(test)]

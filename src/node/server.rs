@@ -111,7 +111,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             _ => std::net::Ipv4Addr::UNSPECIFIED,
         };
         tokio::spawn(async move {
-            if let Err(e) = crate::cluster::discovery::announce(group, iface, local.to_string(), std::time::Duration::from_secs(1)).await {
+            if let Err(e) = crate::net::announce::announce(group, iface, local.to_string(), std::time::Duration::from_secs(1)).await {
                 tracing::warn!("announcements stopped: {e}");
             }
         });

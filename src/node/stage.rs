@@ -250,7 +250,11 @@ impl Drop for AliveGuard {
 /// A step's input, decoded.
 enum StepInput {
     Tokens(Vec<u32>),
+    /// Hidden states for the candle backend.
     Hidden(Tensor),
+    /// Hidden states for the host backend: `rows` rows, decoded from the
+    /// payload straight into the f32 values the kernels read.
+    Rows { values: Vec<f32>, rows: usize },
 }
 
 impl StepInput {
@@ -258,6 +262,7 @@ impl StepInput {
         match self {
             StepInput::Tokens(ids) => ids.len(),
             StepInput::Hidden(t) => t.dims().get(1).copied().unwrap_or(0),
+            StepInput::Rows { rows, .. } => *rows,
         }
     }
 }
@@ -286,39 +291,30 @@ fn take_batch(queue: &mut VecDeque<Work>) -> Vec<(ForwardHeader, Vec<u8>)> {
 
 /// The host path over several sessions at once; the caches leave the map for
 /// the call and always come back.
-fn run_batch(slice: &ModelSlice, sessions: &mut HashMap<u64, Session>, steps: &[(ForwardHeader, StepInput)]) -> crate::Result<Vec<SliceOutput>> {
+fn run_batch(slice: &ModelSlice, sessions: &mut HashMap<u64, Session>, steps: &[&(ForwardHeader, StepInput)]) -> crate::Result<Vec<SliceOutput>> {
     let mut taken: Vec<(u64, Session)> = Vec::with_capacity(steps.len());
-    for (h, _) in steps {
+    for (h, _) in steps.iter().copied() {
         match sessions.remove(&h.session) {
             Some(s) => taken.push((h.session, s)),
             None => break,
         }
     }
     let result = if taken.len() == steps.len() {
-        let hidden: Vec<Option<Vec<f32>>> = steps
+        let items: Option<Vec<BatchItem<'_>>> = steps
             .iter()
-            .map(|(_, input)| match input {
-                StepInput::Hidden(t) => t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok(),
-                StepInput::Tokens(_) => None,
+            .zip(taken.iter_mut())
+            .map(|((_, input), (_, session))| {
+                let input = match input {
+                    StepInput::Tokens(ids) => HostInput::Tokens(ids),
+                    StepInput::Rows { values, .. } => HostInput::Hidden(values),
+                    StepInput::Hidden(_) => return None,
+                };
+                Some(BatchItem { input, cache: &mut session.cache })
             })
             .collect();
-        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(steps.len());
-        let mut complete = true;
-        for (((_, input), x), (_, session)) in steps.iter().zip(&hidden).zip(taken.iter_mut()) {
-            let input = match (input, x) {
-                (StepInput::Tokens(ids), _) => HostInput::Tokens(ids),
-                (StepInput::Hidden(_), Some(x)) => HostInput::Hidden(x),
-                (StepInput::Hidden(_), None) => {
-                    complete = false;
-                    break;
-                }
-            };
-            items.push(BatchItem { input, cache: &mut session.cache });
-        }
-        if complete {
-            slice.forward_batch(&mut items)
-        } else {
-            Err(crate::Error::InvalidRequest("an input could not be read".into()))
+        match items {
+            Some(mut items) => slice.forward_batch(&mut items),
+            None => Err(crate::Error::InvalidRequest("a candle input given to the host backend".into())),
         }
     } else {
         Err(crate::Error::InvalidRequest("a session is missing".into()))
@@ -489,6 +485,14 @@ impl Worker {
                 }
                 StepInput::Tokens(ids.clone())
             }
+            ForwardInput::Hidden(th) if slice.backend() == Backend::Host => {
+                let values = tensor::decode_f32(th, payload)?;
+                let hidden = slice.config().hidden_size;
+                if values.len() % hidden != 0 {
+                    return Err(Fault::new(ErrorCode::Invalid, format!("hidden states of shape {:?} are not rows of {hidden}", th.shape)));
+                }
+                StepInput::Rows { rows: values.len() / hidden, values }
+            }
             ForwardInput::Hidden(th) => StepInput::Hidden(tensor::decode(th, payload, slice.device())?),
         };
         self.admit(h.session, h.open, input.rows(), slice)?;
@@ -512,10 +516,20 @@ impl Worker {
             return steps.iter().map(|_| Err(Fault::no_model())).collect();
         };
         let slice = &model.slice;
-        if steps.len() > 1 && slice.backend() == Backend::Host {
-            if let Ok(outputs) = run_batch(slice, &mut self.sessions, steps) {
+        if slice.backend() == Backend::Host {
+            // All together; when the batch as a whole is refused, each step
+            // alone, so a bad one fails only its own session.
+            let all: Vec<_> = steps.iter().collect();
+            if let Ok(outputs) = run_batch(slice, &mut self.sessions, &all) {
                 return outputs.into_iter().map(Ok).collect();
             }
+            return steps
+                .iter()
+                .map(|step| {
+                    let output = run_batch(slice, &mut self.sessions, &[step])?.pop();
+                    output.ok_or_else(|| Fault::new(ErrorCode::Internal, "the slice gave no output for a step"))
+                })
+                .collect();
         }
         steps
             .iter()
@@ -524,6 +538,7 @@ impl Worker {
                 let x = match input {
                     StepInput::Tokens(ids) => Tensor::new(ids.as_slice(), slice.device()).and_then(|t| t.unsqueeze(0)).map_err(crate::Error::from)?,
                     StepInput::Hidden(t) => t.clone(),
+                    StepInput::Rows { .. } => return Err(Fault::new(ErrorCode::Internal, "host rows given to the candle backend")),
                 };
                 Ok(slice.forward(&x, &mut session.cache)?)
             })

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::llama::{three, two};
 use super::Architecture;
 use crate::error::Result;
-use crate::model::config::{Config, RopeStyle};
+use crate::model::rope::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Act, Attention, Block, Gate, Ops};
 use crate::model::rope::RopeSpec;
@@ -32,7 +32,7 @@ pub const ARCH: Architecture = Architecture {
         ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
     ],
     hf_norm_offset: 1.0,
-    embedding_scale: |c: &Config| Some((c.hidden_size as f32).sqrt()),
+    embedding_scale: |hidden| Some((hidden as f32).sqrt()),
     chat_template: Some(CHAT_TEMPLATE),
     load_block: load,
 };

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::{unscaled, Architecture};
 use crate::error::Result;
-use crate::model::config::RopeStyle;
+use crate::model::rope::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Act, Attention, Block, Experts, Gate, Ops};
 use crate::model::weights::{Linear, Norm, Projections};

@@ -16,7 +16,7 @@ mod qwen3moe;
 
 use std::sync::Arc;
 
-use super::config::{Config, RopeStyle};
+use super::rope::RopeStyle;
 use super::loader::Loader;
 use super::ops::Block;
 use crate::error::{Error, Result};
@@ -35,8 +35,9 @@ pub struct Architecture {
     pub hf_names: &'static [(&'static str, &'static str)],
     /// Added to RMSNorm weights read from HF checkpoints (gemma stores `w - 1`).
     pub hf_norm_offset: f32,
-    /// The embedding rows are multiplied by this (gemma: √hidden).
-    pub embedding_scale: fn(&Config) -> Option<f32>,
+    /// The embedding rows are multiplied by this, given the hidden size
+    /// (gemma: √hidden).
+    pub embedding_scale: fn(usize) -> Option<f32>,
     /// The chat template of models whose files ship none (HF's, minijinja-compatible).
     pub chat_template: Option<&'static str>,
     /// Loads one block of this architecture.
@@ -53,7 +54,7 @@ pub const ARCHITECTURES: &[&Architecture] =
     &[&llama::ARCH, &qwen2::ARCH, &qwen3::ARCH, &qwen3moe::ARCH, &gemma3::ARCH, &phi3::ARCH, &phi2::ARCH];
 
 fn unsupported(name: &str) -> Error {
-    Error::UnsupportedArchitecture(name.to_string())
+    Error::UnsupportedArchitecture { name: name.to_string(), supported: supported() }
 }
 
 pub fn by_gguf_name(name: &str) -> Result<&'static Architecture> {
@@ -65,7 +66,7 @@ pub fn by_hf_model_type(model_type: &str) -> Result<&'static Architecture> {
 }
 
 /// No embedding scale (most architectures).
-fn unscaled(_: &Config) -> Option<f32> {
+fn unscaled(_: usize) -> Option<f32> {
     None
 }
 

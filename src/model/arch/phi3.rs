@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::llama::{Ffn, LlamaBlock};
 use super::{unscaled, Architecture};
 use crate::error::Result;
-use crate::model::config::RopeStyle;
+use crate::model::rope::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Attention, Block};
 

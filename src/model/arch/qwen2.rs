@@ -5,7 +5,7 @@
 //! pairing, the q/k rows are not permuted in GGUF files).
 
 use super::{llama, unscaled, Architecture};
-use crate::model::config::RopeStyle;
+use crate::model::rope::RopeStyle;
 
 pub const ARCH: Architecture = Architecture {
     name: "qwen2",

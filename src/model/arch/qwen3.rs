@@ -5,7 +5,7 @@
 //! over `head_dim`); llama.cpp `LLM_ARCH_QWEN3`.
 
 use super::{llama, unscaled, Architecture};
-use crate::model::config::RopeStyle;
+use crate::model::rope::RopeStyle;
 
 pub const ARCH: Architecture = Architecture {
     name: "qwen3",

@@ -6,7 +6,7 @@
 //! llama.cpp `LLM_ARCH_QWEN3MOE`.
 
 use super::{llama, qwen3, unscaled, Architecture};
-use crate::model::config::RopeStyle;
+use crate::model::rope::RopeStyle;
 
 pub const ARCH: Architecture = Architecture {
     name: "qwen3moe",
