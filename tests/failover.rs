@@ -100,6 +100,53 @@ fn all_nodes_down_is_a_clear_error_in_bounded_time() {
     assert!(msg.contains("down") || msg.contains("disconnected") || msg.contains("reach"), "{msg}");
 }
 
+#[test]
+fn a_node_down_before_setup_is_planned_around() {
+    let (spec, tokenizer, reference) = setup();
+    let mut nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    nodes[1].kill();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut engine = FailoverEngine::start(rt, spec, addrs.clone(), vec![]).expect("setup goes around the dead node");
+    assert_eq!(engine.chain().len(), 2);
+    assert!(!engine.chain().iter().any(|(a, _)| *a == addrs[1]));
+    let result = generate(&mut engine, &tokenizer, 9, &common::greedy_request(), &mut |_| true).unwrap();
+    assert_eq!(result.tokens, reference);
+}
+
+#[test]
+fn a_node_killed_during_setup_is_replaced_and_nothing_is_lost() {
+    // The kill lands while the chain connects, loads or links (or, on a slow
+    // day, just after): whichever, the standby takes the blocks and the
+    // tokens are the fault-free run's.
+    let (spec, tokenizer, reference) = setup();
+    let mut nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    let standby = NodeProc::spawn(Some(KEY), &[]);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let mut victim = nodes.remove(2);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(40));
+        victim.kill();
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut engine = FailoverEngine::start(rt, spec, addrs.clone(), vec![standby.addr.clone()]).expect("setup survives the kill");
+    killer.join().unwrap();
+    let result = generate(&mut engine, &tokenizer, 10, &common::greedy_request(), &mut |_| true).unwrap();
+    assert_eq!(result.tokens, reference);
+    assert!(engine.chain().iter().any(|(a, _)| *a == standby.addr), "the standby took the dead node's blocks: {:?}", engine.chain());
+}
+
+#[test]
+fn setup_with_every_node_down_names_them() {
+    let (spec, _, _) = setup();
+    let mut nodes: Vec<NodeProc> = (0..2).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    nodes.iter_mut().for_each(|n| n.kill());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let err = FailoverEngine::start(rt, spec, addrs.clone(), vec![]).err().expect("no node to run on").to_string();
+    assert!(addrs.iter().all(|a| err.contains(a.as_str())), "{err}");
+}
+
 /// The chaos run reported in BENCHMARKS.md: 10 generations, one kill -9 each
 /// at a pseudo-random token and stage, half with a standby. Slow (minutes),
 /// so run by hand: `cargo test --release --test failover chaos -- --ignored --nocapture`.

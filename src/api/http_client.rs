@@ -32,9 +32,15 @@ pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>, extra: 
 pub fn try_request(addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> std::io::Result<Reply> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    send_head(&mut s, addr, method, path, body, extra);
+    // A server may answer and close before the whole body is sent (413 on
+    // a body past its limit): the answer is still there to read.
+    let sent = write_request(&mut s, addr, method, path, body, extra);
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    let read = s.read_to_end(&mut raw);
+    if raw.is_empty() {
+        sent?;
+        read?;
+    }
     if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"));
     }
@@ -43,6 +49,10 @@ pub fn try_request(addr: &str, method: &str, path: &str, body: Option<&str>, ext
 
 /// Writes a request; the caller reads the response as it arrives.
 pub fn send_head(s: &mut TcpStream, addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) {
+    write_request(s, addr, method, path, body, extra).expect("send an HTTP request");
+}
+
+fn write_request(s: &mut TcpStream, addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> std::io::Result<()> {
     let body = body.unwrap_or("");
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
@@ -52,8 +62,8 @@ pub fn send_head(s: &mut TcpStream, addr: &str, method: &str, path: &str, body: 
         req += &format!("{k}: {v}\r\n");
     }
     req += "\r\n";
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
+    s.write_all(req.as_bytes())?;
+    s.write_all(body.as_bytes())
 }
 
 pub fn get(addr: &str, path: &str) -> Reply {

@@ -350,56 +350,49 @@ impl Service {
         })?;
         let (resolved, tokenizer, config, digest, layer_bytes, size, quantization) = opened;
         let spec = if source::looks_like_path(&name) { resolved.path.display().to_string() } else { name.clone() };
-        let (pipeline, route, key, standby) = match (&self.manager, &self.local) {
+        let (chain, route, key, standby) = match (&self.manager, &self.local) {
             (Some(m), _) => {
                 let entry = m.route(&spec).await?;
-                let pipeline = m.pipeline(&entry, self.cfg.wire).await?;
                 let route = m.route_info(&entry);
+                let chain: Vec<_> = route.nodes.iter().map(|s| (s.addr.clone(), s.layers[0]..s.layers[1] + 1)).collect();
                 // Every other registered node can take a dead node's blocks.
                 let standby =
                     m.registry().nodes.iter().map(|n| n.addr.clone()).filter(|a| !route.nodes.iter().any(|s| &s.addr == a)).collect();
-                (pipeline, route, ClusterKey::new(self.cfg.key.as_deref()), standby)
+                (chain, route, ClusterKey::new(self.cfg.key.as_deref()), standby)
             }
             (None, Some(local)) => {
                 // Local nodes hold one model at a time: a new model replaces the old.
                 workers.clear();
-                let key = ClusterKey::new(Some(&local.key));
-                let mut pipeline = Pipeline::connect(&local.addrs, &key).await.map_err(crate::Error::from)?;
                 let plan = partition::even(config.n_layers, local.addrs.len().min(config.n_layers))?;
-                let stages = plan.len();
-                if stages < local.addrs.len() {
-                    pipeline = Pipeline::connect(&local.addrs[..stages], &key).await.map_err(crate::Error::from)?;
-                }
-                pipeline.load(&spec, Some(digest.clone()), &plan, self.cfg.wire).await.map_err(crate::Error::from)?;
+                let chain: Vec<_> = local.addrs.iter().cloned().zip(plan).collect();
                 let route = RouteInfo {
                     cluster: "local".into(),
-                    single_node: stages == 1,
+                    single_node: chain.len() == 1,
                     model: name.clone(),
-                    nodes: plan
+                    nodes: chain
                         .iter()
-                        .zip(&local.addrs)
                         .enumerate()
-                        .map(|(i, (r, a))| RouteStage { name: format!("local-{}", i + 1), addr: a.clone(), layers: [r.start, r.end - 1] })
+                        .map(|(i, (a, r))| RouteStage { name: format!("local-{}", i + 1), addr: a.clone(), layers: [r.start, r.end - 1] })
                         .collect(),
                 };
-                (pipeline, route, key, local.addrs[stages..].to_vec())
+                let standby = local.addrs[chain.len()..].to_vec();
+                (chain, route, ClusterKey::new(Some(&local.key)), standby)
             }
             (None, None) => unreachable!("the service starts with a registry or local nodes"),
         };
-        let chain = SharedChain::over(
-            self.handle.clone(),
-            ChainSpec {
-                model: spec.clone(),
-                digest: Some(digest.clone()),
-                layer_bytes,
-                context_length: config.context_length,
-                key,
-                wire: self.cfg.wire,
-                strategy: Strategy::MemoryAware,
-            },
-            Arc::new(pipeline),
-            standby,
-        );
+        let spec = ChainSpec {
+            model: spec.clone(),
+            digest: Some(digest.clone()),
+            layer_bytes,
+            context_length: config.context_length,
+            key,
+            wire: self.cfg.wire,
+            strategy: Strategy::MemoryAware,
+        };
+        let handle = self.handle.clone();
+        let chain = tokio::task::spawn_blocking(move || SharedChain::build(handle, spec, chain, standby))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
         let worker = Arc::new(Worker {
             name: name.clone(),
             digest,

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use sollol::cluster::failover::{ChainSpec, FailoverEngine};
+use sollol::cluster::failover::{ChainSpec, FailoverEngine, SharedChain};
 use sollol::cluster::health::HealthPolicy;
 use sollol::cluster::local::LocalNodes;
 use sollol::cluster::manager::ClusterManager;
@@ -15,7 +15,6 @@ use sollol::cluster::registry::Registry;
 use sollol::head::chat::{ChatTemplate, Message, CHATML};
 use sollol::head::engine::{Engine, LocalEngine};
 use sollol::head::generation::{generate, GenerateRequest, GenerateResult};
-use sollol::head::pipeline::PipelineEngine;
 use sollol::head::tokenizer::Tokenizer;
 use sollol::net::auth::ClusterKey;
 use sollol::net::tensor::WireDType;
@@ -151,12 +150,23 @@ fn start_routed(opened: &mut Opened, args: &PipelineArgs) -> Result<Running> {
         }
         None => rt.block_on(manager.route(&opened.resolved.name))?,
     };
-    let pipeline = rt.block_on(manager.pipeline(&entry, args.wire))?;
     let info = manager.route_info(&entry);
     eprintln!("route: {}", serde_json::to_string(&info)?);
-    let context = opened.file.config()?.context_length;
+    let chain: Vec<_> = info.nodes.iter().map(|s| (s.addr.clone(), s.layers[0]..s.layers[1] + 1)).collect();
+    // Any other registered node can take a dead node's blocks.
+    let standby = manager.registry().nodes.iter().map(|n| n.addr.clone()).filter(|a| !chain.iter().any(|(c, _)| c == a)).collect();
+    let spec = ChainSpec {
+        model: entry.model.clone(),
+        digest: Some(opened.file.digest()?),
+        layer_bytes: opened.file.layer_bytes()?,
+        context_length: opened.file.config()?.context_length,
+        key: ClusterKey::new(args.cluster_key.as_deref()),
+        wire: args.wire,
+        strategy: entry.strategy,
+    };
     drop(guard);
-    Ok(Running { engine: Box::new(PipelineEngine::new(rt, pipeline, context)), _local: None })
+    let chain = SharedChain::build(rt.handle().clone(), spec, chain, standby)?;
+    Ok(Running { engine: Box::new(FailoverEngine::owning(rt, chain)), _local: None })
 }
 
 /// The stderr lines after a generation.

@@ -57,23 +57,40 @@ struct ChainState {
     /// Bumped by every rebuild.
     epoch: u64,
     pipeline: Arc<Pipeline>,
+    nodes: Spares,
+}
+
+/// Nodes that may take a dead node's blocks, and the nodes known dead.
+struct Spares {
     standby: Vec<String>,
     dead: HashSet<String>,
 }
 
 impl SharedChain {
-    /// Connects to `nodes`, loads an even plan over them and links the chain.
+    /// Connects to `nodes`, loads an even plan over them and links the chain
+    /// (a node that fails meanwhile is handled as in [`SharedChain::build`]).
     pub fn start(handle: tokio::runtime::Handle, spec: ChainSpec, nodes: Vec<String>, standby: Vec<String>) -> Result<Arc<Self>> {
         let n_layers = spec.layer_bytes.blocks.len();
-        let plan = partition::even(n_layers, nodes.len())?;
+        let plan = partition::even(n_layers, nodes.len().min(n_layers))?;
         let chain: Vec<(String, Range<usize>)> = nodes.into_iter().zip(plan).collect();
-        let pipeline = handle.block_on(build(&spec, &chain))?;
-        Ok(Self::over(handle, spec, Arc::new(pipeline), standby))
+        Self::build(handle, spec, chain, standby)
+    }
+
+    /// Connects to each node of `chain`, loads its blocks and links them.
+    /// Setup is covered like generation: a node that is down, or dies while
+    /// the chain connects, loads or links, is replaced by a standby, or its
+    /// blocks are planned again over the nodes still alive, and setup starts
+    /// over (at most three times). Must not be called from inside the runtime.
+    pub fn build(handle: tokio::runtime::Handle, spec: ChainSpec, chain: Vec<(String, Range<usize>)>, standby: Vec<String>) -> Result<Arc<Self>> {
+        let mut nodes = Spares { standby, dead: HashSet::new() };
+        let pipeline = Arc::new(handle.block_on(build_resilient(&spec, chain, &mut nodes))?);
+        let state = ChainState { epoch: 0, pipeline, nodes };
+        Ok(Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state) }))
     }
 
     /// Shares a chain that is already loaded and linked.
     pub fn over(handle: tokio::runtime::Handle, spec: ChainSpec, pipeline: Arc<Pipeline>, standby: Vec<String>) -> Arc<Self> {
-        let state = ChainState { epoch: 0, pipeline, standby, dead: HashSet::new() };
+        let state = ChainState { epoch: 0, pipeline, nodes: Spares { standby, dead: HashSet::new() } };
         Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state) })
     }
 
@@ -104,44 +121,93 @@ impl SharedChain {
         if s.epoch != failed {
             return Ok(Some((s.epoch, s.pipeline.clone())));
         }
-        let clients = s.pipeline.clients();
-        let dead: Vec<String> = self.handle.block_on(async {
-            let mut dead = Vec::new();
-            for c in clients {
-                if c.is_closed() || c.ping(Duration::from_millis(1500)).await.is_err() {
-                    dead.push(c.addr.clone());
-                }
-            }
-            dead
-        });
+        let chain: Vec<(String, Range<usize>)> =
+            s.pipeline.addrs().into_iter().zip(s.pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect();
+        let dead = self.handle.block_on(dead_nodes(&s.pipeline));
         if dead.is_empty() {
             return Ok(None);
         }
         tracing::warn!("nodes down: {}", dead.join(", "));
-        s.dead.extend(dead.iter().cloned());
-        let mut chain: Vec<(String, Range<usize>)> =
-            s.pipeline.addrs().into_iter().zip(s.pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect();
-        for (addr, _) in chain.iter_mut().filter(|(a, _)| dead.contains(a)) {
-            let ChainState { standby, dead, .. } = &mut *s;
-            if let Some(spare) = standby.iter().position(|a| !dead.contains(a)).map(|i| standby.remove(i)) {
-                tracing::warn!("stage {addr} is down; standby {spare} takes its blocks");
-                *addr = spare;
-            }
-        }
-        if chain.iter().any(|(a, _)| s.dead.contains(a)) {
-            let alive: Vec<String> = chain.iter().map(|(a, _)| a.clone()).filter(|a| !s.dead.contains(a)).collect();
-            if alive.is_empty() {
-                return Err(Error::InvalidRequest("every node of the pipeline is down".into()));
-            }
-            let specs = self.handle.block_on(node_specs(&self.spec.key, &alive))?;
-            let plan = partition::plan(self.spec.strategy, &self.spec.layer_bytes, &specs)?;
-            chain = plan.into_iter().map(|a| (a.node.clone(), a.start..a.end)).collect();
-            tracing::warn!("replanned over {} surviving nodes", chain.len());
-        }
-        let pipeline = Arc::new(self.handle.block_on(build(&self.spec, &chain))?);
+        s.nodes.dead.extend(dead);
+        let nodes = &mut s.nodes;
+        let pipeline = Arc::new(self.handle.block_on(async {
+            let chain = replan(&self.spec, chain, nodes).await?;
+            build_resilient(&self.spec, chain, nodes).await
+        })?);
         s.epoch += 1;
         s.pipeline = pipeline.clone();
         Ok(Some((s.epoch, pipeline)))
+    }
+}
+
+/// The nodes of `pipeline` that no longer answer.
+async fn dead_nodes(pipeline: &Pipeline) -> Vec<String> {
+    let mut dead = Vec::new();
+    for c in pipeline.clients() {
+        if c.is_closed() || c.ping(Duration::from_millis(1500)).await.is_err() {
+            dead.push(c.addr.clone());
+        }
+    }
+    dead
+}
+
+/// Of `addrs`, those that cannot be connected to (and pinged) now.
+async fn unreachable(key: &ClusterKey, addrs: &[String]) -> Vec<String> {
+    let mut down = Vec::new();
+    for addr in addrs {
+        let alive = async {
+            let p = Pipeline::connect(std::slice::from_ref(addr), key).await?;
+            p.ping(0).await
+        };
+        if tokio::time::timeout(Duration::from_secs(3), alive).await.map_or(true, |r| r.is_err()) {
+            down.push(addr.clone());
+        }
+    }
+    down
+}
+
+/// `chain` without its dead nodes: a standby takes a dead node's blocks;
+/// without one, the model is planned again over the survivors.
+async fn replan(spec: &ChainSpec, mut chain: Vec<(String, Range<usize>)>, s: &mut Spares) -> Result<Vec<(String, Range<usize>)>> {
+    let Spares { standby, dead } = &mut *s;
+    for (addr, _) in chain.iter_mut().filter(|(a, _)| dead.contains(a)) {
+        if let Some(spare) = standby.iter().position(|a| !dead.contains(a)).map(|i| standby.remove(i)) {
+            tracing::warn!("stage {addr} is down; standby {spare} takes its blocks");
+            *addr = spare;
+        }
+    }
+    if chain.iter().any(|(a, _)| s.dead.contains(a)) {
+        let alive: Vec<String> = chain.iter().map(|(a, _)| a.clone()).filter(|a| !s.dead.contains(a)).collect();
+        if alive.is_empty() {
+            let all: Vec<String> = s.dead.iter().cloned().collect();
+            return Err(Error::InvalidRequest(format!("every node of the pipeline is down ({})", all.join(", "))));
+        }
+        let specs = node_specs(&spec.key, &alive).await?;
+        let plan = partition::plan(spec.strategy, &spec.layer_bytes, &specs)?;
+        chain = plan.into_iter().map(|a| (a.node.clone(), a.start..a.end)).collect();
+        tracing::warn!("replanned over {} surviving nodes", chain.len());
+    }
+    Ok(chain)
+}
+
+/// [`build`], with the nodes that fail during it replaced (see
+/// [`SharedChain::build`]).
+async fn build_resilient(spec: &ChainSpec, mut chain: Vec<(String, Range<usize>)>, s: &mut Spares) -> Result<Pipeline> {
+    let mut attempts = 0;
+    loop {
+        let e = match build(spec, &chain).await {
+            Ok(pipeline) => return Ok(pipeline),
+            Err(e) => e,
+        };
+        let addrs: Vec<String> = chain.iter().map(|(a, _)| a.clone()).collect();
+        let down = unreachable(&spec.key, &addrs).await;
+        attempts += 1;
+        if down.is_empty() || attempts > 3 {
+            return Err(e);
+        }
+        tracing::warn!("setting up the chain failed ({e}); nodes down: {}", down.join(", "));
+        s.dead.extend(down);
+        chain = replan(spec, chain, s).await?;
     }
 }
 
@@ -162,9 +228,14 @@ impl FailoverEngine {
     /// Connects to `nodes`, loads an even plan over them and links the chain.
     pub fn start(rt: tokio::runtime::Runtime, spec: ChainSpec, nodes: Vec<String>, standby: Vec<String>) -> Result<Self> {
         let chain = SharedChain::start(rt.handle().clone(), spec, nodes, standby)?;
+        Ok(Self::owning(rt, chain))
+    }
+
+    /// An engine that owns the runtime its chain runs on (the CLI's).
+    pub fn owning(rt: tokio::runtime::Runtime, chain: Arc<SharedChain>) -> Self {
         let mut engine = Self::over(chain);
         engine._rt = Some(rt);
-        Ok(engine)
+        engine
     }
 
     /// An engine on a shared chain (one per generation in a server).

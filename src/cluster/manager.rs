@@ -15,11 +15,9 @@ use super::partition::{self, Assignment, NodeSpec, Strategy};
 use super::registry::{ClusterEntry, NodeEntry, Registry};
 use crate::error::{Error, Result};
 use crate::head::client::NodeClient;
-use crate::head::pipeline::Pipeline;
 use crate::net::auth::ClusterKey;
 use crate::net::frame::Frame;
 use crate::net::message::{LoadRequest, Message};
-use crate::net::tensor::WireDType;
 use crate::net::{tls, NetError};
 
 pub struct ClusterManager {
@@ -308,17 +306,6 @@ impl ClusterManager {
         let names: Vec<String> = free.iter().map(|h| h.name.clone()).collect();
         let auto = format!("auto-{}", info.name.replace([':', '/'], "-"));
         self.create_cluster(&auto, &names, model, Strategy::MemoryAware).await
-    }
-
-    /// A pipeline over a routed or registered cluster, linked with `wire`.
-    pub async fn pipeline(&self, entry: &ClusterEntry, wire: WireDType) -> Result<Pipeline> {
-        let mut clients = Vec::new();
-        for s in &entry.stages {
-            clients.push(self.client(&s.node).await?);
-        }
-        let pipeline = Pipeline::from_clients(clients).await?;
-        pipeline.link(wire).await?;
-        Ok(pipeline)
     }
 
     /// The routing facts of `entry`.

@@ -191,6 +191,9 @@ impl Drop for NodeClient {
     /// The event reader's task holds the connection open; a client that is
     /// gone closes it, so the node frees its side now, not at the idle timeout.
     fn drop(&mut self) {
+        // Detached first: its steps belong to a pipeline that replaced it,
+        // which must not hear of this connection's end.
+        *self.sink.lock().expect("sink lock") = Sink::default();
         self.conn.close(0u32.into(), b"client closed");
     }
 }

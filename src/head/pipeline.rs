@@ -406,26 +406,12 @@ pub struct PipelineEngine {
     opening: HashMap<u64, u32>,
     /// Rewinds to send with a session's next step.
     rewinding: HashMap<u64, u32>,
-    /// The runtime, when this engine owns it (the CLI).
-    _rt: Option<tokio::runtime::Runtime>,
 }
 
 impl PipelineEngine {
-    /// An engine owning its runtime.
-    pub fn new(rt: tokio::runtime::Runtime, pipeline: Pipeline, context_length: usize) -> Self {
-        Self {
-            handle: rt.handle().clone(),
-            pipeline: Arc::new(pipeline),
-            context_length,
-            opening: HashMap::new(),
-            rewinding: HashMap::new(),
-            _rt: Some(rt),
-        }
-    }
-
     /// An engine over a shared pipeline, for one request on a blocking thread.
     pub fn shared(handle: tokio::runtime::Handle, pipeline: Arc<Pipeline>, context_length: usize) -> Self {
-        Self { handle, pipeline, context_length, opening: HashMap::new(), rewinding: HashMap::new(), _rt: None }
+        Self { handle, pipeline, context_length, opening: HashMap::new(), rewinding: HashMap::new() }
     }
 
     pub fn pipeline(&self) -> &Pipeline {
