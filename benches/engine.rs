@@ -6,7 +6,9 @@
 //! decoding (8 sessions per step against 1), and the peak RSS of loading a
 //! third of the blocks against the whole model (in child processes).
 //!
-//! Run: `cargo bench --bench engine` (RAYON_NUM_THREADS sets the threads).
+//! Run: `cargo bench --bench engine`; both sides use every core, or
+//! `RAYON_NUM_THREADS` threads each (candle's pool reads it; ours is set
+//! from it).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -191,6 +193,9 @@ fn rss_summary() {
 criterion_group!(benches, bench);
 
 fn main() {
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS").ok().and_then(|n| n.parse().ok()) {
+        sollol::sys::set_threads(n);
+    }
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -1,8 +1,9 @@
 //! The library's error type.
 //!
-//! One enum for the whole library: callers (the CLI, later the node and the
-//! HTTP API) match on the variant to pick an exit code or a status code, and
-//! the message is always one line a user can act on.
+//! One enum for the whole library: callers (the CLI, the node, the HTTP
+//! API's `ApiError`) match on the variant to pick an exit code, a wire error
+//! code or a status code, and the message is always one line a user can act
+//! on.
 
 use std::path::PathBuf;
 

@@ -1,6 +1,9 @@
-//! The head server's core: which models are loaded where (workers), the
-//! admission queue, and one generation as a stream of events — shared by the
-//! Ollama and OpenAI front ends.
+//! The head server's core: admission (a queue slot, then the model's
+//! worker: its tokenizer here, its chain on the nodes) and one generation as
+//! a stream of events — shared by the Ollama and OpenAI front ends, whose
+//! `*_request` functions check a body before it gets here. Chains (failover,
+//! drain, rebalancing) are `cluster::failover::SharedChain`'s; conversations
+//! kept between turns are `head::conversations`'.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ use crate::cluster::registry::Registry;
 use crate::head::chat::{ChatTemplate, Message, CHATML};
 use crate::head::client::NodeClient;
 use crate::head::engine::Engine;
+use crate::head::conversations::{Conversation, Conversations};
 use crate::head::generation::{generate, GenerateRequest, GenerateResult};
 use crate::head::pipeline::Pipeline;
 use crate::head::queue::Queue;
@@ -53,20 +57,6 @@ pub struct ServeConfig {
     pub model_dirs: Vec<std::path::PathBuf>,
 }
 
-/// Decode tokens of measurements a rebalancing decision needs, and the least
-/// time between two moves of one pipeline (a move pauses its steps).
-const REBALANCE_TOKENS: usize = 128;
-const REBALANCE_COOLDOWN: Duration = Duration::from_secs(60);
-
-/// Per-stage compute measured since the last rebalancing decision.
-#[derive(Debug, Default)]
-struct Balance {
-    stage_times: Vec<Duration>,
-    tokens: usize,
-    last_move: Option<Instant>,
-    moves: u64,
-}
-
 /// A model ready to serve: its tokenizer here, its slices on the nodes.
 pub struct Worker {
     pub name: String,
@@ -78,7 +68,6 @@ pub struct Worker {
     chain: Arc<SharedChain>,
     /// Where the model runs (node names; addresses and blocks come from the chain).
     route: Mutex<RouteInfo>,
-    balance: Mutex<Balance>,
     /// Generations running on it.
     active: std::sync::atomic::AtomicUsize,
     pub loaded_at: SystemTime,
@@ -106,23 +95,6 @@ pub struct GenRequest {
     /// A conversation turn: keep the session for the next turn to reuse.
     pub keep: bool,
 }
-
-/// A finished conversation turn whose KV state stays on the stages.
-struct Cached {
-    model: String,
-    session: u64,
-    /// The tokens the session's caches hold.
-    fed: Vec<u32>,
-    capacity: usize,
-    used: Instant,
-    pipeline: Arc<Pipeline>,
-    bytes_per_token: usize,
-}
-
-/// Idle conversations are dropped by the head well before nodes free them (10 min).
-const CONVERSATION_TTL: Duration = Duration::from_secs(300);
-/// Fewer shared tokens than this are not worth a lookup.
-const MIN_REUSE: usize = 8;
 
 pub enum Event {
     Text(String),
@@ -179,7 +151,9 @@ pub struct Service {
     local: Option<LocalNodes>,
     /// (when, tokens generated so far): the dashboard's live tok/s.
     samples: Mutex<VecDeque<(Instant, u64)>>,
-    conversations: Mutex<Vec<Cached>>,
+    conversations: Conversations,
+    /// The catalog, read once at start.
+    catalog: Catalog,
     handle: tokio::runtime::Handle,
 }
 
@@ -209,7 +183,7 @@ impl Worker {
 
     /// Blocks moved between this model's stages by dynamic rebalancing so far.
     pub fn rebalances(&self) -> u64 {
-        self.balance.lock().expect("balance lock").moves
+        self.chain.rebalances()
     }
 }
 
@@ -280,6 +254,8 @@ impl Service {
         };
         let parallel = cfg.parallel;
         let max_queue = cfg.max_queue;
+        let kv_cache_bytes = cfg.kv_cache_mb << 20;
+        let catalog = Catalog::load()?;
         Ok(Arc::new(Self {
             cfg,
             metrics: Metrics::default(),
@@ -289,15 +265,16 @@ impl Service {
             manager,
             local,
             samples: Mutex::new(VecDeque::new()),
-            conversations: Mutex::new(Vec::new()),
+            conversations: Conversations::new(kv_cache_bytes),
+            catalog,
             handle: tokio::runtime::Handle::current(),
         }))
     }
 
     /// The catalog's name for an alias (`smollm2:135m` → `smollm2`), else the name as given.
-    pub fn canonical(name: &str) -> String {
+    pub fn canonical(&self, name: &str) -> String {
         let name = name.trim();
-        Catalog::load().ok().and_then(|c| c.find(name).map(|e| e.name.clone())).unwrap_or_else(|| name.to_string())
+        self.catalog.find(name).map_or_else(|| name.to_string(), |e| e.name.clone())
     }
 
     pub async fn loaded(&self) -> Vec<Arc<Worker>> {
@@ -310,7 +287,7 @@ impl Service {
         if model.trim().is_empty() {
             return Err(ApiError::bad_request("model is required"));
         }
-        let name = Self::canonical(model);
+        let name = self.canonical(model);
         let mut workers = self.workers.lock().await;
         if let Some(w) = workers.get(&name) {
             return Ok(w.clone());
@@ -327,7 +304,7 @@ impl Service {
         }
         let started = Instant::now();
         let spec = name.clone();
-        let trusted = Self::canonical(&self.cfg.default_model) == name;
+        let trusted = self.canonical(&self.cfg.default_model) == name;
         let dirs = self.cfg.model_dirs.clone();
         let opened = tokio::task::spawn_blocking(move || -> crate::Result<_> {
             let resolved = resolve_for_client(&spec, trusted, &dirs)?;
@@ -337,7 +314,7 @@ impl Service {
             let digest = file.digest()?;
             let layer_bytes = file.layer_bytes()?;
             let size = std::fs::metadata(&resolved.path).map(|m| m.len()).unwrap_or(0);
-            let quantization = quantization_of(&file);
+            let quantization = file.quantization();
             Ok((resolved, tokenizer, config, digest, layer_bytes, size, quantization))
         })
         .await
@@ -393,6 +370,7 @@ impl Service {
         let chain = tokio::task::spawn_blocking(move || SharedChain::build(handle, spec, chain, standby))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        chain.rebalance_above(self.cfg.rebalance_threshold);
         let worker = Arc::new(Worker {
             name: name.clone(),
             digest,
@@ -401,7 +379,6 @@ impl Service {
             tokenizer,
             chain,
             route: Mutex::new(route),
-            balance: Mutex::new(Balance::default()),
             active: std::sync::atomic::AtomicUsize::new(0),
             loaded_at: SystemTime::now(),
             load_duration: started.elapsed(),
@@ -418,10 +395,18 @@ impl Service {
     /// session on every stage.
     pub async fn generate(self: &Arc<Self>, req: GenRequest) -> Result<mpsc::Receiver<Event>, ApiError> {
         let started = Instant::now();
-        let had = self.workers.lock().await.contains_key(&Self::canonical(&req.model));
+        req.params.validate()?;
+        // Admission first: a full queue refuses before anything is loaded.
+        let permit = match self.queue.acquire(req.priority).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.rejected();
+                return Err(e.into());
+            }
+        };
+        let had = self.workers.lock().await.contains_key(&self.canonical(&req.model));
         let worker = self.worker(&req.model).await?;
         let load = if had { Duration::ZERO } else { worker.load_duration };
-        req.params.validate()?;
         let text = match &req.prompt {
             Prompt::Raw(t) => t.clone(),
             Prompt::Chat(messages) => {
@@ -442,18 +427,11 @@ impl Service {
         if prompt_ids.len() >= context {
             return Err(crate::Error::ContextOverflow { prompt: prompt_ids.len(), context }.into());
         }
-        let permit = match self.queue.acquire(req.priority).await {
-            Ok(p) => p,
-            Err(e) => {
-                self.metrics.rejected();
-                return Err(e.into());
-            }
-        };
         let (running, waiting) = self.queue.depth();
         self.metrics.queue(running, waiting);
         let (tx, rx) = mpsc::channel(64);
         let service = self.clone();
-        let reused = if req.keep { self.take_conversation(&worker.name, &prompt_ids) } else { None };
+        let reused = if req.keep { self.conversations.take(&worker.name, &prompt_ids) } else { None };
         let mut gen = GenerateRequest {
             prompt: prompt_ids.clone(),
             params: req.params,
@@ -485,7 +463,14 @@ impl Service {
             }
             if let (Ok(r), true) = (&result, gen.keep_session) {
                 let capacity = gen.resume.map_or(gen.context, |r| r.capacity);
-                service.keep_conversation(&worker, session, r.fed.clone(), capacity);
+                let c = &worker.config;
+                // K and V in f32 as a GPU stage keeps them; a CPU stage keeps
+                // f16, half of it, so the budget bounds what stages hold from above.
+                let bytes_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4;
+                let turn = Conversation { model: worker.name.clone(), session, fed: r.fed.clone(), capacity, pipeline: worker.pipeline(), bytes_per_token };
+                for (pipeline, session) in service.conversations.keep(turn) {
+                    service.handle.block_on(pipeline.close(session));
+                }
             }
             if cancelled.get() {
                 service.metrics.cancelled();
@@ -502,7 +487,7 @@ impl Service {
                         }
                     }
                     service.sample_tokens();
-                    service.maybe_rebalance(&worker, &result.stats);
+                    worker.chain.measured(&result.stats.stage_times, result.stats.prompt_tokens + result.stats.generated_tokens);
                     Event::Done(Box::new(Finished { result, prompt_ids, total: started.elapsed(), load, route: worker.route() }))
                 }
                 Err(e) => Event::Failed(e.into()),
@@ -515,58 +500,9 @@ impl Service {
         Ok(rx)
     }
 
-    /// The idle conversation of `model` sharing the longest prefix with
-    /// `prompt`, taken out of the cache (a session serves one turn at a time).
-    fn take_conversation(&self, model: &str, prompt: &[u32]) -> Option<(u64, crate::head::generation::Resume)> {
-        let mut c = self.conversations.lock().expect("conversations lock");
-        c.retain(|e| e.used.elapsed() < CONVERSATION_TTL);
-        let common = |e: &Cached| e.fed.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let (i, keep) = c
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.model == model && e.capacity > prompt.len())
-            .map(|(i, e)| (i, common(e)))
-            .max_by_key(|(_, n)| *n)?;
-        if keep < MIN_REUSE.min(prompt.len().saturating_sub(1)).max(1) {
-            return None;
-        }
-        let e = c.remove(i);
-        Some((e.session, crate::head::generation::Resume { keep, capacity: e.capacity }))
-    }
-
-    /// Keeps a finished turn's session for the next turn; evicts the least
-    /// recently used beyond the KV budget (eviction is safe: a later turn
-    /// just recomputes).
-    fn keep_conversation(&self, worker: &Worker, session: u64, fed: Vec<u32>, capacity: usize) {
-        let c = &worker.config;
-        // K and V in f32 as a GPU stage keeps them; a CPU stage keeps f16,
-        // half of it, so the budget bounds what the stages hold from above.
-        let bytes_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4;
-        let mut list = self.conversations.lock().expect("conversations lock");
-        list.push(Cached {
-            model: worker.name.clone(),
-            session,
-            fed,
-            capacity,
-            used: Instant::now(),
-            pipeline: worker.pipeline().clone(),
-            bytes_per_token,
-        });
-        let budget = self.cfg.kv_cache_mb << 20;
-        let mut evicted = Vec::new();
-        while list.iter().map(|e| e.fed.len() * e.bytes_per_token).sum::<usize>() > budget && !list.is_empty() {
-            let oldest = list.iter().enumerate().min_by_key(|(_, e)| e.used).map(|(i, _)| i).expect("not empty");
-            evicted.push(list.remove(oldest));
-        }
-        drop(list);
-        for e in evicted {
-            self.handle.block_on(e.pipeline.close(e.session));
-        }
-    }
-
     /// Conversations held for their next turn (shown on the dashboard).
     pub fn conversations(&self) -> usize {
-        self.conversations.lock().expect("conversations lock").len()
+        self.conversations.len()
     }
 
     fn sample_tokens(&self) {
@@ -586,7 +522,6 @@ impl Service {
         }
     }
 
-    /// Health of every node serving this head.
     /// Moves every loaded model's stage on `node` (a registered name or an
     /// address) to `to`, or, with a registry, to the healthy registered node
     /// with the most free memory outside that chain that can hold the slice;
@@ -621,46 +556,6 @@ impl Service {
             return Err(crate::Error::InvalidRequest(format!("no loaded model runs on {node}")));
         }
         Ok(out)
-    }
-
-    /// Adds a generation's per-stage compute to the worker's measurements and,
-    /// once enough tokens are measured, moves blocks off a bottleneck stage
-    /// (in the background; the move pauses this pipeline's steps briefly).
-    fn maybe_rebalance(&self, worker: &Arc<Worker>, stats: &crate::head::generation::Stats) {
-        let threshold = self.cfg.rebalance_threshold;
-        if threshold <= 0.0 || stats.stage_times.len() < 2 {
-            return;
-        }
-        let plan = {
-            let mut b = worker.balance.lock().expect("balance lock");
-            if b.stage_times.len() != stats.stage_times.len() {
-                b.stage_times = vec![Duration::ZERO; stats.stage_times.len()];
-            }
-            b.stage_times.iter_mut().zip(&stats.stage_times).for_each(|(a, t)| *a += *t);
-            b.tokens += stats.prompt_tokens + stats.generated_tokens;
-            if b.tokens < REBALANCE_TOKENS || b.last_move.is_some_and(|t| t.elapsed() < REBALANCE_COOLDOWN) {
-                return;
-            }
-            let ranges: Vec<_> = worker.pipeline().loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
-            let plan = partition::rebalance(&b.stage_times, &ranges, threshold);
-            b.stage_times.clear();
-            b.tokens = 0;
-            if plan.is_some() {
-                b.last_move = Some(Instant::now());
-            }
-            plan
-        };
-        let Some(plan) = plan else { return };
-        let worker = worker.clone();
-        self.handle.spawn(async move {
-            match worker.pipeline().move_blocks(plan.from, plan.to, plan.blocks).await {
-                Ok(paused) => {
-                    worker.balance.lock().expect("balance lock").moves += 1;
-                    tracing::info!(model = %worker.name, ?plan, ?paused, "rebalanced");
-                }
-                Err(e) => tracing::warn!(model = %worker.name, ?plan, "rebalancing failed: {e}"),
-            }
-        });
     }
 
     /// The registered node that can best take stage `stage` of `worker`.
@@ -703,6 +598,7 @@ impl Service {
         Ok(NodeClient::connect(&endpoint, name_or_addr, &key).await?)
     }
 
+    /// Health of every node serving this head.
     pub async fn node_health(&self) -> Vec<NodeHealth> {
         let health = match (&self.manager, &self.local) {
             (Some(m), _) => m.health(),
@@ -731,22 +627,5 @@ impl Service {
             self.metrics.node_health(&h.name, h.healthy);
         }
         health
-    }
-}
-
-/// "Q4_1" etc.: the most common quantization among the model's block weights.
-fn quantization_of(file: &ModelFile) -> String {
-    match file {
-        ModelFile::Gguf(g) => {
-            let mut counts: HashMap<String, usize> = HashMap::new();
-            for (name, info) in g.tensor_infos() {
-                if name.ends_with("ffn_down.weight") {
-                    *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
-                }
-            }
-            counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k.to_uppercase()).unwrap_or_default()
-        }
-        ModelFile::Safetensors(_) => "F16".into(),
-        ModelFile::Synthetic(m) => m.name().rsplit(':').next().unwrap_or_default().to_uppercase(),
     }
 }

@@ -51,6 +51,24 @@ pub struct SharedChain {
     spec: ChainSpec,
     handle: tokio::runtime::Handle,
     state: std::sync::Mutex<ChainState>,
+    balance: std::sync::Mutex<Balance>,
+}
+
+/// Decode tokens of measurements a rebalancing decision needs, and the least
+/// time between two moves of one chain (a move pauses its steps).
+const REBALANCE_TOKENS: usize = 128;
+const REBALANCE_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// Per-stage compute measured since the last rebalancing decision.
+#[derive(Debug, Default)]
+struct Balance {
+    /// Move blocks off a stage whose compute exceeds the mean by this
+    /// fraction (0: never), see `partition::rebalance`.
+    threshold: f64,
+    stage_times: Vec<Duration>,
+    tokens: usize,
+    last_move: Option<Instant>,
+    moves: u64,
 }
 
 struct ChainState {
@@ -85,13 +103,13 @@ impl SharedChain {
         let mut nodes = Spares { standby, dead: HashSet::new() };
         let pipeline = Arc::new(handle.block_on(build_resilient(&spec, chain, &mut nodes))?);
         let state = ChainState { epoch: 0, pipeline, nodes };
-        Ok(Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state) }))
+        Ok(Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state), balance: Default::default() }))
     }
 
     /// Shares a chain that is already loaded and linked.
     pub fn over(handle: tokio::runtime::Handle, spec: ChainSpec, pipeline: Arc<Pipeline>, standby: Vec<String>) -> Arc<Self> {
         let state = ChainState { epoch: 0, pipeline, nodes: Spares { standby, dead: HashSet::new() } };
-        Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state) })
+        Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state), balance: Default::default() })
     }
 
     pub fn spec(&self) -> &ChainSpec {
@@ -108,6 +126,57 @@ impl SharedChain {
     pub fn chain(&self) -> Vec<(String, Range<usize>)> {
         let p = self.current().1;
         p.addrs().into_iter().zip(p.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect()
+    }
+
+    /// Turns dynamic rebalancing on: blocks move off a stage whose measured
+    /// compute exceeds the mean by `threshold` (0 turns it off).
+    pub fn rebalance_above(&self, threshold: f64) {
+        self.balance.lock().expect("balance lock").threshold = threshold;
+    }
+
+    /// Blocks moved between this chain's stages by rebalancing so far.
+    pub fn rebalances(&self) -> u64 {
+        self.balance.lock().expect("balance lock").moves
+    }
+
+    /// Adds a generation's per-stage compute (over `tokens` positions) to
+    /// the measurements and, once enough are measured, moves blocks off a
+    /// bottleneck stage in the background (the move pauses the chain's
+    /// steps briefly; live sessions keep their KV state).
+    pub fn measured(self: &Arc<Self>, stage_times: &[Duration], tokens: usize) {
+        let plan = {
+            let mut b = self.balance.lock().expect("balance lock");
+            if b.threshold <= 0.0 || stage_times.len() < 2 {
+                return;
+            }
+            if b.stage_times.len() != stage_times.len() {
+                b.stage_times = vec![Duration::ZERO; stage_times.len()];
+            }
+            b.stage_times.iter_mut().zip(stage_times).for_each(|(a, t)| *a += *t);
+            b.tokens += tokens;
+            if b.tokens < REBALANCE_TOKENS || b.last_move.is_some_and(|t| t.elapsed() < REBALANCE_COOLDOWN) {
+                return;
+            }
+            let ranges: Vec<_> = self.current().1.loaded().iter().map(|l| l.start as usize..l.end as usize).collect();
+            let plan = partition::rebalance(&b.stage_times, &ranges, b.threshold);
+            b.stage_times.clear();
+            b.tokens = 0;
+            if plan.is_some() {
+                b.last_move = Some(Instant::now());
+            }
+            plan
+        };
+        let Some(plan) = plan else { return };
+        let chain = self.clone();
+        self.handle.spawn(async move {
+            match chain.current().1.move_blocks(plan.from, plan.to, plan.blocks).await {
+                Ok(paused) => {
+                    chain.balance.lock().expect("balance lock").moves += 1;
+                    tracing::info!(model = %chain.spec.model, ?plan, ?paused, "rebalanced");
+                }
+                Err(e) => tracing::warn!(model = %chain.spec.model, ?plan, "rebalancing failed: {e}"),
+            }
+        });
     }
 
     /// After a failed step on `failed` epoch's pipeline: a chain without the

@@ -1,9 +1,11 @@
 //! AVX2 + FMA + F16C dot products of weight rows with quantized activation rows.
 //!
-//! One kernel, specialised per weight type (`T`) and per number of
-//! activation rows (`R`, 1..=4): a weight block is unpacked once and
-//! multiplied with the same block of every activation row, which is what
-//! makes prefill and batched decoding cheaper than `R` separate products.
+//! Kernels specialised per weight type and per number of activation rows
+//! (`R`): interleaved groups of eight weight rows × 1–8 activation rows, and
+//! GGUF-layout rows × 1–4 (K-quants × 1–8) for the rows past the last whole
+//! group. A weight block is unpacked once and multiplied with the same block
+//! of every activation row, which is what makes prefill and batched decoding
+//! cheaper than `R` separate products.
 //! Each row's arithmetic (two accumulators, even and odd blocks, then one
 //! horizontal sum) is the same for every `R`, so a row's result does not
 //! depend on which rows were batched with it.
@@ -26,6 +28,8 @@ fn h2f(bits: half::f16) -> f32 {
 /// 16 bytes of packed nibbles → 32 values 0..16 in value order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+/// # Safety
+/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them).
 unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
     let raw = _mm_loadu_si128(qs.as_ptr().cast());
     let m4 = _mm_set1_epi8(0x0F);
@@ -73,6 +77,8 @@ struct Unpacked {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+/// # Safety
+/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses one whole block of weight type `T`.
 unsafe fn unpack<const T: u8>(w: *const u8) -> Unpacked {
     match T {
         t if t == WeightType::Q4_0 as u8 => {
@@ -107,6 +113,8 @@ const fn has_min<const T: u8>() -> bool {
 /// One block of one row: `(d_w d_a) Σ w a` as eight lanes, plus the scalar minimum term.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+/// # Safety
+/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them).
 unsafe fn block_product(u: &Unpacked, a: &BlockQ8, acc: __m256) -> __m256 {
     let aq = _mm256_loadu_si256(a.qs.as_ptr().cast());
     let p = if u.signed {
@@ -191,6 +199,9 @@ const PREFETCH: usize = 8;
 /// stream of one tile is a few KiB, too short for the hardware prefetcher to
 /// run ahead of. (Past the matrix's end the hint is dropped, never faults.)
 #[inline(always)]
+/// # Safety
+/// The CPU has SSE (x86-64 always does); the address is only a hint,
+/// formed with wrapping arithmetic, never read.
 unsafe fn prefetch_ahead(blk: *const u8, bytes: usize) {
     let ahead = blk.wrapping_add(PREFETCH * bytes);
     for line in (0..bytes).step_by(64) {
@@ -207,6 +218,9 @@ unsafe fn prefetch_ahead(blk: *const u8, bytes: usize) {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
+/// # Safety
+/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` interleaved group blocks of type `T`
+/// and each `a[r]` `nb` activation blocks.
 unsafe fn group<const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8; R]) -> [__m256; R] {
     let l = repack::layout(T);
     let (ones, m4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
@@ -327,6 +341,8 @@ pub unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
 /// Eight f16 values from `p + i` (in values) as f32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+/// # Safety
+/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `p + i .. p + i + 8` are in one allocation.
 unsafe fn load_f16(p: *const half::f16, i: usize) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.add(i).cast()))
 }
@@ -364,6 +380,9 @@ pub unsafe fn scores(q: &[f32], d: usize, k: &[half::f16], scale: f32, scores: &
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+/// # Safety
+/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `q` addresses `G` heads of `d` values, `k` `n` cache
+/// rows of `d`, and `out` `G` rows of `n` scores.
 unsafe fn scores_heads<const G: usize>(q: *const f32, d: usize, k: *const half::f16, n: usize, scale: f32, out: *mut f32) -> usize {
     let mut p = 0;
     while p + 4 <= n {
@@ -428,6 +447,9 @@ pub unsafe fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // `j` indexes the value row and every head's accumulators
+/// # Safety
+/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `probs` addresses `G` rows of `n`, `v` `n` cache rows,
+/// and the outputs `G` rows of the head width.
 unsafe fn weighted_heads<const G: usize, const W: usize>(
     probs: *const f32,
     n: usize,
@@ -505,6 +527,8 @@ pub mod k {
     /// shifts only carry bits these masks drop).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
+    /// # Safety
+    /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them).
     unsafe fn nibbles<const FIFTH: bool>(raw: __m256i, hb: &mut __m256i) -> (__m256i, __m256i) {
         let m4 = _mm256_set1_epi8(0x0F);
         let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
@@ -520,6 +544,9 @@ pub mod k {
     /// minimums; Q5_K's fifth bits come from `qh`, two sub-blocks per pass.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
+    /// # Safety
+    /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` Q4_K (Q5_K with `FIFTH`) blocks and
+    /// each `a[r]` `nb` Q8_K blocks.
     unsafe fn row_q4k<const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [f32; R] {
         let mut acc = [_mm256_setzero_ps(); R];
         let mut acc_m = [_mm_setzero_ps(); R];
@@ -564,6 +591,8 @@ pub mod k {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
+    /// # Safety
+    /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` Q6_K blocks and each `a[r]` `nb` Q8_K blocks.
     unsafe fn row_q6k<const R: usize>(w: *const BlockQ6K, nb: usize, a: [*const BlockQ8K; R]) -> [f32; R] {
         let (m4, m2, m32) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
         let mut acc = [_mm256_setzero_ps(); R];
@@ -608,6 +637,9 @@ pub mod k {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
+    /// # Safety
+    /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` interleaved Q4_K (Q5_K) group
+    /// blocks and each `a[r]` `nb` Q8_K blocks.
     unsafe fn group_q4k<const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
         use repack::q4k::{DMIN, M, QS, SC, TOP};
         let (bytes, sub) = if FIFTH { (repack::q5k::BYTES, repack::q5k::SUB) } else { (repack::q4k::BYTES, repack::q4k::SUB) };
@@ -690,6 +722,9 @@ pub mod k {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
+    /// # Safety
+    /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` interleaved Q6_K group blocks and
+    /// each `a[r]` `nb` Q8_K blocks.
     unsafe fn group_q6k<const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
         use repack::q6k::{BYTES, QS, SC, SUB, TOP};
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));

@@ -100,11 +100,14 @@ impl Aligned {
 /// alignment (≤ 8) the buffers and row strides respect.
 fn cast<T>(bytes: &[u8]) -> &[T] {
     assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len().is_multiple_of(size_of::<T>()));
+    // SAFETY: asserted above: aligned for T and a whole number of them; T is
+    // plain old data, valid for any bytes.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size_of::<T>()) }
 }
 
 fn cast_mut<T>(bytes: &mut [u8]) -> &mut [T] {
     assert!(bytes.as_ptr().align_offset(align_of::<T>()) == 0 && bytes.len().is_multiple_of(size_of::<T>()));
+    // SAFETY: as in `cast`; the borrow of `bytes` is exclusive.
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len() / size_of::<T>()) }
 }
 
@@ -134,7 +137,8 @@ struct GgmlFns {
 type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 
 /// `(weight rows, row_bytes, activation rows, outputs)` as [`Kernel::gemm`]
-/// takes them. Unsafe: chosen only where the CPU has what it needs.
+/// takes them. Safety: chosen only where the CPU has what it needs, and
+/// called with rows and outputs as [`simd_gemm`] requires.
 type GemmFn = unsafe fn(&[u8], usize, &[&[u8]], &[OutPtr]);
 
 impl std::fmt::Debug for Kernel {
@@ -321,7 +325,7 @@ impl Kernel {
     }
 
     /// `outs[r][j] = W[j] · acts[r]` for the `w.len() / row_bytes` weight
-    /// rows in `w` and up to four activation rows.
+    /// rows in `w` and up to [`Self::max_rows`] activation rows.
     fn gemm(&self, cols: usize, w: &[u8], row_bytes: usize, acts: &[&[u8]], outs: &[OutPtr]) {
         let nrows = w.len() / row_bytes;
         let (own, simd) = match *self {
@@ -352,6 +356,8 @@ impl Kernel {
         let _ = (simd, cols);
         for (a, o) in acts.iter().zip(outs) {
             for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+                // SAFETY: every output has room for `nrows` values (the caller's
+                // contract), and j < nrows.
                 unsafe { *o.0.add(j) = own_dot_scalar(own, row, a) };
             }
         }
@@ -382,6 +388,10 @@ use neon as row_simd;
 
 /// [`row_simd`]'s `gemm` for weight type `t`.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+/// # Safety
+/// The CPU has what [`row_simd`] needs (checked by `simd_available`), each
+/// activation row holds the blocks of one weight row, and each output has
+/// room for `nrows` values.
 unsafe fn simd_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
     let o = |i: usize| outs[i].0;
@@ -453,6 +463,8 @@ fn k_gemm<const T: u8>(simd: bool) -> Option<GemmFn> {
 }
 
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// As [`simd_gemm`], for the K-quant type `T` and Q8_K activation rows.
 unsafe fn avx2_k_gemm<const T: u8>(w: &[u8], row_bytes: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     let a = |i: usize| acts[i].as_ptr().cast::<blocks::BlockQ8K>();
     let o = |i: usize| outs[i].0;
@@ -499,6 +511,8 @@ macro_rules! vectorized {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma,f16c")]
+                // SAFETY (of calling it): only where `simd_available()` said the
+                // CPU has AVX2, FMA and F16C.
                 unsafe fn simd($($arg: $ty),*) {
                     ops::$name($($arg),*)
                 }
@@ -602,6 +616,8 @@ impl Weights {
     fn bytes(&self) -> &[u8] {
         match self {
             Weights::Owned(a) => a.bytes(),
+            // SAFETY: `ptr`/`len` are the bytes of the candle tensor this value
+            // keeps alive (`_tensor`), never written while shared.
             Weights::Shared { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
         }
     }
@@ -864,6 +880,8 @@ impl QActs {
 /// A buffer shared by the pool's threads, which write disjoint parts of it.
 #[derive(Debug)]
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: the pool's tasks write disjoint parts of the buffer (each user
+// says which), and the buffer outlives the parallel region.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 

@@ -34,6 +34,8 @@ struct Unpacked {
 
 /// 16 bytes of packed nibbles → values 0..16 (low nibbles) and 16..32 (high).
 #[inline(always)]
+/// # Safety
+/// the CPU is aarch64, whose baseline includes NEON.
 unsafe fn nibbles(qs: &[u8; QK / 2]) -> (uint8x16_t, uint8x16_t) {
     let raw = vld1q_u8(qs.as_ptr());
     (vandq_u8(raw, vdupq_n_u8(0x0F)), vshrq_n_u8::<4>(raw))
@@ -41,6 +43,8 @@ unsafe fn nibbles(qs: &[u8; QK / 2]) -> (uint8x16_t, uint8x16_t) {
 
 /// The 32 fifth bits of a q5 block as bytes of `0x10` or `0`, values 0..16 and 16..32.
 #[inline(always)]
+/// # Safety
+/// the CPU is aarch64, whose baseline includes NEON.
 unsafe fn high_bits(qh: [u8; 4]) -> (uint8x16_t, uint8x16_t) {
     const SPREAD_LO: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
     const SPREAD_HI: [u8; 16] = [2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3];
@@ -53,11 +57,15 @@ unsafe fn high_bits(qh: [u8; 4]) -> (uint8x16_t, uint8x16_t) {
 }
 
 #[inline(always)]
+/// # Safety
+/// the CPU is aarch64, whose baseline includes NEON.
 unsafe fn signed(v: uint8x16_t, offset: i8) -> int8x16_t {
     vsubq_s8(vreinterpretq_s8_u8(v), vdupq_n_s8(offset))
 }
 
 #[inline(always)]
+/// # Safety
+/// the CPU is aarch64, whose baseline includes NEON; `w` addresses one whole block of weight type `T`.
 unsafe fn unpack<const T: u8>(w: *const u8) -> Unpacked {
     match T {
         t if t == WeightType::Q4_0 as u8 => {
@@ -89,6 +97,9 @@ unsafe fn unpack<const T: u8>(w: *const u8) -> Unpacked {
 
 /// `Σ w a` over one block in four 32-bit lanes, exact.
 #[inline(always)]
+/// # Safety
+/// the CPU is aarch64, whose baseline includes NEON; with `DOT`, the CPU has the dot-product extension
+/// (checked at run time by the caller).
 unsafe fn block_dot<const DOT: bool>(u: &Unpacked, a: &BlockQ8) -> int32x4_t {
     let (a0, a1) = (vld1q_s8(a.qs.as_ptr()), vld1q_s8(a.qs.as_ptr().add(16)));
     if DOT {
@@ -102,6 +113,8 @@ unsafe fn block_dot<const DOT: bool>(u: &Unpacked, a: &BlockQ8) -> int32x4_t {
 /// `acc[i] += Σ_(k<4) w[4i + k] a[4i + k]` (Rust's `vdotq_s32` is not stable yet).
 #[target_feature(enable = "neon,dotprod")]
 #[inline]
+/// # Safety
+/// The CPU has the dot-product extension (checked at run time).
 unsafe fn sdot(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     asm!("sdot {acc:v}.4s, {w:v}.16b, {a:v}.16b", acc = inout(vreg) acc, w = in(vreg) w, a = in(vreg) a, options(pure, nomem, nostack));
     acc

@@ -1,7 +1,9 @@
-//! The hyper-parameters every block needs, with no `Option`s left.
+//! The hyper-parameters every block needs, defaults filled in.
 //!
 //! Each format (GGUF metadata, HF `config.json`) is parsed into this one
-//! plain struct, so compute code never handles "maybe".
+//! plain struct and checked against bounds, so compute code never handles a
+//! missing or absurd value (the one `Option`, the rotary frequency factors,
+//! is absent by design for most models).
 
 use super::arch::Architecture;
 use super::rope::RopeStyle;

@@ -439,6 +439,8 @@ impl Ops for HostOps<'_, '_> {
                 attn.rope.apply_host(q, group, p);
                 attn.rope.apply_host(k, 1, p);
                 let dst = (j * c.capacity + p) * hd;
+                // SAFETY: cache row p of K/V head j is this task's alone (phase one
+                // writes disjoint rows; nothing reads them before the barrier).
                 unsafe { c.k.slice(dst, hd) }.convert_from_f32_slice(k);
                 unsafe { c.v.slice(dst, hd) }.convert_from_f32_slice(&v[row * kv_dim + j * hd..][..hd]);
             });

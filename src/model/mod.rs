@@ -137,6 +137,24 @@ impl ModelFile {
 
     /// Identifies the model: SHA-256 of the GGUF header and tensor table, or of
     /// `config.json` and the safetensors headers.
+    /// "Q4_1" etc.: the most common weight type of the blocks' down
+    /// projections (what Ollama reports as a model's quantization).
+    pub fn quantization(&self) -> String {
+        match self {
+            ModelFile::Gguf(g) => {
+                let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+                for (name, info) in g.tensor_infos() {
+                    if name.ends_with("ffn_down.weight") {
+                        *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+                    }
+                }
+                counts.into_iter().max_by_key(|(_, n)| *n).map(|(k, _)| k.to_uppercase()).unwrap_or_default()
+            }
+            ModelFile::Safetensors(_) => "F16".into(),
+            ModelFile::Synthetic(m) => m.name().rsplit(':').next().unwrap_or_default().to_uppercase(),
+        }
+    }
+
     pub fn digest(&self) -> Result<String> {
         match self {
             ModelFile::Gguf(f) => f.header_digest(),

@@ -322,6 +322,9 @@ impl ModelSlice {
     /// output per item, in order. Every item is checked before any runs, so
     /// a bad one leaves all caches untouched.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<SliceOutput>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
         if self.backend != Backend::Host {
             return Err(Error::InvalidRequest("batched steps run on the host backend".into()));
         }

@@ -516,6 +516,9 @@ impl Worker {
             return steps.iter().map(|_| Err(Fault::no_model())).collect();
         };
         let slice = &model.slice;
+        if steps.is_empty() {
+            return Vec::new();
+        }
         if slice.backend() == Backend::Host {
             // All together; when the batch as a whole is refused, each step
             // alone, so a bad one fails only its own session.
