@@ -104,8 +104,8 @@ async fn sessions_past_the_cap_are_refused_until_one_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_memory_is_held_as_used_and_capped() {
     // SmolLM2: 30 blocks × K and V × 3 heads × 64 × f16 = 23 KiB a position;
-    // a session's first chunk of 256 positions holds 5.6 MiB.
-    let node = NodeProc::spawn(Some(KEY), &["--kv-memory", "12MiB"]);
+    // a session's first chunk of 64 positions holds 1.4 MiB.
+    let node = NodeProc::spawn(Some(KEY), &["--kv-memory", "3MiB"]);
     let p = solo(&node).await;
     // A session that may grow to 8,192 positions costs its first chunk only.
     p.step(20, &PROMPT, Some(8192), Some(greedy()), false).await.unwrap();
@@ -113,8 +113,8 @@ async fn kv_memory_is_held_as_used_and_capped() {
     let e = p.step(22, &PROMPT, Some(8192), Some(greedy()), false).await.expect_err("past the KV memory");
     assert_eq!(code(&e), Some(ErrorCode::Capacity), "{e}");
     assert!(e.to_string().contains("KV memory"), "{e}");
-    // Growing past the first chunk needs the next one: refused as well.
-    let long: Vec<u32> = PROMPT.iter().copied().cycle().take(300).collect();
+    // Growing past the first chunk needs more: refused as well.
+    let long: Vec<u32> = PROMPT.iter().copied().cycle().take(100).collect();
     let e = p.step(21, &long, None, Some(greedy()), false).await.expect_err("a second chunk");
     assert_eq!(code(&e), Some(ErrorCode::Capacity), "{e}");
     p.step(20, &[7042], None, Some(greedy()), false).await.unwrap();

@@ -245,43 +245,45 @@ async fn load(svc: &Arc<Service>, model: String, chat: bool) -> Result<Response,
 }
 
 pub async fn generate(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    generate_inner(&svc, &headers, &body).await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
-}
-
-async fn generate_inner(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
-    let (gen, stream) = match generate_request(body, headers)? {
-        Ask::Load(model) => return load(svc, model, false).await,
-        Ask::Generate { gen, stream } => (gen, stream),
-    };
-    let model = gen.model.clone();
-    let rx = svc.generate(gen).await?;
-    Ok(respond(rx, stream, move |piece, finished| match finished {
-        None => json!({"model": model, "created_at": now(), "response": piece.unwrap_or(""), "done": false}),
-        Some(f) => {
-            let mut context = f.prompt_ids.clone();
-            context.extend(&f.result.tokens);
-            merge(json!({"model": model, "created_at": now(), "response": "", "context": context}), final_fields(f))
-        }
-    })
-    .await)
+    answer(&svc, &headers, &body, false).await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
 }
 
 pub async fn chat(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    chat_inner(&svc, &headers, &body).await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
+    answer(&svc, &headers, &body, true).await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
 }
 
-async fn chat_inner(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
-    let (gen, stream) = match chat_request(body, headers)? {
-        Ask::Load(model) => return load(svc, model, true).await,
+/// Checks, admits and answers `/api/chat` (`chat`) or `/api/generate`: the
+/// two differ in their request and in where a line carries the text.
+async fn answer(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8], chat: bool) -> Result<Response, ApiError> {
+    let ask = if chat { chat_request(body, headers)? } else { generate_request(body, headers)? };
+    let (gen, stream) = match ask {
+        Ask::Load(model) => return load(svc, model, chat).await,
         Ask::Generate { gen, stream } => (gen, stream),
     };
     let model = gen.model.clone();
     let rx = svc.generate(gen).await?;
-    Ok(respond(rx, stream, move |piece, finished| match finished {
-        None => {
-            json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": piece.unwrap_or("")}, "done": false})
+    Ok(respond(rx, stream, move |piece, finished| {
+        let text = piece.unwrap_or("");
+        let mut v = json!({"model": model, "created_at": now()});
+        if chat {
+            v["message"] = json!({"role": "assistant", "content": text});
+        } else {
+            v["response"] = json!(text);
         }
-        Some(f) => merge(json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""}}), final_fields(f)),
+        match finished {
+            None => {
+                v["done"] = json!(false);
+                v
+            }
+            Some(f) => {
+                if !chat {
+                    let mut context = f.prompt_ids.clone();
+                    context.extend(&f.result.tokens);
+                    v["context"] = json!(context);
+                }
+                merge(v, final_fields(f))
+            }
+        }
     })
     .await)
 }

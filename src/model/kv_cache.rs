@@ -38,7 +38,7 @@ pub struct HostKv {
 
 /// Positions a host cache grows by (at least; a long session grows by a
 /// quarter of what it holds, so copies stay a small share of the work).
-pub const HOST_CHUNK: usize = 256;
+pub const HOST_CHUNK: usize = 64;
 
 #[derive(Debug)]
 enum Store {
@@ -336,8 +336,9 @@ mod tests {
         }
         cache.advance(3);
         let before = cache.export()?;
-        assert_eq!(cache.bytes_after(300), 2 * first, "the next chunk, not the capacity");
-        cache.reserve(300)?;
+        assert_eq!(cache.bytes_after(HOST_CHUNK - 3), first, "room left in the first chunk");
+        assert_eq!(cache.bytes_after(HOST_CHUNK - 2), 2 * first, "the next chunk, not the capacity");
+        cache.reserve(HOST_CHUNK - 2)?;
         assert_eq!(cache.bytes(), 2 * first);
         let after = cache.export()?;
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

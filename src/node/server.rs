@@ -265,20 +265,7 @@ impl Node {
     /// after it, so it ends, and the node goes on serving everyone else.
     async fn data_loop(&self, mut reader: FrameReader, mut writer: FrameWriter) -> Result<(), NetError> {
         loop {
-            let frame = match reader.read().await {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return Ok(()),
-                // The sender went away (a head that finished, a stage that died):
-                // its own connection tells its side; nothing to refuse here.
-                Err(e @ NetError::Connection(_)) => return Err(e),
-                Err(e) => {
-                    let message = format!("refused a frame on a data stream: {e}");
-                    self.outputs.error(None, None, Fault::new(ErrorCode::Malformed, message.clone()));
-                    let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, message)).await;
-                    writer.finish_and_flush().await;
-                    return Err(e);
-                }
-            };
+            let Some(frame) = self.next_frame(&mut reader, &mut writer, "data").await? else { return Ok(()) };
             let sent = match frame.message {
                 Message::Forward(header) => self.send_work(Work::Forward { header, payload: frame.payload }).await,
                 Message::Close { session } => self.send_work(Work::Close { session }).await,
@@ -295,21 +282,34 @@ impl Node {
         }
     }
 
+    /// The stream's next frame (`None` at its clean end). One that does not
+    /// parse is refused with an Error frame to the sender (and, on a data
+    /// stream, to the heads, whose steps may wait on it); the stream's
+    /// framing cannot be trusted past it, so the stream ends.
+    async fn next_frame(&self, reader: &mut FrameReader, writer: &mut FrameWriter, stream: &str) -> Result<Option<Frame>, NetError> {
+        match reader.read().await {
+            // The sender went away (a head that finished, a stage that died):
+            // its own connection tells its side; nothing to refuse here.
+            Err(e @ NetError::Connection(_)) => Err(e),
+            Err(e) => {
+                let message = format!("refused a frame on a {stream} stream: {e}");
+                if stream == "data" {
+                    self.outputs.error(None, None, Fault::new(ErrorCode::Malformed, message.clone()));
+                }
+                let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, message)).await;
+                writer.finish_and_flush().await;
+                Err(e)
+            }
+            read => read,
+        }
+    }
+
     /// Requests answered in order. A frame that does not parse is answered
     /// with an Error frame and ends the stream (its framing cannot be
     /// trusted past it); the connection's other streams go on.
     async fn control_loop(&self, mut reader: FrameReader, mut writer: FrameWriter) -> Result<(), NetError> {
         loop {
-            let frame = match reader.read().await {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return Ok(()),
-                Err(e @ NetError::Connection(_)) => return Err(e),
-                Err(e) => {
-                    let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, format!("refused a control frame: {e}"))).await;
-                    writer.finish_and_flush().await;
-                    return Err(e);
-                }
-            };
+            let Some(frame) = self.next_frame(&mut reader, &mut writer, "control").await? else { return Ok(()) };
             let reply = match self.control(frame).await {
                 Ok(reply) => reply,
                 Err(f) => error_frame(&self.outputs.node, f.code, f.message),
