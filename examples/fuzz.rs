@@ -208,7 +208,7 @@ impl Fuzz {
         };
         // What the service does next with a checked request: the prompt
         // through the chat template.
-        if let (sollol::api::service::Prompt::Chat(messages), Some(t)) = (&gen.prompt, &self.template) {
+        if let (sollol::head::chat::Prompt::Chat(messages), Some(t)) = (&gen.prompt, &self.template) {
             let _ = t.render(messages, true);
         }
         true

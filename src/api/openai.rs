@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Dialect};
-use super::service::{collect, event_body, Event, Finished, GenRequest, Prompt, Service};
+use super::service::{collect, event_body, Event, Finished, GenRequest, Service};
 use super::{parse_json, priority};
-use crate::head::chat::Message;
+use crate::head::chat::{Message, Prompt};
 use crate::model::sampling::SamplingParams;
 
 /// `stop` may be a string or a list.

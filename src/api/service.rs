@@ -20,7 +20,7 @@ use crate::cluster::local::LocalNodes;
 use crate::cluster::manager::{ClusterManager, RouteInfo, RouteStage};
 use crate::cluster::partition::{self, Strategy};
 use crate::cluster::registry::Registry;
-use crate::head::chat::{ChatTemplate, Message, CHATML};
+use crate::head::chat::Prompt;
 use crate::head::client::NodeClient;
 use crate::head::engine::Engine;
 use crate::head::conversations::{Conversation, Conversations};
@@ -73,13 +73,6 @@ pub struct Worker {
     pub loaded_at: SystemTime,
     pub load_duration: Duration,
     pub quantization: String,
-}
-
-pub enum Prompt {
-    /// Raw text, tokenized as is.
-    Raw(String),
-    /// Messages rendered with the model's chat template.
-    Chat(Vec<Message>),
 }
 
 pub struct GenRequest {
@@ -407,22 +400,8 @@ impl Service {
         let had = self.workers.lock().await.contains_key(&self.canonical(&req.model));
         let worker = self.worker(&req.model).await?;
         let load = if had { Duration::ZERO } else { worker.load_duration };
-        let text = match &req.prompt {
-            Prompt::Raw(t) => t.clone(),
-            Prompt::Chat(messages) => {
-                let fallback;
-                let template = match worker.tokenizer.chat_template() {
-                    Some(t) => t,
-                    None => {
-                        fallback = ChatTemplate::new(CHATML, "", "")?;
-                        &fallback
-                    }
-                };
-                template.render(messages, true)?
-            }
-        };
         let mut prompt_ids = req.context.clone();
-        prompt_ids.extend(worker.tokenizer.encode(&text)?);
+        prompt_ids.extend(worker.tokenizer.prompt_ids(&req.prompt)?);
         let context = if req.num_ctx == 0 { worker.config.context_length } else { req.num_ctx.min(worker.config.context_length) };
         if prompt_ids.len() >= context {
             return Err(crate::Error::ContextOverflow { prompt: prompt_ids.len(), context }.into());

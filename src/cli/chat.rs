@@ -4,7 +4,7 @@ use std::io::{BufRead, Write};
 
 use anyhow::Result;
 use clap::Args;
-use sollol::head::chat::{ChatTemplate, Message, CHATML};
+use sollol::head::chat::Message;
 use sollol::head::generation::{generate, GenerateRequest};
 
 use super::generate::{print_summary, start_engine, PipelineArgs};
@@ -26,7 +26,6 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
     let mut opened = args.model.open()?;
     let tokenizer = opened.tokenizer()?;
-    let fallback = ChatTemplate::new(CHATML, "", "")?;
     let mut running = start_engine(&mut opened, &args.pipeline, threads)?;
     let mut messages: Vec<Message> = args.system.iter().map(|s| Message::new("system", s)).collect();
     eprintln!("chatting with {} — empty line or Ctrl-D to quit, /reset to start over", opened.resolved.name);
@@ -47,8 +46,7 @@ pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
             continue;
         }
         messages.push(Message::new("user", line));
-        let template = tokenizer.chat_template().unwrap_or(&fallback);
-        let prompt = tokenizer.encode(&template.render(&messages, true)?)?;
+        let prompt = tokenizer.encode(&tokenizer.render_chat(&messages)?)?;
         let mut params = args.sampling.params(0.7);
         params.seed = params.seed.wrapping_add(turn);
         let req = GenerateRequest {

@@ -12,10 +12,9 @@ use sollol::cluster::local::LocalNodes;
 use sollol::cluster::manager::ClusterManager;
 use sollol::cluster::partition::Strategy;
 use sollol::cluster::registry::Registry;
-use sollol::head::chat::{ChatTemplate, Message, CHATML};
+use sollol::head::chat::{Message, Prompt};
 use sollol::head::engine::{Engine, LocalEngine};
 use sollol::head::generation::{generate, GenerateRequest, GenerateResult};
-use sollol::head::tokenizer::Tokenizer;
 use sollol::net::auth::ClusterKey;
 use sollol::net::tensor::WireDType;
 use sollol::sys::human_bytes;
@@ -187,23 +186,12 @@ pub fn print_summary(result: &GenerateResult) {
     }
 }
 
-pub fn chat_prompt(tokenizer: &Tokenizer, user: &str) -> Result<String> {
-    let fallback;
-    let template = match tokenizer.chat_template() {
-        Some(t) => t,
-        None => {
-            fallback = ChatTemplate::new(CHATML, "", "")?;
-            &fallback
-        }
-    };
-    Ok(template.render(&[Message::new("user", user)], true)?)
-}
 
 pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
     let mut opened = args.model.open()?;
     let tokenizer = opened.tokenizer()?;
-    let text = if args.chat { chat_prompt(&tokenizer, &args.prompt)? } else { args.prompt.clone() };
-    let prompt = tokenizer.encode(&text)?;
+    let prompt = if args.chat { Prompt::Chat(vec![Message::new("user", &args.prompt)]) } else { Prompt::Raw(args.prompt.clone()) };
+    let prompt = tokenizer.prompt_ids(&prompt)?;
     let mut running = start_engine(&mut opened, &args.pipeline, threads)?;
     let req = GenerateRequest {
         prompt,

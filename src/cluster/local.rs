@@ -64,7 +64,7 @@ impl LocalNodes {
 
 /// The node prints `sollol node listening on ADDR` once bound.
 fn read_listen_line(stdout: std::process::ChildStdout) -> Result<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next();

@@ -18,6 +18,14 @@ impl Message {
     }
 }
 
+/// What a request asks the model to continue.
+pub enum Prompt {
+    /// Raw text, tokenized as is.
+    Raw(String),
+    /// Messages rendered with the model's chat template.
+    Chat(Vec<Message>),
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,

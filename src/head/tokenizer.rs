@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{json, Value as Json};
 
-use super::chat::ChatTemplate;
+use super::chat::{ChatTemplate, Message, Prompt, CHATML};
 use crate::error::{Error, Result};
 use crate::model::gguf::{value_u64, GgufFile};
 use crate::model::ModelFile;
@@ -276,6 +276,23 @@ impl Tokenizer {
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+
+    /// Renders `messages` with the model's chat template (the assistant's
+    /// turn opened), or with ChatML for a model that ships none.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        match &self.chat_template {
+            Some(t) => t.render(messages, true),
+            None => ChatTemplate::new(CHATML, "", "")?.render(messages, true),
+        }
+    }
+
+    /// The token ids of a prompt: raw text as it is, messages through the chat template.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Raw(text) => self.encode(text),
+            Prompt::Chat(messages) => self.encode(&self.render_chat(messages)?),
+        }
     }
 }
 
