@@ -29,9 +29,9 @@ use sollol::head::chat::{ChatTemplate, CHATML};
 use sollol::model::sampling::SamplingParams;
 use sollol::model::{KvCache, ModelFile};
 use sollol::net::frame::{self, Frame, Limits};
+use sollol::net::kv;
 use sollol::net::message::*;
 use sollol::net::tensor::{self, TensorHeader, WireDType};
-use sollol::net::kv;
 
 #[path = "../tests/common/tiny.rs"]
 #[allow(dead_code)]
@@ -350,13 +350,21 @@ fn code_of(rng: &mut StdRng) -> ErrorCode {
 fn frame_of(rng: &mut StdRng) -> Frame {
     let opt_u32 = |rng: &mut StdRng| rng.random_bool(0.5).then(|| u32_of(rng));
     let (message, implied) = match rng.random_range(0..19) {
-        0 => (Message::Hello { protocol: rng.random(), build: string_of(rng), role: PeerRole::Head, proof: vec_of(rng, |r| r.random()) }, None),
+        0 => (
+            Message::Hello { protocol: rng.random(), build: string_of(rng), role: PeerRole::Head, proof: vec_of(rng, |r| r.random()) },
+            None,
+        ),
         1 => (Message::Welcome { capabilities: capabilities(rng), proof: vec_of(rng, |r| r.random()) }, None),
         2 => (Message::Attach { purpose: if rng.random() { StreamPurpose::Data } else { StreamPurpose::Events } }, None),
         3 => (Message::GetCapabilities, None),
         4 => (Message::Capabilities(capabilities(rng)), None),
         5 => {
-            let req = LoadRequest { model: string_of(rng), start: u32_of(rng), end: u32_of(rng), digest: rng.random_bool(0.5).then(|| string_of(rng)) };
+            let req = LoadRequest {
+                model: string_of(rng),
+                start: u32_of(rng),
+                end: u32_of(rng),
+                digest: rng.random_bool(0.5).then(|| string_of(rng)),
+            };
             (Message::Load(req), None)
         }
         6 => (Message::Loaded(loaded_slice(rng)), None),
@@ -369,7 +377,13 @@ fn frame_of(rng: &mut StdRng) -> Frame {
         }
         11 => (Message::Ping { nonce: u64_of(rng) }, None),
         12 => {
-            let m = Message::Pong { nonce: u64_of(rng), sessions: u32_of(rng), busy_nanos: u64_of(rng), tokens: u64_of(rng), batches: u64_of(rng) };
+            let m = Message::Pong {
+                nonce: u64_of(rng),
+                sessions: u32_of(rng),
+                busy_nanos: u64_of(rng),
+                tokens: u64_of(rng),
+                batches: u64_of(rng),
+            };
             (m, None)
         }
         13 => (Message::Ok, None),
@@ -381,7 +395,12 @@ fn frame_of(rng: &mut StdRng) -> Frame {
                 let implied = tensor_bytes(&th);
                 (ForwardInput::Hidden(th), implied)
             };
-            let sample = rng.random_bool(0.5).then(|| SampleRequest { params: sampling(rng), recent: vec_of(rng, u32_of), draw: u64_of(rng) });
+            let sample = rng.random_bool(0.5).then(|| SampleRequest {
+                params: sampling(rng),
+                recent: vec_of(rng, u32_of),
+                draw: u64_of(rng),
+                logprobs: rng.random_bool(0.5).then(|| rng.random()),
+            });
             let h = ForwardHeader {
                 session: u64_of(rng),
                 step: u64_of(rng),
@@ -399,10 +418,14 @@ fn frame_of(rng: &mut StdRng) -> Frame {
         16 => (Message::Close { session: u64_of(rng) }, None),
         17 => {
             let logits_len = opt_u32(rng);
+            let logprobs = rng
+                .random_bool(0.3)
+                .then(|| sollol::model::sampling::Logprobs { logprob: f32_of(rng), top: vec_of(rng, |r| (u32_of(r), f32_of(r))) });
             let r = StepResult {
                 session: u64_of(rng),
                 step: u64_of(rng),
                 token: opt_u32(rng),
+                logprobs,
                 logits: None,
                 logits_len,
                 stage_nanos: vec_of(rng, u64_of),

@@ -70,7 +70,13 @@ impl Drop for Node {
 fn rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
-        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
@@ -91,7 +97,7 @@ fn sessions(rt: &tokio::runtime::Runtime) {
         let mut p = Pipeline::connect(std::slice::from_ref(&node.addr), &key).await.expect("connect");
         p.load(&model(), None, std::slice::from_ref(&(0..30)), WireDType::F16).await.expect("load");
         let (loaded, _) = rss(node.child.id());
-        let greedy = SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0 };
+        let greedy = SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0, logprobs: None };
         let (mut admitted, mut capacity, mut other) = (0, 0, 0);
         let t = Instant::now();
         for s in 0..2000u64 {
@@ -170,7 +176,11 @@ fn soak(minutes: u64) {
     };
     std::thread::spawn(move || for _ in lines {});
     let body = r#"{"model":"smollm2","prompt":"Tell me about the sea.","options":{"num_predict":32}}"#;
-    let warm = sollol::api::http_client::post(&addr, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":2}}"#);
+    let warm = sollol::api::http_client::post(
+        &addr,
+        "/api/generate",
+        r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":2}}"#,
+    );
     assert_eq!(warm.status, 200, "{}", warm.body);
     let nodes: Vec<u32> = children_of(serve.id());
     let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // completed, refused, lost, tokens
@@ -203,15 +213,19 @@ fn soak(minutes: u64) {
         std::thread::sleep(Duration::from_secs(30));
         let serve_rss = rss(serve.id()).0;
         let node_rss: Vec<u64> = nodes.iter().map(|p| rss(*p).0).collect();
-        println!("  {:>4} s  serve {}  nodes {}", samples.len() * 30 + 30, mib(serve_rss), node_rss.iter().map(|r| mib(*r)).collect::<Vec<_>>().join(", "));
+        println!(
+            "  {:>4} s  serve {}  nodes {}",
+            samples.len() * 30 + 30,
+            mib(serve_rss),
+            node_rss.iter().map(|r| mib(*r)).collect::<Vec<_>>().join(", ")
+        );
         let _ = std::io::stdout().flush();
         samples.push((serve_rss, node_rss));
     }
     for c in clients {
         let _ = c.join();
     }
-    let peaks: Vec<String> =
-        std::iter::once(serve.id()).chain(nodes.iter().copied()).map(|p| mib(rss(p).1)).collect();
+    let peaks: Vec<String> = std::iter::once(serve.id()).chain(nodes.iter().copied()).map(|p| mib(rss(p).1)).collect();
     let first = samples.first().cloned().unwrap_or_default();
     let last = samples.last().cloned().unwrap_or_default();
     println!(

@@ -88,6 +88,42 @@ def openai_completion_stream():
     assert "".join(ch.choices[0].text for ch in chunks), chunks
 
 
+def sorted_desc(xs):
+    return all(a >= b for a, b in zip(xs, xs[1:]))
+
+
+def ollama_logprobs():
+    r = o.generate(model=MODEL, prompt="The capital of France is", raw=True, logprobs=True, top_logprobs=3,
+                   options={"temperature": 0, "num_predict": 4})
+    assert len(r.logprobs) == r.eval_count, r
+    for lp in r.logprobs:
+        tops = [t.logprob for t in lp.top_logprobs]
+        # Greedy: the chosen token is the most likely, and log-probabilities are <= 0.
+        assert lp.logprob <= 0 and len(tops) == 3 and sorted_desc(tops) and lp.logprob == tops[0], lp
+    assert "".join(lp.token for lp in r.logprobs) == r.response, r
+
+
+def openai_chat_logprobs():
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6,
+                                  temperature=0.8, seed=5, logprobs=True, top_logprobs=4)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens, r
+    for t in content:
+        tops = [x.logprob for x in t.top_logprobs]
+        # Sampled: the distribution drawn from; its most likely four carry at most all the mass.
+        assert t.logprob <= 0 and sorted_desc(tops) and sum(2.718281828 ** x for x in tops) <= 1 + 1e-5, t
+        assert t.logprob in tops or t.logprob <= tops[-1], t
+    assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2).choices[0].logprobs is None
+
+
+def openai_completion_logprobs():
+    r = c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens, lp
+    assert "".join(lp.tokens) == r.choices[0].text and all(x <= 0 for x in lp.token_logprobs), lp
+    assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0, lp
+
+
 def openai_models():
     assert MODEL in [m.id for m in c.models.list().data]
 

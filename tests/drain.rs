@@ -16,9 +16,9 @@ use sollol::head::client::NodeClient;
 use sollol::head::generation::generate;
 use sollol::head::pipeline::{Pipeline, PipelineEngine, Replaced};
 use sollol::net::auth::ClusterKey;
+use sollol::net::resolve_addr;
 use sollol::net::tensor::WireDType;
 use sollol::net::tls;
-use sollol::net::resolve_addr;
 
 const KEY: &str = "drain-test-key";
 

@@ -23,7 +23,7 @@ const KEY: &str = "test-cluster-key";
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314]; // "The capital of France is"
 
 fn greedy() -> SampleRequest {
-    SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0 }
+    SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0, logprobs: None }
 }
 
 /// Greedy tokens and the logits that chose them, single process.
@@ -303,6 +303,25 @@ async fn a_stage_that_dies_fails_the_request_quickly_and_the_others_keep_serving
     solo.load(&model, None, std::slice::from_ref(&(0..30)), WireDType::F16).await.unwrap();
     let r = solo.step(6, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();
     assert_eq!(r.token, Some(7042));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_come_from_the_last_stage_and_match_its_logits() {
+    use sollol::model::sampling::sample_with_logprobs;
+    let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
+    let p = loaded_pipeline(&[&a, &b], WireDType::F32).await;
+    let params = SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 11, ..Default::default() };
+    let mut input = PROMPT.to_vec();
+    for step in 0..6u64 {
+        let sample = SampleRequest { params: params.clone(), recent: vec![], draw: step, logprobs: Some(5) };
+        let r = p.step(31, &input, (step == 0).then_some(64), Some(sample), true).await.unwrap();
+        let logits = r.logits.clone().unwrap();
+        let (token, expected) = sample_with_logprobs(&logits, &params, &[], step, Some(5));
+        let got = r.logprobs.clone().unwrap();
+        assert_eq!((r.token, Some(&got)), (Some(token), expected.as_ref()), "step {step}: recomputed from the same logits");
+        assert!(got.logprob <= 0.0 && got.top.len() <= 5 && got.top.iter().map(|x| (x.1 as f64).exp()).sum::<f64>() <= 1.0 + 1e-6);
+        input = vec![token];
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,8 +67,8 @@ impl IntoResponse for ApiError {
 
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
-        use crate::Error as E;
         use crate::net::message::ErrorCode;
+        use crate::Error as E;
         let status = match &e {
             E::UnknownModel(_) => StatusCode::NOT_FOUND,
             E::ContextOverflow { .. } | E::InvalidRequest(_) | E::Template(_) | E::Tokenizer(_) => StatusCode::BAD_REQUEST,

@@ -52,7 +52,14 @@ pub fn send_head(s: &mut TcpStream, addr: &str, method: &str, path: &str, body: 
     write_request(s, addr, method, path, body, extra).expect("send an HTTP request");
 }
 
-fn write_request(s: &mut TcpStream, addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> std::io::Result<()> {
+fn write_request(
+    s: &mut TcpStream,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    extra: &[(&str, &str)],
+) -> std::io::Result<()> {
     let body = body.unwrap_or("");
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",

@@ -48,6 +48,10 @@ pub struct GenerateBody {
     pub priority: Option<i32>,
     #[allow(dead_code)]
     pub keep_alive: Option<Value>,
+    /// Each token's log-probability in the answer, and this many alternatives'.
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +66,10 @@ pub struct ChatBody {
     pub priority: Option<i32>,
     #[allow(dead_code)]
     pub keep_alive: Option<Value>,
+    /// Each token's log-probability in the answer, and this many alternatives'.
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
 }
 
 /// Sampling from Ollama options, with Ollama's defaults; absurd values are refused.
@@ -200,6 +208,7 @@ pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiErro
         num_ctx,
         priority: priority(headers, req.priority),
         keep: false,
+        logprobs: logprobs(req.logprobs, req.top_logprobs)?,
     };
     Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
 }
@@ -227,8 +236,31 @@ pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
         num_ctx,
         priority: priority(headers, req.priority),
         keep: true,
+        logprobs: logprobs(req.logprobs, req.top_logprobs)?,
     };
     Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
+}
+
+/// Ollama's `logprobs` / `top_logprobs` (0–20) as the alternatives asked for.
+fn logprobs(on: bool, top: Option<i64>) -> Result<Option<usize>, ApiError> {
+    let max = crate::model::sampling::MAX_TOP_LOGPROBS as i64;
+    match top {
+        Some(n) if !(0..=max).contains(&n) => Err(ApiError::bad_request(format!("top_logprobs must be between 0 and {max}, got {n}"))),
+        Some(n) if n > 0 && !on => Err(ApiError::bad_request("top_logprobs needs logprobs: true")),
+        top => Ok(on.then(|| top.unwrap_or(0) as usize)),
+    }
+}
+
+/// Token log-probabilities as Ollama and OpenAI's chat write them.
+pub fn logprob_entries(f: &Finished) -> Value {
+    let bytes = |t: &str| t.as_bytes().to_vec();
+    f.logprobs
+        .iter()
+        .map(|l| {
+            let top: Vec<Value> = l.top.iter().map(|(t, lp)| json!({"token": t, "logprob": lp, "bytes": bytes(t)})).collect();
+            json!({"token": l.token, "logprob": l.logprob, "bytes": bytes(&l.token), "top_logprobs": top})
+        })
+        .collect()
 }
 
 /// Ollama's answer to a load request.
@@ -280,6 +312,9 @@ async fn answer(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8], chat: bool
                     let mut context = f.prompt_ids.clone();
                     context.extend(&f.result.tokens);
                     v["context"] = json!(context);
+                }
+                if !f.logprobs.is_empty() {
+                    v["logprobs"] = logprob_entries(f);
                 }
                 merge(v, final_fields(f))
             }

@@ -38,6 +38,11 @@ pub struct CommonParams {
     pub n: Option<u32>,
     pub frequency_penalty: Option<f32>,
     pub priority: Option<i32>,
+    /// Chat: `true` for each token's log-probability; completions: how many
+    /// alternatives (0–5) to report with it.
+    pub logprobs: Option<Value>,
+    /// Chat: alternatives per token (0–20), with `logprobs: true`.
+    pub top_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +177,8 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
             Event::Text(t) => vec![format!("data: {}\n\n", chunk(Some(&t), None))],
             Event::Done(f) => {
                 let mut last = chunk(None, Some(finish_reason(&f)));
+                // The whole answer's log-probabilities ride on the last chunk.
+                last["choices"][0]["logprobs"] = logprobs_value(&f, kind);
                 last["usage"] = usage(&f);
                 last["_cluster"] = json!(f.route);
                 vec![format!("data: {last}\n\n"), "data: [DONE]\n\n".to_string()]
@@ -189,9 +196,12 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
             let (object, choice) = match kind {
                 Kind::Chat => (
                     "chat.completion",
-                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason(&f)}),
+                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs_value(&f, kind), "finish_reason": finish_reason(&f)}),
                 ),
-                Kind::Text => ("text_completion", json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(&f)})),
+                Kind::Text => (
+                    "text_completion",
+                    json!({"index": 0, "text": text, "logprobs": logprobs_value(&f, kind), "finish_reason": finish_reason(&f)}),
+                ),
             };
             Json(json!({"id": id, "object": object, "created": created(), "model": model, "choices": [choice], "usage": usage(&f), "_cluster": f.route}))
                 .into_response()
@@ -206,8 +216,59 @@ pub struct Ask {
     pub stream: bool,
 }
 
+/// The alternatives a request asks for, in either kind's dialect.
+fn logprobs(c: &CommonParams, kind: Kind) -> Result<Option<usize>, ApiError> {
+    let max = crate::model::sampling::MAX_TOP_LOGPROBS as i64;
+    match (kind, &c.logprobs) {
+        (Kind::Chat, None | Some(Value::Null) | Some(Value::Bool(false))) => match c.top_logprobs {
+            Some(n) if n > 0 => Err(ApiError::bad_request("top_logprobs needs logprobs: true")),
+            _ => Ok(None),
+        },
+        (Kind::Chat, Some(Value::Bool(true))) => match c.top_logprobs {
+            Some(n) if !(0..=max).contains(&n) => Err(ApiError::bad_request(format!("top_logprobs must be between 0 and {max}"))),
+            n => Ok(Some(n.unwrap_or(0) as usize)),
+        },
+        (Kind::Text, None | Some(Value::Null)) => Ok(None),
+        (Kind::Text, Some(v)) => match v.as_i64() {
+            Some(n) if (0..=5).contains(&n) => Ok(Some(n as usize)),
+            _ => Err(ApiError::bad_request("logprobs must be an integer between 0 and 5")),
+        },
+        (Kind::Chat, Some(_)) => Err(ApiError::bad_request("logprobs must be true or false")),
+    }
+}
+
+/// The `logprobs` of a finished choice, in the kind's shape; null when none were asked for.
+fn logprobs_value(f: &Finished, kind: Kind) -> Value {
+    if f.logprobs.is_empty() {
+        return Value::Null;
+    }
+    match kind {
+        Kind::Chat => json!({"content": super::ollama::logprob_entries(f)}),
+        Kind::Text => {
+            let mut offset = 0;
+            let offsets: Vec<usize> = f
+                .logprobs
+                .iter()
+                .map(|l| {
+                    let at = offset;
+                    offset += l.token.len();
+                    at
+                })
+                .collect();
+            let top: Vec<Value> = f.logprobs.iter().map(|l| l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect()).collect();
+            json!({
+                "tokens": f.logprobs.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+                "token_logprobs": f.logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
 fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) -> Result<Ask, ApiError> {
     let (params, max_tokens, stop) = sampling(&common)?;
+    let logprobs = logprobs(&common, kind)?;
     let gen = GenRequest {
         model: common.model,
         prompt,
@@ -219,6 +280,7 @@ fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) ->
         priority: priority(headers, common.priority),
         // Chat turns keep their session for the next turn.
         keep: matches!(kind, Kind::Chat),
+        logprobs,
     };
     Ok(Ask { gen, stream: common.stream })
 }

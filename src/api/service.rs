@@ -22,8 +22,8 @@ use crate::cluster::partition::{self, Strategy};
 use crate::cluster::registry::Registry;
 use crate::head::chat::Prompt;
 use crate::head::client::NodeClient;
-use crate::head::engine::Engine;
 use crate::head::conversations::{Conversation, Conversations};
+use crate::head::engine::Engine;
 use crate::head::generation::{generate, GenerateRequest, GenerateResult};
 use crate::head::pipeline::Pipeline;
 use crate::head::queue::Queue;
@@ -87,6 +87,8 @@ pub struct GenRequest {
     pub priority: i32,
     /// A conversation turn: keep the session for the next turn to reuse.
     pub keep: bool,
+    /// Report each token's log-probability and this many alternatives'.
+    pub logprobs: Option<usize>,
 }
 
 pub enum Event {
@@ -97,10 +99,28 @@ pub enum Event {
 
 pub struct Finished {
     pub result: GenerateResult,
+    /// Each generated token's log-probabilities with its text, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
     pub prompt_ids: Vec<u32>,
     pub total: Duration,
     pub load: Duration,
     pub route: RouteInfo,
+}
+
+/// A generated token's log-probability and the most likely alternatives',
+/// each with its text.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+impl TokenLogprob {
+    fn of(tokenizer: &Tokenizer, token: u32, l: &crate::model::sampling::Logprobs) -> Self {
+        let text = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+        Self { token: text(token), logprob: l.logprob, top: l.top.iter().map(|&(id, lp)| (text(id), lp)).collect() }
+    }
 }
 
 /// Waits for the whole generation: its text and final stats, or its error.
@@ -208,9 +228,9 @@ fn resolve_for_client(spec: &str, trusted: bool, dirs: &[std::path::PathBuf]) ->
     if !is_path {
         return source::resolve_name(spec);
     }
-    let inside = std::fs::canonicalize(spec).ok().filter(|p| {
-        p.is_file() && dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| p.starts_with(d))
-    });
+    let inside = std::fs::canonicalize(spec)
+        .ok()
+        .filter(|p| p.is_file() && dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| p.starts_with(d)));
     match inside {
         Some(path) => Ok(source::ResolvedModel { name: spec.to_string(), path }),
         None => Err(crate::Error::UnknownModel(spec.to_string())),
@@ -419,6 +439,7 @@ impl Service {
             context,
             resume: reused.as_ref().map(|(_, r)| *r),
             keep_session: req.keep,
+            logprobs: req.logprobs,
         };
         let running = Running::new(&worker);
         tokio::task::spawn_blocking(move || {
@@ -446,7 +467,14 @@ impl Service {
                 // K and V in f32 as a GPU stage keeps them; a CPU stage keeps
                 // f16, half of it, so the budget bounds what stages hold from above.
                 let bytes_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4;
-                let turn = Conversation { model: worker.name.clone(), session, fed: r.fed.clone(), capacity, pipeline: worker.pipeline(), bytes_per_token };
+                let turn = Conversation {
+                    model: worker.name.clone(),
+                    session,
+                    fed: r.fed.clone(),
+                    capacity,
+                    pipeline: worker.pipeline(),
+                    bytes_per_token,
+                };
                 for (pipeline, session) in service.conversations.keep(turn) {
                     service.handle.block_on(pipeline.close(session));
                 }
@@ -467,7 +495,9 @@ impl Service {
                     }
                     service.sample_tokens();
                     worker.chain.measured(&result.stats.stage_times, result.stats.prompt_tokens + result.stats.generated_tokens);
-                    Event::Done(Box::new(Finished { result, prompt_ids, total: started.elapsed(), load, route: worker.route() }))
+                    let logprobs =
+                        result.tokens.iter().zip(&result.logprobs).map(|(&t, l)| TokenLogprob::of(&worker.tokenizer, t, l)).collect();
+                    Event::Done(Box::new(Finished { result, logprobs, prompt_ids, total: started.elapsed(), load, route: worker.route() }))
                 }
                 Err(e) => Event::Failed(e.into()),
             };

@@ -220,14 +220,19 @@ fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -
     let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
     let mut token = 0;
     for (i, chunk) in chunks.iter().enumerate() {
-        let spec = (i + 1 == chunks.len()).then_some(SampleSpec { params: &params, history: prompt, step: 0 });
+        let spec = (i + 1 == chunks.len()).then_some(SampleSpec { params: &params, history: prompt, step: 0, logprobs: None });
         token = engine.step(session, chunk, spec, false)?.token.unwrap_or(0);
     }
     m.ttft = t.elapsed();
     m.prefill_tok_s = prompt.len() as f64 / m.ttft.as_secs_f64();
     let t = Instant::now();
     for step in 0..tokens {
-        let out = engine.step(session, &[token], Some(SampleSpec { params: &params, history: &[], step: step as u64 + 1 }), false)?;
+        let out = engine.step(
+            session,
+            &[token],
+            Some(SampleSpec { params: &params, history: &[], step: step as u64 + 1, logprobs: None }),
+            false,
+        )?;
         token = out.token.unwrap_or(0);
         m.tokens.push(token);
         m.hop_latencies.extend(out.hop_latency);

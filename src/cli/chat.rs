@@ -57,6 +57,7 @@ pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
             context: args.sampling.ctx,
             resume: None,
             keep_session: false,
+            logprobs: None,
         };
         let mut stdout = std::io::stdout().lock();
         let result = generate(running.engine.as_mut(), &tokenizer, rand::random(), &req, &mut |piece| {

@@ -186,7 +186,6 @@ pub fn print_summary(result: &GenerateResult) {
     }
 }
 
-
 pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
     let mut opened = args.model.open()?;
     let tokenizer = opened.tokenizer()?;
@@ -201,6 +200,7 @@ pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
         context: args.sampling.ctx,
         resume: None,
         keep_session: false,
+        logprobs: None,
     };
     let session = rand::random::<u64>();
     let mut stdout = std::io::stdout().lock();

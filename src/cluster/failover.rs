@@ -99,7 +99,12 @@ impl SharedChain {
     /// the chain connects, loads or links, is replaced by a standby, or its
     /// blocks are planned again over the nodes still alive, and setup starts
     /// over (at most three times). Must not be called from inside the runtime.
-    pub fn build(handle: tokio::runtime::Handle, spec: ChainSpec, chain: Vec<(String, Range<usize>)>, standby: Vec<String>) -> Result<Arc<Self>> {
+    pub fn build(
+        handle: tokio::runtime::Handle,
+        spec: ChainSpec,
+        chain: Vec<(String, Range<usize>)>,
+        standby: Vec<String>,
+    ) -> Result<Arc<Self>> {
         let mut nodes = Spares { standby, dead: HashSet::new() };
         let pipeline = Arc::new(handle.block_on(build_resilient(&spec, chain, &mut nodes))?);
         let state = ChainState { epoch: 0, pipeline, nodes };

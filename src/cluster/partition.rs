@@ -77,13 +77,8 @@ impl Assignment {
     }
 }
 
-
 fn assignments(model: &LayerBytes, nodes: &[&NodeSpec], ranges: Vec<Range<usize>>) -> Vec<Assignment> {
-    nodes
-        .iter()
-        .zip(ranges)
-        .map(|(n, r)| Assignment { node: n.name.clone(), bytes: model.stage(&r), start: r.start, end: r.end })
-        .collect()
+    nodes.iter().zip(ranges).map(|(n, r)| Assignment { node: n.name.clone(), bytes: model.stage(&r), start: r.start, end: r.end }).collect()
 }
 
 /// Fails with the memory a plan misses, naming the stage.

@@ -12,8 +12,8 @@ use crate::net::auth::{client_handshake, ClusterKey};
 use crate::net::connection::{split, FrameReader, FrameWriter};
 use crate::net::frame::Frame;
 use crate::net::message::{Capabilities, Message, PeerRole, StepResult, StreamPurpose};
-use crate::net::{timeout, tls, NetError};
 use crate::net::resolve_addr;
+use crate::net::{timeout, tls, NetError};
 
 /// Steps waiting for their result, by step id, with their session.
 pub type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Result<StepResult, NetError>>)>>>;

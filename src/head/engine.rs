@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::sampling::{sample, SamplingParams};
+use crate::model::sampling::{sample_with_logprobs, Logprobs, SamplingParams};
 use crate::model::{KvCache, ModelSlice, SliceOutput};
 
 /// How to pick the token after a step, and what it needs to do so.
@@ -19,12 +19,16 @@ pub struct SampleSpec<'a> {
     pub history: &'a [u32],
     /// Tokens sampled before in this session (keys the random draw).
     pub step: u64,
+    /// Report the token's log-probability and this many alternatives'.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct StepOutput {
     /// The sampled token, when sampling was asked for.
     pub token: Option<u32>,
+    /// Its log-probabilities, when asked for.
+    pub logprobs: Option<Logprobs>,
     /// The last position's logits, when asked for (tests, logprobs).
     pub logits: Option<Vec<f32>>,
     /// Compute time per stage, in chain order.
@@ -82,8 +86,14 @@ impl Engine for LocalEngine {
             SliceOutput::Logits(l) => l.squeeze(0)?.to_vec1::<f32>()?,
             SliceOutput::Hidden(_) => unreachable!("a whole-model slice ends in logits"),
         };
-        let token = sample_spec.map(|s| sample(&logits, s.params, s.history, s.step));
-        Ok(StepOutput { token, logits: want_logits.then_some(logits), stage_times: vec![start.elapsed()], ..Default::default() })
+        let sampled = sample_spec.map(|s| sample_with_logprobs(&logits, s.params, s.history, s.step, s.logprobs));
+        Ok(StepOutput {
+            token: sampled.as_ref().map(|s| s.0),
+            logprobs: sampled.and_then(|s| s.1),
+            logits: want_logits.then_some(logits),
+            stage_times: vec![start.elapsed()],
+            ..Default::default()
+        })
     }
 
     fn rewind(&mut self, session: u64, keep: usize) -> Result<()> {

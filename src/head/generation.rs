@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::engine::{Engine, SampleSpec, StepOutput};
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::model::sampling::SamplingParams;
+use crate::model::sampling::{Logprobs, SamplingParams};
 
 /// Prompt tokens per forward pass; bounds the activation buffer every stage holds.
 pub const PREFILL_CHUNK: usize = 256;
@@ -25,6 +25,8 @@ pub struct GenerateRequest {
     pub resume: Option<Resume>,
     /// Leave the session open at the end, for a later `resume`.
     pub keep_session: bool,
+    /// Report each generated token's log-probability and this many alternatives'.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +128,8 @@ impl Stats {
 #[derive(Debug, Clone)]
 pub struct GenerateResult {
     pub tokens: Vec<u32>,
+    /// One per token of `tokens`, when asked for.
+    pub logprobs: Vec<Logprobs>,
     /// Every token the session's caches now hold, in order.
     pub fed: Vec<u32>,
     pub text: String,
@@ -264,18 +268,28 @@ fn run(
     let mut stops = StopMatcher { stops: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() };
     let start = Instant::now();
     if req.max_tokens == 0 {
-        return Ok(GenerateResult { tokens: generated, fed: req.prompt[..skip].to_vec(), text, finish: FinishReason::Length, stats });
+        return Ok(GenerateResult {
+            tokens: generated,
+            logprobs: Vec::new(),
+            fed: req.prompt[..skip].to_vec(),
+            text,
+            finish: FinishReason::Length,
+            stats,
+        });
     }
 
     // Prefill: every chunk but the last only fills the caches.
     let chunks: Vec<&[u32]> = req.prompt[skip..].chunks(PREFILL_CHUNK).collect();
     let mut next = None;
+    let mut next_logprobs = None;
+    let mut logprobs = Vec::new();
     for (i, chunk) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
-        let spec = last.then_some(SampleSpec { params: &req.params, history: &history, step: 0 });
+        let spec = last.then_some(SampleSpec { params: &req.params, history: &history, step: 0, logprobs: req.logprobs });
         let out = engine.step(session, chunk, spec, false)?;
         stats.record(&out, false);
         next = out.token;
+        next_logprobs = out.logprobs;
     }
     stats.prefill = start.elapsed();
     stats.time_to_first_token = stats.prefill;
@@ -288,6 +302,7 @@ fn run(
         }
         generated.push(token);
         history.push(token);
+        logprobs.extend(next_logprobs.take());
         let mut stopped = false;
         let piece = stream.next(tokenizer, &generated)?;
         let emit = match stops.push(&piece) {
@@ -309,11 +324,12 @@ fn run(
         if generated.len() >= req.max_tokens || history.len() >= capacity {
             break FinishReason::Length;
         }
-        let spec = SampleSpec { params: &req.params, history: &history, step: generated.len() as u64 };
+        let spec = SampleSpec { params: &req.params, history: &history, step: generated.len() as u64, logprobs: req.logprobs };
         let out = engine.step(session, &[token], Some(spec), false)?;
         fed_generated += 1;
         stats.record(&out, true);
         token = out.token.ok_or_else(|| Error::InvalidRequest("the engine returned no token".into()))?;
+        next_logprobs = out.logprobs;
     };
     if finish != FinishReason::Cancelled {
         // Text held back for a stop string that never completed is final now.
@@ -329,7 +345,7 @@ fn run(
     // last one the loop stopped on).
     let mut fed = req.prompt.clone();
     fed.extend_from_slice(&generated[..fed_generated]);
-    Ok(GenerateResult { tokens: generated, fed, text, finish, stats })
+    Ok(GenerateResult { tokens: generated, logprobs, fed, text, finish, stats })
 }
 
 #[cfg(test)]

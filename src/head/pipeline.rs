@@ -27,9 +27,9 @@ use crate::net::frame::Frame;
 use crate::net::message::{
     Capabilities, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, SampleRequest, StepResult,
 };
+use crate::net::resolve_addr;
 use crate::net::tensor::WireDType;
 use crate::net::{kv, tls, NetError};
-use crate::net::resolve_addr;
 
 /// How long a step may take before the head gives up on it. Dead peers are
 /// noticed sooner, by QUIC's idle timeout; this bounds a stage that is alive
@@ -395,6 +395,11 @@ impl Pipeline {
     }
 }
 
+/// How many alternatives a step's sample request asks for.
+fn spec_logprobs(sample: &Option<SampleRequest>) -> usize {
+    sample.as_ref().and_then(|s| s.logprobs).map_or(0, usize::from)
+}
+
 /// The pipeline as a synchronous [`Engine`] for the generation loop. Steps
 /// block on the runtime through `handle`, so the loop runs on a plain or a
 /// blocking thread; many engines may share one pipeline.
@@ -434,8 +439,10 @@ impl Engine for PipelineEngine {
             } else {
                 Vec::new()
             };
-            SampleRequest { params: s.params.clone(), recent, draw: s.step }
+            let logprobs = s.logprobs.map(|n| n.min(crate::model::sampling::MAX_TOP_LOGPROBS) as u8);
+            SampleRequest { params: s.params.clone(), recent, draw: s.step, logprobs }
         });
+        let asked = spec_logprobs(&sample);
         let t = Instant::now();
         let r = self.handle.block_on(self.pipeline.step_with(session, tokens, open, truncate, sample, want_logits))?;
         let wall = t.elapsed();
@@ -443,8 +450,14 @@ impl Engine for PipelineEngine {
         let compute: Duration = stage_times.iter().sum();
         // Hops: head → stage 1 → … → stage N → head.
         let hops = stage_times.len() as u32 + 1;
+        // A stage reports no more alternatives than were asked for.
+        let logprobs = r.logprobs.map(|mut l| {
+            l.top.truncate(asked);
+            l
+        });
         Ok(StepOutput {
             token: r.token,
+            logprobs,
             logits: r.logits,
             stage_times,
             hop_latency: Some(wall.saturating_sub(compute) / hops),

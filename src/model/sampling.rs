@@ -75,9 +75,37 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The log-probabilities of a sampled token and of the most likely
+/// alternatives, in the distribution it was drawn from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Logprobs {
+    pub logprob: f32,
+    /// At most the number asked for, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The most alternatives a step reports (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// The next token for `logits`, given the tokens so far (`history`) and the
 /// number of tokens sampled before in this session (`step`).
 pub fn sample(logits: &[f32], params: &SamplingParams, history: &[u32], step: u64) -> u32 {
+    sample_with_logprobs(logits, params, history, step, None).0
+}
+
+/// [`sample`], and with `top = Some(n)` the log-probabilities of the chosen
+/// token and the `n` (at most [`MAX_TOP_LOGPROBS`]) most likely ones, in the
+/// distribution actually sampled from: after the repeat penalty, at the
+/// temperature, over the tokens top-k, top-p and min-p kept (renormalised).
+/// Greedy decoding draws from nothing; its distribution is the model's
+/// after the repeat penalty (temperature 1, nothing cut).
+pub fn sample_with_logprobs(
+    logits: &[f32],
+    params: &SamplingParams,
+    history: &[u32],
+    step: u64,
+    top: Option<usize>,
+) -> (u32, Option<Logprobs>) {
     let mut logits = logits.to_vec();
     if params.repeat_penalty != 1.0 {
         let start = history.len().saturating_sub(params.repeat_last_n);
@@ -91,7 +119,21 @@ pub fn sample(logits: &[f32], params: &SamplingParams, history: &[u32], step: u6
         }
     }
     if params.is_greedy() {
-        return argmax(&logits);
+        let token = argmax(&logits);
+        let logprobs = top.map(|n| {
+            let max = logits[token as usize];
+            let log_total = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+            let lp = |l: f32| ((l - max) as f64 - log_total) as f32;
+            let mut best: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+            let n = n.min(MAX_TOP_LOGPROBS).min(best.len());
+            if n > 0 {
+                best.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            }
+            best.truncate(n);
+            best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            Logprobs { logprob: lp(max), top: best.into_iter().map(|(t, l)| (t, lp(l))).collect() }
+        });
+        return (token, logprobs);
     }
     // Candidates sorted by logit, best first (stable: ties keep the lower id first).
     let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
@@ -121,18 +163,51 @@ pub fn sample(logits: &[f32], params: &SamplingParams, history: &[u32], step: u6
     let probs = &probs[..keep];
     let total: f64 = probs.iter().sum();
     let mut r = uniform(params.seed, step) * total;
+    let mut chosen = keep - 1;
     for (i, p) in probs.iter().enumerate() {
         if r < *p {
-            return cand[i].0;
+            chosen = i;
+            break;
         }
         r -= p;
     }
-    cand[keep - 1].0
+    let logprobs = top.map(|n| {
+        let lp = |p: f64| (p / total).ln() as f32;
+        let n = n.min(MAX_TOP_LOGPROBS).min(keep);
+        Logprobs { logprob: lp(probs[chosen]), top: (0..n).map(|i| (cand[i].0, lp(probs[i]))).collect() }
+    });
+    (cand[chosen].0, logprobs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_those_of_the_distribution_sampled_from() {
+        let logits = [2.0f32, 1.0, 0.5, -1.0, 3.0];
+        // Greedy: the model's softmax.
+        let (t, lp) = sample_with_logprobs(&logits, &params(0.0), &[], 0, Some(3));
+        let lp = lp.unwrap();
+        assert_eq!(t, 4);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((lp.logprob as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![4, 0, 1]);
+        // Sampled at a temperature over the two tokens top-k keeps: they renormalise.
+        let p = SamplingParams { temperature: 0.5, top_k: 2, top_p: 1.0, min_p: 0.0, seed: 9, ..Default::default() };
+        for step in 0..20 {
+            let (t, lp) = sample_with_logprobs(&logits, &p, &[], step, Some(5));
+            let lp = lp.unwrap();
+            assert_eq!(t, sample(&logits, &p, &[], step), "the same token with or without logprobs");
+            assert_eq!(lp.top.len(), 2, "only what top-k kept");
+            let sum: f64 = lp.top.iter().map(|x| (x.1 as f64).exp()).sum();
+            assert!((sum - 1.0).abs() < 1e-6);
+            let (a, b) = (3.0f64 / 0.5, 2.0f64 / 0.5);
+            let expect_best = a - (a.exp() + b.exp()).ln();
+            assert!((lp.top[0].1 as f64 - expect_best).abs() < 1e-6);
+            assert!(lp.top.iter().any(|x| x.0 == t && x.1 == lp.logprob) && lp.logprob <= 0.0);
+        }
+    }
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams { temperature, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() }

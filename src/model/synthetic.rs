@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 use super::arch;
 use super::config::Config;
-use super::rope::RopeStyle;
 use super::gguf::LayerBytes;
+use super::rope::RopeStyle;
 use super::weights::RawWeight;
 use crate::error::{Error, Result};
 

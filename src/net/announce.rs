@@ -42,8 +42,9 @@ pub async fn announce(group: SocketAddrV4, iface: Ipv4Addr, node_addr: String, e
     let socket: std::net::UdpSocket = socket.into();
     socket.set_nonblocking(true).map_err(|e| io("multicast socket", e))?;
     let socket = tokio::net::UdpSocket::from_std(socket).map_err(|e| io("multicast socket", e))?;
-    let msg = serde_json::to_vec(&Announcement { sollol: super::PROTOCOL_VERSION, addr: node_addr, build: env!("CARGO_PKG_VERSION").into() })
-        .map_err(|e| NetError::Decode(format!("cannot encode an announcement: {e}")))?;
+    let msg =
+        serde_json::to_vec(&Announcement { sollol: super::PROTOCOL_VERSION, addr: node_addr, build: env!("CARGO_PKG_VERSION").into() })
+            .map_err(|e| NetError::Decode(format!("cannot encode an announcement: {e}")))?;
     loop {
         if let Err(e) = socket.send_to(&msg, group).await {
             tracing::debug!("announcement not sent: {e}");
@@ -80,4 +81,3 @@ pub async fn listen(group: SocketAddrV4, iface: Ipv4Addr, duration: Duration) ->
     heard.sort_by(|a, b| a.addr.cmp(&b.addr));
     Ok(heard)
 }
-

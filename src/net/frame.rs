@@ -13,7 +13,7 @@
 use super::message::{Message, StepResult};
 use super::NetError;
 
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 pub const PREFIX_LEN: usize = 10;
 /// Control headers are small; anything larger is an attack or a bug.
 pub const MAX_HEADER: usize = 1 << 20;
@@ -79,8 +79,11 @@ pub fn encode_head(frame: &Frame) -> Result<Vec<u8>, NetError> {
     if header.len() > MAX_HEADER {
         return Err(NetError::TooLarge { what: "header", len: header.len() as u64, max: MAX_HEADER as u64 });
     }
-    let payload_len = u32::try_from(frame.payload.len())
-        .map_err(|_| NetError::TooLarge { what: "payload", len: frame.payload.len() as u64, max: u32::MAX as u64 })?;
+    let payload_len = u32::try_from(frame.payload.len()).map_err(|_| NetError::TooLarge {
+        what: "payload",
+        len: frame.payload.len() as u64,
+        max: u32::MAX as u64,
+    })?;
     let mut out = Vec::with_capacity(PREFIX_LEN + header.len());
     out.push(PROTOCOL_VERSION);
     out.push(0);
@@ -151,11 +154,7 @@ impl StepResult {
     pub fn with_payload(mut self, payload: &[u8]) -> Result<Self, NetError> {
         let expected = self.logits_len.map_or(0, |n| n as usize * 4);
         if payload.len() != expected {
-            return Err(NetError::Decode(format!(
-                "a result of {:?} logits came with {} payload bytes",
-                self.logits_len,
-                payload.len()
-            )));
+            return Err(NetError::Decode(format!("a result of {:?} logits came with {} payload bytes", self.logits_len, payload.len())));
         }
         self.logits = self.logits_len.map(|_| payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
         Ok(self)
@@ -193,10 +192,16 @@ mod tests {
     fn oversized_lengths_are_refused_before_allocation() {
         let mut prefix = [PROTOCOL_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         prefix[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(check_prefix(&prefix, Limits { header: MAX_HEADER, payload: 1024 }), Err(NetError::TooLarge { what: "payload", .. })));
+        assert!(matches!(
+            check_prefix(&prefix, Limits { header: MAX_HEADER, payload: 1024 }),
+            Err(NetError::TooLarge { what: "payload", .. })
+        ));
         let mut prefix = [PROTOCOL_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         prefix[2..6].copy_from_slice(&(MAX_HEADER as u32 + 1).to_le_bytes());
-        assert!(matches!(check_prefix(&prefix, Limits { header: MAX_HEADER, payload: 1024 }), Err(NetError::TooLarge { what: "header", .. })));
+        assert!(matches!(
+            check_prefix(&prefix, Limits { header: MAX_HEADER, payload: 1024 }),
+            Err(NetError::TooLarge { what: "header", .. })
+        ));
     }
 
     #[test]
@@ -216,6 +221,7 @@ mod tests {
             session: 1,
             step: 2,
             token: Some(3),
+            logprobs: None,
             logits: Some(logits.clone()),
             logits_len: None,
             stage_nanos: vec![],

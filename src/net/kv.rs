@@ -127,10 +127,7 @@ pub fn blocks<'a>(header: &KvStateHeader, payload: &'a [u8]) -> Result<Vec<&'a [
 /// A state of the given blocks (each as [`blocks`] cut them) under a header
 /// like `like` (same session, length and head shape).
 pub fn join(like: &KvStateHeader, parts: &[&[u8]]) -> Result<(KvStateHeader, Vec<u8>), NetError> {
-    let header = KvStateHeader {
-        n_layers: u32::try_from(parts.len()).map_err(|_| malformed("too many blocks".into()))?,
-        ..like.clone()
-    };
+    let header = KvStateHeader { n_layers: u32::try_from(parts.len()).map_err(|_| malformed("too many blocks".into()))?, ..like.clone() };
     let payload = parts.concat();
     header.layout(payload.len())?;
     Ok((header, payload))

@@ -170,6 +170,8 @@ pub struct SampleRequest {
     pub recent: Vec<u32>,
     /// Tokens sampled before in this session: keys the random draw.
     pub draw: u64,
+    /// Report the chosen token's log-probability and this many alternatives'.
+    pub logprobs: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,6 +201,8 @@ pub struct StepResult {
     pub session: u64,
     pub step: u64,
     pub token: Option<u32>,
+    /// The token's log-probabilities, when asked for.
+    pub logprobs: Option<crate::model::sampling::Logprobs>,
     /// Travels in the frame's payload ([`StepResult::into_frame`]): a 262k
     /// vocabulary's logits are 1 MiB, the header's whole limit.
     #[serde(skip)]

@@ -20,7 +20,6 @@ impl WireDType {
             WireDType::F16 | WireDType::BF16 => 2,
         }
     }
-
 }
 
 impl std::str::FromStr for WireDType {

@@ -354,7 +354,10 @@ impl Node {
                 Frame::new(Message::Ok)
             }
             other => {
-                return Err(Fault::new(ErrorCode::Malformed, NetError::Unexpected { got: other.kind(), expected: "a control request" }.to_string()))
+                return Err(Fault::new(
+                    ErrorCode::Malformed,
+                    NetError::Unexpected { got: other.kind(), expected: "a control request" }.to_string(),
+                ))
             }
         })
     }
@@ -398,7 +401,11 @@ impl Node {
             if need > offered {
                 return Err(Fault::new(
                     ErrorCode::Capacity,
-                    format!("blocks {start}..{end} need {} but {node} offers {}", crate::sys::human_bytes(need), crate::sys::human_bytes(offered)),
+                    format!(
+                        "blocks {start}..{end} need {} but {node} offers {}",
+                        crate::sys::human_bytes(need),
+                        crate::sys::human_bytes(offered)
+                    ),
                 ));
             }
             let slice = ModelSlice::load(&mut file, start..end, &device)?;

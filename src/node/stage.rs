@@ -24,7 +24,7 @@ use candle_core::Tensor;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::sampling::sample;
+use crate::model::sampling::sample_with_logprobs;
 use crate::model::{Backend, BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
 use crate::net::frame::Frame;
 use crate::net::message::{ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult};
@@ -217,11 +217,15 @@ impl Outputs {
     }
 }
 
-pub fn spawn_worker(outputs: Arc<Outputs>, compute_lock: Option<std::fs::File>, admission: Admission) -> std::io::Result<mpsc::Sender<Work>> {
+pub fn spawn_worker(
+    outputs: Arc<Outputs>,
+    compute_lock: Option<std::fs::File>,
+    admission: Admission,
+) -> std::io::Result<mpsc::Sender<Work>> {
     let (tx, rx) = mpsc::channel(WORK_QUEUE);
-    std::thread::Builder::new().name("sollol-stage".into()).spawn(move || {
-        Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock, admission }.run(rx)
-    })?;
+    std::thread::Builder::new()
+        .name("sollol-stage".into())
+        .spawn(move || Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock, admission }.run(rx))?;
     Ok(tx)
 }
 
@@ -254,7 +258,10 @@ enum StepInput {
     Hidden(Tensor),
     /// Hidden states for the host backend: `rows` rows, decoded from the
     /// payload straight into the f32 values the kernels read.
-    Rows { values: Vec<f32>, rows: usize },
+    Rows {
+        values: Vec<f32>,
+        rows: usize,
+    },
 }
 
 impl StepInput {
@@ -291,7 +298,11 @@ fn take_batch(queue: &mut VecDeque<Work>) -> Vec<(ForwardHeader, Vec<u8>)> {
 
 /// The host path over several sessions at once; the caches leave the map for
 /// the call and always come back.
-fn run_batch(slice: &ModelSlice, sessions: &mut HashMap<u64, Session>, steps: &[&(ForwardHeader, StepInput)]) -> crate::Result<Vec<SliceOutput>> {
+fn run_batch(
+    slice: &ModelSlice,
+    sessions: &mut HashMap<u64, Session>,
+    steps: &[&(ForwardHeader, StepInput)],
+) -> crate::Result<Vec<SliceOutput>> {
     let mut taken: Vec<(u64, Session)> = Vec::with_capacity(steps.len());
     for (h, _) in steps.iter().copied() {
         match sessions.remove(&h.session) {
@@ -539,7 +550,9 @@ impl Worker {
             .map(|(h, input)| {
                 let session = self.sessions.get_mut(&h.session).ok_or_else(|| Fault::new(ErrorCode::UnknownSession, "session closed"))?;
                 let x = match input {
-                    StepInput::Tokens(ids) => Tensor::new(ids.as_slice(), slice.device()).and_then(|t| t.unsqueeze(0)).map_err(crate::Error::from)?,
+                    StepInput::Tokens(ids) => {
+                        Tensor::new(ids.as_slice(), slice.device()).and_then(|t| t.unsqueeze(0)).map_err(crate::Error::from)?
+                    }
                     StepInput::Hidden(t) => t.clone(),
                     StepInput::Rows { .. } => return Err(Fault::new(ErrorCode::Internal, "host rows given to the candle backend")),
                 };
@@ -567,11 +580,13 @@ impl Worker {
             }
             Ok(SliceOutput::Logits(logits)) => match logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()) {
                 Ok(logits) => {
-                    let token = h.sample.as_ref().map(|s| sample(&logits, &s.params, &s.recent, s.draw));
+                    let sampled =
+                        h.sample.as_ref().map(|s| sample_with_logprobs(&logits, &s.params, &s.recent, s.draw, s.logprobs.map(usize::from)));
                     let result = StepResult {
                         session: h.session,
                         step: h.step,
-                        token,
+                        token: sampled.as_ref().map(|s| s.0),
+                        logprobs: sampled.and_then(|s| s.1),
                         logits: h.want_logits.then_some(logits),
                         logits_len: None,
                         stage_nanos: h.stage_nanos.clone(),

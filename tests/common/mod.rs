@@ -162,6 +162,7 @@ pub fn greedy_request() -> sollol::head::generation::GenerateRequest {
         context: 0,
         resume: None,
         keep_session: false,
+        logprobs: None,
     }
 }
 

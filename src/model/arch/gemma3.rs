@@ -13,10 +13,10 @@ use std::sync::Arc;
 use super::llama::{three, two};
 use super::Architecture;
 use crate::error::Result;
-use crate::model::rope::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Act, Attention, Block, Gate, Ops};
 use crate::model::rope::RopeSpec;
+use crate::model::rope::RopeStyle;
 use crate::model::weights::{Linear, Norm, Projections};
 
 pub const ARCH: Architecture = Architecture {

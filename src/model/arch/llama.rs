@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use super::{unscaled, Architecture};
 use crate::error::Result;
-use crate::model::rope::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Act, Attention, Block, Experts, Gate, Ops};
+use crate::model::rope::RopeStyle;
 use crate::model::weights::{Linear, Norm, Projections};
 
 pub const ARCH: Architecture = Architecture {

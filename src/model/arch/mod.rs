@@ -16,9 +16,9 @@ mod qwen3moe;
 
 use std::sync::Arc;
 
-use super::rope::RopeStyle;
 use super::loader::Loader;
 use super::ops::Block;
+use super::rope::RopeStyle;
 use crate::error::{Error, Result};
 
 pub struct Architecture {

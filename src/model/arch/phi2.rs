@@ -15,9 +15,9 @@ use std::sync::Arc;
 use super::llama::three;
 use super::{unscaled, Architecture};
 use crate::error::Result;
-use crate::model::rope::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Act, Attention, Block, Ops};
+use crate::model::rope::RopeStyle;
 use crate::model::weights::{Linear, Norm, Projections};
 
 pub const ARCH: Architecture = Architecture {

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use super::llama::{Ffn, LlamaBlock};
 use super::{unscaled, Architecture};
 use crate::error::Result;
-use crate::model::rope::RopeStyle;
 use crate::model::loader::Loader;
 use crate::model::ops::{Attention, Block};
+use crate::model::rope::RopeStyle;
 
 pub const ARCH: Architecture = Architecture {
     name: "phi3",
