@@ -124,6 +124,31 @@ def openai_completion_logprobs():
     assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0, lp
 
 
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / ((sum(x * x for x in a) ** 0.5) * (sum(y * y for y in b) ** 0.5))
+
+
+SENTENCES = ["The cat sat on the mat.", "A kitten was sitting on the rug.", "Interest rates rose sharply in the bond market."]
+
+
+def ollama_embed():
+    r = o.embed(model=MODEL, input=SENTENCES)
+    e = r.embeddings
+    assert len(e) == 3 and len(e[0]) == 576 and r.prompt_eval_count > 0, r
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in e), "L2-normalised"
+    # Related sentences rank above an unrelated one.
+    assert cosine(e[0], e[1]) > cosine(e[0], e[2]) and cosine(e[0], e[1]) > cosine(e[1], e[2]), (cosine(e[0], e[1]), cosine(e[0], e[2]), cosine(e[1], e[2]))
+    legacy = o.embeddings(model=MODEL, prompt=SENTENCES[0]).embedding
+    assert max(abs(x - y) for x, y in zip(legacy, e[0])) < 1e-5, "the legacy endpoint embeds the same way"
+
+
+def openai_embeddings():
+    r = c.embeddings.create(model=MODEL, input=SENTENCES[:2])
+    assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 576 and r.usage.prompt_tokens > 0, r
+    one = c.embeddings.create(model=MODEL, input=SENTENCES[0]).data[0].embedding
+    assert max(abs(x - y) for x, y in zip(one, r.data[0].embedding)) < 1e-5, "batched or alone, the same vector"
+
+
 def openai_models():
     assert MODEL in [m.id for m in c.models.list().data]
 

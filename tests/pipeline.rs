@@ -325,6 +325,20 @@ async fn logprobs_come_from_the_last_stage_and_match_its_logits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_over_two_stages_equals_the_single_node_bit_for_bit() {
+    use sollol::model::{BatchItem, HostInput, Pooling};
+    let mut file = ModelFile::open(&common::smollm2()).unwrap();
+    let whole = ModelSlice::load(&mut file, 0..30, &Device::Cpu).unwrap();
+    let mut cache = whole.new_cache(16).unwrap();
+    let alone = whole.pool_batch(&mut [BatchItem { input: HostInput::Tokens(&PROMPT), cache: &mut cache }], Pooling::Mean).unwrap();
+    let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
+    let p = loaded_pipeline(&[&a, &b], WireDType::F32).await;
+    let r = p.pool_step(41, &PROMPT, Some(16), Pooling::Mean).await.unwrap();
+    assert_eq!(r.pooled.as_ref(), alone.first(), "the pooled state crosses stages bit for bit");
+    assert_eq!(r.token, None, "an embedding step samples nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sessions_interleave_without_mixing_state() {
     let reference: Vec<u32> = single_node(10).into_iter().map(|(t, _)| t).collect();
     let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));

@@ -263,6 +263,62 @@ pub fn logprob_entries(f: &Finished) -> Value {
         .collect()
 }
 
+/// `/api/embed`: `input` a string or a list of them, `truncate` (default true).
+#[derive(Debug, Deserialize)]
+pub struct EmbedBody {
+    pub model: String,
+    pub input: Value,
+    pub truncate: Option<bool>,
+    #[allow(dead_code)]
+    pub keep_alive: Option<Value>,
+    #[allow(dead_code)]
+    pub options: Option<Value>,
+}
+
+/// The texts of an embedding request's `input` (OpenAI's too): a string or a list of strings.
+pub fn embed_inputs(input: &Value) -> Result<Vec<String>, ApiError> {
+    match input {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request("input must be a string or a list of strings")))
+            .collect(),
+        _ => Err(ApiError::bad_request("input must be a string or a list of strings")),
+    }
+}
+
+pub async fn embed(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> Response {
+    let answer = async {
+        let req: EmbedBody = parse_json(&body)?;
+        let inputs = embed_inputs(&req.input)?;
+        let e = svc.embed(&req.model, inputs, req.truncate.unwrap_or(true)).await?;
+        Ok::<_, ApiError>(Json(json!({
+            "model": req.model,
+            "embeddings": e.embeddings,
+            "total_duration": e.total.as_nanos() as u64,
+            "load_duration": e.load.as_nanos() as u64,
+            "prompt_eval_count": e.prompt_tokens,
+        })))
+    };
+    answer.await.map_or_else(|e| e.in_dialect(Dialect::Ollama).into_response(), IntoResponse::into_response)
+}
+
+/// `/api/embeddings` (Ollama's older endpoint): one `prompt`, one `embedding`.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsBody {
+    pub model: String,
+    pub prompt: String,
+}
+
+pub async fn embeddings(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> Response {
+    let answer = async {
+        let req: EmbeddingsBody = parse_json(&body)?;
+        let mut e = svc.embed(&req.model, vec![req.prompt], true).await?;
+        Ok::<_, ApiError>(Json(json!({ "embedding": e.embeddings.pop().unwrap_or_default() })))
+    };
+    answer.await.map_or_else(|e| e.in_dialect(Dialect::Ollama).into_response(), IntoResponse::into_response)
+}
+
 /// Ollama's answer to a load request.
 async fn load(svc: &Arc<Service>, model: String, chat: bool) -> Result<Response, ApiError> {
     let w = svc.worker(&model).await?;

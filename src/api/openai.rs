@@ -333,6 +333,44 @@ pub async fn completions(State(svc): State<Arc<Service>>, headers: HeaderMap, bo
     complete(&svc, completion_request(&body, &headers), Kind::Text).await
 }
 
+/// `/v1/embeddings`.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsBody {
+    pub model: String,
+    pub input: Value,
+    /// "float" (the default) or "base64".
+    pub encoding_format: Option<String>,
+}
+
+pub async fn embeddings(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> Response {
+    let answer = async {
+        let req: EmbeddingsBody = parse_json(&body)?;
+        // "base64": the little-endian f32 bytes, base64-encoded (what the
+        // official client asks for by default, and decodes).
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => return Err(ApiError::bad_request(format!("encoding_format must be \"float\" or \"base64\", not \"{other}\""))),
+        };
+        let inputs = super::ollama::embed_inputs(&req.input)?;
+        let e = svc.embed(&req.model, inputs, true).await?;
+        let encode = |v: &Vec<f32>| -> Value {
+            if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            }
+        };
+        let data: Vec<Value> =
+            e.embeddings.iter().enumerate().map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": encode(v)})).collect();
+        Ok(Json(json!({"object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": e.prompt_tokens, "total_tokens": e.prompt_tokens}})))
+    };
+    answer.await.map_or_else(|e| e.in_dialect(Dialect::OpenAi).into_response(), IntoResponse::into_response)
+}
+
 pub async fn models(State(svc): State<Arc<Service>>) -> Json<Value> {
     let data: Vec<Value> = super::model_list(&svc)
         .await

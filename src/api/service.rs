@@ -97,6 +97,14 @@ pub enum Event {
     Failed(ApiError),
 }
 
+/// What an embedding request got back.
+pub struct Embedded {
+    pub embeddings: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+    pub load: Duration,
+    pub total: Duration,
+}
+
 pub struct Finished {
     pub result: GenerateResult,
     /// Each generated token's log-probabilities with its text, when asked for.
@@ -507,6 +515,51 @@ impl Service {
             service.metrics.queue(running, waiting);
         });
         Ok(rx)
+    }
+
+    /// Embeds each input: admitted like a generation (a queue slot, then the
+    /// model's worker), tokenized, cut to the model's context when
+    /// `truncate` (else refused when longer), and pooled by the chain's last
+    /// stage (mean of the final hidden states, L2-normalised).
+    pub async fn embed(self: &Arc<Self>, model: &str, inputs: Vec<String>, truncate: bool) -> Result<Embedded, ApiError> {
+        let started = Instant::now();
+        if inputs.is_empty() {
+            return Err(ApiError::bad_request("input must not be empty"));
+        }
+        let _permit = match self.queue.acquire(0).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.rejected();
+                return Err(e.into());
+            }
+        };
+        let had = self.workers.lock().await.contains_key(&self.canonical(model));
+        let worker = self.worker(model).await?;
+        let context = worker.config.context_length;
+        let mut ids = Vec::with_capacity(inputs.len());
+        for text in &inputs {
+            let mut t = worker.tokenizer.encode(text)?;
+            if t.len() > context {
+                if !truncate {
+                    return Err(crate::Error::ContextOverflow { prompt: t.len(), context }.into());
+                }
+                t.truncate(context);
+            }
+            if t.is_empty() {
+                return Err(ApiError::bad_request("an input has no tokens"));
+            }
+            ids.push(t);
+        }
+        let prompt_tokens = ids.iter().map(Vec::len).sum();
+        let chain = worker.chain.clone();
+        let embeddings = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Vec<f32>>> {
+            let mut engine = FailoverEngine::over(chain);
+            ids.iter().map(|t| crate::head::generation::embed(&mut engine, rand::random(), t, crate::model::Pooling::Mean)).collect()
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        let load = if had { Duration::ZERO } else { worker.load_duration };
+        Ok(Embedded { embeddings, prompt_tokens, load, total: started.elapsed() })
     }
 
     /// Conversations held for their next turn (shown on the dashboard).

@@ -400,6 +400,12 @@ impl Engine for FailoverEngine {
         }
     }
 
+    fn pool(&mut self, session: u64, tokens: &[u32], pooling: crate::model::Pooling) -> Result<Vec<f32>> {
+        // An embedding is short and holds nothing afterwards: a failed one
+        // is the caller's to retry, not replayed.
+        self.inner.pool(session, tokens, pooling)
+    }
+
     fn rewind(&mut self, session: u64, keep: usize) -> Result<()> {
         if let Some(s) = self.sessions.get_mut(&session) {
             s.fed.truncate(keep);

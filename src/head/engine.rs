@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::model::sampling::{sample_with_logprobs, Logprobs, SamplingParams};
-use crate::model::{KvCache, ModelSlice, SliceOutput};
+use crate::model::{BatchItem, HostInput, KvCache, ModelSlice, Pooling, SliceOutput};
 
 /// How to pick the token after a step, and what it needs to do so.
 #[derive(Debug, Clone)]
@@ -47,6 +47,9 @@ pub trait Engine {
     fn open(&mut self, session: u64, capacity: usize) -> Result<()>;
     /// Runs `tokens` at the session's position; samples when `sample` is given.
     fn step(&mut self, session: u64, tokens: &[u32], sample: Option<SampleSpec<'_>>, want_logits: bool) -> Result<StepOutput>;
+    /// Runs `tokens` at the session's position and returns the last stage's
+    /// final-normed hidden states pooled by `pooling` (summed for `Mean`).
+    fn pool(&mut self, session: u64, tokens: &[u32], pooling: Pooling) -> Result<Vec<f32>>;
     /// Keeps the first `keep` positions of an open session and forgets the
     /// rest, so a prompt sharing that prefix continues from the cached state.
     fn rewind(&mut self, session: u64, keep: usize) -> Result<()>;
@@ -94,6 +97,12 @@ impl Engine for LocalEngine {
             stage_times: vec![start.elapsed()],
             ..Default::default()
         })
+    }
+
+    fn pool(&mut self, session: u64, tokens: &[u32], pooling: Pooling) -> Result<Vec<f32>> {
+        let cache = self.sessions.get_mut(&session).ok_or_else(|| Error::InvalidRequest(format!("no session {session}")))?;
+        let mut out = self.slice.pool_batch(&mut [BatchItem { input: HostInput::Tokens(tokens), cache }], pooling)?;
+        out.pop().ok_or_else(|| Error::InvalidRequest("the slice pooled nothing".into()))
     }
 
     fn rewind(&mut self, session: u64, keep: usize) -> Result<()> {

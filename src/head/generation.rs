@@ -348,6 +348,40 @@ fn run(
     Ok(GenerateResult { tokens: generated, logprobs, fed, text, finish, stats })
 }
 
+/// The embedding of `ids`: the model's final hidden states pooled
+/// (`Mean` over every position, or the `Last`), L2-normalised as Ollama's
+/// are. Runs in a session of its own, closed at the end.
+pub fn embed(engine: &mut dyn Engine, session: u64, ids: &[u32], pooling: crate::model::Pooling) -> Result<Vec<f32>> {
+    if ids.is_empty() {
+        return Err(Error::InvalidRequest("an embedding needs at least one token".into()));
+    }
+    engine.open(session, ids.len())?;
+    let mut pooled: Option<Vec<f32>> = None;
+    let mut run = || -> Result<()> {
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            let v = engine.pool(session, chunk, pooling)?;
+            match (&mut pooled, pooling) {
+                (Some(sum), crate::model::Pooling::Mean) if sum.len() == v.len() => sum.iter_mut().zip(&v).for_each(|(s, x)| *s += x),
+                (Some(_), crate::model::Pooling::Mean) => return Err(Error::InvalidRequest("pooled states of different widths".into())),
+                _ => pooled = Some(v),
+            }
+        }
+        Ok(())
+    };
+    let ran = run();
+    engine.close(session);
+    ran?;
+    let mut v = pooled.unwrap_or_default();
+    if pooling == crate::model::Pooling::Mean {
+        v.iter_mut().for_each(|x| *x /= ids.len() as f32);
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

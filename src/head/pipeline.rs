@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::client::{NodeClient, Pending};
 use super::engine::{Engine, SampleSpec, StepOutput};
+use crate::model::Pooling;
 use crate::net::auth::ClusterKey;
 use crate::net::connection::FrameWriter;
 use crate::net::frame::Frame;
@@ -256,6 +257,26 @@ impl Pipeline {
         sample: Option<SampleRequest>,
         want_logits: bool,
     ) -> Result<StepResult, NetError> {
+        self.send_step(session, tokens, open, truncate, sample, want_logits, None).await
+    }
+
+    /// An embedding step: the last stage pools its final hidden states
+    /// (`StepResult::pooled`) instead of sampling.
+    pub async fn pool_step(&self, session: u64, tokens: &[u32], open: Option<u32>, pooling: Pooling) -> Result<StepResult, NetError> {
+        self.send_step(session, tokens, open, None, None, false, Some(pooling)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_step(
+        &self,
+        session: u64,
+        tokens: &[u32],
+        open: Option<u32>,
+        truncate: Option<u32>,
+        sample: Option<SampleRequest>,
+        want_logits: bool,
+        pool: Option<Pooling>,
+    ) -> Result<StepResult, NetError> {
         let _running = self.gate.read().await;
         if open.is_some() {
             self.live.lock().expect("live lock").insert(session);
@@ -271,6 +292,7 @@ impl Pipeline {
             input: ForwardInput::Tokens(tokens.to_vec()),
             sample,
             want_logits,
+            pool,
             stage_nanos: Vec::new(),
             f16_fallbacks: 0,
             hop_bytes: Vec::new(),
@@ -464,6 +486,12 @@ impl Engine for PipelineEngine {
             hop_bytes: r.hop_bytes,
             f16_fallbacks: r.f16_fallbacks,
         })
+    }
+
+    fn pool(&mut self, session: u64, tokens: &[u32], pooling: Pooling) -> crate::Result<Vec<f32>> {
+        let open = self.opening.remove(&session);
+        let r = self.handle.block_on(self.pipeline.pool_step(session, tokens, open, pooling))?;
+        r.pooled.ok_or_else(|| crate::Error::InvalidRequest("the last stage returned no pooled state".into()))
     }
 
     fn rewind(&mut self, session: u64, keep: usize) -> crate::Result<()> {

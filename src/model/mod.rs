@@ -32,7 +32,7 @@ pub use gguf::LayerBytes;
 pub use host::{BatchItem, HostInput};
 pub use kv_cache::{KvCache, KvState};
 pub use ops::{Act, Attention, Block, Gate, Ops};
-pub use slice::{ModelSlice, SliceOutput};
+pub use slice::{ModelSlice, Pooling, SliceOutput};
 pub use weights::Backend;
 use weights::RawWeight;
 

@@ -38,6 +38,15 @@ pub struct ModelSlice {
 
 /// What a slice hands on: hidden states for the next stage, or the last
 /// position's logits from the final stage.
+/// How an embedding pools the final hidden states of its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Pooling {
+    /// The mean of every position (llama.cpp's `mean`).
+    Mean,
+    /// The last position (llama.cpp's `last`).
+    Last,
+}
+
 #[derive(Debug)]
 pub enum SliceOutput {
     /// `[b, seq, hidden]` f32
@@ -322,6 +331,65 @@ impl ModelSlice {
     /// output per item, in order. Every item is checked before any runs, so
     /// a bad one leaves all caches untouched.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<SliceOutput>> {
+        let hidden = self.config.hidden_size;
+        self.run_host_batch(items, |ops, h, segs| match &self.head {
+            Some((norm, output)) => {
+                // Only each item's last position is sampled.
+                let last: Vec<usize> = segs.iter().map(|g| g.start + g.len - 1).collect();
+                let logits = ops.head(h, &last, norm, output)?;
+                let vocab = logits.len() / last.len();
+                logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
+            }
+            None => {
+                let rows = ops.rows(h)?;
+                segs.iter()
+                    .map(|g| {
+                        let rows = &rows[g.start * hidden..(g.start + g.len) * hidden];
+                        Ok(SliceOutput::Hidden(Tensor::from_slice(rows, (1, g.len, hidden), &Device::Cpu)?))
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// The last slice's final-normed hidden states of each item, pooled
+    /// (an embedding): the sum of the rows (a mean over inputs of several
+    /// steps is the caller's to finish) or the last row. The caches are
+    /// filled as by a forward step.
+    pub fn pool_batch(&self, items: &mut [BatchItem<'_>], pooling: Pooling) -> Result<Vec<Vec<f32>>> {
+        let Some((norm, _)) = &self.head else {
+            return Err(Error::InvalidRequest("only the last slice pools its hidden states".into()));
+        };
+        let hidden = self.config.hidden_size;
+        self.run_host_batch(items, |ops, h, segs| {
+            let all = ops.rows(h)?;
+            let mut normed = vec![0f32; hidden];
+            Ok(segs
+                .iter()
+                .map(|g| {
+                    let mut pooled = vec![0f32; hidden];
+                    let picked = match pooling {
+                        Pooling::Mean => g.start..g.start + g.len,
+                        Pooling::Last => g.start + g.len - 1..g.start + g.len,
+                    };
+                    for r in picked {
+                        norm.forward_host(&all[r * hidden..(r + 1) * hidden], &mut normed);
+                        pooled.iter_mut().zip(&normed).for_each(|(p, x)| *p += x);
+                    }
+                    pooled
+                })
+                .collect())
+        })
+    }
+
+    /// The host batch's common part: checks every item, runs the blocks over
+    /// the stacked rows, hands the last block's output to `finish`, and
+    /// advances the caches.
+    fn run_host_batch<T>(
+        &self,
+        items: &mut [BatchItem<'_>],
+        finish: impl FnOnce(&mut HostOps<'_, '_>, super::ops::Act, &[Seg]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -379,27 +447,7 @@ impl ModelSlice {
             let out = block.forward(&mut ops, h, layer)?;
             h = ops.end_block(out)?;
         }
-        let outputs = match &self.head {
-            Some((norm, output)) => {
-                // Only each item's last position is sampled.
-                let last: Vec<usize> = segs.iter().map(|g| g.start + g.len - 1).collect();
-                let logits = ops.head(h, &last, norm, output)?;
-                let vocab = logits.len() / last.len();
-                logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
-            }
-            None => {
-                let rows = ops.rows(h)?;
-                segs.iter()
-                    .map(|g| {
-                        Ok(SliceOutput::Hidden(Tensor::from_slice(
-                            &rows[g.start * hidden..(g.start + g.len) * hidden],
-                            (1, g.len, hidden),
-                            &Device::Cpu,
-                        )?))
-                    })
-                    .collect()
-            }
-        };
+        let outputs = finish(&mut ops, h, &segs);
         drop(ops);
         for (c, g) in caches.iter_mut().zip(&segs) {
             c.advance(g.len);

@@ -224,6 +224,7 @@ mod tests {
             logprobs: None,
             logits: Some(logits.clone()),
             logits_len: None,
+            pooled: None,
             stage_nanos: vec![],
             f16_fallbacks: 0,
             hop_bytes: vec![],

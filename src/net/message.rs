@@ -188,6 +188,9 @@ pub struct ForwardHeader {
     /// Sample on the last stage (else only fill the caches).
     pub sample: Option<SampleRequest>,
     pub want_logits: bool,
+    /// An embedding step: the last stage pools its final hidden states
+    /// instead of sampling.
+    pub pool: Option<crate::model::Pooling>,
     /// Compute time of each stage so far.
     pub stage_nanos: Vec<u64>,
     /// Hops so far that sent f32 because f16 would have overflowed.
@@ -209,6 +212,8 @@ pub struct StepResult {
     pub logits: Option<Vec<f32>>,
     /// How many f32 logits the payload holds.
     pub logits_len: Option<u32>,
+    /// An embedding step's pooled (not yet averaged or normalised) state.
+    pub pooled: Option<Vec<f32>>,
     pub stage_nanos: Vec<u64>,
     pub f16_fallbacks: u32,
     pub hop_bytes: Vec<u64>,

@@ -428,8 +428,14 @@ impl Worker {
         }
         let started = Instant::now();
         let mut ready = Vec::with_capacity(batch.len());
+        let last = self.model.as_ref().is_some_and(|m| m.slice.is_last());
         for (h, payload) in batch {
             match self.prepare(&h, &payload) {
+                // An embedding step ends here, pooled, on its own.
+                Ok(input) if last && h.pool.is_some() => {
+                    let pooled = self.pool(&h, &input);
+                    self.emit_pooled(h, pooled);
+                }
                 Ok(input) => ready.push((h, input)),
                 Err(e) => self.emit(h, Err(e), 0),
             }
@@ -561,6 +567,42 @@ impl Worker {
             .collect()
     }
 
+    /// An embedding step on the last slice: its input's final hidden
+    /// states, normed and pooled.
+    fn pool(&mut self, h: &ForwardHeader, input: &StepInput) -> Result<Vec<f32>, Fault> {
+        let model = self.model.as_ref().ok_or_else(Fault::no_model)?;
+        let pooling = h.pool.ok_or_else(|| Fault::new(ErrorCode::Internal, "a step without pooling pooled"))?;
+        let session = self.sessions.get_mut(&h.session).ok_or_else(|| Fault::new(ErrorCode::UnknownSession, "session closed"))?;
+        let input = match input {
+            StepInput::Tokens(ids) => HostInput::Tokens(ids),
+            StepInput::Rows { values, .. } => HostInput::Hidden(values),
+            StepInput::Hidden(_) => return Err(Fault::new(ErrorCode::Invalid, "embeddings run on the CPU backend only")),
+        };
+        let mut pooled = model.slice.pool_batch(&mut [BatchItem { input, cache: &mut session.cache }], pooling)?;
+        pooled.pop().ok_or_else(|| Fault::new(ErrorCode::Internal, "the slice pooled nothing"))
+    }
+
+    fn emit_pooled(&mut self, h: ForwardHeader, pooled: Result<Vec<f32>, Fault>) {
+        match pooled {
+            Ok(v) => {
+                let result = StepResult {
+                    session: h.session,
+                    step: h.step,
+                    token: None,
+                    logprobs: None,
+                    logits: None,
+                    logits_len: None,
+                    pooled: Some(v),
+                    stage_nanos: h.stage_nanos.clone(),
+                    f16_fallbacks: h.f16_fallbacks,
+                    hop_bytes: h.hop_bytes.clone(),
+                };
+                self.out.to_heads(result.into_frame());
+            }
+            Err(fault) => self.fail(h.session, h.step, fault),
+        }
+    }
+
     /// Sends a step's output on: hidden states to the next stage, a sampled
     /// token to the heads; an error closes the session down the chain.
     fn emit(&mut self, mut h: ForwardHeader, result: Result<SliceOutput, Fault>, nanos: u64) {
@@ -589,6 +631,7 @@ impl Worker {
                         logprobs: sampled.and_then(|s| s.1),
                         logits: h.want_logits.then_some(logits),
                         logits_len: None,
+                        pooled: None,
                         stage_nanos: h.stage_nanos.clone(),
                         f16_fallbacks: h.f16_fallbacks,
                         hop_bytes: h.hop_bytes.clone(),
