@@ -189,12 +189,12 @@ impl Fuzz {
         let gen = match which {
             0 => match ollama::generate_request(&text, &headers) {
                 Ok(ollama::Ask::Generate { gen, .. }) => gen,
-                Ok(ollama::Ask::Load(_)) => return true,
+                Ok(ollama::Ask::Load(..)) => return true,
                 Err(_) => return false,
             },
             1 => match ollama::chat_request(&text, &headers) {
                 Ok(ollama::Ask::Generate { gen, .. }) => gen,
-                Ok(ollama::Ask::Load(_)) => return true,
+                Ok(ollama::Ask::Load(..)) => return true,
                 Err(_) => return false,
             },
             2 => match openai::chat_request(&text, &headers) {

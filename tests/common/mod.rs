@@ -82,12 +82,18 @@ pub struct ServeProc {
 
 impl ServeProc {
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_env(args, &[])
+    }
+
+    /// A server with extra environment variables (e.g. its own cache).
+    pub fn spawn_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(sollol_bin())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("SOLLOL_REGISTRY", std::env::temp_dir().join(format!("sollol-serve-test-{}.toml", std::process::id())))
             .env("SOLLOL_NO_HUB", "1")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
