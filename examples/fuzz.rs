@@ -188,12 +188,12 @@ impl Fuzz {
         let headers = HeaderMap::new();
         let gen = match which {
             0 => match ollama::generate_request(&text, &headers) {
-                Ok(ollama::Ask::Generate { gen, .. }) => gen,
+                Ok(ollama::Ask::Generate { gen, .. }) => *gen,
                 Ok(ollama::Ask::Load(..)) => return true,
                 Err(_) => return false,
             },
             1 => match ollama::chat_request(&text, &headers) {
-                Ok(ollama::Ask::Generate { gen, .. }) => gen,
+                Ok(ollama::Ask::Generate { gen, .. }) => *gen,
                 Ok(ollama::Ask::Load(..)) => return true,
                 Err(_) => return false,
             },
@@ -400,6 +400,7 @@ fn frame_of(rng: &mut StdRng) -> Frame {
                 recent: vec_of(rng, u32_of),
                 draw: u64_of(rng),
                 logprobs: rng.random_bool(0.5).then(|| rng.random()),
+                allowed: rng.random_bool(0.3).then(|| vec_of(rng, u32_of)),
             });
             let h = ForwardHeader {
                 session: u64_of(rng),

@@ -97,7 +97,7 @@ fn sessions(rt: &tokio::runtime::Runtime) {
         let mut p = Pipeline::connect(std::slice::from_ref(&node.addr), &key).await.expect("connect");
         p.load(&model(), None, std::slice::from_ref(&(0..30)), WireDType::F16).await.expect("load");
         let (loaded, _) = rss(node.child.id());
-        let greedy = SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0, logprobs: None };
+        let greedy = SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0, logprobs: None, allowed: None };
         let (mut admitted, mut capacity, mut other) = (0, 0, 0);
         let t = Instant::now();
         for s in 0..2000u64 {

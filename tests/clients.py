@@ -7,6 +7,9 @@ Prints one line per check and a closing 'N passed, N failed' line.
 import sys
 import traceback
 
+import json
+
+import jsonschema
 import ollama
 import openai
 
@@ -122,6 +125,47 @@ def openai_completion_logprobs():
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens, lp
     assert "".join(lp.tokens) == r.choices[0].text and all(x <= 0 for x in lp.token_logprobs), lp
     assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0, lp
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "sunny": {"type": "boolean"},
+     "temps": {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 3}}, "required": ["city", "sunny", "temps"], "additionalProperties": False},
+    {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]}, "confidence": {"type": "integer", "minimum": 1, "maximum": 5}},
+     "required": ["answer", "confidence"], "additionalProperties": False},
+]
+
+
+def ollama_structured_outputs():
+    # Every schema, several seeds, sampled at a temperature: the output parses and validates.
+    for i, schema in enumerate(SCHEMAS):
+        for seed in range(4):
+            r = o.chat(model=MODEL, messages=[{"role": "user", "content": "Answer in JSON."}], format=schema,
+                       options={"temperature": 0.9, "seed": seed, "num_predict": 160})
+            jsonschema.validate(json.loads(r.message.content), schema)
+    # JSON mode: any object (bounded only by num_predict, so long enough here to close).
+    for t in (0.0, 0.5):
+        r = o.chat(model=MODEL, messages=[{"role": "user", "content": "Give a short JSON object about a dog."}], format="json",
+                   options={"temperature": t, "seed": 2, "num_predict": 300})
+        assert r.done_reason == "stop" and isinstance(json.loads(r.message.content), dict), r
+
+
+def openai_structured_outputs():
+    for seed in range(3):
+        schema = SCHEMAS[seed % len(SCHEMAS)]
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Answer in JSON."}], temperature=1.0, seed=seed,
+                                      max_tokens=160, response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give a short JSON object about a dog."}], max_tokens=300,
+                                  temperature=0, response_format={"type": "json_object"})
+    # An object with no bound on its size may be cut by max_tokens (this
+    # model repeats itself greedily); what it wrote is then an object's start.
+    content = r.choices[0].message.content
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict), r
+    else:
+        assert content.startswith("{") and r.choices[0].finish_reason == "length", r
 
 
 def cosine(a, b):

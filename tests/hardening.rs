@@ -20,7 +20,13 @@ const KEY: &str = "test-cluster-key";
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
 
 fn greedy() -> SampleRequest {
-    SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0, logprobs: None }
+    SampleRequest {
+        params: SamplingParams { temperature: 0.0, ..Default::default() },
+        recent: vec![],
+        draw: 0,
+        logprobs: None,
+        allowed: None,
+    }
 }
 
 /// The whole default model on one node.

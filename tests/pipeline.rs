@@ -23,7 +23,13 @@ const KEY: &str = "test-cluster-key";
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314]; // "The capital of France is"
 
 fn greedy() -> SampleRequest {
-    SampleRequest { params: SamplingParams { temperature: 0.0, ..Default::default() }, recent: vec![], draw: 0, logprobs: None }
+    SampleRequest {
+        params: SamplingParams { temperature: 0.0, ..Default::default() },
+        recent: vec![],
+        draw: 0,
+        logprobs: None,
+        allowed: None,
+    }
 }
 
 /// Greedy tokens and the logits that chose them, single process.
@@ -313,7 +319,7 @@ async fn logprobs_come_from_the_last_stage_and_match_its_logits() {
     let params = SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 11, ..Default::default() };
     let mut input = PROMPT.to_vec();
     for step in 0..6u64 {
-        let sample = SampleRequest { params: params.clone(), recent: vec![], draw: step, logprobs: Some(5) };
+        let sample = SampleRequest { params: params.clone(), recent: vec![], draw: step, logprobs: Some(5), allowed: None };
         let r = p.step(31, &input, (step == 0).then_some(64), Some(sample), true).await.unwrap();
         let logits = r.logits.clone().unwrap();
         let (token, expected) = sample_with_logprobs(&logits, &params, &[], step, Some(5));

@@ -14,6 +14,7 @@ use super::error::{ApiError, Dialect};
 use super::service::{collect, event_body, Event, Finished, GenRequest, KeepAlive, Service};
 use super::{parse_json, priority};
 use crate::head::chat::{Message, Prompt};
+use crate::head::constraint::Format;
 use crate::model::sampling::SamplingParams;
 
 /// Ollama's `options`; unknown keys are ignored, as Ollama does.
@@ -103,11 +104,14 @@ pub fn sampling(o: &Options) -> Result<(SamplingParams, usize, usize, Vec<String
     Ok((params, num_predict, num_ctx, o.stop.clone().unwrap_or_default()))
 }
 
-fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
+/// Ollama's `format`: `"json"` (any JSON object) or a JSON schema.
+fn format(format: &Option<Value>) -> Result<Option<Format>, ApiError> {
     match format {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::bad_request("format (JSON mode / structured outputs) is not supported by sollol yet")),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(Format::Json)),
+        Some(schema @ Value::Object(_)) => Ok(Some(Format::Schema(schema.clone()))),
+        Some(other) => Err(ApiError::bad_request(format!("format must be \"json\" or a JSON schema, not {other}"))),
     }
 }
 
@@ -179,7 +183,7 @@ pub enum Ask {
     /// Load a model (an empty prompt), or unload it (that and `keep_alive: 0`).
     Load(String, Option<KeepAlive>),
     Generate {
-        gen: GenRequest,
+        gen: Box<GenRequest>,
         stream: bool,
     },
 }
@@ -188,7 +192,7 @@ pub enum Ask {
 /// happens here, before anything is loaded or queued.
 pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
     let req: GenerateBody = parse_json(body)?;
-    check_format(&req.format)?;
+    let format = format(&req.format)?;
     let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
     let keep_alive = keep_alive(&req.keep_alive)?;
     if req.prompt.is_empty() && req.system.is_none() {
@@ -213,14 +217,15 @@ pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiErro
         keep: false,
         logprobs: logprobs(req.logprobs, req.top_logprobs)?,
         keep_alive,
+        format,
     };
-    Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
+    Ok(Ask::Generate { gen: Box::new(gen), stream: req.stream.unwrap_or(true) })
 }
 
 /// `/api/chat`'s body, checked.
 pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
     let req: ChatBody = parse_json(body)?;
-    check_format(&req.format)?;
+    let format = format(&req.format)?;
     let (params, max_tokens, num_ctx, stop) = sampling(&req.options)?;
     let keep_alive = keep_alive(&req.keep_alive)?;
     if req.messages.is_empty() {
@@ -243,8 +248,9 @@ pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
         keep: true,
         logprobs: logprobs(req.logprobs, req.top_logprobs)?,
         keep_alive,
+        format,
     };
-    Ok(Ask::Generate { gen, stream: req.stream.unwrap_or(true) })
+    Ok(Ask::Generate { gen: Box::new(gen), stream: req.stream.unwrap_or(true) })
 }
 
 /// Ollama's `logprobs` / `top_logprobs` (0–20) as the alternatives asked for.
@@ -497,7 +503,7 @@ async fn answer(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8], chat: bool
     let ask = if chat { chat_request(body, headers)? } else { generate_request(body, headers)? };
     let (gen, stream) = match ask {
         Ask::Load(model, keep_alive) => return load(svc, model, chat, keep_alive).await,
-        Ask::Generate { gen, stream } => (gen, stream),
+        Ask::Generate { gen, stream } => (*gen, stream),
     };
     let model = gen.model.clone();
     let rx = svc.generate(gen).await?;

@@ -14,6 +14,7 @@ use super::error::{ApiError, Dialect};
 use super::service::{collect, event_body, Event, Finished, GenRequest, Service};
 use super::{parse_json, priority};
 use crate::head::chat::{Message, Prompt};
+use crate::head::constraint::Format;
 use crate::model::sampling::SamplingParams;
 
 /// `stop` may be a string or a list.
@@ -43,6 +44,8 @@ pub struct CommonParams {
     pub logprobs: Option<Value>,
     /// Chat: alternatives per token (0–20), with `logprobs: true`.
     pub top_logprobs: Option<i64>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": …}}`.
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +269,20 @@ fn logprobs_value(f: &Finished, kind: Kind) -> Value {
     }
 }
 
+/// OpenAI's `response_format` as the constraint it asks for.
+fn response_format(v: &Option<Value>) -> Result<Option<Format>, ApiError> {
+    let Some(v) = v.as_ref().filter(|v| !v.is_null()) else { return Ok(None) };
+    match v["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Format::Json)),
+        Some("json_schema") => match &v["json_schema"]["schema"] {
+            schema @ Value::Object(_) => Ok(Some(Format::Schema(schema.clone()))),
+            _ => Err(ApiError::bad_request("response_format json_schema needs json_schema.schema, an object")),
+        },
+        _ => Err(ApiError::bad_request("response_format.type must be text, json_object or json_schema")),
+    }
+}
+
 fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) -> Result<Ask, ApiError> {
     let (params, max_tokens, stop) = sampling(&common)?;
     let logprobs = logprobs(&common, kind)?;
@@ -282,6 +299,7 @@ fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) ->
         keep: matches!(kind, Kind::Chat),
         logprobs,
         keep_alive: None,
+        format: response_format(&common.response_format)?,
     };
     Ok(Ask { gen, stream: common.stream })
 }

@@ -95,6 +95,8 @@ pub struct GenRequest {
     pub logprobs: Option<usize>,
     /// How long the model stays loaded afterwards (None: as before).
     pub keep_alive: Option<KeepAlive>,
+    /// The output must be JSON (of a schema).
+    pub format: Option<crate::head::constraint::Format>,
 }
 
 pub enum Event {
@@ -491,6 +493,11 @@ impl Service {
         let had = self.workers.lock().await.contains_key(&self.canonical(&req.model));
         let worker = self.worker(&req.model).await?;
         let load = if had { Duration::ZERO } else { worker.load_duration };
+        if let Some(format) = &req.format {
+            // A schema that does not compile is the client's to fix: refuse it
+            // now, not inside a stream that has already answered 200.
+            worker.tokenizer.grammars()?.constraint(format)?;
+        }
         let mut prompt_ids = req.context.clone();
         prompt_ids.extend(worker.tokenizer.prompt_ids(&req.prompt)?);
         let context = if req.num_ctx == 0 { worker.config.context_length } else { req.num_ctx.min(worker.config.context_length) };
@@ -511,6 +518,7 @@ impl Service {
             resume: reused.as_ref().map(|(_, r)| *r),
             keep_session: req.keep,
             logprobs: req.logprobs,
+            format: req.format,
         };
         let running = Running::new(&worker, req.keep_alive);
         tokio::task::spawn_blocking(move || {

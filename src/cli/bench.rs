@@ -220,7 +220,8 @@ fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -
     let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
     let mut token = 0;
     for (i, chunk) in chunks.iter().enumerate() {
-        let spec = (i + 1 == chunks.len()).then_some(SampleSpec { params: &params, history: prompt, step: 0, logprobs: None });
+        let spec =
+            (i + 1 == chunks.len()).then_some(SampleSpec { params: &params, history: prompt, step: 0, logprobs: None, allowed: None });
         token = engine.step(session, chunk, spec, false)?.token.unwrap_or(0);
     }
     m.ttft = t.elapsed();
@@ -230,7 +231,7 @@ fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -
         let out = engine.step(
             session,
             &[token],
-            Some(SampleSpec { params: &params, history: &[], step: step as u64 + 1, logprobs: None }),
+            Some(SampleSpec { params: &params, history: &[], step: step as u64 + 1, logprobs: None, allowed: None }),
             false,
         )?;
         token = out.token.unwrap_or(0);

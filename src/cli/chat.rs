@@ -58,6 +58,7 @@ pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
             resume: None,
             keep_session: false,
             logprobs: None,
+            format: None,
         };
         let mut stdout = std::io::stdout().lock();
         let result = generate(running.engine.as_mut(), &tokenizer, rand::random(), &req, &mut |piece| {

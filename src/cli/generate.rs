@@ -13,6 +13,7 @@ use sollol::cluster::manager::ClusterManager;
 use sollol::cluster::partition::Strategy;
 use sollol::cluster::registry::Registry;
 use sollol::head::chat::{Message, Prompt};
+use sollol::head::constraint::Format;
 use sollol::head::engine::{Engine, LocalEngine};
 use sollol::head::generation::{generate, GenerateRequest, GenerateResult};
 use sollol::net::auth::ClusterKey;
@@ -32,6 +33,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
+    /// Constrain the output to JSON: `json` for any object, or a file
+    /// holding a JSON schema.
+    #[arg(long)]
+    format: Option<String>,
     /// The prompt.
     prompt: String,
 }
@@ -201,6 +206,14 @@ pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
         resume: None,
         keep_session: false,
         logprobs: None,
+        format: match args.format.as_deref() {
+            None => None,
+            Some("json") => Some(Format::Json),
+            Some(file) => {
+                let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the schema {file}"))?;
+                Some(Format::Schema(serde_json::from_str(&text).with_context(|| format!("{file} is not JSON"))?))
+            }
+        },
     };
     let session = rand::random::<u64>();
     let mut stdout = std::io::stdout().lock();

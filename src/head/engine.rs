@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::sampling::{sample_with_logprobs, Logprobs, SamplingParams};
+use crate::model::sampling::{sample_constrained, Logprobs, SamplingParams};
 use crate::model::{BatchItem, HostInput, KvCache, ModelSlice, Pooling, SliceOutput};
 
 /// How to pick the token after a step, and what it needs to do so.
@@ -21,6 +21,8 @@ pub struct SampleSpec<'a> {
     pub step: u64,
     /// Report the token's log-probability and this many alternatives'.
     pub logprobs: Option<usize>,
+    /// Only these tokens may be sampled (a grammar's bitset).
+    pub allowed: Option<&'a [u32]>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -89,7 +91,7 @@ impl Engine for LocalEngine {
             SliceOutput::Logits(l) => l.squeeze(0)?.to_vec1::<f32>()?,
             SliceOutput::Hidden(_) => unreachable!("a whole-model slice ends in logits"),
         };
-        let sampled = sample_spec.map(|s| sample_with_logprobs(&logits, s.params, s.history, s.step, s.logprobs));
+        let sampled = sample_spec.map(|s| sample_constrained(&logits, s.params, s.history, s.step, s.logprobs, s.allowed));
         Ok(StepOutput {
             token: sampled.as_ref().map(|s| s.0),
             logprobs: sampled.and_then(|s| s.1),

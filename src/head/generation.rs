@@ -27,6 +27,8 @@ pub struct GenerateRequest {
     pub keep_session: bool,
     /// Report each generated token's log-probability and this many alternatives'.
     pub logprobs: Option<usize>,
+    /// The output must be JSON (of a schema): sampling is constrained to it.
+    pub format: Option<super::constraint::Format>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +77,10 @@ pub struct Stats {
     pub f16_fallbacks: u64,
     /// Prompt tokens whose KV state was reused instead of computed.
     pub cached_tokens: usize,
+    /// Time spent computing a grammar's allowed tokens and advancing it
+    /// (structured outputs), and the masks computed.
+    pub constraint: Duration,
+    pub masks: usize,
 }
 
 impl Stats {
@@ -89,14 +95,20 @@ impl Stats {
 
     /// One line for stderr.
     pub fn summary(&self) -> String {
-        format!(
+        let mut line = format!(
             "prompt {} tok, prefill {:.1} tok/s, decode {} tok/s ({} tok), ttft {:.0} ms",
             self.prompt_tokens,
             self.prefill_tok_s(),
             format_args!("{:.1}", self.decode_tok_s()),
             self.generated_tokens,
             self.time_to_first_token.as_secs_f64() * 1e3
-        )
+        );
+        if self.masks > 0 {
+            let per = self.constraint.as_secs_f64() / self.masks as f64;
+            let step = 1.0 / self.decode_tok_s().max(1e-9);
+            line += &format!("; grammar {:.3} ms/token ({:.1}% of a decode step)", per * 1e3, 100.0 * per / step);
+        }
+        line
     }
 
     fn record(&mut self, out: &StepOutput, decode: bool) {
@@ -280,12 +292,28 @@ fn run(
 
     // Prefill: every chunk but the last only fills the caches.
     let chunks: Vec<&[u32]> = req.prompt[skip..].chunks(PREFILL_CHUNK).collect();
+    let mut constraint = req.format.as_ref().map(|f| tokenizer.grammars()?.constraint(f)).transpose()?;
     let mut next = None;
     let mut next_logprobs = None;
     let mut logprobs = Vec::new();
     for (i, chunk) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
-        let spec = last.then_some(SampleSpec { params: &req.params, history: &history, step: 0, logprobs: req.logprobs });
+        let masked = Instant::now();
+        let allowed = match constraint.as_mut() {
+            Some(c) if last => Some(c.allowed()?),
+            _ => None,
+        };
+        if allowed.is_some() {
+            stats.constraint += masked.elapsed();
+            stats.masks += 1;
+        }
+        let spec = last.then_some(SampleSpec {
+            params: &req.params,
+            history: &history,
+            step: 0,
+            logprobs: req.logprobs,
+            allowed: allowed.as_deref(),
+        });
         let out = engine.step(session, chunk, spec, false)?;
         stats.record(&out, false);
         next = out.token;
@@ -302,6 +330,11 @@ fn run(
         }
         generated.push(token);
         history.push(token);
+        if let Some(c) = constraint.as_mut() {
+            let t = Instant::now();
+            c.commit(token)?;
+            stats.constraint += t.elapsed();
+        }
         logprobs.extend(next_logprobs.take());
         let mut stopped = false;
         let piece = stream.next(tokenizer, &generated)?;
@@ -318,13 +351,25 @@ fn run(
                 break FinishReason::Cancelled;
             }
         }
-        if stopped {
+        if stopped || constraint.as_ref().is_some_and(|c| c.is_done()) {
             break FinishReason::Stop;
         }
         if generated.len() >= req.max_tokens || history.len() >= capacity {
             break FinishReason::Length;
         }
-        let spec = SampleSpec { params: &req.params, history: &history, step: generated.len() as u64, logprobs: req.logprobs };
+        let masked = Instant::now();
+        let allowed = constraint.as_mut().map(|c| c.allowed()).transpose()?;
+        if allowed.is_some() {
+            stats.constraint += masked.elapsed();
+            stats.masks += 1;
+        }
+        let spec = SampleSpec {
+            params: &req.params,
+            history: &history,
+            step: generated.len() as u64,
+            logprobs: req.logprobs,
+            allowed: allowed.as_deref(),
+        };
         let out = engine.step(session, &[token], Some(spec), false)?;
         fed_generated += 1;
         stats.record(&out, true);

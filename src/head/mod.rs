@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod client;
+pub mod constraint;
 pub mod conversations;
 pub mod engine;
 pub mod generation;

@@ -462,7 +462,7 @@ impl Engine for PipelineEngine {
                 Vec::new()
             };
             let logprobs = s.logprobs.map(|n| n.min(crate::model::sampling::MAX_TOP_LOGPROBS) as u8);
-            SampleRequest { params: s.params.clone(), recent, draw: s.step, logprobs }
+            SampleRequest { params: s.params.clone(), recent, draw: s.step, logprobs, allowed: s.allowed.map(<[u32]>::to_vec) }
         });
         let asked = spec_logprobs(&sample);
         let t = Instant::now();

@@ -13,6 +13,7 @@ use candle_core::quantized::gguf_file::Value;
 use serde_json::{json, Value as Json};
 
 use super::chat::{ChatTemplate, Message, Prompt, CHATML};
+use super::constraint::Grammars;
 use crate::error::{Error, Result};
 use crate::model::gguf::{value_u64, GgufFile};
 use crate::model::ModelFile;
@@ -24,6 +25,8 @@ pub struct Tokenizer {
     eos: Vec<u32>,
     add_bos: bool,
     chat_template: Option<ChatTemplate>,
+    /// The grammar compiler for structured outputs, built on first use.
+    grammars: std::sync::OnceLock<std::result::Result<std::sync::Arc<Grammars>, String>>,
 }
 
 // llama.cpp's token types (`tokenizer.ggml.token_type`).
@@ -197,7 +200,7 @@ impl Tokenizer {
             .map(|t| ChatTemplate::new(t, &token_text(bos), &token_text(eos.first().copied())))
             .transpose()?;
         let add_bos = file.metadata_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
-        Ok(Self { inner, bos, eos, add_bos, chat_template })
+        Ok(Self { inner, bos, eos, add_bos, chat_template, grammars: Default::default() })
     }
 
     /// `tokenizer.json`, with special tokens and the chat template from
@@ -228,7 +231,7 @@ impl Tokenizer {
             .map(|t| ChatTemplate::new(t, bos_text.as_deref().unwrap_or(""), eos_text.as_deref().unwrap_or("")))
             .transpose()?;
         let add_bos = cfg["add_bos_token"].as_bool().unwrap_or(false);
-        Ok(Self { inner, bos, eos, add_bos, chat_template })
+        Ok(Self { inner, bos, eos, add_bos, chat_template, grammars: Default::default() })
     }
 
     /// Token ids of `text`; special-token text (`<|im_start|>`) maps to its id.
@@ -276,6 +279,19 @@ impl Tokenizer {
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+
+    /// The grammar compiler for structured outputs over this vocabulary
+    /// (built once, on first use: about a tenth of a second).
+    pub fn grammars(&self) -> Result<std::sync::Arc<Grammars>> {
+        self.grammars
+            .get_or_init(|| {
+                let json = self.inner.to_string(false).map_err(|e| e.to_string())?;
+                let vocab = self.inner.get_vocab_size(true);
+                Grammars::new(json.as_bytes(), &self.eos, vocab).map(std::sync::Arc::new).map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::InvalidRequest)
     }
 
     /// Renders `messages` with the model's chat template (the assistant's

@@ -106,7 +106,29 @@ pub fn sample_with_logprobs(
     step: u64,
     top: Option<usize>,
 ) -> (u32, Option<Logprobs>) {
+    sample_constrained(logits, params, history, step, top, None)
+}
+
+/// [`sample_with_logprobs`] among the tokens `allowed` lets through (bit
+/// `t % 32` of word `t / 32`; tokens past its end are not allowed), as a
+/// grammar asks: the others are dropped before anything else, so the
+/// distribution and its log-probabilities are over the allowed ones.
+pub fn sample_constrained(
+    logits: &[f32],
+    params: &SamplingParams,
+    history: &[u32],
+    step: u64,
+    top: Option<usize>,
+    allowed: Option<&[u32]>,
+) -> (u32, Option<Logprobs>) {
     let mut logits = logits.to_vec();
+    if let Some(bits) = allowed {
+        for (t, l) in logits.iter_mut().enumerate() {
+            if bits.get(t / 32).is_none_or(|w| w & (1 << (t % 32)) == 0) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
     if params.repeat_penalty != 1.0 {
         let start = history.len().saturating_sub(params.repeat_last_n);
         let mut seen = history[start..].to_vec();
@@ -131,7 +153,7 @@ pub fn sample_with_logprobs(
             }
             best.truncate(n);
             best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            Logprobs { logprob: lp(max), top: best.into_iter().map(|(t, l)| (t, lp(l))).collect() }
+            Logprobs { logprob: lp(max), top: best.into_iter().filter(|(_, l)| l.is_finite()).map(|(t, l)| (t, lp(l))).collect() }
         });
         return (token, logprobs);
     }
@@ -174,7 +196,7 @@ pub fn sample_with_logprobs(
     let logprobs = top.map(|n| {
         let lp = |p: f64| (p / total).ln() as f32;
         let n = n.min(MAX_TOP_LOGPROBS).min(keep);
-        Logprobs { logprob: lp(probs[chosen]), top: (0..n).map(|i| (cand[i].0, lp(probs[i]))).collect() }
+        Logprobs { logprob: lp(probs[chosen]), top: (0..n).filter(|&i| probs[i] > 0.0).map(|i| (cand[i].0, lp(probs[i]))).collect() }
     });
     (cand[chosen].0, logprobs)
 }

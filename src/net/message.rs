@@ -172,6 +172,8 @@ pub struct SampleRequest {
     pub draw: u64,
     /// Report the chosen token's log-probability and this many alternatives'.
     pub logprobs: Option<u8>,
+    /// A grammar's allowed tokens (bit `t % 32` of word `t / 32`).
+    pub allowed: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

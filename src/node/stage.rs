@@ -24,7 +24,7 @@ use candle_core::Tensor;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::sampling::sample_with_logprobs;
+use crate::model::sampling::sample_constrained;
 use crate::model::{Backend, BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
 use crate::net::frame::Frame;
 use crate::net::message::{ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult};
@@ -622,8 +622,9 @@ impl Worker {
             }
             Ok(SliceOutput::Logits(logits)) => match logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()) {
                 Ok(logits) => {
-                    let sampled =
-                        h.sample.as_ref().map(|s| sample_with_logprobs(&logits, &s.params, &s.recent, s.draw, s.logprobs.map(usize::from)));
+                    let sampled = h.sample.as_ref().map(|s| {
+                        sample_constrained(&logits, &s.params, &s.recent, s.draw, s.logprobs.map(usize::from), s.allowed.as_deref())
+                    });
                     let result = StepResult {
                         session: h.session,
                         step: h.step,

@@ -169,6 +169,7 @@ pub fn greedy_request() -> sollol::head::generation::GenerateRequest {
         resume: None,
         keep_session: false,
         logprobs: None,
+        format: None,
     }
 }
 

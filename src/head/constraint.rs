@@ -1,0 +1,98 @@
+//! Structured outputs: a grammar (any JSON object, or a JSON schema)
+//! compiled by llguidance against the model's tokenizer. Before each
+//! sampled token the head computes which tokens keep the output inside the
+//! grammar, as a bitset the sampler applies (on the last stage, which
+//! samples); the chosen token then advances the grammar here.
+//!
+//! The constraint lives on the head, where the tokenizer is: the last stage
+//! gets only the bitset (vocabulary / 8 bytes per step), so nodes need no
+//! tokenizer and no grammar.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// What the output must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    /// Any JSON object (Ollama's `"json"`, OpenAI's `json_object`).
+    Json,
+    /// JSON valid against this schema.
+    Schema(Value),
+}
+
+/// The grammar compiler for one tokenizer (built once per model).
+pub struct Grammars {
+    factory: ParserFactory,
+}
+
+fn grammar_error(e: impl std::fmt::Display) -> Error {
+    Error::InvalidRequest(format!("structured output: {e}"))
+}
+
+impl Grammars {
+    /// From a tokenizer's `tokenizer.json` form, its end-of-generation ids
+    /// and the model's vocabulary size.
+    pub fn new(tokenizer_json: &[u8], eos: &[u32], vocab: usize) -> Result<Self> {
+        let mut bytes = toktrie_hf_tokenizers::ByteTokenizer::from_json_bytes(tokenizer_json).map_err(grammar_error)?;
+        let known: Vec<u32> = eos.iter().copied().filter(|&t| (t as usize) < bytes.tokrx_info().vocab_size as usize).collect();
+        if !known.is_empty() {
+            bytes.set_eos_tokens(&known);
+        }
+        let env = bytes.into_tok_env(Some(vocab)).map_err(grammar_error)?;
+        let factory = ParserFactory::new_simple(&env).map_err(grammar_error)?;
+        Ok(Self { factory })
+    }
+
+    /// A fresh constraint for one generation.
+    pub fn constraint(&self, format: &Format) -> Result<Constraint> {
+        let mut schema = match format {
+            Format::Json => serde_json::json!({"type": "object"}),
+            Format::Schema(s) => s.clone(),
+        };
+        // One line, ", " and ": " between items: free whitespace lets a
+        // small model pad its output with newlines until the token limit
+        // cuts it (llama.cpp's JSON grammar bounds whitespace too). A
+        // schema's own `x-guidance` options win.
+        if let Some(obj) = schema.as_object_mut() {
+            obj.entry("x-guidance")
+                .or_insert_with(|| serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+        }
+        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(grammar_error)?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(grammar_error(e));
+        }
+        Ok(Constraint { matcher })
+    }
+}
+
+/// One generation's grammar state.
+pub struct Constraint {
+    matcher: Matcher,
+}
+
+impl Constraint {
+    /// The tokens allowed next, as a bitset (bit `t % 32` of word `t / 32`).
+    pub fn allowed(&mut self) -> Result<Vec<u32>> {
+        let mask = self.matcher.compute_mask().map_err(grammar_error)?;
+        Ok(mask.as_slice().to_vec())
+    }
+
+    /// Advances past the sampled token.
+    pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.matcher.consume_token(token).map_err(grammar_error)
+    }
+
+    /// The output is complete: nothing but the end may follow.
+    pub fn is_done(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+/// Shared between a model's requests.
+pub type SharedGrammars = Arc<Grammars>;
