@@ -8,26 +8,15 @@ use std::time::Duration;
 
 use common::NodeProc;
 use sollol::head::pipeline::Pipeline;
-use sollol::model::sampling::SamplingParams;
 use sollol::net::auth::{client_handshake, ClusterKey};
 use sollol::net::connection::split;
 use sollol::net::frame::{PREFIX_LEN, PROTOCOL_VERSION};
-use sollol::net::message::{ErrorCode, KvStateHeader, Message, PeerRole, SampleRequest};
+use sollol::net::message::{ErrorCode, KvStateHeader, Message, PeerRole};
 use sollol::net::tensor::WireDType;
 use sollol::net::{tls, NetError};
 
 const KEY: &str = "test-cluster-key";
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
-
-fn greedy() -> SampleRequest {
-    SampleRequest {
-        params: SamplingParams { temperature: 0.0, ..Default::default() },
-        recent: vec![],
-        draw: 0,
-        logprobs: None,
-        allowed: None,
-    }
-}
 
 /// The whole default model on one node.
 async fn solo(node: &NodeProc) -> Pipeline {
@@ -40,7 +29,7 @@ async fn solo(node: &NodeProc) -> Pipeline {
 /// The node still answers pings and runs a session end to end.
 async fn still_serves(p: &Pipeline, session: u64) {
     p.ping(0).await.expect("the node answers pings");
-    let r = p.step(session, &PROMPT, Some(64), Some(greedy()), false).await.expect("a session runs");
+    let r = p.step(session, &PROMPT, Some(64), Some(common::greedy()), false).await.expect("a session runs");
     assert_eq!(r.token, Some(7042), "' Paris'");
     p.close(session).await;
 }
@@ -84,7 +73,7 @@ async fn a_step_that_panics_fails_alone_and_the_node_stays_healthy() {
     let node = NodeProc::spawn(Some(KEY), &["--panic-on-session", "666"]);
     let p = solo(&node).await;
     let t = std::time::Instant::now();
-    let e = p.step(666, &PROMPT, Some(64), Some(greedy()), false).await.expect_err("the injected panic");
+    let e = p.step(666, &PROMPT, Some(64), Some(common::greedy()), false).await.expect_err("the injected panic");
     assert_eq!(code(&e), Some(ErrorCode::Internal), "{e}");
     assert!(t.elapsed() < Duration::from_secs(10), "the error came at once, not at the step timeout");
     still_serves(&p, 2).await;
@@ -95,16 +84,16 @@ async fn sessions_past_the_cap_are_refused_until_one_closes() {
     let node = NodeProc::spawn(Some(KEY), &["--max-sessions", "2"]);
     let p = solo(&node).await;
     for s in [10, 11] {
-        p.step(s, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();
+        p.step(s, &PROMPT, Some(64), Some(common::greedy()), false).await.unwrap();
     }
-    let e = p.step(12, &PROMPT, Some(64), Some(greedy()), false).await.expect_err("a third session");
+    let e = p.step(12, &PROMPT, Some(64), Some(common::greedy()), false).await.expect_err("a third session");
     assert_eq!(code(&e), Some(ErrorCode::Capacity), "{e}");
     assert!(e.to_string().contains("limit of 2 sessions"), "{e}");
     // The sessions held go on; a closed one makes room.
-    p.step(10, &[7042], None, Some(greedy()), false).await.unwrap();
+    p.step(10, &[7042], None, Some(common::greedy()), false).await.unwrap();
     p.close(10).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    p.step(12, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();
+    p.step(12, &PROMPT, Some(64), Some(common::greedy()), false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,16 +103,16 @@ async fn kv_memory_is_held_as_used_and_capped() {
     let node = NodeProc::spawn(Some(KEY), &["--kv-memory", "3MiB"]);
     let p = solo(&node).await;
     // A session that may grow to 8,192 positions costs its first chunk only.
-    p.step(20, &PROMPT, Some(8192), Some(greedy()), false).await.unwrap();
-    p.step(21, &PROMPT, Some(8192), Some(greedy()), false).await.unwrap();
-    let e = p.step(22, &PROMPT, Some(8192), Some(greedy()), false).await.expect_err("past the KV memory");
+    p.step(20, &PROMPT, Some(8192), Some(common::greedy()), false).await.unwrap();
+    p.step(21, &PROMPT, Some(8192), Some(common::greedy()), false).await.unwrap();
+    let e = p.step(22, &PROMPT, Some(8192), Some(common::greedy()), false).await.expect_err("past the KV memory");
     assert_eq!(code(&e), Some(ErrorCode::Capacity), "{e}");
     assert!(e.to_string().contains("KV memory"), "{e}");
     // Growing past the first chunk needs more: refused as well.
     let long: Vec<u32> = PROMPT.iter().copied().cycle().take(100).collect();
-    let e = p.step(21, &long, None, Some(greedy()), false).await.expect_err("a second chunk");
+    let e = p.step(21, &long, None, Some(common::greedy()), false).await.expect_err("a second chunk");
     assert_eq!(code(&e), Some(ErrorCode::Capacity), "{e}");
-    p.step(20, &[7042], None, Some(greedy()), false).await.unwrap();
+    p.step(20, &[7042], None, Some(common::greedy()), false).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,16 +22,6 @@ use sollol::net::tls;
 const KEY: &str = "test-cluster-key";
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314]; // "The capital of France is"
 
-fn greedy() -> SampleRequest {
-    SampleRequest {
-        params: SamplingParams { temperature: 0.0, ..Default::default() },
-        recent: vec![],
-        draw: 0,
-        logprobs: None,
-        allowed: None,
-    }
-}
-
 /// Greedy tokens and the logits that chose them, single process.
 fn single_node(steps: usize) -> Vec<(u32, Vec<f32>)> {
     single_node_of(&common::smollm2(), &PROMPT, steps)
@@ -64,7 +54,7 @@ async fn pipeline_run_of(p: &Pipeline, session: u64, prompt: &[u32], steps: usiz
     let mut input: Vec<u32> = prompt.to_vec();
     for i in 0..steps {
         let open = (i == 0).then_some(64);
-        let r = p.step(session, &input, open, Some(greedy()), true).await.unwrap();
+        let r = p.step(session, &input, open, Some(common::greedy()), true).await.unwrap();
         let t = r.token.unwrap();
         out.push((t, r.logits.unwrap()));
         input = vec![t];
@@ -141,7 +131,7 @@ async fn f16_wire_agrees_with_single_node_except_at_near_ties() {
     let mut input: Vec<u32> = PROMPT.to_vec();
     let (mut agreed, mut max_err) = (0, 0f32);
     for (step, (t_ref, l_ref)) in reference.iter().enumerate() {
-        let r = p.step(8, &input, (step == 0).then_some(64), Some(greedy()), true).await.unwrap();
+        let r = p.step(8, &input, (step == 0).then_some(64), Some(common::greedy()), true).await.unwrap();
         let (t, l) = (r.token.unwrap(), r.logits.unwrap());
         max_err = l_ref.iter().zip(&l).map(|(a, b)| (a - b).abs()).fold(max_err, f32::max);
         if t == *t_ref {
@@ -167,7 +157,7 @@ async fn kv_state_moves_to_another_node_and_generation_continues() {
     let mut tokens = Vec::new();
     let mut input: Vec<u32> = PROMPT.to_vec();
     for i in 0..6 {
-        let r = p1.step(session, &input, (i == 0).then_some(64), Some(greedy()), false).await.unwrap();
+        let r = p1.step(session, &input, (i == 0).then_some(64), Some(common::greedy()), false).await.unwrap();
         tokens.push(r.token.unwrap());
         input = vec![r.token.unwrap()];
     }
@@ -184,7 +174,7 @@ async fn kv_state_moves_to_another_node_and_generation_continues() {
     p2.import_kv(1, header, payload).await.unwrap();
     p2.link(WireDType::F32).await.unwrap();
     for _ in 0..6 {
-        let r = p2.step(session, &input, None, Some(greedy()), false).await.unwrap();
+        let r = p2.step(session, &input, None, Some(common::greedy()), false).await.unwrap();
         tokens.push(r.token.unwrap());
         input = vec![r.token.unwrap()];
     }
@@ -297,17 +287,17 @@ async fn layers_beyond_the_model_are_refused() {
 async fn a_stage_that_dies_fails_the_request_quickly_and_the_others_keep_serving() {
     let (a, mut b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
     let p = loaded_pipeline(&[&a, &b], WireDType::F16).await;
-    let r = p.step(5, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();
+    let r = p.step(5, &PROMPT, Some(64), Some(common::greedy()), false).await.unwrap();
     b.kill();
     let t = Instant::now();
-    let err = p.step(5, &[r.token.unwrap()], None, Some(greedy()), false).await.err().unwrap().to_string();
+    let err = p.step(5, &[r.token.unwrap()], None, Some(common::greedy()), false).await.err().unwrap().to_string();
     assert!(t.elapsed() < Duration::from_secs(15), "the failure took {:?}", t.elapsed());
     assert!(err.contains("stage 2") || err.contains("next stage"), "{err}");
     // Stage 1's node serves a new pipeline holding the whole model.
     let mut solo = Pipeline::connect(std::slice::from_ref(&a.addr), &ClusterKey::new(Some(KEY))).await.unwrap();
     let model = common::smollm2().display().to_string();
     solo.load(&model, None, std::slice::from_ref(&(0..30)), WireDType::F16).await.unwrap();
-    let r = solo.step(6, &PROMPT, Some(64), Some(greedy()), false).await.unwrap();
+    let r = solo.step(6, &PROMPT, Some(64), Some(common::greedy()), false).await.unwrap();
     assert_eq!(r.token, Some(7042));
 }
 

@@ -244,20 +244,7 @@ impl Pipeline {
         sample: Option<SampleRequest>,
         want_logits: bool,
     ) -> Result<StepResult, NetError> {
-        self.step_with(session, tokens, open, None, sample, want_logits).await
-    }
-
-    /// A step that first rewinds the session to `truncate` positions on every stage.
-    pub async fn step_with(
-        &self,
-        session: u64,
-        tokens: &[u32],
-        open: Option<u32>,
-        truncate: Option<u32>,
-        sample: Option<SampleRequest>,
-        want_logits: bool,
-    ) -> Result<StepResult, NetError> {
-        self.send_step(session, tokens, open, truncate, sample, want_logits, None).await
+        self.send_step(session, tokens, open, None, sample, want_logits, None).await
     }
 
     /// An embedding step: the last stage pools its final hidden states
@@ -266,6 +253,9 @@ impl Pipeline {
         self.send_step(session, tokens, open, None, None, false, Some(pooling)).await
     }
 
+    /// One step through the chain, first rewinding the session to
+    /// `truncate` positions on every stage; the last stage samples, or pools
+    /// for an embedding.
     #[allow(clippy::too_many_arguments)]
     async fn send_step(
         &self,
@@ -466,7 +456,7 @@ impl Engine for PipelineEngine {
         });
         let asked = spec_logprobs(&sample);
         let t = Instant::now();
-        let r = self.handle.block_on(self.pipeline.step_with(session, tokens, open, truncate, sample, want_logits))?;
+        let r = self.handle.block_on(self.pipeline.send_step(session, tokens, open, truncate, sample, want_logits, None))?;
         let wall = t.elapsed();
         let stage_times: Vec<Duration> = r.stage_nanos.iter().map(|&n| Duration::from_nanos(n)).collect();
         let compute: Duration = stage_times.iter().sum();

@@ -158,6 +158,17 @@ pub fn python_path(modules: &[&str]) -> String {
 /// (The README's France prompt ends at EOS after ~20 tokens, near a tie.)
 pub const STORY_PROMPT: [u32; 15] = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161];
 
+/// A greedy sample request for a pipeline's last stage.
+pub fn greedy() -> sollol::net::message::SampleRequest {
+    sollol::net::message::SampleRequest {
+        params: sollol::model::sampling::SamplingParams { temperature: 0.0, ..Default::default() },
+        recent: vec![],
+        draw: 0,
+        logprobs: None,
+        allowed: None,
+    }
+}
+
 /// Greedy generation of 64 tokens from `STORY_PROMPT` (EOS would still end it).
 pub fn greedy_request() -> sollol::head::generation::GenerateRequest {
     sollol::head::generation::GenerateRequest {
