@@ -1,8 +1,9 @@
 //! sollol's slice forward against candle-transformers' `quantized_llama` on the
-//! default model, same process, same threads, interleaved: prefill of a
-//! 128-token prompt and greedy-style decode steps. The summary at the end
-//! repeats the comparison on the model re-quantized to Q4_0 and Q8_0
-//! (`sollol quantize`, written to a temporary directory), measures batched
+//! default model (SmolLM2, the llama architecture), same process, same
+//! threads, interleaved: prefill of a 128-token prompt and greedy-style
+//! decode steps. The summary at the end repeats the comparison on the model
+//! re-quantized to Q4_0 and Q8_0 throughout (`sollol quantize --pure`, into
+//! a temporary directory), measures batched
 //! decoding (8 sessions per step against 1), and the peak RSS of loading a
 //! third of the blocks against the whole model (in child processes).
 //!
