@@ -1,149 +1,139 @@
-//! Prometheus metrics, kept by hand: counters, gauges and fixed-bucket
-//! histograms in text exposition format 0.0.4.
+//! Prometheus metrics on `prometheus-client` (OpenMetrics text):
+//! counters, gauges and fixed-bucket histograms, each registered once.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Seconds; spans a loopback hop (sub-millisecond) to a slow prefill.
 const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-#[derive(Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    sum: f64,
-    count: u64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    status: u16,
 }
 
-impl Histogram {
-    fn observe(&mut self, v: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if v <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
 }
 
-#[derive(Default)]
-struct Inner {
-    requests: BTreeMap<(String, u16), u64>,
-    tokens_generated: u64,
-    prompt_tokens: u64,
-    f16_fallbacks: u64,
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    tokens_generated: Counter,
+    prompt_tokens: Counter,
+    f16_fallbacks: Counter,
     ttft: Histogram,
     inter_token: Histogram,
     hop_latency: Histogram,
-    stage_seconds: BTreeMap<String, f64>,
-    node_healthy: BTreeMap<String, bool>,
-    queue_running: usize,
-    queue_waiting: usize,
-    queue_rejected: u64,
-    cancelled: u64,
+    stage_seconds: Family<NodeLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    node_healthy: Family<NodeLabels, Gauge>,
+    queue_running: Gauge,
+    queue_waiting: Gauge,
+    queue_rejected: Counter,
+    cancelled: Counter,
 }
 
-#[derive(Default)]
-pub struct Metrics {
-    inner: Mutex<Inner>,
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sollol");
+        let histogram = || Histogram::new(BUCKETS);
+        let m = Self {
+            requests: Family::default(),
+            tokens_generated: Counter::default(),
+            prompt_tokens: Counter::default(),
+            f16_fallbacks: Counter::default(),
+            ttft: histogram(),
+            inter_token: histogram(),
+            hop_latency: histogram(),
+            stage_seconds: Family::default(),
+            node_healthy: Family::default(),
+            queue_running: Gauge::default(),
+            queue_waiting: Gauge::default(),
+            queue_rejected: Counter::default(),
+            cancelled: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "HTTP requests by route and status", m.requests.clone());
+        registry.register("queue_running", "Generations running now", m.queue_running.clone());
+        registry.register("queue_depth", "Requests waiting for a generation slot", m.queue_waiting.clone());
+        registry.register("queue_rejected", "Requests refused because the queue was full", m.queue_rejected.clone());
+        registry.register("cancelled", "Generations stopped because the client went away", m.cancelled.clone());
+        registry.register("tokens_generated", "Tokens generated", m.tokens_generated.clone());
+        registry.register("prompt_tokens", "Prompt tokens evaluated", m.prompt_tokens.clone());
+        registry.register("f16_overflow_fallbacks", "Hops sent as f32 because f16 would overflow", m.f16_fallbacks.clone());
+        registry.register("time_to_first_token_seconds", "Time to first token", m.ttft.clone());
+        registry.register("inter_token_latency_seconds", "Time between generated tokens", m.inter_token.clone());
+        registry.register("hop_latency_seconds", "One-way latency of a pipeline hop", m.hop_latency.clone());
+        registry.register("stage_compute_seconds", "Compute time per pipeline stage", m.stage_seconds.clone());
+        registry.register("node_healthy", "1 when the node answers its health checks", m.node_healthy.clone());
+        Self { registry, ..m }
+    }
 }
 
 impl Metrics {
     pub fn request(&self, route: &str, status: u16) {
-        *self.inner.lock().expect("metrics").requests.entry((route.to_string(), status)).or_default() += 1;
+        self.requests.get_or_create(&RequestLabels { route: route.to_string(), status }).inc();
     }
 
     pub fn rejected(&self) {
-        self.inner.lock().expect("metrics").queue_rejected += 1;
+        self.queue_rejected.inc();
     }
 
     pub fn cancelled(&self) {
-        self.inner.lock().expect("metrics").cancelled += 1;
+        self.cancelled.inc();
     }
 
     pub fn queue(&self, running: usize, waiting: usize) {
-        let mut m = self.inner.lock().expect("metrics");
-        m.queue_running = running;
-        m.queue_waiting = waiting;
+        self.queue_running.set(running as i64);
+        self.queue_waiting.set(waiting as i64);
     }
 
     /// A finished generation: its counts and latencies, by stage and hop.
     pub fn generation(&self, g: &crate::head::generation::Stats, stage_names: &[String]) {
-        let mut m = self.inner.lock().expect("metrics");
-        m.tokens_generated += g.generated_tokens as u64;
-        m.prompt_tokens += g.prompt_tokens as u64;
-        m.f16_fallbacks += g.f16_fallbacks;
-        m.ttft.observe(g.time_to_first_token.as_secs_f64());
+        self.tokens_generated.inc_by(g.generated_tokens as u64);
+        self.prompt_tokens.inc_by(g.prompt_tokens as u64);
+        self.f16_fallbacks.inc_by(g.f16_fallbacks);
+        self.ttft.observe(g.time_to_first_token.as_secs_f64());
         if g.generated_tokens > 1 {
             let per = g.decode.as_secs_f64() / (g.generated_tokens - 1) as f64;
             for _ in 1..g.generated_tokens {
-                m.inter_token.observe(per);
+                self.inter_token.observe(per);
             }
         }
         for h in &g.hop_latencies {
-            m.hop_latency.observe(h.as_secs_f64());
+            self.hop_latency.observe(h.as_secs_f64());
         }
         for (i, t) in g.stage_times.iter().enumerate() {
-            let name = stage_names.get(i).cloned().unwrap_or_else(|| format!("stage{}", i + 1));
-            *m.stage_seconds.entry(name).or_default() += t.as_secs_f64();
+            let node = stage_names.get(i).cloned().unwrap_or_else(|| format!("stage{}", i + 1));
+            self.stage_seconds.get_or_create(&NodeLabels { node }).inc_by(t.as_secs_f64());
         }
     }
 
     pub fn node_health(&self, name: &str, healthy: bool) {
-        self.inner.lock().expect("metrics").node_healthy.insert(name.to_string(), healthy);
+        self.node_healthy.get_or_create(&NodeLabels { node: name.to_string() }).set(i64::from(healthy));
     }
 
     pub fn tokens_generated(&self) -> u64 {
-        self.inner.lock().expect("metrics").tokens_generated
+        self.tokens_generated.get()
     }
 
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        let m = self.inner.lock().expect("metrics");
         let mut out = String::new();
-        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        header(&mut out, "sollol_requests_total", "counter", "HTTP requests by route and status.");
-        for ((route, status), n) in &m.requests {
-            let _ = writeln!(out, "sollol_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
-        }
-        header(&mut out, "sollol_queue_running", "gauge", "Generations running now.");
-        let _ = writeln!(out, "sollol_queue_running {}", m.queue_running);
-        header(&mut out, "sollol_queue_depth", "gauge", "Requests waiting for a generation slot.");
-        let _ = writeln!(out, "sollol_queue_depth {}", m.queue_waiting);
-        header(&mut out, "sollol_queue_rejected_total", "counter", "Requests refused because the queue was full.");
-        let _ = writeln!(out, "sollol_queue_rejected_total {}", m.queue_rejected);
-        header(&mut out, "sollol_cancelled_total", "counter", "Generations stopped because the client went away.");
-        let _ = writeln!(out, "sollol_cancelled_total {}", m.cancelled);
-        header(&mut out, "sollol_tokens_generated_total", "counter", "Tokens generated.");
-        let _ = writeln!(out, "sollol_tokens_generated_total {}", m.tokens_generated);
-        header(&mut out, "sollol_prompt_tokens_total", "counter", "Prompt tokens evaluated.");
-        let _ = writeln!(out, "sollol_prompt_tokens_total {}", m.prompt_tokens);
-        header(&mut out, "sollol_f16_overflow_fallbacks_total", "counter", "Hops sent as f32 because f16 would overflow.");
-        let _ = writeln!(out, "sollol_f16_overflow_fallbacks_total {}", m.f16_fallbacks);
-        for (name, help, h) in [
-            ("sollol_time_to_first_token_seconds", "Time to first token.", &m.ttft),
-            ("sollol_inter_token_latency_seconds", "Time between generated tokens.", &m.inter_token),
-            ("sollol_hop_latency_seconds", "One-way latency of a pipeline hop.", &m.hop_latency),
-        ] {
-            header(&mut out, name, "histogram", help);
-            for (b, c) in BUCKETS.iter().zip(h.counts.iter()) {
-                let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-            }
-            let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", h.count, h.sum, h.count);
-        }
-        header(&mut out, "sollol_stage_compute_seconds_total", "counter", "Compute time per pipeline stage.");
-        for (node, s) in &m.stage_seconds {
-            let _ = writeln!(out, "sollol_stage_compute_seconds_total{{node=\"{node}\"}} {s}");
-        }
-        header(&mut out, "sollol_node_healthy", "gauge", "1 when the node answers its health checks.");
-        for (node, h) in &m.node_healthy {
-            let _ = writeln!(out, "sollol_node_healthy{{node=\"{node}\"}} {}", u8::from(*h));
-        }
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// For tests: the value of an unlabelled sample in a rendered exposition.
 pub fn sample(text: &str, name: &str) -> Option<f64> {
@@ -173,7 +163,7 @@ mod tests {
         assert!(text.contains("sollol_requests_total{route=\"/api/generate\",status=\"200\"} 2"));
         assert_eq!(sample(&text, "sollol_queue_depth"), Some(3.0));
         assert_eq!(sample(&text, "sollol_tokens_generated_total"), Some(3.0));
-        assert!(text.contains("sollol_time_to_first_token_seconds_bucket{le=\"0.05\"} 1"));
+        assert!(text.contains("sollol_time_to_first_token_seconds_bucket{le=\"0.05\"} 1"), "{text}");
         assert!(text.contains("sollol_inter_token_latency_seconds_count 2"));
     }
 }

@@ -131,7 +131,7 @@ async fn metrics_handler(State(svc): State<Arc<Service>>) -> Response {
     svc.node_health().await;
     let (running, waiting) = svc.queue.depth();
     svc.metrics.queue(running, waiting);
-    Response::builder().header("content-type", "text/plain; version=0.0.4").body(svc.metrics.render().into()).unwrap_or_default()
+    Response::builder().header("content-type", metrics::CONTENT_TYPE).body(svc.metrics.render().into()).unwrap_or_default()
 }
 
 /// JSON bodies parsed by hand, so malformed input gets the API's own error shape.
