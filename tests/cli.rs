@@ -196,6 +196,35 @@ fn bench_measures_a_synthetic_model_and_generate_refuses_it_clearly() {
 }
 
 #[test]
+fn bench_measures_the_grammar_of_structured_outputs() {
+    let home = tempfile::tempdir().unwrap();
+    let model = common::smollm2();
+    let args = [
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "8",
+        "--tokens",
+        "16",
+        "--rounds",
+        "1",
+        "--format",
+        "json",
+        "--json",
+    ];
+    let out = sollol(&args, home.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["format"], "json");
+    assert!(
+        last["grammar_s_per_token"].as_f64().unwrap() > 0.0
+            && last["step_s"].as_f64().unwrap() > last["grammar_s_per_token"].as_f64().unwrap(),
+        "{last}"
+    );
+}
+
+#[test]
 fn bench_checks_pipelines_and_devices_by_their_outputs() {
     let home = tempfile::tempdir().unwrap();
     let json = |out: &Output| -> Vec<serde_json::Value> {

@@ -4,10 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+use sollol::head::constraint::Format;
 use sollol::head::engine::{Engine, SampleSpec};
 use sollol::head::generation::PREFILL_CHUNK;
+use sollol::head::tokenizer::Tokenizer;
 use sollol::model::sampling::SamplingParams;
 use sollol::net::tensor::WireDType;
 use sollol::sys::{human_bytes, peak_rss_bytes};
@@ -78,6 +80,10 @@ pub struct BenchArgs {
     /// --check-against cpu`) and report how far the logits differ.
     #[arg(long, conflicts_with_all = ["url", "layers", "load_only", "concurrency"])]
     check_against: Option<String>,
+    /// Also measure structured outputs: the grammar's cost per token (`json`
+    /// for any object, or a JSON schema file) against a decode step.
+    #[arg(long)]
+    format: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -161,6 +167,25 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
         }
     }
     report(&args, threads, &opened, &engines, &best, &gaps)?;
+    if let (Some(f), Some((_, first))) = (&args.format, engines.first_mut()) {
+        let format = match f.as_str() {
+            "json" => Format::Json,
+            file => Format::Schema(serde_json::from_str(&std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?)?),
+        };
+        let tokenizer = opened.tokenizer()?;
+        let (grammar, step) = measure_constraint(first.engine.as_mut(), &tokenizer, &format, &prompt, args.tokens)?;
+        let line = format!(
+            "structured output ({f}): grammar {:.3} ms/token, {:.1}% of a constrained decode step ({:.3} ms)",
+            grammar.as_secs_f64() * 1e3,
+            100.0 * grammar.as_secs_f64() / step.as_secs_f64(),
+            step.as_secs_f64() * 1e3
+        );
+        if args.json {
+            println!("{}", serde_json::json!({"format": f, "grammar_s_per_token": grammar.as_secs_f64(), "step_s": step.as_secs_f64()}));
+        } else {
+            println!("{line}");
+        }
+    }
     drop(engines);
     if !args.concurrency.is_empty() {
         if !opened.device.is_cpu() {
@@ -208,6 +233,48 @@ fn batched_decode(slice: &sollol::model::ModelSlice, prompt: &[u32], tokens: usi
         slice.forward_batch(&mut items)?;
     }
     Ok((n * tokens) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Greedy decode steps under a grammar (a fresh one each time the output
+/// completes): the mean time per token of computing the allowed tokens and
+/// advancing the grammar, and the mean whole step (grammar included).
+fn measure_constraint(
+    engine: &mut dyn Engine,
+    tokenizer: &Tokenizer,
+    format: &Format,
+    prompt: &[u32],
+    tokens: usize,
+) -> Result<(Duration, Duration)> {
+    let grammars = tokenizer.grammars()?;
+    let session = 0xbe7c_f000;
+    let params = SamplingParams { temperature: 0.0, ..Default::default() };
+    engine.open(session, prompt.len() + tokens + 1)?;
+    let mut constraint = grammars.constraint(format)?;
+    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
+    let mut token = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        let allowed = if last { Some(constraint.allowed()?) } else { None };
+        let spec = last.then_some(SampleSpec { params: &params, history: prompt, step: 0, logprobs: None, allowed: allowed.as_deref() });
+        token = engine.step(session, chunk, spec, false)?.token.unwrap_or(0);
+    }
+    let (mut grammar, started) = (Duration::ZERO, Instant::now());
+    for step in 0..tokens {
+        let t = Instant::now();
+        if constraint.is_done() || tokenizer.is_eos(token) {
+            constraint = grammars.constraint(format)?;
+        } else {
+            constraint.commit(token)?;
+        }
+        let allowed = if constraint.is_done() { None } else { Some(constraint.allowed()?) };
+        grammar += t.elapsed();
+        let spec = SampleSpec { params: &params, history: &[], step: step as u64 + 1, logprobs: None, allowed: allowed.as_deref() };
+        token = engine.step(session, &[token], Some(spec), false)?.token.unwrap_or(0);
+    }
+    let wall = started.elapsed();
+    engine.close(session);
+    let n = tokens.max(1) as u32;
+    Ok((grammar / n, wall / n))
 }
 
 /// Prefill of `prompt`, then `tokens` greedy decode steps (EOS ignored).
