@@ -77,7 +77,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-pub const TARGETS: [&str; 5] = ["frame", "kv", "tensor", "gguf", "http"];
+pub const TARGETS: [&str; 6] = ["frame", "kv", "tensor", "gguf", "http", "schema"];
 
 /// What one target's run found.
 #[derive(Debug)]
@@ -129,6 +129,8 @@ struct Fuzz {
     scratch: PathBuf,
     _dir: Option<tempfile::TempDir>,
     template: Option<ChatTemplate>,
+    /// The default model's grammar compiler (the `schema` target).
+    grammars: Option<std::sync::Arc<sollol::head::constraint::Grammars>>,
 }
 
 impl Fuzz {
@@ -144,7 +146,12 @@ impl Fuzz {
         };
         let scratch = dir.as_ref().map_or_else(PathBuf::new, |d| d.path().join("input.gguf"));
         let template = (target == "http").then(|| ChatTemplate::new(CHATML, "", "").expect("ChatML parses"));
-        Self { target, gguf_seed, scratch, _dir: dir, template }
+        let grammars = (target == "schema").then(|| {
+            let path = sollol::model::source::resolve("smollm2").expect("the default model (sollol pull smollm2)").path;
+            let file = ModelFile::open(&path).expect("the default model opens");
+            sollol::head::tokenizer::Tokenizer::for_model(&file).expect("its tokenizer").grammars().expect("its grammar compiler")
+        });
+        Self { target, gguf_seed, scratch, _dir: dir, template, grammars }
     }
 
     /// One input; true when the decoders accepted it.
@@ -155,6 +162,7 @@ impl Fuzz {
             "tensor" => tensor_input(rng),
             "gguf" => self.gguf_input(rng),
             "http" => self.http_input(rng),
+            "schema" => self.schema_input(rng),
             other => panic!("no fuzz target {other}"),
         }
     }
@@ -173,6 +181,33 @@ impl Fuzz {
         let _ = sollol::head::tokenizer::Tokenizer::for_model(&file);
         // Loading reads the tensors the header points at.
         sollol::model::ModelSlice::load(&mut file, 0..cfg.n_layers, &Device::Cpu).is_ok()
+    }
+
+    /// A JSON schema built from random parts (and mutated), compiled against
+    /// the default model's tokenizer as a request's `format` is, then a few
+    /// allowed tokens taken through it.
+    fn schema_input(&self, rng: &mut StdRng) -> bool {
+        let Some(grammars) = &self.grammars else { return false };
+        let mut schema = schema_of(rng, 0);
+        for _ in 0..rng.random_range(0..=2) {
+            mutate_json(rng, &mut schema);
+        }
+        let format =
+            if rng.random_bool(0.1) { sollol::head::constraint::Format::Json } else { sollol::head::constraint::Format::Schema(schema) };
+        let Ok(mut c) = grammars.constraint(&format) else { return false };
+        for _ in 0..rng.random_range(0..8) {
+            let Ok(bits) = c.allowed() else { return true };
+            let allowed: Vec<u32> = bits
+                .iter()
+                .enumerate()
+                .flat_map(|(w, &b)| (0..32).filter(move |i| b & (1 << i) != 0).map(move |i| (w * 32 + i) as u32))
+                .collect();
+            let Some(&t) = allowed.get(rng.random_range(0..allowed.len().max(1))) else { return true };
+            if c.commit(t).is_err() || c.is_done() {
+                return true;
+            }
+        }
+        true
     }
 
     fn http_input(&self, rng: &mut StdRng) -> bool {
@@ -568,6 +603,34 @@ fn http_seed(rng: &mut StdRng) -> (u8, Value) {
         _ => json!({"model": "smollm2", "prompt": ["Once upon a time"], "max_completion_tokens": 8, "stream": true}),
     };
     (which, body)
+}
+
+/// A schema of random parts: types, properties, bounds, enums, patterns,
+/// references that may point nowhere, nested a few levels.
+fn schema_of(rng: &mut StdRng, depth: u32) -> Value {
+    let leaf = depth >= 3 || rng.random_bool(0.4);
+    match rng.random_range(0..if leaf { 6 } else { 9 }) {
+        0 => json!({"type": "string", "maxLength": u32_of(rng) % 64, "minLength": small(rng)}),
+        1 => json!({"type": "integer", "minimum": -(small(rng) as i64), "maximum": u32_of(rng)}),
+        2 => json!({"type": "number"}),
+        3 => json!({"type": "boolean"}),
+        4 => json!({"enum": [string_of(rng), 1, null, true]}),
+        5 => {
+            let pattern = ["^[a-z]+$", "(a|b)*c", "[", "\\d{2,4}", ".*"][rng.random_range(0..5)];
+            json!({"type": "string", "pattern": pattern})
+        }
+        6 => {
+            let n = rng.random_range(0..5);
+            let props: serde_json::Map<String, Value> = (0..n).map(|i| (format!("p{i}"), schema_of(rng, depth + 1))).collect();
+            let required: Vec<String> = props.keys().filter(|_| rng.random_bool(0.5)).cloned().collect();
+            json!({"type": "object", "properties": props, "required": required, "additionalProperties": rng.random_bool(0.5)})
+        }
+        7 => json!({"type": "array", "items": schema_of(rng, depth + 1), "minItems": small(rng), "maxItems": small(rng) + 2}),
+        _ => {
+            let target = ["#/nowhere", "#", "#/properties/p0"][rng.random_range(0..3)];
+            json!({"anyOf": [schema_of(rng, depth + 1), {"$ref": target}]})
+        }
+    }
 }
 
 fn json_of(rng: &mut StdRng) -> Value {

@@ -40,3 +40,8 @@ fn gguf_headers() {
 fn http_bodies() {
     check("http", 100_000);
 }
+
+#[test]
+fn json_schemas_compiled_for_structured_outputs() {
+    check("schema", 300);
+}

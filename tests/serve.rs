@@ -141,6 +141,8 @@ fn bad_input_gets_proper_status_codes_and_messages() {
             r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
             "response_format",
         ),
+        // Once a stack overflow that aborted the server (found by the fuzzer).
+        ("/api/generate", r#"{"model":"smollm2","prompt":"x","format":{"enum":[-9223372036854775808]}}"#, "outside"),
         ("/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"temperature":9}"#, "temperature"),
         ("/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#, "max_tokens"),
         ("/v1/chat/completions", r#"{"model":"smollm2","messages":[{"role":"user","content":"x"}],"n":3}"#, "n = 1"),

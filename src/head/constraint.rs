@@ -50,6 +50,9 @@ impl Grammars {
 
     /// A fresh constraint for one generation.
     pub fn constraint(&self, format: &Format) -> Result<Constraint> {
+        if let Format::Schema(s) = format {
+            check_schema(s)?;
+        }
         let mut schema = match format {
             Format::Json => serde_json::json!({"type": "object"}),
             Format::Schema(s) => s.clone(),
@@ -69,6 +72,38 @@ impl Grammars {
         }
         Ok(Constraint { matcher })
     }
+}
+
+/// Nesting and size past any schema an application sends.
+const MAX_SCHEMA_DEPTH: usize = 64;
+const MAX_SCHEMA_NODES: usize = 100_000;
+/// JSON's exact integers: ±2^53.
+const MAX_SCHEMA_INTEGER: f64 = 9_007_199_254_740_992.0;
+
+/// Bounds a client's schema before the compiler sees it: its nesting, its
+/// size, and its numbers. (A schema holding -2^63 sent the compiler into a
+/// recursion that overflowed the stack and aborted the process: found by
+/// `examples/fuzz.rs`.)
+fn check_schema(schema: &Value) -> Result<()> {
+    let mut nodes = 0;
+    let mut stack = vec![(schema, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        nodes += 1;
+        if depth > MAX_SCHEMA_DEPTH || nodes > MAX_SCHEMA_NODES {
+            return Err(grammar_error(format!(
+                "the schema nests deeper than {MAX_SCHEMA_DEPTH} or holds more than {MAX_SCHEMA_NODES} values"
+            )));
+        }
+        match v {
+            Value::Number(n) if n.as_f64().is_none_or(|x| x.abs() > MAX_SCHEMA_INTEGER) => {
+                return Err(grammar_error(format!("the schema's number {n} is outside ±2^53")));
+            }
+            Value::Array(items) => stack.extend(items.iter().map(|x| (x, depth + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|x| (x, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// One generation's grammar state.
@@ -96,3 +131,20 @@ impl Constraint {
 
 /// Shared between a model's requests.
 pub type SharedGrammars = Arc<Grammars>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemas_past_the_bounds_are_refused_before_compiling() {
+        assert!(check_schema(&serde_json::json!({"enum": [-9223372036854775808i64]})).is_err());
+        assert!(check_schema(&serde_json::json!({"type": "integer", "maximum": 1e300})).is_err());
+        let mut deep = serde_json::json!({"type": "string"});
+        for _ in 0..100 {
+            deep = serde_json::json!({"type": "array", "items": deep});
+        }
+        assert!(check_schema(&deep).is_err());
+        assert!(check_schema(&serde_json::json!({"type": "object", "properties": {"a": {"enum": [1, 2.5, -3]}}})).is_ok());
+    }
+}
