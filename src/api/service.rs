@@ -236,22 +236,29 @@ impl Worker {
         let at = (*self.expires.lock().expect("expires lock"))?;
         Some(SystemTime::now() + at.saturating_duration_since(Instant::now()))
     }
-}
 
-impl Worker {
     /// Sets how long it stays loaded after its last request, and starts the
     /// clock now if nothing runs on it (a load request).
     pub fn keep_alive_for(&self, keep_alive: Option<KeepAlive>) {
+        self.set_keep_alive(keep_alive);
+        if self.active.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            self.start_clock();
+        }
+    }
+
+    fn set_keep_alive(&self, keep_alive: Option<KeepAlive>) {
         if let Some(k) = keep_alive {
             *self.keep_alive.lock().expect("keep_alive lock") = k;
         }
-        if self.active.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            let expires = match *self.keep_alive.lock().expect("keep_alive lock") {
-                KeepAlive::For(d) => Some(Instant::now() + d),
-                KeepAlive::Forever => None,
-            };
-            *self.expires.lock().expect("expires lock") = expires;
-        }
+    }
+
+    /// It unloads its keep-alive from now, unless used again.
+    fn start_clock(&self) {
+        let expires = match *self.keep_alive.lock().expect("keep_alive lock") {
+            KeepAlive::For(d) => Some(Instant::now() + d),
+            KeepAlive::Forever => None,
+        };
+        *self.expires.lock().expect("expires lock") = expires;
     }
 }
 
@@ -262,20 +269,14 @@ struct Running(Arc<Worker>);
 impl Running {
     fn new(worker: &Arc<Worker>, keep_alive: Option<KeepAlive>) -> Self {
         worker.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        if let Some(k) = keep_alive {
-            *worker.keep_alive.lock().expect("keep_alive lock") = k;
-        }
+        worker.set_keep_alive(keep_alive);
         Self(worker.clone())
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let expires = match *self.0.keep_alive.lock().expect("keep_alive lock") {
-            KeepAlive::For(d) => Some(Instant::now() + d),
-            KeepAlive::Forever => None,
-        };
-        *self.0.expires.lock().expect("expires lock") = expires;
+        self.0.start_clock();
         self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
