@@ -243,8 +243,8 @@ impl Fuzz {
         };
         // What the service does next with a checked request: the prompt
         // through the chat template.
-        if let (sollol::head::chat::Prompt::Chat(messages), Some(t)) = (&gen.prompt, &self.template) {
-            let _ = t.render(messages, true);
+        if let (sollol::head::chat::Prompt::Chat { messages, tools }, Some(t)) = (&gen.prompt, &self.template) {
+            let _ = t.render(messages, tools, true);
         }
         true
     }
@@ -590,16 +590,24 @@ fn tensor_input(rng: &mut StdRng) -> bool {
 
 /// A valid body of one of the four generation endpoints.
 fn http_seed(rng: &mut StdRng) -> (u8, Value) {
+    static TOOL: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| {
+        json!({"type": "function", "function": {"name": "f", "description": "adds one",
+            "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}})
+    });
     let which = rng.random_range(0..4);
     let body = match which {
         0 => json!({"model": "smollm2", "prompt": "Why is the sky blue?", "system": "Be brief.", "raw": false, "stream": false,
             "options": {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "num_predict": 16, "num_ctx": 512, "seed": 3, "stop": ["\n"]},
             "context": [1, 2, 3]}),
-        1 => json!({"model": "smollm2", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-            "options": {"repeat_penalty": 1.1, "repeat_last_n": 64, "min_p": 0.05}, "stream": true}),
+        1 => json!({"model": "smollm2", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]},
+            {"role": "tool", "content": "2", "tool_name": "f"}],
+            "options": {"repeat_penalty": 1.1, "repeat_last_n": 64, "min_p": 0.05}, "stream": true, "tools": [TOOL.clone()]}),
         2 => json!({"model": "smollm2", "messages": [{"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 16, "temperature": 1.0, "top_p": 1.0,
-            "stop": ["a", "b"], "n": 1, "seed": 7, "stream": false}),
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "abc", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
+            {"role": "tool", "content": "2", "tool_call_id": "abc"}], "max_tokens": 16, "temperature": 1.0, "top_p": 1.0,
+            "stop": ["a", "b"], "n": 1, "seed": 7, "stream": false, "tools": [TOOL.clone()], "tool_choice": "required"}),
         _ => json!({"model": "smollm2", "prompt": ["Once upon a time"], "max_completion_tokens": 8, "stream": true}),
     };
     (which, body)

@@ -172,6 +172,82 @@ def openai_structured_outputs():
         assert content.startswith("{") and r.choices[0].finish_reason == "length", r
 
 
+def get_weather(city: str) -> str:
+    """Get the current weather in a city.
+
+    Args:
+      city: The city's name
+    """
+    return {"Oslo": "4 degrees, rain", "Rome": "25 degrees, sunny", "Lima": "18 degrees, cloudy", "Paris": "12 degrees, windy"}[city]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city's name"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}}, "required": ["zone"]}}}
+
+
+def weather_history(with_ids):
+    """Three earlier turns that each called the tool: the pattern a 135M
+    model follows when asked about a fourth city, choosing the call itself."""
+    msgs = []
+    for i, city in enumerate(["Oslo", "Rome", "Lima"]):
+        call = {"function": {"name": "get_weather", "arguments": {"city": city}}}
+        reply = {"role": "tool", "content": get_weather(city), "tool_name": "get_weather"}
+        if with_ids:
+            call = {"id": f"call{i}abcd", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+            reply = {"role": "tool", "content": get_weather(city), "tool_call_id": f"call{i}abcd"}
+        msgs += [{"role": "user", "content": f"What is the weather in {city}?"}, {"role": "assistant", "content": "", "tool_calls": [call]}, reply,
+                 {"role": "assistant", "content": f"It is {get_weather(city)} in {city}."}]
+    return msgs + [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def ollama_tools():
+    # The model decides (Ollama has no tool_choice); the client sends the
+    # Python function's own signature as the tool.
+    msgs = weather_history(False)
+    r = o.chat(model=MODEL, messages=msgs, tools=[get_weather], options={"temperature": 0, "num_predict": 40})
+    calls = r.message.tool_calls
+    assert calls and calls[0].function.name == "get_weather" and calls[0].function.arguments == {"city": "Paris"}, r.message
+    assert r.message.content == "", r.message
+    streamed = [p for p in o.chat(model=MODEL, messages=msgs, tools=[get_weather], stream=True, options={"temperature": 0, "num_predict": 40})]
+    assert [c.function.arguments for p in streamed for c in (p.message.tool_calls or [])] == [{"city": "Paris"}], streamed
+    assert "".join(p.message.content for p in streamed) == "", "a call's text is not streamed as content"
+    # The round trip: the call and the tool's answer go back, the model uses it.
+    msgs += [r.message, {"role": "tool", "content": get_weather("Paris"), "tool_name": "get_weather"}]
+    answer = o.chat(model=MODEL, messages=msgs, tools=[get_weather], options={"temperature": 0, "num_predict": 40})
+    assert not answer.message.tool_calls and "12 degrees" in answer.message.content, answer.message
+
+
+def openai_tools():
+    # Required: decoding is constrained to one call, valid for its schema, whatever the question.
+    for seed in range(3):
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there!"}], tools=[WEATHER, TIME],
+                                      tool_choice="required", temperature=1.0, seed=seed, max_tokens=60)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
+        call = choice.message.tool_calls[0]
+        tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    # A named function, streamed: the call arrives as a delta.
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What time is it in Berlin?"}], tools=[WEATHER, TIME],
+                                            tool_choice={"type": "function", "function": {"name": "get_time"}}, stream=True, max_tokens=60))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["get_time"] and chunks[-1].choices[0].finish_reason == "tool_calls", chunks
+    assert json.loads(deltas[0].function.arguments)["zone"] in ("UTC", "CET", "PST")
+    # Auto: the model chooses to call; then the round trip with tool_call_id.
+    msgs = weather_history(True)
+    r = c.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], temperature=0, max_tokens=40)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and json.loads(call.function.arguments) == {"city": "Paris"}, r
+    msgs += [r.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": get_weather("Paris")}]
+    answer = c.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], temperature=0, max_tokens=40)
+    assert answer.choices[0].finish_reason == "stop" and "12 degrees" in answer.choices[0].message.content, answer
+    # "none": no call, even where the model would make one.
+    r = c.chat.completions.create(model=MODEL, messages=weather_history(True), tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=40)
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls", r
+
+
 def cosine(a, b):
     return sum(x * y for x, y in zip(a, b)) / ((sum(x * x for x in a) ** 0.5) * (sum(y * y for y in b) ** 0.5))
 

@@ -49,7 +49,7 @@ fn smollm2_known_ids_specials_and_digit_splitting() {
 #[test]
 fn smollm2_chat_template_renders_chatml() {
     let tok = smollm2();
-    let text = tok.chat_template().unwrap().render(&[sollol::head::chat::Message::new("user", "What is 2+2?")], true).unwrap();
+    let text = tok.chat_template().unwrap().render(&[sollol::head::chat::Message::new("user", "What is 2+2?")], &[], true).unwrap();
     assert!(text.starts_with("<|im_start|>system\n"), "{text}");
     assert!(text.ends_with("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"), "{text}");
 }
@@ -129,7 +129,7 @@ fn gemma3_tokenizes_like_sentencepiece_and_renders_its_chat_turns() {
         assert_eq!(tok.decode(&ids).unwrap(), text, "round trip of {text:?} via {ids:?}");
     }
     let chat = tok.chat_template().expect("gemma3's built-in template");
-    let prompt = chat.render(&[sollol::head::chat::Message::new("user", "Hi")], true).unwrap();
+    let prompt = chat.render(&[sollol::head::chat::Message::new("user", "Hi")], &[], true).unwrap();
     assert_eq!(prompt, "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n");
     let ids = tok.encode(&prompt).unwrap();
     eprintln!("{ids:?}");
@@ -138,4 +138,91 @@ fn gemma3_tokenizes_like_sentencepiece_and_renders_its_chat_turns() {
     assert_eq!(ids.iter().filter(|&&i| i == start).count(), 2, "<start_of_turn> is one token: {ids:?}");
     assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1, "one BOS: {ids:?}");
     assert!(tok.is_eos(end), "a turn ends generation");
+}
+
+/// A tool conversation through three families' own templates renders as HF
+/// transformers renders it (`tests/render_templates.py` wrote the expected
+/// text with jinja2), and each template names the dialect its model writes.
+#[test]
+fn tool_conversations_render_as_hf_renders_them() {
+    use serde_json::json;
+    use sollol::head::chat::{ChatTemplate, Message};
+    use sollol::head::tools::{Dialect, Tool, ToolCall};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/templates");
+    let tool = Tool::parse(&json!({"type": "function", "function": {"name": "get_weather", "description": "Weather in a city, now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city's name"}}, "required": ["city"]}}}))
+    .unwrap();
+    let mut call = Message::new("assistant", "");
+    call.tool_calls = vec![ToolCall { id: "abcDEF123".into(), name: "get_weather".into(), arguments: json!({"city": "Paris"}) }];
+    let mut answer = Message::new("tool", "12 degrees");
+    answer.tool_call_id = Some("abcDEF123".into());
+    answer.name = Some("get_weather".into());
+    let messages = vec![
+        Message::new("system", "You are terse."),
+        Message::new("user", "Weather in Paris?"),
+        call,
+        answer,
+        Message::new("assistant", "It is 12 degrees."),
+        Message::new("user", "And in Oslo?"),
+    ];
+    for (name, bos, eos, dialect) in [
+        ("qwen2.5", "", "<|im_end|>", Dialect::Tagged),
+        ("llama3.1", "<|begin_of_text|>", "<|eot_id|>", Dialect::Llama3),
+        ("mistral-nemo", "<s>", "</s>", Dialect::Mistral),
+    ] {
+        let source = std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap();
+        let expected = std::fs::read_to_string(dir.join(format!("{name}.expected"))).unwrap();
+        let template = ChatTemplate::new(&source, bos, eos).unwrap();
+        assert_eq!(template.render(&messages, std::slice::from_ref(&tool), true).unwrap(), expected, "{name}");
+        assert_eq!(template.dialect(), dialect, "{name}");
+    }
+}
+
+/// A required call's grammar, in each dialect, over SmolLM2's vocabulary:
+/// the call the dialect writes passes token by token and completes the
+/// grammar; a call to a function not offered, or with an argument the
+/// schema lacks, is refused at the token that goes wrong.
+#[test]
+fn required_tool_calls_are_constrained_to_the_functions_schemas() {
+    use serde_json::json;
+    use sollol::head::tools::{call_grammar, Dialect, Tool, ToolChoice};
+    let tok = smollm2();
+    let grammars = tok.grammars().unwrap();
+    let tools = [
+        Tool::parse(&json!({"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}))
+        .unwrap(),
+        Tool::parse(&json!({"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}))
+        .unwrap(),
+    ];
+    // Whether every token of `text` is allowed in turn; and whether the grammar then is complete.
+    let run = |format: &sollol::head::constraint::Format, text: &str| -> (bool, bool) {
+        let mut c = grammars.constraint(format).unwrap();
+        for id in tok.encode(text).unwrap() {
+            let allowed = c.allowed().unwrap();
+            if allowed[id as usize / 32] & (1 << (id % 32)) == 0 {
+                return (false, false);
+            }
+            c.commit(id).unwrap();
+        }
+        (true, c.is_done())
+    };
+    let cases = [
+        (Dialect::Tagged, "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}\n</tool_call>"),
+        (Dialect::Llama3, "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}"),
+        (Dialect::Mistral, "[{\"name\": \"get_time\", \"arguments\": {\"zone\": \"UTC\"}}]"),
+    ];
+    for (dialect, good) in cases {
+        let any = call_grammar(dialect, &tools, &ToolChoice::Required).unwrap();
+        assert_eq!(run(&any, good), (true, true), "{dialect:?}: {good}");
+        let other = good.replace("get_time", "get_date").replace("get_weather", "get_date");
+        assert!(!run(&any, &other).0, "{dialect:?}: an unknown function");
+        let extra = good.replace("}}", ", \"units\": \"C\"}}");
+        assert!(!run(&any, &extra).0, "{dialect:?}: an argument not in the schema");
+    }
+    // A named function admits that function only.
+    let named = call_grammar(Dialect::Tagged, &tools, &ToolChoice::Function("get_weather".into())).unwrap();
+    assert!(!run(&named, cases[0].1).0);
+    assert!(call_grammar(Dialect::Tagged, &tools, &ToolChoice::Auto).is_none());
 }

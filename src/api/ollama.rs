@@ -15,6 +15,7 @@ use super::service::{collect, event_body, Event, Finished, GenRequest, KeepAlive
 use super::{parse_json, priority};
 use crate::head::chat::{Message, Prompt};
 use crate::head::constraint::Format;
+use crate::head::tools::{self, ToolCall, ToolChoice};
 use crate::model::sampling::SamplingParams;
 
 /// Ollama's `options`; unknown keys are ignored, as Ollama does.
@@ -69,6 +70,8 @@ pub struct ChatBody {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    /// Functions the model may call.
+    pub tools: Option<Value>,
 }
 
 /// Sampling from Ollama options, with Ollama's defaults; absurd values are refused.
@@ -164,12 +167,11 @@ async fn respond(
     match collect(rx).await {
         Ok((text, f)) => {
             let mut v = line(None, Some(&f));
-            let body = line(Some(&text), None);
             // The full text where the streamed lines carry pieces.
-            for k in ["response", "message"] {
-                if let Some(x) = body.get(k) {
-                    v[k] = x.clone();
-                }
+            if v.get("response").is_some() {
+                v["response"] = json!(text);
+            } else {
+                v["message"]["content"] = json!(text);
             }
             Json(v).into_response()
         }
@@ -203,7 +205,7 @@ pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiErro
     } else {
         let mut m: Vec<Message> = req.system.iter().map(|s| Message::new("system", s)).collect();
         m.push(Message::new("user", &req.prompt));
-        Prompt::Chat(m)
+        Prompt::chat(m)
     };
     let gen = GenRequest {
         model: req.model,
@@ -218,6 +220,7 @@ pub fn generate_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiErro
         logprobs: logprobs(req.logprobs, req.top_logprobs)?,
         keep_alive,
         format,
+        tool_choice: ToolChoice::Auto,
     };
     Ok(Ask::Generate { gen: Box::new(gen), stream: req.stream.unwrap_or(true) })
 }
@@ -236,9 +239,11 @@ pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
             return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
         }
     }
+    // Ollama's API has no `tool_choice`: the model decides.
+    let tools = tools::parse_tools(req.tools.as_ref())?;
     let gen = GenRequest {
         model: req.model,
-        prompt: Prompt::Chat(req.messages),
+        prompt: Prompt::Chat { messages: req.messages, tools },
         context: vec![],
         params,
         max_tokens,
@@ -249,6 +254,7 @@ pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
         logprobs: logprobs(req.logprobs, req.top_logprobs)?,
         keep_alive,
         format,
+        tool_choice: ToolChoice::Auto,
     };
     Ok(Ask::Generate { gen: Box::new(gen), stream: req.stream.unwrap_or(true) })
 }
@@ -261,6 +267,11 @@ fn logprobs(on: bool, top: Option<i64>) -> Result<Option<usize>, ApiError> {
         Some(n) if n > 0 && !on => Err(ApiError::bad_request("top_logprobs needs logprobs: true")),
         top => Ok(on.then(|| top.unwrap_or(0) as usize)),
     }
+}
+
+/// Calls as Ollama writes them: the arguments an object.
+fn tool_calls(calls: &[ToolCall]) -> Value {
+    calls.iter().enumerate().map(|(i, c)| json!({"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments}})).collect()
 }
 
 /// Token log-probabilities as Ollama and OpenAI's chat write them.
@@ -529,6 +540,9 @@ async fn answer(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8], chat: bool
                 if !f.logprobs.is_empty() {
                     v["logprobs"] = logprob_entries(f);
                 }
+                if !f.tool_calls.is_empty() {
+                    v["message"]["tool_calls"] = tool_calls(&f.tool_calls);
+                }
                 merge(v, final_fields(f))
             }
         }
@@ -605,7 +619,8 @@ pub async fn show(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> R
             format!("{arch}.feed_forward_length"): c.intermediate_size,
             format!("{arch}.vocab_size"): c.vocab_size,
         },
-        "capabilities": ["completion"],
+        // Every model takes tools: a template without them gets ours.
+        "capabilities": ["completion", "tools"],
         "_cluster": w.route(),
     }))
     .into_response()

@@ -15,6 +15,7 @@ use super::service::{collect, event_body, Event, Finished, GenRequest, Service};
 use super::{parse_json, priority};
 use crate::head::chat::{Message, Prompt};
 use crate::head::constraint::Format;
+use crate::head::tools::{self, ToolCall, ToolChoice};
 use crate::model::sampling::SamplingParams;
 
 /// `stop` may be a string or a list.
@@ -53,6 +54,9 @@ pub struct ChatBody {
     #[serde(flatten)]
     pub common: CommonParams,
     pub messages: Vec<ChatMessage>,
+    /// Functions the model may call, and whether it must.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
 }
 
 /// Content may be a string or a list of parts; only text parts are supported.
@@ -61,6 +65,12 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Value,
+    /// An assistant turn's calls, fed back.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a tool turn answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,9 +141,26 @@ fn usage(f: &Finished) -> Value {
 
 fn finish_reason(f: &Finished) -> &'static str {
     match f.result.finish {
+        _ if !f.tool_calls.is_empty() => "tool_calls",
         crate::head::generation::FinishReason::Length => "length",
         _ => "stop",
     }
+}
+
+/// Calls as OpenAI writes them: the arguments a string of JSON; `index`
+/// too in a streamed delta.
+fn tool_calls(calls: &[ToolCall], streamed: bool) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}});
+            if streamed {
+                v["index"] = json!(i);
+            }
+            v
+        })
+        .collect()
 }
 
 fn created() -> u64 {
@@ -158,7 +185,8 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
             Kind::Text => "text_completion",
         };
         let first = std::sync::atomic::AtomicBool::new(true);
-        let chunk = move |text: Option<&str>, finish: Option<&str>| -> Value {
+        // A chat chunk's delta carries text or calls.
+        let chunk = move |text: Option<&str>, calls: Option<Value>, finish: Option<&str>| -> Value {
             let choice = match kind {
                 Kind::Chat => {
                     let mut delta = json!({});
@@ -167,6 +195,9 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
                     }
                     if let Some(t) = text {
                         delta["content"] = json!(t);
+                    }
+                    if let Some(c) = calls {
+                        delta["tool_calls"] = c;
                     }
                     json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
                 }
@@ -177,14 +208,21 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
             json!({"id": id, "object": chunk_object, "created": created(), "model": model, "choices": [choice]})
         };
         let body = event_body(rx, move |event| match event {
-            Event::Text(t) => vec![format!("data: {}\n\n", chunk(Some(&t), None))],
+            Event::Text(t) => vec![format!("data: {}\n\n", chunk(Some(&t), None, None))],
             Event::Done(f) => {
-                let mut last = chunk(None, Some(finish_reason(&f)));
+                let mut lines = Vec::new();
+                if !f.tool_calls.is_empty() {
+                    // Each call whole, in one delta: the client's accumulator takes it as is.
+                    lines.push(format!("data: {}\n\n", chunk(None, Some(tool_calls(&f.tool_calls, true)), None)));
+                }
+                let mut last = chunk(None, None, Some(finish_reason(&f)));
                 // The whole answer's log-probabilities ride on the last chunk.
                 last["choices"][0]["logprobs"] = logprobs_value(&f, kind);
                 last["usage"] = usage(&f);
                 last["_cluster"] = json!(f.route);
-                vec![format!("data: {last}\n\n"), "data: [DONE]\n\n".to_string()]
+                lines.push(format!("data: {last}\n\n"));
+                lines.push("data: [DONE]\n\n".to_string());
+                lines
             }
             Event::Failed(e) => vec![format!("data: {}\n\n", e.in_dialect(Dialect::OpenAi).body()), "data: [DONE]\n\n".to_string()],
         });
@@ -197,10 +235,19 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
     match collect(rx).await {
         Ok((text, f)) => {
             let (object, choice) = match kind {
-                Kind::Chat => (
-                    "chat.completion",
-                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs_value(&f, kind), "finish_reason": finish_reason(&f)}),
-                ),
+                Kind::Chat => {
+                    let mut message = json!({"role": "assistant", "content": text});
+                    if !f.tool_calls.is_empty() {
+                        message["tool_calls"] = tool_calls(&f.tool_calls, false);
+                        if text.is_empty() {
+                            message["content"] = Value::Null;
+                        }
+                    }
+                    (
+                        "chat.completion",
+                        json!({"index": 0, "message": message, "logprobs": logprobs_value(&f, kind), "finish_reason": finish_reason(&f)}),
+                    )
+                }
                 Kind::Text => (
                     "text_completion",
                     json!({"index": 0, "text": text, "logprobs": logprobs_value(&f, kind), "finish_reason": finish_reason(&f)}),
@@ -283,7 +330,7 @@ fn response_format(v: &Option<Value>) -> Result<Option<Format>, ApiError> {
     }
 }
 
-fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) -> Result<Ask, ApiError> {
+fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, tool_choice: ToolChoice, kind: Kind) -> Result<Ask, ApiError> {
     let (params, max_tokens, stop) = sampling(&common)?;
     let logprobs = logprobs(&common, kind)?;
     let gen = GenRequest {
@@ -300,6 +347,7 @@ fn ask(headers: &HeaderMap, common: CommonParams, prompt: Prompt, kind: Kind) ->
         logprobs,
         keep_alive: None,
         format: response_format(&common.response_format)?,
+        tool_choice,
     };
     Ok(Ask { gen, stream: common.stream })
 }
@@ -312,14 +360,22 @@ pub fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiError> {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
     let mut messages = Vec::new();
-    for m in &req.messages {
+    for m in req.messages {
         let role = if m.role == "developer" { "system" } else { m.role.as_str() };
         if !["system", "user", "assistant", "tool"].contains(&role) {
             return Err(ApiError::bad_request(format!("unknown message role '{}'", m.role)));
         }
-        messages.push(Message::new(role, &text_of(&m.content)?));
+        let mut message = Message::new(role, &text_of(&m.content)?);
+        message.tool_calls = m.tool_calls.unwrap_or_default();
+        message.tool_call_id = m.tool_call_id;
+        message.name = m.name;
+        messages.push(message);
     }
-    ask(headers, req.common, Prompt::Chat(messages), Kind::Chat)
+    let tools = tools::parse_tools(req.tools.as_ref())?;
+    let choice = ToolChoice::parse(req.tool_choice.as_ref(), &tools)?;
+    // "none": the model is not told of the tools at all.
+    let tools = if choice == ToolChoice::None { Vec::new() } else { tools };
+    ask(headers, req.common, Prompt::Chat { messages, tools }, choice, Kind::Chat)
 }
 
 /// `/v1/completions`' body, checked.
@@ -330,7 +386,7 @@ pub fn completion_request(body: &[u8], headers: &HeaderMap) -> Result<Ask, ApiEr
         Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
         _ => return Err(ApiError::bad_request("prompt must be a string (batches are not supported)")),
     };
-    ask(headers, req.common, Prompt::Raw(prompt), Kind::Text)
+    ask(headers, req.common, Prompt::Raw(prompt), ToolChoice::Auto, Kind::Text)
 }
 
 /// Admits and answers one checked request.

@@ -28,6 +28,7 @@ use crate::head::generation::{generate, GenerateRequest, GenerateResult};
 use crate::head::pipeline::Pipeline;
 use crate::head::queue::Queue;
 use crate::head::tokenizer::Tokenizer;
+use crate::head::tools::{self, ToolCall, ToolChoice, ToolStream};
 use crate::model::catalog::Catalog;
 use crate::model::sampling::SamplingParams;
 use crate::model::{source, Config, ModelFile};
@@ -97,6 +98,8 @@ pub struct GenRequest {
     pub keep_alive: Option<KeepAlive>,
     /// The output must be JSON (of a schema).
     pub format: Option<crate::head::constraint::Format>,
+    /// Whether the model must call one of the prompt's tools.
+    pub tool_choice: ToolChoice,
 }
 
 pub enum Event {
@@ -115,6 +118,8 @@ pub struct Embedded {
 
 pub struct Finished {
     pub result: GenerateResult,
+    /// The calls the model made (its text then holds only the rest).
+    pub tool_calls: Vec<ToolCall>,
     /// Each generated token's log-probabilities with its text, when asked for.
     pub logprobs: Vec<TokenLogprob>,
     pub prompt_ids: Vec<u32>,
@@ -285,6 +290,27 @@ impl Drop for Running {
 /// synthetic), the operator's `--model`, or a file inside `--models-dir`.
 /// Any other path is "unknown", with the same answer whether it exists or
 /// not, so a client learns nothing of the head's files.
+/// What a request's tools ask of a generation: the constraint (one call,
+/// when the choice requires it; a request's own `format` otherwise), and the
+/// dialect to read calls in (None: no tools offered).
+fn tool_use(
+    tokenizer: &Tokenizer,
+    prompt: &Prompt,
+    choice: &ToolChoice,
+    format: Option<crate::head::constraint::Format>,
+) -> Result<(Option<crate::head::constraint::Format>, Option<tools::Dialect>), ApiError> {
+    let tools = match prompt {
+        Prompt::Chat { tools, .. } if !tools.is_empty() => tools,
+        _ => return Ok((format, None)),
+    };
+    let dialect = tokenizer.tool_dialect();
+    match (tools::call_grammar(dialect, tools, choice), format) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request("a required tool call and a response format cannot both shape the output")),
+        (Some(call), None) => Ok((Some(call), Some(dialect))),
+        (None, format) => Ok((format, Some(dialect))),
+    }
+}
+
 fn resolve_for_client(spec: &str, trusted: bool, dirs: &[std::path::PathBuf]) -> crate::Result<source::ResolvedModel> {
     if trusted {
         return source::resolve(spec);
@@ -494,7 +520,8 @@ impl Service {
         let had = self.workers.lock().await.contains_key(&self.canonical(&req.model));
         let worker = self.worker(&req.model).await?;
         let load = if had { Duration::ZERO } else { worker.load_duration };
-        if let Some(format) = &req.format {
+        let (format, calls) = tool_use(&worker.tokenizer, &req.prompt, &req.tool_choice, req.format)?;
+        if let Some(format) = &format {
             // A schema that does not compile is the client's to fix: refuse it
             // now, not inside a stream that has already answered 200.
             worker.tokenizer.grammars()?.constraint(format)?;
@@ -519,7 +546,7 @@ impl Service {
             resume: reused.as_ref().map(|(_, r)| *r),
             keep_session: req.keep,
             logprobs: req.logprobs,
-            format: req.format,
+            format,
         };
         let running = Running::new(&worker, req.keep_alive);
         tokio::task::spawn_blocking(move || {
@@ -528,8 +555,14 @@ impl Service {
             let mut engine = FailoverEngine::over(worker.chain.clone());
             let mut session = reused.as_ref().map_or_else(rand::random::<u64>, |(s, _)| *s);
             let (cancelled, sent_any) = (std::cell::Cell::new(false), std::cell::Cell::new(false));
+            let mut calls = calls.map(ToolStream::new);
             let mut on_text = |piece: &str| {
-                let sent = tx.blocking_send(Event::Text(piece.to_string())).is_ok();
+                // Text that may be a tool call waits for the end to decide.
+                let shown = match calls.as_mut() {
+                    Some(c) => c.push(piece),
+                    None => piece.to_string(),
+                };
+                let sent = if shown.is_empty() { !tx.is_closed() } else { tx.blocking_send(Event::Text(shown)).is_ok() };
                 cancelled.set(cancelled.get() || !sent);
                 sent_any.set(true);
                 sent
@@ -562,6 +595,10 @@ impl Service {
             if cancelled.get() {
                 service.metrics.cancelled();
             }
+            let (held, tool_calls) = calls.map(ToolStream::finish).unwrap_or_default();
+            if !held.is_empty() && result.is_ok() {
+                let _ = tx.blocking_send(Event::Text(held));
+            }
             let event = match result {
                 Ok(result) => {
                     let route = worker.route();
@@ -577,7 +614,15 @@ impl Service {
                     worker.chain.measured(&result.stats.stage_times, result.stats.prompt_tokens + result.stats.generated_tokens);
                     let logprobs =
                         result.tokens.iter().zip(&result.logprobs).map(|(&t, l)| TokenLogprob::of(&worker.tokenizer, t, l)).collect();
-                    Event::Done(Box::new(Finished { result, logprobs, prompt_ids, total: started.elapsed(), load, route: worker.route() }))
+                    Event::Done(Box::new(Finished {
+                        result,
+                        tool_calls,
+                        logprobs,
+                        prompt_ids,
+                        total: started.elapsed(),
+                        load,
+                        route: worker.route(),
+                    }))
                 }
                 Err(e) => Event::Failed(e.into()),
             };

@@ -46,7 +46,7 @@ pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
             continue;
         }
         messages.push(Message::new("user", line));
-        let prompt = tokenizer.encode(&tokenizer.render_chat(&messages)?)?;
+        let prompt = tokenizer.encode(&tokenizer.render_chat(&messages, &[])?)?;
         let mut params = args.sampling.params(0.7);
         params.seed = params.seed.wrapping_add(turn);
         let req = GenerateRequest {

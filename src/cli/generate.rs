@@ -194,7 +194,7 @@ pub fn print_summary(result: &GenerateResult) {
 pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
     let mut opened = args.model.open()?;
     let tokenizer = opened.tokenizer()?;
-    let prompt = if args.chat { Prompt::Chat(vec![Message::new("user", &args.prompt)]) } else { Prompt::Raw(args.prompt.clone()) };
+    let prompt = if args.chat { Prompt::chat(vec![Message::new("user", &args.prompt)]) } else { Prompt::Raw(args.prompt.clone()) };
     let prompt = tokenizer.prompt_ids(&prompt)?;
     let mut running = start_engine(&mut opened, &args.pipeline, threads)?;
     let req = GenerateRequest {

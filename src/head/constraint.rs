@@ -23,6 +23,15 @@ pub enum Format {
     Json,
     /// JSON valid against this schema.
     Schema(Value),
+    /// A grammar in llguidance's Lark dialect (a tool call's shape).
+    Grammar(String),
+}
+
+/// One line, ", " and ": " between items: free whitespace lets a small
+/// model pad its output with newlines until the token limit cuts it
+/// (llama.cpp's JSON grammar bounds whitespace too).
+pub fn compact_json() -> Value {
+    serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
 }
 
 /// The grammar compiler for one tokenizer (built once per model).
@@ -53,19 +62,21 @@ impl Grammars {
         if let Format::Schema(s) = format {
             check_schema(s)?;
         }
-        let mut schema = match format {
-            Format::Json => serde_json::json!({"type": "object"}),
-            Format::Schema(s) => s.clone(),
+        let grammar = match format {
+            Format::Json | Format::Schema(_) => {
+                let mut schema = match format {
+                    Format::Schema(s) => s.clone(),
+                    _ => serde_json::json!({"type": "object"}),
+                };
+                // A schema's own `x-guidance` options win.
+                if let Some(obj) = schema.as_object_mut() {
+                    obj.entry("x-guidance").or_insert_with(compact_json);
+                }
+                TopLevelGrammar::from_json_schema(schema)
+            }
+            Format::Grammar(lark) => TopLevelGrammar::from_lark(lark.clone()),
         };
-        // One line, ", " and ": " between items: free whitespace lets a
-        // small model pad its output with newlines until the token limit
-        // cuts it (llama.cpp's JSON grammar bounds whitespace too). A
-        // schema's own `x-guidance` options win.
-        if let Some(obj) = schema.as_object_mut() {
-            obj.entry("x-guidance")
-                .or_insert_with(|| serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
-        }
-        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(grammar_error)?;
+        let parser = self.factory.create_parser(grammar).map_err(grammar_error)?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(grammar_error(e));
@@ -84,7 +95,7 @@ const MAX_SCHEMA_INTEGER: f64 = 9_007_199_254_740_992.0;
 /// size, and its numbers. (A schema holding -2^63 sent the compiler into a
 /// recursion that overflowed the stack and aborted the process: found by
 /// `examples/fuzz.rs`.)
-fn check_schema(schema: &Value) -> Result<()> {
+pub fn check_schema(schema: &Value) -> Result<()> {
     let mut nodes = 0;
     let mut stack = vec![(schema, 0usize)];
     while let Some((v, depth)) = stack.pop() {

@@ -12,3 +12,4 @@ pub mod generation;
 pub mod pipeline;
 pub mod queue;
 pub mod tokenizer;
+pub mod tools;

@@ -14,6 +14,7 @@ use serde_json::{json, Value as Json};
 
 use super::chat::{ChatTemplate, Message, Prompt, CHATML};
 use super::constraint::Grammars;
+use super::tools::{Dialect, Tool};
 use crate::error::{Error, Result};
 use crate::model::gguf::{value_u64, GgufFile};
 use crate::model::ModelFile;
@@ -294,20 +295,25 @@ impl Tokenizer {
             .map_err(Error::InvalidRequest)
     }
 
-    /// Renders `messages` with the model's chat template (the assistant's
-    /// turn opened), or with ChatML for a model that ships none.
-    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+    /// Renders `messages`, offering `tools`, with the model's chat template
+    /// (the assistant's turn opened), or with ChatML for a model that ships none.
+    pub fn render_chat(&self, messages: &[Message], tools: &[Tool]) -> Result<String> {
         match &self.chat_template {
-            Some(t) => t.render(messages, true),
-            None => ChatTemplate::new(CHATML, "", "")?.render(messages, true),
+            Some(t) => t.render(messages, tools, true),
+            None => ChatTemplate::new(CHATML, "", "")?.render(messages, tools, true),
         }
+    }
+
+    /// How the model writes tool calls (its template's way).
+    pub fn tool_dialect(&self) -> Dialect {
+        self.chat_template.as_ref().map_or(Dialect::Tagged, ChatTemplate::dialect)
     }
 
     /// The token ids of a prompt: raw text as it is, messages through the chat template.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         match prompt {
             Prompt::Raw(text) => self.encode(text),
-            Prompt::Chat(messages) => self.encode(&self.render_chat(messages)?),
+            Prompt::Chat { messages, tools } => self.encode(&self.render_chat(messages, tools)?),
         }
     }
 }
