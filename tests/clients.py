@@ -104,6 +104,11 @@ def ollama_logprobs():
         # Greedy: the chosen token is the most likely, and log-probabilities are <= 0.
         assert lp.logprob <= 0 and len(tops) == 3 and sorted_desc(tops) and lp.logprob == tops[0], lp
     assert "".join(lp.token for lp in r.logprobs) == r.response, r
+    # Streamed: each line carries its own tokens' log-probabilities, the same as above.
+    lines = list(o.generate(model=MODEL, prompt="The capital of France is", raw=True, logprobs=True, top_logprobs=3, stream=True,
+                            options={"temperature": 0, "num_predict": 4}))
+    assert all("".join(lp.token for lp in (p.logprobs or [])) == p.response for p in lines), lines
+    assert [lp.logprob for p in lines for lp in (p.logprobs or [])] == [lp.logprob for lp in r.logprobs], lines
 
 
 def openai_chat_logprobs():
@@ -117,6 +122,11 @@ def openai_chat_logprobs():
         assert t.logprob <= 0 and sorted_desc(tops) and sum(2.718281828 ** x for x in tops) <= 1 + 1e-5, t
         assert t.logprob in tops or t.logprob <= tops[-1], t
     assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2).choices[0].logprobs is None
+    # Streamed, the same seed: every chunk with text carries its tokens', and together they are the answer's.
+    chunks = [ch for ch in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6, temperature=0.8,
+                                                     seed=5, logprobs=True, top_logprobs=4, stream=True) if ch.choices and ch.choices[0].delta.content]
+    assert all(ch.choices[0].logprobs.content for ch in chunks), chunks
+    assert [t.logprob for ch in chunks for t in ch.choices[0].logprobs.content] == [t.logprob for t in content], chunks
 
 
 def openai_completion_logprobs():
@@ -125,6 +135,9 @@ def openai_completion_logprobs():
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens, lp
     assert "".join(lp.tokens) == r.choices[0].text and all(x <= 0 for x in lp.token_logprobs), lp
     assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0, lp
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                                                       logprobs=2, stream=True) if ch.choices and ch.choices[0].logprobs]
+    assert [x for s in streamed for x in s.text_offset] == lp.text_offset and [x for s in streamed for x in s.tokens] == lp.tokens, streamed
 
 
 SCHEMAS = [

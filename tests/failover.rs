@@ -42,7 +42,7 @@ fn run_with_kill(stage: usize, at: usize, with_standby: bool) {
     let mut text = String::new();
     let result = generate(&mut engine, &tokenizer, 77, &common::greedy_request(), &mut |piece| {
         pieces += 1;
-        text.push_str(piece);
+        text.push_str(piece.text);
         if pieces == at {
             nodes[stage].kill();
         }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Dialect};
-use super::service::{collect, event_body, Event, Finished, GenRequest, KeepAlive, Service};
+use super::service::{collect, event_body, Event, Finished, GenRequest, KeepAlive, Service, TokenLogprob};
 use super::{parse_json, priority};
 use crate::head::chat::{Message, Prompt};
 use crate::head::constraint::Format;
@@ -153,8 +153,21 @@ async fn respond(
     if stream {
         let body = event_body(rx, move |event| {
             let value = match event {
-                Event::Text(t) => line(Some(&t), None),
-                Event::Done(f) => line(None, Some(&f)),
+                Event::Text(t, logprobs) => {
+                    let mut v = line(Some(&t), None);
+                    if !logprobs.is_empty() {
+                        v["logprobs"] = logprob_entries(&logprobs);
+                    }
+                    v
+                }
+                Event::Done(f) => {
+                    let mut v = line(None, Some(&f));
+                    // Streamed with the pieces.
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("logprobs");
+                    }
+                    v
+                }
                 Event::Failed(e) => e.in_dialect(Dialect::Ollama).body(),
             };
             vec![format!("{value}\n")]
@@ -275,9 +288,9 @@ fn tool_calls(calls: &[ToolCall]) -> Value {
 }
 
 /// Token log-probabilities as Ollama and OpenAI's chat write them.
-pub fn logprob_entries(f: &Finished) -> Value {
+pub fn logprob_entries(logprobs: &[TokenLogprob]) -> Value {
     let bytes = |t: &str| t.as_bytes().to_vec();
-    f.logprobs
+    logprobs
         .iter()
         .map(|l| {
             let top: Vec<Value> = l.top.iter().map(|(t, lp)| json!({"token": t, "logprob": lp, "bytes": bytes(t)})).collect();
@@ -538,7 +551,7 @@ async fn answer(svc: &Arc<Service>, headers: &HeaderMap, body: &[u8], chat: bool
                     v["context"] = json!(context);
                 }
                 if !f.logprobs.is_empty() {
-                    v["logprobs"] = logprob_entries(f);
+                    v["logprobs"] = logprob_entries(&f.logprobs);
                 }
                 if !f.tool_calls.is_empty() {
                     v["message"]["tool_calls"] = tool_calls(&f.tool_calls);

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Dialect};
-use super::service::{collect, event_body, Event, Finished, GenRequest, Service};
+use super::service::{collect, event_body, Event, Finished, GenRequest, Service, TokenLogprob};
 use super::{parse_json, priority};
 use crate::head::chat::{Message, Prompt};
 use crate::head::constraint::Format;
@@ -207,8 +207,16 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
             };
             json!({"id": id, "object": chunk_object, "created": created(), "model": model, "choices": [choice]})
         };
+        // Where the next piece starts in the whole text (completions' `text_offset`).
+        let offset = std::sync::atomic::AtomicUsize::new(0);
         let body = event_body(rx, move |event| match event {
-            Event::Text(t) => vec![format!("data: {}\n\n", chunk(Some(&t), None, None))],
+            Event::Text(t, logprobs) => {
+                let mut c = chunk(Some(&t), None, None);
+                // Each piece's tokens' log-probabilities ride with it.
+                let at = offset.fetch_add(logprobs.iter().map(|l| l.token.len()).sum(), std::sync::atomic::Ordering::Relaxed);
+                c["choices"][0]["logprobs"] = logprobs_value(&logprobs, kind, at);
+                vec![format!("data: {c}\n\n")]
+            }
             Event::Done(f) => {
                 let mut lines = Vec::new();
                 if !f.tool_calls.is_empty() {
@@ -216,8 +224,6 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
                     lines.push(format!("data: {}\n\n", chunk(None, Some(tool_calls(&f.tool_calls, true)), None)));
                 }
                 let mut last = chunk(None, None, Some(finish_reason(&f)));
-                // The whole answer's log-probabilities ride on the last chunk.
-                last["choices"][0]["logprobs"] = logprobs_value(&f, kind);
                 last["usage"] = usage(&f);
                 last["_cluster"] = json!(f.route);
                 lines.push(format!("data: {last}\n\n"));
@@ -245,12 +251,12 @@ async fn respond(rx: tokio::sync::mpsc::Receiver<Event>, stream: bool, model: St
                     }
                     (
                         "chat.completion",
-                        json!({"index": 0, "message": message, "logprobs": logprobs_value(&f, kind), "finish_reason": finish_reason(&f)}),
+                        json!({"index": 0, "message": message, "logprobs": logprobs_value(&f.logprobs, kind, 0), "finish_reason": finish_reason(&f)}),
                     )
                 }
                 Kind::Text => (
                     "text_completion",
-                    json!({"index": 0, "text": text, "logprobs": logprobs_value(&f, kind), "finish_reason": finish_reason(&f)}),
+                    json!({"index": 0, "text": text, "logprobs": logprobs_value(&f.logprobs, kind, 0), "finish_reason": finish_reason(&f)}),
                 ),
             };
             Json(json!({"id": id, "object": object, "created": created(), "model": model, "choices": [choice], "usage": usage(&f), "_cluster": f.route}))
@@ -287,17 +293,16 @@ fn logprobs(c: &CommonParams, kind: Kind) -> Result<Option<usize>, ApiError> {
     }
 }
 
-/// The `logprobs` of a finished choice, in the kind's shape; null when none were asked for.
-fn logprobs_value(f: &Finished, kind: Kind) -> Value {
-    if f.logprobs.is_empty() {
+/// Tokens' `logprobs` in the kind's shape, the first token's text at
+/// `offset` in the whole text; null when none were asked for.
+fn logprobs_value(logprobs: &[TokenLogprob], kind: Kind, mut offset: usize) -> Value {
+    if logprobs.is_empty() {
         return Value::Null;
     }
     match kind {
-        Kind::Chat => json!({"content": super::ollama::logprob_entries(f)}),
+        Kind::Chat => json!({"content": super::ollama::logprob_entries(logprobs)}),
         Kind::Text => {
-            let mut offset = 0;
-            let offsets: Vec<usize> = f
-                .logprobs
+            let offsets: Vec<usize> = logprobs
                 .iter()
                 .map(|l| {
                     let at = offset;
@@ -305,10 +310,10 @@ fn logprobs_value(f: &Finished, kind: Kind) -> Value {
                     at
                 })
                 .collect();
-            let top: Vec<Value> = f.logprobs.iter().map(|l| l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect()).collect();
+            let top: Vec<Value> = logprobs.iter().map(|l| l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect()).collect();
             json!({
-                "tokens": f.logprobs.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
-                "token_logprobs": f.logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "tokens": logprobs.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+                "token_logprobs": logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
                 "top_logprobs": top,
                 "text_offset": offsets,
             })

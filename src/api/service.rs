@@ -24,7 +24,7 @@ use crate::head::chat::Prompt;
 use crate::head::client::NodeClient;
 use crate::head::conversations::{Conversation, Conversations};
 use crate::head::engine::Engine;
-use crate::head::generation::{generate, GenerateRequest, GenerateResult};
+use crate::head::generation::{generate, GenerateRequest, GenerateResult, Piece};
 use crate::head::pipeline::Pipeline;
 use crate::head::queue::Queue;
 use crate::head::tokenizer::Tokenizer;
@@ -103,7 +103,8 @@ pub struct GenRequest {
 }
 
 pub enum Event {
-    Text(String),
+    /// A piece of the answer, and the log-probabilities of its tokens (when asked for).
+    Text(String, Vec<TokenLogprob>),
     Done(Box<Finished>),
     Failed(ApiError),
 }
@@ -149,7 +150,7 @@ pub async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<(String, Box<Finis
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text(t, _) => text.push_str(&t),
             Event::Done(f) => return Ok((text, f)),
             Event::Failed(e) => return Err(e),
         }
@@ -168,7 +169,7 @@ pub fn event_body(rx: mpsc::Receiver<Event>, render: impl Fn(Event) -> Vec<Strin
                 return None;
             }
             let event = rx.recv().await?;
-            let last = !matches!(event, Event::Text(_));
+            let last = !matches!(event, Event::Text(..));
             Some((Ok::<_, std::convert::Infallible>(render(event).concat()), (rx, last)))
         }
     });
@@ -556,13 +557,20 @@ impl Service {
             let mut session = reused.as_ref().map_or_else(rand::random::<u64>, |(s, _)| *s);
             let (cancelled, sent_any) = (std::cell::Cell::new(false), std::cell::Cell::new(false));
             let mut calls = calls.map(ToolStream::new);
-            let mut on_text = |piece: &str| {
+            // Log-probabilities of tokens whose text is held back go with the next piece shown.
+            let mut pending: Vec<TokenLogprob> = Vec::new();
+            let mut on_text = |piece: Piece<'_>| {
                 // Text that may be a tool call waits for the end to decide.
                 let shown = match calls.as_mut() {
-                    Some(c) => c.push(piece),
-                    None => piece.to_string(),
+                    Some(c) => c.push(piece.text),
+                    None => piece.text.to_string(),
                 };
-                let sent = if shown.is_empty() { !tx.is_closed() } else { tx.blocking_send(Event::Text(shown)).is_ok() };
+                pending.extend(piece.tokens.iter().zip(piece.logprobs).map(|(&t, l)| TokenLogprob::of(&worker.tokenizer, t, l)));
+                let sent = if shown.is_empty() {
+                    !tx.is_closed()
+                } else {
+                    tx.blocking_send(Event::Text(shown, std::mem::take(&mut pending))).is_ok()
+                };
                 cancelled.set(cancelled.get() || !sent);
                 sent_any.set(true);
                 sent
@@ -597,7 +605,7 @@ impl Service {
             }
             let (held, tool_calls) = calls.map(ToolStream::finish).unwrap_or_default();
             if !held.is_empty() && result.is_ok() {
-                let _ = tx.blocking_send(Event::Text(held));
+                let _ = tx.blocking_send(Event::Text(held, pending));
             }
             let event = match result {
                 Ok(result) => {

@@ -62,7 +62,7 @@ pub fn run(args: ChatArgs, threads: usize) -> Result<()> {
         };
         let mut stdout = std::io::stdout().lock();
         let result = generate(running.engine.as_mut(), &tokenizer, rand::random(), &req, &mut |piece| {
-            stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
+            stdout.write_all(piece.text.as_bytes()).and_then(|_| stdout.flush()).is_ok()
         });
         let _ = writeln!(stdout);
         match result {

@@ -219,7 +219,7 @@ pub fn run(args: GenerateArgs, threads: usize) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let result = generate(running.engine.as_mut(), &tokenizer, session, &req, &mut |piece| {
         // A closed pipe (`| head`) cancels the generation instead of failing it.
-        stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok()
+        stdout.write_all(piece.text.as_bytes()).and_then(|_| stdout.flush()).is_ok()
     })?;
     let _ = writeln!(stdout);
     print_summary(&result);

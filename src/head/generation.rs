@@ -217,6 +217,15 @@ impl StopMatcher {
     }
 }
 
+/// A piece of streamed text and the tokens generated since the previous
+/// piece, with their log-probabilities when they were asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece<'a> {
+    pub text: &'a str,
+    pub tokens: &'a [u32],
+    pub logprobs: &'a [Logprobs],
+}
+
 /// Runs one request. `on_text` receives each new piece of text and returns
 /// false to cancel. The session is closed on every path out.
 pub fn generate(
@@ -224,7 +233,7 @@ pub fn generate(
     tokenizer: &Tokenizer,
     session: u64,
     req: &GenerateRequest,
-    on_text: &mut dyn FnMut(&str) -> bool,
+    on_text: &mut dyn FnMut(Piece<'_>) -> bool,
 ) -> Result<GenerateResult> {
     req.params.validate()?;
     if req.prompt.is_empty() {
@@ -270,7 +279,7 @@ fn run(
     req: &GenerateRequest,
     capacity: usize,
     skip: usize,
-    on_text: &mut dyn FnMut(&str) -> bool,
+    on_text: &mut dyn FnMut(Piece<'_>) -> bool,
 ) -> Result<GenerateResult> {
     let mut stats = Stats { prompt_tokens: req.prompt.len() - skip, cached_tokens: skip, ..Default::default() };
     let mut history = req.prompt.clone();
@@ -324,6 +333,13 @@ fn run(
     let mut token = next.ok_or_else(|| Error::InvalidRequest("the engine returned no token".into()))?;
     let decode_start = Instant::now();
     let mut fed_generated = 0;
+    // Tokens already handed out with a piece.
+    let mut shown = 0;
+    let mut piece = |text: &str, generated: &[u32], logprobs: &[Logprobs], shown: &mut usize| {
+        let p = Piece { text, tokens: &generated[*shown..], logprobs: logprobs.get(*shown..).unwrap_or_default() };
+        *shown = generated.len();
+        on_text(p)
+    };
     let finish = loop {
         if tokenizer.is_eos(token) {
             break FinishReason::Stop;
@@ -337,8 +353,8 @@ fn run(
         }
         logprobs.extend(next_logprobs.take());
         let mut stopped = false;
-        let piece = stream.next(tokenizer, &generated)?;
-        let emit = match stops.push(&piece) {
+        let text_piece = stream.next(tokenizer, &generated)?;
+        let emit = match stops.push(&text_piece) {
             StopOutcome::Emit(s) => s,
             StopOutcome::Stopped(s) => {
                 stopped = true;
@@ -347,7 +363,7 @@ fn run(
         };
         if !emit.is_empty() {
             text.push_str(&emit);
-            if !on_text(&emit) {
+            if !piece(&emit, &generated, &logprobs, &mut shown) {
                 break FinishReason::Cancelled;
             }
         }
@@ -381,7 +397,7 @@ fn run(
         let rest = stops.flush();
         if !rest.is_empty() {
             text.push_str(&rest);
-            on_text(&rest);
+            piece(&rest, &generated, &logprobs, &mut shown);
         }
     }
     stats.generated_tokens = generated.len();
