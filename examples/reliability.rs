@@ -176,12 +176,9 @@ fn soak(minutes: u64) {
     };
     std::thread::spawn(move || for _ in lines {});
     let body = r#"{"model":"smollm2","prompt":"Tell me about the sea.","options":{"num_predict":32}}"#;
-    let warm = sollol::api::http_client::post(
-        &addr,
-        "/api/generate",
-        r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":2}}"#,
-    );
-    assert_eq!(warm.status, 200, "{}", warm.body);
+    let warm = ureq::post(&format!("http://{addr}/api/generate"))
+        .send_string(r#"{"model":"smollm2","prompt":"Hi","stream":false,"options":{"num_predict":2}}"#);
+    assert!(warm.is_ok(), "{warm:?}");
     let nodes: Vec<u32> = children_of(serve.id());
     let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // completed, refused, lost, tokens
     let deadline = Instant::now() + Duration::from_secs(minutes * 60);
@@ -268,21 +265,12 @@ enum Outcome {
 /// One streamed request: done (its final line arrived), refused with
 /// 429/503, or lost (anything else: an error mid-stream, a cut stream).
 fn stream_one(addr: &str, body: &str) -> Outcome {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return Outcome::Lost("connect".into()) };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(600)));
-    sollol::api::http_client::send_head(&mut s, addr, "POST", "/api/generate", Some(body), &[]);
-    let mut reader = BufReader::new(s);
-    let mut status = String::new();
-    if reader.read_line(&mut status).is_err() {
-        return Outcome::Lost("no status line".into());
-    }
-    if status.contains(" 503 ") || status.contains(" 429 ") {
-        return Outcome::Refused;
-    }
-    if !status.contains(" 200 ") {
-        return Outcome::Lost(status.trim().to_string());
-    }
-    for line in reader.lines().map_while(Result::ok) {
+    let reply = match ureq::post(&format!("http://{addr}/api/generate")).timeout(Duration::from_secs(600)).send_string(body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(503 | 429, _)) => return Outcome::Refused,
+        Err(e) => return Outcome::Lost(e.to_string()),
+    };
+    for line in BufReader::new(reply.into_reader()).lines().map_while(Result::ok) {
         if line.contains("\"error\"") {
             return Outcome::Lost(line);
         }

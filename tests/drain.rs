@@ -105,7 +105,6 @@ fn last_stage_drained_mid_generation_without_recompute() {
 /// an undisturbed request.
 #[test]
 fn cluster_drain_moves_a_live_served_session() {
-    use std::io::{BufRead, BufReader};
     let _turn = turn();
     common::smollm2();
     let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
@@ -129,12 +128,10 @@ fn cluster_drain_moves_a_live_served_session() {
     let reference = common::http::post(&serve.addr, "/api/generate", body).json();
     let on = reference["_cluster"]["nodes"][0]["name"].as_str().unwrap().to_string();
 
-    let mut stream = std::net::TcpStream::connect(&serve.addr).unwrap();
     let streaming = body.replace(r#""stream":false"#, r#""stream":true"#);
-    sollol::api::http_client::send_head(&mut stream, &serve.addr, "POST", "/api/generate", Some(&streaming), &[]);
     let mut text = String::new();
     let mut drained = None;
-    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+    for line in common::http::stream(&serve.addr, "/api/generate", &streaming) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };

@@ -208,7 +208,6 @@ fn chaos_ten_kills_in_ten_generations() {
 /// serving on the rebuilt chain.
 #[test]
 fn a_served_stream_survives_a_killed_node() {
-    use std::io::{BufRead, BufReader};
     common::smollm2();
     let serve = common::ServeProc::spawn(&["--local-nodes", "3", "--wire", "f32", "--rebalance-threshold", "0"]);
     let body = r#"{"model":"smollm2","prompt":"Once upon a time, in a small village by the sea, there lived","raw":true,"stream":false,"options":{"temperature":0,"num_predict":64}}"#;
@@ -218,11 +217,9 @@ fn a_served_stream_survives_a_killed_node() {
     let nodes: Vec<String> = String::from_utf8_lossy(&children.stdout).lines().map(str::to_string).collect();
     assert_eq!(nodes.len(), 3, "three local node processes");
 
-    let mut stream = std::net::TcpStream::connect(&serve.addr).unwrap();
     let streaming = body.replace(r#""stream":false"#, r#""stream":true"#);
-    sollol::api::http_client::send_head(&mut stream, &serve.addr, "POST", "/api/generate", Some(&streaming), &[]);
     let (mut text, mut lines, mut done) = (String::new(), 0, serde_json::Value::Null);
-    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+    for line in common::http::stream(&serve.addr, "/api/generate", &streaming) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };

@@ -7,7 +7,6 @@
 pub mod admin;
 pub mod dashboard;
 pub mod error;
-pub mod http_client;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;

@@ -548,15 +548,19 @@ fn load_report(args: &BenchArgs) -> Result<()> {
 /// server at several numbers of concurrent clients (streaming /api/generate).
 pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: usize, json: bool) -> Result<()> {
     use std::io::{BufRead, BufReader};
-    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let base = format!("http://{}", url.trim_start_matches("http://").trim_end_matches('/'));
+    let generate = format!("{base}/api/generate");
     let body = format!(
         r#"{{"model":"{model}","prompt":"The capital of France is","raw":true,"options":{{"temperature":0,"num_predict":{tokens}}}}}"#
     );
     // Warm up: load the model.
-    sollol::api::http_client::post(&addr, "/api/generate", &body.replace(r#""raw":true"#, r#""raw":true,"stream":false"#));
+    ureq::post(&generate)
+        .send_string(&body.replace(r#""raw":true"#, r#""raw":true,"stream":false"#))
+        .with_context(|| format!("the server at {base} did not load {model}"))?;
     // Node counters (compute time, positions, batches) from the server's status.
     let counters = || -> Vec<(f64, u64, u64)> {
-        let v = sollol::api::http_client::try_request(&addr, "GET", "/api/sollol/status", None, &[]).map(|r| r.json()).unwrap_or_default();
+        let v: serde_json::Value =
+            ureq::get(&format!("{base}/api/sollol/status")).call().ok().and_then(|r| r.into_json().ok()).unwrap_or_default();
         v["nodes"]
             .as_array()
             .map(|nodes| {
@@ -576,16 +580,19 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
         let start = Instant::now();
         let handles: Vec<_> = (0..c)
             .map(|_| {
-                let (addr, body) = (addr.clone(), body.clone());
+                let (generate, body) = (generate.clone(), body.clone());
                 std::thread::spawn(move || {
                     let mut ttfts = Vec::new();
                     for _ in 0..per_client {
                         let t = Instant::now();
-                        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
-                        sollol::api::http_client::send_head(&mut s, &addr, "POST", "/api/generate", Some(&body), &[]);
                         let mut first = None;
                         let mut generated = 0;
-                        for line in BufReader::new(s).lines().map_while(|l| l.ok()) {
+                        // A refused or failed request counts with no tokens.
+                        let Ok(reply) = ureq::post(&generate).send_string(&body) else {
+                            ttfts.push((t.elapsed(), 0));
+                            continue;
+                        };
+                        for line in BufReader::new(reply.into_reader()).lines().map_while(|l| l.ok()) {
                             if first.is_none() && line.contains("\"done\":false") {
                                 first = Some(t.elapsed());
                             }

@@ -120,14 +120,16 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
         }
         ClusterCommand::Drain { node, to, head } => {
             let head = head.trim_start_matches("http://").trim_end_matches('/').to_string();
-            let body = serde_json::json!({ "node": node, "to": to }).to_string();
-            let reply = sollol::api::http_client::try_request(&head, "POST", "/api/sollol/drain", Some(&body), &[])
-                .with_context(|| format!("cannot reach the head at {head} (--head)"))?;
-            let v = reply.json();
-            if reply.status != 200 {
-                let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("the head answered {}", reply.status));
-                anyhow::bail!("drain {node}: {msg}");
-            }
+            let v: serde_json::Value =
+                match ureq::post(&format!("http://{head}/api/sollol/drain")).send_json(serde_json::json!({ "node": node, "to": to })) {
+                    Ok(reply) => reply.into_json().context("the head's answer to a drain")?,
+                    Err(ureq::Error::Status(status, reply)) => {
+                        let v: serde_json::Value = reply.into_json().unwrap_or_default();
+                        let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("the head answered {status}"));
+                        anyhow::bail!("drain {node}: {msg}");
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("cannot reach the head at {head} (--head)")),
+                };
             for m in v["moved"].as_array().into_iter().flatten() {
                 println!(
                     "{} stage {}: {} -> {} ({}), {} live sessions moved with {} of KV state, steps paused {:.1} ms",

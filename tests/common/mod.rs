@@ -71,8 +71,66 @@ impl Drop for NodeProc {
     }
 }
 
-#[allow(unused_imports)]
-pub use sollol::api::http_client as http;
+/// HTTP for the tests, on ureq: every reply is a `Reply`, whatever its status.
+#[allow(dead_code)]
+pub mod http {
+    use std::io::{BufRead, Read};
+
+    pub struct Reply {
+        pub status: u16,
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    impl Reply {
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        }
+
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        }
+    }
+
+    fn send(addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> ureq::Response {
+        let mut req = ureq::request(method, &format!("http://{addr}{path}")).set("content-type", "application/json");
+        for (k, v) in extra {
+            req = req.set(k, v);
+        }
+        let sent = match body {
+            Some(b) => req.send_string(b),
+            None => req.call(),
+        };
+        match sent {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    }
+
+    /// Sends a request and reads the whole reply.
+    pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>, extra: &[(&str, &str)]) -> Reply {
+        let r = send(addr, method, path, body, extra);
+        let headers =
+            r.headers_names().into_iter().map(|k| (r.header(&k).unwrap_or_default().to_string(), k)).map(|(v, k)| (k, v)).collect();
+        let status = r.status();
+        let mut body = String::new();
+        r.into_reader().read_to_string(&mut body).expect("the reply's body");
+        Reply { status, headers, body }
+    }
+
+    pub fn get(addr: &str, path: &str) -> Reply {
+        request(addr, "GET", path, None, &[])
+    }
+
+    pub fn post(addr: &str, path: &str, body: &str) -> Reply {
+        request(addr, "POST", path, Some(body), &[])
+    }
+
+    /// A streamed reply's lines as they arrive.
+    pub fn stream(addr: &str, path: &str, body: &str) -> impl Iterator<Item = String> {
+        std::io::BufReader::new(send(addr, "POST", path, Some(body), &[]).into_reader()).lines().map_while(Result::ok)
+    }
+}
 
 /// A `sollol serve` process on a free port; killed (with its nodes) on drop.
 pub struct ServeProc {
