@@ -683,10 +683,10 @@ impl Service {
         }
         let prompt_tokens = ids.iter().map(Vec::len).sum();
         let _running = Running::new(&worker, keep_alive);
-        let chain = worker.chain.clone();
+        let (chain, pooling) = (worker.chain.clone(), worker.config.pooling);
         let embeddings = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Vec<f32>>> {
             let mut engine = FailoverEngine::over(chain);
-            ids.iter().map(|t| crate::head::generation::embed(&mut engine, rand::random(), t, crate::model::Pooling::Mean)).collect()
+            ids.iter().map(|t| crate::head::generation::embed(&mut engine, rand::random(), t, pooling)).collect()
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;

@@ -409,9 +409,9 @@ fn run(
     Ok(GenerateResult { tokens: generated, logprobs, fed, text, finish, stats })
 }
 
-/// The embedding of `ids`: the model's final hidden states pooled
-/// (`Mean` over every position, or the `Last`), L2-normalised as Ollama's
-/// are. Runs in a session of its own, closed at the end.
+/// The embedding of `ids`: the model's final hidden states pooled (`Mean`
+/// over every position, the `First` or the `Last`), L2-normalised as
+/// Ollama's are. Runs in a session of its own, closed at the end.
 pub fn embed(engine: &mut dyn Engine, session: u64, ids: &[u32], pooling: crate::model::Pooling) -> Result<Vec<f32>> {
     if ids.is_empty() {
         return Err(Error::InvalidRequest("an embedding needs at least one token".into()));
@@ -424,6 +424,8 @@ pub fn embed(engine: &mut dyn Engine, session: u64, ids: &[u32], pooling: crate:
             match (&mut pooled, pooling) {
                 (Some(sum), crate::model::Pooling::Mean) if sum.len() == v.len() => sum.iter_mut().zip(&v).for_each(|(s, x)| *s += x),
                 (Some(_), crate::model::Pooling::Mean) => return Err(Error::InvalidRequest("pooled states of different widths".into())),
+                // The first chunk holds the first position.
+                (Some(_), crate::model::Pooling::First) => {}
                 _ => pooled = Some(v),
             }
         }

@@ -28,6 +28,33 @@ pub struct Config {
     pub rope_freq_factors: Option<Vec<f32>>,
     /// The longest sequence the model was trained for.
     pub context_length: usize,
+    /// How its embeddings pool the final hidden states (GGUF `pooling_type`).
+    pub pooling: Pooling,
+}
+
+/// How an embedding pools the final hidden states of its input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Pooling {
+    /// The mean of every position (llama.cpp's `mean`; what a model that
+    /// names no pooling gets, as Ollama does).
+    #[default]
+    Mean,
+    /// The last position (llama.cpp's `last`).
+    Last,
+    /// The first position (llama.cpp's `cls`).
+    First,
+}
+
+impl Pooling {
+    /// llama.cpp's `pooling_type` values: 1 mean, 2 cls, 3 last (0, none,
+    /// and others: mean).
+    pub fn from_gguf(v: u64) -> Self {
+        match v {
+            2 => Self::First,
+            3 => Self::Last,
+            _ => Self::Mean,
+        }
+    }
 }
 
 /// The longest context sollol serves. A file may declare more (its RoPE

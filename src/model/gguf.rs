@@ -174,6 +174,7 @@ impl GgufFile {
             rope_style: arch.gguf_rope,
             rope_freq_factors,
             context_length: self.metadata_u64(&key("context_length")).map_or(2048, |v| v as usize),
+            pooling: self.metadata_u64(&key("pooling_type")).map_or_else(Default::default, super::Pooling::from_gguf),
         };
         cfg.validate().map_err(bad)?;
         Ok(cfg)

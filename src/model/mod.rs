@@ -28,11 +28,12 @@ use std::path::Path;
 use candle_core::Device;
 
 pub use config::Config;
+pub use config::Pooling;
 pub use gguf::LayerBytes;
 pub use host::{BatchItem, HostInput};
 pub use kv_cache::{KvCache, KvState};
 pub use ops::{Act, Attention, Block, Gate, Ops};
-pub use slice::{ModelSlice, Pooling, SliceOutput};
+pub use slice::{ModelSlice, SliceOutput};
 pub use weights::Backend;
 use weights::RawWeight;
 

@@ -191,6 +191,7 @@ impl SafetensorsDir {
             rope_style: RopeStyle::Half,
             rope_freq_factors: hf.rope_scaling.as_ref().and_then(|s| freq_factors(s, head_dim, hf.rope_theta)),
             context_length: hf.max_position_embeddings,
+            pooling: Default::default(),
         };
         cfg.validate().map_err(|r| Error::bad_model(&self.path, format!("config.json: {r}")))?;
         Ok(cfg)

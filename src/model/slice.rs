@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::candle::CandleOps;
-use super::config::Config;
+use super::config::{Config, Pooling};
 use super::host::{BatchItem, HostInput, HostOps, Scratch, Seg};
 use super::kv_cache::KvCache;
 use super::loader::Loader;
@@ -38,15 +38,6 @@ pub struct ModelSlice {
 
 /// What a slice hands on: hidden states for the next stage, or the last
 /// position's logits from the final stage.
-/// How an embedding pools the final hidden states of its input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Pooling {
-    /// The mean of every position (llama.cpp's `mean`).
-    Mean,
-    /// The last position (llama.cpp's `last`).
-    Last,
-}
-
 #[derive(Debug)]
 pub enum SliceOutput {
     /// `[b, seq, hidden]` f32
@@ -253,6 +244,22 @@ impl ModelSlice {
         if self.backend == Backend::Host {
             return self.forward_host_tensor(x, cache);
         }
+        let h = self.blocks_candle(x, cache)?;
+        match &self.head {
+            Some((norm, output)) => {
+                let last = h.narrow(1, seq - 1, 1)?.squeeze(1)?;
+                Ok(SliceOutput::Logits(output.forward(&norm.forward(&last)?)?))
+            }
+            None => Ok(SliceOutput::Hidden(h)),
+        }
+    }
+}
+
+impl ModelSlice {
+    /// The candle backend's blocks over `x` (input checked), advancing the
+    /// cache: the last block's output `[b, seq, hidden]`.
+    fn blocks_candle(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let seq = x.dim(1)?;
         cache.reserve(seq)?;
         let h = match &self.embed {
             Some(embed) => embed.forward(x)?,
@@ -269,17 +276,34 @@ impl ModelSlice {
         let h = ops.get(h).clone();
         drop(ops);
         cache.advance(seq);
-        match &self.head {
-            Some((norm, output)) => {
-                let last = h.narrow(1, seq - 1, 1)?.squeeze(1)?;
-                Ok(SliceOutput::Logits(output.forward(&norm.forward(&last)?)?))
-            }
-            None => Ok(SliceOutput::Hidden(h)),
-        }
+        Ok(h)
     }
-}
 
-impl ModelSlice {
+    /// [`ModelSlice::pool_batch`] for one item on the candle backend.
+    fn pool_candle(&self, item: &mut BatchItem<'_>, norm: &Norm, pooling: Pooling) -> Result<Vec<f32>> {
+        let hidden = self.config.hidden_size;
+        let x = match item.input {
+            HostInput::Tokens(t) => Tensor::from_slice(t, (1, t.len()), &self.device)?,
+            HostInput::Hidden(h) if h.len() % hidden == 0 => Tensor::from_slice(h, (1, h.len() / hidden, hidden), &self.device)?,
+            HostInput::Hidden(_) => return Err(Error::InvalidRequest(format!("hidden states must be rows of {hidden}"))),
+        };
+        if x.dim(1)? == 0 {
+            return Err(Error::InvalidRequest("empty input".into()));
+        }
+        if item.cache.n_layers() != self.blocks.len() || item.cache.is_host() {
+            return Err(Error::InvalidRequest("KV cache belongs to a different slice".into()));
+        }
+        self.check_input(&x)?;
+        let h = self.blocks_candle(&x, item.cache)?;
+        let seq = h.dim(1)?;
+        let picked = match pooling {
+            Pooling::Mean => h,
+            Pooling::First => h.narrow(1, 0, 1)?,
+            Pooling::Last => h.narrow(1, seq - 1, 1)?,
+        };
+        Ok(norm.forward(&picked.to_dtype(DType::F32)?)?.sum(1)?.squeeze(0)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
+    }
+
     /// Token ids `[b, seq]` u32 on the first slice, hidden states
     /// `[b, seq, hidden]` f32 on the others.
     fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -354,12 +378,15 @@ impl ModelSlice {
 
     /// The last slice's final-normed hidden states of each item, pooled
     /// (an embedding): the sum of the rows (a mean over inputs of several
-    /// steps is the caller's to finish) or the last row. The caches are
-    /// filled as by a forward step.
+    /// steps is the caller's to finish), or the first or last row. The
+    /// caches are filled as by a forward step.
     pub fn pool_batch(&self, items: &mut [BatchItem<'_>], pooling: Pooling) -> Result<Vec<Vec<f32>>> {
         let Some((norm, _)) = &self.head else {
             return Err(Error::InvalidRequest("only the last slice pools its hidden states".into()));
         };
+        if self.backend == Backend::Candle {
+            return items.iter_mut().map(|item| self.pool_candle(item, norm, pooling)).collect();
+        }
         let hidden = self.config.hidden_size;
         self.run_host_batch(items, |ops, h, segs| {
             let all = ops.rows(h)?;
@@ -370,6 +397,7 @@ impl ModelSlice {
                     let mut pooled = vec![0f32; hidden];
                     let picked = match pooling {
                         Pooling::Mean => g.start..g.start + g.len,
+                        Pooling::First => g.start..g.start + 1,
                         Pooling::Last => g.start + g.len - 1..g.start + g.len,
                     };
                     for r in picked {

@@ -187,6 +187,7 @@ impl SyntheticModel {
             rope_style: RopeStyle::Interleaved,
             rope_freq_factors: None,
             context_length: s.context,
+            pooling: Default::default(),
         };
         Ok(Self { name: format!("{PREFIX}{shape}:{quant}"), config, dtype, experts: s.experts, top_k: s.top_k })
     }
