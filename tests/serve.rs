@@ -257,6 +257,11 @@ fn pull_streams_progress_and_delete_removes_the_cached_file() {
     let statuses: Vec<&str> = lines.iter().filter_map(|l| l["status"].as_str()).collect();
     assert_eq!(statuses.first(), Some(&"pulling manifest"), "{lines:?}");
     assert!(statuses.contains(&"verifying sha256 digest") && statuses.last() == Some(&"success"), "{lines:?}");
+    // Progress (the first comes at once) counts up to the file's size.
+    let progress: Vec<_> = lines.iter().filter(|l| l["completed"].is_u64()).collect();
+    assert!(!progress.is_empty(), "{lines:?}");
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(progress.iter().all(|l| l["total"] == size && l["completed"].as_u64().unwrap() <= size), "{lines:?}");
     assert_eq!(post(a, "/api/pull", r#"{"name":"smollm2:135m","stream":false}"#).json()["status"], "success");
     assert_eq!(post(a, "/api/pull", r#"{"model":"no-such-model"}"#).status, 404);
     let delete = |body: &str| request(a, "DELETE", "/api/delete", Some(body), &[]);

@@ -365,6 +365,7 @@ pub async fn pull(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> R
         let (file, _, partial) = crate::model::source::cache_files(&entry)
             .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no cache directory (set HOME or SOLLOL_CACHE)"))?;
         let digest = entry.fetch.as_ref().and_then(|f| f.sha256.clone()).map(|d| format!("sha256:{d}")).unwrap_or_default();
+        let total = entry.fetch.as_ref().and_then(|f| f.size);
         let name = entry.name.clone();
         let fetch = tokio::task::spawn_blocking(move || crate::model::source::resolve_name(&name));
         if !req.stream.unwrap_or(true) {
@@ -381,7 +382,11 @@ pub async fn pull(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> R
                     done = &mut fetch => break done,
                     _ = tick.tick() => {
                         let completed = std::fs::metadata(&partial).or_else(|_| std::fs::metadata(&file)).map_or(0, |m| m.len());
-                        let _ = tx.send(json!({"status": format!("pulling {}", entry.name), "digest": digest, "completed": completed})).await;
+                        let mut line = json!({"status": format!("pulling {}", entry.name), "digest": digest, "completed": completed});
+                        if let Some(total) = total {
+                            line["total"] = json!(total);
+                        }
+                        let _ = tx.send(line).await;
                     }
                 }
             };

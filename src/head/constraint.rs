@@ -76,14 +76,29 @@ impl Grammars {
             }
             Format::Grammar(lark) => TopLevelGrammar::from_lark(lark.clone()),
         };
-        let parser = self.factory.create_parser(grammar).map_err(grammar_error)?;
-        let matcher = Matcher::new(Ok(parser));
+        // The compiler recurses over the grammar: it runs on a thread with
+        // room for deep grammars, not on a server thread's 2 MiB stack, where
+        // an overflow aborts the process. (What recurses without end — a
+        // schema holding -2^63 — `check_schema` keeps out.)
+        let matcher = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("grammar".into())
+                .stack_size(COMPILER_STACK)
+                .spawn_scoped(scope, || self.factory.create_parser(grammar).map(|p| Matcher::new(Ok(p))))
+                .map_err(grammar_error)?
+                .join()
+                .map_err(|_| grammar_error("the grammar compiler failed"))?
+                .map_err(grammar_error)
+        })?;
         if let Some(e) = matcher.get_error() {
             return Err(grammar_error(e));
         }
         Ok(Constraint { matcher })
     }
 }
+
+/// The grammar compiler's stack: 256 MiB of address space, touched only as deep as it goes.
+const COMPILER_STACK: usize = 256 << 20;
 
 /// Nesting and size past any schema an application sends.
 const MAX_SCHEMA_DEPTH: usize = 64;

