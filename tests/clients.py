@@ -286,6 +286,25 @@ def openai_embeddings():
     assert max(abs(x - y) for x, y in zip(one, r.data[0].embedding)) < 1e-5, "batched or alone, the same vector"
 
 
+def ollama_model_management():
+    # Pull: streamed progress up to the file's size, then success; the file is cached already, so it is only verified.
+    progress = list(o.pull(MODEL, stream=True))
+    assert progress[0].status == "pulling manifest" and progress[-1].status == "success", progress
+    sized = [p for p in progress if p.total]
+    assert sized and all(p.completed <= p.total for p in sized), progress
+    assert o.pull(MODEL).status == "success"
+    # keep_alive: a duration shows in ps as expires_at; 0 unloads.
+    import datetime
+    o.generate(model=MODEL, keep_alive="10m")
+    (m,) = [m for m in o.ps().models if m.model == MODEL]
+    left = m.expires_at - datetime.datetime.now(datetime.timezone.utc)
+    assert datetime.timedelta(minutes=9) < left <= datetime.timedelta(minutes=10, seconds=5), m.expires_at
+    o.generate(model=MODEL, keep_alive=0)
+    assert MODEL not in [m.model for m in o.ps().models], o.ps()
+    # The next request loads it again.
+    assert o.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}).done
+
+
 def openai_models():
     assert MODEL in [m.id for m in c.models.list().data]
 

@@ -363,7 +363,7 @@ fn official_ollama_and_openai_python_clients_work() {
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("21 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("22 passed, 0 failed"), "{stdout}");
 }
 
 /// A chat's second turn reuses the KV state of the first on every stage:

@@ -375,23 +375,27 @@ pub async fn pull(State(svc): State<Arc<Service>>, body: axum::body::Bytes) -> R
         let (tx, rx) = tokio::sync::mpsc::channel::<Value>(16);
         tokio::spawn(async move {
             let _ = tx.send(json!({"status": "pulling manifest"})).await;
+            // Bytes so far, out of the file's size: the partial download's, or the cached file's.
+            let progress = || {
+                let completed = std::fs::metadata(&partial).or_else(|_| std::fs::metadata(&file)).map_or(0, |m| m.len());
+                let mut line = json!({"status": format!("pulling {}", entry.name), "digest": digest, "completed": completed});
+                if let Some(total) = total {
+                    line["total"] = json!(total);
+                }
+                line
+            };
             let mut fetch = fetch;
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(300));
             let done = loop {
                 tokio::select! {
                     done = &mut fetch => break done,
-                    _ = tick.tick() => {
-                        let completed = std::fs::metadata(&partial).or_else(|_| std::fs::metadata(&file)).map_or(0, |m| m.len());
-                        let mut line = json!({"status": format!("pulling {}", entry.name), "digest": digest, "completed": completed});
-                        if let Some(total) = total {
-                            line["total"] = json!(total);
-                        }
-                        let _ = tx.send(line).await;
-                    }
+                    _ = tick.tick() => { let _ = tx.send(progress()).await; }
                 }
             };
             let last = match done {
                 Ok(Ok(_)) => {
+                    // The whole file, also when it was cached already (as Ollama reports a layer it has).
+                    let _ = tx.send(progress()).await;
                     let _ = tx.send(json!({"status": "verifying sha256 digest"})).await;
                     let _ = tx.send(json!({"status": "writing manifest"})).await;
                     json!({"status": "success"})
