@@ -240,3 +240,63 @@ fn a_served_stream_survives_a_killed_node() {
     assert_eq!(again["response"].as_str().unwrap(), expected);
     assert_eq!(again["_cluster"]["nodes"].as_array().unwrap().len(), 2, "re-planned over the two survivors: {}", again["_cluster"]);
 }
+
+/// The pid of the process listening on `addr`'s UDP port (a local node).
+fn pid_on(addr: &str) -> String {
+    let port = addr.rsplit(':').next().unwrap();
+    let out = std::process::Command::new("ss").args(["-Hlunp", &format!("sport = :{port}")]).output().expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("pid=").unwrap_or_else(|| panic!("no process on {addr}: {text}"));
+    text[at + 4..].chars().take_while(char::is_ascii_digit).collect()
+}
+
+/// Three copies of the model, one per local node: concurrent requests
+/// spread over all three, and killing the node under a live stream moves
+/// its session to another copy's node, the stream going on unchanged.
+#[test]
+fn replicas_share_the_load_and_a_dead_ones_sessions_move_to_another() {
+    common::smollm2();
+    let serve = common::ServeProc::spawn(&["--local-nodes", "3", "--replicas", "3", "--parallel", "6", "--wire", "f32"]);
+    let a = serve.addr.clone();
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time, in a small village by the sea, there lived","raw":true,"stream":false,"options":{"temperature":0,"num_predict":64}}"#;
+    let expected = common::http::post(&a, "/api/generate", body).json()["response"].as_str().unwrap().to_string();
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                let body = format!(
+                    r#"{{"model":"smollm2","prompt":"Story {i}:","raw":true,"stream":false,"options":{{"num_predict":24,"seed":{i}}}}}"#
+                );
+                common::http::post(&a, "/api/generate", &body).status
+            })
+        })
+        .collect();
+    assert!(clients.into_iter().all(|c| c.join().unwrap() == 200));
+    let replicas = |a: &str| common::http::get(a, "/api/sollol/status").json()["models"][0]["replicas"].as_array().unwrap().clone();
+    let served: Vec<u64> = replicas(&a).iter().map(|r| r["served"].as_u64().unwrap()).collect();
+    assert_eq!(served.iter().sum::<u64>(), 13, "{served:?}");
+    assert!(served.iter().all(|&n| n >= 2), "requests spread over every copy: {served:?}");
+
+    let streaming = body.replace(r#""stream":false"#, r#""stream":true"#);
+    let (mut text, mut lines, mut done) = (String::new(), 0, serde_json::Value::Null);
+    for line in common::http::stream(&a, "/api/generate", &streaming) {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        text.push_str(v["response"].as_str().unwrap_or_default());
+        lines += 1;
+        if lines == 20 {
+            let busy = replicas(&a).into_iter().find(|r| r["running"] == 1).expect("the stream's copy");
+            let addr = busy["route"]["nodes"][0]["addr"].as_str().unwrap().to_string();
+            std::process::Command::new("kill").args(["-9", &pid_on(&addr)]).status().unwrap();
+        }
+        if v["done"] == true {
+            done = v;
+            break;
+        }
+    }
+    assert!(done["error"].is_null() && lines > 20, "the stream failed: {done}");
+    assert_eq!(text, expected, "the moved stream differs (a gap or a duplicate)");
+    // Every copy serves on, two of them now on one node.
+    for _ in 0..3 {
+        assert_eq!(common::http::post(&a, "/api/generate", body).json()["response"].as_str().unwrap(), expected);
+    }
+}

@@ -20,7 +20,17 @@ pub async fn status(State(svc): State<Arc<Service>>) -> Json<Value> {
         .loaded()
         .await
         .iter()
-        .map(|w| json!({"model": w.name, "n_layers": w.config.n_layers, "route": w.route(), "rebalances": w.rebalances()}))
+        .map(|w| {
+            let replicas: Vec<Value> = w
+                .replicas()
+                .iter()
+                .map(|r| {
+                    let (running, served) = r.load();
+                    json!({"route": r.route(), "running": running, "served": served})
+                })
+                .collect();
+            json!({"model": w.name, "n_layers": w.config.n_layers, "route": w.route(), "replicas": replicas, "rebalances": w.rebalances()})
+        })
         .collect();
     let (running, waiting) = svc.queue.depth();
     Json(json!({

@@ -56,6 +56,8 @@ pub struct ServeConfig {
     /// Directories whose model files clients may name by path; other paths
     /// are "not found", whether they exist or not.
     pub model_dirs: Vec<std::path::PathBuf>,
+    /// Copies of each model to spread requests over.
+    pub replicas: usize,
 }
 
 /// A model ready to serve: its tokenizer here, its slices on the nodes.
@@ -65,10 +67,10 @@ pub struct Worker {
     pub size: u64,
     pub config: Config,
     pub tokenizer: Tokenizer,
-    /// The model's chain, shared by its generations and rebuilt when a node dies.
-    chain: Arc<SharedChain>,
-    /// Where the model runs (node names; addresses and blocks come from the chain).
-    route: Mutex<RouteInfo>,
+    /// The model's copies on the nodes (at least one); requests go to the
+    /// healthy one with the least running, and a copy's dead node is
+    /// replaced by another copy's (its sessions replayed there).
+    replicas: Vec<Replica>,
     /// Generations running on it.
     active: std::sync::atomic::AtomicUsize,
     /// How long it stays loaded after its last request (Ollama's
@@ -192,13 +194,34 @@ pub struct Service {
     handle: tokio::runtime::Handle,
 }
 
-impl Worker {
+/// One copy of a model on its nodes.
+pub struct Replica {
+    /// Its chain, shared by its generations and rebuilt when a node dies.
+    chain: Arc<SharedChain>,
+    /// Where it runs (node names; addresses and blocks come from the chain).
+    route: Mutex<RouteInfo>,
+    /// Generations running on it now: its queue depth.
+    active: std::sync::atomic::AtomicUsize,
+    /// Requests it has taken.
+    served: std::sync::atomic::AtomicU64,
+}
+
+impl Replica {
+    fn new(chain: Arc<SharedChain>, route: RouteInfo) -> Self {
+        Self { chain, route: Mutex::new(route), active: Default::default(), served: Default::default() }
+    }
+
     /// The pipeline now (a recovery, a drain or a rebalance may have changed it).
     pub fn pipeline(&self) -> Arc<Pipeline> {
         self.chain.current().1
     }
 
-    /// Where the model runs now: the chain's addresses and blocks, named as
+    /// Generations running on it now, and requests it has taken.
+    pub fn load(&self) -> (usize, u64) {
+        (self.active.load(std::sync::atomic::Ordering::Acquire), self.served.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Where it runs now: the chain's addresses and blocks, named as
     /// when it was routed (a node that joined later goes by its address).
     pub fn route(&self) -> RouteInfo {
         let mut route = self.route.lock().expect("route lock").clone();
@@ -215,10 +238,59 @@ impl Worker {
         route.single_node = route.nodes.len() == 1;
         route
     }
+}
+
+/// Counts a generation as running on a replica until dropped.
+struct OnReplica<'a>(&'a Replica);
+
+impl<'a> OnReplica<'a> {
+    fn new(replica: &'a Replica) -> Self {
+        replica.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        replica.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(replica)
+    }
+}
+
+impl Drop for OnReplica<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Worker {
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas
+    }
+
+    /// Where the model runs: its first copy.
+    pub fn route(&self) -> RouteInfo {
+        self.replicas[0].route()
+    }
 
     /// Blocks moved between this model's stages by dynamic rebalancing so far.
     pub fn rebalances(&self) -> u64 {
-        self.chain.rebalances()
+        self.replicas.iter().map(|r| r.chain.rebalances()).sum()
+    }
+
+    /// The copy a new request goes to: among those whose nodes are all
+    /// healthy (all, if none is), the one running the fewest generations,
+    /// then the best summed health score, then the one that took the fewest.
+    fn pick(&self, health: &[NodeHealth]) -> usize {
+        let node = |addr: &str| health.iter().find(|h| h.addr == addr);
+        let routes: Vec<RouteInfo> = self.replicas.iter().map(Replica::route).collect();
+        let rank = |i: usize| {
+            let route = &routes[i];
+            let healthy = route.nodes.iter().all(|s| node(&s.addr).is_none_or(|h| h.healthy));
+            let score: f64 = route.nodes.iter().filter_map(|s| node(&s.addr)).map(|h| h.score).sum();
+            // What runs on its nodes: a copy whose node died shares another's.
+            let shares = |j: usize| routes[j].nodes.iter().any(|s| route.nodes.iter().any(|t| t.addr == s.addr));
+            let active: usize = (0..routes.len()).filter(|&j| shares(j)).map(|j| self.replicas[j].load().0).sum();
+            (!healthy, active, -score, self.replicas[i].load().1)
+        };
+        (0..self.replicas.len())
+            .map(|i| (i, rank(i)))
+            .min_by(|a, b| a.1 .0.cmp(&b.1 .0).then(a.1 .1.cmp(&b.1 .1)).then(a.1 .2.total_cmp(&b.1 .2)).then(a.1 .3.cmp(&b.1 .3)))
+            .map_or(0, |(i, _)| i)
     }
 }
 
@@ -291,6 +363,36 @@ impl Drop for Running {
 /// synthetic), the operator's `--model`, or a file inside `--models-dir`.
 /// Any other path is "unknown", with the same answer whether it exists or
 /// not, so a client learns nothing of the head's files.
+/// The local nodes as `replicas` copies of a model (at least one): each copy
+/// an even plan over a group of the nodes, in order. Returns the copies'
+/// routes and how many nodes they use.
+fn local_routes(addrs: &[String], model: &str, n_layers: usize, replicas: usize) -> crate::Result<(Vec<RouteInfo>, usize)> {
+    let copies = replicas.clamp(1, addrs.len().max(1));
+    let per = (addrs.len() / copies).clamp(1, n_layers);
+    let routes = (0..copies)
+        .map(|c| {
+            let group = &addrs[c * per..(c + 1) * per];
+            let plan = partition::even(n_layers, group.len())?;
+            Ok(RouteInfo {
+                cluster: if copies == 1 { "local".into() } else { format!("local-replica-{}", c + 1) },
+                single_node: group.len() == 1,
+                model: model.to_string(),
+                nodes: group
+                    .iter()
+                    .zip(plan)
+                    .enumerate()
+                    .map(|(i, (a, r))| RouteStage {
+                        name: format!("local-{}", c * per + i + 1),
+                        addr: a.clone(),
+                        layers: [r.start, r.end - 1],
+                    })
+                    .collect(),
+            })
+        })
+        .collect::<crate::Result<Vec<_>>>()?;
+    Ok((routes, copies * per))
+}
+
 /// What a request's tools ask of a generation: the constraint (one call,
 /// when the choice requires it; a request's own `format` otherwise), and the
 /// dialect to read calls in (None: no tools offered).
@@ -439,33 +541,24 @@ impl Service {
         })?;
         let (resolved, tokenizer, config, digest, layer_bytes, size, quantization) = opened;
         let spec = if source::looks_like_path(&name) { resolved.path.display().to_string() } else { name.clone() };
-        let (chain, route, key, standby) = match (&self.manager, &self.local) {
+        // Each copy's route, the key, and the nodes no copy uses.
+        let (routes, key, spare): (Vec<RouteInfo>, _, Vec<String>) = match (&self.manager, &self.local) {
             (Some(m), _) => {
-                let entry = m.route(&spec).await?;
-                let route = m.route_info(&entry);
-                let chain: Vec<_> = route.nodes.iter().map(|s| (s.addr.clone(), s.layers[0]..s.layers[1] + 1)).collect();
-                // Every other registered node can take a dead node's blocks.
-                let standby =
-                    m.registry().nodes.iter().map(|n| n.addr.clone()).filter(|a| !route.nodes.iter().any(|s| &s.addr == a)).collect();
-                (chain, route, ClusterKey::new(self.cfg.key.as_deref()), standby)
+                let routes: Vec<RouteInfo> = m.route_replicas(&spec, self.cfg.replicas).await?.iter().map(|e| m.route_info(e)).collect();
+                let spare = m
+                    .registry()
+                    .nodes
+                    .iter()
+                    .map(|n| n.addr.clone())
+                    .filter(|a| !routes.iter().any(|r| r.nodes.iter().any(|s| &s.addr == a)))
+                    .collect();
+                (routes, ClusterKey::new(self.cfg.key.as_deref()), spare)
             }
             (None, Some(local)) => {
                 // Local nodes hold one model at a time: a new model replaces the old.
                 workers.clear();
-                let plan = partition::even(config.n_layers, local.addrs.len().min(config.n_layers))?;
-                let chain: Vec<_> = local.addrs.iter().cloned().zip(plan).collect();
-                let route = RouteInfo {
-                    cluster: "local".into(),
-                    single_node: chain.len() == 1,
-                    model: name.clone(),
-                    nodes: chain
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (a, r))| RouteStage { name: format!("local-{}", i + 1), addr: a.clone(), layers: [r.start, r.end - 1] })
-                        .collect(),
-                };
-                let standby = local.addrs[chain.len()..].to_vec();
-                (chain, route, ClusterKey::new(Some(&local.key)), standby)
+                let (routes, used) = local_routes(&local.addrs, &name, config.n_layers, self.cfg.replicas)?;
+                (routes, ClusterKey::new(Some(&local.key)), local.addrs[used..].to_vec())
             }
             (None, None) => unreachable!("the service starts with a registry or local nodes"),
         };
@@ -478,19 +571,28 @@ impl Service {
             wire: self.cfg.wire,
             strategy: Strategy::MemoryAware,
         };
-        let handle = self.handle.clone();
-        let chain = tokio::task::spawn_blocking(move || SharedChain::build(handle, spec, chain, standby))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-        chain.rebalance_above(self.cfg.rebalance_threshold);
+        // The copies build at once. A copy's dead node is replaced first by
+        // another copy's (which holds the model already), then by a spare.
+        let builds = routes.iter().enumerate().map(|(i, route)| {
+            let chain: Vec<_> = route.nodes.iter().map(|s| (s.addr.clone(), s.layers[0]..s.layers[1] + 1)).collect();
+            let others = routes.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, r)| r.nodes.iter().map(|s| s.addr.clone()));
+            let standby: Vec<String> = others.chain(spare.iter().cloned()).collect();
+            let (handle, spec) = (self.handle.clone(), spec.clone());
+            tokio::task::spawn_blocking(move || SharedChain::build(handle, spec, chain, standby))
+        });
+        let mut replicas = Vec::new();
+        for (built, route) in futures_util::future::join_all(builds).await.into_iter().zip(routes) {
+            let chain = built.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            chain.rebalance_above(self.cfg.rebalance_threshold);
+            replicas.push(Replica::new(chain, route));
+        }
         let worker = Arc::new(Worker {
             name: name.clone(),
             digest,
             size,
             config,
             tokenizer,
-            chain,
-            route: Mutex::new(route),
+            replicas,
             active: std::sync::atomic::AtomicUsize::new(0),
             keep_alive: Mutex::new(KeepAlive::default()),
             expires: Mutex::new(None),
@@ -538,6 +640,13 @@ impl Service {
         let (tx, rx) = mpsc::channel(64);
         let service = self.clone();
         let reused = if req.keep { self.conversations.take(&worker.name, &prompt_ids) } else { None };
+        // A conversation's next turn goes where its KV state is; others to the least busy copy.
+        let kept_on = reused.as_ref().and_then(|(_, _, p)| worker.replicas.iter().position(|r| Arc::ptr_eq(&r.pipeline(), p)));
+        let reused = if kept_on.is_some() { reused.map(|(s, r, _)| (s, r)) } else { None };
+        let replica = match kept_on {
+            Some(i) => i,
+            None => worker.pick(&self.node_health_now()),
+        };
         let mut gen = GenerateRequest {
             prompt: prompt_ids.clone(),
             params: req.params,
@@ -553,7 +662,9 @@ impl Service {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let _running = running;
-            let mut engine = FailoverEngine::over(worker.chain.clone());
+            let replica = &worker.replicas[replica];
+            let _on_replica = OnReplica::new(replica);
+            let mut engine = FailoverEngine::over(replica.chain.clone());
             let mut session = reused.as_ref().map_or_else(rand::random::<u64>, |(s, _)| *s);
             let (cancelled, sent_any) = (std::cell::Cell::new(false), std::cell::Cell::new(false));
             let mut calls = calls.map(ToolStream::new);
@@ -593,7 +704,7 @@ impl Service {
                     session,
                     fed: r.fed.clone(),
                     capacity,
-                    pipeline: worker.pipeline(),
+                    pipeline: replica.pipeline(),
                     bytes_per_token,
                 };
                 for (pipeline, session) in service.conversations.keep(turn) {
@@ -609,7 +720,7 @@ impl Service {
             }
             let event = match result {
                 Ok(result) => {
-                    let route = worker.route();
+                    let route = replica.route();
                     let stage_names: Vec<String> = route.nodes.iter().map(|n| n.name.clone()).collect();
                     service.metrics.generation(&result.stats, &stage_names);
                     if let (Some(m), true) = (&service.manager, result.stats.generated_tokens > 1) {
@@ -619,7 +730,7 @@ impl Service {
                         }
                     }
                     service.sample_tokens();
-                    worker.chain.measured(&result.stats.stage_times, result.stats.prompt_tokens + result.stats.generated_tokens);
+                    replica.chain.measured(&result.stats.stage_times, result.stats.prompt_tokens + result.stats.generated_tokens);
                     let logprobs =
                         result.tokens.iter().zip(&result.logprobs).map(|(&t, l)| TokenLogprob::of(&worker.tokenizer, t, l)).collect();
                     Event::Done(Box::new(Finished {
@@ -629,7 +740,7 @@ impl Service {
                         prompt_ids,
                         total: started.elapsed(),
                         load,
-                        route: worker.route(),
+                        route: replica.route(),
                     }))
                 }
                 Err(e) => Event::Failed(e.into()),
@@ -683,7 +794,8 @@ impl Service {
         }
         let prompt_tokens = ids.iter().map(Vec::len).sum();
         let _running = Running::new(&worker, keep_alive);
-        let (chain, pooling) = (worker.chain.clone(), worker.config.pooling);
+        let replica = worker.pick(&self.node_health_now());
+        let (chain, pooling) = (worker.replicas[replica].chain.clone(), worker.config.pooling);
         let embeddings = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Vec<f32>>> {
             let mut engine = FailoverEngine::over(chain);
             ids.iter().map(|t| crate::head::generation::embed(&mut engine, rand::random(), t, pooling)).collect()
@@ -716,11 +828,12 @@ impl Service {
     }
 
     async fn unload_chain(worker: &Worker) {
-        let pipeline = worker.pipeline();
-        for i in 0..pipeline.n_stages() {
-            let unload = crate::net::frame::Frame::new(crate::net::message::Message::Unload);
-            if let Err(e) = pipeline.request(i, unload, Duration::from_secs(15)).await {
-                tracing::warn!(model = %worker.name, stage = i + 1, "unloading: {e}");
+        for pipeline in worker.replicas.iter().map(Replica::pipeline) {
+            for i in 0..pipeline.n_stages() {
+                let unload = crate::net::frame::Frame::new(crate::net::message::Message::Unload);
+                if let Err(e) = pipeline.request(i, unload, Duration::from_secs(15)).await {
+                    tracing::warn!(model = %worker.name, stage = i + 1, "unloading: {e}");
+                }
             }
         }
         tracing::info!(model = %worker.name, "unloaded (keep_alive ran out)");
@@ -786,24 +899,26 @@ impl Service {
         let node_addr = addr_of(node);
         let mut out = Vec::new();
         for worker in self.loaded().await {
-            let addrs = worker.pipeline().addrs();
-            let Some(stage) = addrs.iter().position(|a| *a == node_addr) else {
-                continue;
-            };
-            let target = match to {
-                Some(t) => t.to_string(),
-                None => self.spare_for(&worker, &addrs, stage).await?,
-            };
-            let client = self.node_client(&target).await?;
-            let replaced = worker.pipeline().replace_stage(stage, client).await?;
-            {
-                let mut route = worker.route.lock().expect("route lock");
-                if let Some(s) = route.nodes.get_mut(stage) {
-                    s.name = target.clone();
-                    s.addr = replaced.new.clone();
+            for replica in &worker.replicas {
+                let addrs = replica.pipeline().addrs();
+                let Some(stage) = addrs.iter().position(|a| *a == node_addr) else {
+                    continue;
+                };
+                let target = match to {
+                    Some(t) => t.to_string(),
+                    None => self.spare_for(replica, &addrs, stage).await?,
+                };
+                let client = self.node_client(&target).await?;
+                let replaced = replica.pipeline().replace_stage(stage, client).await?;
+                {
+                    let mut route = replica.route.lock().expect("route lock");
+                    if let Some(s) = route.nodes.get_mut(stage) {
+                        s.name = target.clone();
+                        s.addr = replaced.new.clone();
+                    }
                 }
+                out.push(Drained { model: worker.name.clone(), stage: stage + 1, to: target, replaced });
             }
-            out.push(Drained { model: worker.name.clone(), stage: stage + 1, to: target, replaced });
         }
         if out.is_empty() {
             return Err(crate::Error::InvalidRequest(format!("no loaded model runs on {node}")));
@@ -811,12 +926,12 @@ impl Service {
         Ok(out)
     }
 
-    /// The registered node that can best take stage `stage` of `worker`.
-    async fn spare_for(&self, worker: &Worker, chain: &[String], stage: usize) -> crate::Result<String> {
+    /// The registered node that can best take stage `stage` of `replica`.
+    async fn spare_for(&self, replica: &Replica, chain: &[String], stage: usize) -> crate::Result<String> {
         let Some(m) = &self.manager else {
             return Err(crate::Error::InvalidRequest("without a registry, name the node to move to ('to')".into()));
         };
-        let need = worker.pipeline().loaded().get(stage).map_or(0, |l| l.weight_bytes);
+        let need = replica.pipeline().loaded().get(stage).map_or(0, |l| l.weight_bytes);
         let mut best: Option<(u64, String)> = None;
         for entry in m.registry().nodes.iter().filter(|e| !chain.contains(&e.addr)) {
             let Ok(client) = m.client(&entry.name).await else {
@@ -851,12 +966,23 @@ impl Service {
         Ok(NodeClient::connect(&endpoint, name_or_addr, &key).await?)
     }
 
+    /// The registry's nodes' health as last checked (none with local nodes).
+    fn node_health_now(&self) -> Vec<NodeHealth> {
+        self.manager.as_ref().map(|m| m.health()).unwrap_or_default()
+    }
+
     /// Health of every node serving this head.
     pub async fn node_health(&self) -> Vec<NodeHealth> {
         let health = match (&self.manager, &self.local) {
             (Some(m), _) => m.health(),
             (None, Some(local)) => {
-                let clients: Vec<_> = self.workers.lock().await.values().flat_map(|w| w.pipeline().clients().to_vec()).collect();
+                let clients: Vec<_> = self
+                    .workers
+                    .lock()
+                    .await
+                    .values()
+                    .flat_map(|w| w.replicas.iter().flat_map(|r| r.pipeline().clients().to_vec()).collect::<Vec<_>>())
+                    .collect();
                 let mut out = Vec::new();
                 for (i, addr) in local.addrs.iter().enumerate() {
                     let mut h = NodeHealth::unknown(&format!("local-{}", i + 1), addr);

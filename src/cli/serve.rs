@@ -41,6 +41,11 @@ pub struct ServeArgs {
     /// other paths are unknown to clients.
     #[arg(long = "models-dir")]
     models_dirs: Vec<std::path::PathBuf>,
+    /// Copies of each model to spread requests over (each on nodes of its
+    /// own: registered nodes that can hold the model whole, or groups of the
+    /// local nodes); a copy's death moves its sessions to another.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
@@ -56,6 +61,7 @@ pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
         kv_cache_mb: args.kv_cache_mb,
         rebalance_threshold: args.rebalance_threshold,
         model_dirs: args.models_dirs,
+        replicas: args.replicas,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(256).enable_all().build()?;
     rt.block_on(sollol::api::serve(cfg))?;

@@ -250,6 +250,16 @@ impl ClusterManager {
     /// else a healthy registered cluster for the model, else a cluster created
     /// on demand from healthy nodes not serving another cluster.
     pub async fn route(&self, model: &str) -> Result<ClusterEntry> {
+        let mut entries = self.route_replicas(model, 1).await?;
+        Ok(entries.remove(0))
+    }
+
+    /// Up to `want` places that each serve `model` whole, for the head to
+    /// spread requests over (replicas), best first: the node [`route`]
+    /// picks, then other healthy nodes that hold the model or hold nothing
+    /// and have room (an extra replica never evicts another model). A model
+    /// that fits no single node gets its one cluster. Each place is loaded.
+    pub async fn route_replicas(&self, model: &str, want: usize) -> Result<Vec<ClusterEntry>> {
         let m = model.to_string();
         let info = tokio::task::spawn_blocking(move || model_info(&m)).await.map_err(|e| Error::InvalidRequest(e.to_string()))??;
         let health = self.check_all().await;
@@ -270,19 +280,39 @@ impl ClusterManager {
             .filter(|h| h.healthy && !in_other_clusters.contains(&h.name))
             .filter_map(|h| single(&h).map(|has| (h, has)))
             .collect();
-        singles.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.score.total_cmp(&a.0.score)));
-        if let Some((h, _)) = singles.first() {
-            let entry = ClusterEntry {
-                name: h.name.clone(),
-                model: info.spec.clone(),
-                digest: info.digest.clone().unwrap_or_default(),
-                strategy: Strategy::Even,
-                stages: vec![Assignment { node: h.name.clone(), start: 0, end: n, bytes: need }],
-            };
-            if !singles[0].1 {
-                self.load(&entry, &info).await?;
+        let holds_nothing = |h: &NodeHealth| h.capabilities.as_ref().is_some_and(|c| c.loaded.is_none());
+        // Holding the model first, then holding nothing, then by score.
+        singles.sort_by(|a, b| b.1.cmp(&a.1).then(holds_nothing(b.0).cmp(&holds_nothing(a.0))).then(b.0.score.total_cmp(&a.0.score)));
+        if !singles.is_empty() {
+            let mut entries = Vec::new();
+            for (i, (h, has_it)) in singles.iter().enumerate() {
+                if entries.len() >= want.max(1) {
+                    break;
+                }
+                if i > 0 && !has_it && !holds_nothing(h) {
+                    continue;
+                }
+                let entry = ClusterEntry {
+                    name: h.name.clone(),
+                    model: info.spec.clone(),
+                    digest: info.digest.clone().unwrap_or_default(),
+                    strategy: Strategy::Even,
+                    stages: vec![Assignment { node: h.name.clone(), start: 0, end: n, bytes: need }],
+                };
+                if !has_it {
+                    match self.load(&entry, &info).await {
+                        Ok(()) => {}
+                        Err(e) if i == 0 => return Err(e),
+                        // An extra replica that cannot load is left out.
+                        Err(e) => {
+                            tracing::warn!(node = %h.name, "a replica of {} did not load: {e}", info.name);
+                            continue;
+                        }
+                    }
+                }
+                entries.push(entry);
             }
-            return Ok(entry);
+            return Ok(entries);
         }
         let by_name: HashMap<&str, &NodeHealth> = health.iter().map(|h| (h.name.as_str(), h)).collect();
         let mut existing: Vec<&ClusterEntry> = registry
@@ -296,7 +326,7 @@ impl ClusterManager {
             score(b).total_cmp(&score(a))
         });
         if let Some(c) = existing.first() {
-            return Ok((*c).clone());
+            return Ok(vec![(*c).clone()]);
         }
         let mut free: Vec<&NodeHealth> = health.iter().filter(|h| h.healthy && !in_other_clusters.contains(&h.name)).collect();
         free.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -305,7 +335,7 @@ impl ClusterManager {
         }
         let names: Vec<String> = free.iter().map(|h| h.name.clone()).collect();
         let auto = format!("auto-{}", info.name.replace([':', '/'], "-"));
-        self.create_cluster(&auto, &names, model, Strategy::MemoryAware).await
+        Ok(vec![self.create_cluster(&auto, &names, model, Strategy::MemoryAware).await?])
     }
 
     /// The routing facts of `entry`.

@@ -47,8 +47,8 @@ impl Conversations {
 
     /// The idle conversation of `model` sharing the longest prefix with
     /// `prompt`, taken out of the cache (a session serves one turn at a
-    /// time): its session and how much of it to keep.
-    pub fn take(&self, model: &str, prompt: &[u32]) -> Option<(u64, Resume)> {
+    /// time): its session, how much of it to keep, and the pipeline holding it.
+    pub fn take(&self, model: &str, prompt: &[u32]) -> Option<(u64, Resume, Arc<Pipeline>)> {
         let mut held = self.held.lock().expect("conversations lock");
         held.retain(|(_, used)| used.elapsed() < TTL);
         let common = |c: &Conversation| c.fed.iter().zip(prompt).take_while(|(a, b)| a == b).count();
@@ -62,7 +62,7 @@ impl Conversations {
             return None;
         }
         let (c, _) = held.remove(i);
-        Some((c.session, Resume { keep, capacity: c.capacity }))
+        Some((c.session, Resume { keep, capacity: c.capacity }, c.pipeline))
     }
 
     /// Keeps a finished turn; returns the conversations evicted to stay
