@@ -52,6 +52,10 @@ pub enum Error {
 
     #[error("a prompt of {prompt} tokens does not fit the context of {context} tokens")]
     ContextOverflow { prompt: usize, context: usize },
+
+    /// The network lab (namespaces, links, relays) could not be set up.
+    #[error("network lab: {0}")]
+    Lab(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

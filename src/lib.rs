@@ -4,7 +4,8 @@
 //! KV caches) → [`node`] (the stage server) → [`net`] (wire protocol, QUIC)
 //! → [`head`] (tokenizer, sampling, generation, the pipeline client) → [`cluster`]
 //! (registry, partitioning, health, routing) → [`api`] (Ollama and OpenAI
-//! HTTP APIs, metrics, dashboard). See
+//! HTTP APIs, metrics, dashboard); [`lab`] builds hosts in network namespaces
+//! to run all of it across real links. See
 //! `ARCHITECTURE.md` for the map and the invariants.
 
 pub mod api;
@@ -12,6 +13,7 @@ pub mod cluster;
 pub mod error;
 pub mod head;
 pub mod kernels;
+pub mod lab;
 pub mod model;
 pub mod net;
 pub mod node;

@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod cluster;
 mod generate;
+mod lab;
 mod node;
 mod nodes;
 mod perplexity;
@@ -53,6 +54,9 @@ enum Command {
     /// Clusters: create (plan + load), list, health, rm.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// A network lab: hosts in network namespaces with capped, delayed links, a node on each.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Print the partition plan of a model over nodes (a dry run).
     Plan(cluster::PlanArgs),
     /// Where a model would run: a single node or a cluster (get_worker_for_model).
@@ -140,6 +144,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Nodes(cmd) => nodes::run(cmd),
         Command::Discover(args) => nodes::discover(args),
         Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Lab(cmd) => lab::run(cmd),
         Command::Plan(args) => cluster::plan(args),
         Command::Route(args) => cluster::route(args),
         Command::Serve(args) => serve::run(args, cli.threads),

@@ -1,0 +1,375 @@
+//! A network lab on one machine: hosts in network namespaces of their own,
+//! each with an address on one bridge (in a hub namespace), so traffic
+//! between them crosses real interfaces. Each host's link has a bandwidth
+//! cap (`tc tbf`, both directions) and a delay: QUIC is UDP, and the kernel
+//! here has no `netem`, so a relay of our own ([`relay`]) in front of each
+//! node's port holds every datagram for half the round trip each way (with
+//! optional jitter and loss). A host's processes can be held to a share of
+//! a core (a cgroup CPU quota), so hosts behave like separate small
+//! machines instead of sharing every core.
+//!
+//! The lab's addresses exist only inside the namespaces it creates: the
+//! root namespace gets no interface on the bridge and no route into it.
+//! Everything is torn down on drop (processes, namespaces, cgroups).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// The bridge's subnet (inside the lab's namespaces only).
+const SUBNET: [u8; 3] = [10, 213, 0];
+/// Where a node listens on its host's address, and the relay in front of it.
+pub const NODE_PORT: u16 = 7000;
+pub const RELAY_PORT: u16 = 7001;
+
+/// What every host's link to the bridge is like.
+#[derive(Debug, Clone, Default)]
+pub struct LinkSpec {
+    /// A `tc` rate (`"100mbit"`, `"1gbit"`), each direction; None: uncapped.
+    pub rate: Option<String>,
+    /// The round trip the relay adds to each path into a host.
+    pub rtt: Duration,
+    /// Each direction's delay varies uniformly by up to this much.
+    pub jitter: Duration,
+    /// Each datagram is dropped with this probability, each direction.
+    pub loss: f64,
+}
+
+impl LinkSpec {
+    /// `rate` in bits per second, when capped.
+    pub fn bits_per_sec(&self) -> Option<f64> {
+        let r = self.rate.as_deref()?.to_ascii_lowercase();
+        let (num, scale) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
+            .iter()
+            .find_map(|(unit, scale)| r.strip_suffix(unit).map(|n| (n.to_string(), *scale)))?;
+        num.trim().parse::<f64>().ok().map(|n| n * scale)
+    }
+}
+
+/// A host of the lab.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Its network namespace.
+    pub netns: String,
+    pub addr: Ipv4Addr,
+    /// Its cgroup, when its CPU is capped.
+    cgroup: Option<PathBuf>,
+}
+
+impl Host {
+    /// Where its node is reached from the other hosts: the relay in front of it.
+    pub fn node_addr(&self) -> String {
+        SocketAddr::from((self.addr, RELAY_PORT)).to_string()
+    }
+}
+
+pub struct Lab {
+    id: String,
+    hub: String,
+    pub hosts: Vec<Host>,
+    pub link: LinkSpec,
+    /// The `sollol` binary the lab runs its relays with.
+    sollol: PathBuf,
+    children: Mutex<Vec<Child>>,
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| Error::Lab(format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Lab(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// Why no lab can be made here, if none can (not root, no `ip`, no namespaces).
+pub fn unavailable() -> Option<String> {
+    let probe = format!("sollol-probe-{}", std::process::id());
+    match ip(&["netns", "add", &probe]) {
+        Ok(()) => {
+            let _ = ip(&["netns", "del", &probe]);
+            Command::new("tc").arg("-V").output().err().map(|e| format!("no tc: {e}"))
+        }
+        Err(e) => Some(format!("network namespaces cannot be made here ({e})")),
+    }
+}
+
+impl Lab {
+    /// Builds `hosts` hosts on one bridge, each link as `link`, each host's
+    /// processes capped to `cpu` cores (None: uncapped). The relays are the
+    /// `sollol` binary at `sollol`'s.
+    pub fn up(hosts: usize, link: LinkSpec, cpu: Option<f64>, sollol: &Path) -> Result<Self> {
+        if hosts == 0 || hosts > 200 {
+            return Err(Error::InvalidRequest(format!("a lab has 1 to 200 hosts, not {hosts}")));
+        }
+        // Short enough for interface names (15 characters), unique per process.
+        let id = format!("sl{}", std::process::id() % 100_000);
+        let hub = format!("sollol-{id}-hub");
+        let mut lab = Lab {
+            id: id.clone(),
+            hub: hub.clone(),
+            hosts: Vec::new(),
+            link,
+            sollol: sollol.to_path_buf(),
+            children: Mutex::new(Vec::new()),
+        };
+        ip(&["netns", "add", &hub])?;
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
+        for i in 0..hosts {
+            let netns = format!("sollol-{id}-h{}", i + 1);
+            let addr = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 10 + i as u8);
+            ip(&["netns", "add", &netns])?;
+            lab.hosts.push(Host { netns: netns.clone(), addr, cgroup: None });
+            let (inside, outside) = (format!("{id}h{}", i + 1), format!("{id}b{}", i + 1));
+            ip(&["link", "add", &inside, "netns", &netns, "type", "veth", "peer", "name", &outside, "netns", &hub])?;
+            ip(&["-n", &netns, "addr", "add", &format!("{addr}/24"), "dev", &inside])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &netns, "link", "set", &inside, "up"])?;
+            ip(&["-n", &hub, "link", "set", &outside, "master", "br0"])?;
+            ip(&["-n", &hub, "link", "set", &outside, "up"])?;
+            if let Some(rate) = &lab.link.rate {
+                // Each direction: out of the host, and out of the bridge toward it.
+                for (ns, dev) in [(&netns, &inside), (&hub, &outside)] {
+                    run(Command::new("tc")
+                        .args(["-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "200ms"]))?;
+                }
+            }
+            if let Some(cores) = cpu {
+                lab.hosts[i].cgroup = Some(cpu_cgroup(&format!("sollol-{id}-h{}", i + 1), cores)?);
+            }
+        }
+        Ok(lab)
+    }
+
+    /// A command that runs `program` on host `host` (in its namespace; not
+    /// in its cgroup: for a head or a client the caller runs itself).
+    pub fn exec(&self, host: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[host].netns]).arg(program);
+        c
+    }
+
+    /// Runs `cmd` on host `host` (inside its namespace and cgroup), until
+    /// the lab goes down; returns its pid.
+    pub fn spawn(&self, host: usize, cmd: &Command) -> Result<u32> {
+        let h = &self.hosts[host];
+        let mut wrapped = self.exec(host, cmd.get_program());
+        wrapped.args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => wrapped.env(k, v),
+                None => wrapped.env_remove(k),
+            };
+        }
+        wrapped.stdin(Stdio::null());
+        let child = wrapped.spawn().map_err(|e| Error::Lab(format!("{wrapped:?}: {e}")))?;
+        // `ip netns exec` execs the command: the pid is the command's.
+        let pid = child.id();
+        if let Some(cg) = &h.cgroup {
+            std::fs::write(cg.join("cgroup.procs"), pid.to_string()).map_err(|e| Error::Lab(format!("{}: {e}", cg.display())))?;
+        }
+        self.children.lock().expect("children lock").push(child);
+        Ok(pid)
+    }
+
+    /// Starts a node on host `host` with the relay in front of it; returns
+    /// its pid and the address the other hosts reach it at. It listens on the
+    /// host's address (its connections to the next stage leave from there),
+    /// so `args` carry the cluster key.
+    pub fn node(&self, host: usize, args: &[&str]) -> Result<(u32, String)> {
+        let h = &self.hosts[host];
+        let direct = SocketAddr::from((h.addr, NODE_PORT)).to_string();
+        let mut node = Command::new(&self.sollol);
+        node.args(["node", "--listen", &direct]).args(args);
+        let pid = self.spawn(host, &node)?;
+        let mut relay = Command::new(&self.sollol);
+        relay.args(["lab", "relay", "--listen", &h.node_addr(), "--to", &direct]);
+        relay.args(["--rtt-us", &self.link.rtt.as_micros().to_string(), "--jitter-us", &self.link.jitter.as_micros().to_string()]);
+        relay.args(["--loss", &self.link.loss.to_string()]);
+        self.spawn(host, &relay)?;
+        Ok((pid, h.node_addr()))
+    }
+
+    /// Waits until the node behind `host`'s relay answers a handshake.
+    pub fn wait_node(&self, host: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut probe = Command::new("ip");
+            probe.args(["netns", "exec", &self.hosts[host].netns, "ss", "-Hlun", &format!("sport = :{NODE_PORT}")]);
+            let out = probe.output().map_err(|e| Error::Lab(e.to_string()))?;
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Lab(format!("the node on {} did not start", self.hosts[host].netns)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops every process the lab started and removes its namespaces and cgroups.
+    pub fn down(&mut self) {
+        for mut c in self.children.lock().expect("children lock").drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for h in self.hosts.drain(..) {
+            let _ = ip(&["netns", "del", &h.netns]);
+            if let Some(cg) = h.cgroup {
+                let _ = std::fs::remove_dir(cg);
+            }
+        }
+        let _ = ip(&["netns", "del", &self.hub]);
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// A cgroup holding its processes to `cores` of CPU time (v2 `cpu.max`,
+/// or v1's CFS quota).
+fn cpu_cgroup(name: &str, cores: f64) -> Result<PathBuf> {
+    const PERIOD: u64 = 100_000;
+    let quota = ((cores * PERIOD as f64) as u64).max(1000);
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+    let io = |p: &Path, e: std::io::Error| Error::Lab(format!("{}: {e}", p.display()));
+    if std::fs::read_to_string(v2).is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu")) {
+        let dir = Path::new("/sys/fs/cgroup").join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        std::fs::write(dir.join("cpu.max"), format!("{quota} {PERIOD}")).map_err(|e| io(&dir, e))?;
+        return Ok(dir);
+    }
+    let dir = Path::new("/sys/fs/cgroup/cpu").join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    std::fs::write(dir.join("cpu.cfs_period_us"), PERIOD.to_string()).map_err(|e| io(&dir, e))?;
+    std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()).map_err(|e| io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Datagrams a direction holds before it drops more (a router's queue).
+const RELAY_QUEUE: usize = 4096;
+
+/// Forwards UDP datagrams between the clients of `listen` and `to`, each
+/// held `link.rtt / 2` (± jitter) each way and dropped with `link.loss`;
+/// one upstream socket per client, so replies find their way back. Stops
+/// after `ttl`, so a lab left behind does not run for ever.
+pub async fn relay(listen: SocketAddr, to: SocketAddr, link: LinkSpec, ttl: Duration) -> Result<()> {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    use tokio::sync::mpsc;
+
+    let front = Arc::new(UdpSocket::bind(listen).await.map_err(|e| Error::Lab(format!("relay {listen}: {e}")))?);
+    let half = link.rtt / 2;
+    // One direction: datagrams wait their due time in order, then go out.
+    let pipe = move |socket: Arc<UdpSocket>, dest: SocketAddr| {
+        let (tx, mut rx) = mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(RELAY_QUEUE);
+        tokio::spawn(async move {
+            while let Some((due, bytes)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                let _ = socket.send_to(&bytes, dest).await;
+            }
+        });
+        tx
+    };
+    let delay = move |last: &mut tokio::time::Instant| -> Option<tokio::time::Instant> {
+        if link.loss > 0.0 && rand::random::<f64>() < link.loss {
+            return None;
+        }
+        let jitter = link.jitter.as_secs_f64() * (2.0 * rand::random::<f64>() - 1.0);
+        let wait = Duration::from_secs_f64((half.as_secs_f64() + jitter).max(0.0));
+        // Never before the one ahead: a link does not reorder.
+        *last = (tokio::time::Instant::now() + wait).max(*last);
+        Some(*last)
+    };
+    let mut clients: HashMap<SocketAddr, (mpsc::Sender<(tokio::time::Instant, Vec<u8>)>, tokio::time::Instant)> = HashMap::new();
+    let end = tokio::time::Instant::now() + ttl;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, from) = tokio::select! {
+            r = front.recv_from(&mut buf) => r.map_err(|e| Error::Lab(e.to_string()))?,
+            _ = tokio::time::sleep_until(end) => return Ok(()),
+        };
+        if !clients.contains_key(&from) {
+            let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.map_err(|e| Error::Lab(e.to_string()))?);
+            // Replies from `to`, back to this client after their delay.
+            let back = pipe(front.clone(), from);
+            let reader = up.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                let mut last = tokio::time::Instant::now();
+                while let Ok((n, _)) = reader.recv_from(&mut buf).await {
+                    if let Some(due) = delay(&mut last) {
+                        if back.try_send((due, buf[..n].to_vec())).is_err() && back.is_closed() {
+                            return;
+                        }
+                    }
+                }
+            });
+            clients.insert(from, (pipe(up, to), tokio::time::Instant::now()));
+        }
+        let (tx, last) = clients.get_mut(&from).expect("just inserted");
+        if let Some(due) = delay(last) {
+            // A full queue drops, as a router's does.
+            let _ = tx.try_send((due, buf[..n].to_vec()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        let link = |r: &str| LinkSpec { rate: Some(r.into()), ..Default::default() }.bits_per_sec();
+        assert_eq!(link("100mbit"), Some(100e6));
+        assert_eq!(link("1gbit"), Some(1e9));
+        assert_eq!(link("50Mbit"), Some(50e6));
+        assert_eq!(link("fast"), None);
+    }
+
+    /// The relay holds each datagram half the round trip each way.
+    #[tokio::test]
+    async fn the_relay_adds_its_round_trip() {
+        let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // Bind first to learn a free port, then relay on it.
+        let port = std::net::UdpSocket::bind(listen).unwrap().local_addr().unwrap();
+        let link = LinkSpec { rtt: Duration::from_millis(40), ..Default::default() };
+        tokio::spawn(relay(port, to, link, Duration::from_secs(30)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            let t = Instant::now();
+            client.send_to(b"ping", port).await.unwrap();
+            let (n, _) = tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await.unwrap().unwrap();
+            let rtt = t.elapsed();
+            assert_eq!(&buf[..n], b"ping");
+            assert!(rtt >= Duration::from_millis(40) && rtt < Duration::from_millis(200), "{rtt:?}");
+        }
+    }
+}
