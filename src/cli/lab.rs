@@ -48,6 +48,9 @@ pub enum LabCommand {
         /// Cores each host's processes may use (cgroup quota), e.g. 0.6.
         #[arg(long)]
         cpu: Option<f64>,
+        /// Host 1 runs no node: it is the head's (run a head there with `ip netns exec`).
+        #[arg(long)]
+        head: bool,
         /// The nodes' cluster key (default: a fresh one, printed).
         #[arg(long, env = "SOLLOL_CLUSTER_KEY", hide_env_values = true)]
         cluster_key: Option<String>,
@@ -77,7 +80,7 @@ pub enum LabCommand {
 
 pub fn run(cmd: LabCommand) -> Result<()> {
     match cmd {
-        LabCommand::Up { hosts, link, cpu, cluster_key, node_args, ttl_secs } => {
+        LabCommand::Up { hosts, link, cpu, head, cluster_key, node_args, ttl_secs } => {
             if let Some(why) = sollol::lab::unavailable() {
                 anyhow::bail!("no lab here: {why}");
             }
@@ -88,11 +91,15 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             let mut args: Vec<&str> = vec!["--cluster-key", &key];
             args.extend(node_args.iter().map(String::as_str));
             for (i, h) in lab.hosts.iter().enumerate() {
+                if head && i == 0 {
+                    println!("host 1 ({}): the head's; run there with: ip netns exec {} CMD", h.addr, h.netns);
+                    continue;
+                }
                 let (_, addr) = lab.node(i, &args)?;
                 lab.wait_node(i, Duration::from_secs(10))?;
                 println!("host {} ({}): node at {addr}; run there with: ip netns exec {} CMD", i + 1, h.addr, h.netns);
             }
-            eprintln!("lab {} up for {ttl_secs} s; Ctrl-C tears it down", lab.id());
+            println!("lab {} up for {ttl_secs} s; Ctrl-C tears it down", lab.id());
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
                 tokio::select! {
