@@ -4,7 +4,9 @@
 # of 1 Gbit/s + 0.5 ms RTT, and a head on a host of its own serving the
 # default model with --replicas 3, then with --replicas 1 (the baseline: one
 # node under the same cap); `sollol bench --url` with 24 clients each time.
-# Prints both tables and each copy's request count. Needs root (namespaces).
+# A node starts inside its cgroup and sizes its thread pool to its share
+# (one thread, as a one-core machine would). Prints both tables and each
+# copy's request count. Needs root (namespaces).
 #
 # usage: scripts/lab-replicas.sh [CLIENTS] [REQUESTS]
 set -euo pipefail

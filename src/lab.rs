@@ -56,8 +56,8 @@ pub struct Host {
     /// Its network namespace.
     pub netns: String,
     pub addr: Ipv4Addr,
-    /// Its cgroup, when its CPU is capped.
-    cgroup: Option<PathBuf>,
+    /// Its cgroup and the cores it allows, when its CPU is capped.
+    cgroup: Option<(PathBuf, f64)>,
 }
 
 impl Host {
@@ -143,7 +143,7 @@ impl Lab {
                 }
             }
             if let Some(cores) = cpu {
-                lab.hosts[i].cgroup = Some(cpu_cgroup(&format!("sollol-{id}-h{}", i + 1), cores)?);
+                lab.hosts[i].cgroup = Some((cpu_cgroup(&format!("sollol-{id}-h{}", i + 1), cores)?, cores));
             }
         }
         Ok(lab)
@@ -160,8 +160,24 @@ impl Lab {
     /// Runs `cmd` on host `host` (inside its namespace and cgroup), until
     /// the lab goes down; returns its pid.
     pub fn spawn(&self, host: usize, cmd: &Command) -> Result<u32> {
+        self.spawn_in(host, cmd, true)
+    }
+
+    /// [`Lab::spawn`], in the host's cgroup or not (a relay is the link's,
+    /// not the host's: it does not spend the host's CPU share).
+    fn spawn_in(&self, host: usize, cmd: &Command, capped: bool) -> Result<u32> {
         let h = &self.hosts[host];
-        let mut wrapped = self.exec(host, cmd.get_program());
+        let mut wrapped = match h.cgroup.as_ref().filter(|_| capped) {
+            // Into the cgroup before the command starts: no instruction of
+            // it runs uncapped.
+            Some((cg, _)) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c").arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#).arg(cg).args(["ip", "netns", "exec", &h.netns]);
+                sh.arg(cmd.get_program());
+                sh
+            }
+            None => self.exec(host, cmd.get_program()),
+        };
         wrapped.args(cmd.get_args());
         for (k, v) in cmd.get_envs() {
             match v {
@@ -171,11 +187,8 @@ impl Lab {
         }
         wrapped.stdin(Stdio::null());
         let child = wrapped.spawn().map_err(|e| Error::Lab(format!("{wrapped:?}: {e}")))?;
-        // `ip netns exec` execs the command: the pid is the command's.
+        // `sh` and `ip netns exec` exec the command: the pid is the command's.
         let pid = child.id();
-        if let Some(cg) = &h.cgroup {
-            std::fs::write(cg.join("cgroup.procs"), pid.to_string()).map_err(|e| Error::Lab(format!("{}: {e}", cg.display())))?;
-        }
         self.children.lock().expect("children lock").push(child);
         Ok(pid)
     }
@@ -189,12 +202,18 @@ impl Lab {
         let direct = SocketAddr::from((h.addr, NODE_PORT)).to_string();
         let mut node = Command::new(&self.sollol);
         node.args(["node", "--listen", &direct]).args(args);
+        if let Some((_, cores)) = h.cgroup {
+            // As many compute threads as the host has cores: more would spin
+            // the quota away. (The node cannot see its quota itself: `ip netns
+            // exec` mounts a fresh /sys, hiding the cgroup hierarchy.)
+            node.args(["--threads", &(cores.ceil().max(1.0) as usize).to_string()]);
+        }
         let pid = self.spawn(host, &node)?;
         let mut relay = Command::new(&self.sollol);
         relay.args(["lab", "relay", "--listen", &h.node_addr(), "--to", &direct]);
         relay.args(["--rtt-us", &self.link.rtt.as_micros().to_string(), "--jitter-us", &self.link.jitter.as_micros().to_string()]);
         relay.args(["--loss", &self.link.loss.to_string()]);
-        self.spawn(host, &relay)?;
+        self.spawn_in(host, &relay, false)?;
         Ok((pid, h.node_addr()))
     }
 
@@ -223,7 +242,7 @@ impl Lab {
         }
         for h in self.hosts.drain(..) {
             let _ = ip(&["netns", "del", &h.netns]);
-            if let Some(cg) = h.cgroup {
+            if let Some((cg, _)) = h.cgroup {
                 let _ = std::fs::remove_dir(cg);
             }
         }

@@ -32,8 +32,62 @@ pub fn memory_bytes() -> Option<(u64, u64)> {
     Some((field("MemTotal:")?, field("MemAvailable:")?))
 }
 
+/// The cores this process may use: the CPUs it may run on, and no more
+/// than its cgroup's CPU quota, rounded up. (`available_parallelism` reads
+/// the quota of cgroup v2 alone; on a host with both hierarchies, the v1
+/// `cpu` controller's quota is the one that holds, as in many containers.)
+/// A compute thread beyond the quota only spins the quota away.
 pub fn cpu_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let quota = cgroup_cpu_quota(
+        &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        |p| std::fs::read_to_string(p).ok(),
+    );
+    quota.map_or(cpus, |q| cpus.min(q.ceil().max(1.0) as usize))
+}
+
+/// The tightest CPU quota (in cores) of the cgroups in `cgroup` (the text
+/// of `/proc/self/cgroup`), found through the mounts in `mountinfo`: v1's
+/// `cpu.cfs_quota_us / cpu.cfs_period_us`, v2's `cpu.max`.
+fn cgroup_cpu_quota(cgroup: &str, mountinfo: &str, read: impl Fn(&std::path::Path) -> Option<String>) -> Option<f64> {
+    let mut tightest: Option<f64> = None;
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let v2 = controllers.is_empty();
+        if !v2 && !controllers.split(',').any(|c| c == "cpu") {
+            continue;
+        }
+        // The mount of that hierarchy: (its root within the hierarchy, where it is mounted).
+        let mount = mountinfo.lines().find_map(|m| {
+            let (left, right) = m.split_once(" - ")?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let options = r.nth(1).unwrap_or_default();
+            let ok = if v2 { fstype == "cgroup2" } else { fstype == "cgroup" && options.split(',').any(|o| o == "cpu") };
+            ok.then(|| (fields.get(3).copied().unwrap_or("/"), fields.get(4).copied().unwrap_or_default()))
+        });
+        let Some((root, point)) = mount else { continue };
+        let relative = path.strip_prefix(root).unwrap_or(path).trim_start_matches('/');
+        let dir = std::path::Path::new(point).join(relative);
+        let cores = if v2 {
+            read(&dir.join("cpu.max")).and_then(|t| {
+                let mut f = t.split_whitespace();
+                let (q, p) = (f.next()?.parse::<f64>().ok()?, f.next()?.parse::<f64>().ok()?);
+                Some(q / p)
+            })
+        } else {
+            let quota = read(&dir.join("cpu.cfs_quota_us"))?.trim().parse::<f64>().ok().filter(|q| *q > 0.0);
+            let period = read(&dir.join("cpu.cfs_period_us")).and_then(|t| t.trim().parse::<f64>().ok()).filter(|p| *p > 0.0);
+            quota.zip(period).map(|(q, p)| q / p)
+        };
+        if let Some(c) = cores.filter(|c| *c > 0.0) {
+            tightest = Some(tightest.map_or(c, |t| t.min(c)));
+        }
+    }
+    tightest
 }
 
 /// Bytes per second the compute pool's threads read from memory together:
@@ -129,6 +183,35 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hybrid layout seen on this project's machines (v1 `cpu` beside an
+    /// empty v2 root), a container's nested mount, and pure v2.
+    #[test]
+    fn cpu_quotas_are_read_from_either_cgroup_hierarchy() {
+        let files = |pairs: &'static [(&'static str, &'static str)]| {
+            move |p: &std::path::Path| pairs.iter().find(|(k, _)| std::path::Path::new(k) == p).map(|(_, v)| v.to_string())
+        };
+        let hybrid_cg = "4:memory:/x\n1:cpu:/lab-h1\n0::/\n";
+        let hybrid_mi = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                         40 31 0:40 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        let read = files(&[
+            ("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_quota_us", "60000\n"),
+            ("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_period_us", "100000\n"),
+        ]);
+        assert_eq!(cgroup_cpu_quota(hybrid_cg, hybrid_mi, read), Some(0.6));
+        // No quota (-1): none.
+        let read =
+            files(&[("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_quota_us", "-1\n"), ("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_period_us", "100000\n")]);
+        assert_eq!(cgroup_cpu_quota(hybrid_cg, hybrid_mi, read), None);
+        // A container sees its own cgroup as the mount's root.
+        let nested_mi = "32 31 0:29 /kubepods/pod1 /sys/fs/cgroup/cpu,cpuacct ro - cgroup cgroup rw,cpuacct,cpu\n";
+        let read =
+            files(&[("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "150000"), ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000")]);
+        assert_eq!(cgroup_cpu_quota("3:cpuacct,cpu:/kubepods/pod1\n", nested_mi, read), Some(1.5));
+        let v2_mi = "30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup_cpu_quota("0::/app\n", v2_mi, files(&[("/sys/fs/cgroup/app/cpu.max", "250000 100000\n")])), Some(2.5));
+        assert_eq!(cgroup_cpu_quota("0::/app\n", v2_mi, files(&[("/sys/fs/cgroup/app/cpu.max", "max 100000\n")])), None);
+    }
 
     #[test]
     fn sizes_parse() {

@@ -195,7 +195,7 @@ pub fn set_threads(n: usize) {
 pub fn pool() -> &'static Pool {
     POOL.get_or_init(|| {
         let n = match THREADS.load(Ordering::Acquire) {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => crate::sys::cpu_cores(),
             n => n,
         };
         Pool::new(n)

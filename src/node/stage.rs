@@ -274,15 +274,15 @@ impl StepInput {
     }
 }
 
-/// Takes the longest run of forward steps at the front of the queue with
-/// distinct sessions and at most `MAX_BATCH_ROWS` rows (always at least one).
 /// How long a batch may wait for the last batch's sessions: a quarter of
-/// that batch's time, within 0.2-3 ms (a session whose generation ended
+/// that batch's time, within 0.2-20 ms (a session whose generation ended
 /// costs its next batch this much once).
 fn batch_window(last_step: Duration) -> Duration {
-    (last_step / 4).clamp(Duration::from_micros(200), Duration::from_millis(3))
+    (last_step / 4).clamp(Duration::from_micros(200), Duration::from_millis(20))
 }
 
+/// Takes the longest run of forward steps at the front of the queue with
+/// distinct sessions and at most `MAX_BATCH_ROWS` rows (always at least one).
 fn take_batch(queue: &mut VecDeque<Work>) -> Vec<(ForwardHeader, Vec<u8>)> {
     let mut batch = Vec::new();
     let mut sessions = HashSet::new();
