@@ -316,7 +316,9 @@ pub async fn relay(listen: SocketAddr, to: SocketAddr, link: LinkSpec, ttl: Dura
         *last = (tokio::time::Instant::now() + wait).max(*last);
         Some(*last)
     };
-    let mut clients: HashMap<SocketAddr, (mpsc::Sender<(tokio::time::Instant, Vec<u8>)>, tokio::time::Instant)> = HashMap::new();
+    // Per client: its way to `to`, and when its last datagram is due.
+    type Link = (mpsc::Sender<(tokio::time::Instant, Vec<u8>)>, tokio::time::Instant);
+    let mut clients: HashMap<SocketAddr, Link> = HashMap::new();
     let end = tokio::time::Instant::now() + ttl;
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -324,8 +326,9 @@ pub async fn relay(listen: SocketAddr, to: SocketAddr, link: LinkSpec, ttl: Dura
             r = front.recv_from(&mut buf) => r.map_err(|e| Error::Lab(e.to_string()))?,
             _ = tokio::time::sleep_until(end) => return Ok(()),
         };
-        if !clients.contains_key(&from) {
-            let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.map_err(|e| Error::Lab(e.to_string()))?);
+        if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(from) {
+            let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("an address");
+            let up = Arc::new(UdpSocket::bind(any).await.map_err(|e| Error::Lab(e.to_string()))?);
             // Replies from `to`, back to this client after their delay.
             let back = pipe(front.clone(), from);
             let reader = up.clone();
@@ -340,7 +343,7 @@ pub async fn relay(listen: SocketAddr, to: SocketAddr, link: LinkSpec, ttl: Dura
                     }
                 }
             });
-            clients.insert(from, (pipe(up, to), tokio::time::Instant::now()));
+            slot.insert((pipe(up, to), tokio::time::Instant::now()));
         }
         let (tx, last) = clients.get_mut(&from).expect("just inserted");
         if let Some(due) = delay(last) {

@@ -117,6 +117,33 @@ fn probing_a_loopback_range_finds_exactly_the_nodes_started() {
     assert!(out.contains("2 node(s) found") && out.contains("refused this cluster key"), "{out}");
 }
 
+/// The nodes behind a DNS name (a Kubernetes headless Service's way): the
+/// CLI finds them, and a head started with nothing but the name finds them,
+/// registers them and serves through them.
+#[test]
+fn nodes_behind_a_dns_name_are_found_and_served_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _node = NodeProc::spawn_on(&format!("127.0.0.1:{port}"), Some(KEY), &[]);
+    let out = ok(sollol(&["discover", "--dns", "localhost", "--port", &port.to_string()], dir.path()));
+    assert!(out.contains(&format!("127.0.0.1:{port}")) && out.contains("1 node(s) found"), "{out}");
+    common::smollm2();
+    let serve = common::ServeProc::spawn_env(
+        &["--cluster-key", KEY, "--discover-dns", &format!("localhost:{port}")],
+        &[("SOLLOL_REGISTRY", &dir.path().join("head.toml"))],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while common::http::get(&serve.addr, "/api/sollol/status").json()["nodes"].as_array().is_none_or(|n| n.is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "the head found no node through DNS");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let body =
+        r#"{"model":"smollm2","prompt":"The capital of France is","raw":true,"stream":false,"options":{"temperature":0,"num_predict":4}}"#;
+    let r = common::http::post(&serve.addr, "/api/generate", body).json();
+    assert_eq!(r["_cluster"]["nodes"][0]["addr"], format!("127.0.0.1:{port}"), "{r}");
+    assert!(r["response"].as_str().unwrap().contains("Paris"), "{r}");
+}
+
 #[test]
 fn multicast_announcements_on_loopback_are_heard() {
     let dir = tempfile::tempdir().unwrap();

@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub model_dirs: Vec<std::path::PathBuf>,
     /// Copies of each model to spread requests over.
     pub replicas: usize,
+    /// A DNS name whose addresses are nodes (resolved again every 30 s).
+    pub discover_dns: Option<String>,
 }
 
 /// A model ready to serve: its tokenizer here, its slices on the nodes.
@@ -363,6 +365,38 @@ impl Drop for Running {
 /// synthetic), the operator's `--model`, or a file inside `--models-dir`.
 /// Any other path is "unknown", with the same answer whether it exists or
 /// not, so a client learns nothing of the head's files.
+/// How often the nodes behind a DNS name are looked up again.
+const DNS_DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Adds the nodes `name` resolves to (those that pass the handshake) to the
+/// registry, now and every [`DNS_DISCOVERY_INTERVAL`]: pods of a headless
+/// Service come and go. Nodes that leave are the health monitor's to mark.
+fn spawn_dns_discovery(manager: &Arc<ClusterManager>, name: String) {
+    let weak = Arc::downgrade(manager);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DNS_DISCOVERY_INTERVAL);
+        loop {
+            tick.tick().await;
+            let Some(m) = weak.upgrade() else { return };
+            let found = crate::cluster::discovery::probe_dns(&name, 7070, m.key(), 64, Duration::from_secs(2)).await;
+            match found {
+                Ok(found) => {
+                    for f in found.iter().filter(|f| f.capabilities.is_some()) {
+                        let added = m.update_registry(|r| match r.node(&f.addr) {
+                            Some(_) => Ok(false),
+                            None => r.add_node(&f.addr, &f.addr).map(|_| true),
+                        });
+                        if let Ok(true) = added {
+                            tracing::info!(node = %f.addr, "found through {name}");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("discovering nodes through {name}: {e}"),
+            }
+        }
+    });
+}
+
 /// The local nodes as `replicas` copies of a model (at least one): each copy
 /// an even plan over a group of the nodes, in order. Returns the copies'
 /// routes and how many nodes they use.
@@ -446,7 +480,7 @@ impl Service {
     pub async fn start(cfg: ServeConfig) -> crate::Result<Arc<Self>> {
         let registry = Registry::load_default()?;
         let key = ClusterKey::new(cfg.key.as_deref());
-        let (manager, local) = if registry.nodes.is_empty() {
+        let (manager, local) = if registry.nodes.is_empty() && cfg.discover_dns.is_none() {
             let bin = std::env::current_exe().map_err(|e| crate::Error::io("cannot find this executable", e))?;
             let threads = if cfg.threads == 0 { crate::sys::cpu_cores() } else { cfg.threads };
             let n = cfg.local_nodes.max(1);
@@ -457,6 +491,9 @@ impl Service {
         } else {
             let m = ClusterManager::new(registry, key, HealthPolicy::default())?;
             m.spawn_monitor();
+            if let Some(name) = &cfg.discover_dns {
+                spawn_dns_discovery(&m, name.clone());
+            }
             (Some(m), None)
         };
         let parallel = cfg.parallel;

@@ -44,8 +44,12 @@ pub enum NodesCommand {
 #[derive(Args)]
 pub struct DiscoverArgs {
     /// Probe every address of this IPv4 block (e.g. 192.168.1.0/24).
-    #[arg(long, conflicts_with = "multicast")]
+    #[arg(long, conflicts_with_all = ["multicast", "dns"])]
     cidr: Option<String>,
+    /// Probe every address this DNS name resolves to (a Kubernetes headless
+    /// Service: `sollol-nodes.NAMESPACE.svc.cluster.local`).
+    #[arg(long, conflicts_with = "multicast")]
+    dns: Option<String>,
     /// Port to probe.
     #[arg(long, default_value_t = 7070)]
     port: u16,
@@ -150,8 +154,12 @@ pub fn discover(args: DiscoverArgs) -> Result<()> {
         let heard = rt.block_on(discovery::listen(args.group, args.interface, Duration::from_secs(args.seconds)))?;
         heard.into_iter().map(|a| (a.addr, format!("announced (build {})", a.build))).collect()
     } else {
-        let cidr = args.cidr.as_deref().ok_or_else(|| anyhow::anyhow!("give --cidr BLOCK or --multicast"))?;
-        let found = rt.block_on(discovery::probe(cidr, args.port, &key, args.concurrency, Duration::from_millis(args.timeout_ms)))?;
+        let wait = Duration::from_millis(args.timeout_ms);
+        let found = match (&args.cidr, &args.dns) {
+            (Some(cidr), _) => rt.block_on(discovery::probe(cidr, args.port, &key, args.concurrency, wait))?,
+            (None, Some(name)) => rt.block_on(discovery::probe_dns(name, args.port, &key, args.concurrency, wait))?,
+            (None, None) => anyhow::bail!("give --cidr BLOCK, --dns NAME or --multicast"),
+        };
         found
             .into_iter()
             .map(|f| {

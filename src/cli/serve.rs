@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// local nodes); a copy's death moves its sessions to another.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Find nodes as the addresses this DNS name resolves to (a Kubernetes
+    /// headless Service), again every 30 s; new ones join the registry.
+    #[arg(long)]
+    discover_dns: Option<String>,
 }
 
 pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
@@ -62,6 +66,7 @@ pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
         rebalance_threshold: args.rebalance_threshold,
         model_dirs: args.models_dirs,
         replicas: args.replicas,
+        discover_dns: args.discover_dns,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(256).enable_all().build()?;
     rt.block_on(sollol::api::serve(cfg))?;

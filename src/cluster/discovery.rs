@@ -1,6 +1,7 @@
-//! Finding nodes: probing an address range with the QUIC handshake only, and
-//! LAN announcements by multicast (opt-in on both sides; the datagrams are
-//! `net::announce`'s).
+//! Finding nodes: probing an address range, or every address a DNS name
+//! resolves to (a Kubernetes headless Service), with the QUIC handshake
+//! only; and LAN announcements by multicast (opt-in on both sides; the
+//! datagrams are `net::announce`'s).
 
 pub use crate::net::announce::{listen, Announcement, DEFAULT_GROUP};
 
@@ -51,15 +52,29 @@ pub fn hosts(cidr: &str) -> Result<Vec<Ipv4Addr>> {
 /// Probes `port` on every host of `cidr`, `concurrency` at a time, each with
 /// `wait` to answer. Only the handshake is run: no model traffic.
 pub async fn probe(cidr: &str, port: u16, key: &ClusterKey, concurrency: usize, wait: Duration) -> Result<Vec<Found>> {
-    let hosts = hosts(cidr)?;
+    let addrs = hosts(cidr)?.into_iter().map(|ip| SocketAddr::V4(SocketAddrV4::new(ip, port))).collect();
+    probe_addrs(addrs, key, concurrency, wait).await
+}
+
+/// Probes every address `name` resolves to (`host` or `host:port`, `port`
+/// when it names none): the pods behind a Kubernetes headless Service.
+pub async fn probe_dns(name: &str, port: u16, key: &ClusterKey, concurrency: usize, wait: Duration) -> Result<Vec<Found>> {
+    let target =
+        if name.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) { name.to_string() } else { format!("{name}:{port}") };
+    let addrs: Vec<SocketAddr> =
+        tokio::net::lookup_host(&target).await.map_err(|e| Error::InvalidRequest(format!("cannot resolve {target}: {e}")))?.collect();
+    probe_addrs(addrs, key, concurrency, wait).await
+}
+
+/// Probes each of `addrs`, `concurrency` at a time.
+async fn probe_addrs(addrs: Vec<SocketAddr>, key: &ClusterKey, concurrency: usize, wait: Duration) -> Result<Vec<Found>> {
     let endpoint = tls::client_endpoint("0.0.0.0:0".parse().expect("address"))?;
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for ip in hosts {
+    for addr in addrs {
         let (endpoint, key, permits) = (endpoint.clone(), key.clone(), permits.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await.ok()?;
-            let addr = SocketAddr::V4(SocketAddrV4::new(ip, port));
             probe_one(&endpoint, addr, &key, wait).await
         });
     }

@@ -74,6 +74,11 @@ impl ClusterManager {
     }
 
     /// Changes the registry and saves it.
+    /// The cluster key it talks to nodes with.
+    pub fn key(&self) -> &ClusterKey {
+        &self.key
+    }
+
     pub fn update_registry<T>(&self, f: impl FnOnce(&mut Registry) -> Result<T>) -> Result<T> {
         let mut reg = self.registry.lock().expect("registry lock");
         let out = f(&mut reg)?;
