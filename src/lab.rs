@@ -283,74 +283,89 @@ fn cpu_cgroup(name: &str, cores: f64) -> Result<PathBuf> {
 /// Datagrams a direction holds before it drops more (a router's queue).
 const RELAY_QUEUE: usize = 4096;
 
+/// A datagram and when it is due out.
+type Held = (Instant, Vec<u8>);
+
 /// Forwards UDP datagrams between the clients of `listen` and `to`, each
 /// held `link.rtt / 2` (± jitter) each way and dropped with `link.loss`;
 /// one upstream socket per client, so replies find their way back. Stops
 /// after `ttl`, so a lab left behind does not run for ever.
-pub async fn relay(listen: SocketAddr, to: SocketAddr, link: LinkSpec, ttl: Duration) -> Result<()> {
+///
+/// Plain threads, not an async runtime: a timer wheel rounds every delay up
+/// to its millisecond tick, which alone added 2-3 ms to each token's hops;
+/// a thread sleeping until a datagram is due is within tens of µs.
+pub fn relay(listen: SocketAddr, to: SocketAddr, link: LinkSpec, ttl: Duration) -> Result<()> {
     use std::collections::HashMap;
+    use std::net::UdpSocket;
+    use std::sync::mpsc::{sync_channel, SyncSender};
     use std::sync::Arc;
-    use tokio::net::UdpSocket;
-    use tokio::sync::mpsc;
 
-    let front = Arc::new(UdpSocket::bind(listen).await.map_err(|e| Error::Lab(format!("relay {listen}: {e}")))?);
-    let half = link.rtt / 2;
+    let io = |e: std::io::Error| Error::Lab(format!("relay {listen} -> {to}: {e}"));
+    let front = Arc::new(UdpSocket::bind(listen).map_err(io)?);
+    let end = Instant::now() + ttl;
+    front.set_read_timeout(Some(Duration::from_millis(500))).map_err(io)?;
     // One direction: datagrams wait their due time in order, then go out.
-    let pipe = move |socket: Arc<UdpSocket>, dest: SocketAddr| {
-        let (tx, mut rx) = mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(RELAY_QUEUE);
-        tokio::spawn(async move {
-            while let Some((due, bytes)) = rx.recv().await {
-                tokio::time::sleep_until(due).await;
-                let _ = socket.send_to(&bytes, dest).await;
+    let pipe = |socket: Arc<UdpSocket>, dest: SocketAddr| -> SyncSender<Held> {
+        let (tx, rx) = sync_channel::<Held>(RELAY_QUEUE);
+        std::thread::spawn(move || {
+            while let Ok((due, bytes)) = rx.recv() {
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let _ = socket.send_to(&bytes, dest);
             }
         });
         tx
     };
-    let delay = move |last: &mut tokio::time::Instant| -> Option<tokio::time::Instant> {
-        if link.loss > 0.0 && rand::random::<f64>() < link.loss {
+    let half = link.rtt / 2;
+    let (jitter, loss) = (link.jitter, link.loss);
+    // When a datagram is due out (never before the one ahead: a link does
+    // not reorder); None when the link loses it.
+    let delay = move |last: &mut Instant| -> Option<Instant> {
+        if loss > 0.0 && rand::random::<f64>() < loss {
             return None;
         }
-        let jitter = link.jitter.as_secs_f64() * (2.0 * rand::random::<f64>() - 1.0);
+        let jitter = jitter.as_secs_f64() * (2.0 * rand::random::<f64>() - 1.0);
         let wait = Duration::from_secs_f64((half.as_secs_f64() + jitter).max(0.0));
-        // Never before the one ahead: a link does not reorder.
-        *last = (tokio::time::Instant::now() + wait).max(*last);
+        *last = (Instant::now() + wait).max(*last);
         Some(*last)
     };
     // Per client: its way to `to`, and when its last datagram is due.
-    type Link = (mpsc::Sender<(tokio::time::Instant, Vec<u8>)>, tokio::time::Instant);
-    let mut clients: HashMap<SocketAddr, Link> = HashMap::new();
-    let end = tokio::time::Instant::now() + ttl;
+    let mut clients: HashMap<SocketAddr, (SyncSender<Held>, Instant)> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
-    loop {
-        let (n, from) = tokio::select! {
-            r = front.recv_from(&mut buf) => r.map_err(|e| Error::Lab(e.to_string()))?,
-            _ = tokio::time::sleep_until(end) => return Ok(()),
+    while Instant::now() < end {
+        let (n, from) = match front.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(io(e)),
         };
         if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(from) {
             let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("an address");
-            let up = Arc::new(UdpSocket::bind(any).await.map_err(|e| Error::Lab(e.to_string()))?);
+            let up = Arc::new(UdpSocket::bind(any).map_err(io)?);
             // Replies from `to`, back to this client after their delay.
             let back = pipe(front.clone(), from);
             let reader = up.clone();
-            tokio::spawn(async move {
+            std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65_536];
-                let mut last = tokio::time::Instant::now();
-                while let Ok((n, _)) = reader.recv_from(&mut buf).await {
+                let mut last = Instant::now();
+                while let Ok((n, _)) = reader.recv_from(&mut buf) {
                     if let Some(due) = delay(&mut last) {
-                        if back.try_send((due, buf[..n].to_vec())).is_err() && back.is_closed() {
+                        // A full queue drops, as a router's does.
+                        if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = back.try_send((due, buf[..n].to_vec())) {
                             return;
                         }
                     }
                 }
             });
-            slot.insert((pipe(up, to), tokio::time::Instant::now()));
+            slot.insert((pipe(up, to), Instant::now()));
         }
         let (tx, last) = clients.get_mut(&from).expect("just inserted");
         if let Some(due) = delay(last) {
-            // A full queue drops, as a router's does.
             let _ = tx.try_send((due, buf[..n].to_vec()));
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -366,32 +381,44 @@ mod tests {
         assert_eq!(link("fast"), None);
     }
 
-    /// The relay holds each datagram half the round trip each way.
-    #[tokio::test]
-    async fn the_relay_adds_its_round_trip() {
-        let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    /// Round trips through a relay of `rtt` to an echo server.
+    fn round_trips(rtt: Duration) -> Vec<Duration> {
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = echo.local_addr().unwrap();
-        tokio::spawn(async move {
+        std::thread::spawn(move || {
             let mut buf = [0u8; 64];
-            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-                let _ = echo.send_to(&buf[..n], from).await;
+            while let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
             }
         });
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
         // Bind first to learn a free port, then relay on it.
-        let port = std::net::UdpSocket::bind(listen).unwrap().local_addr().unwrap();
-        let link = LinkSpec { rtt: Duration::from_millis(40), ..Default::default() };
-        tokio::spawn(relay(port, to, link, Duration::from_secs(30)));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let link = LinkSpec { rtt, ..Default::default() };
+        std::thread::spawn(move || relay(port, to, link, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(50));
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = [0u8; 64];
-        for _ in 0..3 {
-            let t = Instant::now();
-            client.send_to(b"ping", port).await.unwrap();
-            let (n, _) = tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await.unwrap().unwrap();
-            let rtt = t.elapsed();
-            assert_eq!(&buf[..n], b"ping");
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                client.send_to(b"ping", port).unwrap();
+                let (n, _) = client.recv_from(&mut buf).unwrap();
+                assert_eq!(&buf[..n], b"ping");
+                t.elapsed()
+            })
+            .collect()
+    }
+
+    /// The relay holds each datagram half the round trip each way, and adds
+    /// little of its own (no timer tick: sub-millisecond links stay so).
+    #[test]
+    fn the_relay_adds_its_round_trip_and_little_else() {
+        for rtt in round_trips(Duration::from_millis(40)) {
             assert!(rtt >= Duration::from_millis(40) && rtt < Duration::from_millis(200), "{rtt:?}");
         }
+        let mut fast = round_trips(Duration::ZERO);
+        fast.sort();
+        assert!(fast[2] < Duration::from_micros(800), "a relay of no delay takes {:?} (median)", fast[2]);
     }
 }

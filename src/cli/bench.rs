@@ -217,7 +217,7 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
 
 /// Aggregate decode tok/s of `n` sessions after a prefill each, all sessions
 /// stepped in one batch per step (what a node's worker does with waiting steps).
-fn batched_decode(slice: &sollol::model::ModelSlice, prompt: &[u32], tokens: usize, n: usize) -> Result<f64> {
+pub fn batched_decode(slice: &sollol::model::ModelSlice, prompt: &[u32], tokens: usize, n: usize) -> Result<f64> {
     use candle_core::{Device, Tensor};
     use sollol::model::{BatchItem, HostInput};
     let vocab = slice.config().vocab_size as u32;

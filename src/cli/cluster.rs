@@ -69,6 +69,38 @@ pub struct PlanArgs {
     json: bool,
     #[command(flatten)]
     key: KeyArgs,
+    /// Also predict the plan's decode over links of --rate and --rtt-ms
+    /// (sollol::cluster::netmodel), from this machine's in-process speed.
+    #[arg(long)]
+    explain: bool,
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// The links and the load `plan --explain` predicts for.
+#[derive(Args)]
+pub struct NetworkArgs {
+    /// Each link's rate (`tc` units: 100mbit, 1gbit); uncapped if absent.
+    #[arg(long)]
+    rate: Option<String>,
+    /// Each link's round trip (ms).
+    #[arg(long, default_value_t = 0.0)]
+    rtt_ms: f64,
+    /// The software's own cost of a hop (ms; measured on loopback: `sollol bench --stages 0,2`).
+    #[arg(long, default_value_t = 0.2)]
+    hop_overhead_ms: f64,
+    /// Sessions at once for the throughput prediction.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Activation dtype on the wire (bytes per value: f16/bf16 2, f32 4).
+    #[arg(long, default_value = "f16")]
+    wire: sollol::net::tensor::WireDType,
+    /// In-process decode tok/s of one session and of --clients batched
+    /// (measured now when absent).
+    #[arg(long)]
+    decode_tok_s: Option<f64>,
+    #[arg(long)]
+    batched_tok_s: Option<f64>,
 }
 
 #[derive(Args)]
@@ -210,6 +242,61 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     if !unused.is_empty() {
         println!("   (not used: {})", unused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
     }
+    if args.explain {
+        explain(&args.model, &plan, &args.network)?;
+    }
+    Ok(())
+}
+
+/// `plan --explain`: the network model's prediction for `plan`.
+fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs) -> Result<()> {
+    use sollol::cluster::netmodel::{self, Compute, Link};
+    let mut file = sollol::model::ModelFile::open(&sollol::model::source::resolve(model)?.path)?;
+    let config = file.config()?;
+    let layers = file.layer_bytes()?;
+    let stage_bytes: Vec<u64> = plan.iter().map(|a| netmodel::step_bytes(&layers, &(a.start..a.end))).collect();
+    let bytes = netmodel::step_bytes(&layers, &(0..config.n_layers));
+    let (one, batched) = match (net.decode_tok_s, net.batched_tok_s) {
+        (Some(a), Some(b)) => (a, b),
+        _ => {
+            eprintln!("measuring this machine's in-process decode (1 and {} sessions)…", net.clients);
+            let slice = sollol::model::ModelSlice::load(&mut file, 0..config.n_layers, &candle_core::Device::Cpu)?;
+            let prompt: Vec<u32> = (0..32).map(|i| (i * 7 + 11) % config.vocab_size as u32).collect();
+            let best = |n: usize| -> Result<f64> {
+                let mut best = 0f64;
+                for _ in 0..3 {
+                    best = best.max(super::bench::batched_decode(&slice, &prompt, 32, n)?);
+                }
+                Ok(best)
+            };
+            (best(1)?, best(net.clients)?)
+        }
+    };
+    let link = Link {
+        bits_per_sec: net
+            .rate
+            .as_ref()
+            .map(|r| sollol::lab::LinkSpec { rate: Some(r.clone()), ..Default::default() }.bits_per_sec().context("--rate like 100mbit"))
+            .transpose()?
+            .unwrap_or(f64::INFINITY),
+        rtt_secs: net.rtt_ms / 1e3,
+        hop_overhead_secs: net.hop_overhead_ms / 1e3,
+    };
+    let wire_bytes = if net.wire == sollol::net::tensor::WireDType::F32 { 4 } else { 2 };
+    let p = netmodel::predict(
+        &stage_bytes,
+        &Compute::measured(bytes, one, net.clients, batched),
+        &link,
+        netmodel::hop_bytes(config.hidden_size, wire_bytes),
+        net.clients,
+    );
+    println!("Predicted decode (in process here: {one:.1} tok/s one session, {batched:.1} tok/s {} batched):", net.clients);
+    for (i, (a, b)) in p.stage_secs.iter().zip(&p.stage_secs_batched).enumerate() {
+        println!("   stage {}: {:.2} ms per token, {:.2} ms per {}-row step", i + 1, a * 1e3, b * 1e3, p.clients);
+    }
+    println!("   each of {} hops: {:.3} ms, {} B per row", plan.len() + 1, p.hop_secs * 1e3, p.hop_bytes);
+    println!("   one session: {:.2} ms per token, {:.1} tok/s", p.token_secs * 1e3, p.decode_tok_s);
+    println!("   {} sessions: {:.1} tok/s together", p.clients, p.batched_tok_s);
     Ok(())
 }
 

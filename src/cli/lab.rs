@@ -112,8 +112,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
         }
         LabCommand::Relay { listen, to, rtt_us, jitter_us, loss, ttl_secs } => {
             let link = LinkSpec { rate: None, rtt: Duration::from_micros(rtt_us), jitter: Duration::from_micros(jitter_us), loss };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(sollol::lab::relay(listen, to, link, Duration::from_secs(ttl_secs)))?;
+            sollol::lab::relay(listen, to, link, Duration::from_secs(ttl_secs))?;
             Ok(())
         }
     }

@@ -7,5 +7,6 @@ pub mod health;
 pub mod local;
 pub mod manager;
 pub mod models;
+pub mod netmodel;
 pub mod partition;
 pub mod registry;

@@ -1,0 +1,133 @@
+//! An analytical model of a pipeline's decode: per-token latency and
+//! throughput of a plan from what each stage computes, what each hop
+//! carries, and the links between them.
+//!
+//! A decode step is memory-bound: a stage's compute is its weight bytes
+//! times the seconds per byte the machine reads them in, for one row or,
+//! batched, for `B` rows (measured in process; linear in between). A token
+//! crosses `S + 1` hops (head → stage 1 → … → stage S → head), each costing
+//! half the round trip, its bytes over the link's rate, and the software's
+//! fixed cost of a hop. Sessions step in lockstep through the chain (a stage
+//! batches whatever is due), so `C` clients finish `C` tokens per cycle of
+//! one `C`-row step through every stage and hop.
+
+use std::ops::Range;
+
+use serde::Serialize;
+
+use crate::model::LayerBytes;
+
+/// The links of the chain (every hop alike).
+#[derive(Debug, Clone, Copy)]
+pub struct Link {
+    /// Bits per second each way; infinite when uncapped.
+    pub bits_per_sec: f64,
+    pub rtt_secs: f64,
+    /// The software's own cost of a hop (framing, queues, wake-ups).
+    pub hop_overhead_secs: f64,
+}
+
+/// What the machine computes: seconds per weight byte for a step of one
+/// row, and for a step of `rows` rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Compute {
+    pub secs_per_byte: f64,
+    pub batch: (usize, f64),
+}
+
+impl Compute {
+    /// From in-process measurements of a model of `bytes` weight bytes:
+    /// decode tok/s of one session, and aggregate tok/s of `rows` sessions batched.
+    pub fn measured(bytes: u64, one_tok_s: f64, rows: usize, batched_tok_s: f64) -> Self {
+        let step = |tok_s: f64, rows: usize| rows as f64 / tok_s / bytes as f64;
+        Self { secs_per_byte: step(one_tok_s, 1), batch: (rows.max(1), step(batched_tok_s, rows.max(1))) }
+    }
+
+    /// Seconds per byte of a `rows`-row step.
+    fn per_byte(&self, rows: usize) -> f64 {
+        let (b, at_b) = self.batch;
+        if b <= 1 {
+            return self.secs_per_byte * rows as f64;
+        }
+        self.secs_per_byte + (at_b - self.secs_per_byte) * (rows.max(1) - 1) as f64 / (b - 1) as f64
+    }
+}
+
+/// What the model predicts for a plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    /// Each stage's compute for one row, and for the clients' batch (seconds).
+    pub stage_secs: Vec<f64>,
+    pub stage_secs_batched: Vec<f64>,
+    /// One hop's time for one row (seconds), and the bytes it carries.
+    pub hop_secs: f64,
+    pub hop_bytes: u64,
+    /// One session: seconds per token and tokens per second.
+    pub token_secs: f64,
+    pub decode_tok_s: f64,
+    /// `clients` sessions at once: tokens per second together.
+    pub clients: usize,
+    pub batched_tok_s: f64,
+}
+
+/// Bytes a hop carries per row: a stage's hidden state at `wire_bytes` per
+/// value and the frame around it.
+pub fn hop_bytes(hidden: usize, wire_bytes: usize) -> u64 {
+    const FRAME: u64 = 64;
+    (hidden * wire_bytes) as u64 + FRAME
+}
+
+/// The bytes a decode step of the stage holding `blocks` reads: its blocks'
+/// weights, and the LM head on the last stage. (The embedding table is only
+/// looked up, a row per token; a mixture's experts count in full, an upper
+/// bound.)
+pub fn step_bytes(model: &LayerBytes, blocks: &Range<usize>) -> u64 {
+    let head = if blocks.end == model.blocks.len() { model.head } else { 0 };
+    model.blocks[blocks.clone()].iter().sum::<u64>() + head
+}
+
+/// Predicts decode over a chain whose stages read `stage_bytes` per step.
+pub fn predict(stage_bytes: &[u64], compute: &Compute, link: &Link, hop_bytes: u64, clients: usize) -> Prediction {
+    let clients = clients.max(1);
+    let stage = |rows: usize| -> Vec<f64> { stage_bytes.iter().map(|&b| b as f64 * compute.per_byte(rows)).collect() };
+    let hop = |rows: usize| link.rtt_secs / 2.0 + link.hop_overhead_secs + (hop_bytes * rows as u64 * 8) as f64 / link.bits_per_sec;
+    let hops = stage_bytes.len() + 1;
+    let (one, batched) = (stage(1), stage(clients));
+    let token_secs = one.iter().sum::<f64>() + hops as f64 * hop(1);
+    let cycle = batched.iter().sum::<f64>() + hops as f64 * hop(clients);
+    Prediction {
+        stage_secs: one,
+        stage_secs_batched: batched,
+        hop_secs: hop(1),
+        hop_bytes,
+        token_secs,
+        decode_tok_s: 1.0 / token_secs,
+        clients,
+        batched_tok_s: clients as f64 / cycle,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_adds_compute_and_hops() {
+        // 100 MB at 1 ns/byte: 0.1 s per token in process.
+        let compute = Compute::measured(100_000_000, 10.0, 8, 40.0);
+        let free = Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.0, hop_overhead_secs: 0.0 };
+        let one = predict(&[100_000_000], &compute, &free, 1000, 8);
+        assert!((one.decode_tok_s - 10.0).abs() < 1e-9, "{one:?}");
+        assert!((one.batched_tok_s - 40.0).abs() < 1e-9, "the batch measured is the batch predicted: {one:?}");
+        // Split in four over free links: the same; over 10 ms links: five half round trips more per token.
+        let four = predict(&[25_000_000; 4], &compute, &free, 1000, 8);
+        assert!((four.token_secs - 0.1).abs() < 1e-9);
+        let slow = Link { bits_per_sec: 8e6, rtt_secs: 0.010, hop_overhead_secs: 0.0 };
+        let far = predict(&[25_000_000; 4], &compute, &slow, 1000, 8);
+        // Each hop: 5 ms + 1000 B at 1 MB/s = 6 ms; five of them.
+        assert!((far.token_secs - (0.1 + 5.0 * 0.006)).abs() < 1e-9, "{far:?}");
+        // The batch's hops carry eight rows.
+        let cycle = 0.2 + 5.0 * (0.005 + 0.008);
+        assert!((far.batched_tok_s - 8.0 / cycle).abs() < 1e-6, "{far:?}");
+    }
+}
