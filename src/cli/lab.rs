@@ -60,6 +60,8 @@ pub enum LabCommand {
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
     },
+    /// Removes what labs whose process died left behind (namespaces, cgroups).
+    Clean,
     /// The relay in front of a host's node (started by the lab).
     #[command(hide = true)]
     Relay {
@@ -102,12 +104,20 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             println!("lab {} up for {ttl_secs} s; Ctrl-C tears it down", lab.id());
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                     _ = tokio::time::sleep(Duration::from_secs(ttl_secs)) => {}
                 }
-            });
+                Ok::<_, std::io::Error>(())
+            })?;
             drop(lab);
+            Ok(())
+        }
+        LabCommand::Clean => {
+            let removed = sollol::lab::clean();
+            println!("removed {removed} namespaces and cgroups of labs no longer running");
             Ok(())
         }
         LabCommand::Relay { listen, to, rtt_us, jitter_us, loss, ttl_secs } => {
