@@ -257,16 +257,19 @@ impl Lab {
 /// Removes the namespaces and cgroups of labs whose process is gone (one
 /// killed before it could tear down); returns how many.
 pub fn clean() -> usize {
-    let alive = |id: &str| id.strip_prefix("sl").and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| {
-        // The id is the pid modulo 100000: any live process with that remainder may own it.
-        std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-            e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| p % 100_000 == pid)
-                && std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| c.contains("sollol") || c.contains("lab"))
+    let alive = |id: &str| {
+        id.strip_prefix("sl").and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| {
+            // The id is the pid modulo 100000: any live process with that remainder may own it.
+            std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+                e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| p % 100_000 == pid)
+                    && std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| c.contains("sollol") || c.contains("lab"))
+            })
         })
-    });
+    };
     let lab_of = |name: &str| name.strip_prefix("sollol-").and_then(|r| r.split('-').next()).map(str::to_string);
     let mut removed = 0;
-    let namespaces = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+    let namespaces =
+        Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
     for ns in namespaces.lines().filter_map(|l| l.split_whitespace().next()) {
         if lab_of(ns).is_some_and(|id| id.starts_with("sl") && !alive(&id)) && ip(&["netns", "del", ns]).is_ok() {
             removed += 1;

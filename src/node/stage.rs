@@ -400,10 +400,12 @@ impl Worker {
     fn gather(&self, rx: &mut mpsc::Receiver<Work>, queue: &mut VecDeque<Work>, due: &HashSet<u64>, window: Duration) {
         let deadline = Instant::now() + window;
         loop {
+            // Sessions with a step queued, or closed (a queued close: that generation ended).
             let queued: HashSet<u64> = queue
                 .iter()
                 .filter_map(|w| match w {
                     Work::Forward { header, .. } => Some(header.session),
+                    Work::Close { session } => Some(*session),
                     _ => None,
                 })
                 .collect();
