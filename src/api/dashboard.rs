@@ -41,5 +41,6 @@ pub async fn status(State(svc): State<Arc<Service>>) -> Json<Value> {
         "tok_s": svc.recent_tok_s(),
         "conversations": svc.conversations(),
         "tokens_generated": svc.metrics.tokens_generated(),
+        "history": svc.history.samples(),
     }))
 }

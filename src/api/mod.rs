@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod dashboard;
 pub mod error;
+pub mod history;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;

@@ -190,6 +190,8 @@ pub struct Service {
     local: Option<LocalNodes>,
     /// (when, tokens generated so far): the dashboard's live tok/s.
     samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// The last minutes, for the dashboard's charts.
+    pub history: super::history::History,
     conversations: Conversations,
     /// The catalog, read once at start.
     catalog: Catalog,
@@ -509,11 +511,13 @@ impl Service {
             manager,
             local,
             samples: Mutex::new(VecDeque::new()),
+            history: Default::default(),
             conversations: Conversations::new(kv_cache_bytes),
             catalog,
             handle: tokio::runtime::Handle::current(),
         });
         svc.spawn_expiry();
+        svc.spawn_sampler();
         Ok(svc)
     }
 
@@ -767,6 +771,7 @@ impl Service {
                         }
                     }
                     service.sample_tokens();
+                    service.history.generation(&worker.name, &result.stats.hop_latencies);
                     replica.chain.measured(&result.stats.stage_times, result.stats.prompt_tokens + result.stats.generated_tokens);
                     let logprobs =
                         result.tokens.iter().zip(&result.logprobs).map(|(&t, l)| TokenLogprob::of(&worker.tokenizer, t, l)).collect();
@@ -899,6 +904,21 @@ impl Service {
                 for w in expired {
                     Self::unload_chain(&w).await;
                 }
+            }
+        });
+    }
+
+    /// Samples the history every [`super::history::INTERVAL`].
+    fn spawn_sampler(self: &Arc<Self>) {
+        let svc = Arc::downgrade(self);
+        self.handle.spawn(async move {
+            let mut tick = tokio::time::interval(super::history::INTERVAL);
+            loop {
+                tick.tick().await;
+                let Some(svc) = svc.upgrade() else { return };
+                let nodes = svc.node_health().await;
+                let t = svc.started.elapsed().map_or(0.0, |d| d.as_secs_f64());
+                svc.history.sample(t, svc.recent_tok_s(), &nodes);
             }
         });
     }
