@@ -216,12 +216,45 @@ fn memory_aware(model: &LayerBytes, nodes: &[&NodeSpec]) -> Result<Vec<Assignmen
 /// (the usual complaint about exo is that adding devices makes it slower).
 /// Nodes with no measured speed count as the slowest; ties go to the lower round trip.
 fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignment>> {
+    // Candidates: the blocks filled into the nodes in a few orders (fastest
+    // first, nearest first, and by each node's time for the whole model
+    // with its round trip); the plan kept is the one the network model
+    // says answers soonest.
+    let whole = model.blocks.iter().sum::<u64>() as f64;
+    let alone = |n: &NodeSpec| if n.bytes_per_sec > 0.0 { whole / n.bytes_per_sec + n.rtt_secs } else { f64::INFINITY };
+    let orders: [&dyn Fn(&NodeSpec, &NodeSpec) -> std::cmp::Ordering; 3] = [
+        &|a, b| b.bytes_per_sec.total_cmp(&a.bytes_per_sec).then(a.rtt_secs.total_cmp(&b.rtt_secs)),
+        &|a, b| a.rtt_secs.total_cmp(&b.rtt_secs).then(b.bytes_per_sec.total_cmp(&a.bytes_per_sec)),
+        &|a, b| alone(a).total_cmp(&alone(b)),
+    ];
+    let mut best: Option<(f64, Vec<Assignment>)> = None;
+    let mut last_err = None;
+    for order in orders {
+        let mut sorted: Vec<&NodeSpec> = nodes.iter().collect();
+        sorted.sort_by(|a, b| order(a, b));
+        match fill(model, &sorted) {
+            Ok(plan) => {
+                let t = token_latency(&plan, nodes);
+                if best.as_ref().is_none_or(|(b, _)| t < *b) {
+                    best = Some((t, plan));
+                }
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    match (best, last_err) {
+        (Some((_, plan)), _) => Ok(plan),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(Error::InvalidRequest("no nodes to plan over".into())),
+    }
+}
+
+/// The longest run of blocks that fits each node in turn, in `order`.
+fn fill(model: &LayerBytes, order: &[&NodeSpec]) -> Result<Vec<Assignment>> {
     let n_layers = model.blocks.len();
-    let mut order: Vec<&NodeSpec> = nodes.iter().collect();
-    order.sort_by(|a, b| b.bytes_per_sec.total_cmp(&a.bytes_per_sec).then(a.rtt_secs.total_cmp(&b.rtt_secs)));
     let mut plan = Vec::new();
     let mut start = 0;
-    for node in &order {
+    for node in order {
         if start == n_layers {
             break;
         }
@@ -237,21 +270,28 @@ fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignmen
         start = end;
     }
     if start < n_layers {
-        return Err(not_enough(model, &order));
+        return Err(not_enough(model, order));
     }
     Ok(plan)
 }
 
-/// Estimated seconds per token of a plan (the latency-aware objective).
+/// Seconds per token of a plan (the latency-aware objective), as
+/// `netmodel` counts them: each stage's bytes at its node's speed, and a
+/// hop into each stage and one back to the head, each half a round trip
+/// (a node's round trip from the head standing in for the one from the
+/// stage before it).
 pub fn token_latency(plan: &[Assignment], nodes: &[NodeSpec]) -> f64 {
-    plan.iter()
-        .map(|a| {
-            let n = nodes.iter().find(|n| n.name == a.node);
-            let speed = n.map_or(0.0, |n| n.bytes_per_sec);
-            let compute = if speed > 0.0 { a.bytes as f64 / speed } else { f64::INFINITY };
-            compute + n.map_or(0.0, |n| n.rtt_secs)
+    let node = |a: &Assignment| nodes.iter().find(|n| n.name == a.node);
+    let compute: f64 = plan
+        .iter()
+        .map(|a| match node(a).map(|n| n.bytes_per_sec) {
+            Some(speed) if speed > 0.0 => a.bytes as f64 / speed,
+            _ => f64::INFINITY,
         })
-        .sum()
+        .sum();
+    let hops: f64 = plan.iter().map(|a| node(a).map_or(0.0, |n| n.rtt_secs / 2.0)).sum::<f64>()
+        + plan.last().and_then(node).map_or(0.0, |n| n.rtt_secs / 2.0);
+    compute + hops
 }
 
 /// A move of blocks between adjacent stages that evens out measured compute.
@@ -352,6 +392,24 @@ mod tests {
         let plan = plan_of(Strategy::Even, &m, &[node("a", 1000), node("b", 1000)]);
         assert_eq!(plan[0].bytes, 120);
         assert_eq!(plan[1].bytes, 70);
+    }
+
+    /// A fast node far away loses to a slightly slower one nearby when the
+    /// round trip outweighs the compute it saves.
+    #[test]
+    fn latency_aware_weighs_round_trips_against_speed() {
+        // 1 MB: 1 s on the fast node, 1.25 s on the near one.
+        let m = uniform(10, 100_000);
+        let far = NodeSpec { name: "far".into(), memory: 2_000_000, bytes_per_sec: 1e6, rtt_secs: 0.5 };
+        let near = NodeSpec { name: "near".into(), memory: 2_000_000, bytes_per_sec: 0.8e6, rtt_secs: 1e-3 };
+        let nodes = vec![far.clone(), near.clone()];
+        let plan = plan_of(Strategy::LatencyAware, &m, &nodes);
+        assert_eq!(plan.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(), ["near"]);
+        assert!(token_latency(&plan, &nodes) < token_latency(&plan_of(Strategy::Even, &m, &nodes), &nodes));
+        // Close enough, the faster one wins again.
+        let far = NodeSpec { rtt_secs: 0.01, ..far };
+        let plan = plan_of(Strategy::LatencyAware, &m, &[far, near]);
+        assert_eq!(plan[0].node, "far");
     }
 
     #[test]
