@@ -222,7 +222,8 @@ fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignmen
     // says answers soonest.
     let whole = model.blocks.iter().sum::<u64>() as f64;
     let alone = |n: &NodeSpec| if n.bytes_per_sec > 0.0 { whole / n.bytes_per_sec + n.rtt_secs } else { f64::INFINITY };
-    let orders: [&dyn Fn(&NodeSpec, &NodeSpec) -> std::cmp::Ordering; 3] = [
+    type Order<'a> = &'a dyn Fn(&NodeSpec, &NodeSpec) -> std::cmp::Ordering;
+    let orders: [Order; 3] = [
         &|a, b| b.bytes_per_sec.total_cmp(&a.bytes_per_sec).then(a.rtt_secs.total_cmp(&b.rtt_secs)),
         &|a, b| a.rtt_secs.total_cmp(&b.rtt_secs).then(b.bytes_per_sec.total_cmp(&a.bytes_per_sec)),
         &|a, b| alone(a).total_cmp(&alone(b)),
