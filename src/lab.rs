@@ -42,12 +42,17 @@ pub struct LinkSpec {
 impl LinkSpec {
     /// `rate` in bits per second, when capped.
     pub fn bits_per_sec(&self) -> Option<f64> {
-        let r = self.rate.as_deref()?.to_ascii_lowercase();
-        let (num, scale) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
-            .iter()
-            .find_map(|(unit, scale)| r.strip_suffix(unit).map(|n| (n.to_string(), *scale)))?;
-        num.trim().parse::<f64>().ok().map(|n| n * scale)
+        rate_bits_per_sec(self.rate.as_deref()?)
     }
+}
+
+/// A `tc` rate (`100mbit`, `1gbit`) in bits per second.
+pub fn rate_bits_per_sec(rate: &str) -> Option<f64> {
+    let r = rate.to_ascii_lowercase();
+    let (num, scale) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
+        .iter()
+        .find_map(|(unit, scale)| r.strip_suffix(unit).map(|n| (n.to_string(), *scale)))?;
+    num.trim().parse::<f64>().ok().map(|n| n * scale)
 }
 
 /// A host of the lab.

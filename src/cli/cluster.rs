@@ -276,7 +276,7 @@ fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs) -> Re
         bits_per_sec: net
             .rate
             .as_ref()
-            .map(|r| sollol::lab::LinkSpec { rate: Some(r.clone()), ..Default::default() }.bits_per_sec().context("--rate like 100mbit"))
+            .map(|r| sollol::lab::rate_bits_per_sec(r).context("--rate like 100mbit"))
             .transpose()?
             .unwrap_or(f64::INFINITY),
         rtt_secs: net.rtt_ms / 1e3,

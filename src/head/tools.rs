@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::chat::Message;
+use super::chat::{py_json, Message};
 use super::constraint::Format;
 use crate::error::{Error, Result};
 
@@ -236,12 +236,6 @@ pub fn template_knows_tools(source: &str) -> bool {
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 
-/// Python's `json.dumps` with its default separators (", " and ": "), as
-/// the tagged format's examples are written.
-fn dumps(v: &Value) -> String {
-    super::chat::py_json(v, None)
-}
-
 /// The conversation rewritten for a template that knows no tools: the tools
 /// described in the system message with the tagged call format, the
 /// assistant's calls as tagged text, and the tools' answers as user turns
@@ -258,7 +252,8 @@ pub fn without_tools(messages: &[Message], tools: &[Tool]) -> Vec<Message> {
         system += "# Tools\n\nYou can call functions to answer the user. Their signatures are inside <tools></tools>:\n<tools>";
         for t in tools {
             system += "\n";
-            system += &dumps(&t.spec);
+            // One line, as Python's `json.dumps` writes it (the format's examples are).
+            system += &py_json(&t.spec, None);
         }
         system += "\n</tools>\n\nTo call a function, answer with its name and arguments as a JSON object inside <tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
     }
@@ -271,7 +266,7 @@ pub fn without_tools(messages: &[Message], tools: &[Tool]) -> Vec<Message> {
                 let mut text = m.content.clone();
                 for c in &m.tool_calls {
                     let call = json!({"name": c.name, "arguments": c.arguments});
-                    text += &format!("\n{OPEN}\n{}\n{CLOSE}", dumps(&call));
+                    text += &format!("\n{OPEN}\n{}\n{CLOSE}", py_json(&call, None));
                 }
                 out.push(Message::new("assistant", text.trim_start()));
             }

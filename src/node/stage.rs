@@ -398,22 +398,26 @@ impl Worker {
     /// Waits up to `window` for the next steps of the `due` sessions still
     /// open, queueing whatever arrives meanwhile.
     fn gather(&self, rx: &mut mpsc::Receiver<Work>, queue: &mut VecDeque<Work>, due: &HashSet<u64>, window: Duration) {
+        // A session is no longer awaited once a step of it is queued, or
+        // its close (that generation ended).
+        let arrived = |w: &Work| match w {
+            Work::Forward { header, .. } => Some(header.session),
+            Work::Close { session } => Some(*session),
+            _ => None,
+        };
+        let mut missing: HashSet<u64> = due.iter().copied().filter(|s| self.sessions.contains_key(s)).collect();
+        for s in queue.iter().filter_map(arrived) {
+            missing.remove(&s);
+        }
         let deadline = Instant::now() + window;
-        loop {
-            // Sessions with a step queued, or closed (a queued close: that generation ended).
-            let queued: HashSet<u64> = queue
-                .iter()
-                .filter_map(|w| match w {
-                    Work::Forward { header, .. } => Some(header.session),
-                    Work::Close { session } => Some(*session),
-                    _ => None,
-                })
-                .collect();
-            if due.iter().all(|s| queued.contains(s) || !self.sessions.contains_key(s)) || Instant::now() >= deadline {
-                return;
-            }
+        while !missing.is_empty() && Instant::now() < deadline {
             match rx.try_recv() {
-                Ok(work) => queue.push_back(work),
+                Ok(work) => {
+                    if let Some(s) = arrived(&work) {
+                        missing.remove(&s);
+                    }
+                    queue.push_back(work);
+                }
                 Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_micros(20)),
                 Err(mpsc::error::TryRecvError::Disconnected) => return,
             }
