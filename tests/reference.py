@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""An independent reference forward pass, in numpy, for llama, qwen2, qwen3
-and gemma3.
+"""An independent reference forward pass, in numpy, for llama (and Mixtral),
+qwen2, qwen3, qwen3moe, gemma3, phi3 (and its LongRoPE) and phi2.
 
 It reads the model file itself (its own GGUF and safetensors parsers, its own
 dequantization of F32/F16/Q8_0/Q4_0/Q4_1 blocks) and runs a plain causal
 forward over the whole token sequence, no KV cache, written from the papers
 and HF's modeling_llama / modeling_qwen2 / modeling_qwen3 / modeling_gemma3
+(and modeling_mixtral / modeling_qwen3_moe / modeling_phi3 / modeling_phi)
 rather than from sollol's code.
 
 usage: reference.py MODEL TOKENS_CSV  ->  JSON list of logits, one per position
@@ -153,26 +154,62 @@ GGUF_NAMES = dict(router="ffn_gate_inp", gate_exps="ffn_gate_exps", up_exps="ffn
                   post_attn_norm="post_attention_norm", post_ffn_norm="post_ffw_norm")
 
 
+# HF phi (Phi-2): a dense output projection, fc1/fc2, its final LayerNorm.
+HF_PHI = dict(o="self_attn.dense", up="mlp.fc1", down="mlp.fc2")
+# The router and each expert's SwiGLU matrices (gate, up, down), per HF model type.
+HF_EXPERTS = {"mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
+              "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def longrope(ctx, trained, long, short, attn_factor):
+    """Phi-3's LongRoPE: the long factors where the context passes the trained
+    one (llama.cpp chooses by its context, as sollol does; HF by the sequence),
+    cos/sin scaled by the attention factor (HF's formula where none is given)."""
+    if attn_factor is None:
+        scale = ctx / trained
+        attn_factor = np.sqrt(1 + np.log(scale) / np.log(trained)) if scale > 1 else 1.0
+    return np.asarray(long if ctx > trained else short, np.float64), attn_factor
+
+
 def load(path):
-    """-> (hparams, per-layer weights dict, embed, norm, lm_head)"""
+    """-> (hparams, per-layer weights dict, embed, final norm {weight, bias}, lm_head)"""
     if Path(path).is_dir():
         cfg, t = read_safetensors_dir(path)
-        arch = {"gemma3_text": "gemma3"}.get(cfg["model_type"], cfg["model_type"])
+        mt = cfg["model_type"]
+        arch = {"gemma3_text": "gemma3", "phi": "phi2", "qwen3_moe": "qwen3moe", "mixtral": "llama"}.get(mt, mt)
         hp = dict(arch=arch, n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                  n_kv=cfg.get("num_key_value_heads", cfg["num_attention_heads"]), eps=cfg.get("rms_norm_eps", 1e-6),
+                  n_kv=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                  eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6)),
                   theta=cfg.get("rope_theta", 10000.0), interleaved=False, window=cfg.get("sliding_window"),
-                  pattern=cfg.get("sliding_window_pattern", 6))
-        names = dict(HF_NAMES, **(HF_GEMMA if arch == "gemma3" else {}))
+                  pattern=cfg.get("sliding_window_pattern", 6), top_k=cfg.get("num_experts_per_tok"))
+        d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        hp["rope_dim"] = int(d * cfg.get("partial_rotary_factor", 1.0))
+        rs = cfg.get("rope_scaling") or {}
+        if rs.get("type", rs.get("rope_type")) in ("longrope", "su"):
+            trained = rs.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+            hp["factors"], hp["mscale"] = longrope(cfg["max_position_embeddings"], trained, rs["long_factor"],
+                                                   rs["short_factor"], rs.get("attention_factor"))
+        names = dict(HF_NAMES, **(HF_GEMMA if arch == "gemma3" else {}), **(HF_PHI if arch == "phi2" else {}))
         layers = [{k: {s: t.get(f"model.layers.{i}.{v}.{s}") for s in ("weight", "bias")} for k, v in names.items()}
                   for i in range(hp["n_layers"])]
+        if mt in HF_EXPERTS:
+            router, expert, parts = HF_EXPERTS[mt]
+            n = cfg.get("num_local_experts", cfg.get("num_experts"))
+            for i, L in enumerate(layers):
+                p = f"model.layers.{i}."
+                L["router"] = {"weight": t[p + router + ".weight"], "bias": None}
+                for role, part in zip(("gate", "up", "down"), parts):
+                    w = np.stack([t[p + expert.format(e=e) + part + ".weight"] for e in range(n)])
+                    L[f"{role}_exps"] = {"weight": w, "bias": None, "kind": None, "m": None}
         if arch == "gemma3":  # Gemma3RMSNorm computes x_normed * (1 + w)
             for L in layers:
                 for k in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"):
                     L[k]["weight"] = 1.0 + L[k]["weight"]
         embed = t["model.embed_tokens.weight"]
         head = embed if cfg.get("tie_word_embeddings") or "lm_head.weight" not in t else t["lm_head.weight"]
-        norm = t["model.norm.weight"] + (1.0 if arch == "gemma3" else 0.0)
-        return hp, layers, embed, norm, {"weight": head, "bias": None}
+        final = "model.final_layernorm" if arch == "phi2" else "model.norm"
+        norm = {"weight": t[final + ".weight"] + (1.0 if arch == "gemma3" else 0.0), "bias": t.get(final + ".bias")}
+        return hp, layers, embed, norm, {"weight": head, "bias": t.get("lm_head.bias")}
     meta, t, kinds, mins = read_gguf(path)
     arch = meta["general.architecture"]
     hp = dict(arch=arch, n_layers=meta[f"{arch}.block_count"], n_heads=meta[f"{arch}.attention.head_count"],
@@ -185,6 +222,11 @@ def load(path):
               rope_dim=meta.get(f"{arch}.rope.dimension_count"))
     if arch == "phi2":
         hp["eps"] = meta[f"{arch}.attention.layer_norm_epsilon"]
+    if "rope_factors_long.weight" in t:
+        ctx = meta[f"{arch}.context_length"]
+        hp["factors"], hp["mscale"] = longrope(ctx, meta.get(f"{arch}.rope.scaling.original_context_length", ctx),
+                                               t["rope_factors_long.weight"], t["rope_factors_short.weight"],
+                                               meta.get(f"{arch}.rope.scaling.attn_factor", 1.0))
     # GGUF gemma norms already hold 1 + w (llama.cpp's converter adds it).
     layers = [{k: gguf_linear(t, kinds, mins, f"blk.{i}.{v}") for k, v in GGUF_NAMES.items() if f"blk.{i}.{v}.weight" in t}
               for i in range(hp["n_layers"])]
@@ -200,7 +242,7 @@ def load(path):
                                      "m": None if ps[0]["m"] is None else np.stack([p["m"] for p in ps])}
     embed = t["token_embd.weight"]
     head = gguf_linear(t, kinds, mins, "output" if "output.weight" in t else "token_embd")
-    return hp, layers, embed, t["output_norm.weight"], head
+    return hp, layers, embed, {"weight": t["output_norm.weight"], "bias": t.get("output_norm.bias")}, head
 
 
 def gguf_linear(t, kinds, mins, prefix):
@@ -304,15 +346,18 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def rope(x, theta, interleaved, rot=None):
-    """x: [heads, seq, d]; rotate pairs by position * theta^(-2i/d), of the
-    first `rot` values of each head (phi's partial rotary) or all of them."""
+def rope(x, theta, interleaved, rot=None, factors=None, mscale=1.0):
+    """x: [heads, seq, d]; rotate pairs by position * theta^(-2i/d) / factor_i,
+    of the first `rot` values of each head (phi's partial rotary) or all of
+    them; cos and sin scaled by `mscale` (LongRoPE's attention factor)."""
     if rot is not None and rot < x.shape[-1]:
-        return np.concatenate([rope(x[..., :rot], theta, interleaved), x[..., rot:]], axis=-1)
+        return np.concatenate([rope(x[..., :rot], theta, interleaved, None, factors, mscale), x[..., rot:]], axis=-1)
     _, seq, d = x.shape
     inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    if factors is not None:
+        inv = inv / factors
     ang = np.arange(seq)[:, None] * inv[None, :]  # [seq, d/2]
-    cos, sin = np.cos(ang), np.sin(ang)
+    cos, sin = np.cos(ang) * mscale, np.sin(ang) * mscale
     if interleaved:
         a, b = x[..., 0::2], x[..., 1::2]
         out = np.empty_like(x)
@@ -323,11 +368,6 @@ def rope(x, theta, interleaved, rot=None):
     return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
 
 
-def norm_layer(path):
-    _, t, _, _ = read_gguf(path)
-    return {"weight": t["output_norm.weight"], "bias": t["output_norm.bias"]}
-
-
 def phi2(h, layers, final_norm, head, hp):
     """HF modeling_phi: attention and MLP both read one LayerNorm of the
     input and are added to it; partial rotary; GELU (tanh) MLP; biases."""
@@ -335,7 +375,10 @@ def phi2(h, layers, final_norm, head, hp):
     mask = np.triu(np.full((seq, seq), -np.inf), 1)
     for L in layers:
         x = layer_norm(h, {"weight": L["attn_norm"]["weight"], "bias": L["attn_norm"]["bias"]}, hp["eps"])
-        qkv = linear(x, L["qkv"])
+        if L.get("qkv") is not None and L["qkv"]["weight"] is not None:
+            qkv = linear(x, L["qkv"])
+        else:  # HF keeps them apart
+            qkv = np.concatenate([linear(x, L["q"]), linear(x, L["k"]), linear(x, L["v"])], axis=-1)
         d = qkv.shape[-1] // (3 * nh)
         q, k, v = (qkv[:, i * nh * d:(i + 1) * nh * d].reshape(seq, nh, d).transpose(1, 0, 2) for i in range(3))
         q, k = rope(q, hp["theta"], False, hp["rope_dim"]), rope(k, hp["theta"], False, hp["rope_dim"])
@@ -358,7 +401,7 @@ def forward(path, tokens):
     nh, nkv = hp["n_heads"], hp["n_kv"]
     i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
     if hp["arch"] == "phi2":
-        return phi2(h, layers, norm_layer(path), head, hp)
+        return phi2(h, layers, norm, head, hp)
     for n, L in enumerate(layers):
         # gemma3: every sixth layer is global; the others see `window` positions with a local rotary base.
         d = h.shape[-1] // nh if "q" not in L or L["q"]["weight"] is None else L["q"]["weight"].shape[0] // nh
@@ -374,8 +417,9 @@ def forward(path, tokens):
         if L.get("q_norm") is not None and L["q_norm"]["weight"] is not None:
             # qwen3 / gemma3: RMSNorm over each head before the rotation
             q, k = rms_norm(q, L["q_norm"]["weight"], hp["eps"]), rms_norm(k, L["k_norm"]["weight"], hp["eps"])
-        q = rope(q.transpose(1, 0, 2), theta, hp["interleaved"])
-        k = rope(k.transpose(1, 0, 2), theta, hp["interleaved"])
+        scaling = dict(factors=hp.get("factors"), mscale=hp.get("mscale", 1.0))
+        q = rope(q.transpose(1, 0, 2), theta, hp["interleaved"], **scaling)
+        k = rope(k.transpose(1, 0, 2), theta, hp["interleaved"], **scaling)
         v = v.reshape(seq, nkv, d).transpose(1, 0, 2)
         if os.environ.get("SOLLOL_REF_KV") == "f16":
             # sollol's CPU path keeps its KV cache in f16: every key and value
@@ -400,7 +444,7 @@ def forward(path, tokens):
         if gemma:
             y = rms_norm(y, L["post_ffn_norm"]["weight"], hp["eps"])
         h = h + y
-    return linear(rms_norm(h, norm, hp["eps"]), head)
+    return linear(rms_norm(h, norm["weight"], hp["eps"]), head)
 
 
 if __name__ == "__main__":

@@ -110,16 +110,17 @@ fn check_backend(model: &Path, bounds: &[usize], tol: f64, backend: Backend, ref
     assert!(rel <= tol, "{} {backend:?}: relative error {rel:.3e} above {tol:.0e}", model.display());
 }
 
-/// The tiny model of `arch`: gemma3's has six blocks, so that its sixth is
-/// global and the others slide (a window of 3 over 9 tokens).
+/// The tiny model of `arch` (GGUF architecture or HF model type): gemma3's
+/// has six blocks, so that its sixth is global and the others slide (a
+/// window of 3 over 9 tokens).
 fn spec(arch: &str) -> TinySpec {
     match arch {
         "gemma3" | "gemma3_text" => TinySpec { layers: 6, ..TinySpec::default() },
+        // Phi-2 has no grouped-query heads (candle-transformers' phi assumes none).
+        "phi2" | "phi" => TinySpec { kv_heads: 4, ..TinySpec::default() },
         // Eight experts, two per token: over 9 tokens most experts serve
         // several rows of a prefill and some none.
-        // Phi-2 has no grouped-query heads (candle-transformers' phi assumes none).
-        "phi2" => TinySpec { kv_heads: 4, ..TinySpec::default() },
-        "mixtral" | "qwen3moe" => TinySpec { experts: 8, top_k: 2, ffn: 64, ..TinySpec::default() },
+        "mixtral" | "qwen3moe" | "qwen3_moe" => TinySpec { experts: 8, top_k: 2, ffn: 64, ..TinySpec::default() },
         _ => TinySpec::default(),
     }
 }
@@ -137,9 +138,12 @@ fn gguf_case(name: &str, dtype: GgmlDType, tol: f64) {
 }
 
 fn safetensors_case(model_type: &str, dtype: DType, tol: f64) {
+    safetensors_spec_case(model_type, &spec(model_type), dtype, tol);
+}
+
+fn safetensors_spec_case(model_type: &str, spec: &TinySpec, dtype: DType, tol: f64) {
     let dir = tempfile::tempdir().unwrap();
-    let spec = spec(model_type);
-    write_hf_dir(dir.path(), &spec, model_type, dtype);
+    write_hf_dir(dir.path(), spec, model_type, dtype);
     check(dir.path(), &[0, spec.layers], tol, false);
     check(dir.path(), &[0, 2, spec.layers], tol, false);
 }
@@ -212,6 +216,37 @@ fn gguf_phi3_q4_1_matches_numpy() {
 #[test]
 fn safetensors_phi3_f32_matches_numpy() {
     safetensors_case("phi3", DType::F32, 1e-4);
+}
+
+/// Phi-3 128k's LongRoPE: a context of 64 over a trained 16 takes the long
+/// factors and the attention factor, a trained 64 the short ones (the
+/// reference rotates by whichever the file selects, so a wrong choice,
+/// factor or scale fails it).
+#[test]
+fn phi3_longrope_matches_numpy_in_gguf_and_safetensors() {
+    for trained in [16, 64] {
+        let spec = TinySpec { trained_context: trained, ..spec("phi3") };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("tiny-phi3-longrope-{trained}.gguf"));
+        write_gguf(&path, &spec, "phi3", GgmlDType::F32, &[]);
+        check(&path, &[0, 1, spec.layers], 1e-4, false);
+        safetensors_spec_case("phi3", &spec, DType::F32, 1e-4);
+    }
+}
+
+#[test]
+fn safetensors_mixtral_f32_matches_numpy() {
+    safetensors_case("mixtral", DType::F32, 1e-4);
+}
+
+#[test]
+fn safetensors_qwen3_moe_f32_matches_numpy() {
+    safetensors_case("qwen3_moe", DType::F32, 1e-4);
+}
+
+#[test]
+fn safetensors_phi_f32_matches_numpy() {
+    safetensors_case("phi", DType::F32, 1e-4);
 }
 
 #[test]

@@ -24,8 +24,13 @@ pub struct Config {
     /// partial rotary embeddings).
     pub rope_dim: usize,
     pub rope_style: RopeStyle,
-    /// Per-frequency divisors (Llama 3.1+ "llama3" rope scaling), one per rotated pair.
+    /// Per-frequency divisors, one per rotated pair: Llama 3.1+ "llama3"
+    /// scaling, linear scaling, or Phi-3's long-context factors (its long
+    /// ones where the context is past the one it was trained for, as
+    /// llama.cpp chooses by its context size).
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Multiplies the rotary cos/sin (Phi-3's long-context attention factor; 1 elsewhere).
+    pub rope_attn_factor: f32,
     /// The longest sequence the model was trained for.
     pub context_length: usize,
     /// How its embeddings pool the final hidden states (GGUF `pooling_type`).
@@ -106,8 +111,15 @@ impl Config {
         }
         if let Some(f) = &self.rope_freq_factors {
             if f.len() != self.rope_dim / 2 {
-                return Err(format!("rope_freqs has {} entries, expected {}", f.len(), self.rope_dim / 2));
+                return Err(format!("rope frequency factors have {} entries, expected {}", f.len(), self.rope_dim / 2));
             }
+            // Each divides a frequency: zero, negative or NaN would fill the tables with garbage.
+            if let Some(bad) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                return Err(format!("rope frequency factor {bad} is not a positive number"));
+            }
+        }
+        if !(self.rope_attn_factor.is_finite() && self.rope_attn_factor > 0.0) {
+            return Err(format!("rope attention factor {} is not a positive number", self.rope_attn_factor));
         }
         Ok(())
     }

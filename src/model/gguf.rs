@@ -147,13 +147,22 @@ impl GgufFile {
         let embed = self.content.tensor_infos.get(super::EMBED).ok_or_else(|| bad("missing tensor token_embd.weight".into()))?;
         let vocab_size = embed.shape.dims()[0];
         let rope_dim = self.metadata_u64(&key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
-        let rope_freq_factors = match self.content.tensor_infos.get("rope_freqs.weight") {
-            Some(_) => Some(self.read_dense_f32("rope_freqs.weight")?),
+        let context_length = self.metadata_u64(&key("context_length")).map_or(2048, |v| v as usize);
+        let has = |name: &str| self.content.tensor_infos.contains_key(name);
+        let rope_freq_factors = match () {
+            _ if has("rope_freqs.weight") => Some(self.read_dense_f32("rope_freqs.weight")?),
+            // Phi-3 long-context files carry two sets: the long ones serve a
+            // context past the trained one, which sollol's always is when the
+            // file declares it (llama.cpp chooses the same way by its context).
+            _ if has("rope_factors_long.weight") => {
+                let trained = self.metadata_u64(&key("rope.scaling.original_context_length")).map_or(context_length, |v| v as usize);
+                Some(self.read_dense_f32(if context_length > trained { "rope_factors_long.weight" } else { "rope_factors_short.weight" })?)
+            }
             // Linear scaling divides every frequency by the factor (gemma3 4B+).
-            None if self.metadata_str(&key("rope.scaling.type")) == Some("linear") => {
+            _ if self.metadata_str(&key("rope.scaling.type")) == Some("linear") => {
                 self.metadata_f64(&key("rope.scaling.factor")).filter(|f| *f > 0.0).map(|f| vec![f as f32; rope_dim / 2])
             }
-            None => None,
+            _ => None,
         };
         let cfg = Config {
             arch,
@@ -173,7 +182,8 @@ impl GgufFile {
             rope_dim,
             rope_style: arch.gguf_rope,
             rope_freq_factors,
-            context_length: self.metadata_u64(&key("context_length")).map_or(2048, |v| v as usize),
+            rope_attn_factor: self.metadata_f64(&key("rope.scaling.attn_factor")).unwrap_or(1.0) as f32,
+            context_length,
             pooling: self.metadata_u64(&key("pooling_type")).map_or_else(Default::default, super::Pooling::from_gguf),
         };
         cfg.validate().map_err(bad)?;

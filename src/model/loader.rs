@@ -48,11 +48,6 @@ impl Loader<'_> {
         self.file.has(name, Some(self.layer))
     }
 
-    /// Whether the file has model-level tensor `name`.
-    pub fn file_has(&self, name: &str) -> bool {
-        self.file.has(name, None)
-    }
-
     /// An integer hyper-parameter: `{arch}.{gguf_key}` in GGUF metadata, `hf_key` in `config.json`.
     pub fn param_usize(&self, gguf_key: &str, hf_key: &str) -> Option<usize> {
         self.file.param(gguf_key, hf_key).filter(|v| *v >= 0.0 && v.fract() == 0.0).map(|v| v as usize)
@@ -155,8 +150,9 @@ impl Loader<'_> {
         if !self.has("ffn_gate_inp.weight") {
             return Ok(None);
         }
-        let n =
-            self.param_usize("expert_count", "num_experts").filter(|&n| n > 0).ok_or_else(|| self.bad("experts without expert_count"))?;
+        // Mixtral's config.json counts them as num_local_experts.
+        let n = self.param_usize("expert_count", "num_experts").or_else(|| self.param_usize("expert_count", "num_local_experts"));
+        let n = n.filter(|&n| n > 0).ok_or_else(|| self.bad("experts without expert_count"))?;
         let top_k = self.param_usize("expert_used_count", "num_experts_per_tok").filter(|&k| (1..=n).contains(&k));
         let top_k = top_k.ok_or_else(|| self.bad(format!("expert_used_count must be 1..={n}")))?;
         let ffn = self.param_usize("expert_feed_forward_length", "moe_intermediate_size").unwrap_or(self.config.intermediate_size);
@@ -216,6 +212,7 @@ impl Loader<'_> {
             rot_dim: c.rope_dim,
             theta: c.rope_theta,
             freq_factors: c.rope_freq_factors.clone(),
+            attn_factor: c.rope_attn_factor,
             style: c.rope_style,
             context: c.context_length,
         })

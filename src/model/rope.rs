@@ -25,8 +25,12 @@ pub struct RopeSpec {
     /// partial rotary embeddings: phi2 rotates 32 of 80).
     pub rot_dim: usize,
     pub theta: f32,
-    /// Per-pair divisors of the frequency (Llama 3.1 scaling, linear scaling).
+    /// Per-pair divisors of the frequency (Llama 3.1 scaling, linear
+    /// scaling, Phi-3's long or short factors).
     pub freq_factors: Option<Vec<f32>>,
+    /// Multiplies cos and sin (Phi-3's long-context "attention factor":
+    /// scaling q and k each by it scales the scores by its square).
+    pub attn_factor: f32,
     pub style: RopeStyle,
     pub context: usize,
 }
@@ -72,6 +76,12 @@ impl Rope {
         let positions = Tensor::arange(0, n as u32, on)?.to_dtype(DType::F32)?.reshape((n, 1))?;
         let angles = positions.matmul(&inv_freq.reshape((1, d / 2))?)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
+        // Only where a model asks for it, so that other tables keep the bits
+        // llama.cpp and quantized_llama compute.
+        let (cos, sin) = match spec.attn_factor {
+            1.0 => (cos, sin),
+            f => ((cos * f as f64)?, (sin * f as f64)?),
+        };
         let tables = match backend {
             Backend::Host => Tables::Host { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()? },
             Backend::Candle => Tables::Device { cos, sin },

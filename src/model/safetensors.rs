@@ -28,7 +28,8 @@ pub struct HfConfig {
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
-    #[serde(default = "default_eps")]
+    /// phi's LayerNorm names its epsilon `layer_norm_eps`.
+    #[serde(default = "default_eps", alias = "layer_norm_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     pub rope_theta: f32,
@@ -37,6 +38,8 @@ pub struct HfConfig {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     pub rope_scaling: Option<RopeScaling>,
+    /// The context the model was trained for before long-context scaling (Phi-3 128k).
+    pub original_max_position_embeddings: Option<usize>,
     /// The share of each head that rotates (phi's partial rotary embeddings).
     pub partial_rotary_factor: Option<f64>,
 }
@@ -51,25 +54,56 @@ fn default_ctx() -> usize {
     2048
 }
 
-/// Llama 3.1's frequency-dependent rope scaling.
+/// Rotary scaling: Llama 3.1's frequency-dependent one, linear, Phi-3's LongRoPE.
 #[derive(Debug, Deserialize)]
 pub struct RopeScaling {
     pub rope_type: Option<String>,
+    /// Older files name the kind `type` (Phi-3: `"su"`, later `"longrope"`).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
     pub factor: Option<f32>,
     pub low_freq_factor: Option<f32>,
     pub high_freq_factor: Option<f32>,
     pub original_max_position_embeddings: Option<usize>,
+    pub long_factor: Option<Vec<f32>>,
+    pub short_factor: Option<Vec<f32>>,
+    pub attention_factor: Option<f32>,
 }
 
-/// llama3 and linear scaling as per-pair divisors of the inverse frequency
-/// (the same form GGUF files store in `rope_freqs.weight`).
-fn freq_factors(s: &RopeScaling, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
-    let factor = s.factor?;
-    match s.rope_type.as_deref() {
-        Some("linear") => return Some(vec![factor; head_dim / 2]),
-        Some("llama3") => {}
-        _ => return None,
+/// Rotary scaling as per-pair divisors of the inverse frequency (the form
+/// GGUF files store in `rope_freqs.weight` / `rope_factors_*`) and the
+/// factor on cos/sin.
+fn rope_scaling(hf: &HfConfig, rot_dim: usize) -> (Option<Vec<f32>>, f32) {
+    let Some(s) = &hf.rope_scaling else { return (None, 1.0) };
+    match s.rope_type.as_deref().or(s.kind.as_deref()) {
+        Some("linear") => (s.factor.map(|f| vec![f; rot_dim / 2]), 1.0),
+        Some("llama3") => (llama3_factors(s, rot_dim, hf.rope_theta), 1.0),
+        Some("longrope" | "su") => {
+            // HF switches to the long factors once a sequence passes the
+            // trained context; sollol sizes every session by the declared
+            // context, so it uses them where that is longer (as llama.cpp
+            // does by its context size, whose converter writes the factor
+            // below into the GGUF file).
+            let trained = s.original_max_position_embeddings.or(hf.original_max_position_embeddings).unwrap_or(hf.max_position_embeddings);
+            let scale = hf.max_position_embeddings as f64 / trained as f64;
+            let long = hf.max_position_embeddings > trained;
+            let attn = s.attention_factor.map(f64::from).unwrap_or_else(|| {
+                if scale > 1.0 {
+                    (1.0 + scale.ln() / (trained as f64).ln()).sqrt()
+                } else {
+                    1.0
+                }
+            });
+            (if long { s.long_factor.clone() } else { s.short_factor.clone() }, attn as f32)
+        }
+        _ => (None, 1.0),
     }
+}
+
+/// Llama 3.1's scaling: frequencies below the trained context's divided by
+/// `factor`, high ones kept, a smooth blend between.
+fn llama3_factors(s: &RopeScaling, head_dim: usize, theta: f32) -> Option<Vec<f32>> {
+    let factor = s.factor?;
     let low = s.low_freq_factor.unwrap_or(1.0);
     let high = s.high_freq_factor.unwrap_or(4.0);
     let old_ctx = s.original_max_position_embeddings.unwrap_or(8192) as f32;
@@ -122,11 +156,21 @@ const HF_NAMES: &[(&str, &str)] = &[
 ];
 
 /// The HF name of GGUF tensor `name` of block `layer` (or a model-level one).
+/// An expert's tensor (`ffn_gate.3.weight`) is found under its pattern
+/// (`ffn_gate.{e}.weight`) with the index put back.
 fn tensor_name(arch: &Architecture, name: &str, layer: Option<usize>) -> String {
-    let hf = arch.hf_names.iter().chain(HF_NAMES).find(|(g, _)| *g == name).map_or(name, |(_, h)| h);
+    let expert = name.split('.').find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let key = match expert {
+        Some(e) => name.replacen(&format!(".{e}."), ".{e}.", 1),
+        None => name.to_string(),
+    };
+    let hf = match arch.hf_names.iter().chain(HF_NAMES).find(|(g, _)| *g == key) {
+        Some((_, h)) => expert.map_or_else(|| h.to_string(), |e| h.replacen("{e}", e, 1)),
+        None => name.to_string(),
+    };
     match layer {
         Some(i) => format!("model.layers.{i}.{hf}"),
-        None => hf.to_string(),
+        None => hf,
     }
 }
 
@@ -176,6 +220,8 @@ impl SafetensorsDir {
         let hf = &self.hf;
         let arch = self.arch;
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
+        let rope_dim = hf.partial_rotary_factor.map_or(head_dim, |f| (head_dim as f64 * f) as usize);
+        let (rope_freq_factors, rope_attn_factor) = rope_scaling(hf, rope_dim);
         let cfg = Config {
             arch,
             n_layers: hf.num_hidden_layers,
@@ -187,9 +233,10 @@ impl SafetensorsDir {
             vocab_size: hf.vocab_size,
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta,
-            rope_dim: hf.partial_rotary_factor.map_or(head_dim, |f| (head_dim as f64 * f) as usize),
+            rope_dim,
             rope_style: RopeStyle::Half,
-            rope_freq_factors: hf.rope_scaling.as_ref().and_then(|s| freq_factors(s, head_dim, hf.rope_theta)),
+            rope_freq_factors,
+            rope_attn_factor,
             context_length: hf.max_position_embeddings,
             pooling: Default::default(),
         };
@@ -205,9 +252,12 @@ impl SafetensorsDir {
         self.tensors.get(&tensor_name(self.arch, name, layer)).is_ok()
     }
 
-    /// `config.json`'s `key` as a number.
+    /// `config.json`'s `key` as a number (a flag as 0 or 1: `norm_topk_prob`).
     pub fn param(&self, key: &str) -> Option<f64> {
-        self.hf_raw.get(key)?.as_f64()
+        match self.hf_raw.get(key)? {
+            serde_json::Value::Bool(b) => Some(f64::from(u8::from(*b))),
+            v => v.as_f64(),
+        }
     }
 
     pub fn read(&self, name: &str, layer: Option<usize>, device: &Device) -> Result<RawWeight> {
@@ -235,29 +285,36 @@ impl SafetensorsDir {
         Ok(format!("{:x}", h.finalize()))
     }
 
-    /// Bytes per block, embedding and head, from the safetensors headers.
+    /// Bytes per block (and of their experts), embedding and head, from the
+    /// safetensors headers.
     pub fn layer_bytes(&self, n_layers: usize) -> super::gguf::LayerBytes {
         let mut blocks = vec![0u64; n_layers];
-        let mut embed = 0;
-        let mut head = 0;
+        let (mut embed, mut head, mut experts) = (0u64, 0u64, 0u64);
         for (name, view) in self.tensors.tensors() {
             let bytes = view.data().len() as u64;
             if let Some(rest) = name.strip_prefix("model.layers.") {
                 if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
                     if i < n_layers {
-                        blocks[i] += bytes;
+                        blocks[i] = blocks[i].saturating_add(bytes);
+                        experts = if rest.contains(".experts.") { experts.saturating_add(bytes) } else { experts };
                     }
                 }
             } else if name == "model.embed_tokens.weight" {
                 embed += bytes;
-            } else if name == "model.norm.weight" || name == "lm_head.weight" {
-                head += bytes;
+            } else {
+                // The final norm (with phi's bias) and the LM head (and its bias).
+                head = head.saturating_add(bytes);
             }
         }
         let tied = self.hf.tie_word_embeddings || self.tensors.get("lm_head.weight").is_err();
         if tied {
             head += embed;
         }
-        super::gguf::LayerBytes::dense(blocks, embed, head, tied)
+        let count = |k: &str| self.param(k).filter(|v| *v >= 1.0 && *v <= u32::MAX as f64).map(|v| v as u32);
+        let routed = match (count("num_experts_per_tok"), count("num_experts").or_else(|| count("num_local_experts"))) {
+            (Some(k), Some(n)) if experts > 0 && n >= k => Some((k, n)),
+            _ => None,
+        };
+        super::gguf::LayerBytes { blocks, embed, head, tied, expert_bytes: experts, routed }
     }
 }

@@ -186,6 +186,7 @@ impl SyntheticModel {
             rope_dim: s.hidden / s.heads,
             rope_style: RopeStyle::Interleaved,
             rope_freq_factors: None,
+            rope_attn_factor: 1.0,
             context_length: s.context,
             pooling: Default::default(),
         };

@@ -26,6 +26,9 @@ pub struct TinySpec {
     pub merged_experts: bool,
     /// The sliding window of gemma3's local blocks and phi3's.
     pub window: usize,
+    /// phi3 with LongRoPE factors, trained for this context (0: none). A
+    /// `context` past it selects the long factors, else the short ones.
+    pub trained_context: usize,
 }
 
 impl Default for TinySpec {
@@ -43,6 +46,7 @@ impl Default for TinySpec {
             top_k: 0,
             merged_experts: true,
             window: TINY_WINDOW,
+            trained_context: 0,
         }
     }
 }
@@ -148,20 +152,64 @@ pub fn random_weights(spec: &TinySpec, arch: &str) -> Vec<(String, Tensor)> {
     out
 }
 
-/// The HF name of a GGUF tensor of `arch`.
-fn hf_name(gguf: &str, arch: &str) -> String {
+/// LongRoPE's long and short per-pair factors of a tiny phi3 (far apart,
+/// so that using the wrong set shows), and the attention factor llama.cpp's
+/// converter writes for them.
+pub fn longrope(spec: &TinySpec) -> (Vec<f32>, Vec<f32>, f32) {
+    let pairs = spec.hidden / spec.heads / 2;
+    let long = (0..pairs).map(|i| 1.0 + 0.75 * i as f32).collect();
+    let short = (0..pairs).map(|i| 1.0 + 0.1 * i as f32).collect();
+    let (ctx, trained) = (spec.context as f64, spec.trained_context as f64);
+    let attn = if ctx > trained { (1.0 + (ctx / trained).ln() / trained.ln()).sqrt() } else { 1.0 };
+    (long, short, attn as f32)
+}
+
+/// The HF tensors of GGUF tensor `gguf` of model type `model_type`: renamed,
+/// and where HF keeps apart what GGUF stacks (phi's Q/K/V, the experts of
+/// Mixtral and Qwen3-MoE), split.
+fn hf_tensors(gguf: &str, t: Tensor, model_type: &str, spec: &TinySpec) -> Vec<(String, Tensor)> {
+    let phi = model_type == "phi";
     let top = [
         ("token_embd.weight", "model.embed_tokens.weight"),
-        ("output_norm.weight", "model.norm.weight"),
+        ("output_norm.weight", if phi { "model.final_layernorm.weight" } else { "model.norm.weight" }),
+        ("output_norm.bias", "model.final_layernorm.bias"),
         ("output.weight", "lm_head.weight"),
+        ("output.bias", "lm_head.bias"),
     ];
     if let Some((_, h)) = top.iter().find(|(g, _)| *g == gguf) {
-        return h.to_string();
+        return vec![(h.to_string(), t)];
     }
     let rest = gguf.strip_prefix("blk.").unwrap();
     let (i, role) = rest.split_once('.').unwrap();
     let (base, suffix) = role.rsplit_once('.').unwrap();
-    let hf = match (base, arch) {
+    let layer = |name: &str| format!("model.layers.{i}.{name}.{suffix}");
+    let hd = spec.hidden / spec.heads;
+    match (base, model_type) {
+        ("attn_qkv", "phi") => {
+            let (q, kv) = (spec.heads * hd, spec.kv_heads * hd);
+            let part = |start, len| t.narrow(0, start, len).unwrap();
+            return vec![
+                (layer("self_attn.q_proj"), part(0, q)),
+                (layer("self_attn.k_proj"), part(q, kv)),
+                (layer("self_attn.v_proj"), part(q + kv, kv)),
+            ];
+        }
+        ("ffn_gate_inp", "mixtral") => return vec![(layer("block_sparse_moe.gate"), t)],
+        ("ffn_gate_inp", _) => return vec![(layer("mlp.gate"), t)],
+        (exps, _) if exps.ends_with("_exps") => {
+            let names: [&str; 3] = if model_type == "mixtral" { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+            let prefix = if model_type == "mixtral" { "block_sparse_moe.experts" } else { "mlp.experts" };
+            let part = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"].iter().position(|b| *b == exps).unwrap();
+            return (0..t.dim(0).unwrap())
+                .map(|e| (layer(&format!("{prefix}.{e}.{}", names[part])), t.get(e).unwrap()))
+                .collect();
+        }
+        _ => {}
+    }
+    let hf = match (base, gguf_arch(model_type)) {
+        ("attn_output", "phi2") => "self_attn.dense",
+        ("ffn_up", "phi2") => "mlp.fc1",
+        ("ffn_down", "phi2") => "mlp.fc2",
         ("ffn_norm", "gemma3") => "pre_feedforward_layernorm",
         ("post_attention_norm", _) => "post_attention_layernorm",
         ("post_ffw_norm", _) => "post_feedforward_layernorm",
@@ -180,7 +228,7 @@ fn hf_name(gguf: &str, arch: &str) -> String {
         ("ffn_down", _) => "mlp.down_proj",
         (other, _) => panic!("no HF name for {other}"),
     };
-    format!("model.layers.{i}.{hf}.{suffix}")
+    vec![(layer(hf), t)]
 }
 
 /// Sliding window of the tiny gemma3 models: shorter than the test sequences, so it matters.
@@ -245,26 +293,47 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
     if arch == "gemma3" {
         md.push((format!("{arch}.attention.value_length"), Value::U32((spec.hidden / spec.heads) as u32)));
     }
+    if spec.trained_context > 0 {
+        let (long, short, attn) = longrope(spec);
+        let n = long.len();
+        for (name, v) in [("rope_factors_long.weight", long), ("rope_factors_short.weight", short)] {
+            qtensors.push((name.into(), QTensor::quantize(&Tensor::from_vec(v, n, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()));
+        }
+        md.push((format!("{arch}.rope.scaling.original_context_length"), Value::U32(spec.trained_context as u32)));
+        md.push((format!("{arch}.rope.scaling.attn_factor"), Value::F32(attn)));
+    }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
+/// The GGUF architecture of HF model type `model_type`.
+pub fn gguf_arch(model_type: &str) -> &str {
+    match model_type {
+        "gemma3_text" => "gemma3",
+        "phi" => "phi2",
+        "qwen3_moe" => "qwen3moe",
+        "mixtral" => "llama",
+        other => other,
+    }
+}
+
 /// Writes an HF directory (config.json + model.safetensors) of `dtype` weights.
 pub fn write_hf_dir(dir: &Path, spec: &TinySpec, model_type: &str, dtype: DType) {
     std::fs::create_dir_all(dir).unwrap();
-    let arch = if model_type == "gemma3_text" { "gemma3" } else { model_type };
+    let arch = gguf_arch(model_type);
     let weights: HashMap<String, Tensor> = random_weights(spec, arch)
         .into_iter()
-        .map(|(k, v)| {
+        .flat_map(|(k, v)| {
             // Gemma3RMSNorm multiplies by 1 + w: its checkpoints store w.
             let v = if arch == "gemma3" && k.ends_with("norm.weight") { (v - 1.0).unwrap() } else { v };
-            (hf_name(&k, arch), v.to_dtype(dtype).unwrap())
+            hf_tensors(&k, v, model_type, spec)
         })
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
         .collect();
     candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "model_type": model_type,
         "hidden_size": spec.hidden,
         "intermediate_size": spec.ffn,
@@ -279,5 +348,23 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, model_type: &str, dtype: DType)
         "head_dim": spec.hidden / spec.heads,
         "sliding_window": spec.window,
     });
+    let c = config.as_object_mut().unwrap();
+    if spec.experts > 0 {
+        c.insert((if model_type == "mixtral" { "num_local_experts" } else { "num_experts" }).into(), spec.experts.into());
+        c.insert("num_experts_per_tok".into(), spec.top_k.into());
+        c.insert("moe_intermediate_size".into(), spec.ffn.into());
+        c.insert("norm_topk_prob".into(), true.into());
+    }
+    if arch == "phi2" {
+        // phi: LayerNorm's epsilon, half of each head rotating, no grouped heads.
+        c.remove("rms_norm_eps");
+        c.insert("layer_norm_eps".into(), 1e-5.into());
+        c.insert("partial_rotary_factor".into(), 0.5.into());
+    }
+    if spec.trained_context > 0 {
+        let (long, short, _) = longrope(spec);
+        c.insert("original_max_position_embeddings".into(), spec.trained_context.into());
+        c.insert("rope_scaling".into(), serde_json::json!({"type": "longrope", "long_factor": long, "short_factor": short}));
+    }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }

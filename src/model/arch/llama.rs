@@ -21,9 +21,15 @@ use crate::model::weights::{Linear, Norm, Projections};
 pub const ARCH: Architecture = Architecture {
     name: "llama",
     gguf_names: &["llama", "mistral"],
-    hf_model_types: &["llama", "mistral"],
+    hf_model_types: &["llama", "mistral", "mixtral"],
     gguf_rope: RopeStyle::Interleaved,
-    hf_names: &[],
+    // Mixtral's checkpoints hold each expert's SwiGLU as w1 (gate), w3 (up), w2 (down).
+    hf_names: &[
+        ("ffn_gate_inp.weight", "block_sparse_moe.gate.weight"),
+        ("ffn_gate.{e}.weight", "block_sparse_moe.experts.{e}.w1.weight"),
+        ("ffn_up.{e}.weight", "block_sparse_moe.experts.{e}.w3.weight"),
+        ("ffn_down.{e}.weight", "block_sparse_moe.experts.{e}.w2.weight"),
+    ],
     hf_norm_offset: 0.0,
     embedding_scale: unscaled,
     chat_template: None,

@@ -23,9 +23,21 @@ use crate::model::weights::{Linear, Norm, Projections};
 pub const ARCH: Architecture = Architecture {
     name: "phi2",
     gguf_names: &["phi2"],
-    hf_model_types: &[],
+    hf_model_types: &["phi"],
     gguf_rope: RopeStyle::Half,
-    hf_names: &[],
+    // HF's phi keeps Q, K and V apart (llama.cpp's converter fuses them).
+    hf_names: &[
+        ("attn_norm.bias", "input_layernorm.bias"),
+        ("attn_output.weight", "self_attn.dense.weight"),
+        ("attn_output.bias", "self_attn.dense.bias"),
+        ("ffn_up.weight", "mlp.fc1.weight"),
+        ("ffn_up.bias", "mlp.fc1.bias"),
+        ("ffn_down.weight", "mlp.fc2.weight"),
+        ("ffn_down.bias", "mlp.fc2.bias"),
+        ("output_norm.weight", "model.final_layernorm.weight"),
+        ("output_norm.bias", "model.final_layernorm.bias"),
+        ("output.bias", "lm_head.bias"),
+    ],
     hf_norm_offset: 0.0,
     embedding_scale: unscaled,
     chat_template: None,
@@ -35,7 +47,7 @@ pub const ARCH: Architecture = Architecture {
 #[derive(Debug)]
 struct Phi2Block {
     norm: Norm,
-    /// Q, K, V: the rows of one fused tensor, with its bias.
+    /// Q, K, V with their biases (in GGUF the rows of one fused tensor).
     qkv: Projections,
     attn: Attention,
     o: Linear,
@@ -49,7 +61,10 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
     let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
     Ok(Arc::new(Phi2Block {
         norm: l.layer_norm("attn_norm", h)?,
-        qkv: l.fused("attn_qkv", &[q_dim, kv_dim, kv_dim], h)?,
+        qkv: match l.has("attn_qkv.weight") {
+            true => l.fused("attn_qkv", &[q_dim, kv_dim, kv_dim], h)?,
+            false => l.projections(&[("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)], h)?,
+        },
         attn: Attention::new(&c, l.model_rope()?),
         o: l.linear_biased("attn_output", h, q_dim)?,
         up: l.linear_biased("ffn_up", ffn, h)?,

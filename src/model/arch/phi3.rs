@@ -1,10 +1,13 @@
-//! Phi-3 (mini, 4k): the llama block with Q, K and V in one
+//! Phi-3 and Phi-4 mini: the llama block with Q, K and V in one
 //! fused tensor and gate and up in another, NEOX rotary pairing, and a
-//! sliding window where the model declares one.
+//! sliding window where the model declares one. The long-context files
+//! (128k) scale their rotary frequencies ("LongRoPE": per-pair long or short
+//! factors, and cos/sin scaled by an attention factor), which the model's
+//! config carries to its rotary tables.
 //!
 //! Reference: HF `modeling_phi3.py` (`qkv_proj`, `gate_up_proj` split with
-//! `chunk(2)`: gate first); llama.cpp `LLM_ARCH_PHI3`. Long-context rotary
-//! factors (`rope_factors_long`/`_short`, Phi-3 128k) are refused.
+//! `chunk(2)`: gate first; `Phi3LongRoPEScaledRotaryEmbedding`); llama.cpp
+//! `LLM_ARCH_PHI3`. Paper: <https://arxiv.org/abs/2402.13753>.
 
 use std::sync::Arc;
 
@@ -31,9 +34,6 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
     let c = l.config().clone();
     let (h, hd, ffn) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
-    if l.file_has("rope_factors_long.weight") {
-        return Err(l.bad("phi3 long-context rotary factors (rope_factors_long) are not supported yet"));
-    }
     // The llama block, its fused tensors split by rows at load.
     Ok(Arc::new(LlamaBlock {
         attn_norm: l.rms_norm("attn_norm.weight", h)?,

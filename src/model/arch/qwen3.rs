@@ -12,13 +12,9 @@ pub const ARCH: Architecture = Architecture {
     gguf_names: &["qwen3"],
     hf_model_types: &["qwen3"],
     gguf_rope: RopeStyle::Half,
-    hf_names: HF_NAMES,
+    hf_names: &[("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight")],
     hf_norm_offset: 0.0,
     embedding_scale: unscaled,
     chat_template: None,
     load_block: |l| llama::load_with(l, llama::HeadNorms::Required),
 };
-
-/// HF names of the per-head norms (qwen3moe's too).
-pub(super) const HF_NAMES: &[(&str, &str)] =
-    &[("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight")];
