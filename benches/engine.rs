@@ -5,7 +5,14 @@
 //! re-quantized to Q4_0 and Q8_0 throughout (`sollol quantize --pure`, into
 //! a temporary directory), measures batched
 //! decoding (8 sessions per step against 1), and the peak RSS of loading a
-//! third of the blocks against the whole model (in child processes).
+//! third of the blocks against the whole model (in child processes). It
+//! then covers two more shapes: Gemma-3-270M Q4_K_M (`--model gemma3`,
+//! fetched like the default) against candle-transformers' `quantized_gemma3`
+//! (which gates with SiLU where Gemma's GELU is, and slides no window when
+//! decoding: the same products, so its speed is still the reference's), and
+//! the synthetic Mixtral-shaped `moe-1b` in Q4_0 on our kernels against our
+//! candle path (`quantized_llama`'s MoE op for op; candle-transformers'
+//! reader takes only older per-expert files).
 //!
 //! Run: `cargo bench --bench engine`; both sides use every core, or
 //! `RAYON_NUM_THREADS` threads each (candle's pool reads it; ours is set
@@ -17,24 +24,64 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_transformers::models::{quantized_gemma3, quantized_llama};
 use criterion::{criterion_group, Criterion};
 use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
-use sollol::model::{BatchItem, HostInput, ModelFile, ModelSlice};
+use sollol::model::{Backend, BatchItem, HostInput, ModelFile, ModelSlice};
 
 const PROMPT: usize = 128;
 const DECODE: usize = 32;
 
-fn prompt_ids() -> Vec<u32> {
-    (0..PROMPT as u32).map(|i| (i * 7919 + 13) % 49152).collect()
+fn prompt_ids(vocab: u32) -> Vec<u32> {
+    (0..PROMPT as u32).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
+/// What sollol's slice is timed against.
+enum Reference {
+    Llama(quantized_llama::ModelWeights),
+    Gemma(quantized_gemma3::ModelWeights),
+    /// Our own slice on the candle backend.
+    Candle(ModelSlice, Option<sollol::model::KvCache>),
+}
+
+impl Reference {
+    fn name(&self) -> &'static str {
+        match self {
+            Reference::Llama(_) => "quantized_llama",
+            Reference::Gemma(_) => "quantized_gemma3",
+            Reference::Candle(..) => "candle path",
+        }
+    }
+
+    /// One forward at `pos`; position 0 starts a new sequence.
+    fn forward(&mut self, tokens: &[u32], pos: usize) {
+        match self {
+            Reference::Llama(m) => {
+                if pos == 0 {
+                    m.clear_kv_cache();
+                }
+                m.forward(&ids(tokens), pos).unwrap();
+            }
+            // Its cache starts over at position 0.
+            Reference::Gemma(m) => drop(m.forward(&ids(tokens), pos).unwrap()),
+            Reference::Candle(s, cache) => {
+                if pos == 0 {
+                    *cache = Some(s.new_cache(PROMPT + DECODE + 1).unwrap());
+                }
+                s.forward(&ids(tokens), cache.as_mut().unwrap()).unwrap();
+            }
+        }
+    }
 }
 
 struct Sides {
-    reference: ModelWeights,
+    reference: Reference,
     ours: ModelSlice,
     bytes_per_token: u64,
+    /// Token ids of the prompts and steps stay below it.
+    vocab: u32,
 }
 
 fn default_model() -> std::path::PathBuf {
@@ -45,51 +92,67 @@ fn load() -> Sides {
     load_from(&default_model())
 }
 
+/// `path` on our kernels against candle-transformers' implementation of its architecture.
 fn load_from(path: &Path) -> Sides {
     let mut reader = BufReader::new(File::open(path).unwrap());
     let content = gguf_file::Content::read(&mut reader).unwrap();
-    let reference = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
-    let mut file = ModelFile::open(path).unwrap();
+    let file = ModelFile::open(path).unwrap();
+    let config = file.config().unwrap();
+    let reference = match config.arch.name {
+        "gemma3" => Reference::Gemma(quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap()),
+        _ => Reference::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap()),
+    };
+    sides(file, reference)
+}
+
+fn sides(mut file: ModelFile, reference: Reference) -> Sides {
+    let config = file.config().unwrap();
+    let ours = ModelSlice::load(&mut file, 0..config.n_layers, &Device::Cpu).unwrap();
+    Sides { reference, ours, bytes_per_token: file.layer_bytes().unwrap().per_token(), vocab: config.vocab_size as u32 }
+}
+
+/// A synthetic shape on our kernels against the same weights on our candle path.
+fn load_synthetic(spec: &str) -> Sides {
+    let mut file = ModelFile::open(Path::new(spec)).unwrap();
     let n = file.config().unwrap().n_layers;
-    let ours = ModelSlice::load(&mut file, 0..n, &Device::Cpu).unwrap();
-    Sides { reference, ours, bytes_per_token: file.layer_bytes().unwrap().per_token() }
+    let candle = ModelSlice::load_with(&mut file, 0..n, &Device::Cpu, Backend::Candle).unwrap();
+    sides(file, Reference::Candle(candle, None))
 }
 
 fn ids(t: &[u32]) -> Tensor {
     Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
 }
 
-fn sollol_prefill(s: &ModelSlice) -> Duration {
-    let mut cache = s.new_cache(PROMPT + DECODE + 1).unwrap();
+fn sollol_prefill(s: &Sides) -> Duration {
+    let mut cache = s.ours.new_cache(PROMPT + DECODE + 1).unwrap();
     let t = Instant::now();
-    s.forward(&ids(&prompt_ids()), &mut cache).unwrap();
+    s.ours.forward(&ids(&prompt_ids(s.vocab)), &mut cache).unwrap();
     t.elapsed()
 }
 
-fn reference_prefill(m: &mut ModelWeights) -> Duration {
-    m.clear_kv_cache();
+fn reference_prefill(s: &mut Sides) -> Duration {
+    let prompt = prompt_ids(s.vocab);
     let t = Instant::now();
-    m.forward(&ids(&prompt_ids()), 0).unwrap();
+    s.reference.forward(&prompt, 0);
     t.elapsed()
 }
 
 /// Time of `DECODE` single-token steps after a 16-token prompt.
-fn sollol_decode(s: &ModelSlice) -> Duration {
-    let mut cache = s.new_cache(PROMPT + DECODE + 1).unwrap();
-    s.forward(&ids(&prompt_ids()[..16]), &mut cache).unwrap();
+fn sollol_decode(s: &Sides) -> Duration {
+    let mut cache = s.ours.new_cache(PROMPT + DECODE + 1).unwrap();
+    s.ours.forward(&ids(&prompt_ids(s.vocab)[..16]), &mut cache).unwrap();
     let t = Instant::now();
     for i in 0..DECODE as u32 {
-        s.forward(&ids(&[i * 31 + 7]), &mut cache).unwrap();
+        s.ours.forward(&ids(&[i * 31 + 7]), &mut cache).unwrap();
     }
     t.elapsed()
 }
 
-fn reference_decode(m: &mut ModelWeights) -> Duration {
-    m.clear_kv_cache();
-    m.forward(&ids(&prompt_ids()[..16]), 0).unwrap();
+fn reference_decode(s: &mut Sides) -> Duration {
+    s.reference.forward(&prompt_ids(s.vocab)[..16], 0);
     let t = Instant::now();
     for i in 0..DECODE as u32 {
-        m.forward(&ids(&[i * 31 + 7]), 16 + i as usize).unwrap();
+        s.reference.forward(&[i * 31 + 7], 16 + i as usize);
     }
     t.elapsed()
 }
@@ -98,13 +161,13 @@ fn bench(c: &mut Criterion) {
     let mut sides = load();
     let mut g = c.benchmark_group("prefill_128");
     g.sample_size(10);
-    g.bench_function("sollol", |b| b.iter_custom(|n| (0..n).map(|_| sollol_prefill(&sides.ours)).sum()));
-    g.bench_function("candle_quantized_llama", |b| b.iter_custom(|n| (0..n).map(|_| reference_prefill(&mut sides.reference)).sum()));
+    g.bench_function("sollol", |b| b.iter_custom(|n| (0..n).map(|_| sollol_prefill(&sides)).sum()));
+    g.bench_function("candle_quantized_llama", |b| b.iter_custom(|n| (0..n).map(|_| reference_prefill(&mut sides)).sum()));
     g.finish();
     let mut g = c.benchmark_group("decode_32");
     g.sample_size(10);
-    g.bench_function("sollol", |b| b.iter_custom(|n| (0..n).map(|_| sollol_decode(&sides.ours)).sum()));
-    g.bench_function("candle_quantized_llama", |b| b.iter_custom(|n| (0..n).map(|_| reference_decode(&mut sides.reference)).sum()));
+    g.bench_function("sollol", |b| b.iter_custom(|n| (0..n).map(|_| sollol_decode(&sides)).sum()));
+    g.bench_function("candle_quantized_llama", |b| b.iter_custom(|n| (0..n).map(|_| reference_decode(&mut sides)).sum()));
     g.finish();
     summary(&mut sides);
 }
@@ -113,7 +176,7 @@ fn bench(c: &mut Criterion) {
 fn sollol_batched_decode(s: &ModelSlice, sessions: usize) -> f64 {
     let mut caches: Vec<_> = (0..sessions).map(|_| s.new_cache(PROMPT + DECODE + 1).unwrap()).collect();
     for c in caches.iter_mut() {
-        s.forward(&ids(&prompt_ids()[..16]), c).unwrap();
+        s.forward(&ids(&prompt_ids(49152)[..16]), c).unwrap();
     }
     let t = Instant::now();
     for i in 0..DECODE as u32 {
@@ -131,14 +194,14 @@ fn summary(sides: &mut Sides) {
     println!("\nSUMMARY {threads} threads, best of 5 interleaved rounds");
     // Decode of one session streams the weights: this is its ceiling per byte.
     println!("memory read bandwidth {:.1} GB/s", sollol::sys::read_bandwidth() / 1e9);
-    compare("Q4_1 (as shipped)", sides);
+    compare("smollm2 Q4_1 (as shipped)", sides);
     let dir = tempfile::tempdir().unwrap();
     for (name, dtype) in [("Q4_0", GgmlDType::Q4_0), ("Q8_0", GgmlDType::Q8_0)] {
         let path = dir.path().join(format!("smollm2-{name}.gguf"));
         // Pure: the comparison is of the kernels of one type.
         let target = sollol::model::gguf::QuantTarget { base: dtype, medium: false, pure: true };
         sollol::model::gguf::requantize(&default_model(), &path, target).unwrap();
-        compare(&format!("{name} (re-quantized)"), &mut load_from(&path));
+        compare(&format!("smollm2 {name} (re-quantized)"), &mut load_from(&path));
     }
     let (mut one, mut eight) = (0f64, 0f64);
     for _ in 0..5 {
@@ -147,6 +210,9 @@ fn summary(sides: &mut Sides) {
     }
     println!("batched decode (Q4_1): 1 session {one:.1} tok/s, 8 sessions {eight:.1} tok/s aggregate, ratio {:.2}", eight / one);
     rss_summary();
+    let gemma = sollol::model::source::resolve("gemma3").expect("Gemma-3-270M").path;
+    compare("gemma-3-270m Q4_K_M", &mut load_from(&gemma));
+    compare("synthetic moe-1b Q4_0", &mut load_synthetic("synthetic:moe-1b:q4_0"));
 }
 
 fn compare(label: &str, sides: &mut Sides) {
@@ -154,16 +220,17 @@ fn compare(label: &str, sides: &mut Sides) {
     let best = |v: Vec<Duration>| v.into_iter().min().unwrap().as_secs_f64();
     let (mut sp, mut rp, mut sd, mut rd) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
-        sp.push(sollol_prefill(&sides.ours));
-        rp.push(reference_prefill(&mut sides.reference));
-        sd.push(sollol_decode(&sides.ours));
-        rd.push(reference_decode(&mut sides.reference));
+        sp.push(sollol_prefill(sides));
+        rp.push(reference_prefill(sides));
+        sd.push(sollol_decode(sides));
+        rd.push(reference_decode(sides));
     }
     let (sp, rp) = (PROMPT as f64 / best(sp), PROMPT as f64 / best(rp));
     let (sd, rd) = (DECODE as f64 / best(sd), DECODE as f64 / best(rd));
-    println!("smollm2 {label}:");
-    println!("  prefill {PROMPT} tok: sollol {sp:.1} tok/s, quantized_llama {rp:.1} tok/s, ratio {:.2}", sp / rp);
-    println!("  decode {DECODE} tok:  sollol {sd:.1} tok/s, quantized_llama {rd:.1} tok/s, ratio {:.2}", sd / rd);
+    let name = sides.reference.name();
+    println!("{label}:");
+    println!("  prefill {PROMPT} tok: sollol {sp:.1} tok/s, {name} {rp:.1} tok/s, ratio {:.2}", sp / rp);
+    println!("  decode {DECODE} tok:  sollol {sd:.1} tok/s, {name} {rd:.1} tok/s, ratio {:.2}", sd / rd);
     let bytes = sides.bytes_per_token;
     println!("  decode reads {:.1} MiB per token: {:.1} GB/s", bytes as f64 / 1048576.0, bytes as f64 * sd / 1e9);
 }

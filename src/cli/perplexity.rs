@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sollol::model::eval::{chunks, score_chunk, Base, Perplexity, SavedBase};
+use sollol::model::eval::{chunks, score_chunk, Base, BaseWriter, Perplexity, SavedBase};
 use sollol::model::ModelSlice;
 
 use super::{open_model, ModelArgs};
@@ -33,6 +33,11 @@ pub struct PerplexityArgs {
     /// chunks and context are used).
     #[arg(long)]
     kl_base: Option<String>,
+    /// Write the base's log probabilities (`--kl-base exact` or a model)
+    /// to this file as `llama-perplexity --kl-divergence-base` does, so
+    /// that llama.cpp scores its runs against the same base.
+    #[arg(long)]
+    save_base: Option<PathBuf>,
 }
 
 pub fn run(args: PerplexityArgs) -> Result<()> {
@@ -70,6 +75,9 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
             bail!("the saved base has a vocabulary of {}, the model {}", s.vocab, model.config().vocab_size);
         }
     }
+    if args.save_base.is_some() && (saved.is_some() || args.kl_base.is_none()) {
+        bail!("--save-base writes the base a model computes: give --kl-base exact or a model");
+    }
     let base_model = match args.kl_base.as_deref() {
         _ if saved.is_some() => None,
         None => None,
@@ -85,16 +93,21 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut acc = Perplexity::default();
+    let mut writer = args.save_base.as_deref().map(|p| BaseWriter::create(p, ctx, model.config().vocab_size, &chunks)).transpose()?;
     for (n, chunk) in chunks.iter().enumerate() {
         let base = match (&saved, &base_model) {
             (Some(s), _) => Base::Saved(s, n),
             (None, Some(b)) => Base::Model(b),
             (None, None) => Base::None,
         };
-        score_chunk(&model, base, chunk, &mut acc)?;
+        score_chunk(&model, base, chunk, &mut acc, writer.as_mut())?;
         progress.inc(1);
     }
     progress.finish_and_clear();
+    if let (Some(w), Some(path)) = (writer, &args.save_base) {
+        w.finish()?;
+        println!("base saved to {}", path.display());
+    }
     println!(
         "model {} ({:?} path), {} chunks of {} tokens, {} tokens scored",
         opened.resolved.name,

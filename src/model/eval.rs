@@ -84,6 +84,71 @@ impl SavedBase {
     }
 }
 
+/// Writes a file as `llama-perplexity --kl-divergence-base` does: the
+/// chunks' tokens, then the base's record ([`base_record`]) of each scored
+/// position, chunk after chunk, so that llama.cpp can score its own runs
+/// against a base sollol computed (the exact math). Streamed: a base of a
+/// large vocabulary is gigabytes.
+pub struct BaseWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+}
+
+impl BaseWriter {
+    pub fn create(path: &std::path::Path, ctx: usize, vocab: usize, chunks: &[Vec<u32>]) -> Result<Self> {
+        let int = |v: usize| -> Result<[u8; 4]> {
+            Ok(i32::try_from(v).map_err(|_| Error::InvalidRequest(format!("{v} does not fit llama.cpp's 32-bit header")))?.to_le_bytes())
+        };
+        let file = std::fs::File::create(path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        let mut w = Self { out: std::io::BufWriter::new(file), path: path.to_path_buf() };
+        w.write(b"_logits_")?;
+        for v in [ctx, vocab, chunks.len()] {
+            w.write(&int(v)?)?;
+        }
+        for t in chunks.iter().flatten() {
+            w.write(&t.to_le_bytes())?;
+        }
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        std::io::Write::write_all(&mut self.out, bytes).map_err(|e| Error::io(format!("cannot write {}", self.path.display()), e))
+    }
+
+    /// Appends the record of one scored position.
+    pub fn push(&mut self, logits: &[f32]) -> Result<()> {
+        let bytes: Vec<u8> = base_record(logits).iter().flat_map(|r| r.to_le_bytes()).collect();
+        self.write(&bytes)
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        std::io::Write::flush(&mut self.out).map_err(|e| Error::io(format!("cannot write {}", self.path.display()), e))
+    }
+}
+
+/// llama.cpp's record of one position's log probabilities: `[scale f32,
+/// min f32]` as four u16s, then each log probability within 16 nats of the
+/// largest as 16 bits above the smallest kept (0 below it), padded to an
+/// even count.
+pub fn base_record(logits: &[f32]) -> Vec<u16> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let min = logits.iter().fold(f32::INFINITY, |m, &v| m.min(v)).max(max - 16.0);
+    let sum_exp: f64 = logits.iter().map(|&v| f64::from((v - max).exp())).sum();
+    let log_sum_exp = sum_exp.ln() as f32;
+    let scale = (max - min) / 65535.0;
+    let min_log_prob = min - max - log_sum_exp;
+    let mut r = Vec::with_capacity(4 + 2 * logits.len().div_ceil(2));
+    for f in [scale, min_log_prob] {
+        let bits = f.to_bits();
+        r.extend([bits as u16, (bits >> 16) as u16]);
+    }
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    // llama.cpp rounds with its nearest_int (half to even), as round_ties_even does.
+    r.extend(logits.iter().map(|&v| if v > min { (inv * (v - min)).round_ties_even() as u16 } else { 0 }));
+    r.resize(4 + 2 * logits.len().div_ceil(2), 0);
+    r
+}
+
 /// `log softmax(logits)` in f64.
 pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -202,7 +267,8 @@ pub enum Base<'a> {
 
 /// Scores one chunk: the first half and one more token as a prefill, then
 /// one decode step per token, each step's logits scoring the next token.
-pub fn score_chunk(model: &ModelSlice, base: Base, chunk: &[u32], acc: &mut Perplexity) -> Result<()> {
+/// With `save`, a base model's records are written to it.
+pub fn score_chunk(model: &ModelSlice, base: Base, chunk: &[u32], acc: &mut Perplexity, mut save: Option<&mut BaseWriter>) -> Result<()> {
     if chunk.len() < 4 {
         return Err(Error::InvalidRequest(format!("a chunk of {} tokens is too short to score", chunk.len())));
     }
@@ -223,7 +289,13 @@ pub fn score_chunk(model: &ModelSlice, base: Base, chunk: &[u32], acc: &mut Perp
         let input = if j == first { &chunk[..=first] } else { &chunk[j..=j] };
         let logits = step(model, &mut cache, input)?;
         match (&base, base_cache.as_mut()) {
-            (Base::Model(b), Some(c)) => acc.add(&logits, Some(&step(b, c, input)?), chunk[j + 1])?,
+            (Base::Model(b), Some(c)) => {
+                let base = step(b, c, input)?;
+                if let Some(w) = save.as_deref_mut() {
+                    w.push(&base)?;
+                }
+                acc.add(&logits, Some(&base), chunk[j + 1])?
+            }
             (Base::Saved(saved, n), _) => acc.add_saved(&logits, saved.record(*n, j - first), chunk[j + 1])?,
             _ => acc.add(&logits, None, chunk[j + 1])?,
         }
@@ -292,6 +364,31 @@ mod tests {
         }
         std::fs::write(&path, &huge).unwrap();
         assert!(SavedBase::read(&path).is_err(), "counts beyond the file are refused");
+    }
+
+    /// A base written as llama.cpp writes one reads back, and scores a
+    /// model as the base's own logits do (within its 16-bit rounding).
+    #[test]
+    fn a_written_base_reads_back_and_scores_as_the_logits_it_holds() {
+        let base: [[f32; 5]; 2] = [[1.0, 2.0, 3.0, -1.0, -30.0], [0.5, 0.5, 4.0, 2.0, 1.0]];
+        let model: [[f32; 5]; 2] = [[1.5, 2.0, 2.5, -1.0, 0.0], [0.0, 1.0, 3.0, 2.5, 1.0]];
+        assert_eq!(base_record(&base[0]).len(), 4 + 6);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.kld");
+        // A chunk of 6 tokens scores positions 3 and 4.
+        let mut w = BaseWriter::create(&path, 6, 5, &[vec![0, 1, 2, 3, 4, 0]]).unwrap();
+        base.iter().for_each(|b| w.push(b).unwrap());
+        w.finish().unwrap();
+        let saved = SavedBase::read(&path).unwrap();
+        assert_eq!((saved.ctx, saved.vocab, saved.chunks.clone()), (6, 5, vec![vec![0, 1, 2, 3, 4, 0]]));
+        let (mut direct, mut read) = (Perplexity::default(), Perplexity::default());
+        for (i, (b, m)) in base.iter().zip(&model).enumerate() {
+            direct.add(m, Some(b), 2).unwrap();
+            read.add_saved(m, saved.record(0, i), 2).unwrap();
+        }
+        let (d, r) = (direct.kl_divergence().unwrap().0, read.kl_divergence().unwrap().0);
+        assert!((d - r).abs() < 1e-3 * d, "KLD {d} from the logits, {r} from the file");
+        assert!((direct.base_perplexity().unwrap() - read.base_perplexity().unwrap()).abs() < 1e-3);
     }
 
     #[test]

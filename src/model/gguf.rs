@@ -156,7 +156,11 @@ impl GgufFile {
             // file declares it (llama.cpp chooses the same way by its context).
             _ if has("rope_factors_long.weight") => {
                 let trained = self.metadata_u64(&key("rope.scaling.original_context_length")).map_or(context_length, |v| v as usize);
-                Some(self.read_dense_f32(if context_length > trained { "rope_factors_long.weight" } else { "rope_factors_short.weight" })?)
+                Some(self.read_dense_f32(if context_length > trained {
+                    "rope_factors_long.weight"
+                } else {
+                    "rope_factors_short.weight"
+                })?)
             }
             // Linear scaling divides every frequency by the factor (gemma3 4B+).
             _ if self.metadata_str(&key("rope.scaling.type")) == Some("linear") => {
@@ -510,7 +514,7 @@ pub fn requantize(src: &Path, dst: &Path, target: QuantTarget) -> Result<(usize,
         match target.type_of(name, q.shape().dims(), n_layers, n_experts, tied).filter(|t| *t != q.dtype()) {
             Some(t) => {
                 let f = q.dequantize(&Device::Cpu)?;
-                tensors.push((name.clone(), QTensor::quantize(&f, t)?));
+                tensors.push((name.clone(), quantize(&f, t)?));
                 converted += 1;
             }
             None => {
@@ -525,6 +529,21 @@ pub fn requantize(src: &Path, dst: &Path, target: QuantTarget) -> Result<(usize,
     gguf_file::write(&mut out, &metadata, &refs)?;
     std::io::Write::flush(&mut out).map_err(io("writing", dst))?;
     Ok((converted, kept))
+}
+
+/// `f` in type `t`: Q4_K, Q5_K and Q6_K by llama.cpp's reference search
+/// ([`super::kquants`]), the rest by candle's quantizers (which match
+/// llama.cpp's for those types).
+fn quantize(f: &candle_core::Tensor, t: candle_core::quantized::GgmlDType) -> Result<candle_core::quantized::QTensor> {
+    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+    let blocks = match t {
+        GgmlDType::Q4K => super::kquants::quantize_q4k,
+        GgmlDType::Q5K => super::kquants::quantize_q5k,
+        GgmlDType::Q6K => super::kquants::quantize_q6k,
+        _ => return Ok(QTensor::quantize(f, t)?),
+    };
+    let bytes = blocks(&f.flatten_all()?.to_vec1::<f32>()?);
+    Ok(QTensor::new(QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, t)?, f.shape())?)
 }
 
 #[cfg(test)]

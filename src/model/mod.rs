@@ -11,6 +11,7 @@ pub mod device;
 pub mod eval;
 pub mod gguf;
 pub mod host;
+pub mod kquants;
 pub mod kv_cache;
 pub mod loader;
 pub mod ops;
@@ -50,7 +51,7 @@ use crate::kernels::QMatrix;
 /// An opened model in either supported format.
 pub enum ModelFile {
     Gguf(gguf::GgufFile),
-    Safetensors(safetensors::SafetensorsDir),
+    Safetensors(Box<safetensors::SafetensorsDir>),
     /// Random weights of a named shape (`synthetic:llama-8b:q4_0`).
     Synthetic(synthetic::SyntheticModel),
 }
@@ -62,7 +63,7 @@ impl ModelFile {
             return Ok(ModelFile::Synthetic(synthetic::SyntheticModel::parse(spec)?));
         }
         if path.is_dir() {
-            Ok(ModelFile::Safetensors(safetensors::SafetensorsDir::open(path)?))
+            Ok(ModelFile::Safetensors(Box::new(safetensors::SafetensorsDir::open(path)?)))
         } else {
             Ok(ModelFile::Gguf(gguf::GgufFile::open(path)?))
         }

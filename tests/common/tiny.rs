@@ -200,9 +200,7 @@ fn hf_tensors(gguf: &str, t: Tensor, model_type: &str, spec: &TinySpec) -> Vec<(
             let names: [&str; 3] = if model_type == "mixtral" { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
             let prefix = if model_type == "mixtral" { "block_sparse_moe.experts" } else { "mlp.experts" };
             let part = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"].iter().position(|b| *b == exps).unwrap();
-            return (0..t.dim(0).unwrap())
-                .map(|e| (layer(&format!("{prefix}.{e}.{}", names[part])), t.get(e).unwrap()))
-                .collect();
+            return (0..t.dim(0).unwrap()).map(|e| (layer(&format!("{prefix}.{e}.{}", names[part])), t.get(e).unwrap())).collect();
         }
         _ => {}
     }

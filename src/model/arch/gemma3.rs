@@ -82,7 +82,15 @@ fn load(l: &mut Loader) -> Result<Arc<dyn Block>> {
     };
     let rope = if local {
         let theta = l.param_f32("rope.local_freq_base", "rope_local_base_freq").unwrap_or(LOCAL_THETA);
-        l.rope(RopeSpec { head_dim: hd, rot_dim: hd, theta, freq_factors: None, attn_factor: 1.0, style: c.rope_style, context: c.context_length })?
+        l.rope(RopeSpec {
+            head_dim: hd,
+            rot_dim: hd,
+            theta,
+            freq_factors: None,
+            attn_factor: 1.0,
+            style: c.rope_style,
+            context: c.context_length,
+        })?
     } else {
         l.model_rope()?
     };
