@@ -271,22 +271,34 @@ fn quantize_rewrites_the_weights_and_the_result_still_runs() {
 /// `sollol perplexity` on the default model against its exact f32 math, on
 /// a text of this repository: the quantized CPU path stays close (measured
 /// on the GPL-3 text, 14 chunks of 512: mean KLD 0.0030, same top token
-/// 96.8%, llama.cpp's own Q4_1 path 0.0031 and 96.3%).
+/// 96.8%, llama.cpp's own Q4_1 path 0.0031 and 96.3%). The base it saves
+/// (llama-perplexity's format) scores the model again from the file alone,
+/// as llama.cpp would, to the same figures within the file's 16 bits.
 #[test]
 fn perplexity_of_the_default_model_stays_near_its_exact_math() {
     let home = tempfile::tempdir().unwrap();
     common::smollm2();
     let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md");
-    let out = sollol(&["perplexity", "--file", text.to_str().unwrap(), "--ctx", "128", "--chunks", "3", "--kl-base", "exact"], home.path());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let number = |label: &str| -> f64 {
-        let line = stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no '{label}' in {stdout}"));
-        line[label.len()..].split_whitespace().next().unwrap().trim_end_matches('%').parse().unwrap()
+    let saved = home.path().join("exact.kld");
+    let run = |args: &[&str]| -> Vec<f64> {
+        let out = sollol(args, home.path());
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("{stdout}");
+        let number = |label: &str| -> f64 {
+            let line = stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no '{label}' in {stdout}"));
+            line[label.len()..].split_whitespace().next().unwrap().trim_end_matches('%').parse().unwrap()
+        };
+        ["perplexity ", "base perplexity ", "mean KLD ", "same top token "].map(number).to_vec()
     };
-    let (ppl, base, kld, same) = (number("perplexity "), number("base perplexity "), number("mean KLD "), number("same top token "));
-    eprintln!("{stdout}");
-    assert!(ppl > 1.0 && ppl < 100.0 && (ppl / base - 1.0).abs() < 0.05, "perplexity {ppl} vs exact {base}");
+    let (file, base) = (text.to_str().unwrap(), saved.to_str().unwrap());
+    let direct = run(&["perplexity", "--file", file, "--ctx", "128", "--chunks", "3", "--kl-base", "exact", "--save-base", base]);
+    let (ppl, base_ppl, kld, same) = (direct[0], direct[1], direct[2], direct[3]);
+    assert!(ppl > 1.0 && ppl < 100.0 && (ppl / base_ppl - 1.0).abs() < 0.05, "perplexity {ppl} vs exact {base_ppl}");
     assert!(kld < 0.02, "mean KLD {kld}");
     assert!(same > 90.0, "same top token {same}%");
+    let from_file = run(&["perplexity", "--kl-base", base]);
+    assert_eq!(from_file[0], ppl, "the same tokens scored by the same model");
+    assert!((from_file[1] / base_ppl - 1.0).abs() < 1e-3, "base perplexity {} from the file, {base_ppl} computed", from_file[1]);
+    assert!((from_file[2] / kld - 1.0).abs() < 0.05, "mean KLD {} from the file, {kld} computed", from_file[2]);
 }

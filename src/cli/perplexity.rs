@@ -118,7 +118,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
     );
     println!("perplexity {:.4}", acc.perplexity());
     if let (Some(base_ppl), Some((kl, kl_err)), Some(same)) = (acc.base_perplexity(), acc.kl_divergence(), acc.same_top()) {
-        let what = if saved.is_some() { "saved by llama.cpp" } else { "exact f32" };
+        let what = if saved.is_some() { "a saved base" } else { "exact f32" };
         println!("base perplexity {base_ppl:.4} ({}, {what})", args.kl_base.as_deref().unwrap_or_default());
         println!("mean KLD {kl:.6} ± {kl_err:.6}");
         println!("same top token {:.2}%", 100.0 * same);
