@@ -287,9 +287,9 @@ impl Kernel {
         Some(Kernel::Ggml(match t {
             GgmlDType::Q2K => ggml_fns::<BlockQ2K>(),
             GgmlDType::Q3K => ggml_fns::<BlockQ3K>(),
-            GgmlDType::Q4K => GgmlFns { gemm: k_gemm::<{ KQuant::Q4K as u8 }>(simd), ..ggml_fns::<BlockQ4K>() },
-            GgmlDType::Q5K => GgmlFns { gemm: k_gemm::<{ KQuant::Q5K as u8 }>(simd), ..ggml_fns::<BlockQ5K>() },
-            GgmlDType::Q6K => GgmlFns { gemm: k_gemm::<{ KQuant::Q6K as u8 }>(simd), ..ggml_fns::<BlockQ6K>() },
+            GgmlDType::Q4K => k_fns::<BlockQ4K, { KQuant::Q4K as u8 }>(simd),
+            GgmlDType::Q5K => k_fns::<BlockQ5K, { KQuant::Q5K as u8 }>(simd),
+            GgmlDType::Q6K => k_fns::<BlockQ6K, { KQuant::Q6K as u8 }>(simd),
             GgmlDType::F16 => GgmlFns { dot: f16_dot(simd).unwrap_or(ggml_dot::<f16>), ..ggml_fns::<f16>() },
             GgmlDType::F32 => ggml_fns::<f32>(),
             _ => return None,
@@ -453,6 +453,19 @@ unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&
 
 /// Our multi-row AVX2 kernel for K-quant `T` (over candle's Q8_K
 /// activations), where the CPU has it.
+/// The K-quant type `B` ([`KQuant`] `T`) on our SIMD kernel and
+/// activation quantizer where the CPU has them (bit-identical to candle's,
+/// so matrices of Q2_K/Q3_K share the rows), else candle's.
+fn k_fns<B: GgmlType, const T: u8>(simd: bool) -> GgmlFns {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only where the CPU has AVX2/FMA/F16C.
+        let quantize: fn(&[f32], &mut [u8]) = |x, out| unsafe { avx2::quantize_q8k(x, cast_mut(out)) };
+        return GgmlFns { gemm: k_gemm::<T>(simd), quantize, ..ggml_fns::<B>() };
+    }
+    GgmlFns { gemm: k_gemm::<T>(simd), ..ggml_fns::<B>() }
+}
+
 fn k_gemm<const T: u8>(simd: bool) -> Option<GemmFn> {
     #[cfg(target_arch = "x86_64")]
     if simd {

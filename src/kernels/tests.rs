@@ -256,6 +256,49 @@ fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
     }
 }
 
+/// The K-quants' activation rows from our AVX2 quantizer are the bytes of
+/// candle's `BlockQ8K::from_float`, so that Q2_K/Q3_K matrices (candle's
+/// dot products) can share them: random rows, values on exact half steps
+/// of the scale (the scale from a largest value of 127, so that
+/// `x * -127 / max` lands on ties), a largest magnitude held by both signs
+/// (the first sets the scale's sign), zero blocks.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_k_quant_activations_equal_candles_bit_for_bit() {
+    if !simd_available() {
+        return;
+    }
+    let mut rng = rng();
+    let n = 256 * 16;
+    for case in 0..5 {
+        let mut x: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0..30.0)).collect();
+        match case {
+            1 => x.iter_mut().enumerate().for_each(|(i, v)| *v = if i % 256 == 7 { 127.0 } else { (i % 255) as f32 * 0.5 - 63.5 }),
+            2 => x.iter_mut().enumerate().for_each(|(i, v)| {
+                *v = if i % 256 == 3 {
+                    -5.0
+                } else if i % 256 == 9 {
+                    5.0
+                } else {
+                    *v * 0.1
+                }
+            }),
+            3 => x[..512].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 2 == 0 { 0.0 } else { -0.0 }),
+            4 => x.iter_mut().enumerate().for_each(|(i, v)| *v *= if i % 3 == 0 { 1e-30 } else { 1e4 }),
+            _ => {}
+        }
+        let bytes = n / 256 * size_of::<blocks::BlockQ8K>();
+        let (mut theirs, mut ours) = (vec![0u8; bytes], vec![0u8; bytes]);
+        ggml_quantize::<candle_core::quantized::k_quants::BlockQ4K>(&x, &mut theirs);
+        // SAFETY: simd_available() said the CPU has AVX2/FMA/F16C.
+        unsafe { avx2::quantize_q8k(&x, cast_mut(&mut ours)) };
+        let (o, t) = (cast::<blocks::BlockQ8K>(&ours), cast::<blocks::BlockQ8K>(&theirs));
+        for (b, (o, t)) in o.iter().zip(t).enumerate() {
+            assert_eq!((o.d.to_bits(), o.qs, o.bsums), (t.d.to_bits(), t.qs, t.bsums), "case {case} block {b}");
+        }
+    }
+}
+
 #[test]
 fn vectorized_row_ops_equal_their_portable_source_bit_for_bit() {
     // The same operations in the same order, only compiled for other
