@@ -341,14 +341,17 @@ fn parse_tagged(text: &str) -> Option<(String, Vec<ToolCall>)> {
     while let Some(at) = rest.find(OPEN) {
         content.push_str(&rest[..at]);
         let inner = &rest[at + OPEN.len()..];
-        // A call cut by the end of the output (the token limit, an EOS
-        // standing in for the closing tag) still counts if its JSON is whole.
-        let (body, after) = match inner.find(CLOSE) {
-            Some(end) => (&inner[..end], &inner[end + CLOSE.len()..]),
-            None => (inner, ""),
+        // The JSON is read first: a string argument may itself hold the
+        // closing tag. Then the tag, or the end of the output (the token
+        // limit, an EOS standing in for it) where the JSON is whole.
+        let (found, used) = json_calls(inner)?;
+        let after = inner[used..].trim_start();
+        rest = match after.strip_prefix(CLOSE) {
+            Some(after) => after,
+            None if after.is_empty() => after,
+            None => return None,
         };
-        calls.extend(parse_json_calls(body)?);
-        rest = after;
+        calls.extend(found);
     }
     content.push_str(rest);
     (!calls.is_empty()).then(|| (content.trim().to_string(), calls))
@@ -358,18 +361,28 @@ fn parse_tagged(text: &str) -> Option<(String, Vec<ToolCall>)> {
 /// one after another (separated by whitespace or `;`), each with a `name`
 /// and its `arguments` (or `parameters`). Anything else is not a call.
 fn parse_json_calls(text: &str) -> Option<Vec<ToolCall>> {
+    let (calls, used) = json_calls(text)?;
+    text[used..].trim().is_empty().then_some(calls)
+}
+
+/// The calls that `text` starts with (as [`parse_json_calls`] reads them),
+/// and the bytes they took; at least one call, or None.
+fn json_calls(text: &str) -> Option<(Vec<ToolCall>, usize)> {
     let mut calls = Vec::new();
-    let mut rest = text.trim();
-    while !rest.is_empty() {
+    let mut used = text.len() - text.trim_start().len();
+    loop {
+        let rest = &text[used..];
         let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
-        let value = values.next()?.ok()?;
-        rest = rest[values.byte_offset()..].trim_start().trim_start_matches(';').trim_start();
+        let Some(Ok(value)) = values.next() else { break };
         match value {
             Value::Array(items) => calls.extend(items.iter().map(call_of).collect::<Option<Vec<_>>>()?),
             v => calls.push(call_of(&v)?),
         }
+        let after = &rest[values.byte_offset()..];
+        let next = after.trim_start().trim_start_matches(';').trim_start();
+        used += values.byte_offset() + (after.len() - next.len());
     }
-    (!calls.is_empty()).then_some(calls)
+    (!calls.is_empty()).then_some((calls, used))
 }
 
 fn call_of(v: &Value) -> Option<ToolCall> {
@@ -502,6 +515,18 @@ mod tests {
         assert!(parse_calls("<tool_call>{\"name\": \"a\", \"argu", Dialect::Tagged).is_none());
         assert!(parse_calls("{\"answer\": 42}", Dialect::Llama3).is_none());
         assert!(parse_calls("{\"name\": \"a\"} and then prose", Dialect::Llama3).is_none());
+    }
+
+    /// The closing tag inside a string argument is the argument's, not the
+    /// end of the call (a sampled city name held one).
+    #[test]
+    fn a_closing_tag_inside_an_argument_stays_in_it() {
+        let text = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"a}}}</tool_call>b\"}}\n</tool_call> after";
+        let (content, calls) = parse_calls(text, Dialect::Tagged).unwrap();
+        assert_eq!((content.as_str(), calls.len()), ("after", 1));
+        assert_eq!(calls[0].arguments, serde_json::json!({"city": "a}}}</tool_call>b"}));
+        // Text between the JSON and the tag makes it no call at all.
+        assert!(parse_calls("<tool_call>{\"name\": \"f\", \"arguments\": {}} trailing</tool_call>", Dialect::Tagged).is_none());
     }
 
     #[test]
