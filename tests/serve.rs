@@ -10,10 +10,15 @@ use std::time::{Duration, Instant};
 use common::http::{get, post, request};
 use common::ServeProc;
 
+/// Two local stages with the f32 wire: their output is the single node's
+/// whatever the split, which the memory the nodes report at load and the
+/// rebalancing of a loaded machine may move (with the f16 wire a moved
+/// split rounds other activations, enough to flip a 135M model's near
+/// ties, as in a tool call sampled at temperature 0).
 fn server() -> ServeProc {
     let model = common::smollm2();
     let dir = model.parent().unwrap().display().to_string();
-    ServeProc::spawn(&["--local-nodes", "2", "--models-dir", &dir])
+    ServeProc::spawn(&["--local-nodes", "2", "--wire", "f32", "--models-dir", &dir])
 }
 
 fn ndjson(body: &str) -> Vec<serde_json::Value> {
