@@ -4,9 +4,11 @@
 # prediction, then one session's decode (`sollol generate --nodes`, the even
 # plan the prediction uses) and 8 clients served (`sollol serve` over the
 # 4 nodes, each offering 60 MB so the model needs several, + `sollol bench
-# --url`). Needs root (namespaces).
+# --url`). Needs root (namespaces). With CPU=0.5 each node's host is held to
+# that share of a core (hosts as separate, smaller machines; the prediction
+# still assumes this machine's whole speed per stage).
 #
-# usage: scripts/lab-network.sh [LINKS...]   (default: 1gbit:0.5 100mbit:5 50mbit:40)
+# usage: [CPU=0.5] scripts/lab-network.sh [LINKS...]   (default: 1gbit:0.5 100mbit:5 50mbit:40)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOLLOL=${SOLLOL:-target/release/sollol}
@@ -21,7 +23,7 @@ for link in "${LINKS[@]}"; do
   echo "== 4 stages, links of $rate + $rtt ms RTT"
   "$SOLLOL" plan --model "$MODEL" --node a=60MB --node b=60MB --node c=60MB --node d=60MB --strategy even \
     --explain --rate "$rate" --rtt-ms "$rtt" --clients 8 2>/dev/null | sed -n '/Predicted/,$p'
-  "$SOLLOL" lab up --hosts 5 --head --rate "$rate" --rtt-ms "$rtt" --cluster-key "$KEY" --ttl-secs 600 \
+  "$SOLLOL" lab up --hosts 5 --head --rate "$rate" --rtt-ms "$rtt" ${CPU:+--cpu "$CPU"} --cluster-key "$KEY" --ttl-secs 600 \
     --node-args --memory-limit 60MB > "$WORK/lab.out" &
   LAB=$!
   for _ in $(seq 150); do grep -q "up for" "$WORK/lab.out" && break; sleep 0.2; done
