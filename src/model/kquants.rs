@@ -154,6 +154,15 @@ fn super_block(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> SuperBlock {
     SuperBlock { d, dmin, scales: packed, levels }
 }
 
+impl SuperBlock {
+    /// `d`, `dmin` and the packed scales: how Q4_K and Q5_K blocks begin.
+    fn put_scales(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.d.to_le_bytes());
+        out.extend_from_slice(&self.dmin.to_le_bytes());
+        out.extend_from_slice(&self.scales);
+    }
+}
+
 /// The 6-bit scale and minimum of sub-block `j` (ggml's `get_scale_min_k4`).
 fn unpack_scale_min(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
@@ -169,9 +178,7 @@ pub fn quantize_q4k(x: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(x.len() / QK_K * Q4K_BYTES);
     for chunk in x.chunks_exact(QK_K) {
         let b = super_block(chunk, 15, -1.0, 20);
-        out.extend_from_slice(&b.d.to_le_bytes());
-        out.extend_from_slice(&b.dmin.to_le_bytes());
-        out.extend_from_slice(&b.scales);
+        b.put_scales(&mut out);
         // 64 values per 32 bytes: the first 32 in low nibbles, the next 32 in high.
         for half in b.levels.chunks_exact(64) {
             out.extend((0..32).map(|l| half[l] | (half[l + 32] << 4)));
@@ -186,9 +193,7 @@ pub fn quantize_q5k(x: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(x.len() / QK_K * Q5K_BYTES);
     for chunk in x.chunks_exact(QK_K) {
         let b = super_block(chunk, 31, -0.5, 15);
-        out.extend_from_slice(&b.d.to_le_bytes());
-        out.extend_from_slice(&b.dmin.to_le_bytes());
-        out.extend_from_slice(&b.scales);
+        b.put_scales(&mut out);
         // The fifth bit of value n + j (n = 0, 64, …) is bit 2n/64 of qh[j];
         // of value n + j + 32 the bit above it.
         let mut qh = [0u8; 32];
