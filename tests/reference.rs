@@ -239,6 +239,21 @@ fn safetensors_mixtral_f32_matches_numpy() {
     safetensors_case("mixtral", DType::F32, 1e-4);
 }
 
+/// Planning reads a checkpoint's experts as a GGUF file's: their bytes, and
+/// a token's share of them (2 of 8 per token, from `config.json`).
+#[test]
+fn safetensors_experts_count_in_planning() {
+    for model_type in ["mixtral", "qwen3_moe"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_hf_dir(dir.path(), &spec(model_type), model_type, DType::F32);
+        let bytes = ModelFile::open(dir.path()).unwrap().layer_bytes().unwrap();
+        assert_eq!(bytes.routed, Some((2, 8)), "{model_type}");
+        let all: u64 = bytes.blocks.iter().sum::<u64>() + bytes.head;
+        assert!(bytes.expert_bytes > all / 2, "{model_type}: the experts are most of the blocks");
+        assert_eq!(bytes.per_token(), all - bytes.expert_bytes + bytes.expert_bytes / 4, "{model_type}");
+    }
+}
+
 #[test]
 fn safetensors_qwen3_moe_f32_matches_numpy() {
     safetensors_case("qwen3_moe", DType::F32, 1e-4);
