@@ -9,7 +9,8 @@
 //!
 //! Dispatch happens once, when a matrix is built: AVX2+FMA+F16C kernels for
 //! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 where the CPU has them, the scalar
-//! reference otherwise. Q4_K, Q5_K and Q6_K keep ggml's Q8_K activations and get
+//! reference otherwise. Q4_K, Q5_K and Q6_K keep ggml's Q8_K activations
+//! (quantized by our AVX2 port, bit for bit candle's) and get
 //! our multi-row AVX2 kernels where the CPU has them (interleaved in groups
 //! of eight rows like the types above), F16 our AVX2 dot product;
 //! other GGUF types (and all of these on other CPUs) use candle's per-type
@@ -451,8 +452,6 @@ unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&
     }
 }
 
-/// Our multi-row AVX2 kernel for K-quant `T` (over candle's Q8_K
-/// activations), where the CPU has it.
 /// The K-quant type `B` ([`KQuant`] `T`) on our SIMD kernel and
 /// activation quantizer where the CPU has them (bit-identical to candle's,
 /// so matrices of Q2_K/Q3_K share the rows), else candle's.
@@ -466,6 +465,8 @@ fn k_fns<B: GgmlType, const T: u8>(simd: bool) -> GgmlFns {
     GgmlFns { gemm: k_gemm::<T>(simd), ..ggml_fns::<B>() }
 }
 
+/// Our multi-row AVX2 kernel for K-quant `T` (over ggml's Q8_K
+/// activations), where the CPU has it.
 fn k_gemm<const T: u8>(simd: bool) -> Option<GemmFn> {
     #[cfg(target_arch = "x86_64")]
     if simd {
