@@ -234,6 +234,20 @@ fn phi3_longrope_matches_numpy_in_gguf_and_safetensors() {
     }
 }
 
+/// A LongRoPE config without its factors is refused with a clear error,
+/// not run as if unscaled.
+#[test]
+fn longrope_without_its_factors_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_dir(dir.path(), &TinySpec { trained_context: 16, ..spec("phi3") }, "phi3", DType::F32);
+    let path = dir.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["rope_scaling"].as_object_mut().unwrap().remove("long_factor");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = ModelFile::open(dir.path()).and_then(|f| f.config()).unwrap_err().to_string();
+    assert!(err.contains("longrope needs long_factor"), "{err}");
+}
+
 #[test]
 fn safetensors_mixtral_f32_matches_numpy() {
     safetensors_case("mixtral", DType::F32, 1e-4);

@@ -73,9 +73,9 @@ pub struct RopeScaling {
 /// Rotary scaling as per-pair divisors of the inverse frequency (the form
 /// GGUF files store in `rope_freqs.weight` / `rope_factors_*`) and the
 /// factor on cos/sin.
-fn rope_scaling(hf: &HfConfig, rot_dim: usize) -> (Option<Vec<f32>>, f32) {
-    let Some(s) = &hf.rope_scaling else { return (None, 1.0) };
-    match s.rope_type.as_deref().or(s.kind.as_deref()) {
+fn rope_scaling(hf: &HfConfig, rot_dim: usize) -> std::result::Result<(Option<Vec<f32>>, f32), String> {
+    let Some(s) = &hf.rope_scaling else { return Ok((None, 1.0)) };
+    Ok(match s.rope_type.as_deref().or(s.kind.as_deref()) {
         Some("linear") => (s.factor.map(|f| vec![f; rot_dim / 2]), 1.0),
         Some("llama3") => (llama3_factors(s, rot_dim, hf.rope_theta), 1.0),
         Some("longrope" | "su") => {
@@ -94,10 +94,16 @@ fn rope_scaling(hf: &HfConfig, rot_dim: usize) -> (Option<Vec<f32>>, f32) {
                     1.0
                 }
             });
-            (if long { s.long_factor.clone() } else { s.short_factor.clone() }, attn as f32)
+            let factors = if long { s.long_factor.clone() } else { s.short_factor.clone() };
+            (Some(factors.ok_or_else(|| "rope_scaling longrope needs long_factor and short_factor".to_string())?), attn as f32)
         }
-        _ => (None, 1.0),
-    }
+        other => {
+            // Within the trained context these change nothing; past it the
+            // output drifts, so say so rather than refuse the model.
+            tracing::warn!("rope_scaling {other:?} is not applied: contexts past the trained one will degrade");
+            (None, 1.0)
+        }
+    })
 }
 
 /// Llama 3.1's scaling: frequencies below the trained context's divided by
@@ -221,7 +227,8 @@ impl SafetensorsDir {
         let arch = self.arch;
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1));
         let rope_dim = hf.partial_rotary_factor.map_or(head_dim, |f| (head_dim as f64 * f) as usize);
-        let (rope_freq_factors, rope_attn_factor) = rope_scaling(hf, rope_dim);
+        let (rope_freq_factors, rope_attn_factor) =
+            rope_scaling(hf, rope_dim).map_err(|r| Error::bad_model(&self.path, format!("config.json: {r}")))?;
         let cfg = Config {
             arch,
             n_layers: hf.num_hidden_layers,
