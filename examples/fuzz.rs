@@ -360,6 +360,7 @@ fn capabilities(rng: &mut StdRng) -> Capabilities {
         memory_limit: rng.random_bool(0.5).then(|| u64_of(rng)),
         loaded: rng.random_bool(0.5).then(|| loaded_slice(rng)),
         sessions: u32_of(rng),
+        link: rng.random_bool(0.5).then(|| string_of(rng)),
     }
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The dashboard in headless Chromium: starts `sollol serve` over a 2-stage
 # local pipeline, runs one generation, renders /dashboard (JavaScript and all),
-# and checks that the DOM shows both nodes healthy, the model's layer map, and
+# and checks that the DOM shows both nodes healthy (with the link each
+# reports), the model's layer map, and
 # the last minutes' charts (tok/s, each node's busy share and round trip, the
 # model's hop latency) drawn from the head's samples.
 # Leaves a screenshot in target/dashboard.png.
@@ -31,7 +32,7 @@ dom=$(timeout 60 "$chrome" "${flags[@]}" --dump-dom "http://$addr/dashboard" 2>/
 timeout 60 "$chrome" "${flags[@]}" --window-size=1200,700 --screenshot="$PWD/target/dashboard.png" "http://$addr/dashboard" >/dev/null 2>&1 || true
 
 fail=0
-for want in '>local-1 0-14<' '>local-2 15-29<' 'smollm2 — 30 layers on local'; do
+for want in '>local-1 0-14<' '>local-2 15-29<' 'smollm2 — 30 layers on local' '<td>loopback</td>'; do
   if grep -qF -- "$want" <<<"$dom"; then echo "ok   dashboard shows '$want'"; else echo "FAIL dashboard lacks '$want'"; fail=1; fi
 done
 plots=$(grep -o 'class="chart-plot"' <<<"$dom" | wc -l)

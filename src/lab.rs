@@ -40,6 +40,18 @@ pub struct LinkSpec {
 }
 
 impl LinkSpec {
+    /// As a node reports it (`sollol node --link`): "lab: 100mbit, 5 ms RTT ±1 ms, 0.1% loss".
+    pub fn describe(&self) -> String {
+        let mut s = format!("lab: {}, {} ms RTT", self.rate.as_deref().unwrap_or("uncapped"), self.rtt.as_secs_f64() * 1e3);
+        if !self.jitter.is_zero() {
+            s += &format!(" ±{} ms", self.jitter.as_secs_f64() * 1e3);
+        }
+        if self.loss > 0.0 {
+            s += &format!(", {}% loss", self.loss * 100.0);
+        }
+        s
+    }
+
     /// `rate` in bits per second, when capped.
     pub fn bits_per_sec(&self) -> Option<f64> {
         rate_bits_per_sec(self.rate.as_deref()?)
@@ -206,7 +218,7 @@ impl Lab {
         let h = &self.hosts[host];
         let direct = SocketAddr::from((h.addr, NODE_PORT)).to_string();
         let mut node = Command::new(&self.sollol);
-        node.args(["node", "--listen", &direct]).args(args);
+        node.args(["node", "--listen", &direct, "--link", &self.link.describe()]).args(args);
         if let Some((_, cores)) = h.cgroup {
             // As many compute threads as the host has cores: more would spin
             // the quota away. (The node cannot see its quota itself: `ip netns
@@ -408,6 +420,15 @@ pub fn relay(listen: SocketAddr, to: SocketAddr, link: LinkSpec, ttl: Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a lab node reports as its link (and the dashboard shows).
+    #[test]
+    fn links_describe_themselves() {
+        let fast = LinkSpec { rate: Some("1gbit".into()), rtt: Duration::from_micros(500), ..Default::default() };
+        assert_eq!(fast.describe(), "lab: 1gbit, 0.5 ms RTT");
+        let lossy = LinkSpec { rate: None, rtt: Duration::from_millis(40), jitter: Duration::from_millis(2), loss: 0.001 };
+        assert_eq!(lossy.describe(), "lab: uncapped, 40 ms RTT ±2 ms, 0.1% loss");
+    }
 
     #[test]
     fn rates_parse() {

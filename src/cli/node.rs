@@ -53,9 +53,21 @@ pub struct NodeArgs {
     /// Connections served at once; more are refused before their handshake.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// How this host is linked (e.g. "10 Gbit/s"), shown on the head's
+    /// dashboard beside the round trip it measures.
+    #[arg(long, value_parser = link_text)]
+    link: Option<String>,
     /// Fault injection for tests: steps of this session panic in the worker.
     #[arg(long, hide = true)]
     panic_on_session: Option<u64>,
+}
+
+/// A `--link` description: one short line (it travels in every capability report).
+fn link_text(s: &str) -> std::result::Result<String, String> {
+    match s.len() {
+        1..=120 if !s.contains(['\n', '\r']) => Ok(s.to_string()),
+        _ => Err("a link is described in one line of 1 to 120 bytes".into()),
+    }
 }
 
 pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
@@ -80,6 +92,7 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
         },
         kv_memory: args.kv_memory,
         max_connections: args.max_connections,
+        link: args.link,
     };
     if args.exit_with_stdin {
         std::thread::spawn(|| {

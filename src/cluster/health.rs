@@ -124,6 +124,7 @@ mod tests {
             memory_limit: None,
             loaded: None,
             sessions: 0,
+            link: None,
         }
     }
 

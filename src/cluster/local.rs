@@ -42,7 +42,16 @@ impl LocalNodes {
         for _ in 0..n {
             let mut cmd = Command::new(bin);
             // --exit-with-stdin: the node goes when this process goes, even killed.
-            cmd.args(["--threads", &threads_each.to_string(), "node", "--listen", "127.0.0.1:0", "--exit-with-stdin"]);
+            cmd.args([
+                "--threads",
+                &threads_each.to_string(),
+                "node",
+                "--listen",
+                "127.0.0.1:0",
+                "--exit-with-stdin",
+                "--link",
+                "loopback",
+            ]);
             if let Some(dir) = &lock_dir {
                 cmd.arg("--compute-lock").arg(dir.path().join("compute.lock"));
             }

@@ -130,6 +130,9 @@ pub struct Capabilities {
     pub memory_limit: Option<u64>,
     pub loaded: Option<LoadedSlice>,
     pub sessions: u32,
+    /// How the node's host is linked, as its operator describes it
+    /// (`sollol node --link`; the lab's rate and delay), for the dashboard.
+    pub link: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

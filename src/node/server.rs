@@ -43,6 +43,8 @@ pub struct NodeConfig {
     pub kv_memory: Option<u64>,
     /// Connections served at once; more are refused before their handshake.
     pub max_connections: usize,
+    /// How the host is linked (reported, not used).
+    pub link: Option<String>,
 }
 
 impl NodeConfig {
@@ -61,6 +63,7 @@ impl NodeConfig {
             admission: Admission::default(),
             kv_memory: None,
             max_connections: 256,
+            link: None,
         }
     }
 }
@@ -208,6 +211,7 @@ impl Node {
             total_memory: self.cfg.memory_limit.unwrap_or(total),
             free_memory: offered.saturating_sub(held),
             memory_limit: self.cfg.memory_limit,
+            link: self.cfg.link.clone(),
             loaded: self.loaded.lock().expect("loaded lock").clone(),
             sessions: self.outputs.sessions.load(Ordering::Relaxed),
         }
