@@ -297,6 +297,8 @@ fn perplexity_of_the_default_model_stays_near_its_exact_math() {
     assert!(ppl > 1.0 && ppl < 100.0 && (ppl / base_ppl - 1.0).abs() < 0.05, "perplexity {ppl} vs exact {base_ppl}");
     assert!(kld < 0.02, "mean KLD {kld}");
     assert!(same > 90.0, "same top token {same}%");
+    let out = sollol(&["perplexity", "--file", file, "--save-base", base], home.path());
+    assert_clean_error(&out, "--save-base writes the base a model computes");
     let from_file = run(&["perplexity", "--kl-base", base]);
     assert_eq!(from_file[0], ppl, "the same tokens scored by the same model");
     assert!((from_file[1] / base_ppl - 1.0).abs() < 1e-3, "base perplexity {} from the file, {base_ppl} computed", from_file[1]);

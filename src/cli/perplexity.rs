@@ -48,9 +48,13 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
     let tokenizer = opened.tokenizer()?;
     let bos = tokenizer.bos_id().filter(|_| tokenizer.adds_bos());
     let saved = match args.kl_base.as_deref() {
-        Some(path) if std::fs::read(path).is_ok_and(|b| b.starts_with(b"_logits_")) => Some(SavedBase::read(path.as_ref())?),
+        Some(path) if SavedBase::is_one(path.as_ref()) => Some(SavedBase::read(path.as_ref())?),
         _ => None,
     };
+    // Before any model is loaded: a mistaken command costs nothing.
+    if args.save_base.is_some() && (saved.is_some() || args.kl_base.is_none()) {
+        bail!("--save-base writes the base a model computes: give --kl-base exact or a model");
+    }
     let (mut chunks, ctx) = match (&saved, &args.file) {
         // As llama.cpp's KL run: the saved tokens, BOS first where the model wants it.
         (Some(s), _) => (s.chunks.iter().map(|c| chunks(c, s.ctx, bos).remove(0)).collect::<Vec<_>>(), s.ctx),
@@ -74,9 +78,6 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         if s.vocab != model.config().vocab_size {
             bail!("the saved base has a vocabulary of {}, the model {}", s.vocab, model.config().vocab_size);
         }
-    }
-    if args.save_base.is_some() && (saved.is_some() || args.kl_base.is_none()) {
-        bail!("--save-base writes the base a model computes: give --kl-base exact or a model");
     }
     let base_model = match args.kl_base.as_deref() {
         _ if saved.is_some() => None,

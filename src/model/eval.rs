@@ -41,6 +41,13 @@ pub struct SavedBase {
 }
 
 impl SavedBase {
+    /// Whether `path` is a file that starts with `_logits_` (its first
+    /// bytes only: a base of a large vocabulary is gigabytes).
+    pub fn is_one(path: &std::path::Path) -> bool {
+        let mut magic = [0u8; 8];
+        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"_logits_"
+    }
+
     /// Reads a file that starts with `_logits_`.
     pub fn read(path: &std::path::Path) -> Result<Self> {
         let bad = |reason: String| Error::bad_model(path, reason);
@@ -117,8 +124,9 @@ impl BaseWriter {
 
     /// Appends the record of one scored position.
     pub fn push(&mut self, logits: &[f32]) -> Result<()> {
-        let bytes: Vec<u8> = base_record(logits).iter().flat_map(|r| r.to_le_bytes()).collect();
-        self.write(&bytes)
+        // Through the buffered writer as they come: no second copy of a
+        // vocabulary-sized record.
+        base_record(logits).iter().try_for_each(|r| self.write(&r.to_le_bytes()))
     }
 
     pub fn finish(mut self) -> Result<()> {
