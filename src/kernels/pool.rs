@@ -25,6 +25,8 @@ struct Shared {
     job: UnsafeCell<Option<*const Job>>,
     pending: AtomicUsize,
     parked: AtomicUsize,
+    /// Bumped by [`Pool::rest`]: workers spinning for a next job park now.
+    rest: AtomicU64,
     stop: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -51,6 +53,7 @@ impl Pool {
             job: UnsafeCell::new(None),
             pending: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
+            rest: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -95,6 +98,15 @@ impl Pool {
         job(0);
         spin_until(|| s.pending.load(Ordering::Acquire) == 0);
     }
+
+    /// Tells idle workers that no job follows soon, so they park at once
+    /// instead of spinning out [`SPIN`]: a pipeline stage calls it when it
+    /// has no step left, because its next step is a hop away and a spinning
+    /// worker would hold a core that another process on this machine (the
+    /// next stage, the head) needs right then.
+    pub fn rest(&self) {
+        self.shared.rest.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// Waits for `done` inside a job, whose other threads are running: spinning
@@ -115,7 +127,7 @@ fn spin_until(done: impl Fn() -> bool) {
 fn worker(s: &Shared, index: usize) {
     let mut seen = 0u64;
     loop {
-        let start = Instant::now();
+        let (start, rest) = (Instant::now(), s.rest.load(Ordering::Acquire));
         let mut spins = 0u32;
         loop {
             let epoch = s.epoch.load(Ordering::Acquire);
@@ -127,7 +139,7 @@ fn worker(s: &Shared, index: usize) {
                 return;
             }
             spins += 1;
-            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || (start.elapsed() < SPIN && s.rest.load(Ordering::Acquire) == rest) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -191,6 +203,13 @@ pub fn set_threads(n: usize) {
     THREADS.store(n, Ordering::Release);
 }
 
+/// Lets the process-wide pool's workers park now, if the pool exists.
+pub fn rest() {
+    if let Some(pool) = POOL.get() {
+        pool.rest();
+    }
+}
+
 /// The process-wide compute pool (all cores unless [`set_threads`] said otherwise).
 pub fn pool() -> &'static Pool {
     POOL.get_or_init(|| {
@@ -236,6 +255,25 @@ mod tests {
         }
         for h in &hits {
             assert_eq!(h.load(Ordering::Relaxed), 200);
+        }
+    }
+
+    #[test]
+    fn workers_told_to_rest_still_take_every_job() {
+        // Rest between jobs, while workers spin, park, or are being woken.
+        let pool = Pool::new(3);
+        let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        for round in 0..500 {
+            pool.run(&|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            pool.rest();
+            if round % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        for h in &hits {
+            assert_eq!(h.load(Ordering::Relaxed), 500);
         }
     }
 }

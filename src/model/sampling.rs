@@ -64,15 +64,26 @@ fn uniform(seed: u64, step: u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Index of the largest value; the lowest index wins a tie.
+/// Index of the largest value; the lowest index wins a tie (NaNs are
+/// passed over, unless the first value is one: then 0).
+///
+/// Eight running maxima and then the first index holding the maximum: two
+/// passes the compiler vectorises, several times faster over a 50k-262k
+/// vocabulary than one pass with a branch per value (this runs once per
+/// token, on the critical path of every decode step).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    const LANES: usize = 8;
+    let Some(&first) = logits.first() else { return 0 };
+    let mut lanes = [first; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(first, |m, &v| if v > m { v } else { m });
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// The log-probabilities of a sampled token and of the most likely
@@ -121,6 +132,10 @@ pub fn sample_constrained(
     top: Option<usize>,
     allowed: Option<&[u32]>,
 ) -> (u32, Option<Logprobs>) {
+    // The greedy answer of an unconstrained step reads the logits in place.
+    if params.is_greedy() && top.is_none() && allowed.is_none() && params.repeat_penalty == 1.0 {
+        return (argmax(logits), None);
+    }
     let mut logits = logits.to_vec();
     if let Some(bits) = allowed {
         for (t, l) in logits.iter_mut().enumerate() {
@@ -204,6 +219,45 @@ pub fn sample_constrained(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_is_the_first_largest_value() {
+        // The plain definition: a later value wins only if strictly larger.
+        let reference = |x: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in x.iter().enumerate() {
+                if v > x[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut cases: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![1.0],
+            vec![f32::NAN, 5.0, 1.0],
+            vec![1.0, f32::NAN, 5.0, 5.0],
+            vec![-0.0, 0.0, -1.0],
+            vec![0.0, -0.0],
+            vec![f32::NEG_INFINITY; 19],
+            vec![2.0, f32::INFINITY, 3.0, f32::INFINITY],
+        ];
+        // Random lengths around the lane count, small integer values (many ties), a NaN now and then.
+        let mut z = 0x1234_5678u64;
+        let mut next = || {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            z
+        };
+        for _ in 0..2000 {
+            let len = (next() % 70) as usize;
+            cases.push((0..len).map(|_| if next() % 50 == 0 { f32::NAN } else { (next() % 9) as f32 - 4.0 }).collect());
+        }
+        for x in &cases {
+            assert_eq!(argmax(x), reference(x), "{x:?}");
+        }
+    }
 
     #[test]
     fn logprobs_are_those_of_the_distribution_sampled_from() {

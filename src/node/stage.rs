@@ -359,10 +359,19 @@ impl Worker {
         let (mut due, mut last_step) = (HashSet::new(), Duration::ZERO);
         loop {
             if queue.is_empty() {
-                match rx.blocking_recv() {
-                    Some(work) => queue.push_back(work),
-                    None => return,
-                }
+                let work = match rx.try_recv() {
+                    Ok(work) => work,
+                    Err(_) => {
+                        // Nothing to do until a frame arrives, a hop away at
+                        // least: the compute threads give their cores back now.
+                        crate::kernels::pool::rest();
+                        match rx.blocking_recv() {
+                            Some(work) => work,
+                            None => return,
+                        }
+                    }
+                };
+                queue.push_back(work);
             }
             while let Ok(work) = rx.try_recv() {
                 queue.push_back(work);
