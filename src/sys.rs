@@ -142,6 +142,15 @@ pub fn set_threads(n: usize) {
     }
 }
 
+/// A link's rate as people write it: `940 Mbit/s`, `2.4 Gbit/s`.
+pub fn human_rate(bits_per_sec: f64) -> String {
+    if bits_per_sec >= 1e9 {
+        format!("{:.1} Gbit/s", bits_per_sec / 1e9)
+    } else {
+        format!("{:.0} Mbit/s", bits_per_sec / 1e6)
+    }
+}
+
 /// Formats bytes the way people read them.
 pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

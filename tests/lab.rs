@@ -68,3 +68,26 @@ fn a_stage_killed_inside_the_lab_keeps_the_stream_identical() {
     assert_eq!(String::from_utf8_lossy(&text), expected, "the stream after the kill differs; {stderr}");
     assert!(stderr.contains(&format!("nodes down: {}", addrs[1])) && stderr.contains("replanned"), "the recovery is reported: {stderr}");
 }
+
+/// The head times a node's link (`nodes list --probe`, what `serve` does
+/// every five minutes): behind 100 Mbit/s caps it measures about that,
+/// where loopback gives gigabits.
+#[test]
+fn a_probe_measures_a_capped_links_rate() {
+    let link = LinkSpec { rate: Some("100mbit".into()), rtt: Duration::from_millis(2), ..Default::default() };
+    let Some(lab) = lab(2, link) else { return };
+    let (_, addr) = lab.node(1, &["--cluster-key", KEY]).unwrap();
+    lab.wait_node(1, Duration::from_secs(10)).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = lab.exec(0, common::sollol_bin());
+        c.env("SOLLOL_CONFIG", config.path()).args(args).args(["--cluster-key", KEY]);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    run(&["nodes", "add", &addr, "--name", "far"]);
+    let listed: serde_json::Value = serde_json::from_slice(&run(&["nodes", "list", "--json", "--probe"])).unwrap();
+    let bits = listed[0]["link_bits_per_sec"].as_f64().unwrap_or_else(|| panic!("no link measured: {listed}"));
+    assert!((60e6..=110e6).contains(&bits), "a 100 Mbit/s link measured at {:.1} Mbit/s", bits / 1e6);
+}

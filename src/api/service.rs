@@ -491,7 +491,9 @@ impl Service {
                 .map_err(|e| crate::Error::InvalidRequest(e.to_string()))??;
             (None, Some(local))
         } else {
-            let m = ClusterManager::new(registry, key, HealthPolicy::default())?;
+            // Links are timed when a node is first seen idle, then every five minutes.
+            let policy = HealthPolicy { probe_every: Some(std::time::Duration::from_secs(300)), ..HealthPolicy::default() };
+            let m = ClusterManager::new(registry, key, policy)?;
             m.spawn_monitor();
             if let Some(name) = &cfg.discover_dns {
                 spawn_dns_discovery(&m, name.clone());

@@ -11,7 +11,7 @@ use sollol::cluster::health::{HealthPolicy, NodeHealth};
 use sollol::cluster::manager::ClusterManager;
 use sollol::cluster::registry::Registry;
 use sollol::net::auth::ClusterKey;
-use sollol::sys::human_bytes;
+use sollol::sys::{human_bytes, human_rate};
 
 #[derive(Args, Clone)]
 pub struct KeyArgs {
@@ -34,6 +34,9 @@ pub enum NodesCommand {
     List {
         #[arg(long)]
         json: bool,
+        /// Also time each idle node's link from here (up to 16 MiB each).
+        #[arg(long)]
+        probe: bool,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -82,7 +85,11 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn manager(key: &KeyArgs) -> Result<Arc<ClusterManager>> {
-    Ok(ClusterManager::new(Registry::load_default()?, ClusterKey::new(key.cluster_key.as_deref()), HealthPolicy::default())?)
+    manager_with(key, HealthPolicy::default())
+}
+
+fn manager_with(key: &KeyArgs, policy: HealthPolicy) -> Result<Arc<ClusterManager>> {
+    Ok(ClusterManager::new(Registry::load_default()?, ClusterKey::new(key.cluster_key.as_deref()), policy)?)
 }
 
 pub fn run(cmd: NodesCommand) -> Result<()> {
@@ -97,8 +104,9 @@ pub fn run(cmd: NodesCommand) -> Result<()> {
             println!("added node {name} at {addr}");
             print_nodes(&[h]);
         }
-        NodesCommand::List { json, key } => {
-            let m = manager(&key)?;
+        NodesCommand::List { json, probe, key } => {
+            let probe_every = probe.then_some(std::time::Duration::ZERO);
+            let m = manager_with(&key, HealthPolicy { probe_every, ..HealthPolicy::default() })?;
             let health = rt.block_on(m.check_all());
             if json {
                 println!("{}", serde_json::to_string_pretty(&health)?);
@@ -120,18 +128,19 @@ pub fn run(cmd: NodesCommand) -> Result<()> {
 
 pub fn print_nodes(health: &[NodeHealth]) {
     println!(
-        "{:<14} {:<22} {:<9} {:>8} {:<7} {:>5} {:>7} {:>10} {:>10} {:<14} {:>6}",
-        "NAME", "ADDRESS", "STATUS", "RTT ms", "DEVICE", "CORES", "THREADS", "MEMORY", "FREE", "LOADED", "SCORE"
+        "{:<14} {:<22} {:<9} {:>8} {:>10} {:<7} {:>5} {:>7} {:>10} {:>10} {:<14} {:>6}",
+        "NAME", "ADDRESS", "STATUS", "RTT ms", "LINK", "DEVICE", "CORES", "THREADS", "MEMORY", "FREE", "LOADED", "SCORE"
     );
     for h in health {
         let c = h.capabilities.as_ref();
         let loaded = c.and_then(|c| c.loaded.as_ref()).map_or("-".to_string(), |l| format!("{} {}..{}", l.architecture, l.start, l.end));
         println!(
-            "{:<14} {:<22} {:<9} {:>8} {:<7} {:>5} {:>7} {:>10} {:>10} {:<14} {:>6.1}",
+            "{:<14} {:<22} {:<9} {:>8} {:>10} {:<7} {:>5} {:>7} {:>10} {:>10} {:<14} {:>6.1}",
             h.name,
             h.addr,
             if h.healthy { "healthy" } else { "DOWN" },
             h.rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
+            h.link_bits_per_sec.map_or("-".to_string(), human_rate),
             c.map_or("-", |c| c.device.as_str()),
             c.map_or(0, |c| c.cores),
             c.map_or(0, |c| c.threads),

@@ -1,7 +1,7 @@
 //! Node health: periodic pings over the existing QUIC connections, a score
 //! for routing, unhealthy after missed pings, healthy again on an answer.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -16,11 +16,14 @@ pub struct HealthPolicy {
     pub timeout: Duration,
     /// Consecutive missed pings before a node is unhealthy.
     pub unhealthy_after: u32,
+    /// How often a check also times the link's throughput (`NodeClient::probe`),
+    /// when the node holds no sessions; `None` never does.
+    pub probe_every: Option<Duration>,
 }
 
 impl Default for HealthPolicy {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(2), timeout: Duration::from_secs(1), unhealthy_after: 2 }
+        Self { interval: Duration::from_secs(2), timeout: Duration::from_secs(1), unhealthy_after: 2, probe_every: None }
     }
 }
 
@@ -32,6 +35,10 @@ pub struct NodeHealth {
     /// Consecutive pings without an answer.
     pub missed: u32,
     pub rtt_ms: Option<f64>,
+    /// The link's throughput from the head, as last timed.
+    pub link_bits_per_sec: Option<f64>,
+    #[serde(skip)]
+    pub probed_at: Option<Instant>,
     /// Sessions the node holds now.
     pub sessions: u32,
     /// Recent decode speed of generations through this node, when known.
@@ -55,6 +62,8 @@ impl NodeHealth {
             healthy: false,
             missed: 0,
             rtt_ms: None,
+            link_bits_per_sec: None,
+            probed_at: None,
             sessions: 0,
             tok_s: None,
             score: 0.0,

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde::Serialize;
@@ -19,6 +19,9 @@ use crate::net::auth::ClusterKey;
 use crate::net::frame::Frame;
 use crate::net::message::{LoadRequest, Message};
 use crate::net::{tls, NetError};
+
+/// How long a link probe may take in all (16 MiB at 5 Mbit/s is 27 s).
+const PROBE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct ClusterManager {
     registry: Mutex<Registry>,
@@ -109,22 +112,43 @@ impl ClusterManager {
         Ok(c)
     }
 
-    /// Pings one node and updates its health.
+    /// Pings one node and updates its health; times its link too when the
+    /// policy says it is due.
     pub async fn check(&self, name: &str) -> NodeHealth {
         let addr = self.entry(name).map(|e| e.addr).unwrap_or_default();
+        let probe_due = self.policy.probe_every.is_some_and(|every| {
+            let health = self.health.lock().expect("health lock");
+            health.get(name).and_then(|h| h.probed_at).is_none_or(|at| at.elapsed() >= every)
+        });
         let result: Result<_> = async {
             let c = tokio::time::timeout(self.policy.timeout * 3, self.client(name))
                 .await
                 .map_err(|_| NetError::Timeout(self.policy.timeout * 3, format!("a connection to {name}")))??;
             let ping = c.ping(self.policy.timeout).await?;
             let caps = c.refresh_capabilities().await?;
-            Ok((ping, caps))
+            // Only while the node holds no sessions: a probe's megabytes
+            // would share the link with their steps.
+            let link = match probe_due && ping.sessions == 0 {
+                true => Some(c.probe(ping.rtt, PROBE_WAIT).await),
+                false => None,
+            };
+            Ok((ping, caps, link))
         }
         .await;
         let mut health = self.health.lock().expect("health lock");
         let h = health.entry(name.to_string()).or_insert_with(|| NodeHealth::unknown(name, &addr));
         match result {
-            Ok((ping, caps)) => h.answered(&ping, caps),
+            Ok((ping, caps, link)) => {
+                h.answered(&ping, caps);
+                if let Some(link) = link {
+                    // A failed probe waits for the next turn too.
+                    h.probed_at = Some(Instant::now());
+                    match link {
+                        Ok(bits) => h.link_bits_per_sec = Some(bits),
+                        Err(e) => tracing::warn!(node = name, "could not time the link: {e}"),
+                    }
+                }
+            }
             Err(e) => h.missed(&self.policy, e.to_string()),
         }
         h.clone()

@@ -182,6 +182,32 @@ impl NodeClient {
         }
     }
 
+    /// The link's throughput towards the node, in bits per second: probes
+    /// four times larger each (from 64 KiB to 16 MiB) until one's transfer,
+    /// less the round trip `rtt` of an empty request, lasts 100 ms, so
+    /// QUIC's slow start and the round trip weigh little in the last.
+    pub async fn probe(&self, rtt: Duration, wait: Duration) -> Result<f64, NetError> {
+        const FIRST: usize = 64 << 10;
+        const LAST: usize = 16 << 20;
+        const LONG_ENOUGH: Duration = Duration::from_millis(100);
+        let mut bytes = FIRST;
+        loop {
+            let t = Instant::now();
+            match self.request(Frame::with_payload(Message::Probe, vec![0; bytes]), wait).await?.message {
+                Message::Probed { bytes: got } if got == bytes as u64 => {}
+                Message::Probed { bytes: got } => {
+                    return Err(NetError::Pipeline(format!("{} counted {got} bytes of a {bytes}-byte probe", self.addr)))
+                }
+                other => return Err(NetError::Unexpected { got: other.kind(), expected: "Probed" }),
+            }
+            let transfer = t.elapsed().saturating_sub(rtt);
+            if transfer >= LONG_ENOUGH || bytes >= LAST {
+                return Ok(bytes as f64 * 8.0 / transfer.max(Duration::from_micros(1)).as_secs_f64());
+            }
+            bytes *= 4;
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }

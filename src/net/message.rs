@@ -73,6 +73,12 @@ pub enum Message {
         tokens: u64,
         batches: u64,
     },
+    /// Times the link: the payload is as many bytes as the head sends to
+    /// measure its throughput; answered with `Probed` once all arrived.
+    Probe,
+    Probed {
+        bytes: u64,
+    },
     Ok,
 
     // The data path.
@@ -106,6 +112,8 @@ impl Message {
             Message::ImportKv(_) => "ImportKv",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
+            Message::Probe => "Probe",
+            Message::Probed { .. } => "Probed",
             Message::Ok => "Ok",
             Message::Forward(_) => "Forward",
             Message::Close { .. } => "Close",

@@ -336,6 +336,7 @@ impl Node {
                 tokens: self.outputs.tokens.load(Ordering::Relaxed),
                 batches: self.outputs.batches.load(Ordering::Relaxed),
             }),
+            Message::Probe => Frame::new(Message::Probed { bytes: frame.payload.len() as u64 }),
             Message::Load(req) => Frame::new(Message::Loaded(self.load(req).await?)),
             Message::Unload => {
                 self.install(None, 0).await?;
