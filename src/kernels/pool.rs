@@ -241,13 +241,17 @@ mod tests {
     }
 
     #[test]
-    fn every_index_runs_once_per_job_across_parks() {
+    fn every_index_runs_once_per_job_across_parks_and_rests() {
         let pool = Pool::new(3);
         let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
         for round in 0..200 {
             pool.run(&|i| {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
+            if round % 3 == 0 {
+                // Told to rest while spinning, parking, or being woken.
+                pool.rest();
+            }
             if round % 50 == 0 {
                 // Let the workers park, then wake them.
                 std::thread::sleep(Duration::from_millis(5));
@@ -255,25 +259,6 @@ mod tests {
         }
         for h in &hits {
             assert_eq!(h.load(Ordering::Relaxed), 200);
-        }
-    }
-
-    #[test]
-    fn workers_told_to_rest_still_take_every_job() {
-        // Rest between jobs, while workers spin, park, or are being woken.
-        let pool = Pool::new(3);
-        let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
-        for round in 0..500 {
-            pool.run(&|i| {
-                hits[i].fetch_add(1, Ordering::Relaxed);
-            });
-            pool.rest();
-            if round % 100 == 0 {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        for h in &hits {
-            assert_eq!(h.load(Ordering::Relaxed), 500);
         }
     }
 }
