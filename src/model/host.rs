@@ -417,14 +417,13 @@ impl Ops for HostOps<'_, '_> {
         let (v, kv_bufs, segs) = (&bufs[vb], &self.s.kv, self.segs);
         let scale = 1.0 / (attn.score_dim as f32).sqrt();
         let window = attn.window.unwrap_or(usize::MAX);
-        // One task per row and K/V head, in two phases of one parallel
-        // region: normalize and rotate the row's heads and append its K/V to
-        // the cache, then (once every task has, so a prefill row sees the
-        // rows before it) attend. The query heads sharing a K/V head go
-        // through the kernels together, which read each cache row once.
+        // One task per row and K/V head, in two parallel regions: normalize
+        // and rotate the row's heads and append its K/V to the cache, then
+        // (once every task has, so a prefill row sees the rows before it)
+        // attend. The query heads sharing a K/V head go through the kernels
+        // together, which read each cache row once.
         let group = nh / nkv;
         let pool = kernels::pool();
-        let barrier = kernels::pool::Barrier::new(pool);
         pool.run(&|t| {
             for_each_task(segs, nkv, t, pool.threads(), |seg, i, j| {
                 let (g, c) = (segs[seg], kv_bufs[seg]);
@@ -440,11 +439,12 @@ impl Ops for HostOps<'_, '_> {
                 attn.rope.apply_host(k, 1, p);
                 let dst = (j * c.capacity + p) * hd;
                 // SAFETY: cache row p of K/V head j is this task's alone (phase one
-                // writes disjoint rows; nothing reads them before the barrier).
+                // writes disjoint rows; nothing reads them before the next region).
                 unsafe { c.k.slice(dst, hd) }.convert_from_f32_slice(k);
                 unsafe { c.v.slice(dst, hd) }.convert_from_f32_slice(&v[row * kv_dim + j * hd..][..hd]);
             });
-            barrier.wait();
+        });
+        pool.run(&|t| {
             for_each_task(segs, nkv, t, pool.threads(), |seg, i, j| {
                 let (g, c) = (segs[seg], kv_bufs[seg]);
                 let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity, scale, window };
