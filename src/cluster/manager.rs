@@ -128,10 +128,7 @@ impl ClusterManager {
             let caps = c.refresh_capabilities().await?;
             // Only while the node holds no sessions: a probe's megabytes
             // would share the link with their steps.
-            let link = match probe_due && ping.sessions == 0 {
-                true => Some(c.probe(ping.rtt, PROBE_WAIT).await),
-                false => None,
-            };
+            let link = if probe_due && ping.sessions == 0 { Some(c.probe(ping.rtt, PROBE_WAIT).await) } else { None };
             Ok((ping, caps, link))
         }
         .await;

@@ -116,14 +116,7 @@ impl Pool {
         }
         job(0);
         s.done.fetch_add(1, Ordering::AcqRel);
-        loop {
-            let i = s.claim.fetch_add(1, Ordering::AcqRel);
-            if i >= self.threads {
-                break;
-            }
-            job(i);
-            s.done.fetch_add(1, Ordering::AcqRel);
-        }
+        run_unclaimed(s, self.threads, job);
         spin_until(|| s.done.load(Ordering::Acquire) == self.threads);
     }
 
@@ -181,19 +174,27 @@ fn worker(s: &Shared, threads: usize) {
             s.parked.fetch_sub(1, Ordering::AcqRel);
             drop(guard);
         }
-        // Indices until none is left (several, when the caller is late).
-        loop {
-            let i = s.claim.fetch_add(1, Ordering::AcqRel);
-            if i >= threads {
-                break;
-            }
+        // Several indices, when the caller is late.
+        run_unclaimed(s, threads, |i| {
             // SAFETY: see `Shared`; the caller keeps the job alive until every
             // index, this one included, is done.
             if let Some(job) = unsafe { *s.job.get() } {
                 unsafe { (*job)(i) };
             }
-            s.done.fetch_add(1, Ordering::AcqRel);
+        });
+    }
+}
+
+/// Claims the current job's indices one by one and runs each, until none
+/// is left: what every thread does, the caller once its own index is done.
+fn run_unclaimed(s: &Shared, threads: usize, job: impl Fn(usize)) {
+    loop {
+        let i = s.claim.fetch_add(1, Ordering::AcqRel);
+        if i >= threads {
+            return;
         }
+        job(i);
+        s.done.fetch_add(1, Ordering::AcqRel);
     }
 }
 

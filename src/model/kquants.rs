@@ -172,33 +172,38 @@ fn unpack_scale_min(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
-/// Q4_K blocks of `x` (a multiple of 256 values).
-pub fn quantize_q4k(x: &[f32]) -> Vec<u8> {
+/// Q4_K or Q5_K blocks of `x` (a multiple of 256 values), `bytes` each:
+/// every super-block's scales and mins (searched with `super_block`'s
+/// parameters), then its levels as `pack` lays them out.
+fn with_scales_and_mins(x: &[f32], bytes: usize, (nmax, rmin, nstep): (i32, f32, i32), pack: impl Fn(&[u8], &mut Vec<u8>)) -> Vec<u8> {
     debug_assert!(x.len().is_multiple_of(QK_K));
-    let mut out = Vec::with_capacity(x.len() / QK_K * Q4K_BYTES);
+    let mut out = Vec::with_capacity(x.len() / QK_K * bytes);
     for chunk in x.chunks_exact(QK_K) {
-        let b = super_block(chunk, 15, -1.0, 20);
+        let b = super_block(chunk, nmax, rmin, nstep);
         b.put_scales(&mut out);
-        // 64 values per 32 bytes: the first 32 in low nibbles, the next 32 in high.
-        for half in b.levels.chunks_exact(64) {
-            out.extend((0..32).map(|l| half[l] | (half[l + 32] << 4)));
-        }
+        pack(&b.levels, &mut out);
     }
     out
 }
 
+/// Q4_K blocks of `x` (a multiple of 256 values).
+pub fn quantize_q4k(x: &[f32]) -> Vec<u8> {
+    with_scales_and_mins(x, Q4K_BYTES, (15, -1.0, 20), |levels, out| {
+        // 64 values per 32 bytes: the first 32 in low nibbles, the next 32 in high.
+        for half in levels.chunks_exact(64) {
+            out.extend((0..32).map(|l| half[l] | (half[l + 32] << 4)));
+        }
+    })
+}
+
 /// Q5_K blocks of `x` (a multiple of 256 values).
 pub fn quantize_q5k(x: &[f32]) -> Vec<u8> {
-    debug_assert!(x.len().is_multiple_of(QK_K));
-    let mut out = Vec::with_capacity(x.len() / QK_K * Q5K_BYTES);
-    for chunk in x.chunks_exact(QK_K) {
-        let b = super_block(chunk, 31, -0.5, 15);
-        b.put_scales(&mut out);
+    with_scales_and_mins(x, Q5K_BYTES, (31, -0.5, 15), |levels, out| {
         // The fifth bit of value n + j (n = 0, 64, …) is bit 2n/64 of qh[j];
         // of value n + j + 32 the bit above it.
         let mut qh = [0u8; 32];
         let mut ql = [0u8; QK_K / 2];
-        for (k, half) in b.levels.chunks_exact(64).enumerate() {
+        for (k, half) in levels.chunks_exact(64).enumerate() {
             for j in 0..32 {
                 let (l1, l2) = (half[j], half[j + 32]);
                 qh[j] |= ((l1 >> 4) << (2 * k)) | ((l2 >> 4) << (2 * k + 1));
@@ -207,8 +212,7 @@ pub fn quantize_q5k(x: &[f32]) -> Vec<u8> {
         }
         out.extend_from_slice(&qh);
         out.extend_from_slice(&ql);
-    }
-    out
+    })
 }
 
 /// The signed scale of one 16-value Q6_K sub-block (levels -32..=31,
