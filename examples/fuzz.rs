@@ -361,6 +361,7 @@ fn capabilities(rng: &mut StdRng) -> Capabilities {
         loaded: rng.random_bool(0.5).then(|| loaded_slice(rng)),
         sessions: u32_of(rng),
         link: rng.random_bool(0.5).then(|| string_of(rng)),
+        compute: string_of(rng),
     }
 }
 
@@ -380,6 +381,40 @@ fn loaded_slice(rng: &mut StdRng) -> LoadedSlice {
 fn code_of(rng: &mut StdRng) -> ErrorCode {
     use ErrorCode::*;
     [Malformed, Refused, UnknownSession, NoModel, Capacity, Invalid, Failed, Internal][rng.random_range(0..8)]
+}
+
+/// A forward step's header, and the payload bytes its input implies.
+fn forward_header(rng: &mut StdRng) -> (ForwardHeader, Option<u64>) {
+    let opt_u32 = |rng: &mut StdRng| rng.random_bool(0.5).then(|| u32_of(rng));
+    let (input, implied) = if rng.random() {
+        (ForwardInput::Tokens(vec_of(rng, u32_of)), None)
+    } else {
+        let th = tensor_header(rng);
+        let implied = tensor_bytes(&th);
+        (ForwardInput::Hidden(th), implied)
+    };
+    let sample = rng.random_bool(0.5).then(|| SampleRequest {
+        params: sampling(rng),
+        recent: vec_of(rng, u32_of),
+        draw: u64_of(rng),
+        logprobs: rng.random_bool(0.5).then(|| rng.random()),
+        allowed: rng.random_bool(0.3).then(|| vec_of(rng, u32_of)),
+    });
+    let h = ForwardHeader {
+        session: u64_of(rng),
+        step: u64_of(rng),
+        open: opt_u32(rng),
+        truncate: opt_u32(rng),
+        input,
+        sample,
+        want_logits: rng.random(),
+        pool: [None, Some(sollol::model::Pooling::Mean), Some(sollol::model::Pooling::Last)][rng.random_range(0..3)],
+        stage_nanos: vec_of(rng, u64_of),
+        f16_fallbacks: u32_of(rng),
+        hop_bytes: vec_of(rng, u64_of),
+        micro_batch: rng.random(),
+    };
+    (h, implied)
 }
 
 /// A frame of any message, with a payload that fits it or not.
@@ -423,35 +458,19 @@ fn frame_of(rng: &mut StdRng) -> Frame {
             (m, None)
         }
         13 => (Message::Ok, None),
-        14 | 15 => {
-            let (input, implied) = if rng.random() {
-                (ForwardInput::Tokens(vec_of(rng, u32_of)), None)
-            } else {
-                let th = tensor_header(rng);
-                let implied = tensor_bytes(&th);
-                (ForwardInput::Hidden(th), implied)
-            };
-            let sample = rng.random_bool(0.5).then(|| SampleRequest {
-                params: sampling(rng),
-                recent: vec_of(rng, u32_of),
-                draw: u64_of(rng),
-                logprobs: rng.random_bool(0.5).then(|| rng.random()),
-                allowed: rng.random_bool(0.3).then(|| vec_of(rng, u32_of)),
-            });
-            let h = ForwardHeader {
-                session: u64_of(rng),
-                step: u64_of(rng),
-                open: opt_u32(rng),
-                truncate: opt_u32(rng),
-                input,
-                sample,
-                want_logits: rng.random(),
-                pool: [None, Some(sollol::model::Pooling::Mean), Some(sollol::model::Pooling::Last)][rng.random_range(0..3)],
-                stage_nanos: vec_of(rng, u64_of),
-                f16_fallbacks: u32_of(rng),
-                hop_bytes: vec_of(rng, u64_of),
-            };
+        14 => {
+            let (h, implied) = forward_header(rng);
             (Message::Forward(h), implied)
+        }
+        15 => {
+            // Several steps in one frame: the payload fits their sum or not.
+            let headers: Vec<ForwardHeader> = (0..rng.random_range(1..5)).map(|_| forward_header(rng).0).collect();
+            let bytes = |h: &ForwardHeader| match &h.input {
+                ForwardInput::Tokens(_) => Some(0),
+                ForwardInput::Hidden(th) => tensor_bytes(th),
+            };
+            let total = headers.iter().try_fold(0u64, |sum, h| bytes(h).and_then(|b| sum.checked_add(b)));
+            (Message::Forwards(headers), total)
         }
         16 => (Message::Close { session: u64_of(rng) }, None),
         17 => {
@@ -551,6 +570,11 @@ fn consume(f: Frame) {
         Message::Forward(ForwardHeader { input: ForwardInput::Hidden(th), .. }) => {
             if let Ok(t) = tensor::decode(&th, &f.payload, &Device::Cpu) {
                 let _ = tensor::encode(&t, WireDType::F16);
+            }
+        }
+        Message::Forwards(headers) => {
+            for (h, payload) in split_forwards(headers, &f.payload).unwrap_or_default() {
+                consume(Frame::with_payload(Message::Forward(h), payload));
             }
         }
         Message::KvState(h) | Message::ImportKv(h) => {

@@ -4,9 +4,12 @@
 # prediction, then one session's decode (`sollol generate --nodes`, the even
 # plan the prediction uses) and 8 clients served (`sollol serve` over the
 # 4 nodes, each offering 60 MB so the model needs several, + `sollol bench
-# --url`). Needs root (namespaces). With CPU=0.5 each node's host is held to
-# that share of a core (hosts as separate, smaller machines; the prediction
-# still assumes this machine's whole speed per stage).
+# --url`). Needs root (namespaces). The lab's hosts share this machine's
+# cores, so the chain steps its sessions as one micro-batch (the nodes report
+# the same cores), and so does the prediction. With CPU=0.5 each node's host
+# is held to that share of a core (hosts as separate, smaller machines: one
+# micro-batch per stage; the prediction still assumes this machine's whole
+# speed per stage).
 #
 # usage: [CPU=0.5] scripts/lab-network.sh [LINKS...]   (default: 1gbit:0.5 100mbit:5 50mbit:40)
 set -euo pipefail
@@ -15,6 +18,8 @@ SOLLOL=${SOLLOL:-target/release/sollol}
 LINKS=("$@")
 [ ${#LINKS[@]} -gt 0 ] || LINKS=(1gbit:0.5 100mbit:5 50mbit:40)
 KEY=lab-network-$$
+MICRO_BATCHES=1
+[ -z "${CPU:-}" ] || MICRO_BATCHES=4
 MODEL=$("$SOLLOL" pull smollm2)
 WORK=$(mktemp -d)
 trap 'kill -INT ${LAB:-0} 2>/dev/null; wait ${LAB:-0} 2>/dev/null; rm -rf "$WORK"' EXIT
@@ -22,7 +27,7 @@ for link in "${LINKS[@]}"; do
   rate=${link%%:*}; rtt=${link##*:}
   echo "== 4 stages, links of $rate + $rtt ms RTT"
   "$SOLLOL" plan --model "$MODEL" --node a=60MB --node b=60MB --node c=60MB --node d=60MB --strategy even \
-    --explain --rate "$rate" --rtt-ms "$rtt" --clients 8 2>/dev/null | sed -n '/Predicted/,$p'
+    --explain --rate "$rate" --rtt-ms "$rtt" --clients 8 --micro-batches "$MICRO_BATCHES" 2>/dev/null | sed -n '/Predicted/,$p'
   "$SOLLOL" lab up --hosts 5 --head --rate "$rate" --rtt-ms "$rtt" ${CPU:+--cpu "$CPU"} --cluster-key "$KEY" --ttl-secs 600 \
     --node-args --memory-limit 60MB > "$WORK/lab.out" &
   LAB=$!

@@ -224,6 +224,9 @@ impl Lab {
             // the quota away. (The node cannot see its quota itself: `ip netns
             // exec` mounts a fresh /sys, hiding the cgroup hierarchy.)
             node.args(["--threads", &(cores.ceil().max(1.0) as usize).to_string()]);
+            // Nor can it tell that its cores are its own: a head spreads a
+            // chain's sessions over capped hosts so they compute at once.
+            node.args(["--compute-id", &format!("lab host {}", host + 1)]);
         }
         let pid = self.spawn(host, &node)?;
         let mut relay = Command::new(&self.sollol);

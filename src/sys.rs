@@ -39,19 +39,41 @@ pub fn memory_bytes() -> Option<(u64, u64)> {
 /// A compute thread beyond the quota only spins the quota away.
 pub fn cpu_cores() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let quota = cgroup_cpu_quota(
+    own_cpu_quota().map_or(cpus, |(q, _)| cpus.min(q.ceil().max(1.0) as usize))
+}
+
+/// This process's tightest CPU quota, and its cgroup.
+fn own_cpu_quota() -> Option<(f64, String)> {
+    cgroup_cpu_quota(
         &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
         &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
         |p| std::fs::read_to_string(p).ok(),
-    );
-    quota.map_or(cpus, |q| cpus.min(q.ceil().max(1.0) as usize))
+    )
+}
+
+/// Which cores this process computes on, as a name that processes sharing
+/// them report alike: the machine (`/etc/machine-id`, else the host name),
+/// then for a GPU the device, for the CPU the cgroup whose quota holds the
+/// process (processes under different quotas cannot take each other's CPU
+/// time) and the CPUs it may run on. Two stages with the same name cannot
+/// compute at once, so a head does not spread sessions to run them at once.
+pub fn compute_id(device: &str) -> String {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+    let machine = read("/etc/machine-id").or_else(|| read("/proc/sys/kernel/hostname")).unwrap_or_default();
+    if device != "cpu" {
+        return format!("{machine}/{device}");
+    }
+    let quota = own_cpu_quota().map(|(_, cgroup)| cgroup).unwrap_or_default();
+    let status = read("/proc/self/status").unwrap_or_default();
+    let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or_default().trim();
+    format!("{machine}/cpu{cpus}/{quota}")
 }
 
 /// The tightest CPU quota (in cores) of the cgroups in `cgroup` (the text
 /// of `/proc/self/cgroup`), found through the mounts in `mountinfo`: v1's
-/// `cpu.cfs_quota_us / cpu.cfs_period_us`, v2's `cpu.max`.
-fn cgroup_cpu_quota(cgroup: &str, mountinfo: &str, read: impl Fn(&std::path::Path) -> Option<String>) -> Option<f64> {
-    let mut tightest: Option<f64> = None;
+/// `cpu.cfs_quota_us / cpu.cfs_period_us`, v2's `cpu.max`; and that cgroup's path.
+fn cgroup_cpu_quota(cgroup: &str, mountinfo: &str, read: impl Fn(&std::path::Path) -> Option<String>) -> Option<(f64, String)> {
+    let mut tightest: Option<(f64, String)> = None;
     for line in cgroup.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
@@ -84,7 +106,9 @@ fn cgroup_cpu_quota(cgroup: &str, mountinfo: &str, read: impl Fn(&std::path::Pat
             quota.zip(period).map(|(q, p)| q / p)
         };
         if let Some(c) = cores.filter(|c| *c > 0.0) {
-            tightest = Some(tightest.map_or(c, |t| t.min(c)));
+            if tightest.as_ref().is_none_or(|(t, _)| c < *t) {
+                tightest = Some((c, path.to_string()));
+            }
         }
     }
     tightest
@@ -207,7 +231,7 @@ mod tests {
             ("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_quota_us", "60000\n"),
             ("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_period_us", "100000\n"),
         ]);
-        assert_eq!(cgroup_cpu_quota(hybrid_cg, hybrid_mi, read), Some(0.6));
+        assert_eq!(cgroup_cpu_quota(hybrid_cg, hybrid_mi, read), Some((0.6, "/lab-h1".into())));
         // No quota (-1): none.
         let read =
             files(&[("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_quota_us", "-1\n"), ("/sys/fs/cgroup/cpu/lab-h1/cpu.cfs_period_us", "100000\n")]);
@@ -216,9 +240,12 @@ mod tests {
         let nested_mi = "32 31 0:29 /kubepods/pod1 /sys/fs/cgroup/cpu,cpuacct ro - cgroup cgroup rw,cpuacct,cpu\n";
         let read =
             files(&[("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "150000"), ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000")]);
-        assert_eq!(cgroup_cpu_quota("3:cpuacct,cpu:/kubepods/pod1\n", nested_mi, read), Some(1.5));
+        assert_eq!(cgroup_cpu_quota("3:cpuacct,cpu:/kubepods/pod1\n", nested_mi, read).map(|q| q.0), Some(1.5));
         let v2_mi = "30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup_cpu_quota("0::/app\n", v2_mi, files(&[("/sys/fs/cgroup/app/cpu.max", "250000 100000\n")])), Some(2.5));
+        assert_eq!(
+            cgroup_cpu_quota("0::/app\n", v2_mi, files(&[("/sys/fs/cgroup/app/cpu.max", "250000 100000\n")])).map(|q| q.0),
+            Some(2.5)
+        );
         assert_eq!(cgroup_cpu_quota("0::/app\n", v2_mi, files(&[("/sys/fs/cgroup/app/cpu.max", "max 100000\n")])), None);
     }
 

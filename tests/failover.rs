@@ -26,6 +26,7 @@ fn setup() -> (ChainSpec, Tokenizer, Vec<u32>) {
         key: ClusterKey::new(Some(KEY)),
         wire: WireDType::F32,
         strategy: Strategy::Even,
+        micro_batches: None,
     };
     (spec, tokenizer, result.tokens)
 }
@@ -299,4 +300,43 @@ fn replicas_share_the_load_and_a_dead_ones_sessions_move_to_another() {
     for _ in 0..3 {
         assert_eq!(common::http::post(&a, "/api/generate", body).json()["response"].as_str().unwrap(), expected);
     }
+}
+
+/// A block move that fails halfway (the taker cannot hold its larger slice,
+/// after the giver loaded its smaller one) leaves stages unlike the chain's
+/// plan and their sessions gone; the next step rebuilds the chain as it was
+/// and replays the session, so the stream goes on with the same tokens.
+#[test]
+fn a_block_move_that_fails_halfway_is_rebuilt_as_it_was() {
+    use sollol::cluster::failover::SharedChain;
+    let (spec, tokenizer, reference) = setup();
+    let file = sollol::model::ModelFile::open(std::path::Path::new(&spec.model)).unwrap();
+    let n = spec.layer_bytes.blocks.len();
+    // Room for the second half and not one block more.
+    let limit = (file.slice_bytes(n / 2..n).unwrap() + 1024).to_string();
+    let giver = NodeProc::spawn(Some(KEY), &[]);
+    let taker = NodeProc::spawn(Some(KEY), &["--memory-limit", &limit, "--kv-memory", "64MB"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let chain = vec![(giver.addr.clone(), 0..n / 2), (taker.addr.clone(), n / 2..n)];
+    let shared = SharedChain::build(rt.handle().clone(), spec, chain.clone(), Vec::new()).unwrap();
+    let mut engine = FailoverEngine::over(shared.clone());
+    let mut pieces = 0;
+    let mut text = String::new();
+    let result = generate(&mut engine, &tokenizer, 91, &common::greedy_request(), &mut |piece| {
+        pieces += 1;
+        text.push_str(piece.text);
+        if pieces == 10 {
+            let pipeline = shared.current().1;
+            let failed = rt.block_on(pipeline.move_blocks(0, 1, n / 2 - 1));
+            assert!(failed.is_err(), "the taker has no room for {} blocks", n - 1);
+            assert!(pipeline.is_broken());
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(result.tokens, reference, "tokens differ after the failed move");
+    assert_eq!(text, tokenizer.decode(&reference).unwrap(), "the stream has no duplicate and no gap");
+    assert_eq!(engine.recoveries.len(), 1, "one rebuild");
+    assert_eq!(shared.chain(), chain, "the chain holds its blocks as before the move");
+    assert!(!shared.current().1.is_broken());
 }

@@ -370,11 +370,30 @@ async fn concurrent_sessions_interleave_without_mixing_state() {
     let reference: Vec<u32> = single_node(10).into_iter().map(|(t, _)| t).collect();
     let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
     let p = loaded_pipeline(&[&a, &b], WireDType::F32).await;
-    // Four sessions in flight at once, their steps interleaved on every stage.
-    let runs = futures_util::future::join_all((0..4).map(|s| pipeline_run(&p, 1000 + s, 10))).await;
-    for (s, run) in runs.iter().enumerate() {
-        let tokens: Vec<u32> = run.iter().map(|(t, _)| *t).collect();
-        assert_eq!(tokens, reference, "session {s} differs from the single-node run");
+    let batches = |i: usize| {
+        let p = &p;
+        async move {
+            let pong = p.request(i, Frame::new(Message::Ping { nonce: 1 }), Duration::from_secs(5)).await.unwrap();
+            let Message::Pong { batches, .. } = pong.message else { panic!("a pong") };
+            batches
+        }
+    };
+    // Four sessions in flight at once, their steps interleaved on every
+    // stage: in one micro-batch (batched together as they come), then each
+    // in its own (never batched with another).
+    for (round, micro_batches) in [(0u64, 1), (1, 4)] {
+        p.set_micro_batches(Some(micro_batches));
+        let before = [batches(0).await, batches(1).await];
+        let runs = futures_util::future::join_all((0..4).map(|s| pipeline_run(&p, 1000 + 10 * round + s, 10))).await;
+        for (s, run) in runs.iter().enumerate() {
+            let tokens: Vec<u32> = run.iter().map(|(t, _)| *t).collect();
+            assert_eq!(tokens, reference, "session {s} in {micro_batches} micro-batches differs from the single-node run");
+        }
+        if micro_batches == 4 {
+            for (i, before) in before.iter().enumerate() {
+                assert_eq!(batches(i).await - before, 40, "stage {i}: each of the 40 steps ran alone");
+            }
+        }
     }
     // Every session was closed: the nodes hold none (closes travel the chain; allow them time).
     for i in 0..2 {

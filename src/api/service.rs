@@ -60,6 +60,8 @@ pub struct ServeConfig {
     pub replicas: usize,
     /// A DNS name whose addresses are nodes (resolved again every 30 s).
     pub discover_dns: Option<String>,
+    /// Micro-batches per chain (`ChainSpec::micro_batches`).
+    pub micro_batches: Option<usize>,
 }
 
 /// A model ready to serve: its tokenizer here, its slices on the nodes.
@@ -613,6 +615,7 @@ impl Service {
             key,
             wire: self.cfg.wire,
             strategy: Strategy::MemoryAware,
+            micro_batches: self.cfg.micro_batches,
         };
         // The copies build at once. A copy's dead node is replaced first by
         // another copy's (which holds the model already), then by a spare.

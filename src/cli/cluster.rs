@@ -92,6 +92,11 @@ pub struct NetworkArgs {
     /// Sessions at once for the throughput prediction.
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Micro-batches the sessions are spread over (default: one per node,
+    /// as a chain does on machines of their own; 1 for nodes sharing one
+    /// machine's cores).
+    #[arg(long)]
+    micro_batches: Option<usize>,
     /// Activation dtype on the wire (bytes per value: f16/bf16 2, f32 4).
     #[arg(long, default_value = "f16")]
     wire: sollol::net::tensor::WireDType,
@@ -289,14 +294,15 @@ fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs) -> Re
         &link,
         netmodel::hop_bytes(config.hidden_size, wire_bytes),
         net.clients,
+        net.micro_batches.unwrap_or(plan.len()),
     );
     println!("Predicted decode (in process here: {one:.1} tok/s one session, {batched:.1} tok/s {} batched):", net.clients);
     for (i, (a, b)) in p.stage_secs.iter().zip(&p.stage_secs_batched).enumerate() {
-        println!("   stage {}: {:.2} ms per token, {:.2} ms per {}-row step", i + 1, a * 1e3, b * 1e3, p.clients);
+        println!("   stage {}: {:.2} ms per token, {:.2} ms per {}-row step", i + 1, a * 1e3, b * 1e3, p.rows);
     }
     println!("   each of {} hops: {:.3} ms, {} B per row", plan.len() + 1, p.hop_secs * 1e3, p.hop_bytes);
     println!("   one session: {:.2} ms per token, {:.1} tok/s", p.token_secs * 1e3, p.decode_tok_s);
-    println!("   {} sessions: {:.1} tok/s together", p.clients, p.batched_tok_s);
+    println!("   {} sessions in {} micro-batches: {:.1} tok/s together", p.clients, p.micro_batches, p.batched_tok_s);
     Ok(())
 }
 

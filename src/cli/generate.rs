@@ -112,6 +112,7 @@ pub fn start_engine(opened: &mut Opened, args: &PipelineArgs, threads: usize) ->
         key,
         wire: args.wire,
         strategy: Strategy::Even,
+        micro_batches: None,
     };
     let engine = FailoverEngine::start(rt, chain, addrs, args.standby.clone())?;
     let pipeline = engine.pipeline();
@@ -167,6 +168,7 @@ fn start_routed(opened: &mut Opened, args: &PipelineArgs) -> Result<Running> {
         key: ClusterKey::new(args.cluster_key.as_deref()),
         wire: args.wire,
         strategy: entry.strategy,
+        micro_batches: None,
     };
     drop(guard);
     let chain = SharedChain::build(rt.handle().clone(), spec, chain, standby)?;

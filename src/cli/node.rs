@@ -57,12 +57,19 @@ pub struct NodeArgs {
     /// dashboard beside the round trip it measures.
     #[arg(long, value_parser = link_text)]
     link: Option<String>,
+    /// Which cores this node computes on, as heads compare it: nodes that
+    /// report the same name share cores, so a chain does not spread its
+    /// sessions to run them at once (default: this machine, the cgroup whose
+    /// CPU quota holds the process, its CPU set; or machine and GPU).
+    #[arg(long, value_parser = link_text)]
+    compute_id: Option<String>,
     /// Fault injection for tests: steps of this session panic in the worker.
     #[arg(long, hide = true)]
     panic_on_session: Option<u64>,
 }
 
-/// A `--link` description: one short line (it travels in every capability report).
+/// A `--link` description or a `--compute-id`: one short line (it travels
+/// in every capability report).
 fn link_text(s: &str) -> std::result::Result<String, String> {
     match s.len() {
         1..=120 if !s.contains(['\n', '\r']) => Ok(s.to_string()),
@@ -93,6 +100,7 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
         kv_memory: args.kv_memory,
         max_connections: args.max_connections,
         link: args.link,
+        compute_id: args.compute_id,
     };
     if args.exit_with_stdin {
         std::thread::spawn(|| {

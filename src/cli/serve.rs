@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// headless Service), again every 30 s; new ones join the registry.
     #[arg(long)]
     discover_dns: Option<String>,
+    /// Micro-batches each chain spreads its sessions over, so that its
+    /// stages work on different sessions at once; default: one per stage
+    /// on cores of its own (stages sharing a machine's cores get one).
+    #[arg(long)]
+    micro_batches: Option<usize>,
 }
 
 pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
@@ -67,6 +72,7 @@ pub fn run(args: ServeArgs, threads: usize) -> Result<()> {
         model_dirs: args.models_dirs,
         replicas: args.replicas,
         discover_dns: args.discover_dns,
+        micro_batches: args.micro_batches,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(256).enable_all().build()?;
     rt.block_on(sollol::api::serve(cfg))?;

@@ -35,6 +35,9 @@ pub struct ChainSpec {
     pub key: ClusterKey,
     pub wire: WireDType,
     pub strategy: Strategy,
+    /// Micro-batches the chain's sessions are spread over; `None`: one per
+    /// stage on cores of its own (`Pipeline::micro_batches`).
+    pub micro_batches: Option<usize>,
 }
 
 struct Session {
@@ -186,8 +189,9 @@ impl SharedChain {
 
     /// After a failed step on `failed` epoch's pipeline: a chain without the
     /// dead nodes (a standby takes a dead node's blocks; without one, the
-    /// blocks are planned again over the survivors), unless another engine
-    /// already rebuilt it. `None` when no node is dead (not a node's failure).
+    /// blocks are planned again over the survivors), or with the blocks it
+    /// had before a block move failed halfway, unless another engine already
+    /// rebuilt it. `None` when neither happened (not a node's failure).
     /// Must not be called from inside the runtime.
     fn recover(&self, failed: u64) -> Result<Option<(u64, Arc<Pipeline>)>> {
         // Held through the rebuild: engines that fail meanwhile wait for it.
@@ -198,10 +202,14 @@ impl SharedChain {
         let chain: Vec<(String, Range<usize>)> =
             s.pipeline.addrs().into_iter().zip(s.pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect();
         let dead = self.handle.block_on(dead_nodes(&s.pipeline));
-        if dead.is_empty() {
+        if dead.is_empty() && !s.pipeline.is_broken() {
             return Ok(None);
         }
-        tracing::warn!("nodes down: {}", dead.join(", "));
+        if dead.is_empty() {
+            tracing::warn!("a failed block move left the chain half moved; loading it again as it was");
+        } else {
+            tracing::warn!("nodes down: {}", dead.join(", "));
+        }
         s.nodes.dead.extend(dead);
         let nodes = &mut s.nodes;
         let pipeline = Arc::new(self.handle.block_on(async {
@@ -349,6 +357,7 @@ async fn build(spec: &ChainSpec, chain: &[(String, Range<usize>)]) -> Result<Pip
     let mut pipeline = Pipeline::connect(&addrs, &spec.key).await?;
     let plan: Vec<Range<usize>> = chain.iter().map(|(_, r)| r.clone()).collect();
     pipeline.load(&spec.model, spec.digest.clone(), &plan, spec.wire).await?;
+    pipeline.set_micro_batches(spec.micro_batches);
     Ok(pipeline)
 }
 

@@ -134,6 +134,7 @@ mod tests {
             loaded: None,
             sessions: 0,
             link: None,
+            compute: String::new(),
         }
     }
 

@@ -7,9 +7,13 @@
 //! batched, for `B` rows (measured in process; linear in between). A token
 //! crosses `S + 1` hops (head → stage 1 → … → stage S → head), each costing
 //! half the round trip, its bytes over the link's rate, and the software's
-//! fixed cost of a hop. Sessions step in lockstep through the chain (a stage
-//! batches whatever is due), so `C` clients finish `C` tokens per cycle of
-//! one `C`-row step through every stage and hop.
+//! fixed cost of a hop. `C` sessions are spread over `G` micro-batches of
+//! `C / G` rows (`node::batch`): each micro-batch goes round the chain, one
+//! step through every stage and hop, while the others are at other stages,
+//! so `C` tokens take the longer of one micro-batch's trip and the busiest
+//! stage's `G` steps. One micro-batch is lockstep (stages sharing a
+//! machine's cores, where fewer and larger steps are faster); more assume
+//! each stage has cores of its own.
 
 use std::ops::Range;
 
@@ -56,9 +60,13 @@ impl Compute {
 /// What the model predicts for a plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct Prediction {
-    /// Each stage's compute for one row, and for the clients' batch (seconds).
+    /// Each stage's compute for one row, and for one micro-batch of the
+    /// clients' rows (seconds).
     pub stage_secs: Vec<f64>,
     pub stage_secs_batched: Vec<f64>,
+    pub micro_batches: usize,
+    /// Rows of each micro-batch.
+    pub rows: usize,
     /// One hop's time for one row (seconds), and the bytes it carries.
     pub hop_secs: f64,
     pub hop_bytes: u64,
@@ -86,24 +94,30 @@ pub fn step_bytes(model: &LayerBytes, blocks: &Range<usize>) -> u64 {
     model.blocks[blocks.clone()].iter().sum::<u64>() + head
 }
 
-/// Predicts decode over a chain whose stages read `stage_bytes` per step.
-pub fn predict(stage_bytes: &[u64], compute: &Compute, link: &Link, hop_bytes: u64, clients: usize) -> Prediction {
+/// Predicts decode over a chain whose stages read `stage_bytes` per step,
+/// `clients` sessions at once spread over `micro_batches`.
+pub fn predict(stage_bytes: &[u64], compute: &Compute, link: &Link, hop_bytes: u64, clients: usize, micro_batches: usize) -> Prediction {
     let clients = clients.max(1);
+    let micro_batches = micro_batches.clamp(1, clients);
+    let rows = clients.div_ceil(micro_batches);
     let stage = |rows: usize| -> Vec<f64> { stage_bytes.iter().map(|&b| b as f64 * compute.per_byte(rows)).collect() };
     let hop = |rows: usize| link.rtt_secs / 2.0 + link.hop_overhead_secs + (hop_bytes * rows as u64 * 8) as f64 / link.bits_per_sec;
     let hops = stage_bytes.len() + 1;
-    let (one, batched) = (stage(1), stage(clients));
+    let (one, batched) = (stage(1), stage(rows));
     let token_secs = one.iter().sum::<f64>() + hops as f64 * hop(1);
-    let cycle = batched.iter().sum::<f64>() + hops as f64 * hop(clients);
+    let trip = batched.iter().sum::<f64>() + hops as f64 * hop(rows);
+    let busiest = micro_batches as f64 * batched.iter().copied().fold(0.0, f64::max);
     Prediction {
         stage_secs: one,
         stage_secs_batched: batched,
+        micro_batches,
+        rows,
         hop_secs: hop(1),
         hop_bytes,
         token_secs,
         decode_tok_s: 1.0 / token_secs,
         clients,
-        batched_tok_s: clients as f64 / cycle,
+        batched_tok_s: clients as f64 / trip.max(busiest),
     }
 }
 
@@ -116,18 +130,42 @@ mod tests {
         // 100 MB at 1 ns/byte: 0.1 s per token in process.
         let compute = Compute::measured(100_000_000, 10.0, 8, 40.0);
         let free = Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.0, hop_overhead_secs: 0.0 };
-        let one = predict(&[100_000_000], &compute, &free, 1000, 8);
+        let one = predict(&[100_000_000], &compute, &free, 1000, 8, 1);
         assert!((one.decode_tok_s - 10.0).abs() < 1e-9, "{one:?}");
         assert!((one.batched_tok_s - 40.0).abs() < 1e-9, "the batch measured is the batch predicted: {one:?}");
         // Split in four over free links: the same; over 10 ms links: five half round trips more per token.
-        let four = predict(&[25_000_000; 4], &compute, &free, 1000, 8);
+        let four = predict(&[25_000_000; 4], &compute, &free, 1000, 8, 1);
         assert!((four.token_secs - 0.1).abs() < 1e-9);
         let slow = Link { bits_per_sec: 8e6, rtt_secs: 0.010, hop_overhead_secs: 0.0 };
-        let far = predict(&[25_000_000; 4], &compute, &slow, 1000, 8);
+        let far = predict(&[25_000_000; 4], &compute, &slow, 1000, 8, 1);
         // Each hop: 5 ms + 1000 B at 1 MB/s = 6 ms; five of them.
         assert!((far.token_secs - (0.1 + 5.0 * 0.006)).abs() < 1e-9, "{far:?}");
         // The batch's hops carry eight rows.
         let cycle = 0.2 + 5.0 * (0.005 + 0.008);
         assert!((far.batched_tok_s - 8.0 / cycle).abs() < 1e-6, "{far:?}");
+    }
+
+    #[test]
+    fn micro_batches_overlap_the_stages() {
+        // 1 ns/byte for one row, 0.25 ns/byte a row batched by 8 (linear between).
+        let compute = Compute::measured(100_000_000, 10.0, 8, 40.0);
+        let free = Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.0, hop_overhead_secs: 0.0 };
+        // Four stages, four micro-batches of two rows: a 2-row step of a
+        // quarter is 25 MB × (1 + 1/7) ns/byte ≈ 28.6 ms; each stage runs
+        // four of them while the others run theirs.
+        let p = predict(&[25_000_000; 4], &compute, &free, 1000, 8, 4);
+        assert_eq!((p.micro_batches, p.rows), (4, 2));
+        let step = 0.025 * (1.0 + 1.0 / 7.0);
+        assert!((p.batched_tok_s - 8.0 / (4.0 * step)).abs() < 1e-6, "{p:?}");
+        // Against lockstep: one 8-row step per stage, one after another.
+        let lockstep = predict(&[25_000_000; 4], &compute, &free, 1000, 8, 1);
+        assert!((lockstep.batched_tok_s - 40.0).abs() < 1e-6);
+        assert!(p.batched_tok_s > lockstep.batched_tok_s);
+        // Over 40 ms links a micro-batch's trip is the longer: the stages wait.
+        let slow = Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.040, hop_overhead_secs: 0.0 };
+        let far = predict(&[25_000_000; 4], &compute, &slow, 1000, 8, 4);
+        assert!((far.batched_tok_s - 8.0 / (4.0 * step + 5.0 * 0.020)).abs() < 1e-6, "{far:?}");
+        // No more micro-batches than sessions.
+        assert_eq!(predict(&[1; 4], &compute, &free, 1000, 2, 4).micro_batches, 2);
     }
 }

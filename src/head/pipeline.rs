@@ -43,8 +43,15 @@ pub struct Pipeline {
     pending: Pending,
     next_step: AtomicU64,
     loaded: RwLock<Vec<LoadedSlice>>,
-    /// Sessions opened and not closed by this head: what a stage replacement moves.
-    live: Mutex<HashSet<u64>>,
+    /// Sessions opened and not closed by this head (what a stage replacement
+    /// moves), each with its micro-batch.
+    live: Mutex<HashMap<u64, u8>>,
+    /// Micro-batches as set (`set_micro_batches`), else one per group of
+    /// stages that can compute at once.
+    micro_batches: Mutex<Option<usize>>,
+    /// A block move failed after a node began loading its new slice: the
+    /// stages may no longer hold what `loaded` says, nor the sessions.
+    broken: std::sync::atomic::AtomicBool,
     /// Held (shared) by every step from send to result; a stage replacement
     /// takes it exclusively, so it runs between steps.
     gate: tokio::sync::RwLock<()>,
@@ -93,7 +100,9 @@ impl Pipeline {
             pending,
             next_step: AtomicU64::new(1),
             loaded: RwLock::new(loaded),
-            live: Mutex::new(HashSet::new()),
+            live: Mutex::new(HashMap::new()),
+            micro_batches: Mutex::new(None),
+            broken: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             wire: Mutex::new(WireDType::F16),
         })
@@ -121,7 +130,31 @@ impl Pipeline {
 
     /// Sessions this head has open on the chain.
     pub fn live_sessions(&self) -> Vec<u64> {
-        self.live.lock().expect("live lock").iter().copied().collect()
+        self.live.lock().expect("live lock").keys().copied().collect()
+    }
+
+    /// How many micro-batches new sessions are spread over: as set, else
+    /// as many as the chain has stages on different cores
+    /// ([`independent_stages`]).
+    pub fn micro_batches(&self) -> usize {
+        let set = *self.micro_batches.lock().expect("micro-batches lock");
+        set.unwrap_or_else(|| independent_stages(&self.capabilities()))
+    }
+
+    /// Sets the micro-batches (1 to 256) for sessions opened from now on;
+    /// `None` goes back to one per independent stage.
+    pub fn set_micro_batches(&self, n: Option<usize>) {
+        *self.micro_batches.lock().expect("micro-batches lock") = n.map(|n| n.clamp(1, 256));
+    }
+
+    /// Puts a new session in the micro-batch with the fewest live sessions.
+    fn assign_micro_batch(&self, session: u64) -> u8 {
+        let n = self.micro_batches();
+        let mut live = self.live.lock().expect("live lock");
+        live.remove(&session);
+        let least = least_used(live.values().copied(), n);
+        live.insert(session, least);
+        least
     }
 
     /// One control request to stage `i`; a node's error becomes `Remote`.
@@ -171,6 +204,11 @@ impl Pipeline {
             stages[i].request(Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
         }
         Ok(())
+    }
+
+    /// Whether a failed block move left the stages unlike `loaded`.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     pub fn n_stages(&self) -> usize {
@@ -268,9 +306,10 @@ impl Pipeline {
         pool: Option<Pooling>,
     ) -> Result<StepResult, NetError> {
         let _running = self.gate.read().await;
-        if open.is_some() {
-            self.live.lock().expect("live lock").insert(session);
-        }
+        let micro_batch = match open {
+            Some(_) => self.assign_micro_batch(session),
+            None => self.live.lock().expect("live lock").get(&session).copied().unwrap_or(0),
+        };
         let step = self.next_step.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(step, (session, tx));
@@ -286,6 +325,7 @@ impl Pipeline {
             stage_nanos: Vec::new(),
             f16_fallbacks: 0,
             hop_bytes: Vec::new(),
+            micro_batch,
         };
         let sent = self.data.lock().await.write(&Frame::new(Message::Forward(header))).await;
         if let Err(e) = sent {
@@ -350,23 +390,32 @@ impl Pipeline {
                 }
             }
         };
-        let (lf, lt) = tokio::join!(load(cf.clone(), new_from), load(ct.clone(), new_to));
-        let (lf, lt) = (lf?, lt?);
-        for ((hf, pf), (ht, pt)) in states {
-            let giver = kv::blocks(&hf, &pf)?;
-            let taker = kv::blocks(&ht, &pt)?;
-            let moving = &giver[give.clone()];
-            let staying: Vec<&[u8]> = giver.iter().enumerate().filter(|(i, _)| !give.contains(i)).map(|(_, c)| *c).collect();
-            let joined: Vec<&[u8]> = if to == from + 1 { [moving, &taker].concat() } else { [&taker, moving].concat() };
-            for (c, like, parts) in [(cf.clone(), &hf, staying), (ct.clone(), &ht, joined)] {
-                let (h, payload) = kv::join(like, &parts)?;
-                c.request(Frame::with_payload(Message::ImportKv(h), payload), Duration::from_secs(60)).await?;
+        // From here a failure leaves the chain half moved: it is marked, and
+        // rebuilt as it was by the next failed step (`SharedChain::recover`).
+        let moved = async {
+            let (lf, lt) = tokio::join!(load(cf.clone(), new_from), load(ct.clone(), new_to));
+            let (lf, lt) = (lf?, lt?);
+            for ((hf, pf), (ht, pt)) in states {
+                let giver = kv::blocks(&hf, &pf)?;
+                let taker = kv::blocks(&ht, &pt)?;
+                let moving = &giver[give.clone()];
+                let staying: Vec<&[u8]> = giver.iter().enumerate().filter(|(i, _)| !give.contains(i)).map(|(_, c)| *c).collect();
+                let joined: Vec<&[u8]> = if to == from + 1 { [moving, &taker].concat() } else { [&taker, moving].concat() };
+                for (c, like, parts) in [(cf.clone(), &hf, staying), (ct.clone(), &ht, joined)] {
+                    let (h, payload) = kv::join(like, &parts)?;
+                    c.request(Frame::with_payload(Message::ImportKv(h), payload), Duration::from_secs(60)).await?;
+                }
             }
-        }
-        {
-            let mut l = self.loaded.write().expect("loaded lock");
-            l[from] = lf;
-            l[to] = lt;
+            {
+                let mut l = self.loaded.write().expect("loaded lock");
+                l[from] = lf;
+                l[to] = lt;
+            }
+            Ok::<_, NetError>(())
+        };
+        if let Err(e) = moved.await {
+            self.broken.store(true, Ordering::Release);
+            return Err(e);
         }
         let wire = *self.wire.lock().expect("wire lock");
         let stages = self.clients();
@@ -410,6 +459,25 @@ impl Pipeline {
 /// How many alternatives a step's sample request asks for.
 fn spec_logprobs(sample: &Option<SampleRequest>) -> usize {
     sample.as_ref().and_then(|s| s.logprobs).map_or(0, usize::from)
+}
+
+/// The first of `n` micro-batches that the fewest of `used` are in.
+fn least_used(used: impl Iterator<Item = u8>, n: usize) -> u8 {
+    let mut counts = vec![0usize; n.max(1)];
+    for m in used {
+        if let Some(c) = counts.get_mut(m as usize) {
+            *c += 1;
+        }
+    }
+    (0..counts.len()).min_by_key(|&m| counts[m]).unwrap_or(0) as u8
+}
+
+/// How many stages of a chain can compute at once: the number of distinct
+/// cores they report (`Capabilities::compute`). Stages on one machine's
+/// shared cores take turns anyway, and one larger batch reads their weights
+/// once instead of once per micro-batch.
+pub fn independent_stages(stages: &[(String, Capabilities)]) -> usize {
+    stages.iter().map(|(_, c)| c.compute.as_str()).collect::<HashSet<_>>().len().max(1)
 }
 
 /// The pipeline as a synchronous [`Engine`] for the generation loop. Steps
@@ -497,5 +565,49 @@ impl Engine for PipelineEngine {
 
     fn context_length(&self) -> usize {
         self.context_length
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_spread_over_micro_batches_evenly() {
+        let mut live: Vec<u8> = Vec::new();
+        for _ in 0..8 {
+            let m = least_used(live.iter().copied(), 3);
+            live.push(m);
+        }
+        assert_eq!(live, [0, 1, 2, 0, 1, 2, 0, 1]);
+        // Sessions of micro-batch 0 ended: the next go there.
+        live.retain(|&m| m != 0);
+        assert_eq!(least_used(live.iter().copied(), 3), 0);
+        // Fewer micro-batches than before: sessions in a dropped one do not count.
+        assert_eq!(least_used([0, 5, 5, 5].into_iter(), 2), 1);
+        assert_eq!(least_used(std::iter::empty(), 0), 0);
+    }
+
+    #[test]
+    fn stages_on_shared_cores_count_once() {
+        let caps = |compute: &str| Capabilities {
+            protocol: 6,
+            build: String::new(),
+            device: "cpu".into(),
+            cores: 2,
+            threads: 2,
+            total_memory: 0,
+            free_memory: 0,
+            memory_limit: None,
+            loaded: None,
+            sessions: 0,
+            link: None,
+            compute: compute.into(),
+        };
+        let chain = |ids: &[&str]| ids.iter().map(|id| (String::new(), caps(id))).collect::<Vec<_>>();
+        assert_eq!(independent_stages(&chain(&["m/cpu0-1/", "m/cpu0-1/", "m/cpu0-1/"])), 1);
+        assert_eq!(independent_stages(&chain(&["m/cpu0-1//lab-h1", "m/cpu0-1//lab-h2", "m/cpu0-1/"])), 3);
+        assert_eq!(independent_stages(&chain(&["a/cuda:0", "a/cuda:1", "b/cuda:0", "a/cuda:0"])), 3);
+        assert_eq!(independent_stages(&[]), 1);
     }
 }

@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::frame::Frame;
 use super::tensor::{TensorHeader, WireDType};
+use super::NetError;
 use crate::model::sampling::SamplingParams;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +86,10 @@ pub enum Message {
     // The data path.
     /// Run a step; a Hidden input's bytes are the payload.
     Forward(ForwardHeader),
+    /// Steps that ran as one batch on the stage before, for the next stage
+    /// (which batches them alike): the payload is theirs one after another
+    /// ([`forwards_frame`], [`split_forwards`]).
+    Forwards(Vec<ForwardHeader>),
     /// Free a session on this stage and every stage after it.
     Close {
         session: u64,
@@ -116,6 +122,7 @@ impl Message {
             Message::Probed { .. } => "Probed",
             Message::Ok => "Ok",
             Message::Forward(_) => "Forward",
+            Message::Forwards(_) => "Forwards",
             Message::Close { .. } => "Close",
             Message::Result(_) => "Result",
             Message::Error(_) => "Error",
@@ -141,6 +148,9 @@ pub struct Capabilities {
     /// How the node's host is linked, as its operator describes it
     /// (`sollol node --link`; the lab's rate and delay), for the dashboard.
     pub link: Option<String>,
+    /// Which cores the node computes on (`sys::compute_id`): nodes that
+    /// report the same share them, so their stages cannot run at once.
+    pub compute: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +220,61 @@ pub struct ForwardHeader {
     pub f16_fallbacks: u32,
     /// Payload bytes sent on each hop so far.
     pub hop_bytes: Vec<u64>,
+    /// Which of the chain's micro-batches the session steps in: a stage
+    /// batches one micro-batch's steps at a time, so the micro-batches can
+    /// be at different stages at once (the head assigns them).
+    pub micro_batch: u8,
+}
+
+impl ForwardHeader {
+    /// The payload bytes its input needs: none for token ids.
+    fn payload_bytes(&self) -> Option<u64> {
+        match &self.input {
+            ForwardInput::Tokens(_) => Some(0),
+            ForwardInput::Hidden(th) => th.payload_bytes(),
+        }
+    }
+}
+
+/// One frame for steps bound to the same stage: a `Forward` for one, else
+/// `Forwards` with their payloads joined in order. One frame is one write
+/// and one wake-up at each end instead of one per session.
+pub fn forwards_frame(mut steps: Vec<(ForwardHeader, Vec<u8>)>) -> Frame {
+    if steps.len() == 1 {
+        let (h, payload) = steps.pop().expect("one step");
+        return Frame::with_payload(Message::Forward(h), payload);
+    }
+    let mut payload = Vec::with_capacity(steps.iter().map(|(_, p)| p.len()).sum());
+    let headers = steps
+        .into_iter()
+        .map(|(h, p)| {
+            payload.extend_from_slice(&p);
+            h
+        })
+        .collect();
+    Frame::with_payload(Message::Forwards(headers), payload)
+}
+
+/// Splits a `Forwards` frame back into its steps, each with the payload its
+/// input needs; refused unless the lengths add up to the payload exactly.
+pub fn split_forwards(headers: Vec<ForwardHeader>, payload: &[u8]) -> Result<Vec<(ForwardHeader, Vec<u8>)>, NetError> {
+    if headers.is_empty() {
+        return Err(NetError::Decode("a Forwards frame with no steps".into()));
+    }
+    let mut at = 0u64;
+    let mut steps = Vec::with_capacity(headers.len());
+    for h in headers {
+        let end =
+            h.payload_bytes().and_then(|n| at.checked_add(n)).filter(|&end| end <= payload.len() as u64).ok_or_else(|| {
+                NetError::Decode(format!("the steps of a Forwards frame need more than its {} payload bytes", payload.len()))
+            })?;
+        steps.push((h, payload[at as usize..end as usize].to_vec()));
+        at = end;
+    }
+    if at != payload.len() as u64 {
+        return Err(NetError::Decode(format!("a Forwards frame's steps take {at} of its {} payload bytes", payload.len())));
+    }
+    Ok(steps)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,4 +361,57 @@ pub struct KvStateHeader {
     pub n_kv_heads: u32,
     pub head_dim: u32,
     pub dtype: WireDType,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(session: u64, values: usize) -> (ForwardHeader, Vec<u8>) {
+        let input = if values == 0 {
+            ForwardInput::Tokens(vec![7])
+        } else {
+            ForwardInput::Hidden(TensorHeader { dtype: WireDType::F16, shape: vec![1, 1, values as u32] })
+        };
+        let h = ForwardHeader {
+            session,
+            step: session,
+            open: None,
+            truncate: None,
+            input,
+            sample: None,
+            want_logits: false,
+            pool: None,
+            stage_nanos: Vec::new(),
+            f16_fallbacks: 0,
+            hop_bytes: Vec::new(),
+            micro_batch: 0,
+        };
+        (h, (0..values * 2).map(|i| (i as u8).wrapping_add(session as u8)).collect())
+    }
+
+    #[test]
+    fn steps_travel_in_one_frame_and_come_apart_as_sent() {
+        let steps = vec![step(1, 4), step(2, 0), step(3, 3)];
+        let frame = forwards_frame(steps.clone());
+        let Message::Forwards(headers) = frame.message else { panic!("several steps make a Forwards frame") };
+        assert_eq!(frame.payload.len(), 14);
+        assert_eq!(split_forwards(headers, &frame.payload).unwrap(), steps);
+        // One step is a plain Forward.
+        let frame = forwards_frame(vec![step(9, 2)]);
+        assert!(matches!(frame.message, Message::Forward(ref h) if h.session == 9));
+        assert_eq!(frame.payload.len(), 4);
+    }
+
+    #[test]
+    fn forwards_whose_lengths_do_not_add_up_are_refused() {
+        let headers: Vec<ForwardHeader> = vec![step(1, 4).0, step(2, 3).0];
+        assert!(split_forwards(headers.clone(), &[0; 13]).is_err(), "short");
+        assert!(split_forwards(headers.clone(), &[0; 15]).is_err(), "bytes left over");
+        assert!(split_forwards(Vec::new(), &[]).is_err(), "no steps");
+        let mut huge = step(1, 1).0;
+        huge.input = ForwardInput::Hidden(TensorHeader { dtype: WireDType::F32, shape: vec![u32::MAX, u32::MAX, u32::MAX] });
+        assert!(split_forwards(vec![huge], &[0; 4]).is_err(), "a shape past any payload");
+        assert_eq!(split_forwards(headers, &[0; 14]).unwrap().len(), 2);
+    }
 }

@@ -50,6 +50,14 @@ pub struct TensorHeader {
     pub shape: Vec<u32>,
 }
 
+impl TensorHeader {
+    /// The bytes its values take on the wire; `None` past any payload.
+    pub fn payload_bytes(&self) -> Option<u64> {
+        let elems = self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        elems.and_then(|e| e.checked_mul(self.dtype.size() as u64))
+    }
+}
+
 /// The largest finite f16.
 const F16_MAX: f32 = 65504.0;
 
@@ -88,9 +96,7 @@ pub fn encode_f32(values: &[f32], shape: &[usize], wire: WireDType) -> Result<(T
 /// Decodes a payload into f32 values, checking its size first: one pass
 /// from the wire's bytes to the numbers a stage computes with.
 pub fn decode_f32(h: &TensorHeader, bytes: &[u8]) -> Result<Vec<f32>, NetError> {
-    let elems = h.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-    let expected = elems.and_then(|e| e.checked_mul(h.dtype.size() as u64));
-    match expected {
+    match h.payload_bytes() {
         Some(n) if n == bytes.len() as u64 => {}
         Some(n) => {
             return Err(NetError::Decode(format!(

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -15,7 +16,9 @@ use crate::model::{ModelFile, ModelSlice};
 use crate::net::auth::{client_handshake, server_handshake, ClusterKey};
 use crate::net::connection::{split, FrameReader, FrameWriter};
 use crate::net::frame::{Frame, PROTOCOL_VERSION};
-use crate::net::message::{Capabilities, ErrorCode, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose};
+use crate::net::message::{
+    split_forwards, Capabilities, ErrorCode, ForwardHeader, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose,
+};
 use crate::net::tensor::WireDType;
 use crate::net::{resolve_addr, tls, NetError};
 
@@ -45,6 +48,8 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// How the host is linked (reported, not used).
     pub link: Option<String>,
+    /// Which cores the node computes on (default: `sys::compute_id`, found at start).
+    pub compute_id: Option<String>,
 }
 
 impl NodeConfig {
@@ -64,6 +69,7 @@ impl NodeConfig {
             kv_memory: None,
             max_connections: 256,
             link: None,
+            compute_id: None,
         }
     }
 }
@@ -87,7 +93,7 @@ struct NextLink {
 /// steps already queued finish, drops every session and closes its
 /// connections. Prints `sollol node listening on ADDR` on stdout once the
 /// socket is bound (the port is chosen when ADDR ends in :0).
-pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> crate::Result<()> {
+pub async fn run(mut cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> crate::Result<()> {
     if !cfg.listen.ip().is_loopback() && !cfg.key.is_set() {
         return Err(crate::Error::InvalidRequest(format!(
             "refusing to listen on {} without a cluster key: pass --cluster-key or set SOLLOL_CLUSTER_KEY (only loopback addresses may run open)",
@@ -95,6 +101,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         )));
     }
     let endpoint = tls::server_endpoint(cfg.listen, &cfg.state_dir)?;
+    cfg.compute_id.get_or_insert_with(|| crate::sys::compute_id(&crate::model::device::name(&cfg.device)));
     let local = endpoint.local_addr().map_err(|e| crate::Error::io("listen address", e))?;
     let outputs = Arc::new(Outputs::new(local.to_string()));
     let work = spawn_worker(outputs.clone(), open_lock(cfg.compute_lock.as_deref())?, cfg.admission)
@@ -180,6 +187,15 @@ impl Node {
         self.work.send(w).await.map_err(|_| Fault::new(ErrorCode::Internal, "the stage worker stopped"))
     }
 
+    /// Steps that came in one frame, to the worker, arrived together.
+    async fn send_steps(&self, steps: Vec<(ForwardHeader, Vec<u8>)>) -> Result<(), Fault> {
+        let arrived = Instant::now();
+        for (header, payload) in steps {
+            self.send_work(Work::Forward { header, payload, arrived }).await?;
+        }
+        Ok(())
+    }
+
     /// Waits for the worker's answer to a request.
     async fn answer<T>(&self, rx: oneshot::Receiver<Result<T, Fault>>) -> Result<T, Fault> {
         rx.await.unwrap_or_else(|_| Err(Fault::new(ErrorCode::Internal, "the stage worker failed this request (see the node's log)")))
@@ -212,6 +228,7 @@ impl Node {
             free_memory: offered.saturating_sub(held),
             memory_limit: self.cfg.memory_limit,
             link: self.cfg.link.clone(),
+            compute: self.cfg.compute_id.clone().unwrap_or_default(),
             loaded: self.loaded.lock().expect("loaded lock").clone(),
             sessions: self.outputs.sessions.load(Ordering::Relaxed),
         }
@@ -271,10 +288,20 @@ impl Node {
         loop {
             let Some(frame) = self.next_frame(&mut reader, &mut writer, "data").await? else { return Ok(()) };
             let sent = match frame.message {
-                Message::Forward(header) => self.send_work(Work::Forward { header, payload: frame.payload }).await,
+                Message::Forward(header) => self.send_work(Work::Forward { header, payload: frame.payload, arrived: Instant::now() }).await,
+                Message::Forwards(headers) => match split_forwards(headers, &frame.payload) {
+                    Ok(steps) => self.send_steps(steps).await,
+                    Err(e) => {
+                        let message = format!("refused a frame on a data stream: {e}");
+                        self.outputs.error(None, None, Fault::new(ErrorCode::Malformed, message.clone()));
+                        let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, message)).await;
+                        writer.finish_and_flush().await;
+                        return Err(e);
+                    }
+                },
                 Message::Close { session } => self.send_work(Work::Close { session }).await,
                 other => {
-                    let e = NetError::Unexpected { got: other.kind(), expected: "Forward or Close" };
+                    let e = NetError::Unexpected { got: other.kind(), expected: "Forward, Forwards or Close" };
                     writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, e.to_string())).await?;
                     Ok(())
                 }

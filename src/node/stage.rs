@@ -14,7 +14,7 @@
 //! `MAX_BATCH_ROWS` rows, and steps keep their arrival order, so neither
 //! prefill nor decode starves the other.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,10 +24,13 @@ use candle_core::Tensor;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
+use super::batch::{self, Arrivals};
 use crate::model::sampling::sample_constrained;
 use crate::model::{Backend, BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
 use crate::net::frame::Frame;
-use crate::net::message::{ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult};
+use crate::net::message::{
+    forwards_frame, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult,
+};
 use crate::net::tensor::{self, WireDType};
 use crate::net::{kv, NetError};
 
@@ -118,6 +121,8 @@ pub enum Work {
     Forward {
         header: ForwardHeader,
         payload: Vec<u8>,
+        /// When the node read it (what `batch::Arrivals` learns trips from).
+        arrived: Instant,
     },
     Close {
         session: u64,
@@ -274,35 +279,6 @@ impl StepInput {
     }
 }
 
-/// How long a batch may wait for the last batch's sessions: a quarter of
-/// that batch's time, within 0.2-20 ms (a session whose generation ended
-/// costs its next batch this much once).
-fn batch_window(last_step: Duration) -> Duration {
-    (last_step / 4).clamp(Duration::from_micros(200), Duration::from_millis(20))
-}
-
-/// Takes the longest run of forward steps at the front of the queue with
-/// distinct sessions and at most `MAX_BATCH_ROWS` rows (always at least one).
-fn take_batch(queue: &mut VecDeque<Work>) -> Vec<(ForwardHeader, Vec<u8>)> {
-    let mut batch = Vec::new();
-    let mut sessions = HashSet::new();
-    let mut rows = 0;
-    while let Some(Work::Forward { header, .. }) = queue.front() {
-        let n = match &header.input {
-            ForwardInput::Tokens(ids) => ids.len(),
-            ForwardInput::Hidden(th) => th.shape.get(1).copied().unwrap_or(1) as usize,
-        };
-        if !batch.is_empty() && (rows + n > MAX_BATCH_ROWS || sessions.contains(&header.session)) {
-            break;
-        }
-        sessions.insert(header.session);
-        rows += n;
-        let Some(Work::Forward { header, payload }) = queue.pop_front() else { unreachable!("matched above") };
-        batch.push((header, payload));
-    }
-    batch
-}
-
 /// The host path over several sessions at once; the caches leave the map for
 /// the call and always come back.
 fn run_batch(
@@ -343,6 +319,14 @@ fn run_batch(
     result
 }
 
+/// Queues `work`, noting when a step arrived.
+fn enqueue(arrivals: &mut Arrivals, queue: &mut VecDeque<Work>, work: Work) {
+    if let Work::Forward { header, arrived, .. } = &work {
+        arrivals.arrived(header, *arrived);
+    }
+    queue.push_back(work);
+}
+
 /// A panic's message, for the error frame that reports it.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     let what = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
@@ -353,10 +337,7 @@ impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Work>) {
         let _alive = AliveGuard(self.out.clone());
         let mut queue: VecDeque<Work> = VecDeque::new();
-        // The last batch's sessions and how long it took: their next steps
-        // are due, and a batch that waits a moment for them reads the
-        // weights once for all instead of once for the first to come back.
-        let (mut due, mut last_step) = (HashSet::new(), Duration::ZERO);
+        let mut arrivals = Arrivals::default();
         loop {
             if queue.is_empty() {
                 let work = match rx.try_recv() {
@@ -371,18 +352,19 @@ impl Worker {
                         }
                     }
                 };
-                queue.push_back(work);
+                enqueue(&mut arrivals, &mut queue, work);
             }
-            while let Ok(work) = rx.try_recv() {
-                queue.push_back(work);
+            // Bounded like the channel: what does not fit waits there, and
+            // the data streams' readers wait behind it.
+            while queue.len() < WORK_QUEUE {
+                let Ok(work) = rx.try_recv() else { break };
+                enqueue(&mut arrivals, &mut queue, work);
             }
-            if matches!(queue.front(), Some(Work::Forward { .. })) {
-                self.gather(&mut rx, &mut queue, &due, batch_window(last_step));
+            if let Some(micro_batch) = batch::front_micro_batch(&queue) {
+                self.gather(&mut rx, &mut queue, &mut arrivals, micro_batch);
             }
-            let batch = take_batch(&mut queue);
+            let batch = batch::take_batch(&mut queue);
             if !batch.is_empty() {
-                due = batch.iter().map(|(h, _)| h.session).collect();
-                let started = Instant::now();
                 // Steps a panic interrupts fail with an error frame; their
                 // sessions are dropped (their caches may be half written).
                 let steps: Vec<(u64, u64)> = batch.iter().map(|(h, _)| (h.session, h.step)).collect();
@@ -392,7 +374,6 @@ impl Worker {
                         self.fail(session, step, Fault::new(ErrorCode::Internal, message.clone()));
                     }
                 }
-                last_step = started.elapsed();
             } else if let Some(work) = queue.pop_front() {
                 // A panicking request drops its reply channel: the control
                 // stream answers with an error.
@@ -401,31 +382,22 @@ impl Worker {
                 }
             }
             self.sweep();
+            arrivals.retain(|s| self.sessions.contains_key(&s));
         }
     }
 
-    /// Waits up to `window` for the next steps of the `due` sessions still
-    /// open, queueing whatever arrives meanwhile.
-    fn gather(&self, rx: &mut mpsc::Receiver<Work>, queue: &mut VecDeque<Work>, due: &HashSet<u64>, window: Duration) {
-        // A session is no longer awaited once a step of it is queued, or
-        // its close (that generation ended).
-        let arrived = |w: &Work| match w {
-            Work::Forward { header, .. } => Some(header.session),
-            Work::Close { session } => Some(*session),
-            _ => None,
-        };
-        let mut missing: HashSet<u64> = due.iter().copied().filter(|s| self.sessions.contains_key(s)).collect();
-        for s in queue.iter().filter_map(arrived) {
-            missing.remove(&s);
-        }
-        let deadline = Instant::now() + window;
-        while !missing.is_empty() && Instant::now() < deadline {
+    /// Waits for the sessions of `micro_batch` whose next step is due
+    /// (`batch::Arrivals::due`), queueing whatever arrives meanwhile.
+    fn gather(&self, rx: &mut mpsc::Receiver<Work>, queue: &mut VecDeque<Work>, arrivals: &mut Arrivals, micro_batch: u8) {
+        let (mut missing, until) = arrivals.due(micro_batch, queue, Instant::now());
+        missing.retain(|s| self.sessions.contains_key(s));
+        while !missing.is_empty() && Instant::now() < until && queue.len() < WORK_QUEUE {
             match rx.try_recv() {
                 Ok(work) => {
-                    if let Some(s) = arrived(&work) {
+                    if let Some(s) = batch::awaited_no_more(&work) {
                         missing.remove(&s);
                     }
-                    queue.push_back(work);
+                    enqueue(arrivals, queue, work);
                 }
                 Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_micros(20)),
                 Err(mpsc::error::TryRecvError::Disconnected) => return,
@@ -451,7 +423,7 @@ impl Worker {
 
     fn handle(&mut self, work: Work) {
         match work {
-            Work::Forward { header, payload } => self.forward_batch(vec![(header, payload)]),
+            Work::Forward { header, payload, .. } => self.forward_batch(vec![(header, payload)]),
             Work::Close { session } => {
                 self.sessions.remove(&session);
                 // Later stages hold the session too; pass the close on (the last stage has no next).
@@ -492,7 +464,9 @@ impl Worker {
                     self.emit_pooled(h, pooled);
                 }
                 Ok(input) => ready.push((h, input)),
-                Err(e) => self.emit(h, Err(e), 0),
+                Err(e) => {
+                    self.emit(h, Err(e), 0);
+                }
             }
         }
         let results = self.compute(&ready);
@@ -504,9 +478,8 @@ impl Worker {
         let computed: usize = ready.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|((_, input), _)| input.rows()).sum();
         self.out.tokens.fetch_add(computed as u64, Ordering::Relaxed);
         self.out.batches.fetch_add(u64::from(!ready.is_empty()), Ordering::Relaxed);
-        for ((h, _), result) in ready.into_iter().zip(results) {
-            self.emit(h, result, nanos);
-        }
+        let onward: Vec<_> = ready.into_iter().zip(results).filter_map(|((h, _), result)| self.emit(h, result, nanos)).collect();
+        self.send_on(onward);
     }
 
     /// Refuses a step when the node is at a limit: a new session past the
@@ -658,9 +631,10 @@ impl Worker {
         }
     }
 
-    /// Sends a step's output on: hidden states to the next stage, a sampled
-    /// token to the heads; an error closes the session down the chain.
-    fn emit(&mut self, mut h: ForwardHeader, result: Result<SliceOutput, Fault>, nanos: u64) {
+    /// A step's output: hidden states for the next stage (returned, to go
+    /// with the batch's others in one frame), a sampled token to the heads;
+    /// an error closes the session down the chain.
+    fn emit(&mut self, mut h: ForwardHeader, result: Result<SliceOutput, Fault>, nanos: u64) -> Option<(ForwardHeader, Vec<u8>)> {
         h.stage_nanos.push(nanos);
         let sent = match result {
             Ok(SliceOutput::Hidden(hidden)) => {
@@ -670,7 +644,7 @@ impl Worker {
                         h.f16_fallbacks += u32::from(overflow);
                         h.hop_bytes.push(bytes.len() as u64);
                         h.input = ForwardInput::Hidden(th);
-                        self.out.to_next(Frame::with_payload(Message::Forward(h.clone()), bytes))
+                        return Some((h, bytes));
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -701,6 +675,21 @@ impl Worker {
         };
         if let Err(fault) = sent {
             self.fail(h.session, h.step, fault);
+        }
+        None
+    }
+
+    /// Sends a batch's hidden states to the next stage in one frame; if the
+    /// link is down, each of those steps fails.
+    fn send_on(&mut self, steps: Vec<(ForwardHeader, Vec<u8>)>) {
+        if steps.is_empty() {
+            return;
+        }
+        let ids: Vec<(u64, u64)> = steps.iter().map(|(h, _)| (h.session, h.step)).collect();
+        if let Err(fault) = self.out.to_next(forwards_frame(steps)) {
+            for (session, step) in ids {
+                self.fail(session, step, fault.clone());
+            }
         }
     }
 
