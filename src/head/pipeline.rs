@@ -314,18 +314,13 @@ impl Pipeline {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(step, (session, tx));
         let header = ForwardHeader {
-            session,
-            step,
             open,
             truncate,
-            input: ForwardInput::Tokens(tokens.to_vec()),
             sample,
             want_logits,
             pool,
-            stage_nanos: Vec::new(),
-            f16_fallbacks: 0,
-            hop_bytes: Vec::new(),
             micro_batch,
+            ..ForwardHeader::new(session, step, ForwardInput::Tokens(tokens.to_vec()))
         };
         let sent = self.data.lock().await.write(&Frame::new(Message::Forward(header))).await;
         if let Err(e) = sent {

@@ -227,6 +227,25 @@ pub struct ForwardHeader {
 }
 
 impl ForwardHeader {
+    /// A step of `session` with `input` and nothing else asked: no opening,
+    /// no sampling, micro-batch 0, nothing measured yet.
+    pub fn new(session: u64, step: u64, input: ForwardInput) -> Self {
+        Self {
+            session,
+            step,
+            open: None,
+            truncate: None,
+            input,
+            sample: None,
+            want_logits: false,
+            pool: None,
+            stage_nanos: Vec::new(),
+            f16_fallbacks: 0,
+            hop_bytes: Vec::new(),
+            micro_batch: 0,
+        }
+    }
+
     /// The payload bytes its input needs: none for token ids.
     fn payload_bytes(&self) -> Option<u64> {
         match &self.input {
@@ -373,20 +392,7 @@ mod tests {
         } else {
             ForwardInput::Hidden(TensorHeader { dtype: WireDType::F16, shape: vec![1, 1, values as u32] })
         };
-        let h = ForwardHeader {
-            session,
-            step: session,
-            open: None,
-            truncate: None,
-            input,
-            sample: None,
-            want_logits: false,
-            pool: None,
-            stage_nanos: Vec::new(),
-            f16_fallbacks: 0,
-            hop_bytes: Vec::new(),
-            micro_batch: 0,
-        };
+        let h = ForwardHeader::new(session, session, input);
         (h, (0..values * 2).map(|i| (i as u8).wrapping_add(session as u8)).collect())
     }
 

@@ -150,20 +150,7 @@ mod tests {
 
     fn step(session: u64, micro_batch: u8, tokens: usize) -> Work {
         Work::Forward {
-            header: ForwardHeader {
-                session,
-                step: session,
-                open: None,
-                truncate: None,
-                input: ForwardInput::Tokens(vec![1; tokens]),
-                sample: None,
-                want_logits: false,
-                pool: None,
-                stage_nanos: Vec::new(),
-                f16_fallbacks: 0,
-                hop_bytes: Vec::new(),
-                micro_batch,
-            },
+            header: ForwardHeader { micro_batch, ..ForwardHeader::new(session, session, ForwardInput::Tokens(vec![1; tokens])) },
             payload: Vec::new(),
             arrived: Instant::now(),
         }
