@@ -409,3 +409,40 @@ async fn concurrent_sessions_interleave_without_mixing_state() {
         }
     }
 }
+
+/// A prompt goes in 256-token steps on a chain of its own, in 64-token
+/// steps while another session decodes there (the other's tokens wait for
+/// each of its steps); the tokens come out the same.
+#[test]
+fn a_prompt_is_prefilled_in_shorter_steps_while_others_decode() {
+    use sollol::head::engine::Engine;
+    use sollol::head::generation::{generate, PREFILL_CHUNK, SHARED_PREFILL_CHUNK};
+    use sollol::head::pipeline::PipelineEngine;
+    let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let p = std::sync::Arc::new(rt.block_on(loaded_pipeline(&[&a, &b], WireDType::F32)));
+    let file = ModelFile::open(&common::smollm2()).unwrap();
+    let tokenizer = sollol::head::tokenizer::Tokenizer::for_model(&file).unwrap();
+    let mut engine = PipelineEngine::shared(rt.handle().clone(), p.clone(), 2048);
+    let batches = || {
+        let pong = rt.block_on(p.request(0, Frame::new(Message::Ping { nonce: 1 }), Duration::from_secs(5))).unwrap();
+        let Message::Pong { batches, .. } = pong.message else { panic!("a pong") };
+        batches
+    };
+    let mut request = common::greedy_request();
+    request.prompt = (0..300).map(|i| 100 + (i * 37) % 4000).collect();
+    request.max_tokens = 1;
+    let prefill = |engine: &mut PipelineEngine, session: u64| {
+        let before = batches();
+        let out = generate(engine, &tokenizer, session, &request, &mut |_| true).unwrap();
+        (batches() - before, out.tokens)
+    };
+    let (alone, tokens) = prefill(&mut engine, 7);
+    assert_eq!(alone, 300usize.div_ceil(PREFILL_CHUNK) as u64);
+    // Another session is open (decoding, as far as the chain knows).
+    rt.block_on(p.step(8, &PROMPT, Some(64), None, false)).unwrap();
+    assert_eq!(engine.prefill_chunk(9), SHARED_PREFILL_CHUNK);
+    let (shared, same) = prefill(&mut engine, 9);
+    assert_eq!(shared, 300usize.div_ceil(SHARED_PREFILL_CHUNK) as u64);
+    assert_eq!(same, tokens, "the chunking changes no token");
+}

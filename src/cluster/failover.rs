@@ -427,6 +427,10 @@ impl Engine for FailoverEngine {
         self.inner.close(session);
     }
 
+    fn prefill_chunk(&self, session: u64) -> usize {
+        self.inner.prefill_chunk(session)
+    }
+
     fn context_length(&self) -> usize {
         self.chain.spec.context_length
     }

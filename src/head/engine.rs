@@ -59,6 +59,12 @@ pub trait Engine {
     fn close(&mut self, session: u64);
     /// The longest context the model supports.
     fn context_length(&self) -> usize;
+    /// Prompt tokens per prefill step of `session`. A chunk is one step, and
+    /// the decode steps batched with it wait for all of it; an engine whose
+    /// chain serves other sessions takes smaller ones.
+    fn prefill_chunk(&self, _session: u64) -> usize {
+        super::generation::PREFILL_CHUNK
+    }
 }
 
 /// The whole model in this process.

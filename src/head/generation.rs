@@ -12,6 +12,11 @@ use crate::model::sampling::{Logprobs, SamplingParams};
 /// Prompt tokens per forward pass; bounds the activation buffer every stage holds.
 pub const PREFILL_CHUNK: usize = 256;
 
+/// Prompt tokens per forward pass while other sessions decode on the same
+/// chain: their tokens wait for each chunk (256 tokens held them 230-540 ms
+/// on 2 CPU cores; BENCHMARKS.md), so a prompt goes in more, shorter steps.
+pub const SHARED_PREFILL_CHUNK: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
@@ -300,7 +305,7 @@ fn run(
     }
 
     // Prefill: every chunk but the last only fills the caches.
-    let chunks: Vec<&[u32]> = req.prompt[skip..].chunks(PREFILL_CHUNK).collect();
+    let chunks: Vec<&[u32]> = req.prompt[skip..].chunks(engine.prefill_chunk(session)).collect();
     let mut constraint = req.format.as_ref().map(|f| tokenizer.grammars()?.constraint(f)).transpose()?;
     let mut next = None;
     let mut next_logprobs = None;

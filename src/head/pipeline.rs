@@ -558,6 +558,15 @@ impl Engine for PipelineEngine {
         self.handle.block_on(self.pipeline.close(session));
     }
 
+    fn prefill_chunk(&self, session: u64) -> usize {
+        let others = self.pipeline.live.lock().expect("live lock").keys().any(|&s| s != session);
+        if others {
+            crate::head::generation::SHARED_PREFILL_CHUNK
+        } else {
+            crate::head::generation::PREFILL_CHUNK
+        }
+    }
+
     fn context_length(&self) -> usize {
         self.context_length
     }
