@@ -587,11 +587,13 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
                         let t = Instant::now();
                         let mut first = None;
                         let mut generated = 0;
-                        // A refused or failed request counts with no tokens.
+                        // A refused request, or a stream that ends without its
+                        // final line (an error mid-stream), failed.
                         let Ok(reply) = ureq::post(&generate).send_string(&body) else {
-                            ttfts.push((t.elapsed(), 0));
+                            ttfts.push(None);
                             continue;
                         };
+                        let mut finished = false;
                         for line in BufReader::new(reply.into_reader()).lines().map_while(|l| l.ok()) {
                             if first.is_none() && line.contains("\"done\":false") {
                                 first = Some(t.elapsed());
@@ -599,28 +601,41 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
                             if line.contains("\"done\":true") {
                                 let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                                 generated = v["eval_count"].as_u64().unwrap_or(0);
+                                finished = true;
                                 break;
                             }
                         }
-                        ttfts.push((first.unwrap_or_else(|| t.elapsed()), generated));
+                        ttfts.push(finished.then(|| (first.unwrap_or_else(|| t.elapsed()), generated)));
                     }
                     ttfts
                 })
             })
             .collect();
-        let done: Vec<(Duration, u64)> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+        let all: Vec<Option<(Duration, u64)>> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
         let wall = start.elapsed().as_secs_f64();
+        let done: Vec<(Duration, u64)> = all.iter().flatten().copied().collect();
+        let failed = all.len() - done.len();
         let ttfts: Vec<Duration> = done.iter().map(|d| d.0).collect();
         let generated: u64 = done.iter().map(|d| d.1).sum();
         let after = counters();
-        // Per node: share of the wall time spent computing, and positions per batch.
-        let (busy, batch): (Vec<f64>, Vec<f64>) =
-            before.iter().zip(&after).map(|(b, a)| ((a.0 - b.0) / (wall * 1e3), (a.1 - b.1) as f64 / (a.2 - b.2).max(1) as f64)).unzip();
+        // Per node: share of the wall time spent computing, and positions
+        // per batch; none for a node whose counters went back (it restarted).
+        let (busy, batch): (Vec<Option<f64>>, Vec<Option<f64>>) = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| match (a.0 >= b.0, a.1.checked_sub(b.1), a.2.checked_sub(b.2)) {
+                (true, Some(positions), Some(batches)) => {
+                    (Some((a.0 - b.0) / (wall * 1e3)), Some(positions as f64 / batches.max(1) as f64))
+                }
+                _ => (None, None),
+            })
+            .unzip();
         rows.push(serde_json::json!({
             "node_busy": busy,
             "rows_per_batch": batch,
             "clients": c,
             "requests": ttfts.len(),
+            "failed": failed,
             "requests_per_s": ttfts.len() as f64 / wall,
             "tokens_per_s": generated as f64 / wall,
             "ttft_p50_ms": percentile(&ttfts, 50.0).as_secs_f64() * 1e3,
@@ -632,8 +647,8 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
     } else {
         println!("{url}, model {model}, {tokens} tokens per request, streaming /api/generate");
         println!(
-            "{:>8} {:>9} {:>12} {:>12} {:>14} {:>14}  node busy / rows per batch",
-            "clients", "requests", "requests/s", "tokens/s", "ttft p50 ms", "ttft p99 ms"
+            "{:>8} {:>9} {:>7} {:>12} {:>12} {:>14} {:>14}  node busy / rows per batch",
+            "clients", "requests", "failed", "requests/s", "tokens/s", "ttft p50 ms", "ttft p99 ms"
         );
         for r in rows {
             let nodes: Vec<String> = r["node_busy"]
@@ -641,12 +656,16 @@ pub fn http(url: &str, model: &str, clients: &[usize], requests: usize, tokens: 
                 .into_iter()
                 .flatten()
                 .zip(r["rows_per_batch"].as_array().into_iter().flatten())
-                .map(|(u, b)| format!("{:.0}%/{:.1}", u.as_f64().unwrap_or(0.0) * 100.0, b.as_f64().unwrap_or(0.0)))
+                .map(|(u, b)| match (u.as_f64(), b.as_f64()) {
+                    (Some(u), Some(b)) => format!("{:.0}%/{b:.1}", u * 100.0),
+                    _ => "restarted".into(),
+                })
                 .collect();
             println!(
-                "{:>8} {:>9} {:>12.2} {:>12.1} {:>14.0} {:>14.0}  {}",
+                "{:>8} {:>9} {:>7} {:>12.2} {:>12.1} {:>14.0} {:>14.0}  {}",
                 r["clients"].as_u64().unwrap_or(0),
                 r["requests"].as_u64().unwrap_or(0),
+                r["failed"].as_u64().unwrap_or(0),
                 r["requests_per_s"].as_f64().unwrap_or(0.0),
                 r["tokens_per_s"].as_f64().unwrap_or(0.0),
                 r["ttft_p50_ms"].as_f64().unwrap_or(0.0),
