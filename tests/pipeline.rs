@@ -15,7 +15,7 @@ use sollol::model::{ModelFile, ModelSlice, SliceOutput};
 use sollol::net::auth::{client_handshake, ClusterKey};
 use sollol::net::connection::split;
 use sollol::net::frame::{encode, Frame, PROTOCOL_VERSION};
-use sollol::net::message::{Message, PeerRole, SampleRequest, StreamPurpose};
+use sollol::net::message::{ForwardHeader, ForwardInput, Message, PeerRole, SampleRequest, StreamPurpose};
 use sollol::net::tensor::WireDType;
 use sollol::net::tls;
 
@@ -249,6 +249,15 @@ async fn bad_frames_get_clear_errors_and_the_node_keeps_serving() {
     truncated[6..10].copy_from_slice(&100u32.to_le_bytes());
     let msg = send_raw_data(&a.addr, &truncated, true).await;
     assert!(msg.contains("middle of a frame"), "{msg}");
+
+    // Several steps in one frame whose shapes need more than its payload.
+    let step = |session| {
+        let th = sollol::net::tensor::TensorHeader { dtype: WireDType::F16, shape: vec![1, 1, 576] };
+        ForwardHeader::new(session, session, ForwardInput::Hidden(th))
+    };
+    let short = encode(&Frame::with_payload(Message::Forwards(vec![step(1), step(2)]), vec![0; 576 * 2 + 10])).unwrap();
+    let msg = send_raw_data(&b.addr, &short, false).await;
+    assert!(msg.contains("payload bytes"), "{msg}");
 
     // The chain still serves a session end to end.
     let got = pipeline_run(&p, 9, 3).await;

@@ -291,13 +291,7 @@ impl Node {
                 Message::Forward(header) => self.send_work(Work::Forward { header, payload: frame.payload, arrived: Instant::now() }).await,
                 Message::Forwards(headers) => match split_forwards(headers, &frame.payload) {
                     Ok(steps) => self.send_steps(steps).await,
-                    Err(e) => {
-                        let message = format!("refused a frame on a data stream: {e}");
-                        self.outputs.error(None, None, Fault::new(ErrorCode::Malformed, message.clone()));
-                        let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, message)).await;
-                        writer.finish_and_flush().await;
-                        return Err(e);
-                    }
+                    Err(e) => return Err(self.refuse(&mut writer, "data", e).await),
                 },
                 Message::Close { session } => self.send_work(Work::Close { session }).await,
                 other => {
@@ -322,17 +316,22 @@ impl Node {
             // The sender went away (a head that finished, a stage that died):
             // its own connection tells its side; nothing to refuse here.
             Err(e @ NetError::Connection(_)) => Err(e),
-            Err(e) => {
-                let message = format!("refused a frame on a {stream} stream: {e}");
-                if stream == "data" {
-                    self.outputs.error(None, None, Fault::new(ErrorCode::Malformed, message.clone()));
-                }
-                let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, message)).await;
-                writer.finish_and_flush().await;
-                Err(e)
-            }
+            Err(e) => Err(self.refuse(writer, stream, e).await),
             read => read,
         }
+    }
+
+    /// Refuses a frame that does not parse, or whose parts do not add up:
+    /// an Error frame to the sender (and, on a data stream, to the heads),
+    /// then the stream ends.
+    async fn refuse(&self, writer: &mut FrameWriter, stream: &str, e: NetError) -> NetError {
+        let message = format!("refused a frame on a {stream} stream: {e}");
+        if stream == "data" {
+            self.outputs.error(None, None, Fault::new(ErrorCode::Malformed, message.clone()));
+        }
+        let _ = writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, message)).await;
+        writer.finish_and_flush().await;
+        e
     }
 
     /// Requests answered in order. A frame that does not parse is answered
