@@ -315,8 +315,17 @@ impl Default for KeepAlive {
 }
 
 impl Worker {
-    /// When it unloads unless used again (None: never).
+    /// When it unloads unless used again (None: never). While requests run
+    /// on it the clock has not started: the earliest is a keep-alive from now.
+    /// (A non-streamed reply can reach its client a moment before its
+    /// request's guard drops and starts the clock.)
     pub fn expires_at(&self) -> Option<SystemTime> {
+        if self.active.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return match *self.keep_alive.lock().expect("keep_alive lock") {
+                KeepAlive::For(d) => Some(SystemTime::now() + d),
+                KeepAlive::Forever => None,
+            };
+        }
         let at = (*self.expires.lock().expect("expires lock"))?;
         Some(SystemTime::now() + at.saturating_duration_since(Instant::now()))
     }
@@ -707,7 +716,6 @@ impl Service {
         let running = Running::new(&worker, req.keep_alive);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let _running = running;
             let replica = &worker.replicas[replica];
             let _on_replica = OnReplica::new(replica);
             let mut engine = FailoverEngine::over(replica.chain.clone());
@@ -792,8 +800,12 @@ impl Service {
                 }
                 Err(e) => Event::Failed(e.into()),
             };
-            let _ = tx.blocking_send(event);
+            // Done before the client hears the end, so that what it asks
+            // next (an unload, `/api/ps`) sees this request finished.
+            drop(_on_replica);
+            drop(running);
             drop(_permit);
+            let _ = tx.blocking_send(event);
             let (running, waiting) = service.queue.depth();
             service.metrics.queue(running, waiting);
         });
