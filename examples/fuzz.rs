@@ -420,7 +420,7 @@ fn forward_header(rng: &mut StdRng) -> (ForwardHeader, Option<u64>) {
 /// A frame of any message, with a payload that fits it or not.
 fn frame_of(rng: &mut StdRng) -> Frame {
     let opt_u32 = |rng: &mut StdRng| rng.random_bool(0.5).then(|| u32_of(rng));
-    let (message, implied) = match rng.random_range(0..19) {
+    let (message, implied) = match rng.random_range(0..21) {
         0 => (
             Message::Hello { protocol: rng.random(), build: string_of(rng), role: PeerRole::Head, proof: vec_of(rng, |r| r.random()) },
             None,
@@ -491,6 +491,14 @@ fn frame_of(rng: &mut StdRng) -> Frame {
                 hop_bytes: vec_of(rng, u64_of),
             };
             (Message::Result(r), logits_len.map(|n| n as u64 * 4))
+        }
+        18 => (Message::ProbePeer { addr: string_of(rng), rate: rng.random() }, None),
+        19 => {
+            let t = sollol::net::probe::LinkTiming {
+                rtt: std::time::Duration::from_nanos(u64_of(rng)),
+                bits_per_sec: rng.random_bool(0.5).then(|| f32_of(rng) as f64),
+            };
+            (Message::PeerProbed(t), None)
         }
         _ => {
             let e = RemoteError {

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A 4-stage pipeline in the network lab over three kinds of link, against
 # the analytical model (`sollol plan --explain`): for each link, the
-# prediction, then one session's decode (`sollol generate --nodes`, the even
+# prediction from the link's nominal rate and RTT, then one session's decode (`sollol generate --nodes`, the even
 # plan the prediction uses) and 8 clients served (`sollol serve` over the
 # 4 nodes, each offering 60 MB so the model needs several, + `sollol bench
-# --url`). Needs root (namespaces). The lab's hosts share this machine's
+# --url`), and between them the prediction over the links as timed then
+# (head → node and node → node, `plan --explain --nodes`). Needs root (namespaces). The lab's hosts share this machine's
 # cores, so the chain steps its sessions as one micro-batch (the nodes report
 # the same cores), and so does the prediction. With CPU=0.5 each node's host
 # is held to that share of a core (hosts as separate, smaller machines: one
@@ -43,6 +44,9 @@ for link in "${LINKS[@]}"; do
   rm -f "$WORK/registry.toml"
   i=0
   for addr in ${NODES//,/ }; do i=$((i + 1)); run "$SOLLOL" nodes add "$addr" --name "n$i" > /dev/null; done
+  echo "-- the prediction over the links as the head and the nodes time them now:"
+  run "$SOLLOL" plan --model "$MODEL" --nodes n1,n2,n3,n4 --strategy even --explain --clients 8 \
+    --micro-batches "$MICRO_BATCHES" 2>/dev/null | sed -n '/Predicted/,$p'
   ip netns exec "$NS" env SOLLOL_REGISTRY="$WORK/registry.toml" SOLLOL_CLUSTER_KEY="$KEY" \
     "$SOLLOL" serve --listen "$HEAD:11434" --parallel 8 > "$WORK/serve.out" 2>&1 &
   SERVE=$!

@@ -73,6 +73,9 @@ pub struct Host {
     /// Its network namespace.
     pub netns: String,
     pub addr: Ipv4Addr,
+    /// Its link to the bridge: the rate caps both ways on it, the relay in
+    /// front of its node adds the round trip to every path into the node.
+    pub link: LinkSpec,
     /// Its cgroup and the cores it allows, when its CPU is capped.
     cgroup: Option<(PathBuf, f64)>,
 }
@@ -88,7 +91,6 @@ pub struct Lab {
     id: String,
     hub: String,
     pub hosts: Vec<Host>,
-    pub link: LinkSpec,
     /// The `sollol` binary the lab runs its relays with.
     sollol: PathBuf,
     children: Mutex<Vec<Child>>,
@@ -108,7 +110,9 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// Why no lab can be made here, if none can (not root, no `ip`, no namespaces).
 pub fn unavailable() -> Option<String> {
-    let probe = format!("sollol-probe-{}", std::process::id());
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("sollol-probe-{}-{n}", std::process::id());
     match ip(&["netns", "add", &probe]) {
         Ok(()) => {
             let _ = ip(&["netns", "del", &probe]);
@@ -123,28 +127,31 @@ impl Lab {
     /// processes capped to `cpu` cores (None: uncapped). The relays are the
     /// `sollol` binary at `sollol`'s.
     pub fn up(hosts: usize, link: LinkSpec, cpu: Option<f64>, sollol: &Path) -> Result<Self> {
+        Self::up_with(vec![link; hosts], cpu, sollol)
+    }
+
+    /// [`Lab::up`] with a link of its own for each host.
+    pub fn up_with(links: Vec<LinkSpec>, cpu: Option<f64>, sollol: &Path) -> Result<Self> {
+        let hosts = links.len();
         if hosts == 0 || hosts > 200 {
             return Err(Error::InvalidRequest(format!("a lab has 1 to 200 hosts, not {hosts}")));
         }
-        // Short enough for interface names (15 characters), unique per process.
-        let id = format!("sl{}", std::process::id() % 100_000);
+        // Short enough for interface names (15 characters), unique per
+        // process and per lab in it (tests build labs at once).
+        static LABS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+        let id = format!("sl{}x{n}", std::process::id() % 100_000);
         let hub = format!("sollol-{id}-hub");
-        let mut lab = Lab {
-            id: id.clone(),
-            hub: hub.clone(),
-            hosts: Vec::new(),
-            link,
-            sollol: sollol.to_path_buf(),
-            children: Mutex::new(Vec::new()),
-        };
+        let mut lab =
+            Lab { id: id.clone(), hub: hub.clone(), hosts: Vec::new(), sollol: sollol.to_path_buf(), children: Mutex::new(Vec::new()) };
         ip(&["netns", "add", &hub])?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &hub, "link", "set", "br0", "up"])?;
-        for i in 0..hosts {
+        for (i, link) in links.into_iter().enumerate() {
             let netns = format!("sollol-{id}-h{}", i + 1);
             let addr = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 10 + i as u8);
             ip(&["netns", "add", &netns])?;
-            lab.hosts.push(Host { netns: netns.clone(), addr, cgroup: None });
+            lab.hosts.push(Host { netns: netns.clone(), addr, link, cgroup: None });
             let (inside, outside) = (format!("{id}h{}", i + 1), format!("{id}b{}", i + 1));
             ip(&["link", "add", &inside, "netns", &netns, "type", "veth", "peer", "name", &outside, "netns", &hub])?;
             ip(&["-n", &netns, "addr", "add", &format!("{addr}/24"), "dev", &inside])?;
@@ -152,7 +159,7 @@ impl Lab {
             ip(&["-n", &netns, "link", "set", &inside, "up"])?;
             ip(&["-n", &hub, "link", "set", &outside, "master", "br0"])?;
             ip(&["-n", &hub, "link", "set", &outside, "up"])?;
-            if let Some(rate) = &lab.link.rate {
+            if let Some(rate) = &lab.hosts[i].link.rate {
                 // Each direction: out of the host, and out of the bridge toward it.
                 for (ns, dev) in [(&netns, &inside), (&hub, &outside)] {
                     run(Command::new("tc")
@@ -218,7 +225,7 @@ impl Lab {
         let h = &self.hosts[host];
         let direct = SocketAddr::from((h.addr, NODE_PORT)).to_string();
         let mut node = Command::new(&self.sollol);
-        node.args(["node", "--listen", &direct, "--link", &self.link.describe()]).args(args);
+        node.args(["node", "--listen", &direct, "--link", &h.link.describe()]).args(args);
         if let Some((_, cores)) = h.cgroup {
             // As many compute threads as the host has cores: more would spin
             // the quota away. (The node cannot see its quota itself: `ip netns
@@ -231,8 +238,8 @@ impl Lab {
         let pid = self.spawn(host, &node)?;
         let mut relay = Command::new(&self.sollol);
         relay.args(["lab", "relay", "--listen", &h.node_addr(), "--to", &direct]);
-        relay.args(["--rtt-us", &self.link.rtt.as_micros().to_string(), "--jitter-us", &self.link.jitter.as_micros().to_string()]);
-        relay.args(["--loss", &self.link.loss.to_string()]);
+        relay.args(["--rtt-us", &h.link.rtt.as_micros().to_string(), "--jitter-us", &h.link.jitter.as_micros().to_string()]);
+        relay.args(["--loss", &h.link.loss.to_string()]);
         self.spawn_in(host, &relay, false)?;
         Ok((pid, h.node_addr()))
     }
@@ -278,7 +285,7 @@ impl Lab {
 /// killed before it could tear down); returns how many.
 pub fn clean() -> usize {
     let alive = |id: &str| {
-        id.strip_prefix("sl").and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| {
+        id.strip_prefix("sl").and_then(|n| n.split('x').next()?.parse::<u32>().ok()).is_some_and(|pid| {
             // The id is the pid modulo 100000: any live process with that remainder may own it.
             std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
                 e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| p % 100_000 == pid)

@@ -179,3 +179,55 @@ fn a_restarted_node_is_healthy_again_and_used() {
     let out = sollol(&["generate", "--route", "-n", "4", "The capital of France is"], cfg);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `plan --explain` over registered nodes times each link of the chain:
+/// head → a and b → head from the head's side, a → b by node a (the head
+/// cannot see that link). A node asked to time its link to a node of
+/// another cluster key refuses with the reason, and the refusal costs its
+/// connection nothing.
+#[test]
+fn plan_explain_times_each_link_of_the_chain_and_a_node_times_its_own() {
+    let model = common::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path();
+    let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
+    ok(sollol(&["nodes", "add", &a.addr, "--name", "a"], cfg));
+    ok(sollol(&["nodes", "add", &b.addr, "--name", "b"], cfg));
+    let model = model.display().to_string();
+    let plan = ["plan", "--model", &model, "--nodes", "a,b", "--explain", "--decode-tok-s", "200", "--batched-tok-s", "700"];
+    let v: serde_json::Value = serde_json::from_str(&ok(sollol(&[&plan[..], &["--json"]].concat(), cfg))).unwrap();
+    let e = &v["explain"];
+    assert_eq!(e["timed"], true, "{v}");
+    let links = e["links"].as_array().unwrap();
+    assert_eq!(links.len(), 3, "one link per hop: {v}");
+    for l in links {
+        let (rtt, bits) = (l["rtt_secs"].as_f64().unwrap(), l["bits_per_sec"].as_f64().unwrap_or(0.0));
+        assert!(rtt > 0.0 && rtt < 0.05, "a loopback round trip of {rtt} s: {v}");
+        assert!(bits > 100e6, "loopback timed at {:.1} Mbit/s: {v}", bits / 1e6);
+    }
+    assert_eq!(e["prediction"]["hop_secs"].as_array().unwrap().len(), 3, "{v}");
+    // The same, for a person.
+    let text = ok(sollol(&plan, cfg));
+    for hop in ["hop head → a:", "hop a → b:", "hop b → head:"] {
+        assert!(text.contains(hop) && text.contains("timed now"), "{hop} missing: {text}");
+    }
+
+    use sollol::head::client::NodeClient;
+    use sollol::net::auth::ClusterKey;
+    use sollol::net::{resolve_addr, tls};
+    let stranger = NodeProc::spawn(Some("another-key"), &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let endpoint = tls::client_endpoint(resolve_addr(&a.addr).await.unwrap()).unwrap();
+        let c = NodeClient::connect(&endpoint, &a.addr, &ClusterKey::new(Some(KEY))).await.unwrap();
+        let wait = std::time::Duration::from_secs(60);
+        let t = c.probe_peer(&b.addr, false, wait).await.unwrap();
+        assert!(t.bits_per_sec.is_none() && t.rtt < std::time::Duration::from_millis(50), "{t:?}");
+        let err = c.probe_peer(&stranger.addr, true, wait).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("cannot time the link to {}", stranger.addr)) && err.contains("key"), "{err}");
+        let err = c.probe_peer("no-such-host.invalid:7070", true, wait).await.unwrap_err().to_string();
+        assert!(err.contains("cannot time the link to no-such-host.invalid:7070"), "{err}");
+        // The connection still serves.
+        assert!(c.probe_peer(&b.addr, true, wait).await.unwrap().bits_per_sec.unwrap() > 100e6);
+    });
+}

@@ -13,11 +13,16 @@ use sollol::lab::{Lab, LinkSpec};
 const KEY: &str = "lab-test-key";
 
 fn lab(hosts: usize, link: LinkSpec) -> Option<Lab> {
+    lab_with(vec![link; hosts])
+}
+
+/// A lab whose hosts each have their own link.
+fn lab_with(links: Vec<LinkSpec>) -> Option<Lab> {
     if let Some(why) = sollol::lab::unavailable() {
         eprintln!("skipped: {why}");
         return None;
     }
-    Some(Lab::up(hosts, link, None, &common::sollol_bin()).expect("the lab"))
+    Some(Lab::up_with(links, None, &common::sollol_bin()).expect("the lab"))
 }
 
 /// A stage killed with SIGKILL inside the lab mid-generation: the head (on
@@ -90,4 +95,43 @@ fn a_probe_measures_a_capped_links_rate() {
     let listed: serde_json::Value = serde_json::from_slice(&run(&["nodes", "list", "--json", "--probe"])).unwrap();
     let bits = listed[0]["link_bits_per_sec"].as_f64().unwrap_or_else(|| panic!("no link measured: {listed}"));
     assert!((60e6..=110e6).contains(&bits), "a 100 Mbit/s link measured at {:.1} Mbit/s", bits / 1e6);
+}
+
+/// Each link of a chain timed where it is (`plan --explain` over registered
+/// nodes): the head's own link is slow (10 Mbit/s), the nodes' faster
+/// (100 Mbit/s) and 8 ms away. The head's hops measure about 10 Mbit/s;
+/// node a's hop to node b, which the head cannot see, about 100.
+#[test]
+fn a_chains_links_are_timed_where_they_are() {
+    let head = LinkSpec { rate: Some("10mbit".into()), ..Default::default() };
+    let node = LinkSpec { rate: Some("100mbit".into()), rtt: Duration::from_millis(8), ..Default::default() };
+    let Some(lab) = lab_with(vec![head, node.clone(), node]) else { return };
+    let (_, a) = lab.node(1, &["--cluster-key", KEY]).unwrap();
+    let (_, b) = lab.node(2, &["--cluster-key", KEY]).unwrap();
+    lab.wait_node(1, Duration::from_secs(10)).unwrap();
+    lab.wait_node(2, Duration::from_secs(10)).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = lab.exec(0, common::sollol_bin());
+        c.env("SOLLOL_CONFIG", config.path()).args(args).args(["--cluster-key", KEY]);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    run(&["nodes", "add", &a, "--name", "a"]);
+    run(&["nodes", "add", &b, "--name", "b"]);
+    let model = common::smollm2().display().to_string();
+    let plan = ["plan", "--model", &model, "--nodes", "a,b", "--explain", "--decode-tok-s", "200", "--batched-tok-s", "700", "--json"];
+    let v: serde_json::Value = serde_json::from_slice(&run(&plan)).unwrap();
+    let links = v["explain"]["links"].as_array().unwrap_or_else(|| panic!("no links: {v}"));
+    let mbit = |i: usize| links[i]["bits_per_sec"].as_f64().unwrap_or(0.0) / 1e6;
+    let ms = |i: usize| links[i]["rtt_secs"].as_f64().unwrap_or(0.0) * 1e3;
+    eprintln!("timed: {}", (0..3).map(|i| format!("{:.1} Mbit/s, {:.2} ms", mbit(i), ms(i))).collect::<Vec<_>>().join("; "));
+    for hop in [0, 2] {
+        assert!((6.0..=11.0).contains(&mbit(hop)), "hop {hop} (the head's link, 10 Mbit/s) timed at {:.1} Mbit/s: {v}", mbit(hop));
+    }
+    assert!((60.0..=110.0).contains(&mbit(1)), "a → b (100 Mbit/s) timed at {:.1} Mbit/s: {v}", mbit(1));
+    for hop in 0..3 {
+        assert!((7.5..=20.0).contains(&ms(hop)), "hop {hop} (8 ms) timed at {:.2} ms: {v}", ms(hop));
+    }
 }

@@ -4,10 +4,13 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use serde::Serialize;
 use sollol::cluster::manager::describe;
 use sollol::cluster::models::model_info;
+use sollol::cluster::netmodel::{self, Compute, Link, Prediction};
 use sollol::cluster::partition::{self, NodeSpec, Strategy};
 use sollol::cluster::registry::Registry;
+use sollol::net::probe::LinkTiming;
 use sollol::sys::human_bytes;
 
 use super::nodes::{manager, print_nodes, runtime, KeyArgs};
@@ -69,8 +72,10 @@ pub struct PlanArgs {
     json: bool,
     #[command(flatten)]
     key: KeyArgs,
-    /// Also predict the plan's decode over links of --rate and --rtt-ms
-    /// (sollol::cluster::netmodel), from this machine's in-process speed.
+    /// Also predict the plan's decode (sollol::cluster::netmodel) from this
+    /// machine's in-process speed: over links of --rate and --rtt-ms, or,
+    /// over registered --nodes without them, over each link of the chain
+    /// as timed now (head → first node, node → node, last node → head).
     #[arg(long)]
     explain: bool,
     #[command(flatten)]
@@ -83,9 +88,9 @@ pub struct NetworkArgs {
     /// Each link's rate (`tc` units: 100mbit, 1gbit); uncapped if absent.
     #[arg(long)]
     rate: Option<String>,
-    /// Each link's round trip (ms).
-    #[arg(long, default_value_t = 0.0)]
-    rtt_ms: f64,
+    /// Each link's round trip (ms; 0 if absent).
+    #[arg(long)]
+    rtt_ms: Option<f64>,
     /// The software's own cost of a hop (ms; measured on loopback: `sollol bench --stages 0,2`).
     #[arg(long, default_value_t = 0.2)]
     hop_overhead_ms: f64,
@@ -193,6 +198,8 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
 
 /// A dry run: the plan only, nothing is loaded.
 pub fn plan(args: PlanArgs) -> Result<()> {
+    // The chain's links as timed now, when the prediction is to use them.
+    let mut timed = Vec::new();
     let (info, plan) = if args.nodes.is_empty() {
         let specs: Vec<NodeSpec> = args
             .node
@@ -200,7 +207,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             .map(|n| {
                 let (name, mem) = n.split_once('=').with_context(|| format!("--node takes NAME=MEMORY, got '{n}'"))?;
                 let memory = sollol::sys::parse_size(mem).map_err(anyhow::Error::msg)?;
-                Ok(NodeSpec { name: name.to_string(), memory, bytes_per_sec: 0.0, rtt_secs: 0.0 })
+                Ok(NodeSpec { name: name.to_string(), memory, ..Default::default() })
             })
             .collect::<Result<_>>()?;
         anyhow::ensure!(!specs.is_empty(), "give --nodes a,b (registered) or --node a=48GB --node b=24GB (hypothetical)");
@@ -216,10 +223,20 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             .iter()
             .map(|n| m.registry().node(n).map(|e| e.name.clone()).with_context(|| format!("node '{n}' is not registered")))
             .collect::<Result<_>>()?;
-        rt.block_on(m.plan(&args.model, &names, args.strategy))?
+        let (info, plan) = rt.block_on(m.plan(&args.model, &names, args.strategy))?;
+        if args.explain && args.network.rate.is_none() && args.network.rtt_ms.is_none() {
+            eprintln!("timing the chain's links…");
+            let chain: Vec<String> = plan.iter().map(|a| a.node.clone()).collect();
+            timed = rt.block_on(m.time_chain(&chain, true))?;
+        }
+        (info, plan)
     };
+    let explained = if args.explain { Some(explain(&args.model, &plan, &args.network, &timed)?) } else { None };
     if args.json {
-        println!("{}", serde_json::json!({"model": info.name, "from": info.from, "strategy": args.strategy.to_string(), "stages": plan}));
+        println!(
+            "{}",
+            serde_json::json!({"model": info.name, "from": info.from, "strategy": args.strategy.to_string(), "stages": plan, "explain": explained})
+        );
         return Ok(());
     }
     println!(
@@ -247,15 +264,15 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     if !unused.is_empty() {
         println!("   (not used: {})", unused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
     }
-    if args.explain {
-        explain(&args.model, &plan, &args.network)?;
+    if let Some(e) = explained {
+        print_explained(&e, &plan);
     }
     Ok(())
 }
 
-/// `plan --explain`: the network model's prediction for `plan`.
-fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs) -> Result<()> {
-    use sollol::cluster::netmodel::{self, Compute, Link};
+/// `plan --explain`: the network model's prediction for `plan`, over the
+/// links `timed` (one per hop) or, when none were, links as `net` says.
+fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs, timed: &[LinkTiming]) -> Result<Explained> {
     let mut file = sollol::model::ModelFile::open(&sollol::model::source::resolve(model)?.path)?;
     let config = file.config()?;
     let layers = file.layer_bytes()?;
@@ -277,33 +294,63 @@ fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs) -> Re
             (best(1)?, best(net.clients)?)
         }
     };
-    let link = Link {
-        bits_per_sec: net
-            .rate
-            .as_ref()
-            .map(|r| sollol::lab::rate_bits_per_sec(r).context("--rate like 100mbit"))
-            .transpose()?
-            .unwrap_or(f64::INFINITY),
-        rtt_secs: net.rtt_ms / 1e3,
-        hop_overhead_secs: net.hop_overhead_ms / 1e3,
+    let hop_overhead_secs = net.hop_overhead_ms / 1e3;
+    let links: Vec<Link> = if timed.is_empty() {
+        let bits_per_sec = match &net.rate {
+            Some(r) => sollol::lab::rate_bits_per_sec(r).context("--rate like 100mbit")?,
+            None => f64::INFINITY,
+        };
+        vec![Link { bits_per_sec, rtt_secs: net.rtt_ms.unwrap_or(0.0) / 1e3, hop_overhead_secs }]
+    } else {
+        timed
+            .iter()
+            .map(|t| Link { bits_per_sec: t.bits_per_sec.unwrap_or(f64::INFINITY), rtt_secs: t.rtt.as_secs_f64(), hop_overhead_secs })
+            .collect()
     };
     let wire_bytes = if net.wire == sollol::net::tensor::WireDType::F32 { 4 } else { 2 };
     let p = netmodel::predict(
         &stage_bytes,
         &Compute::measured(bytes, one, net.clients, batched),
-        &link,
+        &links,
         netmodel::hop_bytes(config.hidden_size, wire_bytes),
         net.clients,
         net.micro_batches.unwrap_or(plan.len()),
     );
-    println!("Predicted decode (in process here: {one:.1} tok/s one session, {batched:.1} tok/s {} batched):", net.clients);
+    Ok(Explained { decode_tok_s: one, batched_tok_s: batched, links, timed: !timed.is_empty(), prediction: p })
+}
+
+/// What `plan --explain` predicts, and from what.
+#[derive(Serialize)]
+struct Explained {
+    /// In process here: one session, and `--clients` batched.
+    decode_tok_s: f64,
+    batched_tok_s: f64,
+    /// One per hop (head → stage 1, …, stage S → head), or one for all.
+    links: Vec<Link>,
+    /// Whether the links were timed now, or are what the flags say.
+    timed: bool,
+    prediction: Prediction,
+}
+
+fn print_explained(e: &Explained, plan: &[partition::Assignment]) {
+    let p = &e.prediction;
+    println!(
+        "Predicted decode (in process here: {:.1} tok/s one session, {:.1} tok/s {} batched):",
+        e.decode_tok_s, e.batched_tok_s, p.clients
+    );
     for (i, (a, b)) in p.stage_secs.iter().zip(&p.stage_secs_batched).enumerate() {
         println!("   stage {}: {:.2} ms per token, {:.2} ms per {}-row step", i + 1, a * 1e3, b * 1e3, p.rows);
     }
-    println!("   each of {} hops: {:.3} ms, {} B per row", plan.len() + 1, p.hop_secs * 1e3, p.hop_bytes);
+    let ends: Vec<&str> = std::iter::once("head").chain(plan.iter().map(|a| a.node.as_str())).chain(["head"]).collect();
+    for (i, secs) in p.hop_secs.iter().enumerate() {
+        let link = e.links.get(i).unwrap_or(&e.links[0]);
+        let rate = if link.bits_per_sec.is_finite() { format!("{:.1} Mbit/s", link.bits_per_sec / 1e6) } else { "uncapped".into() };
+        let timed = if e.timed { ", timed now" } else { "" };
+        println!("   hop {} → {}: {:.3} ms per row ({rate}, {:.2} ms RTT{timed})", ends[i], ends[i + 1], secs * 1e3, link.rtt_secs * 1e3);
+    }
+    println!("   a hop between stages carries {} B per row", p.hop_bytes);
     println!("   one session: {:.2} ms per token, {:.1} tok/s", p.token_secs * 1e3, p.decode_tok_s);
     println!("   {} sessions in {} micro-batches: {:.1} tok/s together", p.clients, p.micro_batches, p.batched_tok_s);
-    Ok(())
 }
 
 /// `get_worker_for_model`: prints where a model would run (loading it there if needed).

@@ -367,12 +367,7 @@ async fn node_specs(key: &ClusterKey, addrs: &[String]) -> Result<Vec<NodeSpec>>
     Ok(probe
         .capabilities()
         .into_iter()
-        .map(|(addr, c)| NodeSpec {
-            name: addr,
-            memory: c.free_memory + c.loaded.map_or(0, |l| l.weight_bytes),
-            bytes_per_sec: 0.0,
-            rtt_secs: 0.0,
-        })
+        .map(|(addr, c)| NodeSpec { name: addr, memory: c.free_memory + c.loaded.map_or(0, |l| l.weight_bytes), ..Default::default() })
         .collect())
 }
 

@@ -2,7 +2,7 @@
 //! the operations of the design doc — create a cluster, check its health,
 //! and route a model to a single node or a cluster.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,9 @@ use crate::head::client::NodeClient;
 use crate::net::auth::ClusterKey;
 use crate::net::frame::Frame;
 use crate::net::message::{LoadRequest, Message};
+use crate::net::probe::LinkTiming;
 use crate::net::{tls, NetError};
+use crate::node::server::PEER_PROBE_WAIT;
 
 /// How long a link probe may take in all (16 MiB at 5 Mbit/s is 27 s).
 const PROBE_WAIT: Duration = Duration::from_secs(30);
@@ -210,9 +212,61 @@ impl ClusterManager {
                     memory: caps.free_memory + held,
                     bytes_per_sec: h.tok_s.zip(caps.loaded.as_ref()).map_or(0.0, |(t, l)| t * l.weight_bytes as f64),
                     rtt_secs: h.rtt_ms.unwrap_or(0.0) / 1e3,
+                    peer_rtt_secs: Default::default(),
                 })
             })
             .collect()
+    }
+
+    /// The links of a chain through the registered nodes `names`, in the
+    /// order a token crosses them: head → first (timed by the head), each
+    /// node → the next (timed by that node: the head cannot see that link),
+    /// and last → head (timed from the head's side). Throughput too when
+    /// `rate`: a second or so of traffic on each link.
+    pub async fn time_chain(&self, names: &[String], rate: bool) -> Result<Vec<LinkTiming>> {
+        let (Some(first), Some(last)) = (names.first(), names.last()) else { return Ok(Vec::new()) };
+        let from_head = |name: &str| {
+            let name = name.to_string();
+            async move { Ok::<_, Error>(self.client(&name).await?.time_link(rate, PROBE_WAIT).await?) }
+        };
+        let mut links = vec![from_head(first).await?];
+        for pair in names.windows(2) {
+            let to = self.entry(&pair[1])?.addr;
+            let c = self.client(&pair[0]).await?;
+            links.push(c.probe_peer(&to, rate, PEER_PROBE_WAIT + Duration::from_secs(15)).await?);
+        }
+        links.push(if names.len() == 1 { links[0] } else { from_head(last).await? });
+        Ok(links)
+    }
+
+    /// Each node's round trips to the others, as it times them: the links
+    /// between stages are not the head's. A pair that cannot be timed is
+    /// left out, and the other's round trip from the head stands in.
+    async fn time_peers(&self, specs: &mut [NodeSpec]) {
+        let addrs: Vec<(String, String)> = specs.iter().filter_map(|s| self.entry(&s.name).ok().map(|e| (e.name, e.addr))).collect();
+        let timed = join_all(specs.iter().map(|s| async {
+            let mut rtts = BTreeMap::new();
+            let c = match self.client(&s.name).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(node = %s.name, "could not time its links: {e}");
+                    return rtts;
+                }
+            };
+            for (name, addr) in addrs.iter().filter(|(n, _)| *n != s.name) {
+                match c.probe_peer(addr, false, PEER_PROBE_WAIT + Duration::from_secs(15)).await {
+                    Ok(t) => {
+                        rtts.insert(name.clone(), t.rtt.as_secs_f64());
+                    }
+                    Err(e) => tracing::warn!(from = %s.name, to = %name, "could not time the link: {e}"),
+                }
+            }
+            rtts
+        }))
+        .await;
+        for (s, rtts) in specs.iter_mut().zip(timed) {
+            s.peer_rtt_secs = rtts;
+        }
     }
 
     /// A dry run: the plan for `model` over registered nodes, checked against their health.
@@ -222,7 +276,10 @@ impl ClusterManager {
         for n in nodes {
             self.check(n).await;
         }
-        let specs = self.node_specs(nodes)?;
+        let mut specs = self.node_specs(nodes)?;
+        if strategy == Strategy::LatencyAware && specs.len() > 1 {
+            self.time_peers(&mut specs).await;
+        }
         let plan = partition::plan(strategy, &info.layer_bytes, &specs)?;
         Ok((info, plan))
     }

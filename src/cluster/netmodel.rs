@@ -6,14 +6,15 @@
 //! times the seconds per byte the machine reads them in, for one row or,
 //! batched, for `B` rows (measured in process; linear in between). A token
 //! crosses `S + 1` hops (head → stage 1 → … → stage S → head), each costing
-//! half the round trip, its bytes over the link's rate, and the software's
-//! fixed cost of a hop. `C` sessions are spread over `G` micro-batches of
-//! `C / G` rows (`node::batch`): each micro-batch goes round the chain, one
-//! step through every stage and hop, while the others are at other stages,
-//! so `C` tokens take the longer of one micro-batch's trip and the busiest
-//! stage's `G` steps. One micro-batch is lockstep (stages sharing a
-//! machine's cores, where fewer and larger steps are faster); more assume
-//! each stage has cores of its own.
+//! half its link's round trip, its bytes over the link's rate, and the
+//! software's fixed cost of a hop. The hops between stages carry hidden
+//! states; the first and the last a token id in a frame. `C` sessions are
+//! spread over `G` micro-batches of `C / G` rows (`node::batch`): each
+//! micro-batch goes round the chain, one step through every stage and hop,
+//! while the others are at other stages, so `C` tokens take the longer of
+//! one micro-batch's trip and the busiest stage's `G` steps. One
+//! micro-batch is lockstep (stages sharing a machine's cores, where fewer
+//! and larger steps are faster); more assume each stage has cores of its own.
 
 use std::ops::Range;
 
@@ -21,8 +22,8 @@ use serde::Serialize;
 
 use crate::model::LayerBytes;
 
-/// The links of the chain (every hop alike).
-#[derive(Debug, Clone, Copy)]
+/// One link of the chain.
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Link {
     /// Bits per second each way; infinite when uncapped.
     pub bits_per_sec: f64,
@@ -67,8 +68,9 @@ pub struct Prediction {
     pub micro_batches: usize,
     /// Rows of each micro-batch.
     pub rows: usize,
-    /// One hop's time for one row (seconds), and the bytes it carries.
-    pub hop_secs: f64,
+    /// Each hop's time for one row (seconds), and the bytes a hop between
+    /// stages carries per row.
+    pub hop_secs: Vec<f64>,
     pub hop_bytes: u64,
     /// One session: seconds per token and tokens per second.
     pub token_secs: f64,
@@ -78,10 +80,13 @@ pub struct Prediction {
     pub batched_tok_s: f64,
 }
 
-/// Bytes a hop carries per row: a stage's hidden state at `wire_bytes` per
-/// value and the frame around it.
+/// The frame around what a hop carries; all the first and last hops carry
+/// (a token id each way).
+const FRAME: u64 = 64;
+
+/// Bytes a hop between stages carries per row: a stage's hidden state at
+/// `wire_bytes` per value and the frame around it.
 pub fn hop_bytes(hidden: usize, wire_bytes: usize) -> u64 {
-    const FRAME: u64 = 64;
     (hidden * wire_bytes) as u64 + FRAME
 }
 
@@ -95,24 +100,31 @@ pub fn step_bytes(model: &LayerBytes, blocks: &Range<usize>) -> u64 {
 }
 
 /// Predicts decode over a chain whose stages read `stage_bytes` per step,
-/// `clients` sessions at once spread over `micro_batches`.
-pub fn predict(stage_bytes: &[u64], compute: &Compute, link: &Link, hop_bytes: u64, clients: usize, micro_batches: usize) -> Prediction {
+/// over `links` (one per hop: head → stage 1, …, stage S → head; or one for
+/// every hop), `clients` sessions at once spread over `micro_batches`.
+pub fn predict(stage_bytes: &[u64], compute: &Compute, links: &[Link], hop_bytes: u64, clients: usize, micro_batches: usize) -> Prediction {
     let clients = clients.max(1);
     let micro_batches = micro_batches.clamp(1, clients);
     let rows = clients.div_ceil(micro_batches);
     let stage = |rows: usize| -> Vec<f64> { stage_bytes.iter().map(|&b| b as f64 * compute.per_byte(rows)).collect() };
-    let hop = |rows: usize| link.rtt_secs / 2.0 + link.hop_overhead_secs + (hop_bytes * rows as u64 * 8) as f64 / link.bits_per_sec;
     let hops = stage_bytes.len() + 1;
+    let hop = |i: usize, rows: usize| -> f64 {
+        let link =
+            links.get(i).or(links.last()).copied().unwrap_or(Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.0, hop_overhead_secs: 0.0 });
+        let bytes = if i == 0 || i == hops - 1 { FRAME } else { hop_bytes };
+        link.rtt_secs / 2.0 + link.hop_overhead_secs + (bytes * rows as u64 * 8) as f64 / link.bits_per_sec
+    };
+    let all_hops = |rows: usize| (0..hops).map(|i| hop(i, rows)).sum::<f64>();
     let (one, batched) = (stage(1), stage(rows));
-    let token_secs = one.iter().sum::<f64>() + hops as f64 * hop(1);
-    let trip = batched.iter().sum::<f64>() + hops as f64 * hop(rows);
+    let token_secs = one.iter().sum::<f64>() + all_hops(1);
+    let trip = batched.iter().sum::<f64>() + all_hops(rows);
     let busiest = micro_batches as f64 * batched.iter().copied().fold(0.0, f64::max);
     Prediction {
         stage_secs: one,
         stage_secs_batched: batched,
         micro_batches,
         rows,
-        hop_secs: hop(1),
+        hop_secs: (0..hops).map(|i| hop(i, 1)).collect(),
         hop_bytes,
         token_secs,
         decode_tok_s: 1.0 / token_secs,
@@ -130,18 +142,19 @@ mod tests {
         // 100 MB at 1 ns/byte: 0.1 s per token in process.
         let compute = Compute::measured(100_000_000, 10.0, 8, 40.0);
         let free = Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.0, hop_overhead_secs: 0.0 };
-        let one = predict(&[100_000_000], &compute, &free, 1000, 8, 1);
+        let one = predict(&[100_000_000], &compute, &[free], 1000, 8, 1);
         assert!((one.decode_tok_s - 10.0).abs() < 1e-9, "{one:?}");
         assert!((one.batched_tok_s - 40.0).abs() < 1e-9, "the batch measured is the batch predicted: {one:?}");
         // Split in four over free links: the same; over 10 ms links: five half round trips more per token.
-        let four = predict(&[25_000_000; 4], &compute, &free, 1000, 8, 1);
+        let four = predict(&[25_000_000; 4], &compute, &[free], 1000, 8, 1);
         assert!((four.token_secs - 0.1).abs() < 1e-9);
         let slow = Link { bits_per_sec: 8e6, rtt_secs: 0.010, hop_overhead_secs: 0.0 };
-        let far = predict(&[25_000_000; 4], &compute, &slow, 1000, 8, 1);
-        // Each hop: 5 ms + 1000 B at 1 MB/s = 6 ms; five of them.
-        assert!((far.token_secs - (0.1 + 5.0 * 0.006)).abs() < 1e-9, "{far:?}");
+        let far = predict(&[25_000_000; 4], &compute, &[slow], 1000, 8, 1);
+        // Each hop between stages: 5 ms + 1000 B at 1 MB/s = 6 ms, three of
+        // them; into the first stage and out of the last, 5 ms + 64 B.
+        assert!((far.token_secs - (0.1 + 3.0 * 0.006 + 2.0 * 0.005064)).abs() < 1e-9, "{far:?}");
         // The batch's hops carry eight rows.
-        let cycle = 0.2 + 5.0 * (0.005 + 0.008);
+        let cycle = 0.2 + 3.0 * (0.005 + 0.008) + 2.0 * (0.005 + 0.000512);
         assert!((far.batched_tok_s - 8.0 / cycle).abs() < 1e-6, "{far:?}");
     }
 
@@ -153,19 +166,39 @@ mod tests {
         // Four stages, four micro-batches of two rows: a 2-row step of a
         // quarter is 25 MB × (1 + 1/7) ns/byte ≈ 28.6 ms; each stage runs
         // four of them while the others run theirs.
-        let p = predict(&[25_000_000; 4], &compute, &free, 1000, 8, 4);
+        let p = predict(&[25_000_000; 4], &compute, &[free], 1000, 8, 4);
         assert_eq!((p.micro_batches, p.rows), (4, 2));
         let step = 0.025 * (1.0 + 1.0 / 7.0);
         assert!((p.batched_tok_s - 8.0 / (4.0 * step)).abs() < 1e-6, "{p:?}");
         // Against lockstep: one 8-row step per stage, one after another.
-        let lockstep = predict(&[25_000_000; 4], &compute, &free, 1000, 8, 1);
+        let lockstep = predict(&[25_000_000; 4], &compute, &[free], 1000, 8, 1);
         assert!((lockstep.batched_tok_s - 40.0).abs() < 1e-6);
         assert!(p.batched_tok_s > lockstep.batched_tok_s);
         // Over 40 ms links a micro-batch's trip is the longer: the stages wait.
         let slow = Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.040, hop_overhead_secs: 0.0 };
-        let far = predict(&[25_000_000; 4], &compute, &slow, 1000, 8, 4);
+        let far = predict(&[25_000_000; 4], &compute, &[slow], 1000, 8, 4);
         assert!((far.batched_tok_s - 8.0 / (4.0 * step + 5.0 * 0.020)).abs() < 1e-6, "{far:?}");
         // No more micro-batches than sessions.
-        assert_eq!(predict(&[1; 4], &compute, &free, 1000, 2, 4).micro_batches, 2);
+        assert_eq!(predict(&[1; 4], &compute, &[free], 1000, 2, 4).micro_batches, 2);
+    }
+
+    #[test]
+    fn each_hop_costs_what_its_own_link_does() {
+        let compute = Compute::measured(100_000_000, 10.0, 8, 40.0);
+        let lan = Link { bits_per_sec: 1e9, rtt_secs: 0.001, hop_overhead_secs: 0.0 };
+        // Two sites: the head and stages 1–2 on one LAN, stages 3–4 on
+        // another, 40 ms and 8 Mbit/s between them.
+        let wan = Link { bits_per_sec: 8e6, rtt_secs: 0.040, hop_overhead_secs: 0.0 };
+        let links = [lan, lan, wan, lan, wan];
+        let p = predict(&[25_000_000; 4], &compute, &links, 1000, 1, 1);
+        let expect = [0.0005 + 64.0 * 8.0 / 1e9, 0.0005 + 8e3 / 1e9, 0.020 + 1e-3, 0.0005 + 8e3 / 1e9, 0.020 + 64.0 * 8.0 / 8e6];
+        for (got, want) in p.hop_secs.iter().zip(expect) {
+            assert!((got - want).abs() < 1e-12, "{:?} against {expect:?}", p.hop_secs);
+        }
+        assert!((p.token_secs - (0.1 + expect.iter().sum::<f64>())).abs() < 1e-12);
+        // One link for every hop is the same as five alike.
+        let uniform = predict(&[25_000_000; 4], &compute, &[wan], 1000, 8, 4);
+        let five = predict(&[25_000_000; 4], &compute, &[wan; 5], 1000, 8, 4);
+        assert_eq!((uniform.token_secs, uniform.batched_tok_s), (five.token_secs, five.batched_tok_s));
     }
 }

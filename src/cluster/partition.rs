@@ -7,6 +7,7 @@
 //! in chain order. Memory counts weights only; KV caches grow per session and
 //! are bounded by the node's session limits, not by the plan.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
@@ -49,7 +50,7 @@ impl std::fmt::Display for Strategy {
 }
 
 /// What a strategy knows of a node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeSpec {
     pub name: String,
     /// Bytes the node offers for weights.
@@ -59,6 +60,16 @@ pub struct NodeSpec {
     pub bytes_per_sec: f64,
     /// Round trip from the head to the node.
     pub rtt_secs: f64,
+    /// Round trips from this node to others (by name), as it timed them;
+    /// where one is missing, the other's round trip from the head stands in.
+    pub peer_rtt_secs: BTreeMap<String, f64>,
+}
+
+impl NodeSpec {
+    /// The round trip of the hop from this node into `next`.
+    fn rtt_to(&self, next: &NodeSpec) -> f64 {
+        self.peer_rtt_secs.get(&next.name).copied().unwrap_or(next.rtt_secs)
+    }
 }
 
 /// One stage of a plan.
@@ -208,18 +219,19 @@ fn memory_aware(model: &LayerBytes, nodes: &[&NodeSpec]) -> Result<Vec<Assignmen
 }
 
 /// Minimises the latency of one token, which for a chain is the sum of every
-/// stage's compute plus one link round trip per stage:
-/// `Σ_stages (bytes_s / speed_s) + Σ_stages rtt_s`. Compute is sequential,
-/// so spreading a model over more nodes never shortens a token: the best plan
-/// puts as many blocks as fit on the fastest node, then the next fastest, and
-/// stops as soon as the model is placed — slow or far nodes are left out
-/// (the usual complaint about exo is that adding devices makes it slower).
-/// Nodes with no measured speed count as the slowest; ties go to the lower round trip.
+/// stage's compute plus half a round trip per hop (into each stage, and back
+/// to the head): `Σ_stages (bytes_s / speed_s) + Σ_hops rtt_h / 2`. Compute
+/// is sequential, so spreading a model over more nodes never shortens a
+/// token: the best plan puts as many blocks as fit on the fastest node, then
+/// the next fastest, and stops as soon as the model is placed — slow or far
+/// nodes are left out (the usual complaint about exo is that adding devices
+/// makes it slower). Nodes with no measured speed count as the slowest; ties
+/// go to the lower round trip.
 fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignment>> {
     // Candidates: the blocks filled into the nodes in a few orders (fastest
-    // first, nearest first, and by each node's time for the whole model
-    // with its round trip); the plan kept is the one the network model
-    // says answers soonest.
+    // first, nearest first, by each node's time for the whole model with
+    // its round trip, and each next node the nearest to the one before);
+    // the plan kept is the one the network model says answers soonest.
     let whole = model.blocks.iter().sum::<u64>() as f64;
     let alone = |n: &NodeSpec| if n.bytes_per_sec > 0.0 { whole / n.bytes_per_sec + n.rtt_secs } else { f64::INFINITY };
     type Order<'a> = &'a dyn Fn(&NodeSpec, &NodeSpec) -> std::cmp::Ordering;
@@ -228,12 +240,19 @@ fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignmen
         &|a, b| a.rtt_secs.total_cmp(&b.rtt_secs).then(b.bytes_per_sec.total_cmp(&a.bytes_per_sec)),
         &|a, b| alone(a).total_cmp(&alone(b)),
     ];
+    let mut candidates: Vec<Vec<&NodeSpec>> = orders
+        .iter()
+        .map(|order| {
+            let mut sorted: Vec<&NodeSpec> = nodes.iter().collect();
+            sorted.sort_by(|a, b| order(a, b));
+            sorted
+        })
+        .collect();
+    candidates.push(nearest_next(&candidates[1]));
     let mut best: Option<(f64, Vec<Assignment>)> = None;
     let mut last_err = None;
-    for order in orders {
-        let mut sorted: Vec<&NodeSpec> = nodes.iter().collect();
-        sorted.sort_by(|a, b| order(a, b));
-        match fill(model, &sorted) {
+    for order in candidates {
+        match fill(model, &order) {
             Ok(plan) => {
                 let t = token_latency(&plan, nodes);
                 if best.as_ref().is_none_or(|(b, _)| t < *b) {
@@ -248,6 +267,28 @@ fn latency_aware(model: &LayerBytes, nodes: &[NodeSpec]) -> Result<Vec<Assignmen
         (None, Some(e)) => Err(e),
         (None, None) => Err(Error::InvalidRequest("no nodes to plan over".into())),
     }
+}
+
+/// A chain that starts at `by_head[0]` (the nearest to the head) and goes
+/// on each time to the node nearest the last (ties to the faster): nodes of
+/// one site stay together even when the head is at another.
+fn nearest_next<'a>(by_head: &[&'a NodeSpec]) -> Vec<&'a NodeSpec> {
+    let mut left: Vec<&NodeSpec> = by_head.to_vec();
+    let mut chain = Vec::with_capacity(left.len());
+    if left.is_empty() {
+        return chain;
+    }
+    chain.push(left.remove(0));
+    while !left.is_empty() {
+        let last = chain[chain.len() - 1];
+        let (i, _) = left
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| last.rtt_to(a).total_cmp(&last.rtt_to(b)).then(b.bytes_per_sec.total_cmp(&a.bytes_per_sec)))
+            .expect("nodes left");
+        chain.push(left.remove(i));
+    }
+    chain
 }
 
 /// The longest run of blocks that fits each node in turn, in `order`.
@@ -278,9 +319,9 @@ fn fill(model: &LayerBytes, order: &[&NodeSpec]) -> Result<Vec<Assignment>> {
 
 /// Seconds per token of a plan (the latency-aware objective), as
 /// `netmodel` counts them: each stage's bytes at its node's speed, and a
-/// hop into each stage and one back to the head, each half a round trip
-/// (a node's round trip from the head standing in for the one from the
-/// stage before it).
+/// hop into each stage and one back to the head, each half a round trip:
+/// from the head into the first, from each node into the next (as that
+/// node timed it, else the next one's from the head), from the last back.
 pub fn token_latency(plan: &[Assignment], nodes: &[NodeSpec]) -> f64 {
     let node = |a: &Assignment| nodes.iter().find(|n| n.name == a.node);
     let compute: f64 = plan
@@ -290,9 +331,11 @@ pub fn token_latency(plan: &[Assignment], nodes: &[NodeSpec]) -> f64 {
             _ => f64::INFINITY,
         })
         .sum();
-    let hops: f64 = plan.iter().map(|a| node(a).map_or(0.0, |n| n.rtt_secs / 2.0)).sum::<f64>()
-        + plan.last().and_then(node).map_or(0.0, |n| n.rtt_secs / 2.0);
-    compute + hops
+    let stages: Vec<&NodeSpec> = plan.iter().filter_map(node).collect();
+    let into_first = stages.first().map_or(0.0, |n| n.rtt_secs);
+    let between: f64 = stages.windows(2).map(|w| w[0].rtt_to(w[1])).sum();
+    let back = stages.last().map_or(0.0, |n| n.rtt_secs);
+    compute + (into_first + between + back) / 2.0
 }
 
 /// A move of blocks between adjacent stages that evens out measured compute.
@@ -339,7 +382,7 @@ mod tests {
     }
 
     fn node(name: &str, memory: u64) -> NodeSpec {
-        NodeSpec { name: name.into(), memory, bytes_per_sec: 0.0, rtt_secs: 0.0 }
+        NodeSpec { name: name.into(), memory, ..Default::default() }
     }
 
     fn ranges(plan: &[Assignment]) -> Vec<Range<usize>> {
@@ -401,8 +444,8 @@ mod tests {
     fn latency_aware_weighs_round_trips_against_speed() {
         // 1 MB: 1 s on the fast node, 1.25 s on the near one.
         let m = uniform(10, 100_000);
-        let far = NodeSpec { name: "far".into(), memory: 2_000_000, bytes_per_sec: 1e6, rtt_secs: 0.5 };
-        let near = NodeSpec { name: "near".into(), memory: 2_000_000, bytes_per_sec: 0.8e6, rtt_secs: 1e-3 };
+        let far = NodeSpec { name: "far".into(), memory: 2_000_000, bytes_per_sec: 1e6, rtt_secs: 0.5, ..Default::default() };
+        let near = NodeSpec { name: "near".into(), memory: 2_000_000, bytes_per_sec: 0.8e6, rtt_secs: 1e-3, ..Default::default() };
         let nodes = vec![far.clone(), near.clone()];
         let plan = plan_of(Strategy::LatencyAware, &m, &nodes);
         assert_eq!(plan.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(), ["near"]);
@@ -416,8 +459,8 @@ mod tests {
     #[test]
     fn latency_aware_prefers_one_fast_node_and_leaves_slow_ones_out() {
         let m = uniform(10, 100);
-        let fast = NodeSpec { name: "fast".into(), memory: 2000, bytes_per_sec: 1e6, rtt_secs: 1e-3 };
-        let slow = NodeSpec { name: "slow".into(), memory: 2000, bytes_per_sec: 1e5, rtt_secs: 1e-3 };
+        let fast = NodeSpec { name: "fast".into(), memory: 2000, bytes_per_sec: 1e6, rtt_secs: 1e-3, ..Default::default() };
+        let slow = NodeSpec { name: "slow".into(), memory: 2000, bytes_per_sec: 1e5, rtt_secs: 1e-3, ..Default::default() };
         let nodes = vec![slow.clone(), fast.clone()];
         let plan = plan_of(Strategy::LatencyAware, &m, &nodes);
         assert_eq!(plan.len(), 1);
@@ -430,6 +473,41 @@ mod tests {
         let plan = plan_of(Strategy::LatencyAware, &m, &[slow, small_fast]);
         assert_eq!(ranges(&plan), vec![0..6, 6..10]);
         assert_eq!(plan[0].node, "fast");
+    }
+
+    /// Two sites 40 ms apart and a head at a third, about 20 ms from both:
+    /// by the head's round trips the nodes interleave the sites, three 40 ms
+    /// hops; the round trips the nodes timed between themselves keep each
+    /// site's nodes together, one.
+    #[test]
+    fn latency_aware_keeps_a_sites_nodes_together_by_their_own_round_trips() {
+        let m = uniform(8, 100);
+        let site = |name: &str| if name.starts_with('a') { 'a' } else { 'b' };
+        let names = ["a1", "b1", "a2", "b2"];
+        let nodes: Vec<NodeSpec> = names
+            .iter()
+            .enumerate()
+            .map(|(i, &name)| NodeSpec {
+                name: name.into(),
+                memory: 200,
+                bytes_per_sec: 1e6,
+                rtt_secs: 0.020 + i as f64 * 1e-3,
+                peer_rtt_secs: names
+                    .iter()
+                    .filter(|&&o| o != name)
+                    .map(|&o| (o.to_string(), if site(o) == site(name) { 1e-3 } else { 0.040 }))
+                    .collect(),
+            })
+            .collect();
+        let plan = plan_of(Strategy::LatencyAware, &m, &nodes);
+        assert_eq!(plan.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(), ["a1", "a2", "b1", "b2"]);
+        // 4 × 200 µs of compute, 20 + 1 + 40 + 1 + 23 ms of round trips, halved.
+        assert!((token_latency(&plan, &nodes) - (0.0008 + 0.085 / 2.0)).abs() < 1e-9, "{}", token_latency(&plan, &nodes));
+        // Not knowing them, it can only follow the head's round trips.
+        let blind: Vec<NodeSpec> = nodes.iter().map(|n| NodeSpec { peer_rtt_secs: BTreeMap::new(), ..n.clone() }).collect();
+        let plan = plan_of(Strategy::LatencyAware, &m, &blind);
+        assert_eq!(plan.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(), ["a1", "b1", "a2", "b2"]);
+        assert!((token_latency(&plan, &nodes) - (0.0008 + (0.020 + 3.0 * 0.040 + 0.023) / 2.0)).abs() < 1e-9);
     }
 
     /// Deterministic pseudo-random cases: every strategy assigns every block
@@ -454,6 +532,7 @@ mod tests {
                     memory: 1 + next(40_000),
                     bytes_per_sec: next(100) as f64,
                     rtt_secs: next(10) as f64 * 1e-3,
+                    ..Default::default()
                 })
                 .collect();
             for s in [Strategy::Even, Strategy::MemoryAware, Strategy::LatencyAware] {

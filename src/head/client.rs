@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::net::auth::{client_handshake, ClusterKey};
-use crate::net::connection::{split, FrameReader, FrameWriter};
+use crate::net::connection::{split, Control, FrameWriter};
 use crate::net::frame::Frame;
 use crate::net::message::{Capabilities, Message, PeerRole, StepResult, StreamPurpose};
+use crate::net::probe::{self, LinkTiming};
 use crate::net::resolve_addr;
 use crate::net::{timeout, tls, NetError};
 
@@ -62,7 +63,7 @@ pub struct NodeClient {
     pub addr: String,
     _endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    control: tokio::sync::Mutex<(FrameReader, FrameWriter)>,
+    control: tokio::sync::Mutex<Control>,
     caps: Mutex<Capabilities>,
     sink: Arc<Mutex<Sink>>,
 }
@@ -108,7 +109,7 @@ impl NodeClient {
             addr: addr.to_string(),
             _endpoint: endpoint.clone(),
             conn,
-            control: tokio::sync::Mutex::new((reader, writer)),
+            control: tokio::sync::Mutex::new(Control::new(reader, writer, addr)),
             caps: Mutex::new(caps),
             sink,
         }))
@@ -138,22 +139,7 @@ impl NodeClient {
 
     /// One control request; a node's error becomes `Remote`.
     pub async fn request(&self, frame: Frame, wait: Duration) -> Result<Frame, NetError> {
-        let mut control = self.control.lock().await;
-        let (reader, writer) = &mut *control;
-        timeout(wait, &format!("{} from {}", frame.message.kind(), self.addr), async {
-            writer.write(&frame).await?;
-            let reply = reader.expect().await?;
-            match reply.message {
-                Message::Error(mut e) => {
-                    if e.node.is_empty() {
-                        e.node = self.addr.clone();
-                    }
-                    Err(NetError::Remote(e))
-                }
-                _ => Ok(reply),
-            }
-        })
-        .await
+        self.control.lock().await.request(frame, wait).await
     }
 
     /// The capabilities from the handshake or the last refresh.
@@ -182,29 +168,23 @@ impl NodeClient {
         }
     }
 
-    /// The link's throughput towards the node, in bits per second: probes
-    /// four times larger each (from 64 KiB to 16 MiB) until one's transfer,
-    /// less the round trip `rtt` of an empty request, lasts 100 ms, so
-    /// QUIC's slow start and the round trip weigh little in the last.
+    /// The link's throughput towards the node, in bits per second
+    /// ([`probe::rate`]), `rtt` being its round trip.
     pub async fn probe(&self, rtt: Duration, wait: Duration) -> Result<f64, NetError> {
-        const FIRST: usize = 64 << 10;
-        const LAST: usize = 16 << 20;
-        const LONG_ENOUGH: Duration = Duration::from_millis(100);
-        let mut bytes = FIRST;
-        loop {
-            let t = Instant::now();
-            match self.request(Frame::with_payload(Message::Probe, vec![0; bytes]), wait).await?.message {
-                Message::Probed { bytes: got } if got == bytes as u64 => {}
-                Message::Probed { bytes: got } => {
-                    return Err(NetError::Pipeline(format!("{} counted {got} bytes of a {bytes}-byte probe", self.addr)))
-                }
-                other => return Err(NetError::Unexpected { got: other.kind(), expected: "Probed" }),
-            }
-            let transfer = t.elapsed().saturating_sub(rtt);
-            if transfer >= LONG_ENOUGH || bytes >= LAST {
-                return Ok(bytes as f64 * 8.0 / transfer.max(Duration::from_micros(1)).as_secs_f64());
-            }
-            bytes *= 4;
+        probe::rate(&mut *self.control.lock().await, rtt, wait).await
+    }
+
+    /// The link towards the node: round trip, and throughput when `rate`.
+    pub async fn time_link(&self, rate: bool, wait: Duration) -> Result<LinkTiming, NetError> {
+        probe::time_link(&mut *self.control.lock().await, rate, wait).await
+    }
+
+    /// The node's link to the node at `addr` (round trip, and throughput
+    /// when `rate`), as the node measures it.
+    pub async fn probe_peer(&self, addr: &str, rate: bool, wait: Duration) -> Result<LinkTiming, NetError> {
+        match self.request(Frame::new(Message::ProbePeer { addr: addr.to_string(), rate }), wait).await?.message {
+            Message::PeerProbed(t) => Ok(t),
+            other => Err(NetError::Unexpected { got: other.kind(), expected: "PeerProbed" }),
         }
     }
 

@@ -94,3 +94,34 @@ impl FrameWriter {
 pub fn split((send, recv): (SendStream, RecvStream)) -> (FrameReader, FrameWriter) {
     (FrameReader::new(recv), FrameWriter::new(send))
 }
+
+/// A control stream: one request, then its reply. An error the peer reports
+/// becomes [`NetError::Remote`], named after the peer when it did not say.
+pub struct Control {
+    reader: FrameReader,
+    writer: FrameWriter,
+    peer: String,
+}
+
+impl Control {
+    pub fn new(reader: FrameReader, writer: FrameWriter, peer: &str) -> Self {
+        Self { reader, writer, peer: peer.to_string() }
+    }
+
+    pub async fn request(&mut self, frame: Frame, wait: std::time::Duration) -> Result<Frame, NetError> {
+        let what = format!("{} from {}", frame.message.kind(), self.peer);
+        super::timeout(wait, &what, async {
+            self.writer.write(&frame).await?;
+            match self.reader.expect().await? {
+                Frame { message: super::message::Message::Error(mut e), .. } => {
+                    if e.node.is_empty() {
+                        e.node = self.peer.clone();
+                    }
+                    Err(NetError::Remote(e))
+                }
+                reply => Ok(reply),
+            }
+        })
+        .await
+    }
+}

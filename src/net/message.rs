@@ -81,6 +81,14 @@ pub enum Message {
     Probed {
         bytes: u64,
     },
+    /// Time the link from this node to the node at `addr` (a stage-to-stage
+    /// link, which the head cannot see): its round trip, and its throughput
+    /// when `rate`. Answered with `PeerProbed`.
+    ProbePeer {
+        addr: String,
+        rate: bool,
+    },
+    PeerProbed(super::probe::LinkTiming),
     Ok,
 
     // The data path.
@@ -120,6 +128,8 @@ impl Message {
             Message::Pong { .. } => "Pong",
             Message::Probe => "Probe",
             Message::Probed { .. } => "Probed",
+            Message::ProbePeer { .. } => "ProbePeer",
+            Message::PeerProbed(_) => "PeerProbed",
             Message::Ok => "Ok",
             Message::Forward(_) => "Forward",
             Message::Forwards(_) => "Forwards",

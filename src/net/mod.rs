@@ -3,7 +3,8 @@
 //!
 //! Layers, bottom up: [`frame`] (bytes ⇄ frame, no I/O), [`message`] (what a
 //! frame says), [`tensor`] (activation payloads), [`connection`] (frames over a
-//! QUIC stream), [`tls`] (certificates, endpoints), [`auth`] (the handshake).
+//! QUIC stream), [`tls`] (certificates, endpoints), [`auth`] (the handshake),
+//! [`probe`] (timing a link over a control stream).
 //!
 //! Architecture invariant: nothing outside `net` sees bytes on the wire.
 
@@ -13,6 +14,7 @@ pub mod connection;
 pub mod frame;
 pub mod kv;
 pub mod message;
+pub mod probe;
 pub mod tensor;
 pub mod tls;
 

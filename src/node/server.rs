@@ -14,13 +14,14 @@ use super::stage::{spawn_worker, Admission, Fault, LoadedModel, Outputs, Work, N
 use crate::model::source;
 use crate::model::{ModelFile, ModelSlice};
 use crate::net::auth::{client_handshake, server_handshake, ClusterKey};
-use crate::net::connection::{split, FrameReader, FrameWriter};
+use crate::net::connection::{split, Control, FrameReader, FrameWriter};
 use crate::net::frame::{Frame, PROTOCOL_VERSION};
 use crate::net::message::{
     split_forwards, Capabilities, ErrorCode, ForwardHeader, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose,
 };
+use crate::net::probe::{self, LinkTiming};
 use crate::net::tensor::WireDType;
-use crate::net::{resolve_addr, tls, NetError};
+use crate::net::{resolve_addr, timeout, tls, NetError};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -83,6 +84,12 @@ struct Node {
     /// The link to the next stage, kept alive while linked.
     next_link: tokio::sync::Mutex<Option<NextLink>>,
 }
+
+/// How long a node waits to reach another node, and for a whole link probe
+/// to it (its last 16 MiB at 5 Mbit/s take 27 s). A head asking for a probe
+/// waits longer than that, so a reply never comes after the head gave up.
+const PEER_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const PEER_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 
 struct NextLink {
     conn: quinn::Connection,
@@ -363,6 +370,7 @@ impl Node {
                 batches: self.outputs.batches.load(Ordering::Relaxed),
             }),
             Message::Probe => Frame::new(Message::Probed { bytes: frame.payload.len() as u64 }),
+            Message::ProbePeer { addr, rate } => Frame::new(Message::PeerProbed(self.probe_peer(&addr, rate).await?)),
             Message::Load(req) => Frame::new(Message::Loaded(self.load(req).await?)),
             Message::Unload => {
                 self.install(None, 0).await?;
@@ -462,6 +470,31 @@ impl Node {
         Ok(info)
     }
 
+    /// An authenticated connection to another node, and its control stream.
+    async fn connect_peer(&self, addr: &str) -> Result<(quinn::Connection, FrameReader, FrameWriter), NetError> {
+        let sock = resolve_addr(addr).await?;
+        let conn = timeout(PEER_CONNECT_WAIT, &format!("a connection to {addr}"), async {
+            Ok(self.endpoint.connect(sock, tls::SERVER_NAME).map_err(|e| NetError::Connection(e.to_string()))?.await?)
+        })
+        .await?;
+        let (reader, writer, _) = client_handshake(&conn, &self.cfg.key, PeerRole::Stage).await?;
+        Ok((conn, reader, writer))
+    }
+
+    /// Times this node's link to the node at `addr`. The peer passes the
+    /// cluster-key handshake before a byte of the probe goes out, so a head
+    /// can aim a node's probe at other nodes only.
+    async fn probe_peer(&self, addr: &str, rate: bool) -> Result<LinkTiming, Fault> {
+        let failed = |e: NetError| Fault::new(ErrorCode::Failed, format!("cannot time the link to {addr}: {e}"));
+        let (conn, reader, writer) = self.connect_peer(addr).await.map_err(failed)?;
+        let mut control = Control::new(reader, writer, addr);
+        let timing =
+            timeout(PEER_PROBE_WAIT, &format!("a probe of the link to {addr}"), probe::time_link(&mut control, rate, PEER_PROBE_WAIT))
+                .await;
+        conn.close(0u32.into(), b"probed");
+        timing.map_err(failed)
+    }
+
     /// Connects to the next stage and routes this stage's output there.
     async fn link(&self, next: Option<String>, wire: WireDType) -> Result<(), Fault> {
         *self.outputs.wire.lock().expect("wire lock") = wire;
@@ -472,14 +505,7 @@ impl Node {
         *self.outputs.next.lock().expect("next lock") = None;
         let Some(next) = next else { return Ok(()) };
         let unreachable = |e: NetError| Fault::new(ErrorCode::Failed, format!("cannot reach the next stage {next}: {e}"));
-        let addr = resolve_addr(&next).await.map_err(unreachable)?;
-        let conn = self
-            .endpoint
-            .connect(addr, tls::SERVER_NAME)
-            .map_err(|e| unreachable(NetError::Connection(e.to_string())))?
-            .await
-            .map_err(|e| unreachable(e.into()))?;
-        let (reader, writer, _) = client_handshake(&conn, &self.cfg.key, PeerRole::Stage).await.map_err(unreachable)?;
+        let (conn, reader, writer) = self.connect_peer(&next).await.map_err(unreachable)?;
         let (mut back, mut data) = split(conn.open_bi().await.map_err(|e| unreachable(e.into()))?);
         data.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Data })).await.map_err(unreachable)?;
         let (tx, mut rx) = mpsc::channel::<Frame>(NEXT_QUEUE);
