@@ -212,6 +212,13 @@ fn plan_explain_times_each_link_of_the_chain_and_a_node_times_its_own() {
         assert!(text.contains(hop) && text.contains("timed now"), "{hop} missing: {text}");
     }
 
+    // A latency-aware plan has the nodes time their round trips to each
+    // other first; on loopback every order is alike, and the plan holds.
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(sollol(&["plan", "--model", &model, "--nodes", "a,b", "--strategy", "latency_aware", "--json"], cfg)))
+            .unwrap();
+    assert!(!v["stages"].as_array().unwrap().is_empty(), "{v}");
+
     use sollol::head::client::NodeClient;
     use sollol::net::auth::ClusterKey;
     use sollol::net::{resolve_addr, tls};
