@@ -114,6 +114,18 @@ fn cgroup_cpu_quota(cgroup: &str, mountinfo: &str, read: impl Fn(&std::path::Pat
     tightest
 }
 
+/// Returns the heap's free pages to the system. A load's temporaries (a
+/// 262k-entry vocabulary's tables, tensors read for conversion) leave holes
+/// in the heap that its weights, kept in their own mappings
+/// (`kernels::arena`), no longer fill: without this they stay resident.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: glibc's own heap maintenance; no memory in use is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bytes per second the compute pool's threads read from memory together:
 /// the ceiling of a batch-of-one decode step, which streams every weight once
 /// and does little arithmetic per byte. Streams a buffer larger than any
@@ -124,8 +136,20 @@ pub fn read_bandwidth() -> f64 {
         PEAK_BEFORE_PROBE.fetch_max(peak, std::sync::atomic::Ordering::Relaxed);
     }
     // Ones, not zeros: a zeroed allocation can map every page to one shared
-    // zero page, which would measure the cache instead.
-    let buf = vec![1u64; BYTES / 8];
+    // zero page, which would measure the cache instead. In huge pages where
+    // the weights are (`kernels::arena`): 4 KiB pages read slower.
+    let mut huge = crate::kernels::arena::HugeBuf::zeroed(BYTES);
+    let mut words = Vec::new();
+    let buf: &mut [u64] = match huge.as_mut() {
+        // SAFETY: the buffer's bytes viewed as u64s: 64-byte aligned, BYTES a multiple of 8.
+        Some(h) => unsafe { std::slice::from_raw_parts_mut(h.bytes_mut().as_mut_ptr().cast::<u64>(), BYTES / 8) },
+        None => {
+            words = vec![0u64; BYTES / 8];
+            &mut words
+        }
+    };
+    buf.fill(1);
+    let buf = &*buf;
     let pool = crate::kernels::pool();
     let share = buf.len().div_ceil(pool.threads());
     let mut best = f64::MAX;
@@ -137,7 +161,7 @@ pub fn read_bandwidth() -> f64 {
         });
         best = best.min(t.elapsed().as_secs_f64());
     }
-    drop(buf);
+    drop((huge, words));
     // "5" resets VmHWM to the current RSS (Linux ≥ 4.0). Where that fails the
     // peak keeps the buffer: too high, never too low.
     let _ = std::fs::write("/proc/self/clear_refs", "5");

@@ -16,6 +16,7 @@
 //! other GGUF types (and all of these on other CPUs) use candle's per-type
 //! dot products inside the same row-parallel driver.
 
+pub mod arena;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod blocks;
@@ -69,31 +70,74 @@ impl WeightType {
 }
 
 /// Bytes with 8-byte alignment, so block structs can be viewed in place.
-#[derive(Debug, Clone, Default)]
+/// Buffers of [`HUGE_FROM`] bytes and more (weight matrices) live in huge
+/// pages ([`arena`]); smaller ones, and any that grow, in a vector.
+#[derive(Debug, Default)]
 struct Aligned {
-    words: Vec<u64>,
+    mem: Mem,
     len: usize,
 }
 
+#[derive(Debug)]
+enum Mem {
+    Words(Vec<u64>),
+    Huge(arena::HugeBuf),
+}
+
+impl Default for Mem {
+    fn default() -> Self {
+        Mem::Words(Vec::new())
+    }
+}
+
+/// Gemma-3-270M's block matrices are 110 KiB to 1 MiB: they gain as much
+/// as its 170 MiB LM head from huge pages.
+const HUGE_FROM: usize = 64 << 10;
+
 impl Aligned {
     fn zeroed(len: usize) -> Self {
-        Self { words: vec![0; len.div_ceil(8)], len }
+        match (len >= HUGE_FROM).then(|| arena::HugeBuf::zeroed(len)).flatten() {
+            Some(b) => Self { mem: Mem::Huge(b), len },
+            None => Self { mem: Mem::Words(vec![0; len.div_ceil(8)]), len },
+        }
     }
 
     fn resize(&mut self, len: usize) {
-        if self.words.len() * 8 < len {
-            self.words.resize(len.div_ceil(8), 0);
+        match &mut self.mem {
+            Mem::Words(w) if w.len() * 8 < len => w.resize(len.div_ceil(8), 0),
+            Mem::Huge(b) if b.len() < len => {
+                let mut words = vec![0u64; len.div_ceil(8)];
+                // SAFETY: u64 storage viewed as bytes, within its length.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), b.len()) };
+                bytes.copy_from_slice(b.bytes());
+                self.mem = Mem::Words(words);
+            }
+            _ => {}
         }
         self.len = len;
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: u64 storage viewed as its bytes, within its length.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
+        match &self.mem {
+            // SAFETY: u64 storage viewed as its bytes, within its length.
+            Mem::Words(w) => unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), self.len) },
+            Mem::Huge(b) => &b.bytes()[..self.len],
+        }
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len) }
+        match &mut self.mem {
+            Mem::Words(w) => unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr().cast(), self.len) },
+            Mem::Huge(b) => &mut b.bytes_mut()[..self.len],
+        }
+    }
+}
+
+impl Clone for Aligned {
+    fn clone(&self) -> Self {
+        let mut copy = Self::zeroed(self.len);
+        copy.bytes_mut().copy_from_slice(self.bytes());
+        copy
     }
 }
 

@@ -49,7 +49,9 @@ pub enum SliceOutput {
 impl ModelSlice {
     /// Loads on `device` with the backend it calls for (ours on the CPU).
     pub fn load(file: &mut ModelFile, layers: Range<usize>, device: &Device) -> Result<Self> {
-        Self::load_with(file, layers, device, Backend::for_device(device))
+        let slice = Self::load_with(file, layers, device, Backend::for_device(device));
+        crate::sys::release_freed_memory();
+        slice
     }
 
     /// Loads with an explicit backend. A host slice whose file has a weight
