@@ -21,6 +21,7 @@ const HUGE: usize = 2 << 20;
 const CHUNK: usize = 32 << 20;
 /// Buffers start on cache lines.
 const ALIGN: usize = 64;
+const PAGE: usize = 4096;
 
 /// One anonymous mapping, 2 MiB-aligned, advised to use huge pages.
 struct Chunk {
@@ -130,6 +131,25 @@ impl HugeBuf {
     }
 }
 
+impl Drop for HugeBuf {
+    /// Hands this buffer's whole pages back to the system while its chunk
+    /// lives on for other buffers (the chunk itself is unmapped with its
+    /// last one). A matrix split into parts at load (a fused QKV tensor, a
+    /// stack of experts) would otherwise stay resident beside its parts.
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if Arc::strong_count(&self.chunk) > 1 {
+            let (start, end) = (self.as_ptr() as usize, self.as_ptr() as usize + self.len);
+            let (start, end) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            if end > start {
+                // SAFETY: whole pages inside this buffer's own range, which
+                // nothing reads or writes again (ranges are never reused).
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for HugeBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "HugeBuf({} bytes)", self.len)
@@ -161,5 +181,25 @@ mod tests {
         let weak = Arc::downgrade(&big.chunk);
         drop(big);
         assert!(weak.upgrade().is_none(), "the chunk outlived its only buffer");
+    }
+
+    /// A buffer dropped while its chunk lives on (a fused tensor split into
+    /// parts) hands its pages back: none of its whole pages stays resident.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_dropped_buffer_leaves_no_page_resident() {
+        let Some(mut a) = HugeBuf::zeroed(1 << 20) else { return };
+        let _neighbour = HugeBuf::zeroed(1 << 20).unwrap();
+        a.bytes_mut().fill(7);
+        let (start, end) = ((a.as_ptr() as usize).next_multiple_of(PAGE), (a.as_ptr() as usize + a.len()) / PAGE * PAGE);
+        let resident = |start: usize, end: usize| {
+            let mut pages = vec![0u8; (end - start) / PAGE];
+            // SAFETY: a query on whole pages of a mapping the test still holds.
+            assert_eq!(unsafe { libc::mincore(start as *mut libc::c_void, end - start, pages.as_mut_ptr()) }, 0);
+            pages.iter().filter(|&&p| p & 1 == 1).count()
+        };
+        assert_eq!(resident(start, end), (end - start) / PAGE, "written pages are resident");
+        drop(a);
+        assert_eq!(resident(start, end), 0, "pages of a dropped buffer stayed resident");
     }
 }
