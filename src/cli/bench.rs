@@ -136,6 +136,8 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
         };
         engines.push((n, start_engine(&mut opened, &pipeline, threads)?));
     }
+    // The in-process engine's weights, loaded by now (stages are processes of their own).
+    let huge = sollol::sys::huge_page_bytes();
     let mut best: Vec<Measure> = vec![Measure::default(); engines.len()];
     for round in 0..args.rounds {
         for (i, (_, running)) in engines.iter_mut().enumerate() {
@@ -210,7 +212,8 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
         }
     }
     if !args.json {
-        println!("peak RSS {}", human_bytes(peak_rss_bytes().unwrap_or(0)));
+        let huge = huge.map_or(String::new(), |b| format!(" ({} in huge pages once loaded)", human_bytes(b)));
+        println!("peak RSS {}{huge}", human_bytes(peak_rss_bytes().unwrap_or(0)));
     }
     Ok(())
 }
