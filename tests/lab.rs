@@ -25,6 +25,16 @@ fn lab_with(links: Vec<LinkSpec>) -> Option<Lab> {
     Some(Lab::up_with(links, None, &common::sollol_bin()).expect("the lab"))
 }
 
+/// `sollol ARGS` on the lab's host 0 (the head's), with a registry of its
+/// own under `config`; its stdout, once it succeeded.
+fn head_cli(lab: &Lab, config: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let mut c = lab.exec(0, common::sollol_bin());
+    c.env("SOLLOL_CONFIG", config).args(args).args(["--cluster-key", KEY]);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
 /// A stage killed with SIGKILL inside the lab mid-generation: the head (on
 /// a host of its own) re-plans over the survivors, replays, and the stream
 /// goes on with the greedy tokens of an undisturbed run (f32 wire).
@@ -84,13 +94,7 @@ fn a_probe_measures_a_capped_links_rate() {
     let (_, addr) = lab.node(1, &["--cluster-key", KEY]).unwrap();
     lab.wait_node(1, Duration::from_secs(10)).unwrap();
     let config = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let mut c = lab.exec(0, common::sollol_bin());
-        c.env("SOLLOL_CONFIG", config.path()).args(args).args(["--cluster-key", KEY]);
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
-    };
+    let run = |args: &[&str]| head_cli(&lab, config.path(), args);
     run(&["nodes", "add", &addr, "--name", "far"]);
     let listed: serde_json::Value = serde_json::from_slice(&run(&["nodes", "list", "--json", "--probe"])).unwrap();
     let bits = listed[0]["link_bits_per_sec"].as_f64().unwrap_or_else(|| panic!("no link measured: {listed}"));
@@ -112,13 +116,7 @@ fn a_chains_links_are_timed_where_they_are() {
     lab.wait_node(1, Duration::from_secs(10)).unwrap();
     lab.wait_node(2, Duration::from_secs(10)).unwrap();
     let config = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let mut c = lab.exec(0, common::sollol_bin());
-        c.env("SOLLOL_CONFIG", config.path()).args(args).args(["--cluster-key", KEY]);
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
-    };
+    let run = |args: &[&str]| head_cli(&lab, config.path(), args);
     run(&["nodes", "add", &a, "--name", "a"]);
     run(&["nodes", "add", &b, "--name", "b"]);
     let model = common::smollm2().display().to_string();
