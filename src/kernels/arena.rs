@@ -21,6 +21,7 @@ const HUGE: usize = 2 << 20;
 const CHUNK: usize = 32 << 20;
 /// Buffers start on cache lines.
 const ALIGN: usize = 64;
+#[cfg(target_os = "linux")]
 const PAGE: usize = 4096;
 
 /// One anonymous mapping, 2 MiB-aligned, advised to use huge pages.
