@@ -18,9 +18,8 @@ use crate::head::client::NodeClient;
 use crate::net::auth::ClusterKey;
 use crate::net::frame::Frame;
 use crate::net::message::{LoadRequest, Message};
-use crate::net::probe::LinkTiming;
+use crate::net::probe::{LinkTiming, PEER_PROBE_REPLY_WAIT};
 use crate::net::{tls, NetError};
-use crate::node::server::PEER_PROBE_WAIT;
 
 /// How long a link probe may take in all (16 MiB at 5 Mbit/s is 27 s).
 const PROBE_WAIT: Duration = Duration::from_secs(30);
@@ -233,7 +232,7 @@ impl ClusterManager {
         for pair in names.windows(2) {
             let to = self.entry(&pair[1])?.addr;
             let c = self.client(&pair[0]).await?;
-            links.push(c.probe_peer(&to, rate, PEER_PROBE_WAIT + Duration::from_secs(15)).await?);
+            links.push(c.probe_peer(&to, rate, PEER_PROBE_REPLY_WAIT).await?);
         }
         links.push(if names.len() == 1 { links[0] } else { from_head(last).await? });
         Ok(links)
@@ -254,7 +253,7 @@ impl ClusterManager {
                 }
             };
             for (name, addr) in addrs.iter().filter(|(n, _)| *n != s.name) {
-                match c.probe_peer(addr, false, PEER_PROBE_WAIT + Duration::from_secs(15)).await {
+                match c.probe_peer(addr, false, PEER_PROBE_REPLY_WAIT).await {
                     Ok(t) => {
                         rtts.insert(name.clone(), t.rtt.as_secs_f64());
                     }

@@ -13,6 +13,17 @@ use super::frame::Frame;
 use super::message::Message;
 use super::NetError;
 
+/// How long a node may take to time its link to another node, all in (the
+/// last 16 MiB probe at 5 Mbit/s takes 27 s), after connecting to it (at
+/// most [`PEER_CONNECT_WAIT`]).
+pub const PEER_PROBE_WAIT: Duration = Duration::from_secs(45);
+/// How long a node waits to reach another node (the next stage, a peer to time).
+pub const PEER_CONNECT_WAIT: Duration = Duration::from_secs(10);
+/// How long a head waits for a node's answer to `ProbePeer`: longer than
+/// the node's connection and probe together, so that an answer never comes
+/// after the head gave up on it (and is then read as the next one's).
+pub const PEER_PROBE_REPLY_WAIT: Duration = Duration::from_secs(60);
+
 /// What one link measured, from the side that sent.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LinkTiming {

@@ -19,7 +19,7 @@ use crate::net::frame::{Frame, PROTOCOL_VERSION};
 use crate::net::message::{
     split_forwards, Capabilities, ErrorCode, ForwardHeader, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose,
 };
-use crate::net::probe::{self, LinkTiming};
+use crate::net::probe::{self, LinkTiming, PEER_CONNECT_WAIT, PEER_PROBE_WAIT};
 use crate::net::tensor::WireDType;
 use crate::net::{resolve_addr, timeout, tls, NetError};
 
@@ -84,12 +84,6 @@ struct Node {
     /// The link to the next stage, kept alive while linked.
     next_link: tokio::sync::Mutex<Option<NextLink>>,
 }
-
-/// How long a node waits to reach another node, and for a whole link probe
-/// to it (its last 16 MiB at 5 Mbit/s take 27 s). A head asking for a probe
-/// waits longer than that, so a reply never comes after the head gave up.
-const PEER_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-pub const PEER_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 
 struct NextLink {
     conn: quinn::Connection,
