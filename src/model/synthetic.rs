@@ -71,6 +71,21 @@ const SHAPES: &[Shape] = &[
         experts: 8,
         top_k: 2,
     },
+    // Many small experts, eight per token (Qwen3-MoE's way: 128 experts of
+    // 768 rows, 8 per token), scaled to this machine.
+    Shape {
+        name: "moe-64x8",
+        hidden: 1024,
+        ffn: 256,
+        layers: 12,
+        heads: 16,
+        kv_heads: 4,
+        vocab: 49152,
+        context: 4096,
+        rope_theta: 10_000.0,
+        experts: 64,
+        top_k: 8,
+    },
     // Small enough to be random through and through: device checks compare
     // its logits, where repeated rows would hide a wrong row index.
     Shape {
