@@ -55,37 +55,27 @@ struct Shape {
     top_k: usize,
 }
 
+// A Mixtral-style mixture (8 experts, 2 per token) small enough for this
+// machine, on SmolLM2's vocabulary so a saved file carries its tokenizer.
+const MOE_1B: Shape = Shape {
+    name: "moe-1b",
+    hidden: 1024,
+    ffn: 1408,
+    layers: 12,
+    heads: 16,
+    kv_heads: 4,
+    vocab: 49152,
+    context: 4096,
+    rope_theta: 10_000.0,
+    experts: 8,
+    top_k: 2,
+};
+
 const SHAPES: &[Shape] = &[
-    // A Mixtral-style mixture (8 experts, 2 per token) small enough for this
-    // machine, on SmolLM2's vocabulary so a saved file carries its tokenizer.
-    Shape {
-        name: "moe-1b",
-        hidden: 1024,
-        ffn: 1408,
-        layers: 12,
-        heads: 16,
-        kv_heads: 4,
-        vocab: 49152,
-        context: 4096,
-        rope_theta: 10_000.0,
-        experts: 8,
-        top_k: 2,
-    },
+    MOE_1B,
     // Many small experts, eight per token (Qwen3-MoE's way: 128 experts of
     // 768 rows, 8 per token), scaled to this machine.
-    Shape {
-        name: "moe-64x8",
-        hidden: 1024,
-        ffn: 256,
-        layers: 12,
-        heads: 16,
-        kv_heads: 4,
-        vocab: 49152,
-        context: 4096,
-        rope_theta: 10_000.0,
-        experts: 64,
-        top_k: 8,
-    },
+    Shape { name: "moe-64x8", ffn: 256, experts: 64, top_k: 8, ..MOE_1B },
     // Small enough to be random through and through: device checks compare
     // its logits, where repeated rows would hide a wrong row index.
     Shape {
