@@ -3,7 +3,7 @@
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if
 /// known, leaving out [`read_bandwidth`]'s buffer.
 pub fn peak_rss_bytes() -> Option<u64> {
-    proc_status_kb("VmHWM:").map(|kb| (kb * 1024).max(PEAK_BEFORE_PROBE.load(std::sync::atomic::Ordering::Relaxed)))
+    proc_bytes("/proc/self/status", "VmHWM:").map(|b| b.max(PEAK_BEFORE_PROBE.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
 /// The peak before the last bandwidth probe, whose buffer is the probe's,
@@ -13,32 +13,30 @@ static PEAK_BEFORE_PROBE: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 
 /// Current resident set size in bytes (Linux `VmRSS`), if known.
 pub fn rss_bytes() -> Option<u64> {
-    proc_status_kb("VmRSS:").map(|kb| kb * 1024)
+    proc_bytes("/proc/self/status", "VmRSS:")
 }
 
 /// Bytes of this process's memory in transparent huge pages (Linux
 /// `AnonHugePages`): where the kernel's THP setting is "never", none of the
 /// weights are (`kernels::arena`), and decode is slower.
 pub fn huge_page_bytes() -> Option<u64> {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    line["AnonHugePages:".len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
-}
-
-fn proc_status_kb(key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(key))?;
-    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    proc_bytes("/proc/self/smaps_rollup", "AnonHugePages:")
 }
 
 /// (total, available) memory of the machine in bytes (Linux `/proc/meminfo`).
 pub fn memory_bytes() -> Option<(u64, u64)> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |key: &str| -> Option<u64> {
-        let line = info.lines().find(|l| l.starts_with(key))?;
-        line[key.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
-    };
-    Some((field("MemTotal:")?, field("MemAvailable:")?))
+    Some((kb_field(&info, "MemTotal:")?, kb_field(&info, "MemAvailable:")?))
+}
+
+/// A `KEY: N kB` line of a `/proc` file, in bytes.
+fn proc_bytes(path: &str, key: &str) -> Option<u64> {
+    kb_field(&std::fs::read_to_string(path).ok()?, key)
+}
+
+fn kb_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 /// The cores this process may use: the CPUs it may run on, and no more
