@@ -64,6 +64,95 @@ fn hsum(x: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// The integer products of the group kernels, per instruction set. AVX2
+/// multiplies bytes with `maddubs` into 16-bit pair sums, added up a few
+/// chunks at a time and then widened with `madd`; AVX-512 VNNI's `dpbusd`
+/// sums four byte products into 32 bits in one instruction (and takes its
+/// broadcast activations straight from memory), `dpwssd` fuses `madd` and
+/// its add. Every sum is exact either way (no 16-bit sum here can saturate),
+/// so both give the same integers and a matrix's results are bit for bit
+/// the same on either.
+///
+/// Kernels built on this are `#[inline(always)]` without target features
+/// of their own: each entry point enables its set, and the kernel body is
+/// compiled inside it.
+pub trait Ints {
+    /// `p` plus `w0 · a0 + w1 · a1` (unsigned by signed bytes), in the
+    /// kernel's partial form.
+    unsafe fn pair(p: __m256i, w0: __m256i, a0: __m256i, w1: __m256i, a1: __m256i) -> __m256i;
+    /// `sum` (32-bit lanes) plus a partial sum of [`Ints::pair`]s.
+    unsafe fn widen(sum: __m256i, p: __m256i) -> __m256i;
+    /// `sum` plus Σ of each four `w · a` (unsigned by signed bytes) as 32 bits.
+    unsafe fn dot(sum: __m256i, w: __m256i, a: __m256i) -> __m256i;
+    /// `sum` plus Σ of each two 16-bit `x · y` as 32 bits (`madd` and an add).
+    unsafe fn scaled(sum: __m256i, x: __m256i, y: __m256i) -> __m256i;
+    /// `lo` (bytes below 16) with 16 added to the bytes whose bit is set in `qh`.
+    unsafe fn fifth(lo: __m256i, qh: [u8; 4]) -> __m256i;
+}
+
+/// AVX2 + FMA + F16C.
+pub enum Avx2 {}
+
+impl Ints for Avx2 {
+    #[inline(always)]
+    unsafe fn pair(p: __m256i, w0: __m256i, a0: __m256i, w1: __m256i, a1: __m256i) -> __m256i {
+        _mm256_add_epi16(p, _mm256_add_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(w1, a1)))
+    }
+    #[inline(always)]
+    unsafe fn widen(sum: __m256i, p: __m256i) -> __m256i {
+        _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+    #[inline(always)]
+    unsafe fn dot(sum: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        _mm256_add_epi32(sum, dot_u8_i8(w, a))
+    }
+    #[inline(always)]
+    unsafe fn scaled(sum: __m256i, x: __m256i, y: __m256i) -> __m256i {
+        _mm256_add_epi32(sum, _mm256_madd_epi16(x, y))
+    }
+    #[inline(always)]
+    unsafe fn fifth(lo: __m256i, qh: [u8; 4]) -> __m256i {
+        _mm256_or_si256(lo, high_bits(qh))
+    }
+}
+
+/// AVX2 with AVX-512 F/BW/VL and VNNI, on 256-bit vectors (the interleaved
+/// layout's eight 32-bit lanes).
+pub enum Vnni {}
+
+impl Ints for Vnni {
+    #[inline(always)]
+    unsafe fn pair(p: __m256i, w0: __m256i, a0: __m256i, w1: __m256i, a1: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(p, w0, a0), w1, a1)
+    }
+    #[inline(always)]
+    unsafe fn widen(sum: __m256i, p: __m256i) -> __m256i {
+        _mm256_add_epi32(sum, p)
+    }
+    #[inline(always)]
+    unsafe fn dot(sum: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(sum, w, a)
+    }
+    #[inline(always)]
+    unsafe fn scaled(sum: __m256i, x: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(sum, x, y)
+    }
+    #[inline(always)]
+    unsafe fn fifth(lo: __m256i, qh: [u8; 4]) -> __m256i {
+        // Bit i of `qh` is byte i's fifth bit: a mask register, one masked add.
+        _mm256_mask_add_epi8(lo, u32::from_le_bytes(qh), lo, _mm256_set1_epi8(0x10))
+    }
+}
+
+/// Whether this CPU has what [`Vnni`] needs.
+pub fn vnni_available() -> bool {
+    available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 /// A weight block unpacked for multiplication: the 32 values, the scale,
 /// the minimum (0 for types without one) and what the activation sum must be
 /// multiplied by to undo an unsigned offset (8 for q4_0, 16 for q5_0).
@@ -215,15 +304,14 @@ unsafe fn prefetch_ahead(blk: *const u8, bytes: usize) {
 /// Per block, each row's exact integer sum ends in its own lane, then one
 /// scale product and one conversion serve all eight rows. A row's arithmetic
 /// is the same for every `R`, so its result does not depend on its batch.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
 /// # Safety
-/// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` interleaved group blocks of type `T`
+/// The CPU has what `I` needs (every kernel here is reached only through the run-time dispatch that checked it); `w` addresses `nb` interleaved group blocks of type `T`
 /// and each `a[r]` `nb` activation blocks.
-unsafe fn group<const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8; R]) -> [__m256; R] {
+unsafe fn group<I: Ints, const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8; R]) -> [__m256; R] {
     let l = repack::layout(T);
-    let (ones, m4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+    let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let blk = w.add(b * l.bytes);
@@ -237,31 +325,30 @@ unsafe fn group<const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const
                 let q = _mm256_loadu_si256(blk.add(l.qs + 32 * c).cast());
                 let absq = _mm256_sign_epi8(q, q);
                 for r in 0..R {
-                    // maddubs wants its first operand unsigned: move w's sign onto a.
-                    let p = _mm256_maddubs_epi16(absq, _mm256_sign_epi8(chunk(r, c), q));
-                    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, ones));
+                    // The unsigned operand is w's magnitude: move w's sign onto a.
+                    sum[r] = I::dot(sum[r], absq, _mm256_sign_epi8(chunk(r, c), q));
                 }
             }
         } else {
-            let mut s16 = [_mm256_setzero_si256(); R];
+            let mut part = [_mm256_setzero_si256(); R];
             for k in 0..4 {
                 let raw = _mm256_loadu_si256(blk.add(l.qs + 32 * k).cast());
                 let (mut lo, mut hi) = (_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
                 if l.bits == 5 {
                     let qh = |c: usize| std::ptr::read_unaligned(blk.add(l.qh + 4 * c).cast::<[u8; 4]>());
-                    lo = _mm256_or_si256(lo, high_bits(qh(2 * k)));
-                    hi = _mm256_or_si256(hi, high_bits(qh(2 * k + 1)));
+                    lo = I::fifth(lo, qh(2 * k));
+                    hi = I::fifth(hi, qh(2 * k + 1));
                 }
                 for r in 0..R {
-                    let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, chunk(r, 2 * k)), _mm256_maddubs_epi16(hi, chunk(r, 2 * k + 1)));
-                    s16[r] = _mm256_add_epi16(s16[r], p);
+                    part[r] = I::pair(part[r], lo, chunk(r, 2 * k), hi, chunk(r, 2 * k + 1));
                 }
-                // Each 16-bit lane gains at most 2 · 31 · 127 per chunk: eight
-                // chunks of 4-bit values fit it (30,480), four of 5-bit ones.
+                // Each 16-bit lane of AVX2's partial sums gains at most 2 ·
+                // 31 · 127 per chunk: eight chunks of 4-bit values fit it
+                // (30,480), four of 5-bit ones.
                 if k == 3 || (l.bits == 5 && k == 1) {
                     for r in 0..R {
-                        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(s16[r], ones));
-                        s16[r] = _mm256_setzero_si256();
+                        sum[r] = I::widen(sum[r], part[r]);
+                        part[r] = _mm256_setzero_si256();
                     }
                 }
             }
@@ -284,20 +371,49 @@ unsafe fn group<const T: u8, const R: usize>(w: *const u8, nb: usize, a: [*const
 
 /// `out[r][8g + i] = W[8g + i] · a[r]` for `groups` consecutive groups of an
 /// interleaved matrix, `nb` blocks per row.
-///
+#[inline(always)]
 /// # Safety
 /// `w` points at `groups` groups of `nb` interleaved blocks of type `T`,
 /// each `a[r]` at `nb` blocks; each `out[r]` has room for `8 · groups`
-/// values; the CPU has AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm_groups<const T: u8, const R: usize>(w: *const u8, nb: usize, groups: usize, a: [*const BlockQ8; R], out: [*mut f32; R]) {
+/// values; the CPU has what `I` needs.
+unsafe fn groups_with<I: Ints, const T: u8, const R: usize>(
+    w: *const u8,
+    nb: usize,
+    groups: usize,
+    a: [*const BlockQ8; R],
+    out: [*mut f32; R],
+) {
     let group_bytes = nb * repack::layout(T).bytes;
     for g in 0..groups {
-        let res = group::<T, R>(w.add(g * group_bytes), nb, a);
+        let res = group::<I, T, R>(w.add(g * group_bytes), nb, a);
         for r in 0..R {
             _mm256_storeu_ps(out[r].add(repack::ROWS * g), res[r]);
         }
     }
+}
+
+/// [`groups_with`] on AVX2.
+///
+/// # Safety
+/// As [`groups_with`]; the CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_groups<const T: u8, const R: usize>(w: *const u8, nb: usize, groups: usize, a: [*const BlockQ8; R], out: [*mut f32; R]) {
+    groups_with::<Avx2, T, R>(w, nb, groups, a, out)
+}
+
+/// [`groups_with`] on AVX-512 VNNI.
+///
+/// # Safety
+/// As [`groups_with`]; the CPU has what [`Vnni`] needs ([`vnni_available`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm_groups_vnni<const T: u8, const R: usize>(
+    w: *const u8,
+    nb: usize,
+    groups: usize,
+    a: [*const BlockQ8; R],
+    out: [*mut f32; R],
+) {
+    groups_with::<Vnni, T, R>(w, nb, groups, a, out)
 }
 
 /// [`super::blocks::quantize_q8`] eight values at a time, with the same
@@ -705,13 +821,12 @@ pub mod k {
     /// lanes of integer products too, then one float product per block and
     /// row serves all eight rows. A row's arithmetic is the same for every
     /// `R`, so its result does not depend on its batch.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
+    #[inline(always)]
     #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
     /// # Safety
-    /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` interleaved Q4_K (Q5_K) group
+    /// The CPU has what `I` needs (every kernel here is reached only through the run-time dispatch that checked it); `w` addresses `nb` interleaved Q4_K (Q5_K) group
     /// blocks and each `a[r]` `nb` Q8_K blocks.
-    unsafe fn group_q4k<const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
+    unsafe fn group_q4k<I: Ints, const FIFTH: bool, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
         use repack::q4k::{DMIN, M, QS, SC, TOP};
         let (bytes, sub) = if FIFTH { (repack::q5k::BYTES, repack::q5k::SUB) } else { (repack::q4k::BYTES, repack::q4k::SUB) };
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
@@ -756,11 +871,11 @@ pub mod k {
                             _mm256_add_epi16(_mm256_maddubs_epi16(*lo, chunk(2 * k)), _mm256_maddubs_epi16(*hi, chunk(2 * k + 1))),
                         );
                         if FIFTH && k == 1 {
-                            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s16, sc));
+                            sumi[r] = I::scaled(sumi[r], s16, sc);
                             s16 = _mm256_setzero_si256();
                         }
                     }
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s16, sc));
+                    sumi[r] = I::scaled(sumi[r], s16, sc);
                 }
             }
             // Row i's minimums of sub-blocks 2t and 2t + 1 as the 16-bit pair of lane i.
@@ -775,7 +890,7 @@ pub mod k {
                 let pairs = _mm256_castsi128_si256(_mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1)));
                 let mut msum = _mm256_setzero_si256();
                 for t in 0..4 {
-                    msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[t], _mm256_permutevar8x32_epi32(pairs, pair_idx[t])));
+                    msum = I::scaled(msum, mins[t], _mm256_permutevar8x32_epi32(pairs, pair_idx[t]));
                 }
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, _mm256_set1_ps(-ab.d)), _mm256_cvtepi32_ps(msum), acc[r]);
@@ -790,13 +905,12 @@ pub mod k {
     /// sums per 16 values, each 16-value group's integer sum scaled in its
     /// lane by that row's scale. A row's arithmetic is the same for every
     /// `R`, so its result does not depend on its batch.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
+    #[inline(always)]
     #[allow(clippy::needless_range_loop)] // `r` indexes several per-row arrays at once
     /// # Safety
-    /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `w` addresses `nb` interleaved Q6_K group blocks and
+    /// The CPU has what `I` needs (every kernel here is reached only through the run-time dispatch that checked it); `w` addresses `nb` interleaved Q6_K group blocks and
     /// each `a[r]` `nb` Q8_K blocks.
-    unsafe fn group_q6k<const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
+    unsafe fn group_q6k<I: Ints, const R: usize>(w: *const u8, nb: usize, a: [*const BlockQ8K; R]) -> [__m256; R] {
         use repack::q6k::{BYTES, QS, SC, SUB, TOP};
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let pair_idx: [__m256i; 8] = std::array::from_fn(|t| _mm256_set1_epi32(t as i32));
@@ -833,9 +947,9 @@ pub mod k {
                     let two = |k: usize| {
                         _mm256_add_epi16(_mm256_maddubs_epi16(vals[k].0, chunk(2 * k)), _mm256_maddubs_epi16(vals[k].1, chunk(2 * k + 1)))
                     };
-                    let g0 = _mm256_add_epi32(_mm256_madd_epi16(two(0), sc0), _mm256_madd_epi16(two(1), sc0));
-                    let g1 = _mm256_add_epi32(_mm256_madd_epi16(two(2), sc1), _mm256_madd_epi16(two(3), sc1));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(g0, g1));
+                    let g0 = I::scaled(I::scaled(_mm256_setzero_si256(), two(0), sc0), two(1), sc0);
+                    let g1 = I::scaled(I::scaled(g0, two(2), sc1), two(3), sc1);
+                    sumi[r] = _mm256_add_epi32(sumi[r], g1);
                 }
             }
             // Row i's scales of groups 2t and 2t + 1 as the 16-bit pair of lane i.
@@ -848,7 +962,7 @@ pub mod k {
                 // Σ_g scale_g · Σ (values of group g) a, for the offset of 32.
                 let mut off = _mm256_setzero_si256();
                 for t in 0..8 {
-                    off = _mm256_add_epi32(off, _mm256_madd_epi16(scale_pairs[t], _mm256_permutevar8x32_epi32(bs, pair_idx[t])));
+                    off = I::scaled(off, scale_pairs[t], _mm256_permutevar8x32_epi32(bs, pair_idx[t]));
                 }
                 let exact = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 5));
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab.d)), _mm256_cvtepi32_ps(exact), acc[r]);
@@ -859,13 +973,12 @@ pub mod k {
 
     /// `out[r][8g + i] = W[8g + i] · a[r]` for `groups` consecutive groups of
     /// an interleaved K-quant matrix of type `T`, `nb` blocks per row.
-    ///
+    #[inline(always)]
     /// # Safety
     /// `w` points at `groups` groups of `nb` interleaved blocks, each `a[r]`
     /// at `nb` Q8_K blocks; each `out[r]` has room for `8 · groups` values;
-    /// the CPU has AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm_groups<const T: u8, const R: usize>(
+    /// the CPU has what `I` needs.
+    unsafe fn groups_with<I: Ints, const T: u8, const R: usize>(
         w: *const u8,
         nb: usize,
         groups: usize,
@@ -876,16 +989,46 @@ pub mod k {
         for g in 0..groups {
             let wg = w.add(g * nb * bytes);
             let res = if T == KQuant::Q4K as u8 {
-                group_q4k::<false, R>(wg, nb, a)
+                group_q4k::<I, false, R>(wg, nb, a)
             } else if T == KQuant::Q5K as u8 {
-                group_q4k::<true, R>(wg, nb, a)
+                group_q4k::<I, true, R>(wg, nb, a)
             } else {
-                group_q6k::<R>(wg, nb, a)
+                group_q6k::<I, R>(wg, nb, a)
             };
             for r in 0..R {
                 _mm256_storeu_ps(out[r].add(repack::ROWS * g), res[r]);
             }
         }
+    }
+
+    /// [`groups_with`] on AVX2.
+    ///
+    /// # Safety
+    /// As [`groups_with`]; the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_groups<const T: u8, const R: usize>(
+        w: *const u8,
+        nb: usize,
+        groups: usize,
+        a: [*const BlockQ8K; R],
+        out: [*mut f32; R],
+    ) {
+        groups_with::<Avx2, T, R>(w, nb, groups, a, out)
+    }
+
+    /// [`groups_with`] on AVX-512 VNNI.
+    ///
+    /// # Safety
+    /// As [`groups_with`]; the CPU has what [`Vnni`] needs ([`vnni_available`]).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemm_groups_vnni<const T: u8, const R: usize>(
+        w: *const u8,
+        nb: usize,
+        groups: usize,
+        a: [*const BlockQ8K; R],
+        out: [*mut f32; R],
+    ) {
+        groups_with::<Vnni, T, R>(w, nb, groups, a, out)
     }
 
     /// `out[r][j] = W[j] · a[r]` for `nrows` weight rows of `row_bytes` bytes.

@@ -444,33 +444,40 @@ unsafe fn simd_gemm(t: WeightType, w: &[u8], row_bytes: usize, nrows: usize, act
     with_type!(t, T => with_rows!(acts.len(), R => row_simd::gemm::<T, R>(w, row_bytes, nrows, bsize, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4))
 }
 
-/// [`avx2::gemm_groups`] for weight type `t`.
+/// [`avx2::gemm_groups`] (its AVX-512 VNNI form with `vnni`) for weight type `t`.
 ///
 /// # Safety
 /// As `avx2::gemm_groups`: `w` starts at whole groups of `t`, and the CPU
 /// has AVX2 (interleaved matrices exist only where it does).
-unsafe fn avx2_groups(t: WeightType, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+unsafe fn avx2_groups(t: WeightType, vnni: bool, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(w.len() >= groups * nb * repack::layout(t as u8).bytes);
         let a = |i: usize| acts[i].as_ptr().cast::<BlockQ8>();
         let o = |i: usize| outs[i].0;
         let w = w.as_ptr();
-        with_type!(t, T => with_rows!(acts.len(), R => avx2::gemm_groups::<T, R>(w, nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8))
+        with_type!(t, T => with_rows!(acts.len(), R => {
+            let (a, o) = (std::array::from_fn(a), std::array::from_fn(o));
+            if vnni {
+                avx2::gemm_groups_vnni::<T, R>(w, nb, groups, a, o)
+            } else {
+                avx2::gemm_groups::<T, R>(w, nb, groups, a, o)
+            }
+        }; 1 2 3 4 5 6 7 8))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (t, w, nb, groups, acts, outs);
+        let _ = (t, vnni, w, nb, groups, acts, outs);
         unreachable!("interleaved matrices exist only where the SIMD kernels do")
     }
 }
 
-/// [`avx2::k::gemm_groups`] for K-quant `k`.
+/// [`avx2::k::gemm_groups`] (its AVX-512 VNNI form with `vnni`) for K-quant `k`.
 ///
 /// # Safety
 /// As `avx2::k::gemm_groups`: `w` starts at whole groups, and the CPU has
 /// AVX2 (interleaved matrices exist only where it does).
-unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
+unsafe fn avx2_k_groups(k: KQuant, vnni: bool, w: &[u8], nb: usize, groups: usize, acts: &[&[u8]], outs: &[OutPtr]) {
     assert!(w.len() >= groups * nb * repack::k_bytes(k as u8));
     #[cfg(target_arch = "x86_64")]
     {
@@ -480,7 +487,14 @@ unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&
         macro_rules! run {
             ($t:expr) => {{
                 const T: u8 = $t as u8;
-                with_rows!(acts.len(), R => avx2::k::gemm_groups::<T, R>(w, nb, groups, std::array::from_fn(a), std::array::from_fn(o)); 1 2 3 4 5 6 7 8)
+                with_rows!(acts.len(), R => {
+                    let (a, o) = (std::array::from_fn(a), std::array::from_fn(o));
+                    if vnni {
+                        avx2::k::gemm_groups_vnni::<T, R>(w, nb, groups, a, o)
+                    } else {
+                        avx2::k::gemm_groups::<T, R>(w, nb, groups, a, o)
+                    }
+                }; 1 2 3 4 5 6 7 8)
             }};
         }
         match k {
@@ -491,7 +505,7 @@ unsafe fn avx2_k_groups(k: KQuant, w: &[u8], nb: usize, groups: usize, acts: &[&
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (k, nb, groups, acts, outs);
+        let _ = (k, vnni, nb, groups, acts, outs);
         unreachable!("interleaved matrices exist only where the SIMD kernels do")
     }
 }
@@ -634,10 +648,26 @@ fn simd_available() -> bool {
     }
 }
 
+/// Whether the interleaved kernels run in their AVX-512 VNNI form: where
+/// the CPU has it, unless `SOLLOL_KERNELS=avx2` asks for the AVX2 form (to
+/// compare the two on one machine). Both give the same results bit for bit.
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| avx2::vnni_available() && std::env::var("SOLLOL_KERNELS").map_or(true, |k| k != "avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The name of the instruction set the own kernels use on this CPU.
 pub fn isa() -> &'static str {
     match (simd_available(), cfg!(target_arch = "aarch64")) {
         (true, true) => "neon",
+        (true, false) if vnni() => "avx512-vnni",
         (true, false) => "avx2",
         (false, _) => "scalar",
     }
@@ -839,10 +869,10 @@ impl QMatrix {
             let w = &self.data.bytes()[start * self.row_bytes..grouped_end * self.row_bytes];
             let (nb, groups) = (self.cols / self.dtype.block_size(), (grouped_end - start) / repack::ROWS);
             // SAFETY: each output has room for end - start values; the CPU has
-            // AVX2 (only then are matrices interleaved).
+            // AVX2 (only then are matrices interleaved), and AVX-512 VNNI where `vnni()`.
             match self.grouping().expect("only matrices with a group layout are interleaved") {
-                Grouping::Own(t) => unsafe { avx2_groups(t, w, nb, groups, acts, outs) },
-                Grouping::K(k) => unsafe { avx2_k_groups(k, w, nb, groups, acts, outs) },
+                Grouping::Own(t) => unsafe { avx2_groups(t, vnni(), w, nb, groups, acts, outs) },
+                Grouping::K(k) => unsafe { avx2_k_groups(k, vnni(), w, nb, groups, acts, outs) },
             }
         }
         if grouped_end < end {

@@ -148,6 +148,60 @@ fn integer_sums_hold_the_largest_values() {
     }
 }
 
+/// The interleaved kernels' AVX2 and AVX-512 VNNI forms must give the same
+/// bits: the same integer sums, then the same float steps. Random and
+/// extreme matrices (every integer product at its bound), 1 to 8 rows.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn vnni_kernels_equal_the_avx2_ones_bit_for_bit() {
+    if !avx2::vnni_available() {
+        println!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let mut rng = rng();
+    let types = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+    for t in types {
+        let (rows, cols) = (24, if matches!(t, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) { 512 } else { 160 });
+        for (name, bytes) in [("random", random_matrix(&mut rng, t, rows, cols)), ("extreme", extreme_matrix(t, rows, cols))] {
+            let m = QMatrix::from_bytes(t, rows, cols, &bytes, true).unwrap().interleaved();
+            assert_eq!(m.grouped, rows, "{t:?}: every row interleaved");
+            let (w, nb, groups) = (m.data.bytes(), cols / t.block_size(), rows / repack::ROWS);
+            for n in 1..=GROUP_KERNEL_ROWS {
+                let x = if name == "extreme" { vec![1f32; n * cols] } else { random_acts(&mut rng, n * cols) };
+                let mut acts = QActs::new();
+                acts.quantize_for(&m, &x);
+                let a: Vec<&[u8]> = (0..n).map(|i| acts.row(i)).collect();
+                let product = |vnni: bool| {
+                    let mut out = vec![0f32; n * rows];
+                    let o: Vec<OutPtr> = out.chunks_exact_mut(rows).map(|o| SendPtr(o.as_mut_ptr())).collect();
+                    // SAFETY: the CPU has AVX2 and VNNI (checked above); `w` is
+                    // `groups` whole groups; each output has room for `rows` values.
+                    unsafe {
+                        match m.grouping().unwrap() {
+                            Grouping::Own(t) => avx2_groups(t, vnni, w, nb, groups, &a, &o),
+                            Grouping::K(k) => avx2_k_groups(k, vnni, w, nb, groups, &a, &o),
+                        }
+                    }
+                    out
+                };
+                let (avx2, vnni) = (product(false), product(true));
+                assert!(avx2.iter().any(|&v| v != 0.0), "{t:?} {name}: a non-trivial product");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&vnni), bits(&avx2), "{t:?} {name} matrix, {n} activation rows");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_rows_result_does_not_depend_on_its_batch() {
     let mut rng = rng();
