@@ -611,10 +611,15 @@ unsafe fn scores_heads<const G: usize>(q: *const f32, d: usize, k: *const half::
 /// outputs kept in registers a column block at a time. Each value is one
 /// chain of products over `p` in order, whatever the heads or block width.
 ///
+/// `WIDE`: the CPU has AVX-512's 32 vector registers, so 64 columns of
+/// three heads stay in registers and a 64-value head's V rows are read in
+/// one pass instead of two (the same products in the same order).
+///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `d` is a multiple of 8; `v` holds `n` rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [f32]) {
+/// The CPU has AVX2, FMA and F16C (and AVX-512 F/VL with `WIDE`); `d` is a
+/// multiple of 8; `v` holds `n` rows.
+#[inline(always)]
+unsafe fn weighted_sum_with<const WIDE: bool>(probs: &[f32], d: usize, v: &[half::f16], out: &mut [f32]) {
     assert!(d.is_multiple_of(8) && out.len().is_multiple_of(d));
     let heads = out.len() / d;
     let n = probs.len() / heads;
@@ -622,17 +627,37 @@ pub unsafe fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [
     let mut h = 0;
     while h < heads {
         let (pr, o) = (probs.as_ptr().add(h * n), out.as_mut_ptr().add(h * d));
-        h += match heads - h {
-            1 => weighted_heads::<1, 8>(pr, n, v.as_ptr(), d, o),
-            2 => weighted_heads::<2, 4>(pr, n, v.as_ptr(), d, o),
-            _ => weighted_heads::<HEADS, 4>(pr, n, v.as_ptr(), d, o),
+        h += match (heads - h, WIDE) {
+            (1, _) => weighted_heads::<1, 8>(pr, n, v.as_ptr(), d, o),
+            (2, false) => weighted_heads::<2, 4>(pr, n, v.as_ptr(), d, o),
+            (2, true) => weighted_heads::<2, 8>(pr, n, v.as_ptr(), d, o),
+            (_, false) => weighted_heads::<HEADS, 4>(pr, n, v.as_ptr(), d, o),
+            (_, true) => weighted_heads::<HEADS, 8>(pr, n, v.as_ptr(), d, o),
         };
     }
 }
 
-/// [`weighted_sum`] for `G` heads, `W` vectors of columns at a time.
+/// [`weighted_sum_with`] on AVX2.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `d` is a multiple of 8; `v` holds `n` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
+pub unsafe fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [f32]) {
+    weighted_sum_with::<false>(probs, d, v, out)
+}
+
+/// [`weighted_sum_with`] with AVX-512's registers: the same results bit for bit.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F/VL; `d` is a multiple of 8;
+/// `v` holds `n` rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+pub unsafe fn weighted_sum_wide(probs: &[f32], d: usize, v: &[half::f16], out: &mut [f32]) {
+    weighted_sum_with::<true>(probs, d, v, out)
+}
+
+/// [`weighted_sum`] for `G` heads, `W` vectors of columns at a time.
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // `j` indexes the value row and every head's accumulators
 /// # Safety
 /// the CPU has AVX2, FMA and F16C (every kernel here is reached only through the run-time dispatch that checked them); `probs` addresses `G` rows of `n`, `v` `n` cache rows,

@@ -601,6 +601,8 @@ macro_rules! vectorized {
 vectorized! {
     /// [`ops::softmax`] on this CPU's vectors.
     softmax(x: &mut [f32]);
+    /// [`ops::exp_shifted`] on this CPU's vectors.
+    exp_shifted(x: &mut [f32], ml: &mut [f32]);
     /// [`ops::silu_mul`] on this CPU's vectors.
     silu_mul(g: &mut [f32], u: &[f32]);
     /// [`ops::gelu_mul`] on this CPU's vectors.
@@ -620,8 +622,14 @@ vectorized! {
 pub(crate) fn weighted_sum(probs: &[f32], d: usize, v: &[half::f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd_available() && d.is_multiple_of(8) {
-        // SAFETY: checked above; the shapes are asserted inside.
-        return unsafe { avx2::weighted_sum(probs, d, v, out) };
+        // SAFETY: checked above (AVX-512 where `vnni()`); the shapes are asserted inside.
+        return unsafe {
+            if vnni() {
+                avx2::weighted_sum_wide(probs, d, v, out)
+            } else {
+                avx2::weighted_sum(probs, d, v, out)
+            }
+        };
     }
     let n = probs.len() / (out.len() / d);
     out.fill(0.0);
@@ -648,9 +656,10 @@ fn simd_available() -> bool {
     }
 }
 
-/// Whether the interleaved kernels run in their AVX-512 VNNI form: where
-/// the CPU has it, unless `SOLLOL_KERNELS=avx2` asks for the AVX2 form (to
-/// compare the two on one machine). Both give the same results bit for bit.
+/// Whether the interleaved kernels run in their AVX-512 VNNI form, and
+/// attention's value sums with AVX-512's registers: where the CPU has it,
+/// unless `SOLLOL_KERNELS=avx2` asks for the AVX2 forms (to compare the two
+/// on one machine). Both give the same results bit for bit.
 fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -89,10 +89,23 @@ fn exp(x: f32) -> f32 {
     f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23) * p
 }
 
-/// `x = softmax(x)` in place. Maximum and sum run in 8 lanes (a chain of
-/// dependent adds would cost a float latency per element).
+/// `x = softmax(x)` in place.
 #[inline(always)]
 pub fn softmax(x: &mut [f32]) {
+    let mut ml = [0f32; 2];
+    exp_shifted(x, &mut ml);
+    let inv = 1.0 / ml[1];
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `x = exp(x - max)` in place and `ml = [max, Σ exp(x - max)]`: softmax
+/// before its division, for parts of a row to be combined. Maximum and sum
+/// run in 8 lanes (a chain of dependent adds would cost a float latency per
+/// element).
+#[inline(always)]
+pub fn exp_shifted(x: &mut [f32], ml: &mut [f32]) {
     let lanes = |x: &[f32], init: f32, f: fn(f32, f32) -> f32| {
         let mut acc = [init; LANES];
         let chunks = x.chunks_exact(LANES);
@@ -108,10 +121,8 @@ pub fn softmax(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v = exp(*v - max);
     }
-    let inv = 1.0 / lanes(x, 0.0, |a, b| a + b);
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
+    ml[0] = max;
+    ml[1] = lanes(x, 0.0, |a, b| a + b);
 }
 
 /// `g = silu(g) * u`, the SwiGLU gate.
@@ -227,23 +238,96 @@ impl AttnShape {
     }
 }
 
+/// Cache rows one attention task reads at most. A query row that sees more
+/// is attended in spans of this many rows, one task each, then combined
+/// ([`attend_span`], [`combine_spans`]; flash-decoding's split): a decode
+/// step's few K/V heads would otherwise leave threads idle while one reads
+/// a long context. The split depends only on the row's position, so a row's
+/// result does not depend on the threads or on its batch.
+pub const SPAN: usize = 1024;
+
+impl AttnShape {
+    /// The cache rows a query at `pos` sees.
+    fn visible(&self, pos: usize) -> std::ops::Range<usize> {
+        (pos + 1).saturating_sub(self.window)..pos + 1
+    }
+
+    /// The spans a query at `pos` is attended in: 1 where it sees at most [`SPAN`] rows.
+    pub fn spans(&self, pos: usize) -> usize {
+        self.visible(pos).len().div_ceil(SPAN)
+    }
+}
+
 /// Causal attention of one query row (at absolute position `pos`) for the
 /// query heads that share K/V head `kv` (`q` and `out` are `[group, head_dim]`):
 /// `out_i = softmax(q_i·Kᵀ · scale) V` over the cache rows the window leaves
 /// visible up to `pos` (f16 cache, f32 arithmetic). The heads go through the
 /// kernels together, so each cache row is read once for all of them.
 pub fn attend(shape: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, kv: usize, out: &mut [f32]) {
-    let d = shape.head_dim;
-    let first = (pos + 1).saturating_sub(shape.window);
-    let n = pos + 1 - first;
-    let base = (kv * shape.capacity + first) * d;
+    scores_then_values(shape, q, k, v, shape.visible(pos), kv, out, super::softmax);
+}
+
+/// Span `span` of [`attend`]'s rows for a query at `pos`, before the
+/// softmax's division: `out_i = Σ_p exp(s_ip - m_i) V_p` and `ml[2i..2i + 2]
+/// = [m_i, Σ_p exp(s_ip - m_i)]`, `m_i` the span's largest score of head `i`.
+#[allow(clippy::too_many_arguments)] // the shape, the inputs, the span, the two outputs
+pub fn attend_span(shape: AttnShape, q: &[f32], k: &[f16], v: &[f16], pos: usize, kv: usize, span: usize, out: &mut [f32], ml: &mut [f32]) {
+    let visible = shape.visible(pos);
+    let start = visible.start + span * SPAN;
+    let rows = start..(start + SPAN).min(visible.end);
+    let mut head = 0;
+    scores_then_values(shape, q, k, v, rows, kv, out, |scores| {
+        super::exp_shifted(scores, &mut ml[2 * head..2 * head + 2]);
+        head += 1;
+    });
+}
+
+/// [`attend`]'s result from its spans' ([`attend_span`]): `parts` holds
+/// each span's `[group, head_dim]` outputs followed by its `[group, 2]`
+/// maxima and sums, span after span. Each head's spans are rescaled to the
+/// largest maximum, in span order.
+pub fn combine_spans(group: usize, head_dim: usize, parts: &[f32], out: &mut [f32]) {
+    let part_len = group * (head_dim + 2);
+    let spans = parts.chunks_exact(part_len);
+    for (i, out) in out.chunks_exact_mut(head_dim).enumerate().take(group) {
+        let ml = |p: &[f32]| (p[group * head_dim + 2 * i], p[group * head_dim + 2 * i + 1]);
+        let m = spans.clone().map(|p| ml(p).0).fold(f32::NEG_INFINITY, f32::max);
+        out.fill(0.0);
+        let mut sum = 0.0;
+        for p in spans.clone() {
+            let (max, s) = ml(p);
+            let w = exp(max - m);
+            sum += w * s;
+            for (o, &x) in out.iter_mut().zip(&p[i * head_dim..(i + 1) * head_dim]) {
+                *o += w * x;
+            }
+        }
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// The scores of `q`'s heads against cache `rows` of K/V head `kv`, each
+/// head's row of scores passed through `weigh` in head order, then their
+/// weighted sum of the V rows into `out`.
+#[allow(clippy::too_many_arguments)] // the shape, the inputs, the rows, the output and the weighing
+fn scores_then_values(
+    shape: AttnShape,
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    rows: std::ops::Range<usize>,
+    kv: usize,
+    out: &mut [f32],
+    mut weigh: impl FnMut(&mut [f32]),
+) {
+    let (d, n) = (shape.head_dim, rows.len());
+    let base = (kv * shape.capacity + rows.start) * d;
     let (k, v) = (&k[base..base + n * d], &v[base..base + n * d]);
     SCORES.with_borrow_mut(|scores| {
         scores.resize(shape.group() * n, 0.0);
         super::attention_scores(q, d, k, shape.scale, scores);
-        for head in scores.chunks_exact_mut(n) {
-            super::softmax(head);
-        }
+        scores.chunks_exact_mut(n).for_each(&mut weigh);
         super::weighted_sum(scores, d, v, out);
     });
 }

@@ -430,6 +430,47 @@ fn f16_dot_product_matches_f64_at_every_length() {
     }
 }
 
+/// Attention's value sums with AVX-512's registers (one pass over the
+/// columns) give the AVX2 form's bits (two passes).
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn wide_value_sums_equal_the_avx2_ones_bit_for_bit() {
+    if !avx2::vnni_available() {
+        println!("skipped: this CPU has no AVX-512");
+        return;
+    }
+    let mut rng = rng();
+    for (heads, d, n) in [(1, 64, 37), (2, 64, 300), (3, 64, 1024), (3, 128, 5), (4, 72, 9), (7, 64, 100)] {
+        let probs: Vec<f32> = (0..heads * n).map(|_| rng.random_range(0.0..1.0)).collect();
+        let v: Vec<f16> = (0..n * d).map(|_| f16::from_f32(rng.random_range(-2.0..2.0))).collect();
+        let (mut narrow, mut wide) = (vec![0f32; heads * d], vec![0f32; heads * d]);
+        // SAFETY: the CPU has AVX2 and AVX-512 (checked above); the shapes are asserted inside.
+        unsafe {
+            avx2::weighted_sum(&probs, d, &v, &mut narrow);
+            avx2::weighted_sum_wide(&probs, d, &v, &mut wide);
+        }
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide), bits(&narrow), "{heads} heads of {d}, {n} rows");
+    }
+}
+
+/// `softmax(q_h·Kᵀ · scale) V` in f64 for each head of `q`, `[group, head_dim]`.
+fn attention_f64(shape: ops::AttnShape, q: &[f32], k: &[half::f16], v: &[half::f16], pos: usize, kv: usize) -> Vec<f64> {
+    let (d, cap) = (shape.head_dim, shape.capacity);
+    let seen = (pos + 1).saturating_sub(shape.window)..=pos;
+    let mut out = vec![];
+    for q in q.chunks_exact(d) {
+        let s: Vec<f64> = seen
+            .clone()
+            .map(|j| (0..d).map(|c| q[c] as f64 * k[(kv * cap + j) * d + c].to_f64()).sum::<f64>() * shape.scale as f64)
+            .collect();
+        let m = s.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+        out.extend((0..d).map(|c| seen.clone().zip(&s).map(|(j, s)| (s - m).exp() / z * v[(kv * cap + j) * d + c].to_f64()).sum::<f64>()));
+    }
+    out
+}
+
 #[test]
 fn attention_matches_an_f64_softmax() {
     use half::f16;
@@ -454,26 +495,51 @@ fn attention_matches_an_f64_softmax() {
                 for kv in 0..n_kv {
                     let mut out = vec![0f32; group * d];
                     attend(shape, &q, &k, &v, pos, kv, &mut out);
-                    for h in 0..group {
-                        let q = &q[h * d..(h + 1) * d];
-                        let seen = (pos + 1).saturating_sub(window)..=pos;
-                        let s: Vec<f64> = seen
-                            .clone()
-                            .map(|j| (0..d).map(|c| q[c] as f64 * k[(kv * cap + j) * d + c].to_f64()).sum::<f64>() / (d as f64).sqrt())
-                            .collect();
-                        let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                        for c in 0..d {
-                            let want: f64 = seen.clone().zip(&s).map(|(j, s)| (s - m).exp() / z * v[(kv * cap + j) * d + c].to_f64()).sum();
-                            let got = out[h * d + c] as f64;
-                            // f32 rounding of sums of at most 72 products (scores of
-                            // magnitude ≤ 26) and 11 weighted rows: ~1e-6 measured.
-                            assert!(
-                                (got - want).abs() < 2e-5,
-                                "d {d} window {window} group {group} pos {pos} kv {kv} head {h} dim {c}: {got} vs {want}"
-                            );
-                        }
+                    for (c, (&got, want)) in out.iter().zip(attention_f64(shape, &q, &k, &v, pos, kv)).enumerate() {
+                        // f32 rounding of sums of at most 72 products (scores of
+                        // magnitude ≤ 26) and 11 weighted rows: ~1e-6 measured.
+                        assert!(
+                            (got as f64 - want).abs() < 2e-5,
+                            "d {d} window {window} group {group} pos {pos} kv {kv} value {c}: {got} vs {want}"
+                        );
                     }
+                }
+            }
+        }
+    }
+}
+
+/// A long context attended in spans and combined equals the f64 softmax
+/// over all of it: positions on both sides of span boundaries, with and
+/// without a sliding window (which moves where the spans start).
+#[test]
+fn attention_in_spans_matches_an_f64_softmax() {
+    use half::f16;
+    use ops::{attend_span, combine_spans, AttnShape, SPAN};
+    let mut rng = rng();
+    let (d, group, n_kv, cap) = (64, 3, 2, 2 * SPAN + 300);
+    for window in [usize::MAX, SPAN + 100] {
+        let shape = AttnShape { n_heads: n_kv * group, n_kv_heads: n_kv, head_dim: d, capacity: cap, scale: 0.125, window };
+        let mut values = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
+        let k: Vec<f16> = values(n_kv * cap * d, 2.0).into_iter().map(f16::from_f32).collect();
+        let v: Vec<f16> = values(n_kv * cap * d, 2.0).into_iter().map(f16::from_f32).collect();
+        let q = values(group * d, 1.5);
+        for pos in [SPAN - 1, SPAN, SPAN + 1, SPAN + 150, 2 * SPAN + 5, cap - 1] {
+            let spans = shape.spans(pos);
+            let seen = (pos + 1).min(window);
+            assert_eq!(spans, seen.div_ceil(SPAN), "window {window} pos {pos}");
+            for kv in 0..n_kv {
+                let part_len = group * (d + 2);
+                let mut parts = vec![0f32; spans * part_len];
+                for (span, part) in parts.chunks_exact_mut(part_len).enumerate() {
+                    let (out, ml) = part.split_at_mut(group * d);
+                    attend_span(shape, &q, &k, &v, pos, kv, span, out, ml);
+                }
+                let mut out = vec![0f32; group * d];
+                combine_spans(group, d, &parts, &mut out);
+                for (c, (&got, want)) in out.iter().zip(attention_f64(shape, &q, &k, &v, pos, kv)).enumerate() {
+                    // f32 sums over up to 2,348 weighted rows.
+                    assert!((got as f64 - want).abs() < 5e-5, "window {window} pos {pos} kv {kv} value {c}: {got} vs {want}");
                 }
             }
         }

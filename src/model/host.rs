@@ -51,6 +51,22 @@ pub struct Scratch {
     acts: QActs,
     /// The batch items' cache buffers for the layer being run (empty between calls).
     kv: Vec<CacheLayer>,
+    /// A layer's attention tasks, and the partial results of rows attended in several spans.
+    attn_tasks: Vec<AttnTask>,
+    attn_parts: Vec<f32>,
+}
+
+/// Attention of row `i` of segment `seg`, K/V head `j`, over span `span` of
+/// the `spans` its position sees; several spans write partial results to
+/// slots `slot..slot + spans`.
+#[derive(Debug, Clone, Copy)]
+struct AttnTask {
+    seg: usize,
+    i: usize,
+    j: usize,
+    span: usize,
+    spans: usize,
+    slot: usize,
 }
 
 /// One item's K and V buffers of one layer (`[n_kv_heads, capacity, head_dim]`).
@@ -444,19 +460,60 @@ impl Ops for HostOps<'_, '_> {
                 unsafe { c.v.slice(dst, hd) }.convert_from_f32_slice(&v[row * kv_dim + j * hd..][..hd]);
             });
         });
+        // Attend: a task per row, K/V head and span of the cache (one span
+        // unless the row sees more than `kops::SPAN` rows); several spans'
+        // partial results are combined after.
+        let shape = |c: &CacheLayer| AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity, scale, window };
+        let tasks = &mut self.s.attn_tasks;
+        tasks.clear();
+        let mut slots = 0;
+        for (seg, g) in segs.iter().enumerate() {
+            for i in 0..g.len {
+                let spans = shape(&kv_bufs[seg]).spans(g.pos + i);
+                for j in 0..nkv {
+                    let slot = if spans > 1 { slots } else { usize::MAX };
+                    slots += if spans > 1 { spans } else { 0 };
+                    tasks.extend((0..spans).map(|span| AttnTask { seg, i, j, span, spans, slot }));
+                }
+            }
+        }
+        // Per slot (a span of a row's K/V head): its heads' outputs, then their maxima and sums.
+        let part_len = group * (hd + 2);
+        self.s.attn_parts.resize(slots * part_len, 0.0);
+        let parts = kernels::SendPtr(self.s.attn_parts.as_mut_ptr());
+        let tasks = &*tasks;
         pool.run(&|t| {
-            for_each_task(segs, nkv, t, pool.threads(), |seg, i, j| {
-                let (g, c) = (segs[seg], kv_bufs[seg]);
-                let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, capacity: c.capacity, scale, window };
-                let (row, heads) = (g.start + i, j * group * hd..(j + 1) * group * hd);
+            for task in tasks.iter().skip(t).step_by(pool.threads()) {
+                let (g, c) = (segs[task.seg], kv_bufs[task.seg]);
+                let (row, heads) = (g.start + task.i, task.j * group * hd..(task.j + 1) * group * hd);
                 let len = nkv * c.capacity * hd;
-                // SAFETY: nothing writes the caches or q in this phase; these
-                // heads of row `row` are written by this task only.
+                // SAFETY: nothing writes the caches or q in this phase.
                 let (k, v, q) = unsafe { (c.k.read(0, len), c.v.read(0, len), qp.read(row * q_dim + heads.start, heads.len())) };
-                let out = unsafe { att.slice(row * q_dim + heads.start, heads.len()) };
-                kops::attend(shape, q, k, v, g.pos + i, j, out);
-            });
+                if task.spans == 1 {
+                    // SAFETY: these heads of row `row` are written by this task only.
+                    let out = unsafe { att.slice(row * q_dim + heads.start, heads.len()) };
+                    kops::attend(shape(&c), q, k, v, g.pos + task.i, task.j, out);
+                } else {
+                    // SAFETY: slot `slot + span` is this task's alone.
+                    let part = unsafe { parts.slice((task.slot + task.span) * part_len, part_len) };
+                    let (out, ml) = part.split_at_mut(group * hd);
+                    kops::attend_span(shape(&c), q, k, v, g.pos + task.i, task.j, task.span, out, ml);
+                }
+            }
         });
+        if slots > 0 {
+            let firsts: Vec<&AttnTask> = tasks.iter().filter(|t| t.spans > 1 && t.span == 0).collect();
+            pool.run(&|t| {
+                for task in firsts.iter().skip(t).step_by(pool.threads()) {
+                    let (row, heads) = (segs[task.seg].start + task.i, task.j * group * hd..(task.j + 1) * group * hd);
+                    // SAFETY: the spans' slots were written in the region before
+                    // (read only now); these heads of row `row` are this task's alone.
+                    let spans = unsafe { parts.read(task.slot * part_len, task.spans * part_len) };
+                    let out = unsafe { att.slice(row * q_dim + heads.start, heads.len()) };
+                    kops::combine_spans(group, hd, spans, out);
+                }
+            });
+        }
         self.s.kv.clear();
         Ok(out)
     }
