@@ -392,29 +392,43 @@ unsafe fn groups_with<I: Ints, const T: u8, const R: usize>(
     }
 }
 
-/// [`groups_with`] on AVX2.
-///
-/// # Safety
-/// As [`groups_with`]; the CPU has AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn gemm_groups<const T: u8, const R: usize>(w: *const u8, nb: usize, groups: usize, a: [*const BlockQ8; R], out: [*mut f32; R]) {
-    groups_with::<Avx2, T, R>(w, nb, groups, a, out)
+/// `gemm_groups` and `gemm_groups_vnni`: a group kernel's body, generic
+/// over [`Ints`], compiled for AVX2 and for AVX-512 VNNI.
+macro_rules! group_entry_points {
+    ($body:ident, $acts:ty) => {
+        #[doc = concat!("[`", stringify!($body), "`] on AVX2.")]
+        ///
+        /// # Safety
+        #[doc = concat!("As [`", stringify!($body), "`]; the CPU has AVX2, FMA and F16C.")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn gemm_groups<const T: u8, const R: usize>(
+            w: *const u8,
+            nb: usize,
+            groups: usize,
+            a: [*const $acts; R],
+            out: [*mut f32; R],
+        ) {
+            $body::<Avx2, T, R>(w, nb, groups, a, out)
+        }
+
+        #[doc = concat!("[`", stringify!($body), "`] on AVX-512 VNNI.")]
+        ///
+        /// # Safety
+        #[doc = concat!("As [`", stringify!($body), "`]; the CPU has what [`Vnni`] needs ([`vnni_available`]).")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub unsafe fn gemm_groups_vnni<const T: u8, const R: usize>(
+            w: *const u8,
+            nb: usize,
+            groups: usize,
+            a: [*const $acts; R],
+            out: [*mut f32; R],
+        ) {
+            $body::<Vnni, T, R>(w, nb, groups, a, out)
+        }
+    };
 }
 
-/// [`groups_with`] on AVX-512 VNNI.
-///
-/// # Safety
-/// As [`groups_with`]; the CPU has what [`Vnni`] needs ([`vnni_available`]).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn gemm_groups_vnni<const T: u8, const R: usize>(
-    w: *const u8,
-    nb: usize,
-    groups: usize,
-    a: [*const BlockQ8; R],
-    out: [*mut f32; R],
-) {
-    groups_with::<Vnni, T, R>(w, nb, groups, a, out)
-}
+group_entry_points!(groups_with, BlockQ8);
 
 /// [`super::blocks::quantize_q8`] eight values at a time, with the same
 /// result bit for bit: the same maximum, scale, products and rounding (half
@@ -1026,35 +1040,7 @@ pub mod k {
         }
     }
 
-    /// [`groups_with`] on AVX2.
-    ///
-    /// # Safety
-    /// As [`groups_with`]; the CPU has AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm_groups<const T: u8, const R: usize>(
-        w: *const u8,
-        nb: usize,
-        groups: usize,
-        a: [*const BlockQ8K; R],
-        out: [*mut f32; R],
-    ) {
-        groups_with::<Avx2, T, R>(w, nb, groups, a, out)
-    }
-
-    /// [`groups_with`] on AVX-512 VNNI.
-    ///
-    /// # Safety
-    /// As [`groups_with`]; the CPU has what [`Vnni`] needs ([`vnni_available`]).
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn gemm_groups_vnni<const T: u8, const R: usize>(
-        w: *const u8,
-        nb: usize,
-        groups: usize,
-        a: [*const BlockQ8K; R],
-        out: [*mut f32; R],
-    ) {
-        groups_with::<Vnni, T, R>(w, nb, groups, a, out)
-    }
+    group_entry_points!(groups_with, BlockQ8K);
 
     /// `out[r][j] = W[j] · a[r]` for `nrows` weight rows of `row_bytes` bytes.
     ///

@@ -39,6 +39,10 @@ fn random_matrix(rng: &mut impl Rng, t: GgmlDType, rows: usize, cols: usize) -> 
     bytes
 }
 
+/// Every type our kernels interleave.
+const INTERLEAVED: [GgmlDType; 8] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+
 fn random_acts(rng: &mut impl Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-3.0..3.0)).collect()
 }
@@ -116,17 +120,7 @@ fn integer_sums_hold_the_largest_values() {
     // Activations that all quantize to 127: with the weights at their
     // extremes, every 16-bit partial sum a kernel keeps is at its bound,
     // which a wrapped sum would show as an error of the size of the result.
-    let types = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
-    for t in types {
+    for t in INTERLEAVED {
         // Two interleaved groups and a 3-row tail; 8 + 1 activation rows.
         let (rows, n) = (19, 9);
         let cols = if matches!(t, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) { 512 } else { 256 };
@@ -159,17 +153,7 @@ fn vnni_kernels_equal_the_avx2_ones_bit_for_bit() {
         return;
     }
     let mut rng = rng();
-    let types = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ];
-    for t in types {
+    for t in INTERLEAVED {
         let (rows, cols) = (24, if matches!(t, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) { 512 } else { 160 });
         for (name, bytes) in [("random", random_matrix(&mut rng, t, rows, cols)), ("extreme", extreme_matrix(t, rows, cols))] {
             let m = QMatrix::from_bytes(t, rows, cols, &bytes, true).unwrap().interleaved();
