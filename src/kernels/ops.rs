@@ -236,17 +236,7 @@ impl AttnShape {
     pub fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
-}
 
-/// Cache rows one attention task reads at most. A query row that sees more
-/// is attended in spans of this many rows, one task each, then combined
-/// ([`attend_span`], [`combine_spans`]; flash-decoding's split): a decode
-/// step's few K/V heads would otherwise leave threads idle while one reads
-/// a long context. The split depends only on the row's position, so a row's
-/// result does not depend on the threads or on its batch.
-pub const SPAN: usize = 1024;
-
-impl AttnShape {
     /// The cache rows a query at `pos` sees.
     fn visible(&self, pos: usize) -> std::ops::Range<usize> {
         (pos + 1).saturating_sub(self.window)..pos + 1
@@ -257,6 +247,14 @@ impl AttnShape {
         self.visible(pos).len().div_ceil(SPAN)
     }
 }
+
+/// Cache rows one attention task reads at most. A query row that sees more
+/// is attended in spans of this many rows, one task each, then combined
+/// ([`attend_span`], [`combine_spans`]; flash-decoding's split): a decode
+/// step's few K/V heads would otherwise leave threads idle while one reads
+/// a long context. The split depends only on the row's position, so a row's
+/// result does not depend on the threads or on its batch.
+pub const SPAN: usize = 1024;
 
 /// Causal attention of one query row (at absolute position `pos`) for the
 /// query heads that share K/V head `kv` (`q` and `out` are `[group, head_dim]`):

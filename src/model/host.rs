@@ -58,7 +58,7 @@ pub struct Scratch {
 
 /// Attention of row `i` of segment `seg`, K/V head `j`, over span `span` of
 /// the `spans` its position sees; several spans write partial results to
-/// slots `slot..slot + spans`.
+/// slots `slot..slot + spans` (one span writes the output, no slot).
 #[derive(Debug, Clone, Copy)]
 struct AttnTask {
     seg: usize,
@@ -471,8 +471,10 @@ impl Ops for HostOps<'_, '_> {
             for i in 0..g.len {
                 let spans = shape(&kv_bufs[seg]).spans(g.pos + i);
                 for j in 0..nkv {
-                    let slot = if spans > 1 { slots } else { usize::MAX };
-                    slots += if spans > 1 { spans } else { 0 };
+                    let slot = slots;
+                    if spans > 1 {
+                        slots += spans;
+                    }
                     tasks.extend((0..spans).map(|span| AttnTask { seg, i, j, span, spans, slot }));
                 }
             }
@@ -502,9 +504,8 @@ impl Ops for HostOps<'_, '_> {
             }
         });
         if slots > 0 {
-            let firsts: Vec<&AttnTask> = tasks.iter().filter(|t| t.spans > 1 && t.span == 0).collect();
             pool.run(&|t| {
-                for task in firsts.iter().skip(t).step_by(pool.threads()) {
+                for task in tasks.iter().filter(|t| t.spans > 1 && t.span == 0).skip(t).step_by(pool.threads()) {
                     let (row, heads) = (segs[task.seg].start + task.i, task.j * group * hd..(task.j + 1) * group * hd);
                     // SAFETY: the spans' slots were written in the region before
                     // (read only now); these heads of row `row` are this task's alone.
