@@ -120,11 +120,12 @@ fn cluster_drain_moves_a_live_served_session() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let serve = common::ServeProc::spawn(&["--cluster-key", KEY]);
-    // A prompt whose greedy continuation runs the full 96 tokens (~1.2 s): the
-    // drain, a CLI process started after the first tokens, takes ~0.6 s, and
-    // a reply that ends at an early EOS (the capital-of-France prompt stops
-    // after ~40 tokens, 0.4 s) can finish before it lands.
-    let body = r#"{"model":"smollm2","prompt":"Once upon a time, in a small village by the sea, there lived","raw":true,"stream":false,"options":{"temperature":0,"num_predict":96}}"#;
+    // A prompt whose greedy continuation runs long: the drain, a CLI process
+    // started after the first tokens, takes ~0.6 s, and a reply that ends
+    // sooner can finish before it lands (the capital-of-France prompt stops
+    // at an early EOS after ~40 tokens; 96 tokens took ~1.2 s on AVX2 but
+    // under 0.6 s with the VNNI kernels, so 256).
+    let body = r#"{"model":"smollm2","prompt":"Once upon a time, in a small village by the sea, there lived","raw":true,"stream":false,"options":{"temperature":0,"num_predict":256}}"#;
     let reference = common::http::post(&serve.addr, "/api/generate", body).json();
     let on = reference["_cluster"]["nodes"][0]["name"].as_str().unwrap().to_string();
 
