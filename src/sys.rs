@@ -301,3 +301,28 @@ mod tests {
         assert!(after < before + (128 << 20), "peak RSS {before} -> {after} bytes");
     }
 }
+
+/// SIGINT or SIGTERM, heard from the moment this returns: the handlers are
+/// installed here, not on the future's first poll, so a caller that installs
+/// them before it says it is ready (prints its address) cannot be killed by
+/// a stop signal sent in between. Needs a tokio runtime with signals enabled.
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}

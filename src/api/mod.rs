@@ -62,28 +62,11 @@ pub async fn serve(cfg: ServeConfig) -> crate::Result<()> {
     let svc = Service::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| crate::Error::io(format!("cannot listen on {listen}"), e))?;
     let local = listener.local_addr().map_err(|e| crate::Error::io("listen address", e))?;
+    let stop = crate::sys::stop_signal().map_err(|e| crate::Error::io("signal handlers", e))?;
     println!("sollol serving on http://{local}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    axum::serve(listener, router(svc)).with_graceful_shutdown(shutdown_signal()).await.map_err(|e| crate::Error::io("http server", e))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
+    axum::serve(listener, router(svc)).with_graceful_shutdown(stop).await.map_err(|e| crate::Error::io("http server", e))
 }
 
 /// Counts every request by route and status, and tags it with a request id

@@ -104,10 +104,9 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             println!("lab {} up for {ttl_secs} s; Ctrl-C tears it down", lab.id());
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let stop = sollol::sys::stop_signal()?;
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = stop => {}
                     _ = tokio::time::sleep(Duration::from_secs(ttl_secs)) => {}
                 }
                 Ok::<_, std::io::Error>(())

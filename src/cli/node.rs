@@ -110,28 +110,9 @@ pub fn run(args: NodeArgs, threads: usize) -> Result<()> {
     }
     // Networking needs little: the compute runs on the stage worker's thread pool.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async { run_node(cfg, stop_signal()).await.map_err(anyhow::Error::from) })
-}
-
-/// SIGINT or SIGTERM: the node finishes what it queued and closes.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    // The node finishes what it queued and closes on SIGINT or SIGTERM.
+    rt.block_on(async {
+        let stop = sollol::sys::stop_signal()?;
+        run_node(cfg, stop).await.map_err(anyhow::Error::from)
+    })
 }
