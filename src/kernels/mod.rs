@@ -1011,8 +1011,8 @@ impl<T> SendPtr<T> {
 /// An output pointer: the threads write disjoint columns.
 type OutPtr = SendPtr<f32>;
 
-/// Matrices one parallel region serves (q, k and v is the most).
-const MAX_MATS: usize = 4;
+/// Products one parallel region serves: eight experts' gates and ups.
+pub const MAX_MATS: usize = 16;
 
 /// Weight rows per tile: small enough to stay in L1 while every group of
 /// activation rows passes over them, so prefill reads activations from
@@ -1030,61 +1030,75 @@ pub fn matmul(mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
 }
 
 fn matmul_in(pool: &pool::Pool, mats: &[&QMatrix], acts: &QActs, outs: &mut [&mut [f32]]) {
-    assert_eq!(mats.len(), outs.len());
-    assert!(mats.len() <= MAX_MATS, "at most {MAX_MATS} matrices per region");
-    for (m, o) in mats.iter().zip(outs.iter()) {
+    assert!((1..=MAX_MATS).contains(&mats.len()), "one to {MAX_MATS} matrices per region");
+    let products: [(&QMatrix, &QActs); MAX_MATS] = std::array::from_fn(|i| (mats[i.min(mats.len() - 1)], acts));
+    products_in(pool, &products[..mats.len()], outs)
+}
+
+/// `outs[i] = actsᵢ · matᵢᵀ` for products of different activations, in one
+/// parallel region: a mixture's experts, each over its own rows, take one
+/// region for all of them instead of one each, since a region's start and
+/// its threads' claims cost about as much as reading a small expert.
+pub fn matmul_products(products: &[(&QMatrix, &QActs)], outs: &mut [&mut [f32]]) {
+    products_in(pool(), products, outs)
+}
+
+fn products_in(pool: &pool::Pool, products: &[(&QMatrix, &QActs)], outs: &mut [&mut [f32]]) {
+    assert_eq!(products.len(), outs.len());
+    assert!(products.len() <= MAX_MATS, "at most {MAX_MATS} products per region");
+    for (&(m, acts), o) in products.iter().zip(outs.iter()) {
         assert_eq!(acts.kind, Some(m.kernel.acts()), "activations quantized for another kind of matrix");
         assert_eq!(m.cols, acts.cols);
         assert_eq!(o.len(), acts.rows * m.rows, "output is not [rows, out_features]");
     }
     let mut ptrs = [SendPtr(std::ptr::null_mut()); MAX_MATS];
-    for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
-        *p = SendPtr(o.as_mut_ptr());
-    }
     let mut tiles = [0usize; MAX_MATS];
-    for (t, m) in tiles.iter_mut().zip(mats) {
+    for ((ptr, t), (&(m, _), o)) in ptrs.iter_mut().zip(tiles.iter_mut()).zip(products.iter().zip(outs.iter_mut())) {
+        *ptr = SendPtr(o.as_mut_ptr());
         *t = m.rows.div_ceil(TILE_ROWS);
     }
     let total: usize = tiles.iter().sum();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let n = acts.rows;
+    // One pass over the weights for every activation row (a decode step).
+    let one_pass = |&(m, acts): &(&QMatrix, &QActs)| acts.rows <= m.act_rows_per_call();
     // A decode step's tiles are one pass over their weights each, cheap
     // enough that claiming them one by one costs more than an uneven end;
     // a prefill's tiles each pass every activation row.
-    let min_claim = if mats.iter().all(|m| n <= m.act_rows_per_call()) { 4 } else { 1 };
-    // Weight rows start..end of matrix `mat` against every activation row.
-    let rows = |mat: usize, start: usize, end: usize| {
-        let (m, out) = (mats[mat], ptrs[mat]);
-        let mut i = 0;
-        while i < n {
-            let k = (n - i).min(m.act_rows_per_call());
-            let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(i + j.min(k - 1)));
-            // SAFETY: rows start..end of the matrix are this claim's alone.
+    let min_claim = if products.iter().all(one_pass) { 4 } else { 1 };
+    // Weight rows start..end of product `i` against every activation row.
+    let rows = |i: usize, start: usize, end: usize| {
+        let ((m, acts), out) = (products[i], ptrs[i]);
+        let n = acts.rows;
+        let mut r = 0;
+        while r < n {
+            let k = (n - r).min(m.act_rows_per_call());
+            let a: [&[u8]; GROUP_KERNEL_ROWS] = std::array::from_fn(|j| acts.row(r + j.min(k - 1)));
+            // SAFETY: rows start..end of the product's output are this claim's alone.
             let o: [OutPtr; GROUP_KERNEL_ROWS] =
-                std::array::from_fn(|j| SendPtr(unsafe { out.0.add((i + j.min(k - 1)) * m.rows + start) }));
+                std::array::from_fn(|j| SendPtr(unsafe { out.0.add((r + j.min(k - 1)) * m.rows + start) }));
             m.gemm_rows(start, end, &a[..k], &o[..k]);
-            i += k;
+            r += k;
         }
     };
     pool.run(&|_| {
         while let Some(claimed) = guided_claim(&next, total, pool.threads(), min_claim) {
-            // The claim's tiles, matrix by matrix.
+            // The claim's tiles, product by product.
             let mut base = 0;
-            for (mat, &count) in tiles[..mats.len()].iter().enumerate() {
+            for (i, &count) in tiles[..products.len()].iter().enumerate() {
                 let (first, last) = (claimed.start.max(base) - base, claimed.end.min(base + count).saturating_sub(base));
                 base += count;
-                let end = |tile: usize| (tile * TILE_ROWS).min(mats[mat].rows);
+                let end = |tile: usize| (tile * TILE_ROWS).min(products[i].0.rows);
                 if first >= last {
                     continue;
                 }
-                if n <= mats[mat].act_rows_per_call() {
+                if one_pass(&products[i]) {
                     // One pass over the weights (a decode step): the claim's
                     // tiles in one call, which pays the call's setup once.
-                    rows(mat, first * TILE_ROWS, end(last));
+                    rows(i, first * TILE_ROWS, end(last));
                 } else {
                     // Several passes (prefill): tile by tile, so that a tile
                     // stays in L1 while every group of activation rows passes.
-                    (first..last).for_each(|t| rows(mat, t * TILE_ROWS, end(t + 1)));
+                    (first..last).for_each(|t| rows(i, t * TILE_ROWS, end(t + 1)));
                 }
             }
         }

@@ -226,6 +226,40 @@ fn matrices_sharing_a_region_give_what_each_gives_alone() {
 }
 
 #[test]
+fn products_of_different_activations_in_one_region_give_what_each_gives_alone() {
+    // A mixture's experts: matrices of their own sizes over rows of their
+    // own (one row: a decode step's single pass; nine: prefill's tiles), in
+    // one region, with a K-quant beside the legacy types, on pools of
+    // several sizes.
+    let mut rng = rng();
+    let shapes = [(GgmlDType::Q4_0, 37, 64, 1), (GgmlDType::Q8_0, 16, 64, 9), (GgmlDType::Q4K, 21, 256, 3), (GgmlDType::Q5_1, 53, 32, 1)];
+    let mats: Vec<QMatrix> = shapes
+        .iter()
+        .map(|&(t, rows, cols, _)| QMatrix::from_bytes(t, rows, cols, &random_matrix(&mut rng, t, rows, cols), true).unwrap().interleaved())
+        .collect();
+    let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, _, cols, n)| random_acts(&mut rng, n * cols)).collect();
+    let acts: Vec<QActs> = mats
+        .iter()
+        .zip(&xs)
+        .map(|(m, x)| {
+            let mut a = QActs::new();
+            a.quantize_for(m, x);
+            a
+        })
+        .collect();
+    let ins: Vec<(&QMatrix, &QActs)> = mats.iter().zip(&acts).collect();
+    for threads in [1, 2, 3, 5] {
+        let pool = pool::Pool::new(threads);
+        let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(_, rows, _, n)| vec![f32::NAN; rows * n]).collect();
+        let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+        products_in(&pool, &ins, &mut out_refs);
+        for (i, (m, x)) in mats.iter().zip(&xs).enumerate() {
+            assert_eq!(outs[i], run(m, x), "{:?}, {threads} threads", shapes[i].0);
+        }
+    }
+}
+
+#[test]
 fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
     let mut rng = rng();

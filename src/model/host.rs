@@ -44,8 +44,8 @@ pub struct BatchItem<'a> {
 #[derive(Debug, Default)]
 pub struct Scratch {
     bufs: Vec<Vec<f32>>,
-    /// One expert's rows of a mixture: gathered input, gate, up, output.
-    moe: [Vec<f32>; 4],
+    /// The routed experts of a mixture's step, up to a region's worth.
+    moe: Vec<ExpertRows>,
     /// The LM head's normalized input rows and its logits.
     head: [Vec<f32>; 2],
     acts: QActs,
@@ -54,6 +54,19 @@ pub struct Scratch {
     /// A layer's attention tasks, and the partial results of rows attended in several spans.
     attn_tasks: Vec<AttnTask>,
     attn_parts: Vec<f32>,
+}
+
+/// One routed expert's part of a step: the rows sent to it, gathered, its
+/// gate, up and output rows, and the quantized activations its products read
+/// (`up_acts` only where the up matrix reads another format than the gate).
+#[derive(Debug, Default)]
+struct ExpertRows {
+    input: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+    acts: QActs,
+    up_acts: QActs,
 }
 
 /// Attention of row `i` of segment `seg`, K/V head `j`, over span `span` of
@@ -154,11 +167,16 @@ fn matmul(acts: &mut QActs, x: &mut [f32], prep: Prep, layers: &[&Linear], outs:
         }
     }
     for (l, o) in layers.iter().zip(outs.iter_mut()) {
-        if let Some(b) = l.bias_host() {
-            kops::add_rows(o, b);
-        }
+        add_bias(l, o);
     }
     Ok(())
+}
+
+/// `o` (rows of `l`'s output) plus `l`'s bias, if it has one.
+fn add_bias(l: &Linear, o: &mut [f32]) {
+    if let Some(b) = l.bias_host() {
+        kops::add_rows(o, b);
+    }
 }
 
 impl<'a, 'c> HostOps<'a, 'c> {
@@ -374,6 +392,9 @@ impl Ops for HostOps<'_, '_> {
         Ok(out)
     }
 
+    /// The routed experts in index order, a region's worth at a time: every
+    /// expert's gate and up in one parallel region, then every expert's
+    /// down in another, each expert's weights read once for all its rows.
     fn moe(&mut self, x: Act, e: &Experts) -> Result<Act> {
         let logits = self.linear(x, &e.router)?;
         let ((xb, hidden), (lb, n)) = (self.rows_of(x)?, self.rows_of(logits)?);
@@ -385,22 +406,58 @@ impl Ops for HostOps<'_, '_> {
         let s = &mut *self.s;
         let mut y = std::mem::take(&mut s.bufs[ob]);
         y.fill(0.0);
-        let [input, gate, up, down] = &mut s.moe;
-        for (expert, rows) in e.experts.iter().zip(&routed).filter(|(_, r)| !r.is_empty()) {
-            // This expert's rows, gathered: its weights are read once for all of them.
-            let (m, ffn) = (rows.len(), host(&expert.gate)?.rows());
-            input.clear();
-            rows.iter().for_each(|&(r, _)| input.extend_from_slice(&s.bufs[xb][r * hidden..(r + 1) * hidden]));
-            gate.resize(m * ffn, 0.0);
-            up.resize(m * ffn, 0.0);
-            down.resize(m * hidden, 0.0);
-            matmul(&mut s.acts, input, None, &[&expert.gate, &expert.up], &mut [gate, up])?;
-            let up = &*up;
-            let prep = |r: usize, row: &mut [f32]| gate_rows(e.gate, row, &up[r * ffn..(r + 1) * ffn]);
-            matmul(&mut s.acts, gate, Some(&prep), &[&expert.down], &mut [down])?;
-            for (&(r, w), d) in rows.iter().zip(down.chunks_exact(hidden)) {
-                for (o, &v) in y[r * hidden..(r + 1) * hidden].iter_mut().zip(d) {
-                    *o += w * v;
+        let active: Vec<usize> = (0..routed.len()).filter(|&i| !routed[i].is_empty()).collect();
+        for chunk in active.chunks(kernels::MAX_MATS / 2) {
+            if s.moe.len() < chunk.len() {
+                s.moe.resize_with(chunk.len(), ExpertRows::default);
+            }
+            let mut ins = Vec::with_capacity(2 * chunk.len());
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(2 * chunk.len());
+            for (b, &i) in s.moe.iter_mut().zip(chunk) {
+                let (gate, up) = (host(&e.experts[i].gate)?, host(&e.experts[i].up)?);
+                let ExpertRows { input, gate: g, up: u, acts, up_acts, .. } = b;
+                input.clear();
+                routed[i].iter().for_each(|&(r, _)| input.extend_from_slice(&s.bufs[xb][r * hidden..(r + 1) * hidden]));
+                let m = routed[i].len();
+                g.resize(m * gate.rows(), 0.0);
+                u.resize(m * up.rows(), 0.0);
+                acts.quantize_for(gate, input);
+                let up_acts = if up.shares_acts(gate) {
+                    &*acts
+                } else {
+                    up_acts.quantize_for(up, input);
+                    &*up_acts
+                };
+                ins.extend([(gate, &*acts), (up, up_acts)]);
+                outs.extend([&mut g[..], &mut u[..]]);
+            }
+            kernels::matmul_products(&ins, &mut outs);
+            drop((ins, outs));
+
+            let mut ins = Vec::with_capacity(chunk.len());
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(chunk.len());
+            for (b, &i) in s.moe.iter_mut().zip(chunk) {
+                let expert = &e.experts[i];
+                add_bias(&expert.gate, &mut b.gate);
+                add_bias(&expert.up, &mut b.up);
+                let down = host(&expert.down)?;
+                let ExpertRows { gate, up, down: d, acts, .. } = b;
+                let ffn = up.len() / routed[i].len();
+                let up = &*up;
+                acts.prepare_and_quantize_for(down, gate, &|r, row| gate_rows(e.gate, row, &up[r * ffn..(r + 1) * ffn]));
+                d.resize(routed[i].len() * hidden, 0.0);
+                ins.push((down, &*acts));
+                outs.push(&mut d[..]);
+            }
+            kernels::matmul_products(&ins, &mut outs);
+            drop((ins, outs));
+
+            for (b, &i) in s.moe.iter_mut().zip(chunk) {
+                add_bias(&e.experts[i].down, &mut b.down);
+                for (&(r, w), d) in routed[i].iter().zip(b.down.chunks_exact(hidden)) {
+                    for (o, &v) in y[r * hidden..(r + 1) * hidden].iter_mut().zip(d) {
+                        *o += w * v;
+                    }
                 }
             }
         }
