@@ -244,6 +244,31 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((value * mult).round() as u64)
 }
 
+/// SIGINT or SIGTERM, heard from the moment this returns: the handlers are
+/// installed here, not on the future's first poll, so a caller that installs
+/// them before it says it is ready (prints its address) cannot be killed by
+/// a stop signal sent in between. Needs a tokio runtime with signals enabled.
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,30 +324,5 @@ mod tests {
         assert!(bandwidth.is_finite() && bandwidth > 0.0, "{bandwidth}");
         let after = peak_rss_bytes().unwrap();
         assert!(after < before + (128 << 20), "peak RSS {before} -> {after} bytes");
-    }
-}
-
-/// SIGINT or SIGTERM, heard from the moment this returns: the handlers are
-/// installed here, not on the future's first poll, so a caller that installs
-/// them before it says it is ready (prints its address) cannot be killed by
-/// a stop signal sent in between. Needs a tokio runtime with signals enabled.
-pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
-        Ok(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        })
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
     }
 }
