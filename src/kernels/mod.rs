@@ -921,7 +921,11 @@ impl QActs {
     /// Quantizes `x` (`rows × w.cols()`, row-major) the way `w` needs it.
     pub fn quantize_for(&mut self, w: &QMatrix, x: &[f32]) {
         let cols = w.cols;
-        self.quantize_rows(w, x.len(), &|r, out| w.kernel.quantize(&x[r * cols..(r + 1) * cols], out));
+        let rows = self.shape_for(w, x.len());
+        let (data, row_bytes) = (SendPtr(self.data.bytes_mut().as_mut_ptr()), self.row_bytes);
+        // SAFETY: row r of the buffer, written by this call only.
+        let quantize = |r: usize| w.kernel.quantize(&x[r * cols..(r + 1) * cols], unsafe { data.slice(r * row_bytes, row_bytes) });
+        for_rows(rows, &quantize);
     }
 
     /// Runs `prep(r, row)` on every row of `x` (in place), then quantizes
@@ -929,40 +933,20 @@ impl QActs {
     /// the per-row work between two products (a norm, the SwiGLU gate) runs
     /// in the same parallel region as the quantization instead of alone.
     pub fn prepare_and_quantize_for(&mut self, w: &QMatrix, x: &mut [f32], prep: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-        let cols = w.cols;
-        let xp = SendPtr(x.as_mut_ptr());
-        self.quantize_rows(w, x.len(), &|r, out| {
-            // SAFETY: row r of x, touched by this call only.
-            let row = unsafe { xp.slice(r * cols, cols) };
-            prep(r, row);
-            w.kernel.quantize(row, out);
-        });
+        quantize_all(&mut [Quantize { acts: self, w, x }], &|_, r, row| prep(r, row));
     }
 
-    /// `row(r, out)` writes quantized row `r` into `out`, for the `len / w.cols()` rows.
-    fn quantize_rows(&mut self, w: &QMatrix, len: usize, row: &(dyn Fn(usize, &mut [u8]) + Sync)) {
+    /// Sized and labelled for `len` values of activations for `w`: its rows.
+    fn shape_for(&mut self, w: &QMatrix, len: usize) -> usize {
         let cols = w.cols;
         assert_eq!(len % cols, 0, "activations are not whole rows of {cols}");
         let rows = len / cols;
-        let row_bytes = w.kernel.act_row_bytes(cols);
-        self.data.resize(rows * row_bytes);
-        let data = SendPtr(self.data.bytes_mut().as_mut_ptr());
-        let quantize = |r: usize| {
-            // SAFETY: row r of the buffer, written by this call only.
-            row(r, unsafe { data.slice(r * row_bytes, row_bytes) });
-        };
-        // A batch's rows in parallel: on one thread this is a decode step's
-        // longest stretch of work outside the products.
-        if rows > 1 {
-            let pool = pool();
-            pool.run(&|t| (t..rows).step_by(pool.threads()).for_each(quantize));
-        } else {
-            (0..rows).for_each(quantize);
-        }
+        self.row_bytes = w.kernel.act_row_bytes(cols);
+        self.data.resize(rows * self.row_bytes);
         self.rows = rows;
         self.cols = cols;
-        self.row_bytes = row_bytes;
         self.kind = Some(w.kernel.acts());
+        rows
     }
 
     pub fn rows(&self) -> usize {
@@ -972,6 +956,58 @@ impl QActs {
     fn row(&self, r: usize) -> &[u8] {
         &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
+}
+
+/// `f(r)` for rows `0..rows`: a batch's rows in parallel (on one thread,
+/// quantizing them is a step's longest stretch of work outside the
+/// products), a single row on the caller's thread.
+fn for_rows(rows: usize, f: &(dyn Fn(usize) + Sync)) {
+    if rows > 1 {
+        let pool = pool();
+        pool.run(&|t| (t..rows).step_by(pool.threads()).for_each(f));
+    } else {
+        (0..rows).for_each(f);
+    }
+}
+
+/// One quantization of [`quantize_all`]: the rows of `x` into `acts`, the
+/// way `w` needs them.
+pub struct Quantize<'a> {
+    pub acts: &'a mut QActs,
+    pub w: &'a QMatrix,
+    pub x: &'a mut [f32],
+}
+
+/// Several quantizations in one parallel region, row by row, each row first
+/// prepared in place by `prep(job, row index, row)`: a mixture's experts
+/// each quantize their own rows, and a region each would cost more than the
+/// work in a batched step.
+pub fn quantize_all(jobs: &mut [Quantize], prep: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) {
+    // Each job's buffers sized first, then only written through pointers.
+    struct Rows<'a> {
+        w: &'a QMatrix,
+        x: SendPtr<f32>,
+        out: SendPtr<u8>,
+        cols: usize,
+        row_bytes: usize,
+        first: usize,
+    }
+    let mut total = 0;
+    let mut plan = Vec::with_capacity(jobs.len());
+    for j in jobs.iter_mut() {
+        let rows = j.acts.shape_for(j.w, j.x.len());
+        let (x, out) = (SendPtr(j.x.as_mut_ptr()), SendPtr(j.acts.data.bytes_mut().as_mut_ptr()));
+        plan.push(Rows { w: j.w, x, out, cols: j.w.cols, row_bytes: j.acts.row_bytes, first: total });
+        total += rows;
+    }
+    for_rows(total, &|index| {
+        let i = plan.partition_point(|p| p.first <= index) - 1;
+        let (p, r) = (&plan[i], index - plan[i].first);
+        // SAFETY: row r of job i's input and output, touched by this call only.
+        let (row, out) = unsafe { (p.x.slice(r * p.cols, p.cols), p.out.slice(r * p.row_bytes, p.row_bytes)) };
+        prep(i, r, row);
+        p.w.kernel.quantize(row, out);
+    });
 }
 
 /// A buffer shared by the pool's threads, which write disjoint parts of it.

@@ -260,6 +260,32 @@ fn products_of_different_activations_in_one_region_give_what_each_gives_alone() 
 }
 
 #[test]
+fn quantizations_in_one_region_give_what_each_gives_alone() {
+    // Jobs of different formats and row counts, each row prepared in place
+    // with its job's own work first: the rows must land in their own job.
+    let mut rng = rng();
+    let shapes = [(GgmlDType::Q4_0, 64, 1), (GgmlDType::Q4K, 256, 3), (GgmlDType::Q8_0, 32, 5)];
+    let mats: Vec<QMatrix> = shapes
+        .iter()
+        .map(|&(t, cols, _)| QMatrix::from_bytes(t, 16, cols, &random_matrix(&mut rng, t, 16, cols), true).unwrap().interleaved())
+        .collect();
+    let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, cols, n)| random_acts(&mut rng, n * cols)).collect();
+    let prep = |j: usize, r: usize, row: &mut [f32]| row.iter_mut().for_each(|v| *v = *v * (j + 2) as f32 - r as f32);
+    let mut inputs = xs.clone();
+    let mut acts: Vec<QActs> = shapes.iter().map(|_| QActs::new()).collect();
+    let mut jobs: Vec<Quantize> = acts.iter_mut().zip(&mats).zip(&mut inputs).map(|((acts, w), x)| Quantize { acts, w, x }).collect();
+    quantize_all(&mut jobs, &prep);
+    for (j, (m, x)) in mats.iter().zip(&xs).enumerate() {
+        let mut alone = x.clone();
+        alone.chunks_exact_mut(m.cols).enumerate().for_each(|(r, row)| prep(j, r, row));
+        assert_eq!(inputs[j], alone, "job {j}: its rows prepared in place");
+        let mut want = QActs::new();
+        want.quantize_for(m, &alone);
+        assert_eq!((acts[j].rows(), acts[j].data.bytes()), (want.rows(), want.data.bytes()), "job {j}");
+    }
+}
+
+#[test]
 fn candle_backed_types_match_candles_matmul() {
     let dev = Device::Cpu;
     let mut rng = rng();

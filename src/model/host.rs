@@ -407,50 +407,86 @@ impl Ops for HostOps<'_, '_> {
         let mut y = std::mem::take(&mut s.bufs[ob]);
         y.fill(0.0);
         let active: Vec<usize> = (0..routed.len()).filter(|&i| !routed[i].is_empty()).collect();
+        // A decode step's one row is every expert's input: quantized once
+        // (for the first expert's format, which the others normally share).
+        let single = self.rows == 1;
+        let Some(&i) = active.first() else {
+            s.bufs[ob] = y;
+            return Ok(out);
+        };
+        let first = host(&e.experts[i].gate)?;
+        if single {
+            s.acts.quantize_for(first, &s.bufs[xb]);
+        }
         for chunk in active.chunks(kernels::MAX_MATS / 2) {
             if s.moe.len() < chunk.len() {
                 s.moe.resize_with(chunk.len(), ExpertRows::default);
             }
+            // Each expert's rows gathered and quantized, all in one region.
+            if !single {
+                let mut jobs = Vec::with_capacity(chunk.len());
+                for (b, &i) in s.moe.iter_mut().zip(chunk) {
+                    b.input.clear();
+                    routed[i].iter().for_each(|&(r, _)| b.input.extend_from_slice(&s.bufs[xb][r * hidden..(r + 1) * hidden]));
+                    jobs.push(kernels::Quantize { acts: &mut b.acts, w: host(&e.experts[i].gate)?, x: &mut b.input });
+                }
+                kernels::quantize_all(&mut jobs, &|_, _, _| {});
+            }
+
+            // Every expert's gate and up in one region.
             let mut ins = Vec::with_capacity(2 * chunk.len());
             let mut outs: Vec<&mut [f32]> = Vec::with_capacity(2 * chunk.len());
             for (b, &i) in s.moe.iter_mut().zip(chunk) {
                 let (gate, up) = (host(&e.experts[i].gate)?, host(&e.experts[i].up)?);
                 let ExpertRows { input, gate: g, up: u, acts, up_acts, .. } = b;
-                input.clear();
-                routed[i].iter().for_each(|&(r, _)| input.extend_from_slice(&s.bufs[xb][r * hidden..(r + 1) * hidden]));
+                let input = if single { &s.bufs[xb][..] } else { &input[..] };
                 let m = routed[i].len();
                 g.resize(m * gate.rows(), 0.0);
                 u.resize(m * up.rows(), 0.0);
-                acts.quantize_for(gate, input);
+                let gate_acts = match (single, gate.shares_acts(first)) {
+                    (true, true) => &s.acts,
+                    (true, false) => {
+                        acts.quantize_for(gate, input);
+                        &*acts
+                    }
+                    (false, _) => &*acts,
+                };
                 let up_acts = if up.shares_acts(gate) {
-                    &*acts
+                    gate_acts
                 } else {
                     up_acts.quantize_for(up, input);
                     &*up_acts
                 };
-                ins.extend([(gate, &*acts), (up, up_acts)]);
+                ins.extend([(gate, gate_acts), (up, up_acts)]);
                 outs.extend([&mut g[..], &mut u[..]]);
             }
             kernels::matmul_products(&ins, &mut outs);
-            drop((ins, outs));
 
-            let mut ins = Vec::with_capacity(chunk.len());
-            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(chunk.len());
+            // The gated rows, quantized for the downs in one region.
+            let mut jobs = Vec::with_capacity(chunk.len());
+            let mut ups = Vec::with_capacity(chunk.len());
             for (b, &i) in s.moe.iter_mut().zip(chunk) {
                 let expert = &e.experts[i];
                 add_bias(&expert.gate, &mut b.gate);
                 add_bias(&expert.up, &mut b.up);
-                let down = host(&expert.down)?;
-                let ExpertRows { gate, up, down: d, acts, .. } = b;
-                let ffn = up.len() / routed[i].len();
-                let up = &*up;
-                acts.prepare_and_quantize_for(down, gate, &|r, row| gate_rows(e.gate, row, &up[r * ffn..(r + 1) * ffn]));
-                d.resize(routed[i].len() * hidden, 0.0);
-                ins.push((down, &*acts));
-                outs.push(&mut d[..]);
+                b.down.resize(routed[i].len() * hidden, 0.0);
+                let ExpertRows { gate, up, acts, .. } = b;
+                ups.push((&up[..], up.len() / routed[i].len()));
+                jobs.push(kernels::Quantize { acts, w: host(&expert.down)?, x: gate });
+            }
+            kernels::quantize_all(&mut jobs, &|j, r, row| {
+                let (up, ffn) = ups[j];
+                gate_rows(e.gate, row, &up[r * ffn..(r + 1) * ffn])
+            });
+
+            // Every expert's down in one region.
+            let mut ins = Vec::with_capacity(chunk.len());
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(chunk.len());
+            for (b, &i) in s.moe.iter_mut().zip(chunk) {
+                ins.push((host(&e.experts[i].down)?, &b.acts));
+                outs.push(&mut b.down[..]);
             }
             kernels::matmul_products(&ins, &mut outs);
-            drop((ins, outs));
 
             for (b, &i) in s.moe.iter_mut().zip(chunk) {
                 add_bias(&e.experts[i].down, &mut b.down);
