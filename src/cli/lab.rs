@@ -86,6 +86,14 @@ pub fn run(cmd: LabCommand) -> Result<()> {
             if let Some(why) = sollol::lab::unavailable() {
                 anyhow::bail!("no lab here: {why}");
             }
+            // Stop signals are heard from here on: one during the setup
+            // tears the lab down once it is up, instead of killing this
+            // process and leaving its namespaces behind.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let stop = {
+                let _in_rt = rt.enter();
+                sollol::sys::stop_signal()?
+            };
             let exe = std::env::current_exe().context("the sollol binary")?;
             let lab = Lab::up(hosts, link.spec()?, cpu, &exe)?;
             let key = cluster_key.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
@@ -102,15 +110,12 @@ pub fn run(cmd: LabCommand) -> Result<()> {
                 println!("host {} ({}): node at {addr}; run there with: ip netns exec {} CMD", i + 1, h.addr, h.netns);
             }
             println!("lab {} up for {ttl_secs} s; Ctrl-C tears it down", lab.id());
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
-                let stop = sollol::sys::stop_signal()?;
                 tokio::select! {
                     _ = stop => {}
                     _ = tokio::time::sleep(Duration::from_secs(ttl_secs)) => {}
                 }
-                Ok::<_, std::io::Error>(())
-            })?;
+            });
             drop(lab);
             Ok(())
         }
