@@ -92,8 +92,15 @@ async fn sessions_past_the_cap_are_refused_until_one_closes() {
     // The sessions held go on; a closed one makes room.
     p.step(10, &[7042], None, Some(common::greedy()), false).await.unwrap();
     p.close(10).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    p.step(12, &PROMPT, Some(64), Some(common::greedy()), false).await.unwrap();
+    // The node frees the slot once the close lands, a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match p.step(12, &PROMPT, Some(64), Some(common::greedy()), false).await {
+            Ok(_) => break,
+            Err(e) => assert!(code(&e) == Some(ErrorCode::Capacity) && std::time::Instant::now() < deadline, "{e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,8 +172,15 @@ async fn connections_past_the_cap_are_refused() {
     let e = Pipeline::connect(std::slice::from_ref(&node.addr), &key).await.err().expect("a third connection");
     assert!(e.to_string().contains("refused"), "{e}");
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    Pipeline::connect(std::slice::from_ref(&node.addr), &key).await.expect("room again");
+    // The node frees the slot once it sees the close, a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match Pipeline::connect(std::slice::from_ref(&node.addr), &key).await {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "no room again after a connection closed: {e}"),
+        }
+    }
     drop(b);
 }
 
