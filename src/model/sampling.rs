@@ -172,12 +172,17 @@ pub fn sample_constrained(
         });
         return (token, logprobs);
     }
-    // Candidates sorted by logit, best first (stable: ties keep the lower id first).
+    // Candidates best first: by logit, ties to the lower id. That is a total
+    // order, so selecting the top k and sorting only them gives what sorting
+    // the whole vocabulary would, for a fraction of the time (a full sort of
+    // Gemma 3's 262,144 logits took longer than its decode step).
+    let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
     if params.top_k > 0 && params.top_k < cand.len() {
+        cand.select_nth_unstable_by(params.top_k - 1, best_first);
         cand.truncate(params.top_k);
     }
+    cand.sort_unstable_by(best_first);
     let max = cand[0].1;
     let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| (((l - max) / params.temperature) as f64).exp()).collect();
     let total: f64 = probs.iter().sum();
@@ -316,6 +321,26 @@ mod tests {
         let p = SamplingParams { top_k: 1, seed: 7, ..params(1.0) };
         for step in 0..20 {
             assert_eq!(sample(&[0.1, 0.5, 0.4], &p, &[], step), 1);
+        }
+    }
+
+    #[test]
+    fn top_k_candidates_are_those_of_a_full_stable_sort() {
+        // Logits of few distinct values, so most of the top k tie: the
+        // candidates (seen through the top log-probabilities) must come in
+        // the order of a stable sort of the whole vocabulary, ties to the
+        // lower id, as the sampled distribution depends on it.
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
+        let logits: Vec<f32> = (0..5000).map(|_| (rand::Rng::random_range(&mut rng, 0..40u32) as f32) / 4.0).collect();
+        let mut sorted: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for top_k in [20, 40, 0] {
+            let p = SamplingParams { top_k, top_p: 1.0, min_p: 0.0, seed: 9, ..params(1.0) };
+            let (_, lp) = sample_with_logprobs(&logits, &p, &[], 0, Some(MAX_TOP_LOGPROBS));
+            let ids: Vec<u32> = lp.unwrap().top.iter().map(|&(t, _)| t).collect();
+            let n = ids.len();
+            assert_eq!(n, MAX_TOP_LOGPROBS.min(if top_k == 0 { logits.len() } else { top_k }));
+            assert_eq!(ids, sorted[..n].iter().map(|&(t, _)| t).collect::<Vec<_>>(), "top_k {top_k}");
         }
     }
 
