@@ -86,6 +86,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
     logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
+/// `f32::total_cmp`'s order as integers, which compare in vector registers.
+fn order_key(x: f32) -> i32 {
+    let bits = x.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
 /// The log-probabilities of a sampled token and of the most likely
 /// alternatives, in the distribution it was drawn from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,9 +142,10 @@ pub fn sample_constrained(
     if params.is_greedy() && top.is_none() && allowed.is_none() && params.repeat_penalty == 1.0 {
         return (argmax(logits), None);
     }
-    let mut logits = logits.to_vec();
+    // Copied only where a mask or the penalty changes them.
+    let mut logits = std::borrow::Cow::Borrowed(logits);
     if let Some(bits) = allowed {
-        for (t, l) in logits.iter_mut().enumerate() {
+        for (t, l) in logits.to_mut().iter_mut().enumerate() {
             if bits.get(t / 32).is_none_or(|w| w & (1 << (t % 32)) == 0) {
                 *l = f32::NEG_INFINITY;
             }
@@ -150,7 +157,7 @@ pub fn sample_constrained(
         seen.sort_unstable();
         seen.dedup();
         for &t in &seen {
-            if let Some(l) = logits.get_mut(t as usize) {
+            if let Some(l) = logits.to_mut().get_mut(t as usize) {
                 *l = if *l >= 0.0 { *l / params.repeat_penalty } else { *l * params.repeat_penalty };
             }
         }
@@ -177,7 +184,17 @@ pub fn sample_constrained(
     // the whole vocabulary would, for a fraction of the time (a full sort of
     // Gemma 3's 262,144 logits took longer than its decode step).
     let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let mut cand: Vec<(u32, f32)> = match params.top_k {
+        k if k > 0 && k < logits.len() => {
+            // The k maxima of k disjoint stretches are k values at least
+            // their least: the top k are all at or above it, and it leaves
+            // a few hundred candidates of a vocabulary to select from.
+            let floor = logits.chunks(logits.len().div_ceil(k)).map(|c| c.iter().map(|&l| order_key(l)).max().unwrap_or(i32::MIN)).min();
+            let floor = floor.unwrap_or(i32::MIN);
+            logits.iter().enumerate().filter(|(_, &l)| order_key(l) >= floor).map(|(i, &l)| (i as u32, l)).collect()
+        }
+        _ => logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect(),
+    };
     if params.top_k > 0 && params.top_k < cand.len() {
         cand.select_nth_unstable_by(params.top_k - 1, best_first);
         cand.truncate(params.top_k);
@@ -341,6 +358,17 @@ mod tests {
             let n = ids.len();
             assert_eq!(n, MAX_TOP_LOGPROBS.min(if top_k == 0 { logits.len() } else { top_k }));
             assert_eq!(ids, sorted[..n].iter().map(|&(t, _)| t).collect::<Vec<_>>(), "top_k {top_k}");
+        }
+    }
+
+    #[test]
+    fn order_keys_order_as_total_cmp_does() {
+        let v =
+            [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.5, -1.5, f32::MIN_POSITIVE, -f32::MIN_POSITIVE, f32::MAX];
+        for a in v {
+            for b in v {
+                assert_eq!(order_key(a).cmp(&order_key(b)), a.total_cmp(&b), "{a} against {b}");
+            }
         }
     }
 
