@@ -13,14 +13,19 @@ use sollol::model::sampling::{sample, sample_with_logprobs, SamplingParams};
 
 fn main() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let settings: [(&str, SamplingParams, Option<usize>); 5] = [
+    let settings: [(&str, SamplingParams, Option<usize>); 6] = [
         ("greedy", SamplingParams::default(), None),
         (
-            "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05 (the API defaults)",
+            "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05 (Ollama's defaults)",
             SamplingParams { temperature: 0.8, ..Default::default() },
             None,
         ),
         ("the defaults, 5 top logprobs", SamplingParams { temperature: 0.8, ..Default::default() }, Some(5)),
+        (
+            "temperature 1, no top-k, top-p or min-p (OpenAI's defaults)",
+            SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() },
+            None,
+        ),
         (
             "temperature 0.8, top-k off, top-p 0.9",
             SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.9, min_p: 0.0, ..Default::default() },

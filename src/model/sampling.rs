@@ -184,58 +184,121 @@ pub fn sample_constrained(
     // the whole vocabulary would, for a fraction of the time (a full sort of
     // Gemma 3's 262,144 logits took longer than its decode step).
     let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut cand: Vec<(u32, f32)> = match params.top_k {
-        k if k > 0 && k < logits.len() => {
-            // The k maxima of k disjoint stretches are k values at least
-            // their least: the top k are all at or above it, and it leaves
-            // a few hundred candidates of a vocabulary to select from.
-            let floor = logits.chunks(logits.len().div_ceil(k)).map(|c| c.iter().map(|&l| order_key(l)).max().unwrap_or(i32::MIN)).min();
-            let floor = floor.unwrap_or(i32::MIN);
-            logits.iter().enumerate().filter(|(_, &l)| order_key(l) >= floor).map(|(i, &l)| (i as u32, l)).collect()
-        }
-        _ => logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect(),
-    };
-    if params.top_k > 0 && params.top_k < cand.len() {
-        cand.select_nth_unstable_by(params.top_k - 1, best_first);
-        cand.truncate(params.top_k);
+    let ids = |l: &[f32]| -> Vec<(u32, f32)> { l.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect() };
+    let u = uniform(params.seed, step);
+    let cuts = params.top_p < 1.0 || params.min_p > 0.0;
+    let top_k = params.top_k > 0 && params.top_k < logits.len();
+
+    // Each candidate's weight exp((l - max) / T), and their sum: a top-k
+    // set's few in f64, summed best first; with top-k off the whole
+    // vocabulary's in vectorised f32 (f64 exponentials of 262,144 logits
+    // took longer than a decode step), summed in id order.
+    let vocab = (!top_k).then(|| {
+        let mut w: Vec<f32> = logits.iter().map(|&l| l / params.temperature).collect();
+        let mut max_sum = [0f32; 2];
+        crate::kernels::ops::exp_shifted(&mut w, &mut max_sum);
+        (w, f64::from(max_sum[1]))
+    });
+    if let Some((w, sum)) = vocab.as_ref().filter(|_| !cuts) {
+        // Nothing is cut: the draw walks the vocabulary in id order.
+        let chosen = draw(w.iter().map(|&x| f64::from(x)), *sum, u);
+        let logprobs = top.map(|n| {
+            let lp = |t: usize| (f64::from(w[t]) / sum).ln() as f32;
+            let mut cand = ids(&logits);
+            let n = n.min(MAX_TOP_LOGPROBS).min(cand.len());
+            if n > 0 {
+                cand.select_nth_unstable_by(n - 1, best_first);
+            }
+            cand.truncate(n);
+            cand.sort_unstable_by(best_first);
+            let top = cand.iter().filter(|&&(t, _)| w[t as usize] > 0.0).map(|&(t, _)| (t, lp(t as usize))).collect();
+            Logprobs { logprob: lp(chosen), top }
+        });
+        return (chosen as u32, logprobs);
     }
-    cand.sort_unstable_by(best_first);
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| (((l - max) / params.temperature) as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    let mut keep = probs.len();
-    if params.top_p < 1.0 {
-        let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= params.top_p as f64 {
+    let mut cand = if top_k {
+        // The k maxima of k disjoint stretches are k values at least their
+        // least: the top k are all at or above it, and it leaves a few
+        // hundred candidates of a vocabulary to select from.
+        let floor =
+            logits.chunks(logits.len().div_ceil(params.top_k)).map(|c| c.iter().map(|&l| order_key(l)).max().unwrap_or(i32::MIN)).min();
+        let floor = floor.unwrap_or(i32::MIN);
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, &l)| order_key(l) >= floor).map(|(i, &l)| (i as u32, l)).collect();
+        if params.top_k < cand.len() {
+            cand.select_nth_unstable_by(params.top_k - 1, best_first);
+            cand.truncate(params.top_k);
+        }
+        cand.sort_unstable_by(best_first);
+        cand
+    } else {
+        ids(&logits)
+    };
+    let Some(&(_, max)) = cand.first() else { return (0, None) };
+    let weight = |&(t, l): &(u32, f32)| match &vocab {
+        Some((w, _)) => f64::from(w[t as usize]),
+        None => (((l - max) / params.temperature) as f64).exp(),
+    };
+    let total: f64 = match &vocab {
+        Some((_, sum)) => *sum,
+        None => cand.iter().map(weight).sum(),
+    };
+    // Top-p and min-p cut the candidates best first, so they are sorted as
+    // far as the cuts need: a top-k set whole (it is small); with top-k off,
+    // a best-first prefix grown until a cut falls inside it.
+    let mut sorted = if top_k { cand.len() } else { 0 };
+    let (probs, keep) = loop {
+        if sorted < cand.len() {
+            sorted = (sorted * 8).max(256).min(cand.len());
+            if sorted < cand.len() {
+                cand.select_nth_unstable_by(sorted - 1, best_first);
+            }
+            cand[..sorted].sort_unstable_by(best_first);
+        }
+        let probs: Vec<f64> = cand[..sorted].iter().map(|c| weight(c) / total).collect();
+        let mut keep = probs.len();
+        if params.top_p < 1.0 {
+            let mut acc = 0.0;
+            if let Some(i) = probs.iter().position(|p| {
+                acc += p;
+                acc >= params.top_p as f64
+            }) {
                 keep = i + 1;
-                break;
             }
         }
-    }
-    if params.min_p > 0.0 {
-        let floor = probs[0] * params.min_p as f64;
-        keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
-    }
+        if params.min_p > 0.0 {
+            let floor = probs[0] * params.min_p as f64;
+            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+        }
+        if keep < sorted || sorted == cand.len() {
+            break (probs, keep);
+        }
+    };
     let probs = &probs[..keep];
     let total: f64 = probs.iter().sum();
-    let mut r = uniform(params.seed, step) * total;
-    let mut chosen = keep - 1;
-    for (i, p) in probs.iter().enumerate() {
-        if r < *p {
-            chosen = i;
-            break;
-        }
-        r -= p;
-    }
+    let chosen = draw(probs.iter().copied(), total, u);
     let logprobs = top.map(|n| {
         let lp = |p: f64| (p / total).ln() as f32;
         let n = n.min(MAX_TOP_LOGPROBS).min(keep);
         Logprobs { logprob: lp(probs[chosen]), top: (0..n).filter(|&i| probs[i] > 0.0).map(|i| (cand[i].0, lp(probs[i]))).collect() }
     });
     (cand[chosen].0, logprobs)
+}
+
+/// The index a draw `u` in [0, 1) lands on among `weights` (summing to
+/// `total`), taken in their order; the last where rounding leaves it past
+/// the end.
+fn draw(weights: impl Iterator<Item = f64>, total: f64, u: f64) -> usize {
+    let mut r = u * total;
+    let mut last = 0;
+    for (i, p) in weights.enumerate() {
+        if r < p {
+            return i;
+        }
+        r -= p;
+        last = i;
+    }
+    last
 }
 
 #[cfg(test)]
@@ -351,13 +414,20 @@ mod tests {
         let logits: Vec<f32> = (0..5000).map(|_| (rand::Rng::random_range(&mut rng, 0..40u32) as f32) / 4.0).collect();
         let mut sorted: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
         sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
-        for top_k in [20, 40, 0] {
-            let p = SamplingParams { top_k, top_p: 1.0, min_p: 0.0, seed: 9, ..params(1.0) };
-            let (_, lp) = sample_with_logprobs(&logits, &p, &[], 0, Some(MAX_TOP_LOGPROBS));
+        // With top-k off, a top-p or min-p cut sorts only a prefix, grown
+        // past 256 and 2,048 candidates here (the distribution is flat).
+        for (top_k, top_p, min_p) in [(20, 1.0, 0.0), (40, 1.0, 0.0), (0, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.01), (0, 0.3, 0.2)] {
+            let p = SamplingParams { top_k, top_p, min_p, seed: 9, ..params(1.0) };
+            let (token, lp) = sample_with_logprobs(&logits, &p, &[], 0, Some(MAX_TOP_LOGPROBS));
             let ids: Vec<u32> = lp.unwrap().top.iter().map(|&(t, _)| t).collect();
             let n = ids.len();
             assert_eq!(n, MAX_TOP_LOGPROBS.min(if top_k == 0 { logits.len() } else { top_k }));
-            assert_eq!(ids, sorted[..n].iter().map(|&(t, _)| t).collect::<Vec<_>>(), "top_k {top_k}");
+            assert_eq!(ids, sorted[..n].iter().map(|&(t, _)| t).collect::<Vec<_>>(), "top_k {top_k}, top_p {top_p}, min_p {min_p}");
+            // The token drawn is one the cuts keep: of the top p of the mass, at least min_p of the best.
+            let w = |t: u32| f64::from(logits[t as usize] - sorted[0].1).exp();
+            let total: f64 = logits.iter().map(|&l| f64::from(l - sorted[0].1).exp()).sum();
+            let before: f64 = sorted.iter().take_while(|&&(t, _)| t != token).map(|&(t, _)| w(t)).sum();
+            assert!(before / total < f64::from(top_p) + 1e-9 && w(token) >= f64::from(min_p) - 1e-9, "token {token} is cut");
         }
     }
 
