@@ -195,9 +195,17 @@ pub fn sample_constrained(
     // took longer than a decode step), summed in id order.
     let vocab = (!top_k).then(|| {
         let mut w: Vec<f32> = logits.iter().map(|&l| l / params.temperature).collect();
-        let mut max_sum = [0f32; 2];
-        crate::kernels::ops::exp_shifted(&mut w, &mut max_sum);
-        (w, f64::from(max_sum[1]))
+        crate::kernels::ops::exp_shifted(&mut w, &mut [0f32; 2]);
+        // Summed in f64, as the draw subtracts them: a total even slightly
+        // above their sum would let a draw near 1 run past the last token.
+        let mut lanes = [0f64; 8];
+        let chunks = w.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|&x| f64::from(x)).sum();
+        for c in chunks {
+            lanes.iter_mut().zip(c).for_each(|(s, &x)| *s += f64::from(x));
+        }
+        let sum = lanes.iter().sum::<f64>() + tail;
+        (w, sum)
     });
     if let Some((w, sum)) = vocab.as_ref().filter(|_| !cuts) {
         // Nothing is cut: the draw walks the vocabulary in id order.
