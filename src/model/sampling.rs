@@ -168,23 +168,15 @@ pub fn sample_constrained(
             let max = logits[token as usize];
             let log_total = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
             let lp = |l: f32| ((l - max) as f64 - log_total) as f32;
-            let mut best: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-            let n = n.min(MAX_TOP_LOGPROBS).min(best.len());
-            if n > 0 {
-                best.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            }
-            best.truncate(n);
-            best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let best = best_n(&logits, n.min(MAX_TOP_LOGPROBS));
             Logprobs { logprob: lp(max), top: best.into_iter().filter(|(_, l)| l.is_finite()).map(|(t, l)| (t, lp(l))).collect() }
         });
         return (token, logprobs);
     }
-    // Candidates best first: by logit, ties to the lower id. That is a total
-    // order, so selecting the top k and sorting only them gives what sorting
-    // the whole vocabulary would, for a fraction of the time (a full sort of
-    // Gemma 3's 262,144 logits took longer than its decode step).
-    let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let ids = |l: &[f32]| -> Vec<(u32, f32)> { l.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect() };
+    // Candidates go best first (`best_first`): selecting the top k and
+    // sorting only them gives what sorting the whole vocabulary would, for a
+    // fraction of the time (a full sort of Gemma 3's 262,144 logits took
+    // longer than its decode step).
     let u = uniform(params.seed, step);
     let cuts = params.top_p < 1.0 || params.min_p > 0.0;
     let top_k = params.top_k > 0 && params.top_k < logits.len();
@@ -212,14 +204,11 @@ pub fn sample_constrained(
         let chosen = draw(w.iter().map(|&x| f64::from(x)), *sum, u);
         let logprobs = top.map(|n| {
             let lp = |t: usize| (f64::from(w[t]) / sum).ln() as f32;
-            let mut cand = ids(&logits);
-            let n = n.min(MAX_TOP_LOGPROBS).min(cand.len());
-            if n > 0 {
-                cand.select_nth_unstable_by(n - 1, best_first);
-            }
-            cand.truncate(n);
-            cand.sort_unstable_by(best_first);
-            let top = cand.iter().filter(|&&(t, _)| w[t as usize] > 0.0).map(|&(t, _)| (t, lp(t as usize))).collect();
+            let top = best_n(&logits, n.min(MAX_TOP_LOGPROBS))
+                .iter()
+                .filter(|&&(t, _)| w[t as usize] > 0.0)
+                .map(|&(t, _)| (t, lp(t as usize)))
+                .collect();
             Logprobs { logprob: lp(chosen), top }
         });
         return (chosen as u32, logprobs);
@@ -240,7 +229,7 @@ pub fn sample_constrained(
         cand.sort_unstable_by(best_first);
         cand
     } else {
-        ids(&logits)
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect()
     };
     let Some(&(_, max)) = cand.first() else { return (0, None) };
     let weight = |&(t, l): &(u32, f32)| match &vocab {
@@ -291,6 +280,25 @@ pub fn sample_constrained(
         Logprobs { logprob: lp(probs[chosen]), top: (0..n).filter(|&i| probs[i] > 0.0).map(|i| (cand[i].0, lp(probs[i]))).collect() }
     });
     (cand[chosen].0, logprobs)
+}
+
+/// Candidates by logit, best first, ties to the lower id: a total order, so
+/// any selection and sort by it agrees with a stable sort of the whole
+/// vocabulary.
+fn best_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The `n` best of `logits` (`best_first`), in that order.
+fn best_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let n = n.min(best.len());
+    if n > 0 && n < best.len() {
+        best.select_nth_unstable_by(n - 1, best_first);
+    }
+    best.truncate(n);
+    best.sort_unstable_by(best_first);
+    best
 }
 
 /// The index a draw `u` in [0, 1) lands on among `weights` (summing to
