@@ -42,8 +42,9 @@ fn prompt_ids(vocab: u32) -> Vec<u32> {
 enum Reference {
     Llama(quantized_llama::ModelWeights),
     Gemma(quantized_gemma3::ModelWeights),
-    /// Our own slice on the candle backend.
-    Candle(ModelSlice, Option<sollol::model::KvCache>),
+    /// Our own slice on the candle backend, and its cache (boxed: a slice
+    /// and a cache outweigh candle's models many times over).
+    Candle(Box<(ModelSlice, Option<sollol::model::KvCache>)>),
 }
 
 impl Reference {
@@ -66,7 +67,8 @@ impl Reference {
             }
             // Its cache starts over at position 0.
             Reference::Gemma(m) => drop(m.forward(&ids(tokens), pos).unwrap()),
-            Reference::Candle(s, cache) => {
+            Reference::Candle(c) => {
+                let (s, cache) = &mut **c;
                 if pos == 0 {
                     *cache = Some(s.new_cache(PROMPT + DECODE + 1).unwrap());
                 }
@@ -116,7 +118,7 @@ fn load_synthetic(spec: &str) -> Sides {
     let mut file = ModelFile::open(Path::new(spec)).unwrap();
     let n = file.config().unwrap().n_layers;
     let candle = ModelSlice::load_with(&mut file, 0..n, &Device::Cpu, Backend::Candle).unwrap();
-    sides(file, Reference::Candle(candle, None))
+    sides(file, Reference::Candle(Box::new((candle, None))))
 }
 
 fn ids(t: &[u32]) -> Tensor {
