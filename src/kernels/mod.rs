@@ -992,17 +992,21 @@ pub fn quantize_all(jobs: &mut [Quantize], prep: &(dyn Fn(usize, usize, &mut [f3
         row_bytes: usize,
         first: usize,
     }
+    // On the stack: every down product of a dense model comes through here.
+    assert!(jobs.len() <= MAX_MATS, "at most {MAX_MATS} quantizations per region");
+    let mut plan: [Option<Rows>; MAX_MATS] = std::array::from_fn(|_| None);
     let mut total = 0;
-    let mut plan = Vec::with_capacity(jobs.len());
-    for j in jobs.iter_mut() {
+    for (slot, j) in plan.iter_mut().zip(jobs.iter_mut()) {
         let rows = j.acts.shape_for(j.w, j.x.len());
         let (x, out) = (SendPtr(j.x.as_mut_ptr()), SendPtr(j.acts.data.bytes_mut().as_mut_ptr()));
-        plan.push(Rows { w: j.w, x, out, cols: j.w.cols, row_bytes: j.acts.row_bytes, first: total });
+        *slot = Some(Rows { w: j.w, x, out, cols: j.w.cols, row_bytes: j.acts.row_bytes, first: total });
         total += rows;
     }
+    let plan = &plan[..jobs.len()];
     for_rows(total, &|index| {
-        let i = plan.partition_point(|p| p.first <= index) - 1;
-        let (p, r) = (&plan[i], index - plan[i].first);
+        let i = plan.partition_point(|p| p.as_ref().is_some_and(|p| p.first <= index)) - 1;
+        let Some(p) = &plan[i] else { unreachable!("every job's slot is filled") };
+        let r = index - p.first;
         // SAFETY: row r of job i's input and output, touched by this call only.
         let (row, out) = unsafe { (p.x.slice(r * p.cols, p.cols), p.out.slice(r * p.row_bytes, p.row_bytes)) };
         prep(i, r, row);
