@@ -53,6 +53,10 @@ pub enum Error {
     #[error("a prompt of {prompt} tokens does not fit the context of {context} tokens")]
     ContextOverflow { prompt: usize, context: usize },
 
+    /// A device kernel (`kernels/cuda`) refused its shapes or failed to launch.
+    #[error("device kernel {kernel}: {reason}")]
+    Kernel { kernel: String, reason: String },
+
     /// The network lab (namespaces, links, relays) could not be set up.
     #[error("network lab: {0}")]
     Lab(String),

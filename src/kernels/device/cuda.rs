@@ -1,0 +1,88 @@
+//! The device kernels on a CUDA device: the PTX build.rs compiles from
+//! `kernels/cuda/decode.cu`, loaded once into candle's CUDA context and
+//! launched on its stream, where every copy of [`KernelDevice`] runs too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{result, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
+
+use super::{Arg, DevBuf, Geometry, KernelDevice, Launcher};
+use crate::error::{Error, Result};
+
+static PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+const MODULE: &str = "sollol_decode";
+
+/// [`KernelDevice`] on one CUDA device.
+#[derive(Debug)]
+pub struct CudaKernels {
+    dev: CudaDevice,
+}
+
+impl CudaKernels {
+    /// One per device, shared by every slice on it.
+    pub fn shared(dev: &CudaDevice) -> Arc<dyn KernelDevice> {
+        static ALL: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaKernels>>>> = OnceLock::new();
+        let mut all = ALL.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        all.entry(dev.id()).or_insert_with(|| Arc::new(CudaKernels { dev: dev.clone() })).clone()
+    }
+
+    fn failed(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::Kernel { kernel: what.to_string(), reason: e.to_string() }
+    }
+}
+
+impl Launcher for CudaKernels {
+    fn launch(&self, kernel: &str, g: Geometry, args: &[Arg]) -> Result<()> {
+        let f = self.dev.get_or_load_custom_func(kernel, MODULE, PTX).map_err(|e| self.failed(kernel, e))?;
+        let mut b = f.builder();
+        for a in args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (g.grid[0], g.grid[1], g.grid[2]),
+            block_dim: (g.block[0], g.block[1], g.block[2]),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches the kernel's parameters (the
+        // launch functions of `device` build both, and the emulator tests
+        // run the same lists); buffers are live allocations of this device.
+        unsafe { b.launch(cfg) }.map_err(|e| self.failed(kernel, e))?;
+        Ok(())
+    }
+}
+
+impl KernelDevice for CudaKernels {
+    fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        let slice: CudaSlice<u8> = self.dev.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| self.failed("alloc", e))?;
+        let stream = self.dev.cuda_stream();
+        let addr = slice.device_ptr(&stream).0;
+        Ok(DevBuf { addr, len: bytes, _keep: Box::new(slice) })
+    }
+
+    fn write_at(&self, dst: u64, bytes: &[u8]) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        // SAFETY: `dst` is inside a live buffer (bounds checked by `write`);
+        // the stream is synchronized before `bytes` can go away.
+        unsafe { result::memcpy_htod_async(dst, bytes, stream.cu_stream()) }.map_err(|e| self.failed("write", e))?;
+        stream.synchronize().map_err(|e| self.failed("write", e))
+    }
+
+    fn read_at(&self, src: u64, out: &mut [u8]) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        // SAFETY: as in `write_at`.
+        unsafe { result::memcpy_dtoh_async(out, src, stream.cu_stream()) }.map_err(|e| self.failed("read", e))?;
+        stream.synchronize().map_err(|e| self.failed("read", e))
+    }
+
+    fn copy_at(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        // SAFETY: both ranges are inside live buffers (checked by `copy`).
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }.map_err(|e| self.failed("copy", e))
+    }
+}
