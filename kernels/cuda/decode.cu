@@ -50,6 +50,30 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, q8a* __restr
     quantize_lane_value(x[(size_t)b * 32 + threadIdx.x % WARP_SIZE], y + b);
 }
 
+// --- element-wise ops on rows ----------------------------------------------
+
+#define OP_ADD 0       // y = a + b
+#define OP_SCALE 1     // y = a · s
+#define OP_SILU_MUL 2  // y = silu(a) · b
+#define OP_GELU_MUL 3  // y = gelu_tanh(a) · b
+#define OP_GELU 4      // y = gelu_tanh(a)
+
+static __device__ __forceinline__ float gate_fn(float g, int gate);
+
+// n values; `y` may be `a` or `b`.
+extern "C" __global__ void rows_op(const float* a, const float* b, float* y, int n, int op, float s) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float x = a[i];
+        float v;
+        if (op == OP_ADD) v = x + b[i];
+        else if (op == OP_SCALE) v = x * s;
+        else if (op == OP_SILU_MUL) v = gate_fn(x, GATE_SILU) * b[i];
+        else if (op == OP_GELU_MUL) v = gate_fn(x, GATE_GELU_TANH) * b[i];
+        else v = gate_fn(x, GATE_GELU_TANH);
+        y[i] = v;
+    }
+}
+
 // --- mat-vec products -------------------------------------------------------
 
 static __device__ __forceinline__ float gate_fn(float g, int gate) {

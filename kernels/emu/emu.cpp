@@ -173,7 +173,7 @@ const std::vector<Kernel>& kernels() {
         kernel("get_rows_q6_k", get_rows_q6_k), kernel("matvec_f16", matvec_f16),
         kernel("glu_f16", glu_f16),         kernel("get_rows_f16", get_rows_f16),
         kernel("rope_kv", rope_kv),         kernel("attn_split", attn_split),
-        kernel("attn_combine", attn_combine),
+        kernel("attn_combine", attn_combine),       kernel("rows_op", rows_op),
     };
     return all;
 }

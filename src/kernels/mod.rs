@@ -20,7 +20,6 @@ pub mod arena;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod blocks;
-#[cfg(any(test, feature = "cuda"))]
 pub mod device;
 #[cfg(target_arch = "aarch64")]
 mod neon;

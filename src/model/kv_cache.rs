@@ -5,11 +5,14 @@
 //! The state can be exported and imported, which is how a session moves
 //! between nodes without recomputing its prompt.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::error::{Error, Result};
+use crate::kernels::device::{DevBuf, KernelDevice};
 
 /// Keys and values of one block: `[batch, n_kv_heads, capacity, head_dim]`,
 /// rows `0..len` valid.
@@ -43,7 +46,21 @@ pub const HOST_CHUNK: usize = 64;
 #[derive(Debug)]
 enum Store {
     Device(Vec<LayerKv>),
-    Host { layers: Vec<HostKv>, n_kv_heads: usize, head_dim: usize },
+    Host {
+        layers: Vec<HostKv>,
+        n_kv_heads: usize,
+        head_dim: usize,
+    },
+    /// The device kernels' cache: per block, K and V in device memory as
+    /// f16 `[capacity, n_kv_heads, head_dim]`, allocated whole. Position-major,
+    /// so a row's address does not depend on the capacity and one step's
+    /// rows of many sessions are written by one launch.
+    Kernels {
+        layers: Vec<(DevBuf, DevBuf)>,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kd: Arc<dyn KernelDevice>,
+    },
 }
 
 #[derive(Debug)]
@@ -79,6 +96,25 @@ impl KvCache {
         Self { store: Store::Host { layers, n_kv_heads, head_dim }, len: 0, capacity }
     }
 
+    /// A cache for the device kernels, room for `capacity` positions.
+    pub fn new_kernels(n_layers: usize, n_kv_heads: usize, head_dim: usize, capacity: usize, kd: Arc<dyn KernelDevice>) -> Result<Self> {
+        let bytes = capacity * n_kv_heads * head_dim * std::mem::size_of::<f16>();
+        let layers = (0..n_layers).map(|_| Ok((kd.alloc(bytes)?, kd.alloc(bytes)?))).collect::<Result<Vec<_>>>()?;
+        Ok(Self { store: Store::Kernels { layers, n_kv_heads, head_dim, kd }, len: 0, capacity })
+    }
+
+    /// Block `layer`'s K and V addresses, for the device kernels (None for other caches).
+    pub fn kernel_layer(&self, layer: usize) -> Option<(u64, u64)> {
+        match &self.store {
+            Store::Kernels { layers, .. } => layers.get(layer).map(|(k, v)| (k.addr(), v.addr())),
+            _ => None,
+        }
+    }
+
+    pub fn is_kernels(&self) -> bool {
+        matches!(self.store, Store::Kernels { .. })
+    }
+
     pub fn is_host(&self) -> bool {
         matches!(self.store, Store::Host { .. })
     }
@@ -87,7 +123,7 @@ impl KvCache {
     pub fn host_layer_mut(&mut self, layer: usize) -> Option<&mut HostKv> {
         match &mut self.store {
             Store::Host { layers, .. } => layers.get_mut(layer),
-            Store::Device(_) => None,
+            Store::Device(_) | Store::Kernels { .. } => None,
         }
     }
 
@@ -108,6 +144,7 @@ impl KvCache {
         match &self.store {
             Store::Device(l) => l.len(),
             Store::Host { layers, .. } => layers.len(),
+            Store::Kernels { layers, .. } => layers.len(),
         }
     }
 
@@ -137,7 +174,7 @@ impl KvCache {
     fn rows_for(&self, needed: usize) -> usize {
         let held = match &self.store {
             Store::Host { layers, .. } => layers.first().map_or(0, |l| l.rows),
-            Store::Device(_) => return self.capacity,
+            Store::Device(_) | Store::Kernels { .. } => return self.capacity,
         };
         if needed <= held {
             return held;
@@ -164,6 +201,7 @@ impl KvCache {
                 let rows = needed.map_or_else(|| layers.first().map_or(0, |l| l.rows), |n| self.rows_for(n));
                 (layers.len() * 2 * n_kv_heads * rows * head_dim * std::mem::size_of::<f16>()) as u64
             }
+            Store::Kernels { layers, .. } => layers.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum(),
         }
     }
 
@@ -172,7 +210,7 @@ impl KvCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
         let Store::Device(layers) = &self.store else {
-            return Err(Error::InvalidRequest("a host KV cache used by the candle path".into()));
+            return Err(Error::InvalidRequest("a KV cache of another backend used by the candle path".into()));
         };
         let entry = &layers[layer];
         entry.k.slice_set(k, 2, self.len)?;
@@ -205,6 +243,21 @@ impl KvCache {
                     Ok(Tensor::from_vec(rows, (1, h, len, d), &Device::Cpu)?)
                 };
                 layers.iter().map(|l| Ok((valid(&l.k, l.rows)?, valid(&l.v, l.rows)?))).collect::<Result<Vec<_>>>()?
+            }
+            Store::Kernels { layers, n_kv_heads, head_dim, kd } => {
+                let (h, d) = (*n_kv_heads, *head_dim);
+                // Position-major on the device, head-major in the state.
+                let valid = |buf: &DevBuf| -> Result<Tensor> {
+                    let mut bytes = vec![0u8; len * h * d * 2];
+                    kd.read(buf, 0, &mut bytes)?;
+                    let rows: Vec<f16> = bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+                    let heads: Vec<f32> = (0..h)
+                        .flat_map(|j| (0..len).flat_map(move |p| (0..d).map(move |i| (p, j, i))))
+                        .map(|(p, j, i)| rows[(p * h + j) * d + i].to_f32())
+                        .collect();
+                    Ok(Tensor::from_vec(heads, (1, h, len, d), &Device::Cpu)?)
+                };
+                layers.iter().map(|(k, v)| Ok((valid(k)?, valid(v)?))).collect::<Result<Vec<_>>>()?
             }
         };
         Ok(KvState { len, layers })
@@ -241,6 +294,25 @@ impl KvCache {
                         for j in 0..h {
                             buf[j * stride * d..][..len * d].convert_from_f32_slice(&rows[j * len * d..(j + 1) * len * d]);
                         }
+                    }
+                }
+                self.len = state.len;
+                return Ok(());
+            }
+            Store::Kernels { layers, n_kv_heads, head_dim, kd } => {
+                let (h, d, len) = (*n_kv_heads, *head_dim, state.len);
+                let expected = [1, h, len, d];
+                for ((kb, vb), (k, v)) in layers.iter().zip(state.layers.iter()) {
+                    for (buf, t) in [(kb, k), (vb, v)] {
+                        if t.dims() != expected {
+                            return Err(mismatch(t.dims(), &expected));
+                        }
+                        let heads = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        let bytes: Vec<u8> = (0..len)
+                            .flat_map(|p| (0..h).flat_map(move |j| (0..d).map(move |i| (j * len + p) * d + i)))
+                            .flat_map(|at| f16::from_f32(heads[at]).to_le_bytes())
+                            .collect();
+                        kd.write(buf, 0, &bytes)?;
                     }
                 }
                 self.len = state.len;

@@ -13,6 +13,7 @@ use super::rope::{Rope, RopeSpec};
 use super::weights::{Backend, Linear, Norm, Part, Projections, RawWeight};
 use super::ModelFile;
 use crate::error::{Error, Result};
+use crate::kernels::device::KernelDevice;
 
 pub struct Loader<'a> {
     pub(super) file: &'a mut ModelFile,
@@ -23,9 +24,12 @@ pub struct Loader<'a> {
     pub(super) exact: bool,
     pub(super) layer: usize,
     pub(super) ropes: &'a mut Vec<Arc<Rope>>,
-    /// Cleared when a matrix has a type our kernels lack: a host slice is
-    /// then loaded for candle instead.
-    pub(super) all_host: bool,
+    /// The device the device kernels run on (`Backend::Device`).
+    pub(super) kernels: Option<Arc<dyn KernelDevice>>,
+    /// Cleared when a weight has a type (or the block an operation) the
+    /// backend's own kernels lack: a host or device slice is then loaded
+    /// for candle instead.
+    pub(super) all_kernels: bool,
 }
 
 impl Loader<'_> {
@@ -64,10 +68,12 @@ impl Loader<'_> {
             Backend::Host if shape.len() == 2 => match self.file.read_matrix(name, layer)? {
                 Some(m) => RawWeight::Host(m),
                 None => {
-                    self.all_host = false;
+                    self.all_kernels = false;
                     self.file.read(name, layer, self.device)?
                 }
             },
+            // Read to the host, from where the device kernels' copy is made.
+            Backend::Device => self.file.read(name, layer, &Device::Cpu)?,
             _ => self.file.read(name, layer, self.device)?.dequantized_if(self.exact)?,
         };
         let dims = w.dims();
@@ -97,13 +103,33 @@ impl Loader<'_> {
     /// LayerNorm `{base}.weight` and `{base}.bias` of `len` values.
     pub fn layer_norm(&mut self, base: &str, len: usize) -> Result<Norm> {
         let (w, b) = (self.weight(&format!("{base}.weight"), &[len])?, self.weight(&format!("{base}.bias"), &[len])?);
+        // The device kernels have RMSNorm only.
+        self.all_kernels &= self.backend != Backend::Device;
         Norm::layer(&w, &b, self.config.rms_norm_eps)
     }
 
     fn linear_of(&mut self, w: RawWeight, bias: Option<candle_core::Tensor>) -> Result<Linear> {
+        if let Some(kd) = &self.kernels {
+            if let Some(l) = Linear::on_device(&w, bias.as_ref(), &**kd)? {
+                return Ok(l);
+            }
+            self.all_kernels = false;
+            return Linear::new(w, bias, Backend::Candle);
+        }
         let l = Linear::new(w, bias, self.backend)?;
-        self.all_host &= self.backend != Backend::Host || l.host().is_some();
+        self.all_kernels &= self.backend != Backend::Host || l.host().is_some();
         Ok(l)
+    }
+
+    /// Projections of one input: separate layers on the device kernels (each
+    /// product reads the input prepared once), as the backend stacks them otherwise.
+    fn projections_of(&mut self, loaded: Vec<Part>) -> Result<Projections> {
+        if self.backend == Backend::Device {
+            return Ok(Projections::Separate(loaded.into_iter().map(|(w, b)| self.linear_of(w, b)).collect::<Result<_>>()?));
+        }
+        let p = Projections::new(loaded, self.backend)?;
+        self.all_kernels &= self.backend != Backend::Host || p.separate().iter().all(|l| l.host().is_some());
+        Ok(p)
     }
 
     /// Products of one input of width `cols`: `(weight name, rows)` each,
@@ -117,9 +143,7 @@ impl Loader<'_> {
             let b = if self.has(&bias) { Some(self.weight(&bias, &[rows])?.to_f32()?) } else { None };
             loaded.push((w, b));
         }
-        let p = Projections::new(loaded, self.backend)?;
-        self.all_host &= self.backend != Backend::Host || p.separate().iter().all(|l| l.host().is_some());
-        Ok(p)
+        self.projections_of(loaded)
     }
 
     /// Products of one input of width `cols` whose weights are one fused
@@ -137,9 +161,7 @@ impl Loader<'_> {
             loaded.push((w.rows(start, rows)?, b.as_ref().map(|b| b.narrow(0, start, rows)).transpose()?));
             start += rows;
         }
-        let p = Projections::new(loaded, self.backend)?;
-        self.all_host &= self.backend != Backend::Host || p.separate().iter().all(|l| l.host().is_some());
-        Ok(p)
+        self.projections_of(loaded)
     }
 
     /// The mixture of experts of the block, where it has one (a router
@@ -156,6 +178,12 @@ impl Loader<'_> {
         let top_k = self.param_usize("expert_used_count", "num_experts_per_tok").filter(|&k| (1..=n).contains(&k));
         let top_k = top_k.ok_or_else(|| self.bad(format!("expert_used_count must be 1..={n}")))?;
         let ffn = self.param_usize("expert_feed_forward_length", "moe_intermediate_size").unwrap_or(self.config.intermediate_size);
+        // The device kernels have no expert routing yet: the slice runs on candle.
+        if self.backend == Backend::Device {
+            self.all_kernels = false;
+            self.kernels = None;
+            self.backend = Backend::Candle;
+        }
         let router = self.linear("ffn_gate_inp.weight", n, hidden)?;
         let merged = self.has("ffn_gate_exps.weight");
         let part = |l: &mut Self, base: &str, rows: usize, cols: usize| -> Result<Vec<Linear>> {
@@ -167,11 +195,11 @@ impl Loader<'_> {
                 Backend::Host => match l.file.read_matrix(&name, Some(l.layer))? {
                     Some(m) => RawWeight::Host(m),
                     None => {
-                        l.all_host = false;
+                        l.all_kernels = false;
                         l.file.read(&name, Some(l.layer), l.device)?
                     }
                 },
-                Backend::Candle => l.file.read(&name, Some(l.layer), l.device)?.dequantized_if(l.exact)?,
+                Backend::Candle | Backend::Device => l.file.read(&name, Some(l.layer), l.device)?.dequantized_if(l.exact)?,
             };
             let (dims, flat) = (w.dims(), [n * rows, cols]);
             if dims != [n, rows, cols] && dims != flat {

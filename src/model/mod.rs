@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod eval;
 pub mod gguf;
+mod gpu;
 pub mod host;
 pub mod kquants;
 pub mod kv_cache;

@@ -71,7 +71,7 @@ impl Rope {
             })
             .collect();
         let n = spec.context;
-        let on = if backend == Backend::Host { &Device::Cpu } else { device };
+        let on = if backend == Backend::Candle { device } else { &Device::Cpu };
         let inv_freq = Tensor::new(inv_freq.as_slice(), on)?;
         let positions = Tensor::arange(0, n as u32, on)?.to_dtype(DType::F32)?.reshape((n, 1))?;
         let angles = positions.matmul(&inv_freq.reshape((1, d / 2))?)?;
@@ -83,7 +83,8 @@ impl Rope {
             f => ((cos * f as f64)?, (sin * f as f64)?),
         };
         let tables = match backend {
-            Backend::Host => Tables::Host { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()? },
+            // The device kernels' copy is made by their backend, from these.
+            Backend::Host | Backend::Device => Tables::Host { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()? },
             Backend::Candle => Tables::Device { cos, sin },
         };
         Ok(Self { spec, tables })
@@ -91,6 +92,14 @@ impl Rope {
 
     pub fn spec(&self) -> &RopeSpec {
         &self.spec
+    }
+
+    /// The host tables `[context, rot_dim / 2]` (cos, sin), where this rope has them.
+    pub fn host_tables(&self) -> Option<(&[f32], &[f32])> {
+        match &self.tables {
+            Tables::Host { cos, sin } => Some((cos, sin)),
+            Tables::Device { .. } => None,
+        }
     }
 
     /// Rotates rows `[seq, heads, head_dim]` in place for positions `pos..pos+seq` (host tables).

@@ -11,14 +11,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::candle::CandleOps;
 use super::config::{Config, Pooling};
+use super::gpu::{self, DeviceState, Step, StepOut};
 use super::host::{BatchItem, HostInput, HostOps, Scratch, Seg};
 use super::kv_cache::KvCache;
 use super::loader::Loader;
 use super::ops::{Block, Ops};
 use super::weights::RawWeight;
-use super::weights::{Backend, Embedding, Linear, Norm};
+use super::weights::{device_matrix, Backend, Embedding, Linear, Norm};
 use super::{ModelFile, EMBED, OUTPUT, OUTPUT_BIAS, OUTPUT_NORM, OUTPUT_NORM_BIAS};
 use crate::error::{Error, Result};
+use crate::kernels::device::{kernel_device, KernelDevice};
 
 #[derive(Debug, Clone)]
 pub struct ModelSlice {
@@ -34,6 +36,8 @@ pub struct ModelSlice {
     backend: Backend,
     /// The host path's buffers (shared by clones, which then take turns).
     scratch: Arc<Mutex<Scratch>>,
+    /// The device the device kernels run on, and their buffers (`Backend::Device`).
+    kernels: Option<(Arc<dyn KernelDevice>, Arc<Mutex<DeviceState>>)>,
 }
 
 /// What a slice hands on: hidden states for the next stage, or the last
@@ -87,10 +91,31 @@ impl ModelSlice {
             ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut weight_bytes = 0;
+        let kernels = if backend == Backend::Device { Some(kernel_device(device)?) } else { None };
+        // What the device kernels' slice reads on the host before uploading it.
+        let read_on = if backend == Backend::Device { &Device::Cpu } else { device };
         // The table is also the LM head of a tied model.
         let tied_head_here = is_last && !file.has(OUTPUT, None);
+        let mut device_table = None;
         let (host_table, embed_table) = match backend {
             _ if !is_first && !tied_head_here => (None, None),
+            Backend::Device => {
+                let kd = kernels.as_deref().expect("made above for Backend::Device");
+                match device_matrix(&file.read(EMBED, None, &Device::Cpu)?, kd)? {
+                    Some(m) if m.cols != config.hidden_size => {
+                        return Err(Error::bad_model(
+                            file.path(),
+                            format!("the embedding table has rows of {}, the config says {}", m.cols, config.hidden_size),
+                        ))
+                    }
+                    Some(m) => {
+                        weight_bytes += m.buf.len();
+                        device_table = Some(Arc::new(m));
+                        (None, None)
+                    }
+                    None => return Self::load_with(file, layers, device, Backend::Candle),
+                }
+            }
             // On the host path the table is one matrix, shared by the
             // embedding and a tied LM head; laid out for products only when
             // it is that head here (a lookup reads either layout).
@@ -113,17 +138,28 @@ impl ModelSlice {
                 (None, Some(table))
             }
         };
-        let embed = match (&host_table, &embed_table) {
+        let embed = match (&host_table, &embed_table, &device_table) {
             _ if !is_first => None,
-            (Some(m), _) => Some(Embedding::Host(m.clone())),
-            (None, t) => t.clone().map(Embedding::Candle),
+            (Some(m), _, _) => Some(Embedding::Host(m.clone())),
+            (_, _, Some(m)) => Some(Embedding::Device(m.clone())),
+            (None, t, None) => t.clone().map(Embedding::Candle),
         };
         let mut blocks = Vec::with_capacity(layers.len());
         let mut ropes = Vec::new();
         for layer in layers.clone() {
-            let mut loader = Loader { file, config: &config, device, backend, exact, layer, ropes: &mut ropes, all_host: true };
+            let mut loader = Loader {
+                file,
+                config: &config,
+                device,
+                backend,
+                exact,
+                layer,
+                ropes: &mut ropes,
+                kernels: kernels.clone(),
+                all_kernels: true,
+            };
             blocks.push((config.arch.load_block)(&mut loader)?);
-            if !loader.all_host {
+            if !loader.all_kernels {
                 progress.finish_and_clear();
                 return Self::load_with(file, layers, device, Backend::Candle);
             }
@@ -131,9 +167,18 @@ impl ModelSlice {
         }
         weight_bytes += file.bytes_of_blocks(layers.clone());
         let head = if is_last {
-            let norm = file.read(OUTPUT_NORM, None, device)?;
+            let norm = file.read(OUTPUT_NORM, None, read_on)?;
             let output = if file.has(OUTPUT, None) {
                 match backend {
+                    Backend::Device => {
+                        let w = file.read(OUTPUT, None, &Device::Cpu)?;
+                        weight_bytes += w.size_in_bytes();
+                        let kd = kernels.as_deref().expect("made above for Backend::Device");
+                        match Linear::on_device(&w, None, kd)? {
+                            Some(l) => l,
+                            None => return Self::load_with(file, layers, device, Backend::Candle),
+                        }
+                    }
                     Backend::Host => match file.read_matrix(OUTPUT, None)? {
                         Some(m) => {
                             weight_bytes += m.size_in_bytes();
@@ -149,6 +194,8 @@ impl ModelSlice {
                 }
             } else if let Some(m) = &host_table {
                 Linear::from_matrix(m.clone())
+            } else if let Some(m) = &device_table {
+                Linear::from_device(m.clone())
             } else {
                 // Tied embeddings: the LM head is the embedding table.
                 let table = embed_table.clone().ok_or_else(|| Error::bad_model(file.path(), "no LM head and no embedding table"))?;
@@ -160,8 +207,13 @@ impl ModelSlice {
             }
             // phi2's head is a LayerNorm and an LM head with a bias.
             let bias = |name: &str, file: &mut ModelFile| -> Result<Option<RawWeight>> {
-                file.has(name, None).then(|| file.read(name, None, device)).transpose()
+                file.has(name, None).then(|| file.read(name, None, read_on)).transpose()
             };
+            // The device kernels have neither LayerNorm nor a biased head.
+            if backend == Backend::Device && (file.has(OUTPUT_BIAS, None) || file.has(OUTPUT_NORM_BIAS, None)) {
+                progress.finish_and_clear();
+                return Self::load_with(file, layers, device, Backend::Candle);
+            }
             let output = output.with_bias(bias(OUTPUT_BIAS, file)?.map(|b| b.to_f32()).transpose()?)?;
             let norm = match bias(OUTPUT_NORM_BIAS, file)? {
                 Some(b) => Norm::layer(&norm, &b, config.rms_norm_eps)?,
@@ -178,7 +230,8 @@ impl ModelSlice {
         progress.finish_and_clear();
         let scratch = Arc::new(Mutex::new(Scratch::default()));
         let embed_scale = (config.arch.embedding_scale)(config.hidden_size);
-        Ok(Self { config, layers, embed, embed_scale, blocks, head, device: device.clone(), weight_bytes, backend, scratch })
+        let kernels = kernels.map(|kd| (kd, Arc::new(Mutex::new(DeviceState::default()))));
+        Ok(Self { config, layers, embed, embed_scale, blocks, head, device: device.clone(), weight_bytes, backend, scratch, kernels })
     }
 
     pub fn backend(&self) -> Backend {
@@ -219,6 +272,7 @@ impl ModelSlice {
         match self.backend {
             Backend::Host => KvCache::new_host(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity).bytes_after(rows),
             Backend::Candle => (self.blocks.len() * 2 * cfg.n_kv_heads * capacity * cfg.head_dim * 4) as u64,
+            Backend::Device => (self.blocks.len() * 2 * cfg.n_kv_heads * capacity * cfg.head_dim * 2) as u64,
         }
     }
 
@@ -229,7 +283,21 @@ impl ModelSlice {
         match self.backend {
             Backend::Host => Ok(KvCache::new_host(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity)),
             Backend::Candle => KvCache::new(self.blocks.len(), 1, cfg.n_kv_heads, cfg.head_dim, capacity, &self.device),
+            Backend::Device => {
+                let (kd, _) = self.kernels.as_ref().expect("a device slice has its device");
+                KvCache::new_kernels(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity, kd.clone())
+            }
         }
+    }
+
+    /// Whether `cache` is of the kind this slice's backend keeps.
+    fn holds(&self, cache: &KvCache) -> bool {
+        cache.n_layers() == self.blocks.len()
+            && match self.backend {
+                Backend::Host => cache.is_host(),
+                Backend::Device => cache.is_kernels(),
+                Backend::Candle => !cache.is_host() && !cache.is_kernels(),
+            }
     }
 
     /// Runs the slice on `x` — token ids `[b, seq]` (u32) on the first slice,
@@ -239,12 +307,12 @@ impl ModelSlice {
         if seq == 0 {
             return Err(Error::InvalidRequest("empty input".into()));
         }
-        if cache.n_layers() != self.blocks.len() || cache.is_host() != (self.backend == Backend::Host) {
+        if !self.holds(cache) {
             return Err(Error::InvalidRequest("KV cache belongs to a different slice".into()));
         }
         self.check_input(x)?;
-        if self.backend == Backend::Host {
-            return self.forward_host_tensor(x, cache);
+        if self.backend.batches() {
+            return self.forward_one(x, cache);
         }
         let h = self.blocks_candle(x, cache)?;
         match &self.head {
@@ -292,7 +360,7 @@ impl ModelSlice {
         if x.dim(1)? == 0 {
             return Err(Error::InvalidRequest("empty input".into()));
         }
-        if item.cache.n_layers() != self.blocks.len() || item.cache.is_host() {
+        if !self.holds(item.cache) {
             return Err(Error::InvalidRequest("KV cache belongs to a different slice".into()));
         }
         self.check_input(&x)?;
@@ -326,10 +394,10 @@ impl ModelSlice {
         Ok(())
     }
 
-    /// [`ModelSlice::forward`] on the host path (input already checked): a batch of one.
-    fn forward_host_tensor(&self, x: &Tensor, cache: &mut KvCache) -> Result<SliceOutput> {
+    /// [`ModelSlice::forward`] on a batching backend (input already checked): a batch of one.
+    fn forward_one(&self, x: &Tensor, cache: &mut KvCache) -> Result<SliceOutput> {
         if x.dim(0)? != 1 {
-            return Err(Error::InvalidRequest("the host path runs one sequence per batch item".into()));
+            return Err(Error::InvalidRequest("a batching backend runs one sequence per batch item".into()));
         }
         let (tokens, hidden);
         let input = if self.is_first() {
@@ -358,23 +426,32 @@ impl ModelSlice {
     /// a bad one leaves all caches untouched.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<SliceOutput>> {
         let hidden = self.config.hidden_size;
+        let cpu = &Device::Cpu;
+        let hidden_of = |rows: &[f32], segs: &[Seg]| -> Result<Vec<SliceOutput>> {
+            segs.iter()
+                .map(|g| {
+                    let rows = &rows[g.start * hidden..(g.start + g.len) * hidden];
+                    Ok(SliceOutput::Hidden(Tensor::from_slice(rows, (1, g.len, hidden), cpu)?))
+                })
+                .collect()
+        };
+        let logits_of = |logits: &[f32], items: usize| -> Result<Vec<SliceOutput>> {
+            let vocab = logits.len() / items.max(1);
+            logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), cpu)?))).collect()
+        };
+        if self.backend == Backend::Device {
+            return match self.run_device_batch(items, true)? {
+                (StepOut::Logits(l), segs) => logits_of(&l, segs.len()),
+                (StepOut::Rows(r), segs) => hidden_of(&r, &segs),
+            };
+        }
         self.run_host_batch(items, |ops, h, segs| match &self.head {
             Some((norm, output)) => {
                 // Only each item's last position is sampled.
                 let last: Vec<usize> = segs.iter().map(|g| g.start + g.len - 1).collect();
-                let logits = ops.head(h, &last, norm, output)?;
-                let vocab = logits.len() / last.len();
-                logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), &Device::Cpu)?))).collect()
+                logits_of(&ops.head(h, &last, norm, output)?, last.len())
             }
-            None => {
-                let rows = ops.rows(h)?;
-                segs.iter()
-                    .map(|g| {
-                        let rows = &rows[g.start * hidden..(g.start + g.len) * hidden];
-                        Ok(SliceOutput::Hidden(Tensor::from_slice(rows, (1, g.len, hidden), &Device::Cpu)?))
-                    })
-                    .collect()
-            }
+            None => hidden_of(&ops.rows(h)?, segs),
         })
     }
 
@@ -386,15 +463,10 @@ impl ModelSlice {
         let Some((norm, _)) = &self.head else {
             return Err(Error::InvalidRequest("only the last slice pools its hidden states".into()));
         };
-        if self.backend == Backend::Candle {
-            return items.iter_mut().map(|item| self.pool_candle(item, norm, pooling)).collect();
-        }
         let hidden = self.config.hidden_size;
-        self.run_host_batch(items, |ops, h, segs| {
-            let all = ops.rows(h)?;
+        let pool = |all: &[f32], segs: &[Seg]| -> Vec<Vec<f32>> {
             let mut normed = vec![0f32; hidden];
-            Ok(segs
-                .iter()
+            segs.iter()
                 .map(|g| {
                     let mut pooled = vec![0f32; hidden];
                     let picked = match pooling {
@@ -408,24 +480,22 @@ impl ModelSlice {
                     }
                     pooled
                 })
-                .collect())
-        })
+                .collect()
+        };
+        match self.backend {
+            Backend::Candle => items.iter_mut().map(|item| self.pool_candle(item, norm, pooling)).collect(),
+            Backend::Device => match self.run_device_batch(items, false)? {
+                (StepOut::Rows(all), segs) => Ok(pool(&all, &segs)),
+                (StepOut::Logits(_), _) => unreachable!("a step without the head hands rows on"),
+            },
+            Backend::Host => self.run_host_batch(items, |ops, h, segs| Ok(pool(&ops.rows(h)?, segs))),
+        }
     }
 
-    /// The host batch's common part: checks every item, runs the blocks over
-    /// the stacked rows, hands the last block's output to `finish`, and
-    /// advances the caches.
-    fn run_host_batch<T>(
-        &self,
-        items: &mut [BatchItem<'_>],
-        finish: impl FnOnce(&mut HostOps<'_, '_>, super::ops::Act, &[Seg]) -> Result<Vec<T>>,
-    ) -> Result<Vec<T>> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        if self.backend != Backend::Host {
-            return Err(Error::InvalidRequest("batched steps run on the host backend".into()));
-        }
+    /// Checks every item of a batch (an input of the slice's kind, a cache
+    /// of its backend) and reserves the room its rows need: where each
+    /// item's rows sit in the stacked batch.
+    fn place(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Seg>> {
         let hidden = self.config.hidden_size;
         let mut segs = Vec::with_capacity(items.len());
         let mut rows = 0;
@@ -445,7 +515,7 @@ impl ModelSlice {
             if len == 0 {
                 return Err(Error::InvalidRequest(format!("batch item {n}: empty input")));
             }
-            if !item.cache.is_host() || item.cache.n_layers() != self.blocks.len() {
+            if !self.holds(item.cache) {
                 return Err(Error::InvalidRequest(format!("batch item {n}: KV cache belongs to a different slice")));
             }
             item.cache.reserve(len)?;
@@ -457,7 +527,49 @@ impl ModelSlice {
             segs.push(Seg { start: rows, len, pos: item.cache.len() });
             rows += len;
         }
+        Ok(segs)
+    }
 
+    /// A batch on the device kernels: each item's logits (`head`, on the
+    /// last slice) or the last block's rows, and where each item's rows sit.
+    fn run_device_batch(&self, items: &mut [BatchItem<'_>], head: bool) -> Result<(StepOut, Vec<Seg>)> {
+        if items.is_empty() {
+            return Ok((StepOut::Rows(Vec::new()), Vec::new()));
+        }
+        let segs = self.place(items)?;
+        let (kd, state) = self.kernels.as_ref().expect("a device slice has its device");
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let inputs: Vec<HostInput> = items.iter().map(|i| i.input).collect();
+        let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|i| &mut *i.cache).collect();
+        let step = Step {
+            blocks: &self.blocks,
+            embed: self.embed.as_ref().map(|e| (e, self.embed_scale)),
+            head: self.head.as_ref().filter(|_| head).map(|(n, o)| (n, o)),
+            hidden: self.config.hidden_size,
+        };
+        let out = gpu::run(&**kd, &mut state, &step, &inputs, &segs, &caches)?;
+        for (c, g) in caches.iter_mut().zip(&segs) {
+            c.advance(g.len);
+        }
+        Ok((out, segs))
+    }
+
+    /// The host batch's common part: checks every item, runs the blocks over
+    /// the stacked rows, hands the last block's output to `finish`, and
+    /// advances the caches.
+    fn run_host_batch<T>(
+        &self,
+        items: &mut [BatchItem<'_>],
+        finish: impl FnOnce(&mut HostOps<'_, '_>, super::ops::Act, &[Seg]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.backend != Backend::Host {
+            return Err(Error::InvalidRequest("this step runs on the host backend".into()));
+        }
+        let hidden = self.config.hidden_size;
+        let segs = self.place(items)?;
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let inputs: Vec<HostInput> = items.iter().map(|i| i.input).collect();
         let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|i| &mut *i.cache).collect();

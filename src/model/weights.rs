@@ -8,25 +8,37 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::device::{DeviceMatrix, DeviceType, KernelDevice};
 use crate::kernels::{self, QActs, QMatrix};
 
-/// Which code runs a slice: our kernels on the CPU (`Host`), or candle's
+/// Which code runs a slice: our kernels on the CPU (`Host`), candle's
 /// tensor ops (`Candle`: any device, and the bit-exact twin of candle's
-/// reference llama used by the golden tests).
+/// reference llama used by the golden tests), or our device kernels
+/// (`Device`: `kernels/cuda`, weights in device memory as GGUF stores them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Host,
     Candle,
+    Device,
 }
 
 impl Backend {
-    /// Our kernels on the CPU, candle elsewhere.
+    /// Our kernels on the CPU; on a GPU candle, or our device kernels where
+    /// they are asked for (`SOLLOL_DEVICE_KERNELS=1`: off by default until
+    /// a GPU has run them, see ARCHITECTURE.md).
     pub fn for_device(device: &Device) -> Self {
         if device.is_cpu() {
             Backend::Host
+        } else if device.is_cuda() && kernels::device::enabled() {
+            Backend::Device
         } else {
             Backend::Candle
         }
+    }
+
+    /// Whether a step runs many sessions' rows at once (`forward_batch`).
+    pub fn batches(self) -> bool {
+        self != Backend::Candle
     }
 }
 
@@ -169,6 +181,8 @@ enum LinearWeight {
     Dense(Tensor),
     /// Our kernels (shared: a tied LM head is the embedding's matrix).
     Host(Arc<QMatrix>),
+    /// Our device kernels (shared likewise).
+    Device(Arc<DeviceMatrix>),
 }
 
 impl Linear {
@@ -189,9 +203,31 @@ impl Linear {
                 None => LinearWeight::Quantized(QMatMul::from_arc(q)?),
             },
             (Backend::Candle, RawWeight::Dense(t)) => LinearWeight::Dense(t),
+            (Backend::Device, _) => return Err(Error::InvalidRequest("layers of the device kernels are made by Linear::on_device".into())),
         };
         let bias_host = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
         Ok(Self { weight, bias, bias_host })
+    }
+
+    /// A layer for the device kernels, its weight uploaded to `kd`; None
+    /// where they cannot run it (a bias, or a type they lack).
+    pub fn on_device(weight: &RawWeight, bias: Option<&Tensor>, kd: &dyn KernelDevice) -> Result<Option<Self>> {
+        if bias.is_some() {
+            return Ok(None);
+        }
+        Ok(device_matrix(weight, kd)?.map(|m| Self::from_device(Arc::new(m))))
+    }
+
+    pub fn from_device(m: Arc<DeviceMatrix>) -> Self {
+        Self { weight: LinearWeight::Device(m), bias: None, bias_host: None }
+    }
+
+    /// The weight in device memory, when this layer runs on the device kernels.
+    pub fn device(&self) -> Option<&DeviceMatrix> {
+        match &self.weight {
+            LinearWeight::Device(m) => Some(m),
+            _ => None,
+        }
     }
 
     pub fn from_matrix(m: Arc<QMatrix>) -> Self {
@@ -232,6 +268,7 @@ impl Linear {
                 Tensor::from_vec(y, shape, x.device())?
             }
             LinearWeight::Quantized(q) => q.forward(x)?,
+            LinearWeight::Device(_) => return Err(Error::InvalidRequest("a layer of the device kernels run on candle's path".into())),
             LinearWeight::Dense(w) => {
                 let y = x.to_dtype(w.dtype())?.broadcast_matmul(&w.t()?)?;
                 y.to_dtype(DType::F32)?
@@ -348,6 +385,31 @@ fn stack(parts: &[Part]) -> Result<Option<(Part, Vec<usize>)>> {
 pub enum Embedding {
     Candle(RawWeight),
     Host(Arc<QMatrix>),
+    Device(Arc<DeviceMatrix>),
+}
+
+/// A 2-D weight uploaded for the device kernels as it is stored (quantized
+/// blocks, or f16); None for the types they lack.
+pub fn device_matrix(w: &RawWeight, kd: &dyn KernelDevice) -> Result<Option<DeviceMatrix>> {
+    let (ty, bytes, rows, cols) = match w {
+        RawWeight::Quantized(q) => {
+            let Some(ty) = DeviceType::from_ggml(q.dtype()) else { return Ok(None) };
+            let (rows, cols) = q.shape().dims2()?;
+            (ty, q.data()?.into_owned(), rows, cols)
+        }
+        RawWeight::Dense(t) if t.dtype() == DType::F16 => {
+            let (rows, cols) = t.dims2()?;
+            let values = t.flatten_all()?.to_vec1::<half::f16>()?;
+            (DeviceType::F16, values.iter().flat_map(|v| v.to_le_bytes()).collect(), rows, cols)
+        }
+        _ => return Ok(None),
+    };
+    // Storage may be padded past the last row.
+    let len = rows * ty.row_bytes(cols);
+    if bytes.len() < len {
+        return Err(Error::InvalidRequest(format!("a [{rows}, {cols}] {ty:?} weight of {} bytes", bytes.len())));
+    }
+    DeviceMatrix::upload(kd, ty, rows, cols, &bytes[..len])
 }
 
 /// Rows `ids` of `m` into `out` (`[ids.len(), m.cols()]`).
@@ -368,6 +430,7 @@ impl Embedding {
             Embedding::Candle(RawWeight::Dense(t)) => t.dims()[1],
             Embedding::Candle(RawWeight::Host(m)) => m.cols(),
             Embedding::Host(m) => m.cols(),
+            Embedding::Device(m) => m.cols,
         }
     }
 
@@ -377,6 +440,7 @@ impl Embedding {
             Embedding::Candle(RawWeight::Dense(t)) => t.dims()[0],
             Embedding::Candle(RawWeight::Host(m)) => m.rows(),
             Embedding::Host(m) => m.rows(),
+            Embedding::Device(m) => m.rows,
         }
     }
 
@@ -385,7 +449,7 @@ impl Embedding {
         match self {
             Embedding::Host(m) => lookup(m, ids, out),
             Embedding::Candle(RawWeight::Host(m)) => lookup(m, ids, out),
-            Embedding::Candle(_) => Err(Error::InvalidRequest("this embedding runs on candle".into())),
+            Embedding::Candle(_) | Embedding::Device(_) => Err(Error::InvalidRequest("this embedding is not on the host".into())),
         }
     }
 
@@ -397,6 +461,7 @@ impl Embedding {
             return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
         Ok(match self {
+            Embedding::Device(_) => return Err(Error::InvalidRequest("an embedding of the device kernels run on candle's path".into())),
             Embedding::Host(_) | Embedding::Candle(RawWeight::Host(_)) => {
                 let ids_v = ids.flatten_all()?.to_vec1::<u32>()?;
                 let hidden = self.hidden_size();
@@ -441,6 +506,11 @@ impl Norm {
         let (weight, bias) = (weight.to_f32()?, bias.to_f32()?);
         let (weight_host, bias_host) = (weight.to_vec1::<f32>()?.into(), Some(bias.to_vec1::<f32>()?.into()));
         Ok(Self { weight, bias: Some(bias), weight_host, bias_host, eps: eps as f32 })
+    }
+
+    /// RMSNorm's weights and epsilon (None for a LayerNorm).
+    pub fn rms_weights(&self) -> Option<(&Arc<[f32]>, f32)> {
+        self.bias_host.is_none().then_some((&self.weight_host, self.eps))
     }
 
     /// Every row of `x` into `out`, on the host.

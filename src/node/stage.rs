@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::batch::{self, Arrivals};
 use crate::model::sampling::sample_constrained;
-use crate::model::{Backend, BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
+use crate::model::{BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
 use crate::net::frame::Frame;
 use crate::net::message::{
     forwards_frame, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult,
@@ -530,7 +530,7 @@ impl Worker {
                 }
                 StepInput::Tokens(ids.clone())
             }
-            ForwardInput::Hidden(th) if slice.backend() == Backend::Host => {
+            ForwardInput::Hidden(th) if slice.backend().batches() => {
                 let values = tensor::decode_f32(th, payload)?;
                 let hidden = slice.config().hidden_size;
                 if values.len() % hidden != 0 {
@@ -564,7 +564,7 @@ impl Worker {
         if steps.is_empty() {
             return Vec::new();
         }
-        if slice.backend() == Backend::Host {
+        if slice.backend().batches() {
             // All together; when the batch as a whole is refused, each step
             // alone, so a bad one fails only its own session.
             let all: Vec<_> = steps.iter().collect();

@@ -98,6 +98,33 @@ impl DeviceType {
     }
 }
 
+/// A weight matrix in device memory, as GGUF stores it (f16 for F16).
+#[derive(Debug)]
+pub struct DeviceMatrix {
+    pub ty: DeviceType,
+    pub rows: usize,
+    pub cols: usize,
+    pub buf: DevBuf,
+}
+
+impl DeviceMatrix {
+    /// Uploads `[rows, cols]` of type `ty` from their stored bytes; None
+    /// where the products cannot take the columns.
+    pub fn upload(kd: &dyn KernelDevice, ty: DeviceType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Option<Self>> {
+        if (Product { ty, rows, cols, nb: 1 }).check("upload").is_err() {
+            return Ok(None);
+        }
+        if bytes.len() != rows * ty.row_bytes(cols) {
+            return Err(refuse("upload", format!("{} bytes for a [{rows}, {cols}] {ty:?} matrix", bytes.len())));
+        }
+        Ok(Some(Self { ty, rows, cols, buf: kd.upload(bytes)? }))
+    }
+
+    pub fn product(&self, nb: usize) -> Product {
+        Product { ty: self.ty, rows: self.rows, cols: self.cols, nb }
+    }
+}
+
 /// The gate function of a gated MLP, as `glu_*` numbers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceGate {
@@ -215,6 +242,12 @@ impl dyn KernelDevice + '_ {
     }
 }
 
+/// Whether slices on a GPU run on these kernels (`SOLLOL_DEVICE_KERNELS=1`)
+/// instead of candle's ops: off by default until a GPU has run them.
+pub fn enabled() -> bool {
+    std::env::var("SOLLOL_DEVICE_KERNELS").is_ok_and(|v| v == "1")
+}
+
 /// The kernels' device for a candle device: CUDA (feature `cuda`), or in the
 /// unit tests the host emulator standing for one on the CPU.
 pub fn kernel_device(d: &candle_core::Device) -> Result<std::sync::Arc<dyn KernelDevice>> {
@@ -252,6 +285,34 @@ pub fn rmsnorm(l: &dyn Launcher, x: u64, w: u64, residual: u64, y: u64, yq: u64,
     let g = Geometry { grid: [count(K, rows)?, 1, 1], block: [threads, 1, 1] };
     let args = [Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(residual), Arg::Ptr(y), Arg::Ptr(yq), int(K, n)?, Arg::F32(eps)];
     l.launch(K, g, &args)
+}
+
+/// An element-wise operation on f32 values (`rows_op`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowsOp {
+    /// `a + b`
+    Add,
+    /// `a · s`
+    Scale(f32),
+    /// `f(a) · b`
+    Gated(DeviceGate),
+    /// GELU (tanh approximation) of `a`.
+    Gelu,
+}
+
+/// `y = op(a, b)` over `n` values; `y` may be `a` or `b`; `b` unused (0) by
+/// `Scale` and `Gelu`.
+pub fn rows_op(l: &dyn Launcher, op: RowsOp, a: u64, b: u64, y: u64, n: usize) -> Result<()> {
+    const K: &str = "rows_op";
+    let (code, s) = match op {
+        RowsOp::Add => (0, 0.0),
+        RowsOp::Scale(s) => (1, s),
+        RowsOp::Gated(DeviceGate::Silu) => (2, 0.0),
+        RowsOp::Gated(DeviceGate::GeluTanh) => (3, 0.0),
+        RowsOp::Gelu => (4, 0.0),
+    };
+    let g = Geometry { grid: [count(K, n.div_ceil(256).clamp(1, 1024))?, 1, 1], block: [256, 1, 1] };
+    l.launch(K, g, &[Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(y), int(K, n)?, Arg::I32(code), Arg::F32(s)])
 }
 
 /// `values` f32 (a multiple of 32) into q8a blocks.

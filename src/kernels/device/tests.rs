@@ -137,6 +137,31 @@ fn check_rmsnorm(d: &dyn KernelDevice) {
     close("rmsnorm in place", y[5], x[5] as f64 * inv + x[5] as f64, 1.0, 1e-5);
 }
 
+fn check_rows_op(d: &dyn KernelDevice) {
+    let mut r = StdRng::seed_from_u64(7);
+    let n = 1000;
+    let (a, b) = (uniform(&mut r, n, 4.0), uniform(&mut r, n, 2.0));
+    let silu = |x: f64| x / (1.0 + (-x).exp());
+    let gelu = |x: f64| 0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh());
+    let cases: [(RowsOp, &dyn Fn(f64, f64) -> f64); 5] = [
+        (RowsOp::Add, &|a, b| a + b),
+        (RowsOp::Scale(1.5), &|a, _| a * 1.5),
+        (RowsOp::Gated(DeviceGate::Silu), &|a, b| silu(a) * b),
+        (RowsOp::Gated(DeviceGate::GeluTanh), &|a, b| gelu(a) * b),
+        (RowsOp::Gelu, &|a, _| gelu(a)),
+    ];
+    for (op, f) in cases {
+        let (ab, bb) = (d.upload(&f32_bytes(&a)).unwrap(), d.upload(&f32_bytes(&b)).unwrap());
+        // In place, over `a`.
+        rows_op(d, op, ab.addr(), bb.addr(), ab.addr(), n).unwrap();
+        let y = f32s(&d.download(&ab).unwrap());
+        for i in 0..n {
+            let want = f(a[i] as f64, b[i] as f64);
+            close(&format!("{op:?}"), y[i], want, want.abs().max(1.0), 1e-6);
+        }
+    }
+}
+
 fn check_quantize(d: &dyn KernelDevice) {
     let mut r = StdRng::seed_from_u64(2);
     let mut x = uniform(&mut r, 32 * 21, 4.0);
@@ -411,4 +436,4 @@ macro_rules! on_every_device {
     };
 }
 
-on_every_device!(check_rmsnorm, check_quantize, check_products, check_get_rows, check_rope_kv, check_attention);
+on_every_device!(check_rmsnorm, check_rows_op, check_quantize, check_products, check_get_rows, check_rope_kv, check_attention);
