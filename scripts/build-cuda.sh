@@ -66,9 +66,18 @@ echo "building with CUDA_HOME=$CUDA_HOME, compute capability $CUDA_COMPUTE_CAP" 
 # A target directory of its own, so the CPU build in target/ stays as it is.
 cargo build --release -j "${JOBS:-2}" --features cuda --bins --target-dir target/cuda "$@"
 echo "built target/cuda/release/sollol; at run time: export LD_LIBRARY_PATH=$CUDA_HOME/lib:\$LD_LIBRARY_PATH" >&2
-# What travels to a GPU machine: stripped (about 64 MiB, at the limit of what
-# can be carried there) and xz-packed (about 10 MB); scripts/gpu-check.sh
-# unpacks it.
+# The library's unit tests with the feature: the device kernels' tests run
+# on the GPU there (`kernels::device::tests::on_gpu`).
+tests="$(cargo test --release -j "${JOBS:-2}" --features cuda --lib --no-run --target-dir target/cuda --message-format=json "$@" |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])' | tail -n 1)"
+# What travels to a GPU machine: stripped and xz-packed (about 12 MB each;
+# at most 64 MiB can be carried); scripts/gpu-check.sh unpacks them.
 strip -o target/cuda/sollol.stripped target/cuda/release/sollol
 xz -T0 -6 -c target/cuda/sollol.stripped >target/cuda/sollol.xz
-ls -l target/cuda/sollol.stripped target/cuda/sollol.xz >&2
+strip -o target/cuda/sollol-tests.stripped "$tests"
+xz -T0 -6 -c target/cuda/sollol-tests.stripped >target/cuda/sollol-tests.xz
+ls -l target/cuda/sollol.xz target/cuda/sollol-tests.xz >&2

@@ -4,10 +4,17 @@
 # needed, every model is synthetic:
 #   (0) the card, and its memory bandwidth measured with PyTorch (read-only
 #       reduction and device-to-device copy);
+#   (d) our device kernels (kernels/cuda): their unit tests on the GPU
+#       against CPU references (the packed test binary beside BINARY), then
+#       on them (SOLLOL_DEVICE_KERNELS=1): logits of random models against
+#       the CPU, a 2-stage pipeline with the f32 wire, and prefill and
+#       decode tok/s of a Llama-3-8B shape in Q4_0, Q4_K and f16, one
+#       session and 8 batched, beside candle's Q4_0 in the same run.
+# With GPU_CHECK_FULL=1, candle's path as measured before as well:
 #   (a) logits of random models on the GPU vs the same binary on the CPU;
 #   (b) a 2-stage pipeline whose two node processes share the one GPU vs
 #       the single-process engine, f32 and f16 wire: same greedy tokens;
-#   (c) prefill and decode tok/s of a Llama-3-8B shape, Q4_0, Q4_K and f16.
+#   (c) prefill and decode tok/s of the 8B shape, Q4_K and f16.
 #
 #   scripts/gpu-check.sh [BINARY] [OUTDIR]
 #
@@ -24,11 +31,20 @@ RESULTS="$OUTDIR/results.jsonl"
 : >"$LOG"
 : >"$RESULTS"
 
+unpack() { # unpack FILE.xz DEST: the executable, unpacked
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+  chmod +x "$2"
+}
 if [[ "$BIN" == *.xz ]]; then
-  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN" /tmp/sollol-cuda
-  chmod +x /tmp/sollol-cuda
+  TESTS="${BIN%/*}/sollol-tests.xz"
+  unpack "$BIN" /tmp/sollol-cuda
   BIN=/tmp/sollol-cuda
+  if [ -f "$TESTS" ]; then
+    unpack "$TESTS" /tmp/sollol-cuda-tests
+    TESTS=/tmp/sollol-cuda-tests
+  fi
 fi
+TESTS="${GPU_CHECK_TESTS:-${TESTS:-}}"
 
 # The CUDA 13 libraries the binary links (cudart, cublas, curand) from the
 # Python environment's NVIDIA wheels; libcuda.so.1 comes from the driver.
@@ -77,31 +93,48 @@ read = n / timed(lambda: x.sum())
 copy = 2 * n / timed(lambda: y.copy_(x))
 print(json.dumps({"card": torch.cuda.get_device_name(0), "read_bytes_per_s": read, "copy_bytes_per_s": copy}))'
 
-# A node reports the device's memory for planning: registered, then a
-# memory_aware plan of a 70B model over it.
-export SOLLOL_REGISTRY="$OUTDIR/registry.toml"
-"$BIN" node --listen 127.0.0.1:7791 --device "$DEVICE" 2>>"$LOG" &
-NODE=$!
-sleep 3
-step node-memory 60 "$BIN" nodes add 127.0.0.1:7791 --name gpu
-step node-list 60 "$BIN" nodes list --json
-step node-plan 60 "$BIN" plan --model synthetic:llama-70b:q4_0 --nodes gpu --strategy memory_aware --json
-kill "$NODE"
-
 B=("$BIN" bench --json)
-for quant in f32 f16 q8_0 q4_0 q4_k q6_k; do
-  step "logits-tiny-$quant" 120 "${B[@]}" --synthetic tiny --quant "$quant" --device "$DEVICE" --check-against cpu --prompt-tokens 64 --tokens 32
-done
-step logits-smollm2-q4_0 120 "${B[@]}" --synthetic smollm2-135m --quant q4_0 --device "$DEVICE" --check-against cpu --prompt-tokens 64 --tokens 16
 
-for wire in f32 f16; do
-  step "pipeline-tiny-$wire" 150 "${B[@]}" --synthetic tiny --quant q4_0 --device "$DEVICE" --stages 0,2 --wire "$wire" --rounds 2 --tokens 64
+# (d) Our device kernels first: what no GPU has run before.
+if [ -n "$TESTS" ] && [ -x "$TESTS" ]; then
+  step kernel-tests 240 env SOLLOL_REQUIRE_GPU=1 "$TESTS" on_gpu --test-threads 1
+else
+  echo "=== kernel-tests: no test binary (build it with scripts/build-cuda.sh)" | tee -a "$LOG"
+fi
+K=(env SOLLOL_DEVICE_KERNELS=1)
+for quant in q4_0 q4_k q6_k q8_0 f16; do
+  step "kernels-logits-tiny-$quant" 120 "${K[@]}" "${B[@]}" --synthetic tiny --quant "$quant" --device "$DEVICE" --check-against cpu --prompt-tokens 64 --tokens 32
 done
-step "pipeline-$MID-f16" 200 "${B[@]}" --synthetic "$MID" --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f16 --rounds 2 --tokens 64
+step kernels-pipeline-tiny-f32 150 "${K[@]}" "${B[@]}" --synthetic tiny --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f32 --rounds 2 --tokens 64
+# The same 8B shape on candle's ops and on ours, in this run.
+step "speed-$BIG-q4_0" 240 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
+for quant in q4_0 q4_k f16; do
+  step "kernels-speed-$BIG-$quant" 240 "${K[@]}" "${B[@]}" --synthetic "$BIG" --quant "$quant" --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2 --batch 1,8
+done
 
-step "speed-$BIG-q4_0" 240 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f32 --prompt-tokens 512 --tokens 128 --rounds 2
-step "speed-$BIG-q4_k" 240 "${B[@]}" --synthetic "$BIG" --quant q4_k --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
-step "speed-$BIG-f16" 240 "${B[@]}" --synthetic "$BIG" --quant f16 --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
+# The candle path's checks, as measured before (GPU_CHECK_FULL=1).
+if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
+  # A node reports the device's memory for planning: registered, then a
+  # memory_aware plan of a 70B model over it.
+  export SOLLOL_REGISTRY="$OUTDIR/registry.toml"
+  "$BIN" node --listen 127.0.0.1:7791 --device "$DEVICE" 2>>"$LOG" &
+  NODE=$!
+  sleep 3
+  step node-memory 60 "$BIN" nodes add 127.0.0.1:7791 --name gpu
+  step node-list 60 "$BIN" nodes list --json
+  step node-plan 60 "$BIN" plan --model synthetic:llama-70b:q4_0 --nodes gpu --strategy memory_aware --json
+  kill "$NODE"
+  for quant in f32 f16 q8_0 q4_0 q4_k q6_k; do
+    step "logits-tiny-$quant" 120 "${B[@]}" --synthetic tiny --quant "$quant" --device "$DEVICE" --check-against cpu --prompt-tokens 64 --tokens 32
+  done
+  step logits-smollm2-q4_0 120 "${B[@]}" --synthetic smollm2-135m --quant q4_0 --device "$DEVICE" --check-against cpu --prompt-tokens 64 --tokens 16
+  for wire in f32 f16; do
+    step "pipeline-tiny-$wire" 150 "${B[@]}" --synthetic tiny --quant q4_0 --device "$DEVICE" --stages 0,2 --wire "$wire" --rounds 2 --tokens 64
+  done
+  step "pipeline-$MID-f16" 200 "${B[@]}" --synthetic "$MID" --quant q4_0 --device "$DEVICE" --stages 0,2 --wire f16 --rounds 2 --tokens 64
+  step "speed-$BIG-q4_k" 240 "${B[@]}" --synthetic "$BIG" --quant q4_k --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
+  step "speed-$BIG-f16" 240 "${B[@]}" --synthetic "$BIG" --quant f16 --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
+fi
 
 # The fraction of the memory-bandwidth floor each decode reached.
 python3 - "$RESULTS" <<'PY' | tee -a "$LOG" "$OUTDIR/summary.txt"
@@ -117,4 +150,6 @@ for r in rows:
             floor = bw / r["weight_bytes_per_token"]
             line += f', floor {floor:.0f} tok/s at {bw / 1e12:.2f} TB/s -> {res["decode_tok_s"] / floor:.1%} of it'
         print(line)
+    if "sessions" in r:
+        print(f'{r["check"]}: {r["sessions"]} sessions batched: {r["aggregate_decode_tok_s"]:.1f} tok/s aggregate, {r["ratio"]:.2f}x one session')
 PY

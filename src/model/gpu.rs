@@ -457,7 +457,7 @@ impl Ops for DeviceOps<'_> {
         let rows = StepRows { nb: self.rows, q: qa, k: ka, v: va, k_caches, v_caches: k_caches + (self.rows * 8) as u64, positions: t };
         let rope = dev::RopeArgs { cos, sin, positions, rot: spec.rot_dim, neox: spec.style == RopeStyle::Half, q_norm, k_norm, eps };
         dev::rope_kv(self.kd, h, &rows, &rope)?;
-        let split = dev::attention_split(h, self.rows, self.max_len);
+        let split = dev::ATTENTION_SPLIT;
         let scratch = self.state.take(self.kd, dev::attention_scratch(h, self.rows, self.max_len, split) * 4)?;
         let (buf, y) = self.new_rows(width)?;
         let args = dev::AttnArgs {
@@ -508,7 +508,7 @@ mod tests {
     /// backend's (they quantize activations differently, so neither is
     /// closer by construction), and its greedy tokens the same where the
     /// exact top two are not near a tie.
-    fn agree(arch: &str, dtype: GgmlDType, spec: tiny::TinySpec) {
+    fn agree(arch: &str, dtype: GgmlDType, spec: tiny::TinySpec, on: &Device) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         tiny::write_gguf(&path, &spec, arch, dtype, &[]);
@@ -516,7 +516,7 @@ mod tests {
         let n = spec.layers;
         let exact = ModelSlice::load_exact(&mut file, 0..n).unwrap();
         let host = ModelSlice::load_with(&mut file, 0..n, &Device::Cpu, Backend::Host).unwrap();
-        let dev = ModelSlice::load_with(&mut file, 0..n, &Device::Cpu, Backend::Device).unwrap();
+        let dev = ModelSlice::load_with(&mut file, 0..n, on, Backend::Device).unwrap();
         assert_eq!(dev.backend(), Backend::Device, "{arch} {dtype:?} fell back to another backend");
         let slices = [&exact, &host, &dev];
         let mut caches: Vec<[KvCache; 2]> =
@@ -565,28 +565,42 @@ mod tests {
         tiny::TinySpec { hidden, heads, kv_heads: heads / 2, ffn, vocab: 96, context: 64, layers: 2, ..Default::default() }
     }
 
-    #[test]
-    fn llama_on_the_device_kernels_agrees_with_the_host() {
-        agree("llama", GgmlDType::Q4_0, spec(128, 4, 256));
-        agree("llama", GgmlDType::Q8_0, spec(128, 4, 256));
-        agree("llama", GgmlDType::F16, spec(128, 4, 256));
+    /// Each architecture and weight type the device kernels run, on a small model of it.
+    fn cases() -> Vec<(&'static str, GgmlDType, tiny::TinySpec)> {
+        let (small, wide) = (spec(128, 4, 256), spec(256, 8, 512));
+        vec![
+            ("llama", GgmlDType::Q4_0, small),
+            ("llama", GgmlDType::Q8_0, small),
+            ("llama", GgmlDType::F16, small),
+            // K-quants need rows of whole 256-value super-blocks.
+            ("llama", GgmlDType::Q4K, wide),
+            ("llama", GgmlDType::Q6K, wide),
+            ("qwen3", GgmlDType::Q4_1, small),
+            ("gemma3", GgmlDType::Q8_0, tiny::TinySpec { window: 4, ..small }),
+        ]
     }
 
     #[test]
-    fn k_quants_on_the_device_kernels_agree_with_the_host() {
-        agree("llama", GgmlDType::Q4K, spec(256, 8, 512));
-        agree("llama", GgmlDType::Q6K, spec(256, 8, 512));
+    fn models_on_the_emulated_device_kernels_agree_with_the_host() {
+        for (arch, dtype, spec) in cases() {
+            agree(arch, dtype, spec, &Device::Cpu);
+        }
     }
 
+    #[cfg(feature = "cuda")]
     #[test]
-    fn qwen3_and_gemma3_on_the_device_kernels_agree_with_the_host() {
-        agree("qwen3", GgmlDType::Q4_1, spec(128, 4, 256));
-        agree("gemma3", GgmlDType::Q8_0, tiny::TinySpec { window: 4, ..spec(128, 4, 256) });
+    fn models_on_gpu_kernels_agree_with_the_host() {
+        if let Some(gpu) = crate::kernels::device::tests::test_gpu() {
+            for (arch, dtype, spec) in cases() {
+                agree(arch, dtype, spec, &gpu);
+            }
+        }
     }
 
     /// A pipeline of two device slices hands f32 rows on: its logits are
-    /// the whole slice's, bit for bit; a session's cache exported mid-way
-    /// and imported into a fresh one goes on to the same logits.
+    /// the whole slice's, bit for bit; so are a session's alone and batched
+    /// with another, and after its cache is exported mid-way and imported
+    /// into a fresh one.
     #[test]
     fn device_slices_split_and_move_sessions_bit_for_bit() {
         let dir = tempfile::tempdir().unwrap();
@@ -609,6 +623,19 @@ mod tests {
             let top = (0..want.len()).max_by(|&i, &j| want[i].total_cmp(&want[j])).unwrap();
             tokens = vec![top as u32];
         }
+        // Alone or batched with another session, a session's logits are the same.
+        let mut other = whole.new_cache(64).unwrap();
+        let mut alone = whole.new_cache(64).unwrap();
+        alone.import(&cw.export().unwrap()).unwrap();
+        let want = logits(vec![step(&whole, HostInput::Tokens(&tokens), &mut alone)]).pop().unwrap();
+        let mut batched = whole.new_cache(64).unwrap();
+        batched.import(&cw.export().unwrap()).unwrap();
+        let prompt = [3u32, 14, 15, 92, 65];
+        let mut items = [
+            BatchItem { input: HostInput::Tokens(&prompt), cache: &mut other },
+            BatchItem { input: HostInput::Tokens(&tokens), cache: &mut batched },
+        ];
+        assert_eq!(logits(whole.forward_batch(&mut items).unwrap())[1], want, "a session's logits depend on its batch");
         let mut moved = whole.new_cache(64).unwrap();
         moved.import(&cw.export().unwrap()).unwrap();
         assert_eq!(moved.len(), cw.len());

@@ -16,7 +16,7 @@ pub mod cuda;
 #[cfg(all(test, unix))]
 mod emu;
 #[cfg(all(test, unix))]
-pub(super) mod tests;
+pub(crate) mod tests;
 
 use candle_core::quantized::GgmlDType;
 
@@ -499,12 +499,10 @@ pub struct AttnArgs {
     pub y: u64,
 }
 
-/// Positions one block of `attn_split` takes: enough stretches that the
-/// step fills a large GPU (about 256 blocks), none shorter than 32.
-pub fn attention_split(h: Heads, nb: usize, max_len: usize) -> usize {
-    let want = (256 / (nb * h.n_heads).max(1)).max(1);
-    max_len.div_ceil(want).div_ceil(32).max(1) * 32
-}
+/// Positions one block of `attn_split` takes. Fixed, so that a row's
+/// result depends on its own context only, never on the rows batched with
+/// it; a long context is many stretches, which fill a large GPU.
+pub const ATTENTION_SPLIT: usize = 256;
 
 /// f32 values of scratch [`attention`] needs.
 pub fn attention_scratch(h: Heads, nb: usize, max_len: usize, split: usize) -> usize {

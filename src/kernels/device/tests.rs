@@ -348,7 +348,7 @@ fn check_attention(d: &dyn KernelDevice) {
         let vcache: Vec<Vec<f32>> = vcache.iter().map(|c| f16s(&f16_bytes(c))).collect();
         let q = uniform(&mut r, nb * h.n_heads * hd, 3.0);
         let max_len = *lens.iter().max().unwrap() as usize;
-        let split = split.unwrap_or_else(|| attention_split(h, nb, max_len));
+        let split = split.unwrap_or(ATTENTION_SPLIT);
         let kcs: Vec<DevBuf> = kcache.iter().map(|c| d.upload(&f16_bytes(c)).unwrap()).collect();
         let vcs: Vec<DevBuf> = vcache.iter().map(|c| d.upload(&f16_bytes(c)).unwrap()).collect();
         let kc_addrs: Vec<u64> = kcs.iter().map(|b| b.addr()).collect();
@@ -419,6 +419,21 @@ fn the_emulator_refuses_what_it_cannot_run() {
     assert!(Emu.launch("quantize_q8", g, &[Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]).is_err());
 }
 
+/// The GPU the `on_gpu` tests run on: None (the test skips, saying so)
+/// where there is none, unless `SOLLOL_REQUIRE_GPU=1` (scripts/gpu-check.sh),
+/// where a missing GPU fails the test instead of passing it unchecked.
+#[cfg(feature = "cuda")]
+pub(crate) fn test_gpu() -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(gpu) => Some(gpu),
+        Err(e) if std::env::var("SOLLOL_REQUIRE_GPU").is_ok_and(|v| v == "1") => panic!("no CUDA device: {e}"),
+        Err(_) => {
+            eprintln!("SKIPPED: no CUDA device");
+            None
+        }
+    }
+}
+
 macro_rules! on_every_device {
     ($($check:ident),* $(,)?) => {
         mod on_emulator {
@@ -427,9 +442,8 @@ macro_rules! on_every_device {
         #[cfg(feature = "cuda")]
         mod on_gpu {
             $(#[test] fn $check() {
-                match candle_core::Device::new_cuda(0) {
-                    Ok(gpu) => super::$check(&*crate::kernels::device::kernel_device(&gpu).unwrap()),
-                    Err(_) => eprintln!("SKIPPED: no CUDA device"),
+                if let Some(gpu) = super::test_gpu() {
+                    super::$check(&*crate::kernels::device::kernel_device(&gpu).unwrap());
                 }
             })*
         }
