@@ -109,7 +109,7 @@ step kernels-pipeline-tiny-f32 150 "${K[@]}" "${B[@]}" --synthetic tiny --quant 
 # The same 8B shape on candle's ops and on ours, in this run.
 step "speed-$BIG-q4_0" 240 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
 for quant in q4_0 q4_k f16; do
-  step "kernels-speed-$BIG-$quant" 240 "${K[@]}" "${B[@]}" --synthetic "$BIG" --quant "$quant" --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2 --batch 1,8
+  step "kernels-speed-$BIG-$quant" 240 "${K[@]}" "${B[@]}" --synthetic "$BIG" --quant "$quant" --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2 --concurrency 1,8
 done
 
 # The candle path's checks, as measured before (GPU_CHECK_FULL=1).
@@ -143,7 +143,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 bw = max([r.get("read_bytes_per_s", 0) for r in rows] + [r.get("copy_bytes_per_s", 0) for r in rows])
 for r in rows:
     if "against" in r:
-        print(f'{r["check"]}: max rel err {r["max_rel_err"]:.3e}, max abs err {r["max_abs_err"]:.3e}, top token {r["top_token_agreement"]}/{r["steps"]} (margin where not: {r["max_disagreement_margin"]:.3e})')
+        print(f'{r["check"]} ({"/".join(r.get("backends", []))}): max rel err {r["max_rel_err"]:.3e}, max abs err {r["max_abs_err"]:.3e}, top token {r["top_token_agreement"]}/{r["steps"]} (margin where not: {r["max_disagreement_margin"]:.3e})')
     for res in r.get("results", []):
         line = f'{r["check"]} stages={res["stages"]}: prefill {res["prefill_tok_s"]:.1f} tok/s, decode {res["decode_tok_s"]:.1f} tok/s, tokens mismatch at {res["first_token_mismatch"]}'
         if bw and r.get("weight_bytes_per_token"):

@@ -57,12 +57,17 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, q8a* __restr
 #define OP_SILU_MUL 2  // y = silu(a) · b
 #define OP_GELU_MUL 3  // y = gelu_tanh(a) · b
 #define OP_GELU 4      // y = gelu_tanh(a)
+#define OP_ZERO 5      // y = 0
 
 static __device__ __forceinline__ float gate_fn(float g, int gate);
 
 // n values; `y` may be `a` or `b`.
 extern "C" __global__ void rows_op(const float* a, const float* b, float* y, int n, int op, float s) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        if (op == OP_ZERO) {
+            y[i] = 0.0f;
+            continue;
+        }
         const float x = a[i];
         float v;
         if (op == OP_ADD) v = x + b[i];
@@ -72,6 +77,24 @@ extern "C" __global__ void rows_op(const float* a, const float* b, float* y, int
         else v = gate_fn(x, GATE_GELU_TANH);
         y[i] = v;
     }
+}
+
+// grid.x = n: row i of `dst` is row idx[i] of `src`, rows of `words` 32-bit words.
+extern "C" __global__ void gather_rows(const uint32_t* __restrict__ src, const int* __restrict__ idx,
+                                       uint32_t* __restrict__ dst, int words) {
+    const uint32_t* s = src + (size_t)idx[blockIdx.x] * words;
+    uint32_t* d = dst + (size_t)blockIdx.x * words;
+    for (int i = threadIdx.x; i < words; i += blockDim.x) d[i] = s[i];
+}
+
+// grid.x = n: y[idx[i]] += w[i] · src[i], rows of `width`. The rows of one
+// launch are distinct; launches in turn add in their order.
+extern "C" __global__ void scatter_add(float* __restrict__ y, const float* __restrict__ src, const int* __restrict__ idx,
+                                       const float* __restrict__ w, int width) {
+    float* d = y + (size_t)idx[blockIdx.x] * width;
+    const float* s = src + (size_t)blockIdx.x * width;
+    const float wi = w[blockIdx.x];
+    for (int i = threadIdx.x; i < width; i += blockDim.x) d[i] += wi * s[i];
 }
 
 // --- mat-vec products -------------------------------------------------------
@@ -101,26 +124,33 @@ static __device__ __forceinline__ void q_row_dots(const uint8_t* w0, const uint8
     }
 }
 
-// The same for f16 weights and f32 activations; cols % 8 == 0, rows 16-byte aligned.
-template <int NW>
-static __device__ __forceinline__ void f16_row_dots(const uint16_t* w0, const uint16_t* w1, const float* x, int cols,
-                                                    int nb, float acc[NW][MAX_ROWS]) {
+// Eight float weights at `p` (16-byte aligned): f16 or f32.
+static __device__ __forceinline__ void load8(const uint16_t* p, float w[8]) {
+    const uint4 r = *(const uint4*)p;
+    const uint32_t v[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        w[2 * i] = f16_bits_to_f32((uint16_t)(v[i] & 0xFFFF));
+        w[2 * i + 1] = f16_bits_to_f32((uint16_t)(v[i] >> 16));
+    }
+}
+
+static __device__ __forceinline__ void load8(const float* p, float w[8]) {
+    const uint4 a = ((const uint4*)p)[0], b = ((const uint4*)p)[1];
+    const uint32_t v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 8; i++) w[i] = __uint_as_float(v[i]);
+}
+
+// The same for float weights (f16 or f32) and f32 activations; cols % 8 == 0,
+// rows 16-byte aligned.
+template <class W, int NW>
+static __device__ __forceinline__ void float_row_dots(const W* w0, const W* w1, const float* x, int cols, int nb,
+                                                      float acc[NW][MAX_ROWS]) {
     for (int k = (threadIdx.x % WARP_SIZE) * 8; k < cols; k += WARP_SIZE * 8) {
         float wa[8], wb[8];
-        const uint4 ra = *(const uint4*)(w0 + k);
-        const uint32_t pa[4] = {ra.x, ra.y, ra.z, ra.w};
-        uint32_t pb[4] = {0, 0, 0, 0};
-        if (NW == 2) {
-            const uint4 rb = *(const uint4*)(w1 + k);
-            pb[0] = rb.x, pb[1] = rb.y, pb[2] = rb.z, pb[3] = rb.w;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            wa[2 * i] = f16_bits_to_f32((uint16_t)(pa[i] & 0xFFFF));
-            wa[2 * i + 1] = f16_bits_to_f32((uint16_t)(pa[i] >> 16));
-            wb[2 * i] = f16_bits_to_f32((uint16_t)(pb[i] & 0xFFFF));
-            wb[2 * i + 1] = f16_bits_to_f32((uint16_t)(pb[i] >> 16));
-        }
+        load8(w0 + k, wa);
+        if (NW == 2) load8(w1 + k, wb);
 #pragma unroll
         for (int r = 0; r < MAX_ROWS; r++) {
             if (r < nb) {
@@ -202,30 +232,34 @@ QUANTIZED_KERNELS(q8_0, T_Q8_0)
 QUANTIZED_KERNELS(q4_k, T_Q4_K)
 QUANTIZED_KERNELS(q6_k, T_Q6_K)
 
-extern "C" __global__ void matvec_f16(const uint16_t* w, const float* x, float* y, const float* residual, int rows,
-                                      int cols, int nb) {
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= rows) return;
-    float acc[1][MAX_ROWS] = {};
-    const uint16_t* wr = w + (size_t)row * cols;
-    f16_row_dots<1>(wr, wr, x, cols, nb, acc);
-    finish_rows<1>(acc, y, residual, row, rows, nb, 0);
-}
+#define FLOAT_KERNELS(name, W, to_f32)                                                                               \
+    extern "C" __global__ void matvec_##name(const W* w, const float* x, float* y, const float* residual, int rows,   \
+                                             int cols, int nb) {                                                     \
+        const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;                             \
+        if (row >= rows) return;                                                                                     \
+        float acc[1][MAX_ROWS] = {};                                                                                 \
+        const W* wr = w + (size_t)row * cols;                                                                        \
+        float_row_dots<W, 1>(wr, wr, x, cols, nb, acc);                                                              \
+        finish_rows<1>(acc, y, residual, row, rows, nb, 0);                                                          \
+    }                                                                                                                \
+    extern "C" __global__ void glu_##name(const W* wg, const W* wu, const float* x, float* y, int rows, int cols,    \
+                                          int nb, int gate) {                                                        \
+        const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;                             \
+        if (row >= rows) return;                                                                                     \
+        float acc[2][MAX_ROWS] = {};                                                                                 \
+        const size_t o = (size_t)row * cols;                                                                         \
+        float_row_dots<W, 2>(wg + o, wu + o, x, cols, nb, acc);                                                      \
+        finish_rows<2>(acc, y, nullptr, row, rows, nb, gate);                                                        \
+    }                                                                                                                \
+    extern "C" __global__ void get_rows_##name(const W* w, const int* tokens, float* y, int cols, float scale) {     \
+        const W* row = w + (size_t)tokens[blockIdx.x] * cols;                                                        \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) y[(size_t)blockIdx.x * cols + i] = to_f32(row[i]) * scale; \
+    }
 
-extern "C" __global__ void glu_f16(const uint16_t* wg, const uint16_t* wu, const float* x, float* y, int rows,
-                                   int cols, int nb, int gate) {
-    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
-    if (row >= rows) return;
-    float acc[2][MAX_ROWS] = {};
-    const size_t o = (size_t)row * cols;
-    f16_row_dots<2>(wg + o, wu + o, x, cols, nb, acc);
-    finish_rows<2>(acc, y, nullptr, row, rows, nb, gate);
-}
+static __device__ __forceinline__ float same_f32(float v) { return v; }
 
-extern "C" __global__ void get_rows_f16(const uint16_t* w, const int* tokens, float* y, int cols, float scale) {
-    const uint16_t* row = w + (size_t)tokens[blockIdx.x] * cols;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) y[(size_t)blockIdx.x * cols + i] = f16_bits_to_f32(row[i]) * scale;
-}
+FLOAT_KERNELS(f16, uint16_t, f16_bits_to_f32)
+FLOAT_KERNELS(f32, float, same_f32)
 
 // --- rotary positions and the cache write -----------------------------------
 

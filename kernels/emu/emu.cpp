@@ -174,6 +174,9 @@ const std::vector<Kernel>& kernels() {
         kernel("glu_f16", glu_f16),         kernel("get_rows_f16", get_rows_f16),
         kernel("rope_kv", rope_kv),         kernel("attn_split", attn_split),
         kernel("attn_combine", attn_combine),       kernel("rows_op", rows_op),
+        kernel("gather_rows", gather_rows),         kernel("scatter_add", scatter_add),
+        kernel("matvec_f32", matvec_f32),           kernel("glu_f32", glu_f32),
+        kernel("get_rows_f32", get_rows_f32),
     };
     return all;
 }

@@ -205,7 +205,11 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
         let base = rows.first().map_or(1.0, |r| r.1);
         for (n, tok_s) in &rows {
             if args.json {
-                println!("{}", serde_json::json!({"sessions": n, "aggregate_decode_tok_s": tok_s, "ratio": tok_s / base}));
+                let backend = format!("{:?}", slice.backend());
+                println!(
+                    "{}",
+                    serde_json::json!({"sessions": n, "aggregate_decode_tok_s": tok_s, "ratio": tok_s / base, "backend": backend})
+                );
             } else {
                 println!("{n:>3} sessions batched in process: {tok_s:>8.1} tok/s aggregate decode, ratio {:.2}", tok_s / base);
             }
@@ -505,6 +509,7 @@ fn check_against(args: &BenchArgs, opened: &mut Opened, other: &str, prompt: &[u
     }
     let summary = serde_json::json!({
         "model": opened.resolved.name, "device": args.model.device, "against": other, "prompt_tokens": prompt.len(),
+        "backends": [format!("{:?}", slices[0].backend()), format!("{:?}", slices[1].backend())],
         "steps": steps, "top_token_agreement": agree, "max_abs_err": worst_abs, "max_rel_err": worst_rel,
         "max_disagreement_margin": worst_tie,
     });

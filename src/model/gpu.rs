@@ -26,11 +26,24 @@ use super::ops::{Act, Attention, Block, Experts, Gate, Ops};
 use super::rope::RopeStyle;
 use super::weights::{Embedding, Linear, Norm, Projections};
 use crate::error::{Error, Result};
-use crate::kernels::device::{self as dev, DevBuf, DeviceGate, Heads, KernelDevice, RowsOp, StepRows};
+use crate::kernels::device::{self as dev, DevBuf, DeviceGate, DeviceMatrix, Heads, KernelDevice, RowsOp, StepRows};
+
+/// A device slice's device and its buffers.
+#[derive(Debug)]
+pub(super) struct OnDevice {
+    pub kd: Arc<dyn KernelDevice>,
+    pub state: std::sync::Mutex<DeviceState>,
+}
+
+impl OnDevice {
+    pub fn new(kd: Arc<dyn KernelDevice>) -> Self {
+        Self { kd, state: Default::default() }
+    }
+}
 
 /// A device slice's buffers between steps.
 #[derive(Debug, Default)]
-pub struct DeviceState {
+pub(super) struct DeviceState {
     /// Norm weights and rotary tables in device memory, by the address of
     /// their host copy (which lives as long as the slice).
     consts: HashMap<usize, DevBuf>,
@@ -112,6 +125,11 @@ pub(super) fn run(
 
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A layer's device matrix (every layer of a device slice has one).
+fn on_device(l: &Linear) -> Result<&DeviceMatrix> {
+    l.device().ok_or_else(|| unsupported("layer of another backend"))
 }
 
 fn unsupported(what: &str) -> Error {
@@ -218,7 +236,7 @@ impl<'a> DeviceOps<'a> {
         Ok(match &self.vals[x.0] {
             Val::Rows { width, .. } => *width,
             Val::Normed { x, .. } => self.width(*x)?,
-            Val::Product { w, .. } => w.device().ok_or_else(|| unsupported("layer of another backend"))?.rows,
+            Val::Product { w, .. } => on_device(w)?.rows,
             Val::Gone => return Err(Error::InvalidRequest("a freed value".into())),
         })
     }
@@ -239,7 +257,7 @@ impl<'a> DeviceOps<'a> {
             }
             Val::Product { x: input, w } => {
                 let (input, w) = (*input, w.clone());
-                let m = w.device().ok_or_else(|| unsupported("layer of another backend"))?;
+                let m = on_device(&w)?;
                 let xin = self.prepared(input, m.ty.quantized())?;
                 let (buf, y) = self.new_rows(m.rows)?;
                 dev::matvec(self.kd, m.product(self.rows), m.buf.addr(), xin, y, 0)?;
@@ -298,7 +316,7 @@ impl<'a> DeviceOps<'a> {
 
     /// Each item's last row through `norm` and the head: `[items, vocab]`.
     fn logits(&mut self, h: Act, norm: &Norm, output: &Linear) -> Result<Vec<f32>> {
-        let m = output.device().ok_or_else(|| unsupported("layer of another backend"))?;
+        let m = on_device(output)?;
         let width = self.width(h)?;
         let x = self.rows(h)?;
         let items = self.segs.len();
@@ -343,7 +361,7 @@ impl<'a> DeviceOps<'a> {
 
 impl Ops for DeviceOps<'_> {
     fn linear(&mut self, x: Act, w: &Linear) -> Result<Act> {
-        w.device().ok_or_else(|| unsupported("layer of another backend"))?;
+        on_device(w)?;
         Ok(self.put(Val::Product { x, w: w.clone() }))
     }
 
@@ -474,8 +492,59 @@ impl Ops for DeviceOps<'_> {
         Ok(self.put(Val::Rows { buf, width }))
     }
 
-    fn moe(&mut self, _: Act, _: &Experts) -> Result<Act> {
-        Err(unsupported("expert routing"))
+    /// The router's product, read back to route on the host (softmax, the
+    /// best `top_k`, as the host backend does); then each routed expert on
+    /// its rows only, gathered into one batch (its weights read once), and
+    /// its weighted output added back onto them, experts in order.
+    fn moe(&mut self, x: Act, e: &Experts) -> Result<Act> {
+        let hidden = self.width(x)?;
+        let n = e.experts.len();
+        let router = self.linear(x, &e.router)?;
+        let logits = self.rows(router)?;
+        let mut bytes = vec![0u8; self.rows * n * 4];
+        self.kd.read_at(logits, &mut bytes)?;
+        let mut probs = f32s(&bytes);
+        probs.chunks_exact_mut(n).for_each(crate::kernels::softmax);
+        let routed = e.route(&probs);
+        // One copy up: each routed expert's rows, then their weights.
+        let mut table = Vec::new();
+        let mut spans = Vec::new();
+        for (i, rows) in routed.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            spans.push((i, table.len(), rows.len()));
+            table.extend(rows.iter().flat_map(|&(r, _)| (r as i32).to_le_bytes()));
+            table.extend(rows.iter().flat_map(|&(_, w)| w.to_le_bytes()));
+        }
+        let tb = self.state.take(self.kd, table.len())?;
+        self.kd.write(&tb, 0, &table)?;
+        let (out, y) = self.new_rows(hidden)?;
+        dev::rows_op(self.kd, RowsOp::Zero, 0, 0, y, self.rows * hidden)?;
+        for (i, at, m) in spans {
+            let ex = &e.experts[i];
+            let (mg, mu, md) = (on_device(&ex.gate)?, on_device(&ex.up)?, on_device(&ex.down)?);
+            if mg.ty != mu.ty {
+                return Err(unsupported("expert whose gate and up differ in type"));
+            }
+            let (idx, weights) = (tb.addr() + at as u64, tb.addr() + (at + 4 * m) as u64);
+            let xin = self.prepared(x, mg.ty.quantized())?;
+            let row_bytes = mg.ty.act_bytes(1, hidden);
+            let gathered = self.state.take(self.kd, m * row_bytes)?;
+            dev::gather_rows(self.kd, xin, idx, gathered.addr(), m, row_bytes)?;
+            let g = self.state.take(self.kd, m * mg.rows * 4)?;
+            dev::glu(self.kd, mg.product(m), DeviceGate::from(e.gate), mg.buf.addr(), mu.buf.addr(), gathered.addr(), g.addr())?;
+            let gq = if md.ty.quantized() {
+                let q = self.state.take(self.kd, md.ty.act_bytes(m, mg.rows))?;
+                dev::quantize_q8(self.kd, g.addr(), q.addr(), m * mg.rows)?;
+                Some(q)
+            } else {
+                None
+            };
+            let d = self.state.take(self.kd, m * hidden * 4)?;
+            dev::matvec(self.kd, md.product(m), md.buf.addr(), gq.as_ref().map_or(g.addr(), |q| q.addr()), d.addr(), 0)?;
+            dev::scatter_add(self.kd, y, d.addr(), idx, weights, m, hidden)?;
+            self.state.free.extend([gathered, g, d].into_iter().chain(gq));
+        }
+        self.state.free.push(tb);
+        Ok(self.put(Val::Rows { buf: out, width: hidden }))
     }
 }
 
@@ -568,8 +637,12 @@ mod tests {
     /// Each architecture and weight type the device kernels run, on a small model of it.
     fn cases() -> Vec<(&'static str, GgmlDType, tiny::TinySpec)> {
         let (small, wide) = (spec(128, 4, 256), spec(256, 8, 512));
+        let moe = tiny::TinySpec { experts: 4, top_k: 2, ..small };
         vec![
             ("llama", GgmlDType::Q4_0, small),
+            // Mixtral's layout (a router, three stacks of experts).
+            ("llama", GgmlDType::Q8_0, moe),
+            ("qwen3moe", GgmlDType::Q4_0, tiny::TinySpec { top_k: 3, ..moe }),
             ("llama", GgmlDType::Q8_0, small),
             ("llama", GgmlDType::F16, small),
             // K-quants need rows of whole 256-value super-blocks.

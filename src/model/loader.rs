@@ -178,12 +178,6 @@ impl Loader<'_> {
         let top_k = self.param_usize("expert_used_count", "num_experts_per_tok").filter(|&k| (1..=n).contains(&k));
         let top_k = top_k.ok_or_else(|| self.bad(format!("expert_used_count must be 1..={n}")))?;
         let ffn = self.param_usize("expert_feed_forward_length", "moe_intermediate_size").unwrap_or(self.config.intermediate_size);
-        // The device kernels have no expert routing yet: the slice runs on candle.
-        if self.backend == Backend::Device {
-            self.all_kernels = false;
-            self.kernels = None;
-            self.backend = Backend::Candle;
-        }
         let router = self.linear("ffn_gate_inp.weight", n, hidden)?;
         let merged = self.has("ffn_gate_exps.weight");
         let part = |l: &mut Self, base: &str, rows: usize, cols: usize| -> Result<Vec<Linear>> {
@@ -199,7 +193,8 @@ impl Loader<'_> {
                         l.file.read(&name, Some(l.layer), l.device)?
                     }
                 },
-                Backend::Candle | Backend::Device => l.file.read(&name, Some(l.layer), l.device)?.dequantized_if(l.exact)?,
+                Backend::Device => l.file.read(&name, Some(l.layer), &Device::Cpu)?,
+                Backend::Candle => l.file.read(&name, Some(l.layer), l.device)?.dequantized_if(l.exact)?,
             };
             let (dims, flat) = (w.dims(), [n * rows, cols]);
             if dims != [n, rows, cols] && dims != flat {

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::candle::CandleOps;
 use super::config::{Config, Pooling};
-use super::gpu::{self, DeviceState, Step, StepOut};
+use super::gpu::{self, OnDevice, Step, StepOut};
 use super::host::{BatchItem, HostInput, HostOps, Scratch, Seg};
 use super::kv_cache::KvCache;
 use super::loader::Loader;
@@ -20,7 +20,7 @@ use super::weights::RawWeight;
 use super::weights::{device_matrix, Backend, Embedding, Linear, Norm};
 use super::{ModelFile, EMBED, OUTPUT, OUTPUT_BIAS, OUTPUT_NORM, OUTPUT_NORM_BIAS};
 use crate::error::{Error, Result};
-use crate::kernels::device::{kernel_device, KernelDevice};
+use crate::kernels::device::kernel_device;
 
 #[derive(Debug, Clone)]
 pub struct ModelSlice {
@@ -37,7 +37,7 @@ pub struct ModelSlice {
     /// The host path's buffers (shared by clones, which then take turns).
     scratch: Arc<Mutex<Scratch>>,
     /// The device the device kernels run on, and their buffers (`Backend::Device`).
-    kernels: Option<(Arc<dyn KernelDevice>, Arc<Mutex<DeviceState>>)>,
+    kernels: Option<Arc<OnDevice>>,
 }
 
 /// What a slice hands on: hidden states for the next stage, or the last
@@ -61,7 +61,11 @@ impl ModelSlice {
     /// Loads with an explicit backend. A host slice whose file has a weight
     /// type our kernels lack is loaded for candle instead.
     pub fn load_with(file: &mut ModelFile, layers: Range<usize>, device: &Device, backend: Backend) -> Result<Self> {
-        Self::load_inner(file, layers, device, backend, false)
+        let slice = Self::load_inner(file, layers, device, backend, false)?;
+        if backend == Backend::Device && slice.backend != backend {
+            tracing::warn!("the device kernels lack a weight type or an operation of this model: its slice runs on candle's ops");
+        }
+        Ok(slice)
     }
 
     /// The same weights dequantized to f32 and run in f32 throughout (candle's
@@ -230,7 +234,7 @@ impl ModelSlice {
         progress.finish_and_clear();
         let scratch = Arc::new(Mutex::new(Scratch::default()));
         let embed_scale = (config.arch.embedding_scale)(config.hidden_size);
-        let kernels = kernels.map(|kd| (kd, Arc::new(Mutex::new(DeviceState::default()))));
+        let kernels = kernels.map(|kd| Arc::new(OnDevice::new(kd)));
         Ok(Self { config, layers, embed, embed_scale, blocks, head, device: device.clone(), weight_bytes, backend, scratch, kernels })
     }
 
@@ -284,8 +288,8 @@ impl ModelSlice {
             Backend::Host => Ok(KvCache::new_host(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity)),
             Backend::Candle => KvCache::new(self.blocks.len(), 1, cfg.n_kv_heads, cfg.head_dim, capacity, &self.device),
             Backend::Device => {
-                let (kd, _) = self.kernels.as_ref().expect("a device slice has its device");
-                KvCache::new_kernels(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity, kd.clone())
+                let on = self.kernels.as_ref().expect("a device slice has its device");
+                KvCache::new_kernels(self.blocks.len(), cfg.n_kv_heads, cfg.head_dim, capacity, on.kd.clone())
             }
         }
     }
@@ -449,9 +453,9 @@ impl ModelSlice {
             Some((norm, output)) => {
                 // Only each item's last position is sampled.
                 let last: Vec<usize> = segs.iter().map(|g| g.start + g.len - 1).collect();
-                logits_of(&ops.head(h, &last, norm, output)?, last.len())
+                logits_of(ops.head(h, &last, norm, output)?, last.len())
             }
-            None => hidden_of(&ops.rows(h)?, segs),
+            None => hidden_of(ops.rows(h)?, segs),
         })
     }
 
@@ -488,7 +492,7 @@ impl ModelSlice {
                 (StepOut::Rows(all), segs) => Ok(pool(&all, &segs)),
                 (StepOut::Logits(_), _) => unreachable!("a step without the head hands rows on"),
             },
-            Backend::Host => self.run_host_batch(items, |ops, h, segs| Ok(pool(&ops.rows(h)?, segs))),
+            Backend::Host => self.run_host_batch(items, |ops, h, segs| Ok(pool(ops.rows(h)?, segs))),
         }
     }
 
@@ -537,8 +541,8 @@ impl ModelSlice {
             return Ok((StepOut::Rows(Vec::new()), Vec::new()));
         }
         let segs = self.place(items)?;
-        let (kd, state) = self.kernels.as_ref().expect("a device slice has its device");
-        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let on = self.kernels.as_ref().expect("a device slice has its device");
+        let mut state = on.state.lock().unwrap_or_else(|e| e.into_inner());
         let inputs: Vec<HostInput> = items.iter().map(|i| i.input).collect();
         let mut caches: Vec<&mut KvCache> = items.iter_mut().map(|i| &mut *i.cache).collect();
         let step = Step {
@@ -547,7 +551,7 @@ impl ModelSlice {
             head: self.head.as_ref().filter(|_| head).map(|(n, o)| (n, o)),
             hidden: self.config.hidden_size,
         };
-        let out = gpu::run(&**kd, &mut state, &step, &inputs, &segs, &caches)?;
+        let out = gpu::run(&*on.kd, &mut state, &step, &inputs, &segs, &caches)?;
         for (c, g) in caches.iter_mut().zip(&segs) {
             c.advance(g.len);
         }

@@ -174,6 +174,20 @@ fn fetch_catalog_model(entry: &CatalogEntry) -> Result<ResolvedModel> {
         let _ = std::fs::write(&verified, b"");
         return Ok(resolved);
     }
+    // Fetches of one model at once (parallel tests, two commands) take
+    // turns on a lock: the first downloads, the others then find it done;
+    // without it they wrote into one partial file together.
+    let lock_path = dir.join(format!("{}.lock", fetch.file));
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), e))?;
+    lock.lock().map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), e))?;
+    if path.exists() && verified.exists() {
+        return Ok(resolved);
+    }
     let mut errors = Vec::new();
     let partial = dir.join(format!("{}.partial", fetch.file));
     if let Some(repo) = fetch.hub_repo.as_ref().filter(|_| !hub_disabled()) {

@@ -389,7 +389,7 @@ pub enum Embedding {
 }
 
 /// A 2-D weight uploaded for the device kernels as it is stored (quantized
-/// blocks, or f16); None for the types they lack.
+/// blocks, f16 or f32); None for the types they lack.
 pub fn device_matrix(w: &RawWeight, kd: &dyn KernelDevice) -> Result<Option<DeviceMatrix>> {
     let (ty, bytes, rows, cols) = match w {
         RawWeight::Quantized(q) => {
@@ -401,6 +401,11 @@ pub fn device_matrix(w: &RawWeight, kd: &dyn KernelDevice) -> Result<Option<Devi
             let (rows, cols) = t.dims2()?;
             let values = t.flatten_all()?.to_vec1::<half::f16>()?;
             (DeviceType::F16, values.iter().flat_map(|v| v.to_le_bytes()).collect(), rows, cols)
+        }
+        RawWeight::Dense(t) if t.dtype() == DType::F32 => {
+            let (rows, cols) = t.dims2()?;
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            (DeviceType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect(), rows, cols)
         }
         _ => return Ok(None),
     };

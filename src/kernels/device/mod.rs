@@ -40,6 +40,7 @@ pub enum DeviceType {
     Q4K,
     Q6K,
     F16,
+    F32,
 }
 
 impl DeviceType {
@@ -51,6 +52,7 @@ impl DeviceType {
             GgmlDType::Q4K => Self::Q4K,
             GgmlDType::Q6K => Self::Q6K,
             GgmlDType::F16 => Self::F16,
+            GgmlDType::F32 => Self::F32,
             _ => return None,
         })
     }
@@ -63,6 +65,7 @@ impl DeviceType {
             Self::Q4K => "q4_k",
             Self::Q6K => "q6_k",
             Self::F16 => "f16",
+            Self::F32 => "f32",
         }
     }
 
@@ -75,6 +78,7 @@ impl DeviceType {
             Self::Q4K => (256, 144),
             Self::Q6K => (256, 210),
             Self::F16 => (8, 16),
+            Self::F32 => (8, 32),
         }
     }
 
@@ -85,7 +89,7 @@ impl DeviceType {
 
     /// Whether activations go in as q8a blocks (else as f32).
     pub fn quantized(self) -> bool {
-        self != Self::F16
+        !matches!(self, Self::F16 | Self::F32)
     }
 
     /// Bytes of `rows` activation rows of `cols` values as this type's products read them.
@@ -278,7 +282,7 @@ fn count(kernel: &str, v: usize) -> Result<u32> {
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm(l: &dyn Launcher, x: u64, w: u64, residual: u64, y: u64, yq: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
     const K: &str = "rmsnorm";
-    if n == 0 || n % 32 != 0 {
+    if n == 0 || !n.is_multiple_of(32) {
         return Err(refuse(K, format!("{n} values a row: a multiple of 32 is needed")));
     }
     let threads = n.min(256) as u32;
@@ -298,6 +302,8 @@ pub enum RowsOp {
     Gated(DeviceGate),
     /// GELU (tanh approximation) of `a`.
     Gelu,
+    /// `0`
+    Zero,
 }
 
 /// `y = op(a, b)` over `n` values; `y` may be `a` or `b`; `b` unused (0) by
@@ -310,15 +316,35 @@ pub fn rows_op(l: &dyn Launcher, op: RowsOp, a: u64, b: u64, y: u64, n: usize) -
         RowsOp::Gated(DeviceGate::Silu) => (2, 0.0),
         RowsOp::Gated(DeviceGate::GeluTanh) => (3, 0.0),
         RowsOp::Gelu => (4, 0.0),
+        RowsOp::Zero => (5, 0.0),
     };
     let g = Geometry { grid: [count(K, n.div_ceil(256).clamp(1, 1024))?, 1, 1], block: [256, 1, 1] };
     l.launch(K, g, &[Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(y), int(K, n)?, Arg::I32(code), Arg::F32(s)])
 }
 
+/// Row `i` of `dst` = row `idx[i]` of `src` (i32 indices, `n` of them),
+/// rows of `row_bytes` (a multiple of 4).
+pub fn gather_rows(l: &dyn Launcher, src: u64, idx: u64, dst: u64, n: usize, row_bytes: usize) -> Result<()> {
+    const K: &str = "gather_rows";
+    if !row_bytes.is_multiple_of(4) {
+        return Err(refuse(K, format!("rows of {row_bytes} bytes: whole 32-bit words are needed")));
+    }
+    let g = Geometry { grid: [count(K, n)?, 1, 1], block: [128, 1, 1] };
+    l.launch(K, g, &[Arg::Ptr(src), Arg::Ptr(idx), Arg::Ptr(dst), int(K, row_bytes / 4)?])
+}
+
+/// `y[idx[i]] += w[i] · src[i]` for `n` rows of `width` f32; the indices
+/// of one call distinct.
+pub fn scatter_add(l: &dyn Launcher, y: u64, src: u64, idx: u64, w: u64, n: usize, width: usize) -> Result<()> {
+    const K: &str = "scatter_add";
+    let g = Geometry { grid: [count(K, n)?, 1, 1], block: [128, 1, 1] };
+    l.launch(K, g, &[Arg::Ptr(y), Arg::Ptr(src), Arg::Ptr(idx), Arg::Ptr(w), int(K, width)?])
+}
+
 /// `values` f32 (a multiple of 32) into q8a blocks.
 pub fn quantize_q8(l: &dyn Launcher, x: u64, y: u64, values: usize) -> Result<()> {
     const K: &str = "quantize_q8";
-    if values % 32 != 0 {
+    if !values.is_multiple_of(32) {
         return Err(refuse(K, format!("{values} values: a multiple of 32 is needed")));
     }
     let blocks = values / 32;
@@ -340,7 +366,7 @@ impl Product {
     fn check(&self, kernel: &str) -> Result<()> {
         let (n, _) = self.ty.block();
         let need = if self.ty.quantized() { n.max(32) } else { 8 };
-        if self.cols == 0 || self.cols % need != 0 {
+        if self.cols == 0 || !self.cols.is_multiple_of(need) {
             return Err(refuse(kernel, format!("{} columns of {:?}: a multiple of {need} is needed", self.cols, self.ty)));
         }
         if self.rows == 0 {
@@ -414,7 +440,7 @@ pub struct Heads {
 
 impl Heads {
     fn check(&self, kernel: &str) -> Result<()> {
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(refuse(kernel, format!("{} query heads over {} KV heads", self.n_heads, self.n_kv_heads)));
         }
         Ok(())
@@ -458,7 +484,7 @@ pub struct StepRows {
 pub fn rope_kv(l: &dyn Launcher, h: Heads, rows: &StepRows, r: &RopeArgs) -> Result<()> {
     const K: &str = "rope_kv";
     h.check(K)?;
-    if r.rot % 2 != 0 || r.rot > h.head_dim {
+    if !r.rot.is_multiple_of(2) || r.rot > h.head_dim {
         return Err(refuse(K, format!("rotating {} of {} values a head", r.rot, h.head_dim)));
     }
     let g = Geometry { grid: [count(K, h.n_heads + h.n_kv_heads)?, count(K, rows.nb)?, 1], block: [32, 1, 1] };
@@ -514,7 +540,7 @@ pub fn attention_scratch(h: Heads, nb: usize, max_len: usize, split: usize) -> u
 pub fn attention(l: &dyn Launcher, h: Heads, rows: &StepRows, a: &AttnArgs, split: usize) -> Result<()> {
     const K: &str = "attn_split";
     h.check(K)?;
-    if h.head_dim % 32 != 0 || h.head_dim > HEAD_DIM_MAX {
+    if !h.head_dim.is_multiple_of(32) || h.head_dim > HEAD_DIM_MAX {
         return Err(refuse(K, format!("heads of {}: a multiple of 32 up to {HEAD_DIM_MAX} is needed", h.head_dim)));
     }
     if split == 0 {

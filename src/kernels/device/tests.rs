@@ -65,10 +65,12 @@ fn ggml(ty: DeviceType) -> GgmlDType {
         DeviceType::Q4K => GgmlDType::Q4K,
         DeviceType::Q6K => GgmlDType::Q6K,
         DeviceType::F16 => GgmlDType::F16,
+        DeviceType::F32 => GgmlDType::F32,
     }
 }
 
-const TYPES: [DeviceType; 6] = [DeviceType::Q4_0, DeviceType::Q4_1, DeviceType::Q8_0, DeviceType::Q4K, DeviceType::Q6K, DeviceType::F16];
+const TYPES: [DeviceType; 7] =
+    [DeviceType::Q4_0, DeviceType::Q4_1, DeviceType::Q8_0, DeviceType::Q4K, DeviceType::Q6K, DeviceType::F16, DeviceType::F32];
 
 /// A random `[rows, cols]` weight of type `ty`: its bytes as GGUF stores
 /// them (quantized by candle) and its values (dequantized by candle).
@@ -137,18 +139,26 @@ fn check_rmsnorm(d: &dyn KernelDevice) {
     close("rmsnorm in place", y[5], x[5] as f64 * inv + x[5] as f64, 1.0, 1e-5);
 }
 
+fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+fn gelu(x: f64) -> f64 {
+    0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
+}
+
 fn check_rows_op(d: &dyn KernelDevice) {
     let mut r = StdRng::seed_from_u64(7);
     let n = 1000;
     let (a, b) = (uniform(&mut r, n, 4.0), uniform(&mut r, n, 2.0));
-    let silu = |x: f64| x / (1.0 + (-x).exp());
-    let gelu = |x: f64| 0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh());
-    let cases: [(RowsOp, &dyn Fn(f64, f64) -> f64); 5] = [
-        (RowsOp::Add, &|a, b| a + b),
-        (RowsOp::Scale(1.5), &|a, _| a * 1.5),
-        (RowsOp::Gated(DeviceGate::Silu), &|a, b| silu(a) * b),
-        (RowsOp::Gated(DeviceGate::GeluTanh), &|a, b| gelu(a) * b),
-        (RowsOp::Gelu, &|a, _| gelu(a)),
+    type Reference = fn(f64, f64) -> f64;
+    let cases: [(RowsOp, Reference); 6] = [
+        (RowsOp::Zero, |_, _| 0.0),
+        (RowsOp::Add, |a, b| a + b),
+        (RowsOp::Scale(1.5), |a, _| a * 1.5),
+        (RowsOp::Gated(DeviceGate::Silu), |a, b| silu(a) * b),
+        (RowsOp::Gated(DeviceGate::GeluTanh), |a, b| gelu(a) * b),
+        (RowsOp::Gelu, |a, _| gelu(a)),
     ];
     for (op, f) in cases {
         let (ab, bb) = (d.upload(&f32_bytes(&a)).unwrap(), d.upload(&f32_bytes(&b)).unwrap());
@@ -158,6 +168,32 @@ fn check_rows_op(d: &dyn KernelDevice) {
         for i in 0..n {
             let want = f(a[i] as f64, b[i] as f64);
             close(&format!("{op:?}"), y[i], want, want.abs().max(1.0), 1e-6);
+        }
+    }
+}
+
+fn check_gather_scatter(d: &dyn KernelDevice) {
+    let mut r = StdRng::seed_from_u64(8);
+    let (rows, width) = (9, 96);
+    let x = uniform(&mut r, rows * width, 2.0);
+    let idx = [7i32, 0, 4];
+    // Powers of two: the products are exact, fused or not.
+    let w = [0.5f32, -2.0, 0.25];
+    let (xb, ib, wb) = (d.upload(&f32_bytes(&x)).unwrap(), d.upload(&i32_bytes(&idx)).unwrap(), d.upload(&f32_bytes(&w)).unwrap());
+    let gb = d.upload(&vec![0; idx.len() * width * 4]).unwrap();
+    gather_rows(d, xb.addr(), ib.addr(), gb.addr(), idx.len(), width * 4).unwrap();
+    let g = f32s(&d.download(&gb).unwrap());
+    for (i, &row) in idx.iter().enumerate() {
+        assert_eq!(&g[i * width..][..width], &x[row as usize * width..][..width], "gathered row {i}");
+    }
+    // Added back, weighted, onto the rows they came from (in place over x).
+    scatter_add(d, xb.addr(), gb.addr(), ib.addr(), wb.addr(), idx.len(), width).unwrap();
+    let y = f32s(&d.download(&xb).unwrap());
+    for row in 0..rows {
+        let wi = idx.iter().position(|&i| i as usize == row).map_or(0.0, |i| w[i]);
+        for c in 0..width {
+            let v = x[row * width + c];
+            assert_eq!(y[row * width + c], v + wi * v, "row {row} column {c}");
         }
     }
 }
@@ -203,8 +239,8 @@ fn check_products(d: &dyn KernelDevice) {
                     close(&format!("matvec {ty:?} nb {nb} row {b} out {o}"), y[b * rows + o], want, m + 1.0, 2e-6);
                     let (su, mu) = dot(&u[o * cols..][..cols], xr);
                     let f = match gate {
-                        DeviceGate::Silu => s / (1.0 + (-s).exp()),
-                        DeviceGate::GeluTanh => 0.5 * s * (1.0 + (0.797_884_560_802_865_4 * (s + 0.044715 * s * s * s)).tanh()),
+                        DeviceGate::Silu => silu(s),
+                        DeviceGate::GeluTanh => gelu(s),
                     };
                     close(&format!("glu {ty:?} nb {nb} row {b} out {o}"), g[b * rows + o], f * su, (m + 1.0) * (mu + 1.0), 4e-6);
                 }
@@ -225,8 +261,12 @@ fn check_get_rows(d: &dyn KernelDevice) {
         get_rows(d, ty, wa, ta, ya, tokens.len(), cols, scale).unwrap();
         let y = f32s(&d.download(&yb).unwrap());
         for (i, &t) in tokens.iter().enumerate() {
-            let want: Vec<f32> = w[t as usize * cols..][..cols].iter().map(|v| v * scale).collect();
-            assert_eq!(&y[i * cols..][..cols], want.as_slice(), "get_rows {ty:?} token {t}");
+            // Within a rounding of candle's dequantization (a GPU may fuse
+            // its multiply-add of scale and minimum).
+            for (c, v) in w[t as usize * cols..][..cols].iter().enumerate() {
+                let want = (v * scale) as f64;
+                close(&format!("get_rows {ty:?} token {t}"), y[i * cols + c], want, want.abs(), 1e-6);
+            }
         }
     }
 }
@@ -450,4 +490,13 @@ macro_rules! on_every_device {
     };
 }
 
-on_every_device!(check_rmsnorm, check_rows_op, check_quantize, check_products, check_get_rows, check_rope_kv, check_attention);
+on_every_device!(
+    check_rmsnorm,
+    check_rows_op,
+    check_gather_scatter,
+    check_quantize,
+    check_products,
+    check_get_rows,
+    check_rope_kv,
+    check_attention
+);
