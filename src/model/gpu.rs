@@ -716,4 +716,21 @@ mod tests {
         let b = logits(vec![step(&whole, HostInput::Tokens(&tokens), &mut moved)]);
         assert_eq!(a, b);
     }
+
+    /// A model with what the kernels lack (heads of 16 values; phi2's
+    /// LayerNorms and biases) is loaded for candle instead, and runs.
+    #[test]
+    fn what_the_device_kernels_lack_runs_on_candle() {
+        let dir = tempfile::tempdir().unwrap();
+        for (arch, spec) in [("llama", tiny::TinySpec::default()), ("phi2", spec(128, 4, 256))] {
+            let path = dir.path().join(format!("{arch}.gguf"));
+            tiny::write_gguf(&path, &spec, arch, GgmlDType::Q8_0, &[]);
+            let mut file = ModelFile::open(&path).unwrap();
+            let slice = ModelSlice::load_with(&mut file, 0..spec.layers, &Device::Cpu, Backend::Device).unwrap();
+            assert_eq!(slice.backend(), Backend::Candle, "{arch}");
+            let mut cache = slice.new_cache(16).unwrap();
+            let x = candle_core::Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            assert_eq!(logits(vec![slice.forward(&x, &mut cache).unwrap()])[0].len(), spec.vocab);
+        }
+    }
 }

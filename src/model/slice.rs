@@ -95,6 +95,11 @@ impl ModelSlice {
             ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut weight_bytes = 0;
+        // Heads the attention kernel does not take: the slice runs on candle.
+        if backend == Backend::Device && !crate::kernels::device::takes_heads(config.head_dim) {
+            progress.finish_and_clear();
+            return Self::load_with(file, layers, device, Backend::Candle);
+        }
         let kernels = if backend == Backend::Device { Some(kernel_device(device)?) } else { None };
         // What the device kernels' slice reads on the host before uploading it.
         let read_on = if backend == Backend::Device { &Device::Cpu } else { device };

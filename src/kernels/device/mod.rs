@@ -447,6 +447,11 @@ impl Heads {
     }
 }
 
+/// Whether the attention kernel takes heads of `head_dim` values.
+pub fn takes_heads(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(32) && (32..=HEAD_DIM_MAX).contains(&head_dim)
+}
+
 /// The rotary tables and options of [`rope_kv`].
 #[derive(Debug, Clone, Copy)]
 pub struct RopeArgs {
@@ -540,7 +545,7 @@ pub fn attention_scratch(h: Heads, nb: usize, max_len: usize, split: usize) -> u
 pub fn attention(l: &dyn Launcher, h: Heads, rows: &StepRows, a: &AttnArgs, split: usize) -> Result<()> {
     const K: &str = "attn_split";
     h.check(K)?;
-    if !h.head_dim.is_multiple_of(32) || h.head_dim > HEAD_DIM_MAX {
+    if !takes_heads(h.head_dim) {
         return Err(refuse(K, format!("heads of {}: a multiple of 32 up to {HEAD_DIM_MAX} is needed", h.head_dim)));
     }
     if split == 0 {
