@@ -9,7 +9,8 @@
 #       on them (SOLLOL_DEVICE_KERNELS=1): logits of random models against
 #       the CPU, a 2-stage pipeline with the f32 wire, and prefill and
 #       decode tok/s of a Llama-3-8B shape in Q4_0, Q4_K and f16, one
-#       session and 8 batched, beside candle's Q4_0 in the same run.
+#       session and 8 batched, beside candle's Q4_0 and our Q4_0 without
+#       CUDA graphs (SOLLOL_DEVICE_GRAPHS=0) in the same run.
 # With GPU_CHECK_FULL=1, candle's path as measured before as well:
 #   (a) logits of random models on the GPU vs the same binary on the CPU;
 #   (b) a 2-stage pipeline whose two node processes share the one GPU vs
@@ -111,6 +112,8 @@ step "speed-$BIG-q4_0" 240 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$
 for quant in q4_0 q4_k f16; do
   step "kernels-speed-$BIG-$quant" 240 "${K[@]}" "${B[@]}" --synthetic "$BIG" --quant "$quant" --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2 --concurrency 1,8
 done
+# What the graphs give: the same kernels launched one by one.
+step "kernels-nographs-speed-$BIG-q4_0" 240 "${K[@]}" SOLLOL_DEVICE_GRAPHS=0 "${B[@]}" --synthetic "$BIG" --quant q4_0 --device "$DEVICE" --prompt-tokens 512 --tokens 128 --rounds 2
 
 # The candle path's checks, as measured before (GPU_CHECK_FULL=1).
 if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then

@@ -26,7 +26,7 @@ use super::ops::{Act, Attention, Block, Experts, Gate, Ops};
 use super::rope::RopeStyle;
 use super::weights::{Embedding, Linear, Norm, Projections};
 use crate::error::{Error, Result};
-use crate::kernels::device::{self as dev, DevBuf, DeviceGate, DeviceMatrix, Heads, KernelDevice, RowsOp, StepRows};
+use crate::kernels::device::{self as dev, DevBuf, DeviceGate, DeviceMatrix, Graph, Heads, KernelDevice, RowsOp, StepRows};
 
 /// A device slice's device and its buffers.
 #[derive(Debug)]
@@ -36,43 +36,101 @@ pub(super) struct OnDevice {
 }
 
 impl OnDevice {
+    /// Decode steps are replayed as CUDA graphs unless `SOLLOL_DEVICE_GRAPHS=0`.
     pub fn new(kd: Arc<dyn KernelDevice>) -> Self {
-        Self { kd, state: Default::default() }
+        let graphs = std::env::var("SOLLOL_DEVICE_GRAPHS").map_or(true, |v| v != "0");
+        Self { kd, state: std::sync::Mutex::new(DeviceState { graphs_on: graphs, ..Default::default() }) }
     }
 }
 
-/// A device slice's buffers between steps.
+impl DeviceState {
+    #[cfg(test)]
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_on = on;
+    }
+}
+
+/// Graphs kept per slice (one per decode shape in use); past it the oldest
+/// shape's goes, with its buffers.
+const MAX_GRAPHS: usize = 16;
+
+/// Captures of one shape that may fail (a buffer the capture would have to
+/// allocate: the plain run after it allocates it) before the shape runs
+/// without a graph.
+const MAX_CAPTURE_FAILURES: u32 = 3;
+
+/// A device slice's buffers and graphs between steps.
 #[derive(Debug, Default)]
 pub(super) struct DeviceState {
     /// Norm weights and rotary tables in device memory, by the address of
     /// their host copy (which lives as long as the slice).
     consts: HashMap<usize, DevBuf>,
-    /// Buffers free for the next value.
-    free: Vec<DevBuf>,
+    /// The buffers of steps that are not graphs (prefill chunks).
+    pool: Pool,
+    graphs_on: bool,
+    /// Decode steps by shape (rows, attention stretches): each shape's own
+    /// buffers, so that its steps get the same addresses every time, and its
+    /// graph once captured.
+    graphs: HashMap<(usize, usize), Graphed>,
+    /// Set when a step cannot be a graph at all (a mixture reads its router
+    /// back to the host mid-step).
+    ungraphable: bool,
+    /// Steps run by replaying a graph.
+    pub replays: u64,
 }
 
-impl DeviceState {
-    /// A buffer of at least `bytes`: the smallest free one that fits, or a new one.
+#[derive(Debug, Default)]
+struct Graphed {
+    pool: Pool,
+    steps: u64,
+    failures: u32,
+    /// The graph and where its output lands.
+    graph: Option<(Graph, u64, usize)>,
+}
+
+/// Device buffers free for the next value.
+#[derive(Debug, Default)]
+struct Pool {
+    free: Vec<DevBuf>,
+    /// While capturing: a buffer the pool lacks fails the capture instead
+    /// of being allocated (an allocation is no launch a graph can replay).
+    no_alloc: bool,
+}
+
+impl Pool {
+    /// A buffer of at least `bytes`: the smallest free one that fits (the
+    /// first of equals), or a new one.
     fn take(&mut self, kd: &dyn KernelDevice, bytes: usize) -> Result<DevBuf> {
         let best = self.free.iter().enumerate().filter(|(_, b)| b.len() >= bytes).min_by_key(|(_, b)| b.len()).map(|(i, _)| i);
         match best {
             Some(i) => Ok(self.free.swap_remove(i)),
+            None if self.no_alloc => Err(Error::Kernel { kernel: "capture".into(), reason: format!("no free buffer of {bytes} bytes") }),
             None => kd.alloc(bytes),
         }
     }
 
-    /// `values`' device copy, made on first use.
-    fn constant(&mut self, kd: &dyn KernelDevice, values: &[f32]) -> Result<u64> {
-        let key = values.as_ptr() as usize;
-        if let Some(b) = self.consts.get(&key) {
-            return Ok(b.addr());
-        }
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let b = kd.upload(&bytes)?;
-        let addr = b.addr();
-        self.consts.insert(key, b);
-        Ok(addr)
+    fn give(&mut self, b: DevBuf) {
+        self.free.push(b);
     }
+
+    /// One order for the same set of buffers, so that the same requests get
+    /// the same buffers.
+    fn settle(&mut self) {
+        self.free.sort_by_key(|b| (b.len(), b.addr()));
+    }
+}
+
+/// `values`' device copy, made on first use.
+fn constant(consts: &mut HashMap<usize, DevBuf>, kd: &dyn KernelDevice, values: &[f32]) -> Result<u64> {
+    let key = values.as_ptr() as usize;
+    if let Some(b) = consts.get(&key) {
+        return Ok(b.addr());
+    }
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let b = kd.upload(&bytes)?;
+    let addr = b.addr();
+    consts.insert(key, b);
+    Ok(addr)
 }
 
 /// What a step hands back.
@@ -93,34 +151,85 @@ pub(super) struct Step<'s> {
     pub hidden: usize,
 }
 
-/// Runs `step` over the items (checked by the caller: inputs of the
-/// slice's kind, caches of this backend with room reserved).
-pub(super) fn run(
-    kd: &dyn KernelDevice,
-    state: &mut DeviceState,
-    step: &Step<'_>,
-    inputs: &[HostInput<'_>],
-    segs: &[Seg],
-    caches: &[&mut KvCache],
-) -> Result<StepOut> {
-    let rows: usize = segs.iter().map(|g| g.len).sum();
-    let mut ops = DeviceOps::new(kd, state, segs, caches, step.blocks.len())?;
-    let mut h = ops.input(step, inputs)?;
-    for (layer, block) in step.blocks.iter().enumerate() {
-        let out = block.forward(&mut ops, h, layer)?;
-        h = ops.end_block(out)?;
+/// The items of a step (checked by the caller: inputs of the slice's kind,
+/// caches of this backend with room reserved).
+pub(super) struct Items<'i> {
+    pub inputs: &'i [HostInput<'i>],
+    pub segs: &'i [Seg],
+    pub caches: &'i [&'i mut KvCache],
+}
+
+/// Runs `step` over the items. A decode step (one row per item) is a CUDA
+/// graph from its shape's third step on: the first allocates the shape's
+/// buffers and uploads what it reads, the second is captured, the others
+/// write their tables and inputs into the same buffers and replay it.
+pub(super) fn run(kd: &dyn KernelDevice, state: &mut DeviceState, step: &Step<'_>, items: &Items<'_>) -> Result<StepOut> {
+    let rows: usize = items.segs.iter().map(|g| g.len).sum();
+    let max_len = items.segs.iter().map(|g| g.pos + g.len).max().unwrap_or(1);
+    let decode = items.segs.iter().all(|g| g.len == 1);
+    if !(state.graphs_on && decode && !state.ungraphable) {
+        return plain(kd, &mut state.pool, &mut state.consts, step, items);
     }
-    let out = match step.head {
-        Some((norm, output)) => StepOut::Logits(ops.logits(h, norm, output)?),
-        None => {
-            let x = ops.rows(h)?;
-            let mut out = vec![0u8; rows * step.hidden * 4];
-            kd.read_at(x, &mut out)?;
-            StepOut::Rows(f32s(&out))
-        }
-    };
+    let key = (rows, max_len.div_ceil(dev::ATTENTION_SPLIT));
+    if !state.graphs.contains_key(&key) && state.graphs.len() >= MAX_GRAPHS {
+        let oldest = state.graphs.iter().min_by_key(|(_, g)| g.steps).map(|(k, _)| *k);
+        oldest.and_then(|k| state.graphs.remove(&k));
+    }
+    let g = state.graphs.entry(key).or_default();
+    g.pool.settle();
+    g.steps += 1;
+    if let Some((graph, at, bytes)) = &g.graph {
+        let ops = DeviceOps::new(kd, &mut g.pool, &mut state.consts, step, items, false)?;
+        kd.replay(graph)?;
+        let out = read_out(kd, step, *at, *bytes);
+        ops.finish();
+        state.replays += 1;
+        return out;
+    }
+    if g.steps == 1 || g.failures >= MAX_CAPTURE_FAILURES {
+        return plain(kd, &mut g.pool, &mut state.consts, step, items);
+    }
+    let mut ops = DeviceOps::new(kd, &mut g.pool, &mut state.consts, step, items, true)?;
+    kd.begin_capture()?;
+    let launched = ops.launch(step);
+    let captured = kd.end_capture();
+    let readback = ops.read_back;
     ops.finish();
-    Ok(out)
+    match (launched, captured) {
+        (Ok((at, bytes)), Ok(graph)) => {
+            // The captured launches have not run yet: this step replays them too.
+            kd.replay(&graph)?;
+            g.graph = Some((graph, at, bytes));
+            read_out(kd, step, at, bytes)
+        }
+        (launched, captured) => {
+            tracing::debug!(?launched, ?captured, "a decode step could not be captured; it runs without a graph");
+            g.failures += 1;
+            state.ungraphable |= readback;
+            plain(kd, &mut g.pool, &mut state.consts, step, items)
+        }
+    }
+}
+
+/// A step launched as it goes.
+fn plain(
+    kd: &dyn KernelDevice,
+    pool: &mut Pool,
+    consts: &mut HashMap<usize, DevBuf>,
+    step: &Step<'_>,
+    items: &Items<'_>,
+) -> Result<StepOut> {
+    let mut ops = DeviceOps::new(kd, pool, consts, step, items, false)?;
+    let out = ops.launch(step).and_then(|(at, bytes)| read_out(kd, step, at, bytes));
+    ops.finish();
+    out
+}
+
+/// The step's output, `bytes` at `at`: logits on the last slice, rows on the others.
+fn read_out(kd: &dyn KernelDevice, step: &Step<'_>, at: u64, bytes: usize) -> Result<StepOut> {
+    let mut out = vec![0u8; bytes];
+    kd.read_at(at, &mut out)?;
+    Ok(if step.head.is_some() { StepOut::Logits(f32s(&out)) } else { StepOut::Rows(f32s(&out)) })
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -150,7 +259,8 @@ enum Val {
 /// [`Ops`] on the device kernels for one batch.
 struct DeviceOps<'a> {
     kd: &'a dyn KernelDevice,
-    state: &'a mut DeviceState,
+    pool: &'a mut Pool,
+    consts: &'a mut HashMap<usize, DevBuf>,
     segs: &'a [Seg],
     rows: usize,
     vals: Vec<Val>,
@@ -159,11 +269,30 @@ struct DeviceOps<'a> {
     /// The step's tables: per row its position and the positions it sees
     /// (i32 each), then per block and row its K and V cache addresses.
     tables: DevBuf,
+    /// The token ids (first slice) or the rows handed on (the others).
+    input: DevBuf,
+    /// The step's output, until it is read.
+    out: Option<DevBuf>,
     max_len: usize,
+    /// Launches are being captured: nothing may wait for the device.
+    capturing: bool,
+    /// A mixture asked to read the device back (which a capture cannot).
+    read_back: bool,
 }
 
 impl<'a> DeviceOps<'a> {
-    fn new(kd: &'a dyn KernelDevice, state: &'a mut DeviceState, segs: &'a [Seg], caches: &[&mut KvCache], layers: usize) -> Result<Self> {
+    /// Takes the step's buffers and writes its tables and inputs: every
+    /// copy to the device a step makes, before its first launch.
+    fn new(
+        kd: &'a dyn KernelDevice,
+        pool: &'a mut Pool,
+        consts: &'a mut HashMap<usize, DevBuf>,
+        step: &Step<'_>,
+        items: &Items<'a>,
+        capturing: bool,
+    ) -> Result<Self> {
+        let segs = items.segs;
+        let layers = step.blocks.len();
         let rows: usize = segs.iter().map(|g| g.len).sum();
         let mut bytes = Vec::with_capacity(rows * (8 + layers * 16));
         let row_items: Vec<(usize, usize)> = segs.iter().enumerate().flat_map(|(n, g)| (0..g.len).map(move |i| (n, g.pos + i))).collect();
@@ -176,15 +305,68 @@ impl<'a> DeviceOps<'a> {
         for layer in 0..layers {
             for kv in 0..2 {
                 for &(item, _) in &row_items {
-                    let (k, v) = caches[item].kernel_layer(layer).ok_or_else(|| unsupported("cache of another backend"))?;
+                    let (k, v) = items.caches[item].kernel_layer(layer).ok_or_else(|| unsupported("cache of another backend"))?;
                     bytes.extend(if kv == 0 { k } else { v }.to_le_bytes());
                 }
             }
         }
-        let tables = state.take(kd, bytes.len())?;
+        let tables = pool.take(kd, bytes.len())?;
         kd.write(&tables, 0, &bytes)?;
+        let input: Vec<u8> = match step.embed {
+            Some(_) => items
+                .inputs
+                .iter()
+                .flat_map(|i| match i {
+                    HostInput::Tokens(t) => t.to_vec(),
+                    HostInput::Hidden(_) => Vec::new(),
+                })
+                .flat_map(|t| (t as i32).to_le_bytes())
+                .collect(),
+            None => items
+                .inputs
+                .iter()
+                .flat_map(|i| match i {
+                    HostInput::Hidden(x) => x.to_vec(),
+                    HostInput::Tokens(_) => Vec::new(),
+                })
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        };
+        let input_buf = pool.take(kd, input.len())?;
+        kd.write(&input_buf, 0, &input)?;
         let max_len = row_items.iter().map(|&(_, p)| p + 1).max().unwrap_or(1);
-        Ok(Self { kd, state, segs, rows, vals: Vec::new(), prepared: Vec::new(), tables, max_len })
+        pool.no_alloc = capturing;
+        Ok(Self {
+            kd,
+            pool,
+            consts,
+            segs,
+            rows,
+            vals: Vec::new(),
+            prepared: Vec::new(),
+            tables,
+            input: input_buf,
+            out: None,
+            max_len,
+            capturing,
+            read_back: false,
+        })
+    }
+
+    /// Every launch of the step: the address and size of its output.
+    fn launch(&mut self, step: &Step<'_>) -> Result<(u64, usize)> {
+        let mut h = self.first(step)?;
+        for (layer, block) in step.blocks.iter().enumerate() {
+            let out = block.forward(self, h, layer)?;
+            h = self.end_block(out)?;
+        }
+        match step.head {
+            Some((norm, output)) => self.logits(h, norm, output),
+            None => {
+                let at = self.rows(h)?;
+                Ok((at, self.rows * step.hidden * 4))
+            }
+        }
     }
 
     fn put(&mut self, v: Val) -> Act {
@@ -193,43 +375,26 @@ impl<'a> DeviceOps<'a> {
     }
 
     fn new_rows(&mut self, width: usize) -> Result<(DevBuf, u64)> {
-        let buf = self.state.take(self.kd, self.rows * width * 4)?;
+        let buf = self.pool.take(self.kd, self.rows * width * 4)?;
         let addr = buf.addr();
         Ok((buf, addr))
     }
 
     /// The first block's input: embedding rows of the tokens, or the rows handed on.
-    fn input(&mut self, step: &Step<'_>, inputs: &[HostInput<'_>]) -> Result<Act> {
-        let (buf, addr) = self.new_rows(step.hidden)?;
+    fn first(&mut self, step: &Step<'_>) -> Result<Act> {
         match step.embed {
             Some((Embedding::Device(m), scale)) => {
-                let tokens: Vec<u8> = inputs
-                    .iter()
-                    .flat_map(|i| match i {
-                        HostInput::Tokens(t) => t.to_vec(),
-                        HostInput::Hidden(_) => Vec::new(),
-                    })
-                    .flat_map(|t| (t as i32).to_le_bytes())
-                    .collect();
-                let ids = self.state.take(self.kd, tokens.len())?;
-                self.kd.write(&ids, 0, &tokens)?;
-                dev::get_rows(self.kd, m.ty, m.buf.addr(), ids.addr(), addr, self.rows, m.cols, scale.unwrap_or(1.0))?;
-                self.state.free.push(ids);
+                let (buf, addr) = self.new_rows(step.hidden)?;
+                dev::get_rows(self.kd, m.ty, m.buf.addr(), self.input.addr(), addr, self.rows, m.cols, scale.unwrap_or(1.0))?;
+                Ok(self.put(Val::Rows { buf, width: step.hidden }))
             }
-            Some(_) => return Err(unsupported("embedding of another backend")),
+            Some(_) => Err(unsupported("embedding of another backend")),
             None => {
-                let bytes: Vec<u8> = inputs
-                    .iter()
-                    .flat_map(|i| match i {
-                        HostInput::Hidden(x) => x.to_vec(),
-                        HostInput::Tokens(_) => Vec::new(),
-                    })
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect();
-                self.kd.write(&buf, 0, &bytes)?;
+                let (buf, addr) = self.new_rows(step.hidden)?;
+                self.kd.copy_at(addr, self.input.addr(), self.rows * step.hidden * 4)?;
+                Ok(self.put(Val::Rows { buf, width: step.hidden }))
             }
         }
-        Ok(self.put(Val::Rows { buf, width: step.hidden }))
     }
 
     fn width(&self, x: Act) -> Result<usize> {
@@ -270,7 +435,7 @@ impl<'a> DeviceOps<'a> {
 
     fn norm_into(&mut self, x: u64, norm: &Norm, residual: u64, y: u64, yq: u64, width: usize) -> Result<()> {
         let (w, eps) = norm.rms_weights().ok_or_else(|| unsupported("LayerNorm"))?;
-        let w = self.state.constant(self.kd, w)?;
+        let w = constant(self.consts, self.kd, w)?;
         dev::rmsnorm(self.kd, x, w, residual, y, yq, self.rows, width, eps)
     }
 
@@ -283,7 +448,7 @@ impl<'a> DeviceOps<'a> {
         if !quantized {
             return self.rows(x);
         }
-        let q = self.state.take(self.kd, self.rows * width / 32 * dev::Q8A_BYTES)?;
+        let q = self.pool.take(self.kd, self.rows * width / 32 * dev::Q8A_BYTES)?;
         match &self.vals[x.0] {
             // The norm goes straight into the blocks.
             Val::Normed { x: src, norm } => {
@@ -305,49 +470,59 @@ impl<'a> DeviceOps<'a> {
     fn end_block(&mut self, keep: Act) -> Result<Act> {
         self.rows(keep)?;
         let kept = std::mem::replace(&mut self.vals[keep.0], Val::Gone);
-        for v in self.vals.drain(..) {
+        for v in std::mem::take(&mut self.vals) {
             if let Val::Rows { buf, .. } = v {
-                self.state.free.push(buf);
+                self.pool.give(buf);
             }
         }
-        self.state.free.extend(self.prepared.drain(..).map(|(_, b)| b));
+        for (_, b) in std::mem::take(&mut self.prepared) {
+            self.pool.give(b);
+        }
         Ok(self.put(kept))
     }
 
-    /// Each item's last row through `norm` and the head: `[items, vocab]`.
-    fn logits(&mut self, h: Act, norm: &Norm, output: &Linear) -> Result<Vec<f32>> {
+    /// Each item's last row through `norm` and the head: where the logits
+    /// `[items, vocab]` land, and their size.
+    fn logits(&mut self, h: Act, norm: &Norm, output: &Linear) -> Result<(u64, usize)> {
         let m = on_device(output)?;
         let width = self.width(h)?;
         let x = self.rows(h)?;
         let items = self.segs.len();
         let (w, eps) = norm.rms_weights().ok_or_else(|| unsupported("LayerNorm"))?;
-        let w = self.state.constant(self.kd, w)?;
+        let w = constant(self.consts, self.kd, w)?;
         let q = m.ty.quantized();
         let row_bytes = if q { width / 32 * dev::Q8A_BYTES } else { width * 4 };
-        let normed = self.state.take(self.kd, items * row_bytes)?;
+        let normed = self.pool.take(self.kd, items * row_bytes)?;
         for (i, g) in self.segs.iter().enumerate() {
             let last = x + ((g.start + g.len - 1) * width * 4) as u64;
             let at = normed.addr() + (i * row_bytes) as u64;
             let (y, yq) = if q { (0, at) } else { (at, 0) };
             dev::rmsnorm(self.kd, last, w, 0, y, yq, 1, width, eps)?;
         }
-        let logits = self.state.take(self.kd, items * m.rows * 4)?;
+        let logits = self.pool.take(self.kd, items * m.rows * 4)?;
         dev::matvec(self.kd, m.product(items), m.buf.addr(), normed.addr(), logits.addr(), 0)?;
-        let mut out = vec![0u8; items * m.rows * 4];
-        self.kd.read(&logits, 0, &mut out)?;
-        self.state.free.extend([normed, logits]);
-        Ok(f32s(&out))
+        let at = logits.addr();
+        self.pool.give(normed);
+        self.out = Some(logits);
+        Ok((at, items * m.rows * 4))
     }
 
     /// Returns every buffer to the pool.
     fn finish(mut self) {
-        for v in self.vals.drain(..) {
+        for v in std::mem::take(&mut self.vals) {
             if let Val::Rows { buf, .. } = v {
-                self.state.free.push(buf);
+                self.pool.give(buf);
             }
         }
-        self.state.free.extend(self.prepared.drain(..).map(|(_, b)| b));
-        self.state.free.push(self.tables);
+        for (_, b) in std::mem::take(&mut self.prepared) {
+            self.pool.give(b);
+        }
+        self.pool.give(self.tables);
+        self.pool.give(self.input);
+        if let Some(out) = self.out {
+            self.pool.give(out);
+        }
+        self.pool.no_alloc = false;
     }
 
     /// The lazy product of `x`, or None.
@@ -457,18 +632,18 @@ impl Ops for DeviceOps<'_> {
         if self.max_len > positions {
             return Err(Error::ContextOverflow { prompt: self.max_len, context: positions });
         }
-        let (cos, sin) = (self.state.constant(self.kd, cos)?, self.state.constant(self.kd, sin)?);
-        let norm = |n: &Option<Norm>, s: &mut DeviceState, kd: &dyn KernelDevice| -> Result<(u64, f32)> {
+        let (cos, sin) = (constant(self.consts, self.kd, cos)?, constant(self.consts, self.kd, sin)?);
+        let norm = |n: &Option<Norm>, consts: &mut HashMap<usize, DevBuf>, kd: &dyn KernelDevice| -> Result<(u64, f32)> {
             match n {
                 Some(n) => {
                     let (w, eps) = n.rms_weights().ok_or_else(|| unsupported("LayerNorm"))?;
-                    Ok((s.constant(kd, w)?, eps))
+                    Ok((constant(consts, kd, w)?, eps))
                 }
                 None => Ok((0, 0.0)),
             }
         };
-        let (q_norm, eps) = norm(&attn.q_norm, self.state, self.kd)?;
-        let (k_norm, _) = norm(&attn.k_norm, self.state, self.kd)?;
+        let (q_norm, eps) = norm(&attn.q_norm, self.consts, self.kd)?;
+        let (k_norm, _) = norm(&attn.k_norm, self.consts, self.kd)?;
         let t = self.tables.addr();
         let per_layer = (self.rows * 16) as u64;
         let k_caches = t + (self.rows * 8) as u64 + layer as u64 * per_layer;
@@ -476,7 +651,7 @@ impl Ops for DeviceOps<'_> {
         let rope = dev::RopeArgs { cos, sin, positions, rot: spec.rot_dim, neox: spec.style == RopeStyle::Half, q_norm, k_norm, eps };
         dev::rope_kv(self.kd, h, &rows, &rope)?;
         let split = dev::ATTENTION_SPLIT;
-        let scratch = self.state.take(self.kd, dev::attention_scratch(h, self.rows, self.max_len, split) * 4)?;
+        let scratch = self.pool.take(self.kd, dev::attention_scratch(h, self.rows, self.max_len, split) * 4)?;
         let (buf, y) = self.new_rows(width)?;
         let args = dev::AttnArgs {
             lens: t + (self.rows * 4) as u64,
@@ -487,8 +662,10 @@ impl Ops for DeviceOps<'_> {
             y,
         };
         dev::attention(self.kd, h, &rows, &args, split)?;
-        self.state.free.push(scratch);
-        self.state.free.extend(qbuf);
+        self.pool.give(scratch);
+        if let Some(b) = qbuf {
+            self.pool.give(b);
+        }
         Ok(self.put(Val::Rows { buf, width }))
     }
 
@@ -497,6 +674,10 @@ impl Ops for DeviceOps<'_> {
     /// its rows only, gathered into one batch (its weights read once), and
     /// its weighted output added back onto them, experts in order.
     fn moe(&mut self, x: Act, e: &Experts) -> Result<Act> {
+        if self.capturing {
+            self.read_back = true;
+            return Err(unsupported("mixture inside a graph (its router is read back mid-step)"));
+        }
         let hidden = self.width(x)?;
         let n = e.experts.len();
         let router = self.linear(x, &e.router)?;
@@ -514,7 +695,7 @@ impl Ops for DeviceOps<'_> {
             table.extend(rows.iter().flat_map(|&(r, _)| (r as i32).to_le_bytes()));
             table.extend(rows.iter().flat_map(|&(_, w)| w.to_le_bytes()));
         }
-        let tb = self.state.take(self.kd, table.len())?;
+        let tb = self.pool.take(self.kd, table.len())?;
         self.kd.write(&tb, 0, &table)?;
         let (out, y) = self.new_rows(hidden)?;
         dev::rows_op(self.kd, RowsOp::Zero, 0, 0, y, self.rows * hidden)?;
@@ -527,23 +708,25 @@ impl Ops for DeviceOps<'_> {
             let (idx, weights) = (tb.addr() + at as u64, tb.addr() + (at + 4 * m) as u64);
             let xin = self.prepared(x, mg.ty.quantized())?;
             let row_bytes = mg.ty.act_bytes(1, hidden);
-            let gathered = self.state.take(self.kd, m * row_bytes)?;
+            let gathered = self.pool.take(self.kd, m * row_bytes)?;
             dev::gather_rows(self.kd, xin, idx, gathered.addr(), m, row_bytes)?;
-            let g = self.state.take(self.kd, m * mg.rows * 4)?;
+            let g = self.pool.take(self.kd, m * mg.rows * 4)?;
             dev::glu(self.kd, mg.product(m), DeviceGate::from(e.gate), mg.buf.addr(), mu.buf.addr(), gathered.addr(), g.addr())?;
             let gq = if md.ty.quantized() {
-                let q = self.state.take(self.kd, md.ty.act_bytes(m, mg.rows))?;
+                let q = self.pool.take(self.kd, md.ty.act_bytes(m, mg.rows))?;
                 dev::quantize_q8(self.kd, g.addr(), q.addr(), m * mg.rows)?;
                 Some(q)
             } else {
                 None
             };
-            let d = self.state.take(self.kd, m * hidden * 4)?;
+            let d = self.pool.take(self.kd, m * hidden * 4)?;
             dev::matvec(self.kd, md.product(m), md.buf.addr(), gq.as_ref().map_or(g.addr(), |q| q.addr()), d.addr(), 0)?;
             dev::scatter_add(self.kd, y, d.addr(), idx, weights, m, hidden)?;
-            self.state.free.extend([gathered, g, d].into_iter().chain(gq));
+            for b in [gathered, g, d].into_iter().chain(gq) {
+                self.pool.give(b);
+            }
         }
-        self.state.free.push(tb);
+        self.pool.give(tb);
         Ok(self.put(Val::Rows { buf: out, width: hidden }))
     }
 }
@@ -732,5 +915,45 @@ mod tests {
             let x = candle_core::Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
             assert_eq!(logits(vec![slice.forward(&x, &mut cache).unwrap()])[0].len(), spec.vocab);
         }
+    }
+
+    /// Decode steps replayed as graphs give the logits the same steps give
+    /// launched one by one, bit for bit, as sessions come and go (new
+    /// shapes, new positions, new tokens in the same buffers).
+    #[test]
+    fn decode_steps_as_graphs_equal_steps_launched_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let spec = spec(128, 4, 256);
+        tiny::write_gguf(&path, &spec, "qwen3", GgmlDType::Q4_0, &[]);
+        let mut file = ModelFile::open(&path).unwrap();
+        let load = |f: &mut ModelFile, graphs: bool| {
+            let s = ModelSlice::load_with(f, 0..spec.layers, &Device::Cpu, Backend::Device).unwrap();
+            s.set_device_graphs(graphs);
+            s
+        };
+        let (graphed, plain) = (load(&mut file, true), load(&mut file, false));
+        let mut caches: Vec<Vec<KvCache>> = [&graphed, &plain].iter().map(|s| (0..3).map(|_| s.new_cache(64).unwrap()).collect()).collect();
+        let mut tokens: Vec<Vec<u32>> = vec![vec![4, 8, 15], vec![16, 23], vec![42]];
+        for step in 0..8 {
+            // Two sessions, then three (a new shape), then two again.
+            let live = if (3..6).contains(&step) { 3 } else { 2 };
+            let mut out = Vec::new();
+            for (slice, cache) in [&graphed, &plain].iter().zip(caches.iter_mut()) {
+                let mut items: Vec<BatchItem> = tokens
+                    .iter()
+                    .zip(cache.iter_mut())
+                    .take(live)
+                    .map(|(t, c)| BatchItem { input: HostInput::Tokens(t), cache: c })
+                    .collect();
+                out.push(logits(slice.forward_batch(&mut items).unwrap()));
+            }
+            assert_eq!(out[0], out[1], "step {step}");
+            for (t, l) in tokens.iter_mut().zip(&out[0]) {
+                *t = vec![(0..l.len()).max_by(|&i, &j| l[i].total_cmp(&l[j])).unwrap() as u32];
+            }
+        }
+        assert!(graphed.device_replays() >= 3, "{} steps replayed", graphed.device_replays());
+        assert_eq!(plain.device_replays(), 0);
     }
 }

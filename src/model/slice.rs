@@ -299,6 +299,20 @@ impl ModelSlice {
         }
     }
 
+    /// Turns replaying decode steps as graphs on or off (device slices).
+    #[cfg(test)]
+    pub(crate) fn set_device_graphs(&self, on: bool) {
+        if let Some(d) = &self.kernels {
+            d.state.lock().unwrap_or_else(|e| e.into_inner()).set_graphs(on);
+        }
+    }
+
+    /// Decode steps replayed as graphs so far (device slices).
+    #[cfg(test)]
+    pub(crate) fn device_replays(&self) -> u64 {
+        self.kernels.as_ref().map_or(0, |d| d.state.lock().unwrap_or_else(|e| e.into_inner()).replays)
+    }
+
     /// Whether `cache` is of the kind this slice's backend keeps.
     fn holds(&self, cache: &KvCache) -> bool {
         cache.n_layers() == self.blocks.len()
@@ -556,7 +570,7 @@ impl ModelSlice {
             head: self.head.as_ref().filter(|_| head).map(|(n, o)| (n, o)),
             hidden: self.config.hidden_size,
         };
-        let out = gpu::run(&*on.kd, &mut state, &step, &inputs, &segs, &caches)?;
+        let out = gpu::run(&*on.kd, &mut state, &step, &gpu::Items { inputs: &inputs, segs: &segs, caches: &caches })?;
         for (c, g) in caches.iter_mut().zip(&segs) {
             c.advance(g.len);
         }

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::cuda_backend::cudarc::driver::{result, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags_enum, CUstreamCaptureMode};
+use candle_core::cuda_backend::cudarc::driver::{result, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 
-use super::{Arg, DevBuf, Geometry, KernelDevice, Launcher};
+use super::{Arg, DevBuf, Geometry, Graph, KernelDevice, Launcher};
 use crate::error::{Error, Result};
 
 static PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -85,4 +86,32 @@ impl KernelDevice for CudaKernels {
         // SAFETY: both ranges are inside live buffers (checked by `copy`).
         unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }.map_err(|e| self.failed("copy", e))
     }
+
+    fn begin_capture(&self) -> Result<()> {
+        // Thread-local: only this thread's calls are captured (candle's own
+        // launches on other threads are not).
+        self.dev
+            .cuda_stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| self.failed("capture", e))
+    }
+
+    fn end_capture(&self) -> Result<Graph> {
+        let graph = self.dev.cuda_stream().end_capture(CUgraphInstantiate_flags_enum(0)).map_err(|e| self.failed("capture", e))?;
+        let graph = graph.ok_or_else(|| self.failed("capture", "nothing was captured"))?;
+        Ok(Graph(Box::new(Captured(graph))))
+    }
+
+    fn replay(&self, graph: &Graph) -> Result<()> {
+        let g = graph.0.downcast_ref::<Captured>().ok_or_else(|| self.failed("replay", "a graph of another device"))?;
+        g.0.launch().map_err(|e| self.failed("replay", e))
+    }
 }
+
+/// A CUDA graph, used only under its slice's lock.
+struct Captured(CudaGraph);
+
+// SAFETY: the graph's handles are used by one thread at a time (the slice's
+// device state is behind a mutex), which the driver allows from any thread.
+unsafe impl Send for Captured {}
+unsafe impl Sync for Captured {}

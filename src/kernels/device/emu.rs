@@ -2,19 +2,49 @@
 //! build.rs): a [`KernelDevice`] over host memory, for the unit tests.
 
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::Mutex;
 
-use super::{Arg, DevBuf, Geometry, KernelDevice, Launcher};
+use super::{Arg, DevBuf, Geometry, Graph, KernelDevice, Launcher};
 use crate::error::{Error, Result};
 
 extern "C" {
     fn sollol_emu_launch(name: *const c_char, grid: *const u32, block: *const u32, args: *mut *mut c_void) -> c_int;
 }
 
-#[derive(Debug)]
-pub(super) struct Emu;
+/// The emulator; while capturing, launches and copies are recorded, as a
+/// CUDA stream capture does, and a graph replays them in order.
+#[derive(Debug, Default)]
+pub(super) struct Emu {
+    recording: Mutex<Option<Vec<Recorded>>>,
+}
 
-impl Launcher for Emu {
-    fn launch(&self, kernel: &str, g: Geometry, args: &[Arg]) -> Result<()> {
+#[derive(Debug, Clone)]
+enum Recorded {
+    Launch(String, Geometry, Vec<Arg>),
+    Copy(u64, u64, usize),
+}
+
+impl Emu {
+    /// Records `r` if capturing; false if it is to run now.
+    fn record(&self, r: impl FnOnce() -> Recorded) -> bool {
+        let mut rec = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        match rec.as_mut() {
+            Some(list) => {
+                list.push(r());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn refuse_while_capturing(&self, what: &str) -> Result<()> {
+        if self.recording.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return Err(Error::Kernel { kernel: what.into(), reason: "a copy to or from the host while capturing".into() });
+        }
+        Ok(())
+    }
+
+    fn run(&self, kernel: &str, g: Geometry, args: &[Arg]) -> Result<()> {
         // cuLaunchKernel's convention: one pointer per parameter, to its
         // value. A u64 slot holds each (i32 and f32 in its low bytes).
         let mut values: Vec<u64> = args
@@ -41,6 +71,15 @@ impl Launcher for Emu {
     }
 }
 
+impl Launcher for Emu {
+    fn launch(&self, kernel: &str, g: Geometry, args: &[Arg]) -> Result<()> {
+        if self.record(|| Recorded::Launch(kernel.to_string(), g, args.to_vec())) {
+            return Ok(());
+        }
+        self.run(kernel, g, args)
+    }
+}
+
 /// Host memory stands for device memory, 16-byte aligned as device
 /// allocations are; kernels and copies reach it only through its address.
 impl KernelDevice for Emu {
@@ -51,20 +90,54 @@ impl KernelDevice for Emu {
     }
 
     fn write_at(&self, dst: u64, bytes: &[u8]) -> Result<()> {
+        self.refuse_while_capturing("write")?;
         // SAFETY: `dst` is inside a live buffer (bounds checked by `write`).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst as *mut u8, bytes.len()) };
         Ok(())
     }
 
     fn read_at(&self, src: u64, out: &mut [u8]) -> Result<()> {
+        self.refuse_while_capturing("read")?;
         // SAFETY: as in `write_at`.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), out.len()) };
         Ok(())
     }
 
     fn copy_at(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if self.record(|| Recorded::Copy(dst, src, bytes)) {
+            return Ok(());
+        }
         // SAFETY: as in `write_at`; `copy` allows overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let mut rec = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        if rec.is_some() {
+            return Err(Error::Kernel { kernel: "capture".into(), reason: "already capturing".into() });
+        }
+        *rec = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Graph> {
+        let list = self.recording.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let list = list.ok_or_else(|| Error::Kernel { kernel: "capture".into(), reason: "not capturing".into() })?;
+        Ok(Graph(Box::new(list)))
+    }
+
+    fn replay(&self, graph: &Graph) -> Result<()> {
+        let list = graph
+            .0
+            .downcast_ref::<Vec<Recorded>>()
+            .ok_or_else(|| Error::Kernel { kernel: "replay".into(), reason: "a graph of another device".into() })?;
+        for r in list {
+            match r {
+                Recorded::Launch(k, g, args) => self.run(k, *g, args)?,
+                Recorded::Copy(dst, src, bytes) => self.copy_at(*dst, *src, *bytes)?,
+            }
+        }
         Ok(())
     }
 }

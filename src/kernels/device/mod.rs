@@ -208,6 +208,24 @@ pub trait KernelDevice: Launcher + Send + Sync + std::fmt::Debug {
     fn write_at(&self, dst: u64, bytes: &[u8]) -> Result<()>;
     fn read_at(&self, src: u64, out: &mut [u8]) -> Result<()>;
     fn copy_at(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
+    /// Records launches and device-to-device copies from here on instead of
+    /// running them (copies to or from the host fail while recording).
+    fn begin_capture(&self) -> Result<()>;
+    /// Stops recording: what was recorded, to replay as one graph.
+    fn end_capture(&self) -> Result<Graph>;
+    /// Runs a recorded graph again (its launches read their buffers anew).
+    fn replay(&self, graph: &Graph) -> Result<()>;
+}
+
+/// Launches recorded once and replayed (a CUDA graph on a GPU); what it
+/// holds is its device's own (read by the CUDA device and the emulator, the
+/// devices a build without the `cuda` feature and its tests lacks).
+pub struct Graph(#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))] Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Graph")
+    }
 }
 
 impl dyn KernelDevice + '_ {
@@ -259,7 +277,7 @@ pub fn kernel_device(d: &candle_core::Device) -> Result<std::sync::Arc<dyn Kerne
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(c) => Ok(cuda::CudaKernels::shared(c)),
         #[cfg(all(test, unix))]
-        candle_core::Device::Cpu => Ok(std::sync::Arc::new(emu::Emu)),
+        candle_core::Device::Cpu => Ok(std::sync::Arc::new(emu::Emu::default())),
         other => Err(refuse("device", format!("the device kernels do not run on {other:?}"))),
     }
 }

@@ -454,9 +454,9 @@ fn shapes_the_kernels_do_not_take_are_refused_before_launch() {
 #[test]
 fn the_emulator_refuses_what_it_cannot_run() {
     let g = Geometry { grid: [1, 1, 1], block: [32, 1, 1] };
-    assert!(Emu.launch("no_such_kernel", g, &[]).is_err());
+    assert!(Emu::default().launch("no_such_kernel", g, &[]).is_err());
     let g = Geometry { grid: [1, 1, 1], block: [20, 1, 1] };
-    assert!(Emu.launch("quantize_q8", g, &[Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]).is_err());
+    assert!(Emu::default().launch("quantize_q8", g, &[Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]).is_err());
 }
 
 /// The GPU the `on_gpu` tests run on: None (the test skips, saying so)
@@ -477,7 +477,7 @@ pub(crate) fn test_gpu() -> Option<candle_core::Device> {
 macro_rules! on_every_device {
     ($($check:ident),* $(,)?) => {
         mod on_emulator {
-            $(#[test] fn $check() { super::$check(&super::Emu) })*
+            $(#[test] fn $check() { super::$check(&super::Emu::default()) })*
         }
         #[cfg(feature = "cuda")]
         mod on_gpu {
