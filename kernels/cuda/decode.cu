@@ -18,6 +18,15 @@
 // which checks what each kernel assumes (noted per kernel).
 #include "quant.cuh"
 
+static __device__ __forceinline__ uint16_t f32_to_f16_bits(float v) {
+    return __half_as_ushort(__float2half(v));
+}
+
+// n f32 values as f16 (a GEMM's activations).
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, uint16_t* __restrict__ y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = f32_to_f16_bits(x[i]);
+}
+
 // --- norms and activation quantization -------------------------------------
 
 // grid.x = rows, blockDim.x a multiple of 32; n % 32 == 0. `y` may be `x` or
@@ -216,6 +225,15 @@ static __device__ void glu_q(const uint8_t* wg, const uint8_t* wu, const q8a* x,
                                           int cols, int nb, int gate) {                                             \
         glu_q<T>(wg, wu, x, y, rows, cols, nb, gate);                                                               \
     }                                                                                                               \
+    /* grid.x = rows: the whole matrix as f16, for a GEMM. */                                                       \
+    extern "C" __global__ void to_f16_##name(const uint8_t* w, uint16_t* y, int cols) {                               \
+        const uint8_t* row = w + (size_t)blockIdx.x * row_bytes<T>(cols);                                            \
+        const int lane = threadIdx.x % WARP_SIZE;                                                                    \
+        for (int c = threadIdx.x / WARP_SIZE; c < cols / 32; c += blockDim.x / WARP_SIZE) {                          \
+            const wchunk wc = load_chunk<T>(row, c);                                                                 \
+            y[(size_t)blockIdx.x * cols + c * 32 + lane] = f32_to_f16_bits(chunk_value<T>(wc, lane));                \
+        }                                                                                                            \
+    }                                                                                                                \
     /* grid.x = tokens; one warp per chunk of 32 values. */                                                         \
     extern "C" __global__ void get_rows_##name(const uint8_t* w, const int* tokens, float* y, int cols, float scale) { \
         const uint8_t* row = w + (size_t)tokens[blockIdx.x] * row_bytes<T>(cols);                                   \
@@ -254,6 +272,10 @@ QUANTIZED_KERNELS(q6_k, T_Q6_K)
     extern "C" __global__ void get_rows_##name(const W* w, const int* tokens, float* y, int cols, float scale) {     \
         const W* row = w + (size_t)tokens[blockIdx.x] * cols;                                                        \
         for (int i = threadIdx.x; i < cols; i += blockDim.x) y[(size_t)blockIdx.x * cols + i] = to_f32(row[i]) * scale; \
+    }                                                                                                                \
+    extern "C" __global__ void to_f16_##name(const W* w, uint16_t* y, int cols) {                                   \
+        const W* row = w + (size_t)blockIdx.x * cols;                                                                \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) y[(size_t)blockIdx.x * cols + i] = f32_to_f16_bits(to_f32(row[i])); \
     }
 
 static __device__ __forceinline__ float same_f32(float v) { return v; }
@@ -262,10 +284,6 @@ FLOAT_KERNELS(f16, uint16_t, f16_bits_to_f32)
 FLOAT_KERNELS(f32, float, same_f32)
 
 // --- rotary positions and the cache write -----------------------------------
-
-static __device__ __forceinline__ uint16_t f32_to_f16_bits(float v) {
-    return __half_as_ushort(__float2half(v));
-}
 
 // grid = (n_heads + n_kv_heads, rows), one warp each: query heads rotate in
 // place, key heads are rotated into the row's K cache and their V copied

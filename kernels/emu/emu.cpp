@@ -176,7 +176,11 @@ const std::vector<Kernel>& kernels() {
         kernel("attn_combine", attn_combine),       kernel("rows_op", rows_op),
         kernel("gather_rows", gather_rows),         kernel("scatter_add", scatter_add),
         kernel("matvec_f32", matvec_f32),           kernel("glu_f32", glu_f32),
-        kernel("get_rows_f32", get_rows_f32),
+        kernel("get_rows_f32", get_rows_f32),       kernel("f32_to_f16", f32_to_f16),
+        kernel("to_f16_q4_0", to_f16_q4_0),         kernel("to_f16_q4_1", to_f16_q4_1),
+        kernel("to_f16_q8_0", to_f16_q8_0),         kernel("to_f16_q4_k", to_f16_q4_k),
+        kernel("to_f16_q6_k", to_f16_q6_k),         kernel("to_f16_f16", to_f16_f16),
+        kernel("to_f16_f32", to_f16_f32),
     };
     return all;
 }

@@ -15,7 +15,9 @@
 //! Buffers come from a pool the slice keeps ([`DeviceState`]), so after the
 //! first steps a step allocates nothing on the device; the small tables of
 //! a step (positions, lengths, cache addresses per row and block) go up in
-//! one copy. Norm weights and rotary tables are uploaded once, on first use.
+//! one copy, before its first launch. Norm weights and rotary tables are
+//! uploaded once, on first use. A decode step is replayed as a graph once
+//! its shape has been seen twice ([`run`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,8 +52,8 @@ impl DeviceState {
     }
 }
 
-/// Graphs kept per slice (one per decode shape in use); past it the oldest
-/// shape's goes, with its buffers.
+/// Graphs kept per slice (one per decode shape in use); past it the least
+/// used shape's goes, with its buffers.
 const MAX_GRAPHS: usize = 16;
 
 /// Captures of one shape that may fail (a buffer the capture would have to
@@ -166,7 +168,8 @@ pub(super) struct Items<'i> {
 pub(super) fn run(kd: &dyn KernelDevice, state: &mut DeviceState, step: &Step<'_>, items: &Items<'_>) -> Result<StepOut> {
     let rows: usize = items.segs.iter().map(|g| g.len).sum();
     let max_len = items.segs.iter().map(|g| g.pos + g.len).max().unwrap_or(1);
-    let decode = items.segs.iter().all(|g| g.len == 1);
+    // One row per session, and few enough for the mat-vec (cuBLAS stays out of graphs).
+    let decode = items.segs.iter().all(|g| g.len == 1) && rows < GEMM_ROWS;
     if !(state.graphs_on && decode && !state.ungraphable) {
         return plain(kd, &mut state.pool, &mut state.consts, step, items);
     }
@@ -245,6 +248,20 @@ fn unsupported(what: &str) -> Error {
     Error::InvalidRequest(format!("the device kernels have no {what}"))
 }
 
+/// How a product reads its input: q8a blocks (quantized weights' mat-vec),
+/// f32 rows (float weights' mat-vec), or f16 rows (a GEMM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Q8,
+    F32,
+    F16,
+}
+
+/// Rows at which a product goes through a GEMM (weights widened to f16
+/// once, tensor cores on a GPU) instead of the mat-vec, which reads the
+/// weights once per 8 rows: prefill chunks, and large batches.
+const GEMM_ROWS: usize = 64;
+
 enum Val {
     /// `[rows, width]` f32.
     Rows { buf: DevBuf, width: usize },
@@ -264,8 +281,8 @@ struct DeviceOps<'a> {
     segs: &'a [Seg],
     rows: usize,
     vals: Vec<Val>,
-    /// Inputs prepared for products: (value, quantized) → q8a blocks or f32 rows.
-    prepared: Vec<((usize, bool), DevBuf)>,
+    /// Inputs prepared for products: (value, form) → their buffer.
+    prepared: Vec<((usize, Form), DevBuf)>,
     /// The step's tables: per row its position and the positions it sees
     /// (i32 each), then per block and row its K and V cache addresses.
     tables: DevBuf,
@@ -423,9 +440,8 @@ impl<'a> DeviceOps<'a> {
             Val::Product { x: input, w } => {
                 let (input, w) = (*input, w.clone());
                 let m = on_device(&w)?;
-                let xin = self.prepared(input, m.ty.quantized())?;
                 let (buf, y) = self.new_rows(m.rows)?;
-                dev::matvec(self.kd, m.product(self.rows), m.buf.addr(), xin, y, 0)?;
+                self.product_into(input, m, y, 0)?;
                 self.vals[x.0] = Val::Rows { buf, width: m.rows };
                 y
             }
@@ -439,30 +455,69 @@ impl<'a> DeviceOps<'a> {
         dev::rmsnorm(self.kd, x, w, residual, y, yq, self.rows, width, eps)
     }
 
-    /// `x` as a product reads it: q8a blocks, or f32 rows; made once per value.
-    fn prepared(&mut self, x: Act, quantized: bool) -> Result<u64> {
-        if let Some((_, b)) = self.prepared.iter().find(|(k, _)| *k == (x.0, quantized)) {
+    /// How a product of `m` over this step's rows reads its input.
+    fn form(&self, m: &DeviceMatrix) -> Form {
+        if self.rows >= GEMM_ROWS {
+            Form::F16
+        } else if m.ty.quantized() {
+            Form::Q8
+        } else {
+            Form::F32
+        }
+    }
+
+    /// `y = x · Wᵀ (+ residual)`: the mat-vec, with the residual added as it
+    /// writes, or a GEMM and then the residual.
+    fn product_into(&mut self, x: Act, m: &DeviceMatrix, y: u64, residual: u64) -> Result<()> {
+        let form = self.form(m);
+        let xin = self.prepared(x, form)?;
+        if form != Form::F16 {
+            return dev::matvec(self.kd, m.product(self.rows), m.buf.addr(), xin, y, residual);
+        }
+        let w16 = self.pool.take(self.kd, m.rows * m.cols * 2)?;
+        dev::to_f16(self.kd, m.ty, m.buf.addr(), w16.addr(), m.rows, m.cols)?;
+        self.kd.gemm(dev::Gemm { rows: m.rows, cols: m.cols, nb: self.rows, w: w16.addr(), x: xin, y })?;
+        // Launches run in order: the next one to take the buffer runs after the GEMM.
+        self.pool.give(w16);
+        if residual != 0 {
+            dev::rows_op(self.kd, RowsOp::Add, y, residual, y, self.rows * m.rows)?;
+        }
+        Ok(())
+    }
+
+    /// `x` as a product reads it (`form`); made once per value and form.
+    fn prepared(&mut self, x: Act, form: Form) -> Result<u64> {
+        if let Some((_, b)) = self.prepared.iter().find(|(k, _)| *k == (x.0, form)) {
             return Ok(b.addr());
         }
         let width = self.width(x)?;
-        if !quantized {
-            return self.rows(x);
-        }
-        let q = self.pool.take(self.kd, self.rows * width / 32 * dev::Q8A_BYTES)?;
-        match &self.vals[x.0] {
-            // The norm goes straight into the blocks.
-            Val::Normed { x: src, norm } => {
-                let (src, norm) = (*src, norm.clone());
-                let s = self.rows(src)?;
-                self.norm_into(s, &norm, 0, 0, q.addr(), width)?;
-            }
-            _ => {
+        let buf = match form {
+            Form::F32 => return self.rows(x),
+            Form::F16 => {
                 let r = self.rows(x)?;
-                dev::quantize_q8(self.kd, r, q.addr(), self.rows * width)?;
+                let h = self.pool.take(self.kd, self.rows * width * 2)?;
+                dev::f32_to_f16(self.kd, r, h.addr(), self.rows * width)?;
+                h
             }
-        }
-        let addr = q.addr();
-        self.prepared.push(((x.0, quantized), q));
+            Form::Q8 => {
+                let q = self.pool.take(self.kd, self.rows * width / 32 * dev::Q8A_BYTES)?;
+                match &self.vals[x.0] {
+                    // The norm goes straight into the blocks.
+                    Val::Normed { x: src, norm } => {
+                        let (src, norm) = (*src, norm.clone());
+                        let s = self.rows(src)?;
+                        self.norm_into(s, &norm, 0, 0, q.addr(), width)?;
+                    }
+                    _ => {
+                        let r = self.rows(x)?;
+                        dev::quantize_q8(self.kd, r, q.addr(), self.rows * width)?;
+                    }
+                }
+                q
+            }
+        };
+        let addr = buf.addr();
+        self.prepared.push(((x.0, form), buf));
         Ok(addr)
     }
 
@@ -555,8 +610,8 @@ impl Ops for DeviceOps<'_> {
     fn glu(&mut self, gate: Act, up: Act, f: Gate) -> Result<Act> {
         if let (Some((xg, wg)), Some((xu, wu))) = (self.product(gate), self.product(up)) {
             let (mg, mu) = (wg.device().expect("checked by linear"), wu.device().expect("checked by linear"));
-            if xg == xu && mg.ty == mu.ty && mg.rows == mu.rows {
-                let xin = self.prepared(xg, mg.ty.quantized())?;
+            if xg == xu && mg.ty == mu.ty && mg.rows == mu.rows && self.form(mg) != Form::F16 {
+                let xin = self.prepared(xg, self.form(mg))?;
                 let (buf, y) = self.new_rows(mg.rows)?;
                 dev::glu(self.kd, mg.product(self.rows), DeviceGate::from(f), mg.buf.addr(), mu.buf.addr(), xin, y)?;
                 return Ok(self.put(Val::Rows { buf, width: mg.rows }));
@@ -584,9 +639,8 @@ impl Ops for DeviceOps<'_> {
             if let Some((x, w)) = self.product(lazy) {
                 let m = w.device().expect("checked by linear");
                 let residual = self.rows(other)?;
-                let xin = self.prepared(x, m.ty.quantized())?;
                 let (buf, y) = self.new_rows(width)?;
-                dev::matvec(self.kd, m.product(self.rows), m.buf.addr(), xin, y, residual)?;
+                self.product_into(x, m, y, residual)?;
                 return Ok(self.put(Val::Rows { buf, width }));
             }
             if let Val::Normed { x, norm } = &self.vals[lazy.0] {
@@ -706,7 +760,8 @@ impl Ops for DeviceOps<'_> {
                 return Err(unsupported("expert whose gate and up differ in type"));
             }
             let (idx, weights) = (tb.addr() + at as u64, tb.addr() + (at + 4 * m) as u64);
-            let xin = self.prepared(x, mg.ty.quantized())?;
+            // Experts run their (few) rows through the mat-vec.
+            let xin = self.prepared(x, if mg.ty.quantized() { Form::Q8 } else { Form::F32 })?;
             let row_bytes = mg.ty.act_bytes(1, hidden);
             let gathered = self.pool.take(self.kd, m * row_bytes)?;
             dev::gather_rows(self.kd, xin, idx, gathered.addr(), m, row_bytes)?;
@@ -761,6 +816,10 @@ mod tests {
     /// closer by construction), and its greedy tokens the same where the
     /// exact top two are not near a tie.
     fn agree(arch: &str, dtype: GgmlDType, spec: tiny::TinySpec, on: &Device) {
+        agree_from(arch, dtype, spec, on, [vec![5, 17, 3, 60, 9, 41], vec![88, 2, 30]]);
+    }
+
+    fn agree_from(arch: &str, dtype: GgmlDType, spec: tiny::TinySpec, on: &Device, prompts: [Vec<u32>; 2]) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         tiny::write_gguf(&path, &spec, arch, dtype, &[]);
@@ -773,7 +832,7 @@ mod tests {
         let slices = [&exact, &host, &dev];
         let mut caches: Vec<[KvCache; 2]> =
             slices.iter().map(|s| [s.new_cache(spec.context).unwrap(), s.new_cache(spec.context).unwrap()]).collect();
-        let mut inputs: [Vec<u32>; 2] = [vec![5, 17, 3, 60, 9, 41], vec![88, 2, 30]];
+        let mut inputs = prompts;
         let (mut worst_host, mut worst_dev) = (0f32, 0f32);
         for step in 0..4 {
             let mut out = Vec::new();
@@ -843,6 +902,16 @@ mod tests {
         }
     }
 
+    /// Prefills of 64 rows and more go through the GEMM (f16 activations).
+    #[test]
+    fn long_prefills_through_the_gemm_agree_with_the_host() {
+        let long = |n: u32, k: u32| (0..n).map(|i| (i * k + 3) % 96).collect::<Vec<u32>>();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::F16] {
+            let spec = tiny::TinySpec { context: 128, ..spec(128, 4, 256) };
+            agree_from("llama", dtype, spec, &Device::Cpu, [long(70, 7), long(40, 11)]);
+        }
+    }
+
     #[cfg(feature = "cuda")]
     #[test]
     fn models_on_gpu_kernels_agree_with_the_host() {
@@ -850,6 +919,9 @@ mod tests {
             for (arch, dtype, spec) in cases() {
                 agree(arch, dtype, spec, &gpu);
             }
+            let long = |n: u32, k: u32| (0..n).map(|i| (i * k + 3) % 96).collect::<Vec<u32>>();
+            let spec = tiny::TinySpec { context: 128, ..spec(128, 4, 256) };
+            agree_from("llama", GgmlDType::Q4_0, spec, &gpu, [long(70, 7), long(40, 11)]);
         }
     }
 

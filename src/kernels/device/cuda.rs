@@ -9,7 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags_en
 use candle_core::cuda_backend::cudarc::driver::{result, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 
-use super::{Arg, DevBuf, Geometry, Graph, KernelDevice, Launcher};
+use super::{Arg, DevBuf, Gemm, Geometry, Graph, KernelDevice, Launcher};
 use crate::error::{Error, Result};
 
 static PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -105,6 +105,44 @@ impl KernelDevice for CudaKernels {
     fn replay(&self, graph: &Graph) -> Result<()> {
         let g = graph.0.downcast_ref::<Captured>().ok_or_else(|| self.failed("replay", "a graph of another device"))?;
         g.0.launch().map_err(|e| self.failed("replay", e))
+    }
+
+    /// cuBLAS is column-major: `y` row-major `[nb, rows]` is column-major
+    /// `[rows, nb]` = `wᵀ` (`w` row-major `[rows, cols]`, read transposed)
+    /// times `x` (column-major `[cols, nb]`), as llama.cpp calls it.
+    fn gemm(&self, g: Gemm) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys};
+        let int = |v: usize| i32::try_from(v).map_err(|_| self.failed("gemm", format!("{v} does not fit cuBLAS's int")));
+        let (m, n, k) = (int(g.rows)?, int(g.nb)?, int(g.cols)?);
+        let (alpha, beta) = (1f32, 0f32);
+        let handle = self.dev.cublas_handle();
+        // SAFETY: the buffers hold the shapes `g` names; alpha and beta are
+        // host f32 values (the handle's default pointer mode), as the compute
+        // type asks; the handle runs on this device's stream.
+        unsafe {
+            blas::gemm_ex(
+                *handle.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                (&alpha as *const f32).cast(),
+                g.w as *const std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_16F,
+                k,
+                g.x as *const std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_16F,
+                k,
+                (&beta as *const f32).cast(),
+                g.y as *mut std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                m,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| self.failed("gemm", e))
     }
 }
 

@@ -8,8 +8,8 @@
 //! optional input. Shapes a kernel does not handle are refused here with
 //! [`Error::Kernel`], never launched.
 //!
-//! Not yet wired into a model backend: a slice on a GPU still runs on
-//! candle's ops (see ARCHITECTURE.md).
+//! The device backend (`Backend::Device`, `model::gpu`) runs a slice on
+//! them; it is off by default until a GPU has run them (see ARCHITECTURE.md).
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -215,6 +215,20 @@ pub trait KernelDevice: Launcher + Send + Sync + std::fmt::Debug {
     fn end_capture(&self) -> Result<Graph>;
     /// Runs a recorded graph again (its launches read their buffers anew).
     fn replay(&self, graph: &Graph) -> Result<()>;
+    /// `y[nb, rows] = x[nb, cols] · w[rows, cols]ᵀ`: f16 `x` and `w`, f32 `y`
+    /// and arithmetic (cuBLAS on a GPU: its tensor cores for prefill).
+    fn gemm(&self, g: Gemm) -> Result<()>;
+}
+
+/// The shapes and buffers of [`KernelDevice::gemm`].
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    pub rows: usize,
+    pub cols: usize,
+    pub nb: usize,
+    pub w: u64,
+    pub x: u64,
+    pub y: u64,
 }
 
 /// Launches recorded once and replayed (a CUDA graph on a GPU); what it
@@ -357,6 +371,21 @@ pub fn scatter_add(l: &dyn Launcher, y: u64, src: u64, idx: u64, w: u64, n: usiz
     const K: &str = "scatter_add";
     let g = Geometry { grid: [count(K, n)?, 1, 1], block: [128, 1, 1] };
     l.launch(K, g, &[Arg::Ptr(y), Arg::Ptr(src), Arg::Ptr(idx), Arg::Ptr(w), int(K, width)?])
+}
+
+/// A whole `[rows, cols]` matrix of type `ty` as f16 (a GEMM's weights).
+pub fn to_f16(l: &dyn Launcher, ty: DeviceType, w: u64, y: u64, rows: usize, cols: usize) -> Result<()> {
+    let kernel = format!("to_f16_{}", ty.suffix());
+    Product { ty, rows, cols, nb: 1 }.check(&kernel)?;
+    let g = Geometry { grid: [count(&kernel, rows)?, 1, 1], block: [128, 1, 1] };
+    l.launch(&kernel, g, &[Arg::Ptr(w), Arg::Ptr(y), int(&kernel, cols)?])
+}
+
+/// `n` f32 values as f16 (a GEMM's activations).
+pub fn f32_to_f16(l: &dyn Launcher, x: u64, y: u64, n: usize) -> Result<()> {
+    const K: &str = "f32_to_f16";
+    let g = Geometry { grid: [count(K, n.div_ceil(256).clamp(1, 1024))?, 1, 1], block: [256, 1, 1] };
+    l.launch(K, g, &[Arg::Ptr(x), Arg::Ptr(y), int(K, n)?])
 }
 
 /// `values` f32 (a multiple of 32) into q8a blocks.

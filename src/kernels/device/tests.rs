@@ -249,6 +249,35 @@ fn check_products(d: &dyn KernelDevice) {
     }
 }
 
+fn check_gemm(d: &dyn KernelDevice) {
+    let mut r = StdRng::seed_from_u64(9);
+    let (rows, cols, nb) = (37, 512, 40);
+    for ty in TYPES {
+        let (wb_bytes, w) = weight(&mut r, ty, rows, cols);
+        let (wb, w16) = (d.upload(&wb_bytes).unwrap(), d.upload(&vec![0; rows * cols * 2]).unwrap());
+        to_f16(d, ty, wb.addr(), w16.addr(), rows, cols).unwrap();
+        let wh = f16s(&d.download(&w16).unwrap());
+        for (i, (&got, &want)) in wh.iter().zip(&w).enumerate() {
+            // One f16 rounding of candle's value (a GPU may fuse its multiply-add).
+            close(&format!("to_f16 {ty:?} value {i}"), got, want as f64, want.abs() as f64, 1.0 / 1024.0);
+        }
+        let x = uniform(&mut r, nb * cols, 2.0);
+        let (xb, x16, yb) =
+            (d.upload(&f32_bytes(&x)).unwrap(), d.upload(&vec![0; nb * cols * 2]).unwrap(), d.upload(&vec![0; nb * rows * 4]).unwrap());
+        f32_to_f16(d, xb.addr(), x16.addr(), nb * cols).unwrap();
+        let xh = f16s(&d.download(&x16).unwrap());
+        assert_eq!(xh, f16s(&f16_bytes(&x)), "f32_to_f16");
+        d.gemm(Gemm { rows, cols, nb, w: w16.addr(), x: x16.addr(), y: yb.addr() }).unwrap();
+        let y = f32s(&d.download(&yb).unwrap());
+        for b in 0..nb {
+            for o in 0..rows {
+                let (s, m) = dot(&wh[o * cols..][..cols], &xh[b * cols..][..cols]);
+                close(&format!("gemm {ty:?} row {b} out {o}"), y[b * rows + o], s, m + 1.0, 1e-5);
+            }
+        }
+    }
+}
+
 fn check_get_rows(d: &dyn KernelDevice) {
     let mut r = StdRng::seed_from_u64(4);
     let (vocab, cols, scale) = (10, 512, 1.5f32);
@@ -494,6 +523,7 @@ on_every_device!(
     check_rmsnorm,
     check_rows_op,
     check_gather_scatter,
+    check_gemm,
     check_quantize,
     check_products,
     check_get_rows,
