@@ -86,8 +86,18 @@ struct Graphed {
     pool: Pool,
     steps: u64,
     failures: u32,
-    /// The graph and where its output lands.
-    graph: Option<(Graph, u64, usize)>,
+    graph: Option<Captured>,
+}
+
+/// A captured step: its graph, where it reads its tables and inputs (which
+/// a replay writes first), and where its output lands.
+#[derive(Debug)]
+struct Captured {
+    graph: Graph,
+    tables: u64,
+    input: u64,
+    out: u64,
+    out_bytes: usize,
 }
 
 /// Device buffers free for the next value.
@@ -179,37 +189,69 @@ pub(super) fn run(kd: &dyn KernelDevice, state: &mut DeviceState, step: &Step<'_
         oldest.and_then(|k| state.graphs.remove(&k));
     }
     let g = state.graphs.entry(key).or_default();
+    let out = graphed(kd, g, &mut state.consts, step, items);
+    match &out {
+        Ok((_, replayed, readback)) => {
+            state.replays += u64::from(*replayed);
+            state.ungraphable |= readback;
+        }
+        // A buffer of the shape may be gone with the failed step, and its
+        // graph would write there: the shape starts over.
+        Err(_) => {
+            state.graphs.remove(&key);
+        }
+    }
+    out.map(|(o, _, _)| o)
+}
+
+/// A decode step of one shape: replayed, captured, or (the shape's first
+/// step, or after failed captures) launched as it goes. Also says whether
+/// it replayed a graph, and whether a capture failed on a mixture's read-back.
+fn graphed(
+    kd: &dyn KernelDevice,
+    g: &mut Graphed,
+    consts: &mut HashMap<usize, DevBuf>,
+    step: &Step<'_>,
+    items: &Items<'_>,
+) -> Result<(StepOut, bool, bool)> {
     g.pool.settle();
     g.steps += 1;
-    if let Some((graph, at, bytes)) = &g.graph {
-        let ops = DeviceOps::new(kd, &mut g.pool, &mut state.consts, step, items, false)?;
-        kd.replay(graph)?;
-        let out = read_out(kd, step, *at, *bytes);
+    if let Some(c) = &g.graph {
+        let ops = DeviceOps::new(kd, &mut g.pool, consts, step, items, false)?;
+        // The same requests got the same buffers, or the graph would read others.
+        let same = ops.tables.addr() == c.tables && ops.input.addr() == c.input;
+        let out = if same {
+            kd.replay(&c.graph).and_then(|()| read_out(kd, step, c.out, c.out_bytes))
+        } else {
+            Err(Error::Kernel { kernel: "replay".into(), reason: "the step's buffers moved".into() })
+        };
         ops.finish();
-        state.replays += 1;
-        return out;
+        return Ok((out?, true, false));
     }
     if g.steps == 1 || g.failures >= MAX_CAPTURE_FAILURES {
-        return plain(kd, &mut g.pool, &mut state.consts, step, items);
+        return Ok((plain(kd, &mut g.pool, consts, step, items)?, false, false));
     }
-    let mut ops = DeviceOps::new(kd, &mut g.pool, &mut state.consts, step, items, true)?;
-    kd.begin_capture()?;
-    let launched = ops.launch(step);
-    let captured = kd.end_capture();
-    let readback = ops.read_back;
+    let mut ops = DeviceOps::new(kd, &mut g.pool, consts, step, items, true)?;
+    let (launched, captured) = match kd.begin_capture() {
+        Ok(()) => {
+            let launched = ops.launch(step);
+            (launched, kd.end_capture())
+        }
+        Err(e) => (Err(e), Err(Error::Kernel { kernel: "capture".into(), reason: "not begun".into() })),
+    };
+    let (readback, tables, input) = (ops.read_back, ops.tables.addr(), ops.input.addr());
     ops.finish();
     match (launched, captured) {
-        (Ok((at, bytes)), Ok(graph)) => {
+        (Ok((out, out_bytes)), Ok(graph)) => {
             // The captured launches have not run yet: this step replays them too.
-            kd.replay(&graph)?;
-            g.graph = Some((graph, at, bytes));
-            read_out(kd, step, at, bytes)
+            let result = kd.replay(&graph).and_then(|()| read_out(kd, step, out, out_bytes))?;
+            g.graph = Some(Captured { graph, tables, input, out, out_bytes });
+            Ok((result, false, false))
         }
         (launched, captured) => {
             tracing::debug!(?launched, ?captured, "a decode step could not be captured; it runs without a graph");
             g.failures += 1;
-            state.ungraphable |= readback;
-            plain(kd, &mut g.pool, &mut state.consts, step, items)
+            Ok((plain(kd, &mut g.pool, consts, step, items)?, false, readback))
         }
     }
 }
