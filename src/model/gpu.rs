@@ -846,6 +846,16 @@ mod tests {
 
     use super::tiny;
 
+    /// A tiny random model of `arch` written to a fresh directory (kept
+    /// alive by the first value) and opened.
+    fn tiny_file(arch: &str, dtype: GgmlDType, spec: &tiny::TinySpec) -> (tempfile::TempDir, ModelFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{arch}.gguf"));
+        tiny::write_gguf(&path, spec, arch, dtype, &[]);
+        let file = ModelFile::open(&path).unwrap();
+        (dir, file)
+    }
+
     fn logits(out: Vec<SliceOutput>) -> Vec<Vec<f32>> {
         out.into_iter().map(|o| o.into_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     }
@@ -862,10 +872,7 @@ mod tests {
     }
 
     fn agree_from(arch: &str, dtype: GgmlDType, spec: tiny::TinySpec, on: &Device, prompts: [Vec<u32>; 2]) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
-        tiny::write_gguf(&path, &spec, arch, dtype, &[]);
-        let mut file = ModelFile::open(&path).unwrap();
+        let (_dir, mut file) = tiny_file(arch, dtype, &spec);
         let n = spec.layers;
         let exact = ModelSlice::load_exact(&mut file, 0..n).unwrap();
         let host = ModelSlice::load_with(&mut file, 0..n, &Device::Cpu, Backend::Host).unwrap();
@@ -973,11 +980,8 @@ mod tests {
     /// into a fresh one.
     #[test]
     fn device_slices_split_and_move_sessions_bit_for_bit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
         let spec = spec(128, 4, 256);
-        tiny::write_gguf(&path, &spec, "llama", GgmlDType::Q4_0, &[]);
-        let mut file = ModelFile::open(&path).unwrap();
+        let (_dir, mut file) = tiny_file("llama", GgmlDType::Q4_0, &spec);
         let load = |f: &mut ModelFile, r: std::ops::Range<usize>| ModelSlice::load_with(f, r, &Device::Cpu, Backend::Device).unwrap();
         let (whole, first, second) = (load(&mut file, 0..2), load(&mut file, 0..1), load(&mut file, 1..2));
         let step = |s: &ModelSlice, input: HostInput<'_>, c: &mut KvCache| {
@@ -1018,11 +1022,8 @@ mod tests {
     /// LayerNorms and biases) is loaded for candle instead, and runs.
     #[test]
     fn what_the_device_kernels_lack_runs_on_candle() {
-        let dir = tempfile::tempdir().unwrap();
         for (arch, spec) in [("llama", tiny::TinySpec::default()), ("phi2", spec(128, 4, 256))] {
-            let path = dir.path().join(format!("{arch}.gguf"));
-            tiny::write_gguf(&path, &spec, arch, GgmlDType::Q8_0, &[]);
-            let mut file = ModelFile::open(&path).unwrap();
+            let (_dir, mut file) = tiny_file(arch, GgmlDType::Q8_0, &spec);
             let slice = ModelSlice::load_with(&mut file, 0..spec.layers, &Device::Cpu, Backend::Device).unwrap();
             assert_eq!(slice.backend(), Backend::Candle, "{arch}");
             let mut cache = slice.new_cache(16).unwrap();
@@ -1036,11 +1037,8 @@ mod tests {
     /// shapes, new positions, new tokens in the same buffers).
     #[test]
     fn decode_steps_as_graphs_equal_steps_launched_one_by_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
         let spec = spec(128, 4, 256);
-        tiny::write_gguf(&path, &spec, "qwen3", GgmlDType::Q4_0, &[]);
-        let mut file = ModelFile::open(&path).unwrap();
+        let (_dir, mut file) = tiny_file("qwen3", GgmlDType::Q4_0, &spec);
         let load = |f: &mut ModelFile, graphs: bool| {
             let s = ModelSlice::load_with(f, 0..spec.layers, &Device::Cpu, Backend::Device).unwrap();
             s.set_device_graphs(graphs);
