@@ -72,7 +72,8 @@ pub struct BenchArgs {
     #[arg(long, requires = "synthetic")]
     save: Option<std::path::PathBuf>,
     /// Also measure aggregate decode of this many sessions stepped together
-    /// (one batch per step, in process), e.g. `1,8`.
+    /// (one batch per step, in process), e.g. `1,8`: on the CPU, or on the
+    /// device kernels.
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
     /// Check the device's numbers instead: run the same prompt and decode
@@ -190,10 +191,14 @@ pub fn run(mut args: BenchArgs, threads: usize) -> Result<()> {
     }
     drop(engines);
     if !args.concurrency.is_empty() {
-        if !opened.device.is_cpu() {
-            anyhow::bail!("--concurrency measures the CPU kernels' batched steps; it does not run on {}", args.model.device);
-        }
         let slice = load_slice(&mut opened.file, None, &opened.device)?;
+        if !slice.backend().batches() {
+            anyhow::bail!(
+                "--concurrency measures batched steps, which the {:?} backend on {} does not take (the CPU kernels and the device kernels, SOLLOL_DEVICE_KERNELS=1, do)",
+                slice.backend(),
+                args.model.device
+            );
+        }
         // Rounds interleave the session counts, so a slow spell of a shared
         // machine hits every count alike instead of one ratio's side.
         let mut rows: Vec<(usize, f64)> = args.concurrency.iter().map(|&n| (n, 0.0)).collect();
