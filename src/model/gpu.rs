@@ -45,13 +45,6 @@ impl OnDevice {
     }
 }
 
-impl DeviceState {
-    #[cfg(test)]
-    pub fn set_graphs(&mut self, on: bool) {
-        self.graphs_on = on;
-    }
-}
-
 /// Graphs kept per slice (one per decode shape in use); past it the least
 /// used shape's goes, with its buffers.
 const MAX_GRAPHS: usize = 16;
@@ -79,6 +72,13 @@ pub(super) struct DeviceState {
     ungraphable: bool,
     /// Steps run by replaying a graph.
     pub replays: u64,
+}
+
+impl DeviceState {
+    #[cfg(test)]
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_on = on;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -371,26 +371,14 @@ impl<'a> DeviceOps<'a> {
         }
         let tables = pool.take(kd, bytes.len())?;
         kd.write(&tables, 0, &bytes)?;
-        let input: Vec<u8> = match step.embed {
-            Some(_) => items
-                .inputs
-                .iter()
-                .flat_map(|i| match i {
-                    HostInput::Tokens(t) => t.to_vec(),
-                    HostInput::Hidden(_) => Vec::new(),
-                })
-                .flat_map(|t| (t as i32).to_le_bytes())
-                .collect(),
-            None => items
-                .inputs
-                .iter()
-                .flat_map(|i| match i {
-                    HostInput::Hidden(x) => x.to_vec(),
-                    HostInput::Tokens(_) => Vec::new(),
-                })
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        };
+        // Token ids on the first slice, rows on the others (the caller checked which).
+        let mut input = Vec::new();
+        for i in items.inputs {
+            match i {
+                HostInput::Tokens(t) => input.extend(t.iter().flat_map(|&t| (t as i32).to_le_bytes())),
+                HostInput::Hidden(x) => input.extend(x.iter().flat_map(|v| v.to_le_bytes())),
+            }
+        }
         let input_buf = pool.take(kd, input.len())?;
         kd.write(&input_buf, 0, &input)?;
         let max_len = row_items.iter().map(|&(_, p)| p + 1).max().unwrap_or(1);
@@ -1016,6 +1004,20 @@ mod tests {
         let a = logits(vec![step(&whole, HostInput::Tokens(&tokens), &mut cw)]);
         let b = logits(vec![step(&whole, HostInput::Tokens(&tokens), &mut moved)]);
         assert_eq!(a, b);
+        // A state whose last block has the wrong shape is refused, and the
+        // cache it was imported into keeps every block as it was.
+        let before = moved.export().unwrap();
+        let mut foreign = other.export().unwrap();
+        let v = &mut foreign.layers.last_mut().unwrap().1;
+        *v = v.narrow(3, 0, 16).unwrap();
+        assert!(moved.import(&foreign).is_err());
+        assert_eq!(moved.len(), before.len);
+        let after = moved.export().unwrap();
+        for ((k0, v0), (k1, v1)) in before.layers.iter().zip(&after.layers) {
+            for (x, y) in [(k0, k1), (v0, v1)] {
+                assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+        }
     }
 
     /// A model with what the kernels lack (heads of 16 values; phi2's

@@ -302,11 +302,12 @@ impl KvCache {
             Store::Kernels { layers, n_kv_heads, head_dim, kd } => {
                 let (h, d, len) = (*n_kv_heads, *head_dim, state.len);
                 let expected = [1, h, len, d];
+                // Every shape checked before any write: a bad state leaves the cache as it was.
+                if let Some(t) = state.layers.iter().flat_map(|(k, v)| [k, v]).find(|t| t.dims() != expected) {
+                    return Err(mismatch(t.dims(), &expected));
+                }
                 for ((kb, vb), (k, v)) in layers.iter().zip(state.layers.iter()) {
                     for (buf, t) in [(kb, k), (vb, v)] {
-                        if t.dims() != expected {
-                            return Err(mismatch(t.dims(), &expected));
-                        }
                         let heads = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                         let bytes: Vec<u8> = (0..len)
                             .flat_map(|p| (0..h).flat_map(move |j| (0..d).map(move |i| (j * len + p) * d + i)))
