@@ -263,6 +263,21 @@ impl KvCache {
         Ok(KvState { len, layers })
     }
 
+    /// The shape of each of a state's tensors that this cache takes, for
+    /// `len` positions: `[batch, n_kv_heads, len, head_dim]`.
+    fn state_shape(&self, len: usize) -> Result<[usize; 4]> {
+        match &self.store {
+            Store::Device(layers) => match layers.first() {
+                Some(l) => {
+                    let (b, h, _, d) = l.k.dims4()?;
+                    Ok([b, h, len, d])
+                }
+                None => Ok([0, 0, len, 0]),
+            },
+            Store::Host { n_kv_heads, head_dim, .. } | Store::Kernels { n_kv_heads, head_dim, .. } => Ok([1, *n_kv_heads, len, *head_dim]),
+        }
+    }
+
     /// Replaces the cache content with `state`, which must match this cache's
     /// block count and head shape and fit its capacity.
     pub fn import(&mut self, state: &KvState) -> Result<()> {
@@ -272,9 +287,11 @@ impl KvCache {
         if state.len > self.capacity {
             return Err(Error::ContextOverflow { prompt: state.len, context: self.capacity });
         }
-        let mismatch = |got: &[usize], expected: &[usize]| {
-            Error::InvalidRequest(format!("KV state shape {got:?} does not match this cache {expected:?}"))
-        };
+        // Every shape checked before any write: a bad state leaves the cache as it was.
+        let expected = self.state_shape(state.len)?;
+        if let Some(t) = state.layers.iter().flat_map(|(k, v)| [k, v]).find(|t| t.dims() != expected) {
+            return Err(Error::InvalidRequest(format!("KV state shape {:?} does not match this cache {expected:?}", t.dims())));
+        }
         if self.is_host() {
             self.len = 0;
             self.reserve(state.len)?;
@@ -283,13 +300,9 @@ impl KvCache {
             Store::Device(layers) => layers,
             Store::Host { layers, n_kv_heads, head_dim } => {
                 let (h, d, len) = (*n_kv_heads, *head_dim, state.len);
-                let expected = [1, h, len, d];
                 for (entry, (k, v)) in layers.iter_mut().zip(state.layers.iter()) {
                     let stride = entry.rows;
                     for (buf, t) in [(&mut entry.k, k), (&mut entry.v, v)] {
-                        if t.dims() != expected {
-                            return Err(mismatch(t.dims(), &expected));
-                        }
                         let rows = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                         for j in 0..h {
                             buf[j * stride * d..][..len * d].convert_from_f32_slice(&rows[j * len * d..(j + 1) * len * d]);
@@ -301,11 +314,6 @@ impl KvCache {
             }
             Store::Kernels { layers, n_kv_heads, head_dim, kd } => {
                 let (h, d, len) = (*n_kv_heads, *head_dim, state.len);
-                let expected = [1, h, len, d];
-                // Every shape checked before any write: a bad state leaves the cache as it was.
-                if let Some(t) = state.layers.iter().flat_map(|(k, v)| [k, v]).find(|t| t.dims() != expected) {
-                    return Err(mismatch(t.dims(), &expected));
-                }
                 for ((kb, vb), (k, v)) in layers.iter().zip(state.layers.iter()) {
                     for (buf, t) in [(kb, k), (vb, v)] {
                         let heads = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -321,11 +329,6 @@ impl KvCache {
             }
         };
         for (entry, (k, v)) in layers.iter().zip(state.layers.iter()) {
-            let (b, h, _, d) = entry.k.dims4()?;
-            let expected = [b, h, state.len, d];
-            if k.dims() != expected || v.dims() != expected {
-                return Err(mismatch(k.dims(), &expected));
-            }
             entry.k.slice_set(&k.to_dtype(DType::F32)?.contiguous()?, 2, 0)?;
             entry.v.slice_set(&v.to_dtype(DType::F32)?.contiguous()?, 2, 0)?;
         }
@@ -418,6 +421,30 @@ mod tests {
         assert_eq!(values(&after.layers[0].0), values(&before.layers[0].0));
         assert_eq!(values(&after.layers[0].1), values(&before.layers[0].1));
         assert!(cache.reserve(998).is_err(), "past the capacity");
+        Ok(())
+    }
+
+    /// A state whose last block has the wrong shape is refused before any
+    /// block is written: the session keeps what it had.
+    #[test]
+    fn a_refused_import_leaves_the_cache_as_it_was() -> Result<()> {
+        let dev = Device::Cpu;
+        let values = |s: &KvState| -> Vec<Vec<f32>> {
+            s.layers.iter().flat_map(|(k, v)| [k, v]).map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        };
+        let mut host = KvCache::new_host(2, 2, 4, 8);
+        let mut device = KvCache::new(2, 1, 2, 4, 8, &dev)?;
+        let k = Tensor::arange(0f32, 24., &dev)?.reshape((1, 2, 3, 4))?;
+        let good = KvState { len: 3, layers: vec![(k.clone(), (&k * 2.0)?), (k.clone(), (&k * 3.0)?)] };
+        for cache in [&mut host, &mut device] {
+            cache.import(&good)?;
+            let before = cache.export()?;
+            let mut bad = KvState { len: 2, layers: vec![(k.narrow(2, 0, 2)?, k.narrow(2, 0, 2)?); 2] };
+            bad.layers[1].1 = k.narrow(2, 0, 2)?.narrow(3, 0, 2)?.contiguous()?;
+            assert!(cache.import(&bad).is_err());
+            assert_eq!(cache.len(), 3);
+            assert_eq!(values(&cache.export()?), values(&before));
+        }
         Ok(())
     }
 
