@@ -418,9 +418,29 @@ fn forward_header(rng: &mut StdRng) -> (ForwardHeader, Option<u64>) {
 }
 
 /// A frame of any message, with a payload that fits it or not.
+/// A step's result, and the payload bytes its logits take.
+fn step_result(rng: &mut StdRng) -> (StepResult, Option<u64>) {
+    let logits_len = rng.random_bool(0.5).then(|| u32_of(rng));
+    let logprobs = rng
+        .random_bool(0.3)
+        .then(|| sollol::model::sampling::Logprobs { logprob: f32_of(rng), top: vec_of(rng, |r| (u32_of(r), f32_of(r))) });
+    let r = StepResult {
+        session: u64_of(rng),
+        step: u64_of(rng),
+        token: rng.random_bool(0.5).then(|| u32_of(rng)),
+        logprobs,
+        logits: None,
+        logits_len,
+        pooled: rng.random_bool(0.2).then(|| vec_of(rng, f32_of)),
+        stage_nanos: vec_of(rng, u64_of),
+        f16_fallbacks: u32_of(rng),
+        hop_bytes: vec_of(rng, u64_of),
+    };
+    (r, logits_len.map(|n| n as u64 * 4))
+}
+
 fn frame_of(rng: &mut StdRng) -> Frame {
-    let opt_u32 = |rng: &mut StdRng| rng.random_bool(0.5).then(|| u32_of(rng));
-    let (message, implied) = match rng.random_range(0..21) {
+    let (message, implied) = match rng.random_range(0..22) {
         0 => (
             Message::Hello { protocol: rng.random(), build: string_of(rng), role: PeerRole::Head, proof: vec_of(rng, |r| r.random()) },
             None,
@@ -474,23 +494,14 @@ fn frame_of(rng: &mut StdRng) -> Frame {
         }
         16 => (Message::Close { session: u64_of(rng) }, None),
         17 => {
-            let logits_len = opt_u32(rng);
-            let logprobs = rng
-                .random_bool(0.3)
-                .then(|| sollol::model::sampling::Logprobs { logprob: f32_of(rng), top: vec_of(rng, |r| (u32_of(r), f32_of(r))) });
-            let r = StepResult {
-                session: u64_of(rng),
-                step: u64_of(rng),
-                token: opt_u32(rng),
-                logprobs,
-                logits: None,
-                logits_len,
-                pooled: rng.random_bool(0.2).then(|| vec_of(rng, f32_of)),
-                stage_nanos: vec_of(rng, u64_of),
-                f16_fallbacks: u32_of(rng),
-                hop_bytes: vec_of(rng, u64_of),
-            };
-            (Message::Result(r), logits_len.map(|n| n as u64 * 4))
+            let (r, implied) = step_result(rng);
+            (Message::Result(r), implied)
+        }
+        20 => {
+            // A batch's results in one frame: the payload fits their logits or not.
+            let results: Vec<(StepResult, Option<u64>)> = (0..rng.random_range(1..5)).map(|_| step_result(rng)).collect();
+            let total = results.iter().try_fold(0u64, |sum, (_, b)| sum.checked_add(b.unwrap_or(0)));
+            (Message::Results(results.into_iter().map(|(r, _)| r).collect()), total)
         }
         18 => (Message::ProbePeer { addr: string_of(rng), rate: rng.random() }, None),
         19 => {
@@ -590,6 +601,9 @@ fn consume(f: Frame) {
         }
         Message::Result(r) => {
             let _ = r.with_payload(&f.payload);
+        }
+        Message::Results(results) => {
+            let _ = frame::split_results(results, &f.payload);
         }
         _ => {}
     }

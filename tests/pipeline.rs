@@ -36,8 +36,7 @@ fn single_node_of(model: &std::path::Path, prompt: &[u32], steps: usize) -> Vec<
     let mut input: Vec<u32> = prompt.to_vec();
     for _ in 0..steps {
         let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let SliceOutput::Logits(l) = slice.forward(&x, &mut cache).unwrap() else { unreachable!() };
-        let logits: Vec<f32> = l.squeeze(0).unwrap().to_vec1().unwrap();
+        let SliceOutput::Logits(logits) = slice.forward(&x, &mut cache).unwrap() else { unreachable!() };
         let t = argmax(&logits);
         out.push((t, logits));
         input = vec![t];

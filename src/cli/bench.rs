@@ -492,8 +492,7 @@ fn check_against(args: &BenchArgs, opened: &mut Opened, other: &str, prompt: &[u
         let mut logits = Vec::new();
         for (slice, cache) in slices.iter().zip(caches.iter_mut()) {
             let x = Tensor::new(input.as_slice(), slice.device())?.unsqueeze(0)?;
-            let out = slice.forward(&x, cache)?.into_tensor();
-            logits.push(out.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+            logits.push(slice.forward(&x, cache)?.into_values()?);
         }
         let (a, b) = (&logits[0], &logits[1]);
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::net::auth::{client_handshake, ClusterKey};
 use crate::net::connection::{split, Control, FrameWriter};
-use crate::net::frame::Frame;
+use crate::net::frame::{split_results, Frame};
 use crate::net::message::{Capabilities, Message, PeerRole, StepResult, StreamPurpose};
 use crate::net::probe::{self, LinkTiming};
 use crate::net::resolve_addr;
@@ -39,6 +39,27 @@ fn dispatch(pending: &Pending, frame: Frame) {
         Message::Result(r) => {
             if let Some((_, tx)) = pending.lock().expect("pending lock").remove(&r.step) {
                 let _ = tx.send(r.with_payload(&frame.payload));
+            }
+        }
+        Message::Results(results) => {
+            let steps: Vec<u64> = results.iter().map(|r| r.step).collect();
+            let mut p = pending.lock().expect("pending lock");
+            match split_results(results, &frame.payload) {
+                Ok(results) => {
+                    for r in results {
+                        if let Some((_, tx)) = p.remove(&r.step) {
+                            let _ = tx.send(Ok(r));
+                        }
+                    }
+                }
+                // A frame that does not add up fails the steps it names.
+                Err(e) => {
+                    for step in steps {
+                        if let Some((_, tx)) = p.remove(&step) {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
             }
         }
         // An error tied to no session (a stranger's bad frame on its own

@@ -94,7 +94,7 @@ impl Engine for LocalEngine {
         let start = std::time::Instant::now();
         let input = Tensor::new(tokens, self.slice.device())?.unsqueeze(0)?;
         let logits = match self.slice.forward(&input, cache)? {
-            SliceOutput::Logits(l) => l.squeeze(0)?.to_vec1::<f32>()?,
+            SliceOutput::Logits(l) => l,
             SliceOutput::Hidden(_) => unreachable!("a whole-model slice ends in logits"),
         };
         let sampled = sample_spec.map(|s| sample_constrained(&logits, s.params, s.history, s.step, s.logprobs, s.allowed));

@@ -289,7 +289,7 @@ pub fn score_chunk(model: &ModelSlice, base: Base, chunk: &[u32], acc: &mut Perp
     let step = |slice: &ModelSlice, cache: &mut super::KvCache, input: &[u32]| -> Result<Vec<f32>> {
         let x = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
         match slice.forward(&x, cache)? {
-            SliceOutput::Logits(l) => Ok(l.flatten_all()?.to_vec1::<f32>()?),
+            SliceOutput::Logits(l) => Ok(l),
             SliceOutput::Hidden(_) => Err(Error::InvalidRequest("perplexity needs the whole model in one slice".into())),
         }
     };

@@ -845,7 +845,7 @@ mod tests {
     }
 
     fn logits(out: Vec<SliceOutput>) -> Vec<Vec<f32>> {
-        out.into_iter().map(|o| o.into_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        out.into_iter().map(|o| o.into_values().unwrap()).collect()
     }
 
     /// Two sessions through the host and the device backends and the exact
@@ -979,7 +979,7 @@ mod tests {
         let mut tokens = vec![7u32, 1, 90, 33];
         for _ in 0..3 {
             let want = logits(vec![step(&whole, HostInput::Tokens(&tokens), &mut cw)]).pop().unwrap();
-            let hidden = step(&first, HostInput::Tokens(&tokens), &mut c1).into_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let hidden = step(&first, HostInput::Tokens(&tokens), &mut c1).into_values().unwrap();
             let got = logits(vec![step(&second, HostInput::Hidden(&hidden), &mut c2)]).pop().unwrap();
             assert_eq!(want, got);
             let top = (0..want.len()).max_by(|&i, &j| want[i].total_cmp(&want[j])).unwrap();

@@ -139,8 +139,14 @@ pub fn sample_constrained(
     allowed: Option<&[u32]>,
 ) -> (u32, Option<Logprobs>) {
     // The greedy answer of an unconstrained step reads the logits in place.
-    if params.is_greedy() && top.is_none() && allowed.is_none() && params.repeat_penalty == 1.0 {
-        return (argmax(logits), None);
+    // A penalty of 1 or more only lowers the recent tokens' logits, so the
+    // best token stands unless it is one of them (Ollama's default, 1.1).
+    let recent = &history[history.len().saturating_sub(params.repeat_last_n)..];
+    if params.is_greedy() && top.is_none() && allowed.is_none() && params.repeat_penalty >= 1.0 {
+        let token = argmax(logits);
+        if params.repeat_penalty == 1.0 || !recent.contains(&token) {
+            return (token, None);
+        }
     }
     // Copied only where a mask or the penalty changes them.
     let mut logits = std::borrow::Cow::Borrowed(logits);
@@ -152,8 +158,7 @@ pub fn sample_constrained(
         }
     }
     if params.repeat_penalty != 1.0 {
-        let start = history.len().saturating_sub(params.repeat_last_n);
-        let mut seen = history[start..].to_vec();
+        let mut seen = recent.to_vec();
         seen.sort_unstable();
         seen.dedup();
         for &t in &seen {
@@ -391,6 +396,35 @@ mod tests {
         let p = SamplingParams { repeat_penalty: 2.0, ..params(0.0) };
         assert_eq!(sample(&[0.0, 3.0, 2.0], &p, &[1], 0), 2);
         assert_eq!(sample(&[0.0, 3.0, 2.0], &p, &[], 0), 1);
+    }
+
+    /// Greedy with a penalty reads the logits in place unless the best
+    /// token is a recent one; either way it is the argmax of the penalized
+    /// logits, ties (and negative logits, made more negative) included.
+    #[test]
+    fn greedy_with_a_penalty_is_the_argmax_of_the_penalized_logits() {
+        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for case in 0..400 {
+            // Few distinct values, so ties are common.
+            let logits: Vec<f32> = (0..64).map(|_| (next() % 9) as f32 - 6.0).collect();
+            let history: Vec<u32> = (0..next() % 80).map(|_| (next() % 64) as u32).collect();
+            let p = SamplingParams { repeat_penalty: [1.1, 2.0, 1.0][case % 3], repeat_last_n: 1 + case % 70, ..params(0.0) };
+            let mut window = history[history.len().saturating_sub(p.repeat_last_n)..].to_vec();
+            window.sort_unstable();
+            window.dedup();
+            let mut penalized = logits.clone();
+            for t in window {
+                let l = &mut penalized[t as usize];
+                *l = if *l >= 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+            }
+            assert_eq!(sample(&logits, &p, &history, 0), argmax(&penalized), "case {case}");
+        }
     }
 
     #[test]

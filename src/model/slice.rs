@@ -46,8 +46,9 @@ pub struct ModelSlice {
 pub enum SliceOutput {
     /// `[b, seq, hidden]` f32
     Hidden(Tensor),
-    /// `[b, vocab]` f32
-    Logits(Tensor),
+    /// The last position's logits (one sequence), read where they are
+    /// sampled without another copy.
+    Logits(Vec<f32>),
 }
 
 impl ModelSlice {
@@ -341,7 +342,7 @@ impl ModelSlice {
         match &self.head {
             Some((norm, output)) => {
                 let last = h.narrow(1, seq - 1, 1)?.squeeze(1)?;
-                Ok(SliceOutput::Logits(output.forward(&norm.forward(&last)?)?))
+                Ok(SliceOutput::Logits(output.forward(&norm.forward(&last)?)?.flatten_all()?.to_vec1::<f32>()?))
             }
             None => Ok(SliceOutput::Hidden(h)),
         }
@@ -436,9 +437,11 @@ impl ModelSlice {
 }
 
 impl SliceOutput {
-    pub fn into_tensor(self) -> Tensor {
+    /// The values, hidden states flattened.
+    pub fn into_values(self) -> Result<Vec<f32>> {
         match self {
-            SliceOutput::Hidden(t) | SliceOutput::Logits(t) => t,
+            SliceOutput::Hidden(t) => Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+            SliceOutput::Logits(l) => Ok(l),
         }
     }
 }
@@ -460,7 +463,7 @@ impl ModelSlice {
         };
         let logits_of = |logits: &[f32], items: usize| -> Result<Vec<SliceOutput>> {
             let vocab = logits.len() / items.max(1);
-            logits.chunks_exact(vocab).map(|l| Ok(SliceOutput::Logits(Tensor::from_slice(l, (1, vocab), cpu)?))).collect()
+            Ok(logits.chunks_exact(vocab).map(|l| SliceOutput::Logits(l.to_vec())).collect())
         };
         if self.backend == Backend::Device {
             return match self.run_device_batch(items, true)? {

@@ -13,7 +13,7 @@
 use super::message::{Message, StepResult};
 use super::NetError;
 
-pub const PROTOCOL_VERSION: u8 = 7;
+pub const PROTOCOL_VERSION: u8 = 8;
 pub const PREFIX_LEN: usize = 10;
 /// Control headers are small; anything larger is an attack or a bug.
 pub const MAX_HEADER: usize = 1 << 20;
@@ -140,13 +140,16 @@ impl StepResult {
     /// The frame that carries this result, its logits (if any) as raw
     /// little-endian f32 in the payload.
     pub fn into_frame(mut self) -> Frame {
-        match self.logits.take() {
-            Some(logits) => {
-                self.logits_len = Some(logits.len() as u32);
-                let bytes = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-                Frame::with_payload(Message::Result(self), bytes)
-            }
-            None => Frame::new(Message::Result(self)),
+        let mut payload = Vec::new();
+        self.logits_into(&mut payload);
+        Frame::with_payload(Message::Result(self), payload)
+    }
+
+    /// Moves its logits (if any) to the end of `payload`, noting their count.
+    fn logits_into(&mut self, payload: &mut Vec<u8>) {
+        if let Some(logits) = self.logits.take() {
+            self.logits_len = Some(logits.len() as u32);
+            payload.extend(logits.iter().flat_map(|v| v.to_le_bytes()));
         }
     }
 
@@ -159,6 +162,42 @@ impl StepResult {
         self.logits = self.logits_len.map(|_| payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
         Ok(self)
     }
+}
+
+/// One frame for the results of one batch: a `Result` for one, else
+/// `Results` with their logits joined in order. The head hears a batch in
+/// one read and one wake-up instead of one per session.
+pub fn results_frame(mut results: Vec<StepResult>) -> Frame {
+    if results.len() == 1 {
+        return results.pop().expect("one result").into_frame();
+    }
+    let mut payload = Vec::new();
+    for r in &mut results {
+        r.logits_into(&mut payload);
+    }
+    Frame::with_payload(Message::Results(results), payload)
+}
+
+/// Splits a `Results` frame's payload among its results; refused unless
+/// their logits take the payload exactly.
+pub fn split_results(results: Vec<StepResult>, payload: &[u8]) -> Result<Vec<StepResult>, NetError> {
+    if results.is_empty() {
+        return Err(NetError::Decode("a Results frame with no results".into()));
+    }
+    let mut at = 0usize;
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        let bytes = r.logits_len.map_or(0, |n| n as usize * 4);
+        let end = at.checked_add(bytes).filter(|&end| end <= payload.len()).ok_or_else(|| {
+            NetError::Decode(format!("the results of a Results frame need more than its {} payload bytes", payload.len()))
+        })?;
+        out.push(r.with_payload(&payload[at..end])?);
+        at = end;
+    }
+    if at != payload.len() {
+        return Err(NetError::Decode(format!("a Results frame's results take {at} of its {} payload bytes", payload.len())));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -235,5 +274,40 @@ mod tests {
         assert_eq!(back.clone().with_payload(&frame.payload).unwrap().logits, Some(logits));
         // A payload that does not hold what the header says is refused.
         assert!(back.with_payload(&frame.payload[4..]).is_err());
+    }
+
+    #[test]
+    fn a_batch_of_results_travels_in_one_frame_and_a_bad_split_is_refused() {
+        let result = |step: u64, logits: Option<Vec<f32>>| StepResult {
+            session: step * 10,
+            step,
+            token: Some(step as u32),
+            logprobs: None,
+            logits,
+            logits_len: None,
+            pooled: None,
+            stage_nanos: vec![step],
+            f16_fallbacks: 0,
+            hop_bytes: vec![],
+        };
+        let results = vec![result(1, Some(vec![1.0, -2.5])), result(2, None), result(3, Some(vec![0.5; 5]))];
+        let bytes = encode(&results_frame(results.clone())).unwrap();
+        let (frame, _) = decode(&bytes, Limits::DEFAULT).unwrap().unwrap();
+        let Message::Results(headers) = frame.message else { panic!("several results make a Results frame") };
+        assert_eq!(frame.payload.len(), 7 * 4);
+        let back = split_results(headers.clone(), &frame.payload).unwrap();
+        assert_eq!(back.iter().map(|r| r.logits.clone()).collect::<Vec<_>>(), results.iter().map(|r| r.logits.clone()).collect::<Vec<_>>());
+        assert_eq!(
+            back.iter().map(|r| (r.session, r.step, r.token)).collect::<Vec<_>>(),
+            [(10, 1, Some(1)), (20, 2, Some(2)), (30, 3, Some(3))]
+        );
+        assert!(split_results(headers.clone(), &frame.payload[4..]).is_err(), "short");
+        assert!(split_results(headers.clone(), &[frame.payload.clone(), vec![0; 4]].concat()).is_err(), "bytes left over");
+        assert!(split_results(Vec::new(), &[]).is_err(), "no results");
+        let mut huge = headers;
+        huge[0].logits_len = Some(u32::MAX);
+        assert!(split_results(huge, &frame.payload).is_err(), "logits past any payload");
+        // One result is a plain Result frame.
+        assert!(matches!(results_frame(vec![result(4, None)]).message, Message::Result(_)));
     }
 }

@@ -105,6 +105,13 @@ pub enum Message {
 
     // Events, to the head.
     Result(StepResult),
+    /// Results of steps that ran as one batch on the last stage: the payload
+    /// holds their logits one after another ([`results_frame`],
+    /// [`split_results`]).
+    ///
+    /// [`results_frame`]: super::frame::results_frame
+    /// [`split_results`]: super::frame::split_results
+    Results(Vec<StepResult>),
     Error(RemoteError),
 }
 
@@ -135,6 +142,7 @@ impl Message {
             Message::Forwards(_) => "Forwards",
             Message::Close { .. } => "Close",
             Message::Result(_) => "Result",
+            Message::Results(_) => "Results",
             Message::Error(_) => "Error",
         }
     }

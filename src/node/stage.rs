@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::batch::{self, Arrivals};
 use crate::model::sampling::sample_constrained;
 use crate::model::{BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
-use crate::net::frame::Frame;
+use crate::net::frame::{results_frame, Frame};
 use crate::net::message::{
     forwards_frame, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult,
 };
@@ -464,9 +464,7 @@ impl Worker {
                     self.emit_pooled(h, pooled);
                 }
                 Ok(input) => ready.push((h, input)),
-                Err(e) => {
-                    self.emit(h, Err(e), 0);
-                }
+                Err(fault) => self.fail(h.session, h.step, fault),
             }
         }
         let results = self.compute(&ready);
@@ -478,8 +476,13 @@ impl Worker {
         let computed: usize = ready.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|((_, input), _)| input.rows()).sum();
         self.out.tokens.fetch_add(computed as u64, Ordering::Relaxed);
         self.out.batches.fetch_add(u64::from(!ready.is_empty()), Ordering::Relaxed);
-        let onward: Vec<_> = ready.into_iter().zip(results).filter_map(|((h, _), result)| self.emit(h, result, nanos)).collect();
+        let mut sampled = Vec::new();
+        let onward: Vec<_> =
+            ready.into_iter().zip(results).filter_map(|((h, _), result)| self.emit(h, result, nanos, &mut sampled)).collect();
         self.send_on(onward);
+        if !sampled.is_empty() {
+            self.out.to_heads(results_frame(sampled));
+        }
     }
 
     /// Refuses a step when the node is at a limit: a new session past the
@@ -631,12 +634,19 @@ impl Worker {
         }
     }
 
-    /// A step's output: hidden states for the next stage (returned, to go
-    /// with the batch's others in one frame), a sampled token to the heads;
-    /// an error closes the session down the chain.
-    fn emit(&mut self, mut h: ForwardHeader, result: Result<SliceOutput, Fault>, nanos: u64) -> Option<(ForwardHeader, Vec<u8>)> {
+    /// A step's output: hidden states for the next stage (returned) or a
+    /// sampled token for the heads (added to `sampled`), each to go with the
+    /// batch's others in one frame; an error closes the session down the
+    /// chain.
+    fn emit(
+        &mut self,
+        mut h: ForwardHeader,
+        result: Result<SliceOutput, Fault>,
+        nanos: u64,
+        sampled: &mut Vec<StepResult>,
+    ) -> Option<(ForwardHeader, Vec<u8>)> {
         h.stage_nanos.push(nanos);
-        let sent = match result {
+        let fault = match result {
             Ok(SliceOutput::Hidden(hidden)) => {
                 let wire = *self.out.wire.lock().expect("wire lock");
                 match tensor::encode(&hidden, wire) {
@@ -646,36 +656,31 @@ impl Worker {
                         h.input = ForwardInput::Hidden(th);
                         return Some((h, bytes));
                     }
-                    Err(e) => Err(e.into()),
+                    Err(e) => e.into(),
                 }
             }
-            Ok(SliceOutput::Logits(logits)) => match logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()) {
-                Ok(logits) => {
-                    let sampled = h.sample.as_ref().map(|s| {
-                        sample_constrained(&logits, &s.params, &s.recent, s.draw, s.logprobs.map(usize::from), s.allowed.as_deref())
-                    });
-                    let result = StepResult {
-                        session: h.session,
-                        step: h.step,
-                        token: sampled.as_ref().map(|s| s.0),
-                        logprobs: sampled.and_then(|s| s.1),
-                        logits: h.want_logits.then_some(logits),
-                        logits_len: None,
-                        pooled: None,
-                        stage_nanos: h.stage_nanos.clone(),
-                        f16_fallbacks: h.f16_fallbacks,
-                        hop_bytes: h.hop_bytes.clone(),
-                    };
-                    self.out.to_heads(result.into_frame());
-                    Ok(())
-                }
-                Err(e) => Err(crate::Error::from(e).into()),
-            },
-            Err(e) => Err(e),
+            Ok(SliceOutput::Logits(logits)) => {
+                let token = h
+                    .sample
+                    .as_ref()
+                    .map(|s| sample_constrained(&logits, &s.params, &s.recent, s.draw, s.logprobs.map(usize::from), s.allowed.as_deref()));
+                sampled.push(StepResult {
+                    session: h.session,
+                    step: h.step,
+                    token: token.as_ref().map(|s| s.0),
+                    logprobs: token.and_then(|s| s.1),
+                    logits: h.want_logits.then_some(logits),
+                    logits_len: None,
+                    pooled: None,
+                    stage_nanos: h.stage_nanos,
+                    f16_fallbacks: h.f16_fallbacks,
+                    hop_bytes: h.hop_bytes,
+                });
+                return None;
+            }
+            Err(fault) => fault,
         };
-        if let Err(fault) = sent {
-            self.fail(h.session, h.step, fault);
-        }
+        self.fail(h.session, h.step, fault);
         None
     }
 
