@@ -306,7 +306,9 @@ fn overload_is_refused_and_no_session_leaks() {
     assert!(metrics.contains(&format!("sollol_queue_rejected_total {busy}")), "{metrics}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while node_sessions(&a) != 0 {
-        assert!(Instant::now() < deadline, "every session freed on every stage");
+        // Which stage holds what, should this ever fail.
+        let nodes = || get(&a, "/api/sollol/status").json()["nodes"].to_string();
+        assert!(Instant::now() < deadline, "every session freed on every stage: {}", nodes());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
