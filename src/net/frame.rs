@@ -164,18 +164,47 @@ impl StepResult {
     }
 }
 
-/// One frame for the results of one batch: a `Result` for one, else
-/// `Results` with their logits joined in order. The head hears a batch in
-/// one read and one wake-up instead of one per session.
-pub fn results_frame(mut results: Vec<StepResult>) -> Frame {
-    if results.len() == 1 {
-        return results.pop().expect("one result").into_frame();
+/// The most logits bytes one `Results` frame carries: a quarter of what a
+/// peer accepts, so a batch of many sessions that asked for a large
+/// vocabulary's logits (262,144 of them are 1 MiB) never makes a frame the
+/// head refuses.
+const RESULTS_PAYLOAD: usize = DEFAULT_MAX_PAYLOAD / 4;
+
+/// The frames for the results of one batch: a `Result` for one, else
+/// `Results` with their logits joined in order, as few as keep each
+/// frame's logits within `RESULTS_PAYLOAD`. The head hears a batch in one read and one
+/// wake-up instead of one per session.
+pub fn results_frames(results: Vec<StepResult>) -> Vec<Frame> {
+    results_frames_within(results, RESULTS_PAYLOAD)
+}
+
+fn results_frames_within(results: Vec<StepResult>, budget: usize) -> Vec<Frame> {
+    let mut groups: Vec<Vec<StepResult>> = Vec::new();
+    let mut held = 0;
+    for r in results {
+        let bytes = r.logits.as_ref().map_or(0, |l| l.len() * 4);
+        match groups.last_mut() {
+            Some(group) if held + bytes <= budget => group.push(r),
+            _ => {
+                held = 0;
+                groups.push(vec![r]);
+            }
+        }
+        held += bytes;
     }
-    let mut payload = Vec::new();
-    for r in &mut results {
-        r.logits_into(&mut payload);
-    }
-    Frame::with_payload(Message::Results(results), payload)
+    groups
+        .into_iter()
+        .map(|mut group| {
+            if group.len() == 1 {
+                return group.pop().expect("one result").into_frame();
+            }
+            let mut payload = Vec::new();
+            for r in &mut group {
+                r.logits_into(&mut payload);
+            }
+            Frame::with_payload(Message::Results(group), payload)
+        })
+        .collect()
 }
 
 /// Splits a `Results` frame's payload among its results; refused unless
@@ -291,7 +320,9 @@ mod tests {
             hop_bytes: vec![],
         };
         let results = vec![result(1, Some(vec![1.0, -2.5])), result(2, None), result(3, Some(vec![0.5; 5]))];
-        let bytes = encode(&results_frame(results.clone())).unwrap();
+        let frames = results_frames(results.clone());
+        assert_eq!(frames.len(), 1);
+        let bytes = encode(&frames[0]).unwrap();
         let (frame, _) = decode(&bytes, Limits::DEFAULT).unwrap().unwrap();
         let Message::Results(headers) = frame.message else { panic!("several results make a Results frame") };
         assert_eq!(frame.payload.len(), 7 * 4);
@@ -308,6 +339,19 @@ mod tests {
         huge[0].logits_len = Some(u32::MAX);
         assert!(split_results(huge, &frame.payload).is_err(), "logits past any payload");
         // One result is a plain Result frame.
-        assert!(matches!(results_frame(vec![result(4, None)]).message, Message::Result(_)));
+        assert!(matches!(results_frames(vec![result(4, None)])[..], [Frame { message: Message::Result(_), .. }]));
+        // Logits past the budget go in more frames, each within it, the
+        // results in order.
+        let frames = results_frames_within(results.clone(), 5 * 4);
+        let steps: Vec<Vec<u64>> = frames
+            .iter()
+            .map(|f| match &f.message {
+                Message::Results(rs) => rs.iter().map(|r| r.step).collect(),
+                Message::Result(r) => vec![r.step],
+                _ => panic!("results"),
+            })
+            .collect();
+        assert_eq!(steps, [vec![1, 2], vec![3]]);
+        assert!(frames.iter().all(|f| f.payload.len() <= 5 * 4));
     }
 }

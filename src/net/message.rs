@@ -106,10 +106,10 @@ pub enum Message {
     // Events, to the head.
     Result(StepResult),
     /// Results of steps that ran as one batch on the last stage: the payload
-    /// holds their logits one after another ([`results_frame`],
+    /// holds their logits one after another ([`results_frames`],
     /// [`split_results`]).
     ///
-    /// [`results_frame`]: super::frame::results_frame
+    /// [`results_frames`]: super::frame::results_frames
     /// [`split_results`]: super::frame::split_results
     Results(Vec<StepResult>),
     Error(RemoteError),

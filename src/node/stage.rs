@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::batch::{self, Arrivals};
 use crate::model::sampling::sample_constrained;
 use crate::model::{BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
-use crate::net::frame::{results_frame, Frame};
+use crate::net::frame::{results_frames, Frame};
 use crate::net::message::{
     forwards_frame, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult,
 };
@@ -480,8 +480,8 @@ impl Worker {
         let onward: Vec<_> =
             ready.into_iter().zip(results).filter_map(|((h, _), result)| self.emit(h, result, nanos, &mut sampled)).collect();
         self.send_on(onward);
-        if !sampled.is_empty() {
-            self.out.to_heads(results_frame(sampled));
+        for frame in results_frames(sampled) {
+            self.out.to_heads(frame);
         }
     }
 
