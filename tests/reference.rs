@@ -471,3 +471,24 @@ fn mixture_rows_batched_equal_rows_alone_and_a_token_reads_only_its_experts() {
     assert!(bytes.expert_bytes > all / 2, "the experts are most of the blocks");
     assert_eq!(bytes.per_token(), all - bytes.expert_bytes + bytes.expert_bytes / 4);
 }
+
+/// candle-transformers 0.11.1's `quantized_qwen3_moe` runs its experts only
+/// on CUDA (`moe_gemm_gguf`), so it cannot be the golden reference here:
+/// qwen3moe is checked against the numpy reference (above). Should a later
+/// version run on the CPU, this fails and says to compare with it.
+#[test]
+fn candle_transformers_qwen3_moe_does_not_run_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-qwen3moe.gguf");
+    write_gguf(&path, &spec("qwen3moe"), "qwen3moe", GgmlDType::Q8_0, &[]);
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
+    let mut theirs =
+        candle_transformers::models::quantized_qwen3_moe::GGUFQWenMoE::from_gguf(content, &mut reader, &Device::Cpu, DType::F32).unwrap();
+    let x = Tensor::new(&TOKENS[..PROMPT_LEN], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let message = theirs.forward(&x, 0).err().map(|e| e.to_string());
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains("only implemented for the cuda backend")),
+        "quantized_qwen3_moe ran on the CPU ({message:?}): make it qwen3moe's golden reference"
+    );
+}

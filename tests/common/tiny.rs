@@ -285,6 +285,10 @@ pub fn write_gguf(path: &Path, spec: &TinySpec, arch: &str, dtype: GgmlDType, sk
         md.push((format!("{arch}.expert_count"), Value::U32(spec.experts as u32)));
         md.push((format!("{arch}.expert_used_count"), Value::U32(spec.top_k as u32)));
     }
+    // llama.cpp writes Qwen3-MoE's expert width apart from the dense one.
+    if arch == "qwen3moe" {
+        md.push((format!("{arch}.expert_feed_forward_length"), Value::U32(spec.ffn as u32)));
+    }
     if arch == "gemma3" || arch == "phi3" {
         md.push((format!("{arch}.attention.sliding_window"), Value::U32(spec.window as u32)));
     }
