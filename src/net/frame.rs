@@ -10,7 +10,7 @@
 //! The fixed prefix is checked before anything is allocated: a wrong version
 //! or a length over the limit is refused with only 10 bytes read.
 
-use super::message::{Message, StepResult};
+use super::message::{split_joined, Message, StepResult};
 use super::NetError;
 
 pub const PROTOCOL_VERSION: u8 = 8;
@@ -145,6 +145,11 @@ impl StepResult {
         Frame::with_payload(Message::Result(self), payload)
     }
 
+    /// The payload bytes its logits take, as its header says.
+    fn logits_bytes(&self) -> u64 {
+        self.logits_len.map_or(0, |n| u64::from(n) * 4)
+    }
+
     /// Moves its logits (if any) to the end of `payload`, noting their count.
     fn logits_into(&mut self, payload: &mut Vec<u8>) {
         if let Some(logits) = self.logits.take() {
@@ -155,8 +160,7 @@ impl StepResult {
 
     /// The result with its logits read back from the frame's payload.
     pub fn with_payload(mut self, payload: &[u8]) -> Result<Self, NetError> {
-        let expected = self.logits_len.map_or(0, |n| n as usize * 4);
-        if payload.len() != expected {
+        if payload.len() as u64 != self.logits_bytes() {
             return Err(NetError::Decode(format!("a result of {:?} logits came with {} payload bytes", self.logits_len, payload.len())));
         }
         self.logits = self.logits_len.map(|_| payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
@@ -210,23 +214,7 @@ fn results_frames_within(results: Vec<StepResult>, budget: usize) -> Vec<Frame> 
 /// Splits a `Results` frame's payload among its results; refused unless
 /// their logits take the payload exactly.
 pub fn split_results(results: Vec<StepResult>, payload: &[u8]) -> Result<Vec<StepResult>, NetError> {
-    if results.is_empty() {
-        return Err(NetError::Decode("a Results frame with no results".into()));
-    }
-    let mut at = 0usize;
-    let mut out = Vec::with_capacity(results.len());
-    for r in results {
-        let bytes = r.logits_len.map_or(0, |n| n as usize * 4);
-        let end = at.checked_add(bytes).filter(|&end| end <= payload.len()).ok_or_else(|| {
-            NetError::Decode(format!("the results of a Results frame need more than its {} payload bytes", payload.len()))
-        })?;
-        out.push(r.with_payload(&payload[at..end])?);
-        at = end;
-    }
-    if at != payload.len() {
-        return Err(NetError::Decode(format!("a Results frame's results take {at} of its {} payload bytes", payload.len())));
-    }
-    Ok(out)
+    split_joined(results, payload, "Results", |r| Some(r.logits_bytes()))?.into_iter().map(|(r, p)| r.with_payload(p)).collect()
 }
 
 #[cfg(test)]

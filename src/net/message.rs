@@ -295,23 +295,35 @@ pub fn forwards_frame(mut steps: Vec<(ForwardHeader, Vec<u8>)>) -> Frame {
 /// Splits a `Forwards` frame back into its steps, each with the payload its
 /// input needs; refused unless the lengths add up to the payload exactly.
 pub fn split_forwards(headers: Vec<ForwardHeader>, payload: &[u8]) -> Result<Vec<(ForwardHeader, Vec<u8>)>, NetError> {
-    if headers.is_empty() {
-        return Err(NetError::Decode("a Forwards frame with no steps".into()));
+    Ok(split_joined(headers, payload, "Forwards", ForwardHeader::payload_bytes)?.into_iter().map(|(h, p)| (h, p.to_vec())).collect())
+}
+
+/// Splits the payload of a frame that joins several parts' (`Forwards`,
+/// `Results`) among them in order, each taking what `bytes_of` says (None:
+/// more than any payload); refused unless they take the payload exactly.
+pub(crate) fn split_joined<'p, T>(
+    parts: Vec<T>,
+    payload: &'p [u8],
+    kind: &str,
+    bytes_of: impl Fn(&T) -> Option<u64>,
+) -> Result<Vec<(T, &'p [u8])>, NetError> {
+    if parts.is_empty() {
+        return Err(NetError::Decode(format!("a {kind} frame with nothing in it")));
     }
     let mut at = 0u64;
-    let mut steps = Vec::with_capacity(headers.len());
-    for h in headers {
-        let end =
-            h.payload_bytes().and_then(|n| at.checked_add(n)).filter(|&end| end <= payload.len() as u64).ok_or_else(|| {
-                NetError::Decode(format!("the steps of a Forwards frame need more than its {} payload bytes", payload.len()))
-            })?;
-        steps.push((h, payload[at as usize..end as usize].to_vec()));
+    let mut out = Vec::with_capacity(parts.len());
+    for part in parts {
+        let end = bytes_of(&part)
+            .and_then(|n| at.checked_add(n))
+            .filter(|&end| end <= payload.len() as u64)
+            .ok_or_else(|| NetError::Decode(format!("the parts of a {kind} frame need more than its {} payload bytes", payload.len())))?;
+        out.push((part, &payload[at as usize..end as usize]));
         at = end;
     }
     if at != payload.len() as u64 {
-        return Err(NetError::Decode(format!("a Forwards frame's steps take {at} of its {} payload bytes", payload.len())));
+        return Err(NetError::Decode(format!("a {kind} frame's parts take {at} of its {} payload bytes", payload.len())));
     }
-    Ok(steps)
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
