@@ -409,7 +409,7 @@ fn forward_header(rng: &mut StdRng) -> (ForwardHeader, Option<u64>) {
         sample,
         want_logits: rng.random(),
         pool: [None, Some(sollol::model::Pooling::Mean), Some(sollol::model::Pooling::Last)][rng.random_range(0..3)],
-        stage_nanos: vec_of(rng, u64_of),
+        stage_steps: vec_of(rng, |r| StageStep { nanos: u64_of(r), rows: u32_of(r) }),
         f16_fallbacks: u32_of(rng),
         hop_bytes: vec_of(rng, u64_of),
         micro_batch: rng.random(),
@@ -432,7 +432,7 @@ fn step_result(rng: &mut StdRng) -> (StepResult, Option<u64>) {
         logits: None,
         logits_len,
         pooled: rng.random_bool(0.2).then(|| vec_of(rng, f32_of)),
-        stage_nanos: vec_of(rng, u64_of),
+        stage_steps: vec_of(rng, |r| StageStep { nanos: u64_of(r), rows: u32_of(r) }),
         f16_fallbacks: u32_of(rng),
         hop_bytes: vec_of(rng, u64_of),
     };

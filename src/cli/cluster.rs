@@ -97,11 +97,14 @@ pub struct NetworkArgs {
     /// Sessions at once for the throughput prediction.
     #[arg(long, default_value_t = 8)]
     clients: usize,
-    /// Micro-batches the sessions are spread over (default: one per node,
-    /// as a chain does on machines of their own; 1 for nodes sharing one
-    /// machine's cores).
+    /// Micro-batches the sessions are spread over (default: the count the
+    /// model predicts fastest, as a serving head picks it).
     #[arg(long)]
     micro_batches: Option<usize>,
+    /// The nodes share one machine's cores (the network lab's hosts without
+    /// a CPU cap): their stages take turns instead of computing at once.
+    #[arg(long)]
+    shared_cores: bool,
     /// Activation dtype on the wire (bytes per value: f16/bf16 2, f32 4).
     #[arg(long, default_value = "f16")]
     wire: sollol::net::tensor::WireDType,
@@ -308,14 +311,12 @@ fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs, timed
             .collect()
     };
     let wire_bytes = if net.wire == sollol::net::tensor::WireDType::F32 { 4 } else { 2 };
-    let p = netmodel::predict(
-        &stage_bytes,
-        &Compute::measured(bytes, one, net.clients, batched),
-        &links,
-        netmodel::hop_bytes(config.hidden_size, wire_bytes),
-        net.clients,
-        net.micro_batches.unwrap_or(plan.len()),
-    );
+    let compute = Compute::measured(bytes, one, net.clients, batched);
+    let hop_bytes = netmodel::hop_bytes(config.hidden_size, wire_bytes);
+    let cores: Vec<usize> = if net.shared_cores { vec![0; plan.len()] } else { Vec::new() };
+    let predict = |g: usize| netmodel::predict(&stage_bytes, &compute, &links, hop_bytes, net.clients, g, &cores);
+    let g = net.micro_batches.unwrap_or_else(|| netmodel::best_micro_batches(net.clients, 1, |g| 1.0 / predict(g).batched_tok_s));
+    let p = predict(g);
     Ok(Explained { decode_tok_s: one, batched_tok_s: batched, links, timed: !timed.is_empty(), prediction: p })
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::client::{NodeClient, Pending};
 use super::engine::{Engine, SampleSpec, StepOutput};
+use crate::cluster::netmodel::{Observed, MAX_MICRO_BATCHES};
 use crate::model::Pooling;
 use crate::net::auth::ClusterKey;
 use crate::net::connection::FrameWriter;
@@ -46,9 +47,13 @@ pub struct Pipeline {
     /// Sessions opened and not closed by this head (what a stage replacement
     /// moves), each with its micro-batch.
     live: Mutex<HashMap<u64, u8>>,
-    /// Micro-batches as set (`set_micro_batches`), else one per group of
-    /// stages that can compute at once.
+    /// Micro-batches as set (`set_micro_batches`), else as the network
+    /// model picks them from `observed`.
     micro_batches: Mutex<Option<usize>>,
+    /// What decode steps have measured of the stages and the hops.
+    observed: Mutex<Observed>,
+    /// The count last chosen (logged when it changes).
+    chosen: AtomicUsize,
     /// A block move failed after a node began loading its new slice: the
     /// stages may no longer hold what `loaded` says, nor the sessions.
     broken: std::sync::atomic::AtomicBool,
@@ -102,6 +107,8 @@ impl Pipeline {
             loaded: RwLock::new(loaded),
             live: Mutex::new(HashMap::new()),
             micro_batches: Mutex::new(None),
+            observed: Mutex::new(Observed::default()),
+            chosen: AtomicUsize::new(0),
             broken: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             wire: Mutex::new(WireDType::F16),
@@ -134,17 +141,29 @@ impl Pipeline {
     }
 
     /// How many micro-batches new sessions are spread over: as set, else
-    /// as many as the chain has stages on different cores
-    /// ([`independent_stages`]).
+    /// the count the network model predicts fastest for the sessions open
+    /// now, from what the chain's steps measured
+    /// ([`Observed::best_micro_batches`]); until they have measured enough,
+    /// one per group of stages that can compute at once ([`independent_stages`]).
     pub fn micro_batches(&self) -> usize {
-        let set = *self.micro_batches.lock().expect("micro-batches lock");
-        set.unwrap_or_else(|| independent_stages(&self.capabilities()))
+        if let Some(n) = *self.micro_batches.lock().expect("micro-batches lock") {
+            return n;
+        }
+        let stages = self.capabilities();
+        let clients = self.live.lock().expect("live lock").len() + 1;
+        let current = self.chosen.load(Ordering::Relaxed).max(1);
+        let observed = self.observed.lock().expect("observed lock").best_micro_batches(&core_groups(&stages), clients, current);
+        let n = observed.unwrap_or_else(|| independent_stages(&stages));
+        if self.chosen.swap(n, Ordering::Relaxed) != n {
+            tracing::info!(micro_batches = n, sessions = clients, measured = observed.is_some(), "micro-batches for new sessions");
+        }
+        n
     }
 
     /// Sets the micro-batches (1 to 256) for sessions opened from now on;
-    /// `None` goes back to one per independent stage.
+    /// `None` goes back to the model's choice.
     pub fn set_micro_batches(&self, n: Option<usize>) {
-        *self.micro_batches.lock().expect("micro-batches lock") = n.map(|n| n.clamp(1, 256));
+        *self.micro_batches.lock().expect("micro-batches lock") = n.map(|n| n.clamp(1, MAX_MICRO_BATCHES));
     }
 
     /// Puts a new session in the micro-batch with the fewest live sessions.
@@ -322,13 +341,22 @@ impl Pipeline {
             micro_batch,
             ..ForwardHeader::new(session, step, ForwardInput::Tokens(tokens.to_vec()))
         };
+        let decode = tokens.len() == 1 && pool.is_none();
+        let t = Instant::now();
         let sent = self.data.lock().await.write(&Frame::new(Message::Forward(header))).await;
         if let Err(e) = sent {
             self.pending.lock().expect("pending lock").remove(&step);
             return Err(NetError::Connection(format!("cannot send to stage 1 ({}): {e}", self.client(0).addr)));
         }
         match tokio::time::timeout(STEP_TIMEOUT, rx).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(Ok(result))) => {
+                if decode {
+                    let overlapped = self.live.lock().expect("live lock").values().collect::<HashSet<_>>().len() > 1;
+                    self.observed.lock().expect("observed lock").record(&result.stage_steps, t.elapsed().as_secs_f64(), overlapped);
+                }
+                Ok(result)
+            }
+            Ok(Ok(failed)) => failed,
             Ok(Err(_)) => Err(NetError::Pipeline("the pipeline dropped the step".into())),
             Err(_) => {
                 self.pending.lock().expect("pending lock").remove(&step);
@@ -475,6 +503,19 @@ pub fn independent_stages(stages: &[(String, Capabilities)]) -> usize {
     stages.iter().map(|(_, c)| c.compute.as_str()).collect::<HashSet<_>>().len().max(1)
 }
 
+/// Each stage's cores as an index, the same for stages that report the
+/// same (`Capabilities::compute`), as the network model takes them.
+fn core_groups(stages: &[(String, Capabilities)]) -> Vec<usize> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    stages
+        .iter()
+        .map(|(_, c)| {
+            let n = seen.len();
+            *seen.entry(c.compute.as_str()).or_insert(n)
+        })
+        .collect()
+}
+
 /// The pipeline as a synchronous [`Engine`] for the generation loop. Steps
 /// block on the runtime through `handle`, so the loop runs on a plain or a
 /// blocking thread; many engines may share one pipeline.
@@ -521,7 +562,7 @@ impl Engine for PipelineEngine {
         let t = Instant::now();
         let r = self.handle.block_on(self.pipeline.send_step(session, tokens, open, truncate, sample, want_logits, None))?;
         let wall = t.elapsed();
-        let stage_times: Vec<Duration> = r.stage_nanos.iter().map(|&n| Duration::from_nanos(n)).collect();
+        let stage_times: Vec<Duration> = r.stage_steps.iter().map(|s| Duration::from_nanos(s.nanos)).collect();
         let compute: Duration = stage_times.iter().sum();
         // Hops: head → stage 1 → … → stage N → head.
         let hops = stage_times.len() as u32 + 1;

@@ -13,7 +13,7 @@
 use super::message::{split_joined, Message, StepResult};
 use super::NetError;
 
-pub const PROTOCOL_VERSION: u8 = 8;
+pub const PROTOCOL_VERSION: u8 = 9;
 pub const PREFIX_LEN: usize = 10;
 /// Control headers are small; anything larger is an attack or a bug.
 pub const MAX_HEADER: usize = 1 << 20;
@@ -220,6 +220,7 @@ pub fn split_results(results: Vec<StepResult>, payload: &[u8]) -> Result<Vec<Ste
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::message::StageStep;
 
     fn check(frame: Frame) {
         let bytes = encode(&frame).unwrap();
@@ -281,7 +282,7 @@ mod tests {
             logits: Some(logits.clone()),
             logits_len: None,
             pooled: None,
-            stage_nanos: vec![],
+            stage_steps: vec![],
             f16_fallbacks: 0,
             hop_bytes: vec![],
         };
@@ -303,7 +304,7 @@ mod tests {
             logits,
             logits_len: None,
             pooled: None,
-            stage_nanos: vec![step],
+            stage_steps: vec![StageStep { nanos: step, rows: 1 }],
             f16_fallbacks: 0,
             hop_bytes: vec![],
         };

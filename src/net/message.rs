@@ -215,6 +215,15 @@ pub struct SampleRequest {
     pub allowed: Option<Vec<u32>>,
 }
 
+/// What one stage did for a step: the batch the step was computed in took
+/// `nanos` for `rows` positions (all its sessions' together). The head
+/// learns each stage's cost per batch size from these (`netmodel::Observed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageStep {
+    pub nanos: u64,
+    pub rows: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ForwardHeader {
     pub session: u64,
@@ -232,8 +241,8 @@ pub struct ForwardHeader {
     /// An embedding step: the last stage pools its final hidden states
     /// instead of sampling.
     pub pool: Option<crate::model::Pooling>,
-    /// Compute time of each stage so far.
-    pub stage_nanos: Vec<u64>,
+    /// Each stage's batch so far: its compute time and rows.
+    pub stage_steps: Vec<StageStep>,
     /// Hops so far that sent f32 because f16 would have overflowed.
     pub f16_fallbacks: u32,
     /// Payload bytes sent on each hop so far.
@@ -257,7 +266,7 @@ impl ForwardHeader {
             sample: None,
             want_logits: false,
             pool: None,
-            stage_nanos: Vec::new(),
+            stage_steps: Vec::new(),
             f16_fallbacks: 0,
             hop_bytes: Vec::new(),
             micro_batch: 0,
@@ -341,7 +350,7 @@ pub struct StepResult {
     pub logits_len: Option<u32>,
     /// An embedding step's pooled (not yet averaged or normalised) state.
     pub pooled: Option<Vec<f32>>,
-    pub stage_nanos: Vec<u64>,
+    pub stage_steps: Vec<StageStep>,
     pub f16_fallbacks: u32,
     pub hop_bytes: Vec<u64>,
 }

@@ -92,9 +92,30 @@ fn rows(h: &ForwardHeader) -> usize {
     }
 }
 
-/// The micro-batch of the step at the front of the queue, if a step is there.
-pub fn front_micro_batch(queue: &VecDeque<Work>) -> Option<u8> {
-    queue.front().and_then(forward).map(|h| h.micro_batch)
+/// Which micro-batch steps next at `now`: the first of those queued (ahead
+/// of any other kind of work) that waits for none of its due sessions
+/// still `open`, so that while one micro-batch waits for a session behind,
+/// another that is all here steps; else the front step's, with when its
+/// wait is over. `None` when no step is at the front.
+pub fn next_micro_batch(
+    arrivals: &Arrivals,
+    queue: &VecDeque<Work>,
+    now: Instant,
+    open: impl Fn(u64) -> bool,
+) -> Option<(u8, Option<Instant>)> {
+    let mut front = None;
+    let mut tried = HashSet::new();
+    for h in queue.iter().map_while(forward) {
+        if !tried.insert(h.micro_batch) {
+            continue;
+        }
+        let (due, until) = arrivals.due(h.micro_batch, queue, now);
+        if !due.iter().any(|&s| open(s)) {
+            return Some((h.micro_batch, None));
+        }
+        front.get_or_insert((h.micro_batch, Some(until)));
+    }
+    front
 }
 
 /// The session a step or a close (its generation ended) is of: once one
@@ -107,14 +128,12 @@ pub fn awaited_no_more(work: &Work) -> Option<u64> {
     }
 }
 
-/// Takes the next batch: the steps of the front step's micro-batch, in
-/// arrival order, up to the first that repeats a session (its next chunk
+/// Takes the next batch: the steps of `micro_batch`, in arrival order, up to the first that repeats a session (its next chunk
 /// waits for the previous one), would pass `MAX_BATCH_ROWS` rows (one step
 /// is always taken), or lies past another kind of work (a close, a KV
 /// export: they see the steps queued before them done). Other micro-batches'
 /// steps stay queued, in order.
-pub fn take_batch(queue: &mut VecDeque<Work>) -> Vec<(ForwardHeader, Vec<u8>)> {
-    let Some(micro_batch) = front_micro_batch(queue) else { return Vec::new() };
+pub fn take_batch(queue: &mut VecDeque<Work>, micro_batch: u8) -> Vec<(ForwardHeader, Vec<u8>)> {
     let mut picked = Vec::new();
     let mut sessions = HashSet::new();
     let mut total = 0;
@@ -167,28 +186,28 @@ mod tests {
     #[test]
     fn a_batch_holds_one_micro_batch_in_arrival_order() {
         let mut queue: VecDeque<Work> = [step(1, 0, 1), step(2, 1, 1), step(3, 0, 1), step(4, 1, 1), step(5, 0, 1)].into();
-        assert_eq!(sessions(&take_batch(&mut queue)), [1, 3, 5]);
+        assert_eq!(sessions(&take_batch(&mut queue, 0)), [1, 3, 5]);
         assert_eq!(left(&queue), [2, 4]);
-        assert_eq!(sessions(&take_batch(&mut queue)), [2, 4]);
+        assert_eq!(sessions(&take_batch(&mut queue, 1)), [2, 4]);
         assert!(queue.is_empty());
-        assert!(take_batch(&mut queue).is_empty());
+        assert!(take_batch(&mut queue, 0).is_empty());
     }
 
     #[test]
     fn a_batch_stops_at_a_repeated_session_a_full_batch_and_other_work() {
         // Session 1's second chunk waits for its first; so does what follows it.
         let mut queue: VecDeque<Work> = [step(1, 0, 1), step(2, 0, 1), step(1, 0, 1), step(3, 0, 1)].into();
-        assert_eq!(sessions(&take_batch(&mut queue)), [1, 2]);
+        assert_eq!(sessions(&take_batch(&mut queue, 0)), [1, 2]);
         assert_eq!(left(&queue), [1, 3]);
         // A close ends the batch: the steps before it are done first.
         let mut queue: VecDeque<Work> = [step(1, 0, 1), Work::Close { session: 9 }, step(2, 0, 1)].into();
-        assert_eq!(sessions(&take_batch(&mut queue)), [1]);
+        assert_eq!(sessions(&take_batch(&mut queue, 0)), [1]);
         assert!(matches!(queue.front(), Some(Work::Close { session: 9 })));
-        assert!(take_batch(&mut queue).is_empty(), "a close at the front is not a batch");
+        assert!(take_batch(&mut queue, 0).is_empty(), "a close at the front is not a batch");
         // Rows: a whole prefill chunk alone, then the steps that fit.
         let mut queue: VecDeque<Work> = [step(1, 0, MAX_BATCH_ROWS), step(2, 0, 1), step(3, 0, MAX_BATCH_ROWS - 1)].into();
-        assert_eq!(sessions(&take_batch(&mut queue)), [1]);
-        assert_eq!(sessions(&take_batch(&mut queue)), [2, 3]);
+        assert_eq!(sessions(&take_batch(&mut queue, 0)), [1]);
+        assert_eq!(sessions(&take_batch(&mut queue, 0)), [2, 3]);
     }
 
     #[test]
@@ -245,5 +264,37 @@ mod tests {
         let (due, until) = arrivals.due(0, &VecDeque::new(), now);
         assert_eq!(due, [1].into());
         assert_eq!(until, now + MAX_WAIT);
+    }
+
+    #[test]
+    fn a_micro_batch_all_here_steps_before_one_that_waits() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut arrivals = Arrivals::default();
+        let header = |session: u64, micro_batch: u8| match step(session, micro_batch, 1) {
+            Work::Forward { header, .. } => header,
+            _ => unreachable!(),
+        };
+        // Trips of 10 ms: micro-batch 0 is sessions 1 and 2 (2 a millisecond
+        // behind), micro-batch 1 is sessions 3 and 4.
+        for (s, mb, offset) in [(1, 0, 0), (2, 0, 1), (3, 1, 0), (4, 1, 0)] {
+            arrivals.arrived(&header(s, mb), t0 + ms(offset));
+            arrivals.arrived(&header(s, mb), t0 + ms(10 + offset));
+        }
+        let open = |_| true;
+        let now = t0 + ms(20);
+        // 1 is here and waits for 2; all of micro-batch 1 is here: it steps first.
+        let queue: VecDeque<Work> = [step(1, 0, 1), step(3, 1, 1), step(4, 1, 1)].into();
+        assert_eq!(next_micro_batch(&arrivals, &queue, now, open), Some((1, None)));
+        // With 4 missing too, the front waits, until 2 is a quarter trip late.
+        let queue: VecDeque<Work> = [step(1, 0, 1), step(3, 1, 1)].into();
+        assert_eq!(next_micro_batch(&arrivals, &queue, now, open), Some((0, Some(t0 + ms(21) + Duration::from_micros(2500)))));
+        // A session no longer open is not waited for.
+        assert_eq!(next_micro_batch(&arrivals, &queue, now, |s| s != 2), Some((0, None)));
+        // Steps behind other work wait for it; no step in front, no batch.
+        let queue: VecDeque<Work> = [step(1, 0, 1), Work::Close { session: 9 }, step(3, 1, 1), step(4, 1, 1)].into();
+        assert_eq!(next_micro_batch(&arrivals, &queue, now, open).map(|(mb, _)| mb), Some(0));
+        let queue: VecDeque<Work> = [Work::Close { session: 9 }, step(3, 1, 1)].into();
+        assert_eq!(next_micro_batch(&arrivals, &queue, now, open), None);
     }
 }

@@ -29,7 +29,7 @@ use crate::model::sampling::sample_constrained;
 use crate::model::{BatchItem, HostInput, KvCache, ModelSlice, SliceOutput};
 use crate::net::frame::{results_frames, Frame};
 use crate::net::message::{
-    forwards_frame, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StepResult,
+    forwards_frame, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadedSlice, Message, RemoteError, StageStep, StepResult,
 };
 use crate::net::tensor::{self, WireDType};
 use crate::net::{kv, NetError};
@@ -360,10 +360,10 @@ impl Worker {
                 let Ok(work) = rx.try_recv() else { break };
                 enqueue(&mut arrivals, &mut queue, work);
             }
-            if let Some(micro_batch) = batch::front_micro_batch(&queue) {
-                self.gather(&mut rx, &mut queue, &mut arrivals, micro_batch);
-            }
-            let batch = batch::take_batch(&mut queue);
+            let batch = match self.gather(&mut rx, &mut queue, &mut arrivals) {
+                Some(micro_batch) => batch::take_batch(&mut queue, micro_batch),
+                None => Vec::new(),
+            };
             if !batch.is_empty() {
                 // Steps a panic interrupts fail with an error frame; their
                 // sessions are dropped (their caches may be half written).
@@ -386,21 +386,24 @@ impl Worker {
         }
     }
 
-    /// Waits for the sessions of `micro_batch` whose next step is due
-    /// (`batch::Arrivals::due`), queueing whatever arrives meanwhile.
-    fn gather(&self, rx: &mut mpsc::Receiver<Work>, queue: &mut VecDeque<Work>, arrivals: &mut Arrivals, micro_batch: u8) {
-        let (mut missing, until) = arrivals.due(micro_batch, queue, Instant::now());
-        missing.retain(|s| self.sessions.contains_key(s));
-        while !missing.is_empty() && Instant::now() < until && queue.len() < WORK_QUEUE {
+    /// The micro-batch to step next (`batch::next_micro_batch`): one whose
+    /// due sessions are all here, or the front step's once its wait is
+    /// over, queueing whatever arrives meanwhile. `None` when no step is at
+    /// the front of the queue.
+    fn gather(&self, rx: &mut mpsc::Receiver<Work>, queue: &mut VecDeque<Work>, arrivals: &mut Arrivals) -> Option<u8> {
+        let mut deadline = None;
+        loop {
+            let now = Instant::now();
+            let (micro_batch, until) = batch::next_micro_batch(arrivals, queue, now, |s| self.sessions.contains_key(&s))?;
+            let Some(until) = until else { return Some(micro_batch) };
+            // The wait is set when it starts: sessions that fall due later do not stretch it.
+            if now >= *deadline.get_or_insert(until) || queue.len() >= WORK_QUEUE {
+                return Some(micro_batch);
+            }
             match rx.try_recv() {
-                Ok(work) => {
-                    if let Some(s) = batch::awaited_no_more(&work) {
-                        missing.remove(&s);
-                    }
-                    enqueue(arrivals, queue, work);
-                }
+                Ok(work) => enqueue(arrivals, queue, work),
                 Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_micros(20)),
-                Err(mpsc::error::TryRecvError::Disconnected) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Some(micro_batch),
             }
         }
     }
@@ -476,9 +479,10 @@ impl Worker {
         let computed: usize = ready.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|((_, input), _)| input.rows()).sum();
         self.out.tokens.fetch_add(computed as u64, Ordering::Relaxed);
         self.out.batches.fetch_add(u64::from(!ready.is_empty()), Ordering::Relaxed);
+        let batch = StageStep { nanos, rows: ready.iter().map(|(_, input)| input.rows() as u32).sum() };
         let mut sampled = Vec::new();
         let onward: Vec<_> =
-            ready.into_iter().zip(results).filter_map(|((h, _), result)| self.emit(h, result, nanos, &mut sampled)).collect();
+            ready.into_iter().zip(results).filter_map(|((h, _), result)| self.emit(h, result, batch, &mut sampled)).collect();
         self.send_on(onward);
         for frame in results_frames(sampled) {
             self.out.to_heads(frame);
@@ -624,7 +628,7 @@ impl Worker {
                     logits: None,
                     logits_len: None,
                     pooled: Some(v),
-                    stage_nanos: h.stage_nanos.clone(),
+                    stage_steps: h.stage_steps.clone(),
                     f16_fallbacks: h.f16_fallbacks,
                     hop_bytes: h.hop_bytes.clone(),
                 };
@@ -642,10 +646,10 @@ impl Worker {
         &mut self,
         mut h: ForwardHeader,
         result: Result<SliceOutput, Fault>,
-        nanos: u64,
+        batch: StageStep,
         sampled: &mut Vec<StepResult>,
     ) -> Option<(ForwardHeader, Vec<u8>)> {
-        h.stage_nanos.push(nanos);
+        h.stage_steps.push(batch);
         let fault = match result {
             Ok(SliceOutput::Hidden(hidden)) => {
                 let wire = *self.out.wire.lock().expect("wire lock");
@@ -672,7 +676,7 @@ impl Worker {
                     logits: h.want_logits.then_some(logits),
                     logits_len: None,
                     pooled: None,
-                    stage_nanos: h.stage_nanos,
+                    stage_steps: h.stage_steps,
                     f16_fallbacks: h.f16_fallbacks,
                     hop_bytes: h.hop_bytes,
                 });
