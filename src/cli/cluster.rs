@@ -317,7 +317,8 @@ fn explain(model: &str, plan: &[partition::Assignment], net: &NetworkArgs, timed
     let predict = |g: usize| netmodel::predict(&stage_bytes, &compute, &links, hop_bytes, net.clients, g, &cores);
     let g = net.micro_batches.unwrap_or_else(|| netmodel::best_micro_batches(net.clients, 1, |g| 1.0 / predict(g).batched_tok_s));
     let p = predict(g);
-    Ok(Explained { decode_tok_s: one, batched_tok_s: batched, links, timed: !timed.is_empty(), prediction: p })
+    let lockstep_tok_s = (p.micro_batches > 1).then(|| predict(1).batched_tok_s);
+    Ok(Explained { decode_tok_s: one, batched_tok_s: batched, links, timed: !timed.is_empty(), prediction: p, lockstep_tok_s })
 }
 
 /// What `plan --explain` predicts, and from what.
@@ -331,6 +332,8 @@ struct Explained {
     /// Whether the links were timed now, or are what the flags say.
     timed: bool,
     prediction: Prediction,
+    /// The clients' tok/s in one micro-batch, where the prediction is for more.
+    lockstep_tok_s: Option<f64>,
 }
 
 fn print_explained(e: &Explained, plan: &[partition::Assignment]) {
@@ -352,6 +355,10 @@ fn print_explained(e: &Explained, plan: &[partition::Assignment]) {
     println!("   a hop between stages carries {} B per row", p.hop_bytes);
     println!("   one session: {:.2} ms per token, {:.1} tok/s", p.token_secs * 1e3, p.decode_tok_s);
     println!("   {} sessions in {} micro-batches: {:.1} tok/s together", p.clients, p.micro_batches, p.batched_tok_s);
+    if let Some(tok_s) = e.lockstep_tok_s {
+        // Overlapping stages on shared cores also contend, which only a running chain measures.
+        println!("   {} sessions in 1 micro-batch: {tok_s:.1} tok/s together", p.clients);
+    }
 }
 
 /// `get_worker_for_model`: prints where a model would run (loading it there if needed).
