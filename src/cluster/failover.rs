@@ -53,7 +53,13 @@ struct Session {
 pub struct SharedChain {
     spec: ChainSpec,
     handle: tokio::runtime::Handle,
-    state: std::sync::Mutex<ChainState>,
+    /// The pipeline now, and its epoch (bumped by every rebuild): read by
+    /// every step and by tasks on the runtime (the dashboard's sampler), so
+    /// held only to read or swap it, never through a rebuild.
+    now: std::sync::RwLock<(u64, Arc<Pipeline>)>,
+    /// Held through a rebuild, with the nodes it may use: engines that fail
+    /// meanwhile wait for it. Taken only outside the runtime.
+    rebuild: std::sync::Mutex<Spares>,
     balance: std::sync::Mutex<Balance>,
 }
 
@@ -72,13 +78,6 @@ struct Balance {
     tokens: usize,
     last_move: Option<Instant>,
     moves: u64,
-}
-
-struct ChainState {
-    /// Bumped by every rebuild.
-    epoch: u64,
-    pipeline: Arc<Pipeline>,
-    nodes: Spares,
 }
 
 /// Nodes that may take a dead node's blocks, and the nodes known dead.
@@ -110,14 +109,22 @@ impl SharedChain {
     ) -> Result<Arc<Self>> {
         let mut nodes = Spares { standby, dead: HashSet::new() };
         let pipeline = Arc::new(handle.block_on(build_resilient(&spec, chain, &mut nodes))?);
-        let state = ChainState { epoch: 0, pipeline, nodes };
-        Ok(Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state), balance: Default::default() }))
+        Ok(Arc::new(Self::with(handle, spec, pipeline, nodes)))
     }
 
     /// Shares a chain that is already loaded and linked.
     pub fn over(handle: tokio::runtime::Handle, spec: ChainSpec, pipeline: Arc<Pipeline>, standby: Vec<String>) -> Arc<Self> {
-        let state = ChainState { epoch: 0, pipeline, nodes: Spares { standby, dead: HashSet::new() } };
-        Arc::new(Self { spec, handle, state: std::sync::Mutex::new(state), balance: Default::default() })
+        Arc::new(Self::with(handle, spec, pipeline, Spares { standby, dead: HashSet::new() }))
+    }
+
+    fn with(handle: tokio::runtime::Handle, spec: ChainSpec, pipeline: Arc<Pipeline>, nodes: Spares) -> Self {
+        Self {
+            spec,
+            handle,
+            now: std::sync::RwLock::new((0, pipeline)),
+            rebuild: std::sync::Mutex::new(nodes),
+            balance: Default::default(),
+        }
     }
 
     pub fn spec(&self) -> &ChainSpec {
@@ -126,8 +133,8 @@ impl SharedChain {
 
     /// The pipeline now, and its epoch.
     pub fn current(&self) -> (u64, Arc<Pipeline>) {
-        let s = self.state.lock().expect("chain lock");
-        (s.epoch, s.pipeline.clone())
+        let now = self.now.read().expect("chain lock");
+        (now.0, now.1.clone())
     }
 
     /// The chain now, in order: (address, blocks).
@@ -195,14 +202,15 @@ impl SharedChain {
     /// Must not be called from inside the runtime.
     fn recover(&self, failed: u64) -> Result<Option<(u64, Arc<Pipeline>)>> {
         // Held through the rebuild: engines that fail meanwhile wait for it.
-        let mut s = self.state.lock().expect("chain lock");
-        if s.epoch != failed {
-            return Ok(Some((s.epoch, s.pipeline.clone())));
+        let mut nodes = self.rebuild.lock().expect("rebuild lock");
+        let (epoch, pipeline) = self.current();
+        if epoch != failed {
+            return Ok(Some((epoch, pipeline)));
         }
         let chain: Vec<(String, Range<usize>)> =
-            s.pipeline.addrs().into_iter().zip(s.pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect();
-        let dead = self.handle.block_on(dead_nodes(&s.pipeline));
-        if dead.is_empty() && !s.pipeline.is_broken() {
+            pipeline.addrs().into_iter().zip(pipeline.loaded().iter().map(|l| l.start as usize..l.end as usize)).collect();
+        let dead = self.handle.block_on(dead_nodes(&pipeline));
+        if dead.is_empty() && !pipeline.is_broken() {
             return Ok(None);
         }
         if dead.is_empty() {
@@ -210,15 +218,15 @@ impl SharedChain {
         } else {
             tracing::warn!("nodes down: {}", dead.join(", "));
         }
-        s.nodes.dead.extend(dead);
-        let nodes = &mut s.nodes;
-        let pipeline = Arc::new(self.handle.block_on(async {
+        nodes.dead.extend(dead);
+        let nodes = &mut *nodes;
+        let rebuilt = Arc::new(self.handle.block_on(async {
             let chain = replan(&self.spec, chain, nodes).await?;
             build_resilient(&self.spec, chain, nodes).await
         })?);
-        s.epoch += 1;
-        s.pipeline = pipeline.clone();
-        Ok(Some((s.epoch, pipeline)))
+        let mut now = self.now.write().expect("chain lock");
+        *now = (epoch + 1, rebuilt.clone());
+        Ok(Some((epoch + 1, rebuilt)))
     }
 }
 

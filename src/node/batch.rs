@@ -167,12 +167,12 @@ pub fn take_batch(queue: &mut VecDeque<Work>, micro_batch: u8) -> Vec<(ForwardHe
 mod tests {
     use super::*;
 
+    fn header(session: u64, micro_batch: u8, tokens: usize) -> ForwardHeader {
+        ForwardHeader { micro_batch, ..ForwardHeader::new(session, session, ForwardInput::Tokens(vec![1; tokens])) }
+    }
+
     fn step(session: u64, micro_batch: u8, tokens: usize) -> Work {
-        Work::Forward {
-            header: ForwardHeader { micro_batch, ..ForwardHeader::new(session, session, ForwardInput::Tokens(vec![1; tokens])) },
-            payload: Vec::new(),
-            arrived: Instant::now(),
-        }
+        Work::Forward { header: header(session, micro_batch, tokens), payload: Vec::new(), arrived: Instant::now() }
     }
 
     fn sessions(batch: &[(ForwardHeader, Vec<u8>)]) -> Vec<u64> {
@@ -215,10 +215,7 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut arrivals = Arrivals::default();
-        let at = |session: u64, micro_batch: u8| match step(session, micro_batch, 1) {
-            Work::Forward { header, .. } => header,
-            _ => unreachable!(),
-        };
+        let at = |session: u64, micro_batch: u8| header(session, micro_batch, 1);
         // Trips of 10 ms: 1 and 2 arrive together, 3 is 4 ms behind, 4 is
         // 6 ms behind (more than half a trip), 5 is in another micro-batch,
         // 6 has arrived once (its trip unknown).
@@ -250,10 +247,7 @@ mod tests {
     fn waits_are_bounded_for_slow_trips() {
         let t0 = Instant::now();
         let mut arrivals = Arrivals::default();
-        let h = match step(1, 0, 1) {
-            Work::Forward { header, .. } => header,
-            _ => unreachable!(),
-        };
+        let h = header(1, 0, 1);
         // A 400 ms trip: the session is due 100 ms from now, too far to wait for.
         arrivals.arrived(&h, t0);
         arrivals.arrived(&h, t0 + Duration::from_millis(400));
@@ -271,15 +265,11 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut arrivals = Arrivals::default();
-        let header = |session: u64, micro_batch: u8| match step(session, micro_batch, 1) {
-            Work::Forward { header, .. } => header,
-            _ => unreachable!(),
-        };
         // Trips of 10 ms: micro-batch 0 is sessions 1 and 2 (2 a millisecond
         // behind), micro-batch 1 is sessions 3 and 4.
         for (s, mb, offset) in [(1, 0, 0), (2, 0, 1), (3, 1, 0), (4, 1, 0)] {
-            arrivals.arrived(&header(s, mb), t0 + ms(offset));
-            arrivals.arrived(&header(s, mb), t0 + ms(10 + offset));
+            arrivals.arrived(&header(s, mb, 1), t0 + ms(offset));
+            arrivals.arrived(&header(s, mb, 1), t0 + ms(10 + offset));
         }
         let open = |_| true;
         let now = t0 + ms(20);
