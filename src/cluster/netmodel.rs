@@ -272,8 +272,9 @@ impl Observed {
     }
 }
 
-/// A least-squares line `secs = a + b·rows`, each new point weighing as
-/// much as all the points `1 / (1 - FADE)` before it.
+/// A least-squares line `secs = a + b·rows` over fading points: each new
+/// one multiplies the weight of those before by `FADE`, so the line follows
+/// about the last `1 / (1 - FADE)` (50) points.
 #[derive(Debug, Clone, Copy, Default)]
 struct LineFit {
     w: f64,
