@@ -111,6 +111,8 @@ fn every_endpoint_streaming_and_not() {
     assert!(get(a, "/dashboard").body.contains("<title>sollol dashboard</title>"));
     let status = get(a, "/api/sollol/status").json();
     assert_eq!(status["models"][0]["route"]["nodes"].as_array().unwrap().len(), 2);
+    // Two local nodes share this machine's cores, one session at a time: lockstep.
+    assert_eq!(status["models"][0]["replicas"][0]["micro_batches"], 1, "{status}");
 }
 
 #[test]

@@ -160,6 +160,13 @@ impl Pipeline {
         n
     }
 
+    /// The micro-batch count new sessions were last given: as set, else as
+    /// last chosen (1 before any session).
+    pub fn micro_batches_now(&self) -> usize {
+        let set = *self.micro_batches.lock().expect("micro-batches lock");
+        set.unwrap_or_else(|| self.chosen.load(Ordering::Relaxed).max(1))
+    }
+
     /// Sets the micro-batches (1 to 256) for sessions opened from now on;
     /// `None` goes back to the model's choice.
     pub fn set_micro_batches(&self, n: Option<usize>) {
