@@ -222,23 +222,24 @@ impl Observed {
         if steps.len() != self.alone.len() {
             *self = Self { alone: vec![LineFit::default(); steps.len()], ..Self::default() };
         }
-        let secs: Vec<f64> = steps.iter().map(|s| s.nanos as f64 / 1e9).collect();
-        let rows = |i: usize| f64::from(steps[i].rows.max(1));
+        let secs = |s: &StageStep| s.nanos as f64 / 1e9;
+        let rows = |s: &StageStep| f64::from(s.rows.max(1));
+        let compute: f64 = steps.iter().map(secs).sum();
         if overlapped {
-            let alone: Option<f64> = self.alone.iter().enumerate().map(|(i, f)| f.line().map(|_| f.at(rows(i)))).sum();
+            let alone: Option<f64> = self.alone.iter().zip(steps).map(|(f, s)| f.line().map(|_| f.at(rows(s)))).sum();
             if let Some(alone) = alone.filter(|&a| a > 0.0) {
                 let f = LineFit::FADE;
-                self.overlap = (self.overlap.0 * f + secs.iter().sum::<f64>(), self.overlap.1 * f + alone);
+                self.overlap = (self.overlap.0 * f + compute, self.overlap.1 * f + alone);
             }
         } else {
-            for (i, fit) in self.alone.iter_mut().enumerate() {
-                fit.add(rows(i), secs[i]);
+            for (fit, s) in self.alone.iter_mut().zip(steps) {
+                fit.add(rows(s), secs(s));
             }
         }
         if self.hops.len() == HOP_WINDOW {
             self.hops.pop_front();
         }
-        self.hops.push_back((wall_secs - secs.iter().sum::<f64>()).max(0.0));
+        self.hops.push_back((wall_secs - compute).max(0.0));
     }
 
     /// How much longer overlapped stages compute than alone: 1 until measured.

@@ -358,7 +358,12 @@ impl Pipeline {
         match tokio::time::timeout(STEP_TIMEOUT, rx).await {
             Ok(Ok(Ok(result))) => {
                 if decode {
-                    let overlapped = self.live.lock().expect("live lock").values().collect::<HashSet<_>>().len() > 1;
+                    let overlapped = {
+                        let live = self.live.lock().expect("live lock");
+                        let mut batches = live.values();
+                        let first = batches.next();
+                        batches.any(|m| Some(m) != first)
+                    };
                     self.observed.lock().expect("observed lock").record(&result.stage_steps, t.elapsed().as_secs_f64(), overlapped);
                 }
                 Ok(result)
