@@ -413,6 +413,7 @@ fn forward_header(rng: &mut StdRng) -> (ForwardHeader, Option<u64>) {
         f16_fallbacks: u32_of(rng),
         hop_bytes: vec_of(rng, u64_of),
         micro_batch: rng.random(),
+        ring: rng.random_bool(0.3).then(|| Ring { id: u64_of(rng), left: u32_of(rng), stop: vec_of(rng, u32_of) }),
     };
     (h, implied)
 }
@@ -440,7 +441,7 @@ fn step_result(rng: &mut StdRng) -> (StepResult, Option<u64>) {
 }
 
 fn frame_of(rng: &mut StdRng) -> Frame {
-    let (message, implied) = match rng.random_range(0..22) {
+    let (message, implied) = match rng.random_range(0..24) {
         0 => (
             Message::Hello { protocol: rng.random(), build: string_of(rng), role: PeerRole::Head, proof: vec_of(rng, |r| r.random()) },
             None,
@@ -459,7 +460,10 @@ fn frame_of(rng: &mut StdRng) -> Frame {
             (Message::Load(req), None)
         }
         6 => (Message::Loaded(loaded_slice(rng)), None),
-        7 => (Message::Link { next: rng.random_bool(0.5).then(|| string_of(rng)), wire: dtype_of(rng) }, None),
+        7 => {
+            let ring = [None, Some(RingLink::Itself), Some(RingLink::First(string_of(rng)))][rng.random_range(0..3)].clone();
+            (Message::Link { next: rng.random_bool(0.5).then(|| string_of(rng)), wire: dtype_of(rng), ring }, None)
+        }
         8 => (Message::ExportKv { session: u64_of(rng), dtype: dtype_of(rng) }, None),
         9 | 10 => {
             let h = kv_header(rng);
@@ -504,6 +508,8 @@ fn frame_of(rng: &mut StdRng) -> Frame {
             (Message::Results(results.into_iter().map(|(r, _)| r).collect()), total)
         }
         18 => (Message::ProbePeer { addr: string_of(rng), rate: rng.random() }, None),
+        21 => (Message::Halt { session: u64_of(rng) }, None),
+        22 => (Message::Halted { session: u64_of(rng) }, None),
         19 => {
             let t = sollol::net::probe::LinkTiming {
                 rtt: std::time::Duration::from_nanos(u64_of(rng)),

@@ -454,3 +454,70 @@ fn a_prompt_is_prefilled_in_shorter_steps_while_others_decode() {
     assert_eq!(shared, 300usize.div_ceil(SHARED_PREFILL_CHUNK) as u64);
     assert_eq!(same, tokens, "the chunking changes no token");
 }
+
+/// Decode steps that feed the token sampled before go round as a ring: the
+/// last stage feeds each token back to the first itself. Through the
+/// generation loop, a ring gives the single node's tokens, and log
+/// probabilities, for greedy and seeded sampling with a repeat penalty;
+/// ends where the loop does (the token limit); and when a stop string ends
+/// a kept session's turn mid-ring, what ran ahead is rewound, so the next
+/// turn continues as on the single node.
+#[test]
+fn rings_give_the_single_nodes_tokens_and_end_where_the_loop_does() {
+    use sollol::head::engine::{Engine, LocalEngine};
+    use sollol::head::generation::{generate, GenerateRequest, GenerateResult, Resume};
+    use sollol::head::pipeline::PipelineEngine;
+    let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let p = std::sync::Arc::new(rt.block_on(loaded_pipeline(&[&a, &b], WireDType::F32)));
+    let mut file = ModelFile::open(&common::smollm2()).unwrap();
+    let tokenizer = sollol::head::tokenizer::Tokenizer::for_model(&file).unwrap();
+    let n_layers = file.config().unwrap().n_layers;
+    let mut local = LocalEngine::new(ModelSlice::load(&mut file, 0..n_layers, &Device::Cpu).unwrap()).unwrap();
+    let mut chain = PipelineEngine::shared(rt.handle().clone(), p.clone(), 2048);
+    let run =
+        |engine: &mut dyn Engine, session: u64, req: &GenerateRequest| generate(engine, &tokenizer, session, req, &mut |_| true).unwrap();
+    let same = |want: &GenerateResult, got: &GenerateResult, what: &str| {
+        assert_eq!(want.tokens, got.tokens, "{what}: tokens");
+        assert_eq!(want.logprobs, got.logprobs, "{what}: log-probabilities");
+        assert_eq!(want.finish, got.finish, "{what}: finish");
+    };
+
+    // Greedy to the token limit: one step from the head, the rest round the ring.
+    let mut greedy = common::greedy_request();
+    greedy.max_tokens = 24;
+    let want = run(&mut local, 1, &greedy);
+    let before = p.ring_steps();
+    let got = run(&mut chain, 1, &greedy);
+    same(&want, &got, "greedy");
+    assert_eq!(got.tokens.len(), 24, "no EOS in this story's first tokens");
+    assert_eq!(p.ring_steps() - before, 23, "every decode step went round the ring");
+
+    // Seeded sampling with a repeat penalty and log-probabilities.
+    let mut sampled = greedy.clone();
+    sampled.params = SamplingParams { temperature: 0.9, repeat_penalty: 1.3, repeat_last_n: 8, seed: 11, ..Default::default() };
+    sampled.logprobs = Some(3);
+    let before = p.ring_steps();
+    same(&run(&mut local, 2, &sampled), &run(&mut chain, 2, &sampled), "sampled");
+    assert_eq!(p.ring_steps() - before, 23, "the ring asked for what the loop asked");
+
+    // A stop string ends a kept turn while the ring runs ahead; the next
+    // turn continues from the positions the loop read.
+    let text = tokenizer.decode(&want.tokens[..10]).unwrap();
+    let stop = text[text.len() - 6..].to_string();
+    let turn = GenerateRequest { stop: vec![stop], keep_session: true, max_tokens: 40, context: 2048, ..greedy.clone() };
+    let (first_local, first_chain) = (run(&mut local, 3, &turn), run(&mut chain, 3, &turn));
+    same(&first_local, &first_chain, "a turn ended by a stop string");
+    assert!(first_chain.tokens.len() < 12, "the stop string ended the turn early: {} tokens", first_chain.tokens.len());
+    let mut prompt = first_chain.fed.clone();
+    prompt.extend(tokenizer.encode(" Then").unwrap());
+    let next = GenerateRequest {
+        prompt,
+        resume: Some(Resume { keep: first_chain.fed.len(), capacity: 2048 }),
+        keep_session: false,
+        stop: vec![],
+        max_tokens: 16,
+        ..greedy.clone()
+    };
+    same(&run(&mut local, 3, &next), &run(&mut chain, 3, &next), "the next turn");
+}

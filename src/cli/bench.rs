@@ -267,7 +267,15 @@ fn measure_constraint(
     for (i, chunk) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
         let allowed = if last { Some(constraint.allowed()?) } else { None };
-        let spec = last.then_some(SampleSpec { params: &params, history: prompt, step: 0, logprobs: None, allowed: allowed.as_deref() });
+        let spec = last.then_some(SampleSpec {
+            params: &params,
+            history: prompt,
+            step: 0,
+            logprobs: None,
+            allowed: allowed.as_deref(),
+            ahead: 0,
+            stop: &[],
+        });
         token = engine.step(session, chunk, spec, false)?.token.unwrap_or(0);
     }
     let (mut grammar, started) = (Duration::ZERO, Instant::now());
@@ -280,7 +288,15 @@ fn measure_constraint(
         }
         let allowed = if constraint.is_done() { None } else { Some(constraint.allowed()?) };
         grammar += t.elapsed();
-        let spec = SampleSpec { params: &params, history: &[], step: step as u64 + 1, logprobs: None, allowed: allowed.as_deref() };
+        let spec = SampleSpec {
+            params: &params,
+            history: &[],
+            step: step as u64 + 1,
+            logprobs: None,
+            allowed: allowed.as_deref(),
+            ahead: 0,
+            stop: &[],
+        };
         token = engine.step(session, &[token], Some(spec), false)?.token.unwrap_or(0);
     }
     let wall = started.elapsed();
@@ -299,8 +315,16 @@ fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -
     let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
     let mut token = 0;
     for (i, chunk) in chunks.iter().enumerate() {
-        let spec =
-            (i + 1 == chunks.len()).then_some(SampleSpec { params: &params, history: prompt, step: 0, logprobs: None, allowed: None });
+        // Every decode step below feeds the token sampled before: a ring.
+        let spec = (i + 1 == chunks.len()).then_some(SampleSpec {
+            params: &params,
+            history: prompt,
+            step: 0,
+            logprobs: None,
+            allowed: None,
+            ahead: tokens,
+            stop: &[],
+        });
         token = engine.step(session, chunk, spec, false)?.token.unwrap_or(0);
     }
     m.ttft = t.elapsed();
@@ -310,7 +334,15 @@ fn measure(engine: &mut dyn Engine, prompt: &[u32], tokens: usize, round: u64) -
         let out = engine.step(
             session,
             &[token],
-            Some(SampleSpec { params: &params, history: &[], step: step as u64 + 1, logprobs: None, allowed: None }),
+            Some(SampleSpec {
+                params: &params,
+                history: &[],
+                step: step as u64 + 1,
+                logprobs: None,
+                allowed: None,
+                ahead: tokens - step - 1,
+                stop: &[],
+            }),
             false,
         )?;
         token = out.token.unwrap_or(0);

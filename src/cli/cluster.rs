@@ -74,8 +74,8 @@ pub struct PlanArgs {
     key: KeyArgs,
     /// Also predict the plan's decode (sollol::cluster::netmodel) from this
     /// machine's in-process speed: over links of --rate and --rtt-ms, or,
-    /// over registered --nodes without them, over each link of the chain
-    /// as timed now (head → first node, node → node, last node → head).
+    /// over registered --nodes without them, over each link of the chain's
+    /// ring as timed now (node → next node, last node → first).
     #[arg(long)]
     explain: bool,
     #[command(flatten)]
@@ -327,7 +327,7 @@ struct Explained {
     /// In process here: one session, and `--clients` batched.
     decode_tok_s: f64,
     batched_tok_s: f64,
-    /// One per hop (head → stage 1, …, stage S → head), or one for all.
+    /// One per hop of the ring (stage 1 → stage 2, …, stage S → stage 1), or one for all.
     links: Vec<Link>,
     /// Whether the links were timed now, or are what the flags say.
     timed: bool,
@@ -345,7 +345,8 @@ fn print_explained(e: &Explained, plan: &[partition::Assignment]) {
     for (i, (a, b)) in p.stage_secs.iter().zip(&p.stage_secs_batched).enumerate() {
         println!("   stage {}: {:.2} ms per token, {:.2} ms per {}-row step", i + 1, a * 1e3, b * 1e3, p.rows);
     }
-    let ends: Vec<&str> = std::iter::once("head").chain(plan.iter().map(|a| a.node.as_str())).chain(["head"]).collect();
+    // Round the ring: each stage to the next, the last back to the first.
+    let ends: Vec<&str> = plan.iter().chain(plan.first()).map(|a| a.node.as_str()).collect();
     for (i, secs) in p.hop_secs.iter().enumerate() {
         let link = e.links.get(i).unwrap_or(&e.links[0]);
         let rate = if link.bits_per_sec.is_finite() { format!("{:.1} Mbit/s", link.bits_per_sec / 1e6) } else { "uncapped".into() };

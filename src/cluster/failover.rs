@@ -425,6 +425,10 @@ impl Engine for FailoverEngine {
         self.inner.rewind(session, keep)
     }
 
+    fn settle(&mut self, session: u64) {
+        self.inner.settle(session);
+    }
+
     fn close(&mut self, session: u64) {
         self.sessions.remove(&session);
         self.inner.close(session);

@@ -218,23 +218,20 @@ impl ClusterManager {
     }
 
     /// The links of a chain through the registered nodes `names`, in the
-    /// order a token crosses them: head → first (timed by the head), each
-    /// node → the next (timed by that node: the head cannot see that link),
-    /// and last → head (timed from the head's side). Throughput too when
-    /// `rate`: a second or so of traffic on each link.
+    /// order a decode token crosses them round the ring: each node → the
+    /// next, and the last → the first (each timed by the node it leaves: the
+    /// head cannot see those links). None for one node, which feeds itself.
+    /// Throughput too when `rate`: a second or so of traffic on each link.
     pub async fn time_chain(&self, names: &[String], rate: bool) -> Result<Vec<LinkTiming>> {
-        let (Some(first), Some(last)) = (names.first(), names.last()) else { return Ok(Vec::new()) };
-        let from_head = |name: &str| {
-            let name = name.to_string();
-            async move { Ok::<_, Error>(self.client(&name).await?.time_link(rate, PROBE_WAIT).await?) }
-        };
-        let mut links = vec![from_head(first).await?];
-        for pair in names.windows(2) {
-            let to = self.entry(&pair[1])?.addr;
-            let c = self.client(&pair[0]).await?;
-            links.push(c.probe_peer(&to, rate, PEER_PROBE_REPLY_WAIT).await?);
+        let mut links = Vec::new();
+        if names.len() < 2 {
+            return Ok(links);
         }
-        links.push(if names.len() == 1 { links[0] } else { from_head(last).await? });
+        // Each node to the next, and the last back to the first: the ring.
+        for (from, to) in names.iter().zip(names.iter().cycle().skip(1)) {
+            let to = self.entry(to)?.addr;
+            links.push(self.client(from).await?.probe_peer(&to, rate, PEER_PROBE_REPLY_WAIT).await?);
+        }
         Ok(links)
     }
 

@@ -4,11 +4,13 @@
 //!
 //! A decode step is memory-bound: a stage's compute is its weight bytes
 //! times the seconds per byte the machine reads them in, for one row or,
-//! batched, for `B` rows (measured in process; linear in between). A token
-//! crosses `S + 1` hops (head → stage 1 → … → stage S → head), each costing
-//! half its link's round trip, its bytes over the link's rate, and the
-//! software's fixed cost of a hop. The hops between stages carry hidden
-//! states; the first and the last a token id in a frame. `C` sessions are
+//! batched, for `B` rows (measured in process; linear in between). A decode
+//! token goes round the chain's ring (`net::message::Ring`): `S` hops,
+//! stage 1 → … → stage S → stage 1 (none when one stage feeds itself; the
+//! head reads the results off the token's path), each costing half its
+//! link's round trip, its bytes over the link's rate, and the software's
+//! fixed cost of a hop. The hops between stages carry hidden states; the
+//! one back to stage 1 a token id in a frame. `C` sessions are
 //! spread over `G` micro-batches of `C / G` rows (`node::batch`): each
 //! micro-batch goes round the chain, one step through every stage and hop,
 //! while the others are at other stages, so `C` tokens take the longer of
@@ -89,8 +91,8 @@ pub struct Prediction {
     pub batched_tok_s: f64,
 }
 
-/// The frame around what a hop carries; all the first and last hops carry
-/// (a token id each way).
+/// The frame around what a hop carries; all the hop back to the first
+/// stage carries (a token id).
 const FRAME: u64 = 64;
 
 /// Bytes a hop between stages carries per row: a stage's hidden state at
@@ -109,9 +111,10 @@ pub fn step_bytes(model: &LayerBytes, blocks: &Range<usize>) -> u64 {
 }
 
 /// Predicts decode over a chain whose stages read `stage_bytes` per step,
-/// over `links` (one per hop: head → stage 1, …, stage S → head; or one for
-/// every hop), `clients` sessions at once spread over `micro_batches`;
-/// `cores[i]` names the cores stage `i` computes on (empty: each its own).
+/// over `links` (one per hop of the ring: stage 1 → stage 2, …, stage S →
+/// stage 1; or one for every hop), `clients` sessions at once spread over
+/// `micro_batches`; `cores[i]` names the cores stage `i` computes on
+/// (empty: each its own).
 pub fn predict(
     stage_bytes: &[u64],
     compute: &Compute,
@@ -125,11 +128,11 @@ pub fn predict(
     let micro_batches = micro_batches.clamp(1, clients);
     let rows = clients.div_ceil(micro_batches);
     let step = |s: usize, rows: usize| stage_bytes[s] as f64 * compute.per_byte(rows);
-    let hops = stage_bytes.len() + 1;
+    let hops = ring_hops(stage_bytes.len());
     let hop = |i: usize, rows: usize| -> f64 {
         let link =
             links.get(i).or(links.last()).copied().unwrap_or(Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.0, hop_overhead_secs: 0.0 });
-        let bytes = if i == 0 || i == hops - 1 { FRAME } else { hop_bytes };
+        let bytes = if i + 1 == hops { FRAME } else { hop_bytes };
         link.rtt_secs / 2.0 + link.hop_overhead_secs + (bytes * rows as u64 * 8) as f64 / link.bits_per_sec
     };
     let all_hops = |rows: usize| (0..hops).map(|i| hop(i, rows)).sum::<f64>();
@@ -148,6 +151,16 @@ pub fn predict(
         decode_tok_s: 1.0 / token_secs,
         clients,
         batched_tok_s: clients as f64 / round,
+    }
+}
+
+/// The hops of a ring over `stages` stages: one out of each, none when a
+/// single stage feeds itself.
+pub fn ring_hops(stages: usize) -> usize {
+    if stages > 1 {
+        stages
+    } else {
+        0
     }
 }
 
@@ -324,16 +337,16 @@ mod tests {
         let one = predict(&[100_000_000], &compute, &[free], 1000, 8, 1, &[]);
         assert!((one.decode_tok_s - 10.0).abs() < 1e-9, "{one:?}");
         assert!((one.batched_tok_s - 40.0).abs() < 1e-9, "the batch measured is the batch predicted: {one:?}");
-        // Split in four over free links: the same; over 10 ms links: five half round trips more per token.
+        // Split in four over free links: the same; over 10 ms links: four half round trips more per token.
         let four = predict(&[25_000_000; 4], &compute, &[free], 1000, 8, 1, &[]);
         assert!((four.token_secs - 0.1).abs() < 1e-9);
         let slow = Link { bits_per_sec: 8e6, rtt_secs: 0.010, hop_overhead_secs: 0.0 };
         let far = predict(&[25_000_000; 4], &compute, &[slow], 1000, 8, 1, &[]);
         // Each hop between stages: 5 ms + 1000 B at 1 MB/s = 6 ms, three of
-        // them; into the first stage and out of the last, 5 ms + 64 B.
-        assert!((far.token_secs - (0.1 + 3.0 * 0.006 + 2.0 * 0.005064)).abs() < 1e-9, "{far:?}");
+        // them; back from the last to the first, 5 ms + 64 B.
+        assert!((far.token_secs - (0.1 + 3.0 * 0.006 + 0.005064)).abs() < 1e-9, "{far:?}");
         // The batch's hops carry eight rows.
-        let cycle = 0.2 + 3.0 * (0.005 + 0.008) + 2.0 * (0.005 + 0.000512);
+        let cycle = 0.2 + 3.0 * (0.005 + 0.008) + (0.005 + 0.000512);
         assert!((far.batched_tok_s - 8.0 / cycle).abs() < 1e-6, "{far:?}");
     }
 
@@ -356,7 +369,7 @@ mod tests {
         // Over 40 ms links a micro-batch's trip is the longer: the stages wait.
         let slow = Link { bits_per_sec: f64::INFINITY, rtt_secs: 0.040, hop_overhead_secs: 0.0 };
         let far = predict(&[25_000_000; 4], &compute, &[slow], 1000, 8, 4, &[]);
-        assert!((far.batched_tok_s - 8.0 / (4.0 * step + 5.0 * 0.020)).abs() < 1e-6, "{far:?}");
+        assert!((far.batched_tok_s - 8.0 / (4.0 * step + 4.0 * 0.020)).abs() < 1e-6, "{far:?}");
         // No more micro-batches than sessions.
         assert_eq!(predict(&[1; 4], &compute, &[free], 1000, 2, 4, &[]).micro_batches, 2);
     }
@@ -365,20 +378,23 @@ mod tests {
     fn each_hop_costs_what_its_own_link_does() {
         let compute = Compute::measured(100_000_000, 10.0, 8, 40.0);
         let lan = Link { bits_per_sec: 1e9, rtt_secs: 0.001, hop_overhead_secs: 0.0 };
-        // Two sites: the head and stages 1–2 on one LAN, stages 3–4 on
-        // another, 40 ms and 8 Mbit/s between them.
+        // Two sites: stages 1–2 on one LAN, stages 3–4 on another, 40 ms
+        // and 8 Mbit/s between them (crossed twice round the ring).
         let wan = Link { bits_per_sec: 8e6, rtt_secs: 0.040, hop_overhead_secs: 0.0 };
-        let links = [lan, lan, wan, lan, wan];
+        let links = [lan, wan, lan, wan];
         let p = predict(&[25_000_000; 4], &compute, &links, 1000, 1, 1, &[]);
-        let expect = [0.0005 + 64.0 * 8.0 / 1e9, 0.0005 + 8e3 / 1e9, 0.020 + 1e-3, 0.0005 + 8e3 / 1e9, 0.020 + 64.0 * 8.0 / 8e6];
+        let expect = [0.0005 + 8e3 / 1e9, 0.020 + 1e-3, 0.0005 + 8e3 / 1e9, 0.020 + 64.0 * 8.0 / 8e6];
         for (got, want) in p.hop_secs.iter().zip(expect) {
             assert!((got - want).abs() < 1e-12, "{:?} against {expect:?}", p.hop_secs);
         }
         assert!((p.token_secs - (0.1 + expect.iter().sum::<f64>())).abs() < 1e-12);
-        // One link for every hop is the same as five alike.
+        assert_eq!(p.hop_secs.len(), 4);
+        // One link for every hop is the same as four alike.
         let uniform = predict(&[25_000_000; 4], &compute, &[wan], 1000, 8, 4, &[]);
-        let five = predict(&[25_000_000; 4], &compute, &[wan; 5], 1000, 8, 4, &[]);
-        assert_eq!((uniform.token_secs, uniform.batched_tok_s), (five.token_secs, five.batched_tok_s));
+        let four = predict(&[25_000_000; 4], &compute, &[wan; 4], 1000, 8, 4, &[]);
+        assert_eq!((uniform.token_secs, uniform.batched_tok_s), (four.token_secs, four.batched_tok_s));
+        // One stage feeds itself: no hop at all.
+        assert!(predict(&[100_000_000], &compute, &[wan], 1000, 1, 1, &[]).hop_secs.is_empty());
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! errors), which completes whatever pipeline the node currently serves.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::net::auth::{client_handshake, ClusterKey};
 use crate::net::connection::{split, Control, FrameWriter};
@@ -16,48 +17,147 @@ use crate::net::probe::{self, LinkTiming};
 use crate::net::resolve_addr;
 use crate::net::{timeout, tls, NetError};
 
-/// Steps waiting for their result, by step id, with their session.
-pub type Pending = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Result<StepResult, NetError>>)>>>;
+/// What waits for the chain's results: steps by id, each with its
+/// session; and rings by session, whose results stream to the engine
+/// reading them as they come.
+#[derive(Default)]
+pub struct Waiting {
+    steps: HashMap<u64, (u64, oneshot::Sender<Result<StepResult, NetError>>)>,
+    rings: HashMap<u64, RingWait>,
+    /// Halts sent, by session, until the last stage answers.
+    halts: HashMap<u64, oneshot::Sender<()>>,
+}
 
-/// Fails waiting steps: the one named, else all of a session, else all.
+/// What a ring's engine hears.
+pub enum RingEvent {
+    /// A step's outcome, and when it arrived.
+    Result(Instant, Result<StepResult, NetError>),
+    /// The head stopped listening to the ring (a stage replacement
+    /// waits): what comes after is dropped.
+    Halted,
+}
+
+pub type RingResults = mpsc::Receiver<RingEvent>;
+
+struct RingWait {
+    steps: Range<u64>,
+    tx: mpsc::Sender<RingEvent>,
+}
+
+pub type Pending = Arc<Mutex<Waiting>>;
+
+impl Waiting {
+    /// Waits for step `step` of `session`.
+    pub fn step(&mut self, step: u64, session: u64) -> oneshot::Receiver<Result<StepResult, NetError>> {
+        let (tx, rx) = oneshot::channel();
+        self.steps.insert(step, (session, tx));
+        rx
+    }
+
+    pub fn forget_step(&mut self, step: u64) {
+        self.steps.remove(&step);
+    }
+
+    /// Streams the results of `session`'s ring, which feeds back the steps
+    /// `steps`: room for as many as the ring may take and its halt, so the
+    /// queue never refuses one.
+    pub fn ring(&mut self, session: u64, steps: Range<u64>) -> RingResults {
+        let n = (steps.end - steps.start + 1) as usize;
+        let (tx, rx) = mpsc::channel(n);
+        self.rings.insert(session, RingWait { steps, tx });
+        rx
+    }
+
+    /// Stops queueing the results of `session`'s ring whose first step is
+    /// `first` (not a later ring of the session's).
+    pub fn forget_ring(&mut self, session: u64, first: u64) {
+        if self.rings.get(&session).is_some_and(|r| r.steps.start == first) {
+            self.rings.remove(&session);
+        }
+    }
+
+    /// Hands step `step`'s outcome to whoever waits for it, if anyone.
+    fn complete(&mut self, step: u64, session: Option<u64>, outcome: Result<StepResult, NetError>) {
+        if let Some((_, tx)) = self.steps.remove(&step) {
+            let _ = tx.send(outcome);
+            return;
+        }
+        let Some(session) = session else { return };
+        if let Some(ring) = self.rings.get(&session).filter(|r| r.steps.contains(&step)) {
+            if ring.tx.try_send(RingEvent::Result(Instant::now(), outcome)).is_err() {
+                // The engine left the ring: nobody reads its results.
+                self.rings.remove(&session);
+            }
+        }
+    }
+
+    /// Fails a session's waiting steps and ring (all sessions' when `None`).
+    fn fail_session(&mut self, session: Option<u64>, error: &NetError) {
+        let steps: Vec<u64> = self.steps.iter().filter(|(_, (s, _))| session.is_none_or(|x| *s == x)).map(|(k, _)| *k).collect();
+        for step in steps {
+            self.complete(step, None, Err(error.clone()));
+        }
+        let rings: Vec<u64> = self.rings.keys().copied().filter(|s| session.is_none_or(|x| *s == x)).collect();
+        for s in rings {
+            if let Some(ring) = self.rings.remove(&s) {
+                let _ = ring.tx.try_send(RingEvent::Result(Instant::now(), Err(error.clone())));
+            }
+        }
+    }
+
+    /// Waits for the last stage's answer to a `Halt` of `session`.
+    pub fn halt(&mut self, session: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.halts.insert(session, tx);
+        rx
+    }
+
+    pub fn forget_halt(&mut self, session: u64) {
+        self.halts.remove(&session);
+    }
+
+    /// Stops listening to every ring, telling its engine; returns their sessions.
+    pub fn halt_rings(&mut self) -> Vec<u64> {
+        self.rings
+            .drain()
+            .map(|(session, ring)| {
+                let _ = ring.tx.try_send(RingEvent::Halted);
+                session
+            })
+            .collect()
+    }
+}
+
+/// Fails waiting steps: the one named, else all of a session (its ring's
+/// too), else all.
 pub fn fail(pending: &Pending, session: Option<u64>, step: Option<u64>, error: &NetError) {
     let mut p = pending.lock().expect("pending lock");
-    let steps: Vec<u64> = match (step, session) {
-        (Some(s), _) => vec![s],
-        (None, Some(sess)) => p.iter().filter(|(_, (s, _))| *s == sess).map(|(k, _)| *k).collect(),
-        (None, None) => p.keys().copied().collect(),
-    };
-    for s in steps {
-        if let Some((_, tx)) = p.remove(&s) {
-            let _ = tx.send(Err(error.clone()));
-        }
+    match step {
+        Some(step) => p.complete(step, session, Err(error.clone())),
+        None => p.fail_session(session, error),
     }
 }
 
 fn dispatch(pending: &Pending, frame: Frame) {
     match frame.message {
         Message::Result(r) => {
-            if let Some((_, tx)) = pending.lock().expect("pending lock").remove(&r.step) {
-                let _ = tx.send(r.with_payload(&frame.payload));
-            }
+            let (step, session) = (r.step, r.session);
+            pending.lock().expect("pending lock").complete(step, Some(session), r.with_payload(&frame.payload));
         }
         Message::Results(results) => {
-            let steps: Vec<u64> = results.iter().map(|r| r.step).collect();
+            let steps: Vec<(u64, u64)> = results.iter().map(|r| (r.step, r.session)).collect();
             let mut p = pending.lock().expect("pending lock");
             match split_results(results, &frame.payload) {
                 Ok(results) => {
                     for r in results {
-                        if let Some((_, tx)) = p.remove(&r.step) {
-                            let _ = tx.send(Ok(r));
-                        }
+                        let (step, session) = (r.step, r.session);
+                        p.complete(step, Some(session), Ok(r));
                     }
                 }
                 // A frame that does not add up fails the steps it names.
                 Err(e) => {
-                    for step in steps {
-                        if let Some((_, tx)) = p.remove(&step) {
-                            let _ = tx.send(Err(e.clone()));
-                        }
+                    for (step, session) in steps {
+                        p.complete(step, Some(session), Err(e.clone()));
                     }
                 }
             }
@@ -69,6 +169,11 @@ fn dispatch(pending: &Pending, frame: Frame) {
             tracing::warn!(node = %e.node, "{}", e.message);
         }
         Message::Error(e) => fail(pending, e.session, e.step, &NetError::Remote(e.clone())),
+        Message::Halted { session } => {
+            if let Some(tx) = pending.lock().expect("pending lock").halts.remove(&session) {
+                let _ = tx.send(());
+            }
+        }
         _ => {}
     }
 }

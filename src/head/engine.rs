@@ -23,6 +23,14 @@ pub struct SampleSpec<'a> {
     pub logprobs: Option<usize>,
     /// Only these tokens may be sampled (a grammar's bitset).
     pub allowed: Option<&'a [u32]>,
+    /// How many steps the loop takes after this one, each feeding the
+    /// token sampled before, unless a token of `stop` is sampled (or its
+    /// own reasons end it early, when it says so: `Engine::settle`,
+    /// `Engine::close`, or a step asking for something else). 0: the loop
+    /// decides step by step. A pipeline runs such steps as a ring.
+    pub ahead: usize,
+    /// Tokens that end the loop when sampled.
+    pub stop: &'a [u32],
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,6 +63,9 @@ pub trait Engine {
     /// Keeps the first `keep` positions of an open session and forgets the
     /// rest, so a prompt sharing that prefix continues from the cached state.
     fn rewind(&mut self, session: u64, keep: usize) -> Result<()>;
+    /// The loop takes no more steps of the session for now, though it
+    /// stays open (for a later turn): what runs ahead of the loop stops.
+    fn settle(&mut self, _session: u64) {}
     /// Frees the session everywhere. Never fails: a missing session is already closed.
     fn close(&mut self, session: u64);
     /// The longest context the model supports.

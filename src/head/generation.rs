@@ -273,6 +273,8 @@ pub fn generate(
     let result = run(engine, tokenizer, session, req, capacity, skip, on_text);
     if result.is_err() || !req.keep_session {
         engine.close(session);
+    } else {
+        engine.settle(session);
     }
     result
 }
@@ -327,6 +329,8 @@ fn run(
             step: 0,
             logprobs: req.logprobs,
             allowed: allowed.as_deref(),
+            ahead: if constraint.is_some() { 0 } else { steps_after(req, 0, history.len(), capacity) },
+            stop: tokenizer.eos(),
         });
         let out = engine.step(session, chunk, spec, false)?;
         stats.record(&out, false);
@@ -390,6 +394,8 @@ fn run(
             step: generated.len() as u64,
             logprobs: req.logprobs,
             allowed: allowed.as_deref(),
+            ahead: if constraint.is_some() { 0 } else { steps_after(req, generated.len(), history.len(), capacity) },
+            stop: tokenizer.eos(),
         };
         let out = engine.step(session, &[token], Some(spec), false)?;
         fed_generated += 1;
@@ -412,6 +418,15 @@ fn run(
     let mut fed = req.prompt.clone();
     fed.extend_from_slice(&generated[..fed_generated]);
     Ok(GenerateResult { tokens: generated, logprobs, fed, text, finish, stats })
+}
+
+/// How many decode steps follow a step taken with `generated` tokens
+/// generated and `history` positions fed, unless a token ends the
+/// generation: the `k`-th would feed the `k`-th token sampled from here,
+/// and runs only while the generated tokens and the positions stay under
+/// `max_tokens` and `capacity` (the loop's checks, below).
+fn steps_after(req: &GenerateRequest, generated: usize, history: usize, capacity: usize) -> usize {
+    req.max_tokens.saturating_sub(generated + 1).min(capacity.saturating_sub(history + 1))
 }
 
 /// The embedding of `ids`: the model's final hidden states pooled (`Mean`

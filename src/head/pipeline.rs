@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tokio::sync::oneshot;
 
-use super::client::{NodeClient, Pending};
+use super::client::{NodeClient, Pending, RingEvent, RingResults};
 use super::engine::{Engine, SampleSpec, StepOutput};
 use crate::cluster::netmodel::{Observed, MAX_MICRO_BATCHES};
 use crate::model::Pooling;
@@ -27,7 +26,8 @@ use crate::net::auth::ClusterKey;
 use crate::net::connection::FrameWriter;
 use crate::net::frame::Frame;
 use crate::net::message::{
-    Capabilities, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, SampleRequest, StepResult,
+    Capabilities, ErrorCode, ForwardHeader, ForwardInput, KvStateHeader, LoadRequest, LoadedSlice, Message, Ring, RingLink, SampleRequest,
+    StageStep, StepResult,
 };
 use crate::net::resolve_addr;
 use crate::net::tensor::WireDType;
@@ -58,9 +58,45 @@ pub struct Pipeline {
     /// stages may no longer hold what `loaded` says, nor the sessions.
     broken: std::sync::atomic::AtomicBool,
     /// Held (shared) by every step from send to result; a stage replacement
-    /// takes it exclusively, so it runs between steps.
+    /// takes it exclusively, so it runs between steps, after halting the
+    /// rings ([`Pipeline::pause`]).
     gate: tokio::sync::RwLock<()>,
+    /// Stage replacements under way: no ring begins meanwhile.
+    pausing: AtomicUsize,
+    /// Whether the last stage is linked back to the first, for rings.
+    ring: std::sync::atomic::AtomicBool,
+    /// Ring steps whose results engines read (steps the head did not send).
+    ring_steps: AtomicU64,
     wire: Mutex<WireDType>,
+}
+
+/// A ring the head began ([`Ring`]): its results as they come, and the
+/// step ids it may feed back.
+pub struct RingRun {
+    results: RingResults,
+    session: u64,
+    steps: Range<u64>,
+    pending: Pending,
+}
+
+impl RingRun {
+    /// The ring's next result and when it arrived; `None` once the head
+    /// halted the ring.
+    async fn next(&mut self) -> Result<Option<(Instant, StepResult)>, NetError> {
+        match tokio::time::timeout(STEP_TIMEOUT, self.results.recv()).await {
+            Ok(Some(RingEvent::Result(at, result))) => Ok(Some((at, result?))),
+            Ok(Some(RingEvent::Halted)) => Ok(None),
+            Ok(None) => Err(NetError::Pipeline("the chain dropped a ring's step".into())),
+            Err(_) => Err(NetError::Timeout(STEP_TIMEOUT, format!("a ring step of session {}", self.session))),
+        }
+    }
+}
+
+impl Drop for RingRun {
+    /// Nobody reads the ring's results any more: stop queueing them.
+    fn drop(&mut self) {
+        self.pending.lock().expect("pending lock").forget_ring(self.session, self.steps.start);
+    }
 }
 
 /// What a stage replacement did.
@@ -92,7 +128,7 @@ impl Pipeline {
     /// pipeline's steps, and a data stream into the first one is opened.
     pub async fn from_clients(stages: Vec<Arc<NodeClient>>) -> Result<Self, NetError> {
         let first = stages.first().ok_or_else(|| NetError::Connection("no nodes given".into()))?;
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Pending::default();
         for (i, s) in stages.iter().enumerate() {
             s.attach(pending.clone(), i + 1);
         }
@@ -111,6 +147,9 @@ impl Pipeline {
             chosen: AtomicUsize::new(0),
             broken: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
+            pausing: AtomicUsize::new(0),
+            ring: std::sync::atomic::AtomicBool::new(false),
+            ring_steps: AtomicU64::new(0),
             wire: Mutex::new(WireDType::F16),
         })
     }
@@ -221,14 +260,28 @@ impl Pipeline {
         self.link(wire).await
     }
 
-    /// Tells each stage where its output goes: the next stage, or nowhere (the last).
+    /// Tells each stage where its output goes: the next stage, or nowhere
+    /// (the last), which also feeds rings back to the first. A last stage
+    /// that cannot reach the first is linked without: decode then goes
+    /// through the head, as it does with `SOLLOL_RINGS=0` (to compare).
     pub async fn link(&self, wire: WireDType) -> Result<(), NetError> {
         *self.wire.lock().expect("wire lock") = wire;
         let stages = self.clients();
+        let mut ring = std::env::var("SOLLOL_RINGS").map_or(true, |v| v != "0");
         for i in (0..stages.len()).rev() {
-            let next = stages.get(i + 1).map(|s| s.addr.clone());
-            stages[i].request(Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
+            let linked = stages[i].request(link_frame(&stages, i, wire, ring), Duration::from_secs(15)).await;
+            match linked {
+                Err(e) if i + 1 == stages.len() && stages.len() > 1 => {
+                    tracing::warn!(last = %stages[i].addr, first = %stages[0].addr, "no ring: the last stage cannot reach the first ({e})");
+                    ring = false;
+                    stages[i].request(link_frame(&stages, i, wire, ring), Duration::from_secs(15)).await?;
+                }
+                linked => {
+                    linked?;
+                }
+            }
         }
+        self.ring.store(ring, Ordering::Release);
         Ok(())
     }
 
@@ -261,7 +314,7 @@ impl Pipeline {
         // The new node's results must complete this pipeline's steps.
         new.attach(self.pending.clone(), i + 1);
 
-        let _paused = self.gate.write().await;
+        let _paused = self.pause().await;
         let t = Instant::now();
         let sessions = self.live_sessions();
         let mut kv_bytes = 0;
@@ -280,14 +333,13 @@ impl Pipeline {
             new.request(Frame::with_payload(Message::ImportKv(header), reply.payload), Duration::from_secs(60)).await?;
             moved += 1;
         }
-        let next = self.clients().get(i + 1).map(|s| s.addr.clone());
-        new.request(Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
-        if i > 0 {
-            self.request(i - 1, Frame::new(Message::Link { next: Some(new.addr.clone()), wire }), Duration::from_secs(15)).await?;
-        } else {
+        if i == 0 {
             *self.data.lock().await = new.open_data_stream().await?;
         }
         self.stages.write().expect("stages lock")[i] = new.clone();
+        // The stage before now sends to the new node, and the last stage's
+        // ring goes back to the first: simplest to link them all again.
+        self.link(wire).await?;
         if let Some(l) = self.loaded.write().expect("loaded lock").get_mut(i) {
             *l = info;
         }
@@ -308,73 +360,133 @@ impl Pipeline {
         sample: Option<SampleRequest>,
         want_logits: bool,
     ) -> Result<StepResult, NetError> {
-        self.send_step(session, tokens, open, None, sample, want_logits, None).await
+        let header = ForwardHeader { open, sample, want_logits, ..ForwardHeader::new(session, 0, ForwardInput::Tokens(tokens.to_vec())) };
+        Ok(self.send_step(header).await?.0)
     }
 
     /// An embedding step: the last stage pools its final hidden states
     /// (`StepResult::pooled`) instead of sampling.
     pub async fn pool_step(&self, session: u64, tokens: &[u32], open: Option<u32>, pooling: Pooling) -> Result<StepResult, NetError> {
-        self.send_step(session, tokens, open, None, None, false, Some(pooling)).await
+        let header = ForwardHeader { open, pool: Some(pooling), ..ForwardHeader::new(session, 0, ForwardInput::Tokens(tokens.to_vec())) };
+        Ok(self.send_step(header).await?.0)
     }
 
-    /// One step through the chain, first rewinding the session to
-    /// `truncate` positions on every stage; the last stage samples, or pools
-    /// for an embedding.
-    #[allow(clippy::too_many_arguments)]
-    async fn send_step(
-        &self,
-        session: u64,
-        tokens: &[u32],
-        open: Option<u32>,
-        truncate: Option<u32>,
-        sample: Option<SampleRequest>,
-        want_logits: bool,
-        pool: Option<Pooling>,
-    ) -> Result<StepResult, NetError> {
+    /// Whether rings may begin now: the last stage feeds back to the
+    /// first, and no stage replacement waits.
+    pub fn rings(&self) -> bool {
+        self.ring.load(Ordering::Acquire) && self.pausing.load(Ordering::Acquire) == 0
+    }
+
+    /// Ring steps read so far: decode steps that the last stage fed back
+    /// to the first instead of the head sending them.
+    pub fn ring_steps(&self) -> u64 {
+        self.ring_steps.load(Ordering::Relaxed)
+    }
+
+    /// Takes the gate exclusively, once the steps in flight are done. The
+    /// rings are halted first: their engines stop reading them and go on
+    /// with steps of their own, the first stage drops what they feed back,
+    /// and the halts are answered once no ring step is left in flight (so
+    /// every stage holds the same positions of a session: a block move
+    /// joins two stages' states). Nothing waits for an engine, which may be
+    /// the caller.
+    async fn pause(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.pausing.fetch_add(1, Ordering::SeqCst);
+        let halted = self.pending.lock().expect("pending lock").halt_rings();
+        let mut answers = Vec::new();
+        for &session in &halted {
+            let answer = self.pending.lock().expect("pending lock").halt(session);
+            answers.push(answer);
+            self.halt(session).await;
+        }
+        // A stage that does not answer is failing: the replacement finds out.
+        let _ = tokio::time::timeout(Duration::from_secs(10), join_all(answers)).await;
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            halted.iter().for_each(|&s| pending.forget_halt(s));
+        }
+        let paused = self.gate.write().await;
+        self.pausing.fetch_sub(1, Ordering::SeqCst);
+        paused
+    }
+
+    /// One step through the chain (`header` as the head asks it; its id
+    /// and micro-batch are set here), with the ring it begins, if any and
+    /// its last stage goes on.
+    async fn send_step(&self, mut header: ForwardHeader) -> Result<(StepResult, Option<RingRun>), NetError> {
         let _running = self.gate.read().await;
-        let micro_batch = match open {
+        let session = header.session;
+        header.micro_batch = match header.open {
             Some(_) => self.assign_micro_batch(session),
             None => self.live.lock().expect("live lock").get(&session).copied().unwrap_or(0),
         };
-        let step = self.next_step.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(step, (session, tx));
-        let header = ForwardHeader {
-            open,
-            truncate,
-            sample,
-            want_logits,
-            pool,
-            micro_batch,
-            ..ForwardHeader::new(session, step, ForwardInput::Tokens(tokens.to_vec()))
+        // The ring's steps take the ids after this one.
+        let left = header.ring.as_ref().map_or(0, |r| r.left);
+        let step = self.next_step.fetch_add(1 + u64::from(left), Ordering::Relaxed);
+        header.step = step;
+        let ring_steps = step + 1..step + 1 + u64::from(left);
+        let (rx, ring) = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let rx = pending.step(step, session);
+            // Checked under the lock `pause` halts the rings under: a ring
+            // registered after the halt would run through the replacement.
+            if self.pausing.load(Ordering::SeqCst) > 0 {
+                header.ring = None;
+            }
+            let ring = header.ring.as_mut().map(|r| {
+                r.id = step;
+                pending.ring(session, ring_steps.clone())
+            });
+            (rx, ring)
         };
-        let decode = tokens.len() == 1 && pool.is_none();
+        let forget = || {
+            let mut pending = self.pending.lock().expect("pending lock");
+            pending.forget_step(step);
+            pending.forget_ring(session, ring_steps.start);
+        };
+        let decode = matches!(&header.input, ForwardInput::Tokens(t) if t.len() == 1) && header.pool.is_none();
         let t = Instant::now();
         let sent = self.data.lock().await.write(&Frame::new(Message::Forward(header))).await;
         if let Err(e) = sent {
-            self.pending.lock().expect("pending lock").remove(&step);
+            forget();
             return Err(NetError::Connection(format!("cannot send to stage 1 ({}): {e}", self.client(0).addr)));
         }
-        match tokio::time::timeout(STEP_TIMEOUT, rx).await {
-            Ok(Ok(Ok(result))) => {
-                if decode {
-                    let overlapped = {
-                        let live = self.live.lock().expect("live lock");
-                        let mut batches = live.values();
-                        let first = batches.next();
-                        batches.any(|m| Some(m) != first)
-                    };
-                    self.observed.lock().expect("observed lock").record(&result.stage_steps, t.elapsed().as_secs_f64(), overlapped);
-                }
-                Ok(result)
-            }
-            Ok(Ok(failed)) => failed,
+        let outcome = match tokio::time::timeout(STEP_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(NetError::Pipeline("the pipeline dropped the step".into())),
-            Err(_) => {
-                self.pending.lock().expect("pending lock").remove(&step);
-                Err(NetError::Timeout(STEP_TIMEOUT, format!("step {step} of session {session}")))
+            Err(_) => Err(NetError::Timeout(STEP_TIMEOUT, format!("step {step} of session {session}"))),
+        };
+        match outcome {
+            Ok(result) => {
+                if decode {
+                    self.observe(&result.stage_steps, t.elapsed());
+                }
+                let ring = ring.map(|results| RingRun { results, session, steps: ring_steps, pending: self.pending.clone() });
+                Ok((result, ring))
+            }
+            Err(e) => {
+                forget();
+                Err(e)
             }
         }
+    }
+
+    /// Learns from a decode step that took `wall` from its send (or, on a
+    /// ring, from the result before) to its result (`Observed`).
+    fn observe(&self, stage_steps: &[StageStep], wall: Duration) {
+        let overlapped = {
+            let live = self.live.lock().expect("live lock");
+            let mut batches = live.values();
+            let first = batches.next();
+            batches.any(|m| Some(m) != first)
+        };
+        self.observed.lock().expect("observed lock").record(stage_steps, wall.as_secs_f64(), overlapped);
+    }
+
+    /// Ends a session's ring on the first stage: the steps the last stage
+    /// feeds back from now on are dropped there (`Message::Halt`).
+    pub async fn halt(&self, session: u64) {
+        let _ = self.data.lock().await.write(&Frame::new(Message::Halt { session })).await;
     }
 
     /// Moves `blocks` blocks from stage `from` to its neighbour `to`, with
@@ -398,7 +510,7 @@ impl Pipeline {
         } else {
             ((f.start + k, f.end), (t.start, f.start + k), 0..blocks)
         };
-        let _paused = self.gate.write().await;
+        let _paused = self.pause().await;
         let started = Instant::now();
         let (cf, ct) = (self.client(from), self.client(to));
         let mut states = Vec::new();
@@ -453,11 +565,7 @@ impl Pipeline {
             return Err(e);
         }
         let wire = *self.wire.lock().expect("wire lock");
-        let stages = self.clients();
-        for i in (0..stages.len()).rev() {
-            let next = stages.get(i + 1).map(|s| s.addr.clone());
-            stages[i].request(Frame::new(Message::Link { next, wire }), Duration::from_secs(15)).await?;
-        }
+        self.link(wire).await?;
         let paused = started.elapsed();
         tracing::info!(from = from + 1, to = to + 1, blocks, ?paused, "blocks moved between stages");
         Ok(paused)
@@ -489,6 +597,14 @@ impl Pipeline {
         self.request(i, Frame::new(Message::Ping { nonce: 1 }), Duration::from_secs(5)).await?;
         Ok(t.elapsed())
     }
+}
+
+/// The Link request for stage `i` of a chain: its next stage, and on the
+/// last, with `ring`, where rings go back in.
+fn link_frame(stages: &[Arc<NodeClient>], i: usize, wire: WireDType, ring: bool) -> Frame {
+    let next = stages.get(i + 1).map(|s| s.addr.clone());
+    let ring = (ring && i + 1 == stages.len()).then(|| if i == 0 { RingLink::Itself } else { RingLink::First(stages[0].addr.clone()) });
+    Frame::new(Message::Link { next, wire, ring })
 }
 
 /// How many alternatives a step's sample request asks for.
@@ -531,6 +647,13 @@ fn core_groups(stages: &[(String, Capabilities)]) -> Vec<usize> {
 /// The pipeline as a synchronous [`Engine`] for the generation loop. Steps
 /// block on the runtime through `handle`, so the loop runs on a plain or a
 /// blocking thread; many engines may share one pipeline.
+///
+/// A decode step the loop will follow with more (`SampleSpec::ahead`)
+/// begins a ring: the last stage feeds each sampled token back to the first
+/// itself, and the loop's next steps, when they ask for exactly what the
+/// ring feeds, read its results as they come. A step that asks for
+/// anything else (a stop string ended the text, a replacement waits) leaves
+/// the ring: it rewinds the stages to the positions the loop has read.
 pub struct PipelineEngine {
     handle: tokio::runtime::Handle,
     pipeline: Arc<Pipeline>,
@@ -539,29 +662,135 @@ pub struct PipelineEngine {
     opening: HashMap<u64, u32>,
     /// Rewinds to send with a session's next step.
     rewinding: HashMap<u64, u32>,
+    /// Positions of each session the loop has had computed.
+    positions: HashMap<u64, u32>,
+    rings: HashMap<u64, Riding>,
+}
+
+/// A session's running ring, and the step it feeds back next.
+struct Riding {
+    run: RingRun,
+    next: u64,
+    token: u32,
+    sample: SampleRequest,
+    stop: Vec<u32>,
+    /// When the result before arrived: a ring step's time runs from there.
+    since: Instant,
 }
 
 impl PipelineEngine {
     /// An engine over a shared pipeline, for one request on a blocking thread.
     pub fn shared(handle: tokio::runtime::Handle, pipeline: Arc<Pipeline>, context_length: usize) -> Self {
-        Self { handle, pipeline, context_length, opening: HashMap::new(), rewinding: HashMap::new() }
+        Self {
+            handle,
+            pipeline,
+            context_length,
+            opening: HashMap::new(),
+            rewinding: HashMap::new(),
+            positions: HashMap::new(),
+            rings: HashMap::new(),
+        }
     }
 
     pub fn pipeline(&self) -> &Pipeline {
         &self.pipeline
     }
+
+    /// The ring's next result, when the step asked for is the one the ring
+    /// feeds back; `None` when it is not (or there is no ring).
+    fn ride(
+        &mut self,
+        session: u64,
+        tokens: &[u32],
+        sample: &Option<SampleRequest>,
+        want_logits: bool,
+    ) -> crate::Result<Option<StepOutput>> {
+        let Some(ride) = self.rings.get_mut(&session) else { return Ok(None) };
+        if want_logits || tokens != [ride.token] || sample.as_ref() != Some(&ride.sample) || !self.pipeline.rings() {
+            return Ok(None);
+        }
+        let got = self.handle.block_on(ride.run.next()).and_then(|got| match got {
+            Some((_, r)) if r.step != ride.next => {
+                Err(NetError::Pipeline(format!("a ring sent step {} where {} was due", r.step, ride.next)))
+            }
+            got => Ok(got),
+        });
+        let (at, result) = match got {
+            Ok(Some(got)) => got,
+            // Halted: the step goes from the head.
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                self.rings.remove(&session);
+                return Err(e.into());
+            }
+        };
+        let wall = at.saturating_duration_since(ride.since);
+        ride.since = at;
+        self.pipeline.observe(&result.stage_steps, wall);
+        self.pipeline.ring_steps.fetch_add(1, Ordering::Relaxed);
+        *self.positions.entry(session).or_default() += 1;
+        // Whether the last stage fed the token back, by the same rule it applies.
+        let goes_on = result.token.filter(|t| result.step + 1 < ride.run.steps.end && !ride.stop.contains(t));
+        match goes_on {
+            Some(token) => {
+                ride.next += 1;
+                ride.sample = ride.sample.after(token);
+                ride.token = token;
+            }
+            None => {
+                self.rings.remove(&session);
+            }
+        }
+        // Stage N → stage 1, … → stage N; none when the one stage feeds itself.
+        let hops = match self.pipeline.n_stages() {
+            1 => 0,
+            n => n as u32,
+        };
+        Ok(Some(step_output(result, wall, hops, spec_logprobs(sample))))
+    }
+
+    /// Leaves a session's ring, if it has one: its steps fed back from now
+    /// on are dropped, and those it ran ahead are rewound with the next step.
+    fn leave_ring(&mut self, session: u64) {
+        if self.rings.remove(&session).is_some() {
+            let at = self.positions.get(&session).copied().unwrap_or(0);
+            self.rewinding.entry(session).or_insert(at);
+        }
+    }
+}
+
+/// What a step's result tells the loop: `wall` from its send (or, on a
+/// ring, from the result before) to its result, over `hops` hops.
+fn step_output(r: StepResult, wall: Duration, hops: u32, asked: usize) -> StepOutput {
+    let stage_times: Vec<Duration> = r.stage_steps.iter().map(|s| Duration::from_nanos(s.nanos)).collect();
+    let compute: Duration = stage_times.iter().sum();
+    // A stage reports no more alternatives than were asked for.
+    let logprobs = r.logprobs.map(|mut l| {
+        l.top.truncate(asked);
+        l
+    });
+    StepOutput {
+        token: r.token,
+        logprobs,
+        logits: r.logits,
+        stage_times,
+        // A ring on one stage has no hop at all.
+        hop_latency: (hops > 0).then(|| wall.saturating_sub(compute) / hops),
+        hop_bytes: r.hop_bytes,
+        f16_fallbacks: r.f16_fallbacks,
+    }
 }
 
 impl Engine for PipelineEngine {
     fn open(&mut self, session: u64, capacity: usize) -> crate::Result<()> {
+        self.rings.remove(&session);
+        self.rewinding.remove(&session);
         self.opening.insert(session, capacity as u32);
         Ok(())
     }
 
     fn step(&mut self, session: u64, tokens: &[u32], spec: Option<SampleSpec<'_>>, want_logits: bool) -> crate::Result<StepOutput> {
-        let open = self.opening.remove(&session);
-        let truncate = self.rewinding.remove(&session);
-        let sample = spec.map(|s| {
+        let sample = spec.as_ref().map(|s| {
             let recent = if s.params.repeat_penalty != 1.0 {
                 s.history[s.history.len().saturating_sub(s.params.repeat_last_n)..].to_vec()
             } else {
@@ -570,28 +799,48 @@ impl Engine for PipelineEngine {
             let logprobs = s.logprobs.map(|n| n.min(crate::model::sampling::MAX_TOP_LOGPROBS) as u8);
             SampleRequest { params: s.params.clone(), recent, draw: s.step, logprobs, allowed: s.allowed.map(<[u32]>::to_vec) }
         });
-        let asked = spec_logprobs(&sample);
-        let t = Instant::now();
-        let r = self.handle.block_on(self.pipeline.send_step(session, tokens, open, truncate, sample, want_logits, None))?;
-        let wall = t.elapsed();
-        let stage_times: Vec<Duration> = r.stage_steps.iter().map(|s| Duration::from_nanos(s.nanos)).collect();
-        let compute: Duration = stage_times.iter().sum();
-        // Hops: head → stage 1 → … → stage N → head.
-        let hops = stage_times.len() as u32 + 1;
-        // A stage reports no more alternatives than were asked for.
-        let logprobs = r.logprobs.map(|mut l| {
-            l.top.truncate(asked);
-            l
+        if let Some(out) = self.ride(session, tokens, &sample, want_logits)? {
+            return Ok(out);
+        }
+        self.leave_ring(session);
+        let open = self.opening.remove(&session);
+        let truncate = self.rewinding.remove(&session);
+        // A ring when the loop will take more steps than this one, each
+        // asking only for the token sampled before.
+        let ring = spec.as_ref().filter(|s| s.ahead > 0 && s.allowed.is_none() && !want_logits && self.pipeline.rings()).map(|s| Ring {
+            id: 0,
+            left: s.ahead.min(u32::MAX as usize) as u32,
+            stop: s.stop.to_vec(),
         });
-        Ok(StepOutput {
-            token: r.token,
-            logprobs,
-            logits: r.logits,
-            stage_times,
-            hop_latency: Some(wall.saturating_sub(compute) / hops),
-            hop_bytes: r.hop_bytes,
-            f16_fallbacks: r.f16_fallbacks,
-        })
+        let header = ForwardHeader {
+            open,
+            truncate,
+            sample: sample.clone(),
+            want_logits,
+            ring: ring.clone(),
+            ..ForwardHeader::new(session, 0, ForwardInput::Tokens(tokens.to_vec()))
+        };
+        let t = Instant::now();
+        let (r, run) = self.handle.block_on(self.pipeline.send_step(header))?;
+        let wall = t.elapsed();
+        let position = self.positions.entry(session).or_default();
+        if open.is_some() {
+            *position = 0;
+        }
+        if let Some(keep) = truncate {
+            *position = keep;
+        }
+        *position += tokens.len() as u32;
+        if let (Some(run), Some(ring), Some(sample), Some(token)) = (run, ring, &sample, r.token) {
+            if ring.left > 0 && !ring.stop.contains(&token) {
+                let next = run.steps.start;
+                let sample = sample.after(token);
+                self.rings.insert(session, Riding { run, next, token, sample, stop: ring.stop, since: Instant::now() });
+            }
+        }
+        // Hops: head → stage 1 → … → stage N → head.
+        let hops = self.pipeline.n_stages() as u32 + 1;
+        Ok(step_output(r, wall, hops, spec_logprobs(&sample)))
     }
 
     fn pool(&mut self, session: u64, tokens: &[u32], pooling: Pooling) -> crate::Result<Vec<f32>> {
@@ -601,13 +850,23 @@ impl Engine for PipelineEngine {
     }
 
     fn rewind(&mut self, session: u64, keep: usize) -> crate::Result<()> {
+        self.rings.remove(&session);
         self.rewinding.insert(session, keep as u32);
         Ok(())
     }
 
+    fn settle(&mut self, session: u64) {
+        if self.rings.contains_key(&session) {
+            self.leave_ring(session);
+            self.handle.block_on(self.pipeline.halt(session));
+        }
+    }
+
     fn close(&mut self, session: u64) {
+        self.rings.remove(&session);
         self.opening.remove(&session);
         self.rewinding.remove(&session);
+        self.positions.remove(&session);
         self.handle.block_on(self.pipeline.close(session));
     }
 

@@ -257,6 +257,11 @@ impl Tokenizer {
         self.eos.contains(&id)
     }
 
+    /// The tokens that end a generation.
+    pub fn eos(&self) -> &[u32] {
+        &self.eos
+    }
+
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos
     }

@@ -13,7 +13,7 @@
 use super::message::{split_joined, Message, StepResult};
 use super::NetError;
 
-pub const PROTOCOL_VERSION: u8 = 9;
+pub const PROTOCOL_VERSION: u8 = 10;
 pub const PREFIX_LEN: usize = 10;
 /// Control headers are small; anything larger is an attack or a bug.
 pub const MAX_HEADER: usize = 1 << 20;

@@ -50,10 +50,12 @@ pub enum Message {
     Load(LoadRequest),
     Loaded(LoadedSlice),
     Unload,
-    /// Connect to the next stage (None: this is the last stage).
+    /// Connect to the next stage (None: this is the last stage), and, on
+    /// the last stage, to where a ring's sampled tokens go back in.
     Link {
         next: Option<String>,
         wire: WireDType,
+        ring: Option<RingLink>,
     },
     ExportKv {
         session: u64,
@@ -102,6 +104,13 @@ pub enum Message {
     Close {
         session: u64,
     },
+    /// Stop a session's ring: the first stage takes no more of the steps
+    /// the last stage feeds back to it (the session stays open). It travels
+    /// the chain behind the ring's steps, and the last stage answers it with
+    /// `Halted`: by then no step of the ring is left in flight.
+    Halt {
+        session: u64,
+    },
 
     // Events, to the head.
     Result(StepResult),
@@ -113,6 +122,10 @@ pub enum Message {
     /// [`split_results`]: super::frame::split_results
     Results(Vec<StepResult>),
     Error(RemoteError),
+    /// The last stage's answer to a `Halt`.
+    Halted {
+        session: u64,
+    },
 }
 
 impl Message {
@@ -141,9 +154,11 @@ impl Message {
             Message::Forward(_) => "Forward",
             Message::Forwards(_) => "Forwards",
             Message::Close { .. } => "Close",
+            Message::Halt { .. } => "Halt",
             Message::Result(_) => "Result",
             Message::Results(_) => "Results",
             Message::Error(_) => "Error",
+            Message::Halted { .. } => "Halted",
         }
     }
 }
@@ -215,6 +230,69 @@ pub struct SampleRequest {
     pub allowed: Option<Vec<u32>>,
 }
 
+impl SampleRequest {
+    /// The request for the step after this one sampled `token`: one more
+    /// draw, and `token` among the recent ones when a penalty reads them.
+    pub fn after(&self, token: u32) -> SampleRequest {
+        let mut recent = self.recent.clone();
+        if self.params.repeat_penalty != 1.0 {
+            recent.push(token);
+            let over = recent.len().saturating_sub(self.params.repeat_last_n);
+            recent.drain(..over);
+        }
+        SampleRequest { recent, draw: self.draw + 1, ..self.clone() }
+    }
+}
+
+/// Where the last stage feeds a ring's sampled tokens back in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RingLink {
+    /// The first stage, at this address.
+    First(String),
+    /// This stage: the chain has one stage.
+    Itself,
+}
+
+/// A ring: the last stage feeds each token it samples straight back to the
+/// first stage as the session's next step, instead of the head doing so a
+/// hop later, while the head reads the results as they come. Decode then
+/// crosses one hop fewer per token, and the head's own wake-ups leave the
+/// token's path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ring {
+    /// The id of the head's step that began the ring; the steps fed back
+    /// take the ids after it, one each.
+    pub id: u64,
+    /// Steps the ring may still feed back after this one.
+    pub left: u32,
+    /// Tokens after which nothing is fed back (the end-of-sequence ones).
+    pub stop: Vec<u32>,
+}
+
+impl Ring {
+    /// Whether `token`, sampled by the step `h`, goes round again: the
+    /// head's rule for what it waits for, and the last stage's for what it
+    /// sends. A grammar's mask is the head's to compute, so a constrained
+    /// step never goes round.
+    pub fn goes_on(&self, h: &ForwardHeader, token: u32) -> bool {
+        self.left > 0 && !self.stop.contains(&token) && h.sample.as_ref().is_some_and(|s| s.allowed.is_none())
+    }
+
+    /// The step the last stage feeds back after `h` sampled `token`.
+    pub fn next_step(&self, h: &ForwardHeader, token: u32) -> Option<ForwardHeader> {
+        if !self.goes_on(h, token) {
+            return None;
+        }
+        let sample = h.sample.as_ref().map(|s| s.after(token));
+        Some(ForwardHeader {
+            sample,
+            micro_batch: h.micro_batch,
+            ring: Some(Ring { id: self.id, left: self.left - 1, stop: self.stop.clone() }),
+            ..ForwardHeader::new(h.session, h.step + 1, ForwardInput::Tokens(vec![token]))
+        })
+    }
+}
+
 /// What one stage did for a step: the batch the step was computed in took
 /// `nanos` for `rows` positions (all its sessions' together). The head
 /// learns each stage's cost per batch size from these (`netmodel::Observed`).
@@ -251,6 +329,9 @@ pub struct ForwardHeader {
     /// batches one micro-batch's steps at a time, so the micro-batches can
     /// be at different stages at once (the head assigns them).
     pub micro_batch: u8,
+    /// The ring the step is part of: from the head, it begins one; from
+    /// the last stage (`step` past the ring's id), it was fed back.
+    pub ring: Option<Ring>,
 }
 
 impl ForwardHeader {
@@ -270,7 +351,13 @@ impl ForwardHeader {
             f16_fallbacks: 0,
             hop_bytes: Vec::new(),
             micro_batch: 0,
+            ring: None,
         }
+    }
+
+    /// Whether the last stage fed this step back (a ring's, not the head's).
+    pub fn fed_back(&self) -> bool {
+        self.ring.as_ref().is_some_and(|r| r.id != self.step)
     }
 
     /// The payload bytes its input needs: none for token ids.
@@ -446,6 +533,47 @@ mod tests {
         let frame = forwards_frame(vec![step(9, 2)]);
         assert!(matches!(frame.message, Message::Forward(ref h) if h.session == 9));
         assert_eq!(frame.payload.len(), 4);
+    }
+
+    #[test]
+    fn a_ring_feeds_back_what_the_head_would_ask_for_and_stops_where_it_would() {
+        let params = SamplingParams { temperature: 0.8, repeat_penalty: 1.3, repeat_last_n: 3, seed: 7, ..Default::default() };
+        // The head asks with the last `repeat_last_n` tokens of the history.
+        let ask = |history: &[u32], draw: u64| SampleRequest {
+            params: params.clone(),
+            recent: history[history.len().saturating_sub(3)..].to_vec(),
+            draw,
+            logprobs: Some(2),
+            allowed: None,
+        };
+        let mut history = vec![5, 6];
+        let ring = Ring { id: 40, left: 2, stop: vec![2] };
+        let mut h = ForwardHeader {
+            sample: Some(ask(&history, 1)),
+            ring: Some(ring),
+            micro_batch: 3,
+            ..ForwardHeader::new(9, 40, ForwardInput::Tokens(vec![6]))
+        };
+        assert!(!h.fed_back(), "the head's step begins the ring");
+        for (token, step) in [(11, 41), (12, 42)] {
+            history.push(token);
+            let next = h.ring.as_ref().unwrap().next_step(&h, token).expect("the ring goes on");
+            assert!(next.fed_back());
+            assert_eq!((next.session, next.step, next.micro_batch), (9, step, 3));
+            assert_eq!(next.input, ForwardInput::Tokens(vec![token]));
+            assert_eq!(next.sample, Some(ask(&history, history.len() as u64 - 1)), "as the head would ask after {history:?}");
+            h = next;
+        }
+        assert_eq!(h.ring.as_ref().unwrap().left, 0);
+        assert!(h.ring.as_ref().unwrap().next_step(&h, 13).is_none(), "no steps left");
+        // A stop token, or a grammar's mask (the head's to compute), ends it.
+        h.ring.as_mut().unwrap().left = 5;
+        assert!(h.ring.as_ref().unwrap().next_step(&h, 2).is_none());
+        h.sample.as_mut().unwrap().allowed = Some(vec![u32::MAX]);
+        assert!(h.ring.as_ref().unwrap().next_step(&h, 13).is_none());
+        // Without a penalty the recent tokens are not sent at all.
+        let plain = SampleRequest { params: SamplingParams::default(), recent: Vec::new(), draw: 4, logprobs: None, allowed: None };
+        assert_eq!(plain.after(3), SampleRequest { draw: 5, ..plain.clone() });
     }
 
     #[test]

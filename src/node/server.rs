@@ -10,14 +10,15 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::stage::{spawn_worker, Admission, Fault, LoadedModel, Outputs, Work, NEXT_QUEUE};
+use super::stage::{spawn_worker, Admission, Fault, LoadedModel, Outputs, RingOut, Work, NEXT_QUEUE};
 use crate::model::source;
 use crate::model::{ModelFile, ModelSlice};
 use crate::net::auth::{client_handshake, server_handshake, ClusterKey};
 use crate::net::connection::{split, Control, FrameReader, FrameWriter};
 use crate::net::frame::{Frame, PROTOCOL_VERSION};
 use crate::net::message::{
-    split_forwards, Capabilities, ErrorCode, ForwardHeader, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, StreamPurpose,
+    split_forwards, Capabilities, ErrorCode, ForwardHeader, LoadRequest, LoadedSlice, Message, PeerRole, RemoteError, RingLink,
+    StreamPurpose,
 };
 use crate::net::probe::{self, LinkTiming, PEER_CONNECT_WAIT, PEER_PROBE_WAIT};
 use crate::net::tensor::WireDType;
@@ -81,8 +82,15 @@ struct Node {
     work: mpsc::Sender<Work>,
     outputs: Arc<Outputs>,
     loaded: Mutex<Option<LoadedSlice>>,
-    /// The link to the next stage, kept alive while linked.
-    next_link: tokio::sync::Mutex<Option<NextLink>>,
+    /// The links to the next stage and (on the last stage) to the first,
+    /// for a ring's steps, kept alive while linked.
+    links: tokio::sync::Mutex<Links>,
+}
+
+#[derive(Default)]
+struct Links {
+    next: Option<NextLink>,
+    ring: Option<NextLink>,
 }
 
 struct NextLink {
@@ -108,14 +116,8 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl std::future::Future<Output 
     let work = spawn_worker(outputs.clone(), open_lock(cfg.compute_lock.as_deref())?, cfg.admission)
         .map_err(|e| crate::Error::io("cannot start the stage worker", e))?;
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
-    let node = Arc::new(Node {
-        work,
-        cfg,
-        endpoint: endpoint.clone(),
-        outputs,
-        loaded: Mutex::new(None),
-        next_link: tokio::sync::Mutex::new(None),
-    });
+    let node =
+        Arc::new(Node { work, cfg, endpoint: endpoint.clone(), outputs, loaded: Mutex::new(None), links: tokio::sync::Mutex::default() });
     if let Some(group) = node.cfg.announce {
         let iface = match local.ip() {
             std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
@@ -295,8 +297,9 @@ impl Node {
                     Err(e) => return Err(self.refuse(&mut writer, "data", e).await),
                 },
                 Message::Close { session } => self.send_work(Work::Close { session }).await,
+                Message::Halt { session } => self.send_work(Work::Halt { session }).await,
                 other => {
-                    let e = NetError::Unexpected { got: other.kind(), expected: "Forward, Forwards or Close" };
+                    let e = NetError::Unexpected { got: other.kind(), expected: "Forward, Forwards, Close or Halt" };
                     writer.write(&error_frame(&self.outputs.node, ErrorCode::Malformed, e.to_string())).await?;
                     Ok(())
                 }
@@ -371,8 +374,8 @@ impl Node {
                 *self.loaded.lock().expect("loaded lock") = None;
                 Frame::new(Message::Ok)
             }
-            Message::Link { next, wire } => {
-                self.link(next, wire).await?;
+            Message::Link { next, wire, ring } => {
+                self.link(next, wire, ring).await?;
                 Frame::new(Message::Ok)
             }
             Message::ExportKv { session, dtype } => {
@@ -489,41 +492,61 @@ impl Node {
         timing.map_err(failed)
     }
 
-    /// Connects to the next stage and routes this stage's output there.
-    async fn link(&self, next: Option<String>, wire: WireDType) -> Result<(), Fault> {
+    /// Connects to the next stage and routes this stage's output there; on
+    /// the last stage, also to where a ring's steps go back in (`ring`).
+    async fn link(&self, next: Option<String>, wire: WireDType, ring: Option<RingLink>) -> Result<(), Fault> {
         *self.outputs.wire.lock().expect("wire lock") = wire;
-        let mut link = self.next_link.lock().await;
-        if let Some(old) = link.take() {
+        let mut links = self.links.lock().await;
+        for old in [links.next.take(), links.ring.take()].into_iter().flatten() {
             old.conn.close(0u32.into(), b"relinked");
         }
         *self.outputs.next.lock().expect("next lock") = None;
-        let Some(next) = next else { return Ok(()) };
-        let unreachable = |e: NetError| Fault::new(ErrorCode::Failed, format!("cannot reach the next stage {next}: {e}"));
-        let (conn, reader, writer) = self.connect_peer(&next).await.map_err(unreachable)?;
+        *self.outputs.ring.lock().expect("ring lock") = None;
+        if let Some(next) = next {
+            let (link, tx) = self.open_link(&next, "the next stage").await?;
+            *self.outputs.next.lock().expect("next lock") = Some(tx);
+            links.next = Some(link);
+        }
+        let ring = match ring {
+            None => None,
+            Some(RingLink::Itself) => Some(RingOut::Itself),
+            Some(RingLink::First(first)) => {
+                let (link, tx) = self.open_link(&first, "the first stage").await?;
+                links.ring = Some(link);
+                Some(RingOut::Link(tx))
+            }
+        };
+        *self.outputs.ring.lock().expect("ring lock") = ring;
+        Ok(())
+    }
+
+    /// A data stream to the node at `addr` (`what` it is, for errors), fed
+    /// by the returned queue; a write that fails is reported to the heads.
+    async fn open_link(&self, addr: &str, what: &str) -> Result<(NextLink, mpsc::Sender<Frame>), Fault> {
+        let unreachable = |e: NetError| Fault::new(ErrorCode::Failed, format!("cannot reach {what} {addr}: {e}"));
+        let (conn, reader, writer) = self.connect_peer(addr).await.map_err(unreachable)?;
         let (mut back, mut data) = split(conn.open_bi().await.map_err(|e| unreachable(e.into()))?);
         data.write(&Frame::new(Message::Attach { purpose: StreamPurpose::Data })).await.map_err(unreachable)?;
         let (tx, mut rx) = mpsc::channel::<Frame>(NEXT_QUEUE);
         let outputs = self.outputs.clone();
-        let next_name = next.clone();
+        let lost = format!("lost the link to {what} {addr}");
         tokio::spawn(async move {
             while let Some(frame) = rx.recv().await {
                 if let Err(e) = data.write(&frame).await {
-                    outputs.error(None, None, Fault::new(ErrorCode::Failed, format!("lost the link to the next stage {next_name}: {e}")));
+                    outputs.error(None, None, Fault::new(ErrorCode::Failed, format!("{lost}: {e}")));
                     break;
                 }
             }
         });
         let outputs = self.outputs.clone();
         tokio::spawn(async move {
-            // The next stage answers on this stream only to refuse a frame.
+            // The peer answers on this stream only to refuse a frame.
             while let Ok(Some(frame)) = back.read().await {
                 if let Message::Error(e) = frame.message {
                     outputs.to_heads(Frame::new(Message::Error(e)));
                 }
             }
         });
-        *self.outputs.next.lock().expect("next lock") = Some(tx);
-        *link = Some(NextLink { conn, _control: (reader, writer) });
-        Ok(())
+        Ok((NextLink { conn, _control: (reader, writer) }, tx))
     }
 }

@@ -117,6 +117,9 @@ fn net_fault(e: &NetError) -> Fault {
     Fault::new(code, e.to_string())
 }
 
+// Forward steps are nearly all the queue holds: boxing them would allocate
+// per step for the sake of the rare other kinds.
+#[allow(clippy::large_enum_variant)]
 pub enum Work {
     Forward {
         header: ForwardHeader,
@@ -125,6 +128,10 @@ pub enum Work {
         arrived: Instant,
     },
     Close {
+        session: u64,
+    },
+    /// Take no more of the session's fed-back steps (`Message::Halt`).
+    Halt {
         session: u64,
     },
     /// Replace the loaded slice (None unloads) and the KV memory sessions
@@ -154,6 +161,8 @@ pub struct Outputs {
     pub node: String,
     /// Frames for the next stage's data stream (set by Link).
     pub next: Mutex<Option<mpsc::Sender<Frame>>>,
+    /// Where a ring's steps go back in (set by Link, on the last stage).
+    pub ring: Mutex<Option<RingOut>>,
     /// Event streams of connected heads: results and errors go to all of them;
     /// session ids are random, each head keeps its own.
     pub heads: Mutex<Vec<mpsc::Sender<Frame>>>,
@@ -175,6 +184,7 @@ impl Outputs {
         Self {
             node,
             next: Mutex::new(None),
+            ring: Mutex::new(None),
             heads: Mutex::new(Vec::new()),
             wire: Mutex::new(WireDType::F16),
             sessions: AtomicU32::new(0),
@@ -222,21 +232,32 @@ impl Outputs {
     }
 }
 
+/// Where the last stage sends the steps a ring feeds back.
+pub enum RingOut {
+    /// The first stage's data stream.
+    Link(mpsc::Sender<Frame>),
+    /// This worker's own queue: the chain has one stage.
+    Itself,
+}
+
 pub fn spawn_worker(
     outputs: Arc<Outputs>,
     compute_lock: Option<std::fs::File>,
     admission: Admission,
 ) -> std::io::Result<mpsc::Sender<Work>> {
     let (tx, rx) = mpsc::channel(WORK_QUEUE);
-    std::thread::Builder::new()
-        .name("sollol-stage".into())
-        .spawn(move || Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock, admission }.run(rx))?;
+    std::thread::Builder::new().name("sollol-stage".into()).spawn(move || {
+        Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock, admission, looped: Vec::new() }.run(rx)
+    })?;
     Ok(tx)
 }
 
 struct Session {
     cache: KvCache,
     used: Instant,
+    /// On the first stage: the ring whose fed-back steps it takes (the one
+    /// the head's latest step began), if any.
+    ring: Option<u64>,
 }
 
 struct Worker {
@@ -245,6 +266,8 @@ struct Worker {
     out: Arc<Outputs>,
     compute_lock: Option<std::fs::File>,
     admission: Admission,
+    /// Steps a ring fed back to this same stage (a chain of one), for the queue.
+    looped: Vec<ForwardHeader>,
 }
 
 /// Marks the worker stopped however its thread ends.
@@ -374,6 +397,10 @@ impl Worker {
                         self.fail(session, step, Fault::new(ErrorCode::Internal, message.clone()));
                     }
                 }
+                let arrived = Instant::now();
+                for header in self.looped.drain(..) {
+                    enqueue(&mut arrivals, &mut queue, Work::Forward { header, payload: Vec::new(), arrived });
+                }
             } else if let Some(work) = queue.pop_front() {
                 // A panicking request drops its reply channel: the control
                 // stream answers with an error.
@@ -432,6 +459,18 @@ impl Worker {
                 // Later stages hold the session too; pass the close on (the last stage has no next).
                 let _ = self.out.to_next(Frame::new(Message::Close { session }));
             }
+            Work::Halt { session } => {
+                let first = self.model.as_ref().is_some_and(|m| m.slice.is_first());
+                if let Some(s) = self.sessions.get_mut(&session).filter(|_| first) {
+                    s.ring = None;
+                }
+                // Behind the ring's steps down the chain, then back to the heads.
+                if self.model.as_ref().is_some_and(|m| m.slice.is_last()) {
+                    self.out.to_heads(Frame::new(Message::Halted { session }));
+                } else {
+                    let _ = self.out.to_next(Frame::new(Message::Halt { session }));
+                }
+            }
             Work::Install { model, kv_bytes, done } => {
                 self.sessions.clear();
                 self.model = model;
@@ -460,6 +499,12 @@ impl Worker {
         let mut ready = Vec::with_capacity(batch.len());
         let last = self.model.as_ref().is_some_and(|m| m.slice.is_last());
         for (h, payload) in batch {
+            if h.fed_back() && !self.takes_fed_back(&h) {
+                // A ring the head has left (its next step, a halt, a close)
+                // or a session gone: nobody waits for this step.
+                tracing::debug!(session = h.session, step = h.step, "dropped a step of a ring that ended");
+                continue;
+            }
             match self.prepare(&h, &payload) {
                 // An embedding step ends here, pooled, on its own.
                 Ok(input) if last && h.pool.is_some() => {
@@ -484,8 +529,51 @@ impl Worker {
         let onward: Vec<_> =
             ready.into_iter().zip(results).filter_map(|((h, _), result)| self.emit(h, result, batch, &mut sampled)).collect();
         self.send_on(onward);
-        for frame in results_frames(sampled) {
+        // The ring's next steps first: they are on the tokens' path, the
+        // results only on the head's.
+        let fed: Vec<ForwardHeader> = sampled.iter_mut().filter_map(|(_, next)| next.take()).collect();
+        self.feed_back(fed);
+        for frame in results_frames(sampled.into_iter().map(|(r, _)| r).collect()) {
             self.out.to_heads(frame);
+        }
+    }
+
+    /// Whether a stage takes a step a ring fed back: not for a session it
+    /// no longer holds (closed, or moving with a stage replacement: nobody
+    /// waits for the step, and failing it would close the session), and
+    /// on the first stage only while that ring is the one the head's latest
+    /// step began.
+    fn takes_fed_back(&self, h: &ForwardHeader) -> bool {
+        let first = self.model.as_ref().is_some_and(|m| m.slice.is_first());
+        self.sessions.get(&h.session).is_some_and(|s| !first || (s.ring.is_some() && s.ring == h.ring.as_ref().map(|r| r.id)))
+    }
+
+    /// Sends the steps a ring feeds back to the first stage, in one frame;
+    /// if there is no way there, each fails (its session's head hears).
+    fn feed_back(&mut self, fed: Vec<ForwardHeader>) {
+        if fed.is_empty() {
+            return;
+        }
+        let ring = self.out.ring.lock().expect("ring lock").as_ref().map(|r| match r {
+            RingOut::Link(tx) => Some(tx.clone()),
+            RingOut::Itself => None,
+        });
+        let sent = match ring {
+            Some(None) => {
+                self.looped.extend(fed);
+                return;
+            }
+            Some(Some(tx)) => {
+                let ids: Vec<(u64, u64)> = fed.iter().map(|h| (h.session, h.step)).collect();
+                let frame = forwards_frame(fed.into_iter().map(|h| (h, Vec::new())).collect());
+                tx.blocking_send(frame).map_err(|_| (ids, "the link to the first stage is down"))
+            }
+            None => Err((fed.iter().map(|h| (h.session, h.step)).collect(), "no first stage is linked to this one for a ring")),
+        };
+        if let Err((ids, why)) = sent {
+            for (session, step) in ids {
+                self.fail(session, step, Fault::new(ErrorCode::Failed, why));
+            }
         }
     }
 
@@ -550,12 +638,17 @@ impl Worker {
         self.admit(h.session, h.open, input.rows(), slice)?;
         if let Some(capacity) = h.open {
             let cache = slice.new_cache(capacity as usize)?;
-            self.sessions.insert(h.session, Session { cache, used: Instant::now() });
+            self.sessions.insert(h.session, Session { cache, used: Instant::now(), ring: None });
         }
         let session = self.sessions.get_mut(&h.session).ok_or_else(|| {
             Fault::new(ErrorCode::UnknownSession, format!("unknown session {} (expired, closed, or opened on another node)", h.session))
         })?;
         session.used = Instant::now();
+        if !h.fed_back() {
+            // The head's own step: the ring it begins, if any, is the only
+            // one whose steps this session takes from now on.
+            session.ring = h.ring.as_ref().map(|r| r.id);
+        }
         if let Some(keep) = h.truncate {
             session.cache.truncate(keep as usize);
         }
@@ -639,15 +732,15 @@ impl Worker {
     }
 
     /// A step's output: hidden states for the next stage (returned) or a
-    /// sampled token for the heads (added to `sampled`), each to go with the
-    /// batch's others in one frame; an error closes the session down the
-    /// chain.
+    /// sampled token for the heads (added to `sampled`, with the step its
+    /// ring feeds back, if any), each to go with the batch's others in one
+    /// frame; an error closes the session down the chain.
     fn emit(
         &mut self,
         mut h: ForwardHeader,
         result: Result<SliceOutput, Fault>,
         batch: StageStep,
-        sampled: &mut Vec<StepResult>,
+        sampled: &mut Vec<(StepResult, Option<ForwardHeader>)>,
     ) -> Option<(ForwardHeader, Vec<u8>)> {
         h.stage_steps.push(batch);
         let fault = match result {
@@ -668,7 +761,8 @@ impl Worker {
                     .sample
                     .as_ref()
                     .map(|s| sample_constrained(&logits, &s.params, &s.recent, s.draw, s.logprobs.map(usize::from), s.allowed.as_deref()));
-                sampled.push(StepResult {
+                let next = h.ring.as_ref().zip(token.as_ref()).and_then(|(ring, t)| ring.next_step(&h, t.0));
+                let result = StepResult {
                     session: h.session,
                     step: h.step,
                     token: token.as_ref().map(|s| s.0),
@@ -679,7 +773,8 @@ impl Worker {
                     stage_steps: h.stage_steps,
                     f16_fallbacks: h.f16_fallbacks,
                     hop_bytes: h.hop_bytes,
-                });
+                };
+                sampled.push((result, next));
                 return None;
             }
             Err(fault) => fault,
@@ -735,7 +830,7 @@ impl Worker {
         self.admit(h.session, Some(h.capacity), state.len, &model.slice)?;
         let mut cache = model.slice.new_cache(h.capacity as usize)?;
         cache.import(&state)?;
-        self.sessions.insert(h.session, Session { cache, used: Instant::now() });
+        self.sessions.insert(h.session, Session { cache, used: Instant::now(), ring: None });
         Ok(())
     }
 }
