@@ -41,7 +41,9 @@ fn drain(stage: usize, at: usize) {
     let digest = file.digest().unwrap();
     let context = file.config().unwrap().context_length;
 
-    let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::spawn(Some(KEY), &[])).collect();
+    // Cores of their own, as the head sees it: decode goes round a ring,
+    // which the drain halts.
+    let nodes: Vec<NodeProc> = (0..3).map(|i| NodeProc::spawn(Some(KEY), &["--compute-id", &format!("drain {i}")])).collect();
     let key = ClusterKey::new(Some(KEY));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let chain = [nodes[0].addr.clone(), nodes[1].addr.clone()];
@@ -68,6 +70,7 @@ fn drain(stage: usize, at: usize) {
     })
     .unwrap();
     let replaced = moved.into_inner().unwrap().expect("the drain ran");
+    assert!(pipeline.ring_steps() > 32, "decode went round a ring before and after the drain");
     let old_positions = positions(&rt, &old);
     eprintln!("stage {stage} drained at piece {at}: {replaced:?}");
     assert_eq!(result.tokens, reference.tokens, "tokens differ after the drain");
@@ -189,8 +192,9 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     let digest = file.digest().unwrap();
     let context = file.config().unwrap().context_length;
 
-    let slow = NodeProc::spawn_with("127.0.0.1:0", 1, Some(KEY), &[]);
-    let fast = NodeProc::spawn_with("127.0.0.1:0", 2, Some(KEY), &[]);
+    // Cores of their own, as the head sees it: the move halts a ring.
+    let slow = NodeProc::spawn_with("127.0.0.1:0", 1, Some(KEY), &["--compute-id", "slow"]);
+    let fast = NodeProc::spawn_with("127.0.0.1:0", 2, Some(KEY), &["--compute-id", "fast"]);
     let key = ClusterKey::new(Some(KEY));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let pipeline = rt.block_on(async {
@@ -219,6 +223,7 @@ fn rebalancing_moves_blocks_off_a_slow_stage_mid_generation() {
     })
     .unwrap();
     assert_eq!(second.tokens, reference.tokens, "tokens differ after the move");
+    assert!(pipeline.ring_steps() > 100, "decode went round a ring through both generations");
     let after: Vec<u64> = clients.iter().map(|c| positions(&rt, c)).collect();
     let expected = second.fed.len() as u64;
     for (i, (a, b)) in after.iter().zip(&before).enumerate() {

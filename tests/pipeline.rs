@@ -456,7 +456,9 @@ fn a_prompt_is_prefilled_in_shorter_steps_while_others_decode() {
 }
 
 /// Decode steps that feed the token sampled before go round as a ring: the
-/// last stage feeds each token back to the first itself. Through the
+/// last stage feeds each token back to the first itself. (On loopback with
+/// every stage on the head's own cores the head takes each step itself, as
+/// the other tests here run.) Through the
 /// generation loop, a ring gives the single node's tokens, and log
 /// probabilities, for greedy and seeded sampling with a repeat penalty;
 /// ends where the loop does (the token limit); and when a stop string ends
@@ -467,7 +469,9 @@ fn rings_give_the_single_nodes_tokens_and_end_where_the_loop_does() {
     use sollol::head::engine::{Engine, LocalEngine};
     use sollol::head::generation::{generate, GenerateRequest, GenerateResult, Resume};
     use sollol::head::pipeline::PipelineEngine;
-    let (a, b) = (NodeProc::spawn(Some(KEY), &[]), NodeProc::spawn(Some(KEY), &[]));
+    // Nodes on cores of their own, as far as the head can tell: rings pay
+    // there (on the head's own cores over loopback the head does not ring).
+    let (a, b) = (NodeProc::spawn(Some(KEY), &["--compute-id", "ring a"]), NodeProc::spawn(Some(KEY), &["--compute-id", "ring b"]));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let p = std::sync::Arc::new(rt.block_on(loaded_pipeline(&[&a, &b], WireDType::F32)));
     let mut file = ModelFile::open(&common::smollm2()).unwrap();

@@ -261,13 +261,18 @@ impl Pipeline {
     }
 
     /// Tells each stage where its output goes: the next stage, or nowhere
-    /// (the last), which also feeds rings back to the first. A last stage
-    /// that cannot reach the first is linked without: decode then goes
-    /// through the head, as it does with `SOLLOL_RINGS=0` (to compare).
+    /// (the last), which also feeds rings back to the first where they pay
+    /// ([`rings_pay`]; `SOLLOL_RINGS=1` always, `=0` never, to compare). A
+    /// last stage that cannot reach the first is linked without: decode
+    /// then goes through the head.
     pub async fn link(&self, wire: WireDType) -> Result<(), NetError> {
         *self.wire.lock().expect("wire lock") = wire;
         let stages = self.clients();
-        let mut ring = std::env::var("SOLLOL_RINGS").map_or(true, |v| v != "0");
+        let mut ring = match std::env::var("SOLLOL_RINGS").as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => rings_pay(&stages).await,
+        };
         for i in (0..stages.len()).rev() {
             let linked = stages[i].request(link_frame(&stages, i, wire, ring), Duration::from_secs(15)).await;
             match linked {
@@ -597,6 +602,23 @@ impl Pipeline {
         self.request(i, Frame::new(Message::Ping { nonce: 1 }), Duration::from_secs(5)).await?;
         Ok(t.elapsed())
     }
+}
+
+/// Whether rings pay on a chain: not when every stage is on this machine's
+/// loopback and computes on the head's own cores. There a hop costs a
+/// tenth of a millisecond, and the head reading each result while the
+/// stages compute the next takes those cores from them: two and three
+/// such stages decoded a few percent slower with rings (BENCHMARKS.md,
+/// "Rings"). Anywhere else a ring saves a hop per token.
+async fn rings_pay(stages: &[Arc<NodeClient>]) -> bool {
+    let head = crate::sys::compute_id("cpu");
+    for s in stages {
+        let local = resolve_addr(&s.addr).await.is_ok_and(|a| a.ip().is_loopback());
+        if !local || s.capabilities().compute != head {
+            return true;
+        }
+    }
+    false
 }
 
 /// The Link request for stage `i` of a chain: its next stage, and on the
