@@ -5,7 +5,7 @@
 # plan the prediction uses) and 8 clients served (`sollol serve` over the
 # 4 nodes, each offering 60 MB so the model needs several, + `sollol bench
 # --url`), and between them the prediction over the links as timed then
-# (head → node and node → node, `plan --explain --nodes`). Needs root (namespaces). The lab's hosts share this machine's
+# (node → node round the ring, `plan --explain --nodes`). Needs root (namespaces). The lab's hosts share this machine's
 # cores (the nodes report the same cores): the prediction counts their stages
 # taking turns (`--shared-cores`), and both it and the serving head pick the
 # micro-batch count the model predicts fastest. With CPU=0.5 each node's host

@@ -524,4 +524,11 @@ fn rings_give_the_single_nodes_tokens_and_end_where_the_loop_does() {
         ..greedy.clone()
     };
     same(&run(&mut local, 3, &next), &run(&mut chain, 3, &next), "the next turn");
+
+    // One stage feeds itself, through its own queue.
+    let c = NodeProc::spawn(Some(KEY), &["--compute-id", "ring c"]);
+    let alone = std::sync::Arc::new(rt.block_on(loaded_pipeline(&[&c], WireDType::F32)));
+    let mut engine = PipelineEngine::shared(rt.handle().clone(), alone.clone(), 2048);
+    same(&want, &run(&mut engine, 4, &greedy), "one stage");
+    assert_eq!(alone.ring_steps(), 23);
 }

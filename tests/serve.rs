@@ -113,6 +113,8 @@ fn every_endpoint_streaming_and_not() {
     assert_eq!(status["models"][0]["route"]["nodes"].as_array().unwrap().len(), 2);
     // Two local nodes share this machine's cores, one session at a time: lockstep.
     assert_eq!(status["models"][0]["replicas"][0]["micro_batches"], 1, "{status}");
+    // Local nodes on the head's own cores: the head takes each decode step itself.
+    assert_eq!(status["models"][0]["replicas"][0]["ring"], false, "{status}");
 }
 
 #[test]

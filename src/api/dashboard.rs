@@ -26,7 +26,11 @@ pub async fn status(State(svc): State<Arc<Service>>) -> Json<Value> {
                 .iter()
                 .map(|r| {
                     let (running, served) = r.load();
-                    json!({"route": r.route(), "running": running, "served": served, "micro_batches": r.pipeline().micro_batches_now()})
+                    let p = r.pipeline();
+                    json!({
+                        "route": r.route(), "running": running, "served": served, "micro_batches": p.micro_batches_now(),
+                        "ring": p.ringed(), "ring_steps": p.ring_steps(),
+                    })
                 })
                 .collect();
             json!({"model": w.name, "n_layers": w.config.n_layers, "route": w.route(), "replicas": replicas, "rebalances": w.rebalances()})

@@ -382,6 +382,12 @@ impl Pipeline {
         self.ring.load(Ordering::Acquire) && self.pausing.load(Ordering::Acquire) == 0
     }
 
+    /// Whether the last stage is linked back to the first: decode steps go
+    /// round a ring.
+    pub fn ringed(&self) -> bool {
+        self.ring.load(Ordering::Acquire)
+    }
+
     /// Ring steps read so far: decode steps that the last stage fed back
     /// to the first instead of the head sending them.
     pub fn ring_steps(&self) -> u64 {
