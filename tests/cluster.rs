@@ -180,9 +180,9 @@ fn a_restarted_node_is_healthy_again_and_used() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// `plan --explain` over registered nodes times each link of the chain:
-/// head → a and b → head from the head's side, a → b by node a (the head
-/// cannot see that link). A node asked to time its link to a node of
+/// `plan --explain` over registered nodes times each link of the chain's
+/// ring: a → b by node a and b → a by node b (the head cannot see those
+/// links). A node asked to time its link to a node of
 /// another cluster key refuses with the reason, and the refusal costs its
 /// connection nothing.
 #[test]

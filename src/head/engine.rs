@@ -44,7 +44,8 @@ pub struct StepOutput {
     /// Compute time per stage, in chain order.
     pub stage_times: Vec<Duration>,
     /// Mean one-way latency of a hop in this step (pipelines only): the step's
-    /// wall time less all compute, over the hops head → stages → head.
+    /// wall time less all compute, over its hops (head → stages → head, or
+    /// round a ring: from the result before, over the stages' hops).
     pub hop_latency: Option<Duration>,
     /// Payload bytes on each stage-to-stage hop.
     pub hop_bytes: Vec<u64>,
