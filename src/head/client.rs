@@ -32,8 +32,8 @@ pub struct Waiting {
 pub enum RingEvent {
     /// A step's outcome, and when it arrived.
     Result(Instant, Result<StepResult, NetError>),
-    /// The head stopped listening to the ring (a stage replacement
-    /// waits): what comes after is dropped.
+    /// The ring is over for a stage replacement: every result it
+    /// computed came before.
     Halted,
 }
 
@@ -112,19 +112,27 @@ impl Waiting {
         rx
     }
 
-    pub fn forget_halt(&mut self, session: u64) {
-        self.halts.remove(&session);
+    /// The sessions whose rings the head reads now.
+    pub fn rings_open(&self) -> Vec<u64> {
+        self.rings.keys().copied().collect()
     }
 
-    /// Stops listening to every ring, telling its engine; returns their sessions.
-    pub fn halt_rings(&mut self) -> Vec<u64> {
-        self.rings
-            .drain()
-            .map(|(session, ring)| {
-                let _ = ring.tx.try_send(RingEvent::Halted);
-                session
-            })
-            .collect()
+    /// Stops reading `session`'s ring, telling its engine.
+    pub fn halt_ring(&mut self, session: u64) {
+        if let Some(ring) = self.rings.remove(&session) {
+            let _ = ring.tx.try_send(RingEvent::Halted);
+        }
+    }
+
+    /// The last stage answered a `Halt` of `session`: every result of its
+    /// ring came before. If a replacement waits for the answer, the ring's
+    /// engine stops reading it now (a `Halt` of the engine's own is not
+    /// waited for, and the engine left that ring already).
+    fn halted(&mut self, session: u64) {
+        if let Some(tx) = self.halts.remove(&session) {
+            let _ = tx.send(());
+            self.halt_ring(session);
+        }
     }
 }
 
@@ -169,11 +177,7 @@ fn dispatch(pending: &Pending, frame: Frame) {
             tracing::warn!(node = %e.node, "{}", e.message);
         }
         Message::Error(e) => fail(pending, e.session, e.step, &NetError::Remote(e.clone())),
-        Message::Halted { session } => {
-            if let Some(tx) = pending.lock().expect("pending lock").halts.remove(&session) {
-                let _ = tx.send(());
-            }
-        }
+        Message::Halted { session } => pending.lock().expect("pending lock").halted(session),
         _ => {}
     }
 }

@@ -395,17 +395,18 @@ impl Pipeline {
     }
 
     /// Takes the gate exclusively, once the steps in flight are done. The
-    /// rings are halted first: their engines stop reading them and go on
-    /// with steps of their own, the first stage drops what they feed back,
-    /// and the halts are answered once no ring step is left in flight (so
-    /// every stage holds the same positions of a session: a block move
-    /// joins two stages' states). Nothing waits for an engine, which may be
-    /// the caller.
+    /// rings are halted first, and waited for: the first stage drops what
+    /// they feed back from then on, and the last answers each halt once
+    /// none of its steps is left in flight, having sent every result (so
+    /// every stage holds the positions the head read, when a block move
+    /// joins two stages' states). Their engines read those results, then
+    /// go on with steps of their own. Nothing waits for an engine, which
+    /// may be the caller.
     async fn pause(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
         self.pausing.fetch_add(1, Ordering::SeqCst);
-        let halted = self.pending.lock().expect("pending lock").halt_rings();
+        let open = self.pending.lock().expect("pending lock").rings_open();
         let mut answers = Vec::new();
-        for &session in &halted {
+        for &session in &open {
             let answer = self.pending.lock().expect("pending lock").halt(session);
             answers.push(answer);
             self.halt(session).await;
@@ -414,7 +415,7 @@ impl Pipeline {
         let _ = tokio::time::timeout(Duration::from_secs(10), join_all(answers)).await;
         {
             let mut pending = self.pending.lock().expect("pending lock");
-            halted.iter().for_each(|&s| pending.forget_halt(s));
+            open.iter().for_each(|&s| pending.halt_ring(s));
         }
         let paused = self.gate.write().await;
         self.pausing.fetch_sub(1, Ordering::SeqCst);
@@ -610,13 +611,18 @@ impl Pipeline {
     }
 }
 
-/// Whether rings pay on a chain: not when every stage is on this machine's
-/// loopback and computes on the head's own cores. There a hop costs a
-/// tenth of a millisecond, and the head reading each result while the
-/// stages compute the next takes those cores from them: two and three
+/// Whether rings pay on a chain: not when several stages are on this
+/// machine's loopback and compute on the head's own cores. There a hop
+/// costs a tenth of a millisecond, and the head reading each result while
+/// the stages compute the next takes those cores from them: two and three
 /// such stages decoded a few percent slower with rings (BENCHMARKS.md,
 /// "Rings"). Anywhere else a ring saves a hop per token.
 async fn rings_pay(stages: &[Arc<NodeClient>]) -> bool {
+    if stages.len() == 1 {
+        // No hop at all: the stage feeds itself, and sends its results at
+        // most every 10 ms in one frame, so the head wakes seldom.
+        return true;
+    }
     let head = crate::sys::compute_id("cpu");
     for s in stages {
         let local = resolve_addr(&s.addr).await.is_ok_and(|a| a.ip().is_loopback());
@@ -754,7 +760,11 @@ impl PipelineEngine {
         };
         let wall = at.saturating_duration_since(ride.since);
         ride.since = at;
-        self.pipeline.observe(&result.stage_steps, wall);
+        // Results the last stage held and sent together time no trip.
+        let compute: u64 = result.stage_steps.iter().map(|s| s.nanos).sum();
+        if wall.as_nanos() >= u128::from(compute) {
+            self.pipeline.observe(&result.stage_steps, wall);
+        }
         self.pipeline.ring_steps.fetch_add(1, Ordering::Relaxed);
         *self.positions.entry(session).or_default() += 1;
         // Whether the last stage fed the token back, by the same rule it applies.

@@ -44,6 +44,12 @@ pub const WORK_QUEUE: usize = 256;
 /// Frames waiting for the link to the next stage.
 pub const NEXT_QUEUE: usize = 64;
 
+/// How long the last stage may hold a ring's results while it has other
+/// work queued, to send them in one frame: the head then wakes once per
+/// frame instead of once per token (on a one-stage chain, whose stage feeds
+/// itself, every token), and streams tokens at least every 10 ms.
+const RESULTS_HOLD: Duration = Duration::from_millis(10);
+
 /// Events waiting for one head; a head that reads none of 1,024 is dropped
 /// (its event stream ends, and it fails its steps) rather than holding the
 /// node's memory.
@@ -247,7 +253,8 @@ pub fn spawn_worker(
 ) -> std::io::Result<mpsc::Sender<Work>> {
     let (tx, rx) = mpsc::channel(WORK_QUEUE);
     std::thread::Builder::new().name("sollol-stage".into()).spawn(move || {
-        Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock, admission, looped: Vec::new() }.run(rx)
+        let (looped, held) = (Vec::new(), Vec::new());
+        Worker { model: None, sessions: HashMap::new(), out: outputs, compute_lock, admission, looped, held, held_since: None }.run(rx)
     })?;
     Ok(tx)
 }
@@ -268,6 +275,9 @@ struct Worker {
     admission: Admission,
     /// Steps a ring fed back to this same stage (a chain of one), for the queue.
     looped: Vec<ForwardHeader>,
+    /// Results of rings that go on, held (`RESULTS_HOLD`), and since when.
+    held: Vec<StepResult>,
+    held_since: Option<Instant>,
 }
 
 /// Marks the worker stopped however its thread ends.
@@ -367,7 +377,9 @@ impl Worker {
                     Ok(work) => work,
                     Err(_) => {
                         // Nothing to do until a frame arrives, a hop away at
-                        // least: the compute threads give their cores back now.
+                        // least: the results go out, and the compute threads
+                        // give their cores back now.
+                        self.send_held();
                         crate::kernels::pool::rest();
                         match rx.blocking_recv() {
                             Some(work) => work,
@@ -382,6 +394,9 @@ impl Worker {
             while queue.len() < WORK_QUEUE {
                 let Ok(work) = rx.try_recv() else { break };
                 enqueue(&mut arrivals, &mut queue, work);
+            }
+            if self.held_since.is_some_and(|t| t.elapsed() >= RESULTS_HOLD) {
+                self.send_held();
             }
             let batch = match self.gather(&mut rx, &mut queue, &mut arrivals) {
                 Some(micro_batch) => batch::take_batch(&mut queue, micro_batch),
@@ -460,6 +475,8 @@ impl Worker {
                 let _ = self.out.to_next(Frame::new(Message::Close { session }));
             }
             Work::Halt { session } => {
+                // What the ring computed before its halt goes out before the answer.
+                self.send_held();
                 let first = self.model.as_ref().is_some_and(|m| m.slice.is_first());
                 if let Some(s) = self.sessions.get_mut(&session).filter(|_| first) {
                     s.ring = None;
@@ -531,9 +548,34 @@ impl Worker {
         self.send_on(onward);
         // The ring's next steps first: they are on the tokens' path, the
         // results only on the head's.
-        let fed: Vec<ForwardHeader> = sampled.iter_mut().filter_map(|(_, next)| next.take()).collect();
+        let mut done = Vec::new();
+        let mut fed = Vec::new();
+        for (result, next) in sampled {
+            match next {
+                // Its ring goes on: the result may wait for others.
+                Some(next) => {
+                    fed.push(next);
+                    self.held.push(result);
+                }
+                None => done.push(result),
+            }
+        }
         self.feed_back(fed);
-        for frame in results_frames(sampled.into_iter().map(|(r, _)| r).collect()) {
+        if !done.is_empty() {
+            self.held.extend(done);
+            self.send_held();
+        } else if !self.held.is_empty() {
+            self.held_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Sends the held results to the heads, in as few frames as fit.
+    fn send_held(&mut self) {
+        self.held_since = None;
+        if self.held.is_empty() {
+            return;
+        }
+        for frame in results_frames(std::mem::take(&mut self.held)) {
             self.out.to_heads(frame);
         }
     }
@@ -800,6 +842,8 @@ impl Worker {
     /// Fails a step: its session is dropped here and down the chain, and
     /// the heads hear why.
     fn fail(&mut self, session: u64, step: u64, fault: Fault) {
+        // Results held before it go first: the head reads a session's in order.
+        self.send_held();
         self.sessions.remove(&session);
         self.out.error(Some(session), Some(step), fault);
         let _ = self.out.to_next(Frame::new(Message::Close { session }));
