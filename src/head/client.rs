@@ -99,9 +99,7 @@ impl Waiting {
         }
         let rings: Vec<u64> = self.rings.keys().copied().filter(|s| session.is_none_or(|x| *s == x)).collect();
         for s in rings {
-            if let Some(ring) = self.rings.remove(&s) {
-                let _ = ring.tx.try_send(RingEvent::Result(Instant::now(), Err(error.clone())));
-            }
+            self.end_ring(s, RingEvent::Result(Instant::now(), Err(error.clone())));
         }
     }
 
@@ -119,8 +117,13 @@ impl Waiting {
 
     /// Stops reading `session`'s ring, telling its engine.
     pub fn halt_ring(&mut self, session: u64) {
+        self.end_ring(session, RingEvent::Halted);
+    }
+
+    /// Stops reading `session`'s ring, with `last` the engine's last word of it.
+    fn end_ring(&mut self, session: u64, last: RingEvent) {
         if let Some(ring) = self.rings.remove(&session) {
-            let _ = ring.tx.try_send(RingEvent::Halted);
+            let _ = ring.tx.try_send(last);
         }
     }
 

@@ -704,10 +704,11 @@ pub struct PipelineEngine {
 /// A session's running ring, and the step it feeds back next.
 struct Riding {
     run: RingRun,
+    /// The ring as the step `next` carries it (its `left` after that step).
+    ring: Ring,
     next: u64,
     token: u32,
     sample: SampleRequest,
-    stop: Vec<u32>,
     /// When the result before arrived: a ring step's time runs from there.
     since: Instant,
 }
@@ -767,11 +768,11 @@ impl PipelineEngine {
         }
         self.pipeline.ring_steps.fetch_add(1, Ordering::Relaxed);
         *self.positions.entry(session).or_default() += 1;
-        // Whether the last stage fed the token back, by the same rule it applies.
-        let goes_on = result.token.filter(|t| result.step + 1 < ride.run.steps.end && !ride.stop.contains(t));
-        match goes_on {
+        // Whether the last stage fed the token back, by the rule it applies.
+        match result.token.filter(|&t| ride.ring.goes_on(t, false)) {
             Some(token) => {
                 ride.next += 1;
+                ride.ring.left -= 1;
                 ride.sample = ride.sample.after(token);
                 ride.token = token;
             }
@@ -869,11 +870,11 @@ impl Engine for PipelineEngine {
             *position = keep;
         }
         *position += tokens.len() as u32;
-        if let (Some(run), Some(ring), Some(sample), Some(token)) = (run, ring, &sample, r.token) {
-            if ring.left > 0 && !ring.stop.contains(&token) {
-                let next = run.steps.start;
-                let sample = sample.after(token);
-                self.rings.insert(session, Riding { run, next, token, sample, stop: ring.stop, since: Instant::now() });
+        if let (Some(run), Some(mut ring), Some(sample), Some(token)) = (run, ring, &sample, r.token) {
+            if ring.goes_on(token, false) {
+                let (next, sample) = (run.steps.start, sample.after(token));
+                ring.left -= 1;
+                self.rings.insert(session, Riding { run, ring, next, token, sample, since: Instant::now() });
             }
         }
         // Hops: head → stage 1 → … → stage N → head.

@@ -270,17 +270,18 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Whether `token`, sampled by the step `h`, goes round again: the
+    /// Whether `token`, sampled by the ring's step (under a grammar's mask
+    /// when `constrained`), goes round again: the
     /// head's rule for what it waits for, and the last stage's for what it
     /// sends. A grammar's mask is the head's to compute, so a constrained
     /// step never goes round.
-    pub fn goes_on(&self, h: &ForwardHeader, token: u32) -> bool {
-        self.left > 0 && !self.stop.contains(&token) && h.sample.as_ref().is_some_and(|s| s.allowed.is_none())
+    pub fn goes_on(&self, token: u32, constrained: bool) -> bool {
+        self.left > 0 && !constrained && !self.stop.contains(&token)
     }
 
     /// The step the last stage feeds back after `h` sampled `token`.
     pub fn next_step(&self, h: &ForwardHeader, token: u32) -> Option<ForwardHeader> {
-        if !self.goes_on(h, token) {
+        if !self.goes_on(token, h.sample.as_ref().is_none_or(|s| s.allowed.is_some())) {
             return None;
         }
         let sample = h.sample.as_ref().map(|s| s.after(token));

@@ -548,21 +548,19 @@ impl Worker {
         self.send_on(onward);
         // The ring's next steps first: they are on the tokens' path, the
         // results only on the head's.
-        let mut done = Vec::new();
+        // A result whose ring goes on may wait for others; any other sends
+        // them all.
         let mut fed = Vec::new();
+        let mut ended = false;
         for (result, next) in sampled {
             match next {
-                // Its ring goes on: the result may wait for others.
-                Some(next) => {
-                    fed.push(next);
-                    self.held.push(result);
-                }
-                None => done.push(result),
+                Some(next) => fed.push(next),
+                None => ended = true,
             }
+            self.held.push(result);
         }
         self.feed_back(fed);
-        if !done.is_empty() {
-            self.held.extend(done);
+        if ended {
             self.send_held();
         } else if !self.held.is_empty() {
             self.held_since.get_or_insert_with(Instant::now);
